@@ -1,0 +1,574 @@
+"""Speed and memory of one or more checkpoints on this device: what ``medconddiff benchmark`` measures.
+
+Everything goes through the same objects users run (``Segmenter.run`` / ``one_shot`` / the model's
+``encode_condition`` and ``denoise``), so the numbers describe the real engine, whatever the model
+family (pixel MedCondDiff or latent LSegDiff): only that three-method interface is used.
+
+    report = run_benchmark(BenchmarkOptions(checkpoints=(None,)))   # a JSON-able dict
+    print(format_report(report))
+
+Timings are medians of ``repeats`` runs after ``warmup`` untimed runs, with ``time.perf_counter``
+and ``torch.cuda.synchronize`` on CUDA. Peak memory is measured in a fresh subprocess so that the
+earlier measurements do not inflate it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+SCHEMA = "medconddiff-benchmark/1"
+DEFAULT_LABEL = "default"
+GB = 1e9
+
+#: name → (description, upper bound); the bounds are issue 5's targets.
+TARGETS = {
+    "one_shot_ratio": ("consensus time / one-shot time at the reference steps", 3.0),
+    "overhead_fraction": ("sampling time beyond 1 encode_condition + S denoise passes, as a fraction", 0.10),
+    "big_volume_peak_bytes": ("peak memory for the big volume at the reference steps", 4 * GB),
+    "end_to_end_seconds": ("bundled 128³ sample, load + segment (target set for 2 CPU cores)", 60.0),
+}
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to measure; the defaults are the full benchmark, :meth:`quick` a seconds-long smoke run."""
+
+    checkpoints: tuple[Optional[str], ...] = (None,)   # None = bundled default (random weights if absent)
+    device: str = "auto"
+    steps_list: tuple[int, ...] = (1, 5, 10, 20)
+    reference_steps: int = 10                          # the steps the targets are stated at
+    latency_batch: int = 16                            # slices per Segmenter.run batch (SamplingConfig default)
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16, 32)   # tried for whole-volume throughput
+    volume_slices: int = 32                            # slices of the throughput volume
+    repeats: int = 3
+    warmup: int = 1
+    big_volume_shape: tuple[int, int, int] = (512, 512, 300)
+    memory: bool = True                                # run the big-volume memory probe
+    sample_slices: Optional[int] = None                # end-to-end on the first N sample slices (None = all)
+    threads: Optional[int] = None                      # torch.set_num_threads (None = leave torch's default)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchmarkOptions":
+        """Tiny everything: for tests and a first look, not for numbers."""
+        values: dict[str, Any] = dict(steps_list=(1, 2), reference_steps=2, latency_batch=2, batch_sizes=(1, 2),
+                                      volume_slices=4, repeats=1, warmup=1, big_volume_shape=(64, 64, 4),
+                                      sample_slices=4)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        positive = {"reference_steps": self.reference_steps, "latency_batch": self.latency_batch,
+                    "volume_slices": self.volume_slices, "repeats": self.repeats}
+        positive.update({f"steps_list[{i}]": s for i, s in enumerate(self.steps_list)})
+        positive.update({f"batch_sizes[{i}]": b for i, b in enumerate(self.batch_sizes)})
+        positive.update({f"big_volume_shape[{i}]": n for i, n in enumerate(self.big_volume_shape)})
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.steps_list or not self.batch_sizes or not self.checkpoints:
+            raise ValueError("steps_list, batch_sizes and checkpoints must not be empty")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be 0 or more, got {self.warmup}")
+        if len(self.big_volume_shape) != 3:
+            raise ValueError(f"big_volume_shape needs three sizes, got {self.big_volume_shape}")
+        if self.sample_slices is not None and self.sample_slices < 1:
+            raise ValueError(f"sample_slices must be at least 1, got {self.sample_slices}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: Any, repeats: int, warmup: int) -> dict:
+    """Median/min wall time of ``fn`` (seconds), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def drain(run: Any) -> Any:
+    """Iterate a SegmentationRun to the end (what the CLI and the widget do) and return its result."""
+    for _ in run:
+        pass
+    return run.result
+
+
+# ------------------------------------------------------------------------------------------- models
+
+@dataclass
+class BenchModel:
+    label: str
+    segmenter: Any                 # medconddiff.segmenter.Segmenter
+    spec: dict                     # how a subprocess rebuilds the same model: checkpoint / random
+    source: str                    # a path, or what the random weights stand in for
+    random_weights: bool
+    load_seconds: Optional[float]  # time to load the checkpoint (None for a freshly built model)
+
+
+def build_segmenter(spec: dict, device: str):
+    """The Segmenter a spec names: ``{"checkpoint": path}`` or ``{"checkpoint": None, "random": True}``."""
+    import torch
+
+    from .config import ExperimentConfig
+    from .model import build_model
+    from .segmenter import Segmenter
+
+    if spec.get("random"):
+        # Speed does not depend on the weights: a seeded random default-config model times the same.
+        torch.manual_seed(0)
+        config = ExperimentConfig()
+        return Segmenter(build_model(config.model), config, device=device)
+    return Segmenter.from_checkpoint(spec["checkpoint"], device=device)
+
+
+def load_bench_model(checkpoint: Optional[str], device: str) -> BenchModel:
+    from .checkpoint import default_checkpoint_path
+
+    if checkpoint is None and not default_checkpoint_path().is_file():
+        spec = {"checkpoint": None, "random": True}
+        return BenchModel(f"{DEFAULT_LABEL} (random weights)", build_segmenter(spec, device), spec,
+                          f"ModelConfig() with random weights ({default_checkpoint_path().name} not found)",
+                          True, None)
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    spec = {"checkpoint": str(path), "random": False}
+    start = time.perf_counter()
+    segmenter = build_segmenter(spec, device)
+    seconds = time.perf_counter() - start
+    label = DEFAULT_LABEL if checkpoint is None else path.name
+    return BenchModel(label, segmenter, spec, str(path), False, seconds)
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    if hasattr(model, "parameter_counts"):
+        return {k: int(v) for k, v in model.parameter_counts().items()}
+    return {"total": int(sum(p.numel() for p in model.parameters()))}
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def sample_volume() -> np.ndarray:
+    from .nifti import load_volume, sample_scan_path
+
+    volume, _ = load_volume(sample_scan_path())
+    return volume
+
+
+def slab(volume: np.ndarray, axis: int, count: int) -> np.ndarray:
+    """``count`` consecutive slices from the middle of ``volume`` along ``axis`` (wrapping if too few)."""
+    depth = volume.shape[axis]
+    start = max(0, depth // 2 - count // 2)
+    indices = (start + np.arange(count)) % depth
+    return np.ascontiguousarray(np.take(volume, indices, axis=axis))
+
+
+# ----------------------------------------------------------------------------------------- measures
+
+def _sampling(steps: int, batch_size: int, **kwargs: Any):
+    from .config import SamplingConfig
+
+    return SamplingConfig(steps=steps, batch_size=batch_size, **kwargs)
+
+
+def measure_parts(segmenter: Any, image_slices: np.ndarray, options: BenchmarkOptions) -> dict:
+    """Median time of one encode_condition and of one denoise pass over the batch (the sampler's parts)."""
+    import torch
+
+    seg = segmenter
+    model = seg.model
+    axis = seg.config.preprocess.slice_axis
+    slices_sf = np.moveaxis(image_slices, axis, 0)
+    from .preprocess import intensity_range, normalise_intensity
+
+    low, high = intensity_range(image_slices, seg.config.preprocess)
+    image = seg._model_input(normalise_intensity(slices_sf, low, high))
+    batch, size = image.shape[0], image.shape[-1]
+    x_t = torch.randn(model.state_shape(batch, size, size), generator=torch.Generator().manual_seed(0))
+    x_t = x_t.to(seg.device)
+    t = torch.full((batch,), seg.schedule.num_train_timesteps // 2, device=seg.device, dtype=torch.long)
+    with torch.inference_mode():
+        with seg._autocast():
+            condition = model.encode_condition(image)
+
+        def encode() -> None:
+            with seg._autocast():
+                model.encode_condition(image)
+
+        def denoise() -> None:
+            with seg._autocast():
+                model.denoise(x_t, t, condition)
+
+        encode_t = time_call(encode, seg.device, options.repeats, options.warmup)
+        denoise_t = time_call(denoise, seg.device, options.repeats, options.warmup)
+    return {"batch": batch, "encode_condition_s": encode_t["median_s"], "denoise_s": denoise_t["median_s"]}
+
+
+def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptions,
+                  log: Callable[[str], None]) -> dict:
+    """All in-process measurements of one model (the memory probe runs separately)."""
+    seg = bench.segmenter
+    axis = seg.config.preprocess.slice_axis
+    device = seg.device
+    rep, warm = options.repeats, options.warmup
+    batch = slab(volume, axis, options.latency_batch)
+    steps_list = sorted(set(options.steps_list) | {options.reference_steps})
+
+    log(f"[{bench.label}] parts: encode_condition and denoise passes")
+    parts = measure_parts(seg, batch, options)
+
+    latency = []
+    for steps in steps_list:
+        log(f"[{bench.label}] consensus sampling, {steps} steps, batch {options.latency_batch}")
+        timing = time_call(lambda: drain(seg.run(batch, _sampling(steps, options.latency_batch))), device, rep, warm)
+        parts_s = parts["encode_condition_s"] + steps * parts["denoise_s"]
+        latency.append({"steps": steps, "batch": options.latency_batch, "seconds_per_batch": timing["median_s"],
+                        "ms_per_slice": 1e3 * timing["median_s"] / options.latency_batch,
+                        "parts_seconds": parts_s, "overhead_fraction": timing["median_s"] / parts_s - 1.0})
+    reference = next(entry for entry in latency if entry["steps"] == options.reference_steps)
+
+    log(f"[{bench.label}] one-shot forward, batch {options.latency_batch}")
+    one_shot = time_call(lambda: seg.one_shot(batch, batch_size=options.latency_batch), device, rep, warm)
+
+    log(f"[{bench.label}] re-extracting backbone features every step (reference behaviour)")
+    reextract = time_call(lambda: drain(seg.run(batch, _sampling(options.reference_steps, options.latency_batch,
+                                                                  reextract_features=True))), device, rep, warm)
+
+    throughput = []
+    whole = slab(volume, axis, options.volume_slices)
+    for batch_size in options.batch_sizes:
+        log(f"[{bench.label}] whole volume of {options.volume_slices} slices, batch size {batch_size}")
+        timing = time_call(lambda: drain(seg.run(whole, _sampling(options.reference_steps, batch_size))),
+                           device, rep, warm)
+        throughput.append({"batch_size": batch_size, "seconds": timing["median_s"],
+                           "slices_per_second": options.volume_slices / timing["median_s"]})
+    best = max(throughput, key=lambda entry: entry["slices_per_second"])
+
+    log(f"[{bench.label}] end to end on the bundled sample")
+    end_to_end = measure_end_to_end(seg, options)
+
+    return {
+        "label": bench.label,
+        "source": bench.source,
+        "random_weights": bench.random_weights,
+        "family": seg.config.model.family,
+        "image_size": seg.config.model.image_size,
+        "backbone": seg.config.model.backbone,
+        "num_classes": seg.num_classes,
+        "checkpoint_load_seconds": bench.load_seconds,
+        "parameters": parameter_counts(seg.model),
+        "parts": parts,
+        "latency": latency,
+        "one_shot": {"batch": options.latency_batch, "seconds_per_batch": one_shot["median_s"],
+                     "ms_per_slice": 1e3 * one_shot["median_s"] / options.latency_batch,
+                     "ratio": reference["seconds_per_batch"] / one_shot["median_s"]},
+        "overhead_fraction": reference["overhead_fraction"],
+        "feature_reuse": {"steps": options.reference_steps, "batch": options.latency_batch,
+                          "reextract_seconds": reextract["median_s"],
+                          "reuse_seconds": reference["seconds_per_batch"],
+                          "speedup": reextract["median_s"] / reference["seconds_per_batch"]},
+        "throughput": {"steps": options.reference_steps, "volume_slices": options.volume_slices,
+                       "by_batch_size": throughput, "best_batch_size": best["batch_size"],
+                       "best_slices_per_second": best["slices_per_second"]},
+        "end_to_end": end_to_end,
+    }
+
+
+def measure_end_to_end(segmenter: Any, options: BenchmarkOptions) -> dict:
+    """Load the bundled sample and segment it at the reference steps (one timed run, already warm)."""
+    from .nifti import load_volume, sample_scan_path
+
+    start = time.perf_counter()
+    volume, _ = load_volume(sample_scan_path())
+    loaded = time.perf_counter()
+    depth = volume.shape[segmenter.config.preprocess.slice_axis]
+    slices = None if options.sample_slices is None else range(min(options.sample_slices, depth))
+    result = segmenter.segment(volume, _sampling(options.reference_steps, _default_batch_size()), slices)
+    synchronize(segmenter.device)
+    done = time.perf_counter()
+    return {"shape": list(volume.shape), "slices": int(len(result.slice_indices)), "steps": options.reference_steps,
+            "batch_size": _default_batch_size(), "load_seconds": loaded - start, "segment_seconds": done - loaded,
+            "seconds": done - start}
+
+
+def _default_batch_size() -> int:
+    from .config import SamplingConfig
+
+    return SamplingConfig().batch_size
+
+
+# ------------------------------------------------------------------------------------- memory probe
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident set size of this process (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return int(psutil.Process().memory_info().peak_wset)
+        except (ImportError, AttributeError):
+            return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, threads: Optional[int]) -> dict:
+    """Segment a synthetic volume of ``shape`` keeping the trajectory; run in a fresh process."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    segmenter = build_segmenter(spec, device)
+    rss_model = current_rss_bytes()
+    # A CT-like random volume, drawn directly as float32 so no float64 temporary inflates the peak.
+    volume = np.random.default_rng(0).standard_normal(tuple(shape), dtype=np.float32)
+    volume *= 300.0
+    cuda = segmenter.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(segmenter.device)
+    start = time.perf_counter()
+    result = segmenter.segment(volume, _sampling(steps, _default_batch_size()))
+    synchronize(segmenter.device)
+    seconds = time.perf_counter() - start
+    report = {"shape": list(shape), "steps": steps, "batch_size": _default_batch_size(), "seconds": seconds,
+              "peak_rss_bytes": peak_rss_bytes(), "rss_after_model_load_bytes": rss_model,
+              "volume_bytes": int(volume.nbytes), "trajectory_bytes": int(result.trajectory.nbytes),
+              "trajectory_shape": list(result.trajectory.shape),
+              "outputs_bytes": int(result.labels.nbytes + result.uncertainty.nbytes),
+              "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
+    if cuda:
+        report["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(segmenter.device))
+        report["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved(segmenter.device))
+    report["peak_bytes"] = report["cuda_max_reserved_bytes"] if cuda else report["peak_rss_bytes"]
+    report["peak_measure"] = "cuda_max_reserved" if cuda else "peak_rss"
+    return report
+
+
+def memory_probe_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Subprocess entry: one JSON argument in, one JSON line out."""
+    request = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    report = memory_probe(request["spec"], request["device"], request["shape"], request["steps"],
+                          request.get("threads"))
+    print(json.dumps(report))
+    return 0
+
+
+def run_memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, threads: Optional[int]) -> dict:
+    request = json.dumps({"spec": spec, "device": device, "shape": list(shape), "steps": steps, "threads": threads})
+    code = "import sys; from medconddiff.benchmark import memory_probe_main; sys.exit(memory_probe_main())"
+    completed = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
+    if completed.returncode != 0:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe failed (exit {completed.returncode}): {tail}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- environment
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any) -> dict:
+    import torch
+
+    from . import __version__
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info = {
+        "medconddiff": __version__, "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "device": str(device), "device_name": cpu_name(), "cpu_name": cpu_name(),
+        "cpu_count": os.cpu_count(), "cpus_usable": usable,
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if getattr(device, "type", "") == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+def evaluate_targets(model_report: dict) -> dict:
+    values = {
+        "one_shot_ratio": model_report["one_shot"]["ratio"],
+        "overhead_fraction": model_report["overhead_fraction"],
+        "big_volume_peak_bytes": (model_report["memory"] or {}).get("peak_bytes"),
+        "end_to_end_seconds": model_report["end_to_end"]["seconds"],
+    }
+    targets = {}
+    for name, (description, threshold) in TARGETS.items():
+        value = values[name]
+        targets[name] = {"description": description, "value": value, "threshold": threshold,
+                         "passed": None if value is None else bool(value <= threshold)}
+    return targets
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Measure every checkpoint of ``options`` on one device; returns the JSON-able report."""
+    import torch
+
+    from .segmenter import resolve_device
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = resolve_device(options.device)
+    env = environment(device)
+    volume = sample_volume()
+    models = []
+    labels_seen: dict[str, int] = {}
+    for checkpoint in options.checkpoints:
+        bench = load_bench_model(checkpoint, str(device))
+        count = labels_seen.get(bench.label, 0)
+        labels_seen[bench.label] = count + 1
+        if count:  # the same file name twice: keep columns apart
+            bench = dataclasses.replace(bench, label=f"{bench.label}#{count + 1}")
+        report = measure_model(bench, volume, options, log)
+        report["memory"] = None
+        if options.memory:
+            log(f"[{bench.label}] peak memory, {'×'.join(map(str, options.big_volume_shape))} volume "
+                f"in a fresh process")
+            report["memory"] = run_memory_probe(bench.spec, str(device), options.big_volume_shape,
+                                                options.reference_steps, torch.get_num_threads())
+        report["targets"] = evaluate_targets(report)
+        models.append(report)
+        del bench
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"schema": SCHEMA, "environment": env, "options": _options_dict(options), "models": models}
+
+
+def _options_dict(options: BenchmarkOptions) -> dict:
+    values = dataclasses.asdict(options)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+# ------------------------------------------------------------------------------------------- table
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _verdict(target: dict) -> str:
+    return "" if target["passed"] is None else (" PASS" if target["passed"] else " MISS")
+
+
+def _gb(value: Optional[float]) -> Optional[float]:
+    return None if value is None else value / GB
+
+
+def table_rows(report: dict) -> list[tuple[str, list[str]]]:
+    models = report["models"]
+    options = report["options"]
+    ref = options["reference_steps"]
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, cell: Callable[[dict], str]) -> None:
+        rows.append((name, [cell(m) for m in models]))
+
+    row("model", lambda m: f"{m['family']} {m['backbone']} {m['image_size']}²")
+    row("parameters backbone / adapter / denoiser (M)", lambda m: " / ".join(
+        f"{m['parameters'].get(k, 0) / 1e6:.2f}" for k in ("backbone", "adapter", "denoiser")))
+    row(f"encode_condition, ms/slice (batch {options['latency_batch']})",
+        lambda m: _fmt(1e3 * m["parts"]["encode_condition_s"] / m["parts"]["batch"], ".1f"))
+    row("denoise pass, ms/slice", lambda m: _fmt(1e3 * m["parts"]["denoise_s"] / m["parts"]["batch"], ".2f"))
+    for i, steps in enumerate(entry["steps"] for entry in models[0]["latency"]):
+        row(f"consensus sampling {steps} steps, ms/slice",
+            lambda m, i=i: _fmt(m["latency"][i]["ms_per_slice"], ".1f"))
+    row("one-shot forward, ms/slice", lambda m: _fmt(m["one_shot"]["ms_per_slice"], ".1f"))
+    row(f"{ref}-step / one-shot (target ≤ 3×)",
+        lambda m: _fmt(m["one_shot"]["ratio"], ".2f", "×") + _verdict(m["targets"]["one_shot_ratio"]))
+    row(f"overhead beyond 1 encode + {ref} denoise (target ≤ 10%)",
+        lambda m: _fmt(100 * m["overhead_fraction"], "+.1f", "%") + _verdict(m["targets"]["overhead_fraction"]))
+    row(f"feature reuse speed-up vs re-extracting ({ref} steps)",
+        lambda m: _fmt(m["feature_reuse"]["speedup"], ".2f", "×"))
+    for i, batch_size in enumerate(entry["batch_size"] for entry in models[0]["throughput"]["by_batch_size"]):
+        row(f"volume of {options['volume_slices']} slices, batch {batch_size}, slices/s",
+            lambda m, i=i: _fmt(m["throughput"]["by_batch_size"][i]["slices_per_second"], ".1f"))
+    row("best batch size → slices/s",
+        lambda m: f"{m['throughput']['best_batch_size']} → {m['throughput']['best_slices_per_second']:.1f}")
+    shape = "×".join(map(str, options["big_volume_shape"]))
+    row(f"peak memory {shape}, {ref} steps (target ≤ 4 GB)",
+        lambda m: _fmt(_gb((m["memory"] or {}).get("peak_bytes")), ".2f", " GB") + _verdict(
+            m["targets"]["big_volume_peak_bytes"]))
+    row("  of which trajectory kept", lambda m: _fmt(_gb((m["memory"] or {}).get("trajectory_bytes")), ".3f", " GB"))
+    row("  big volume time, s", lambda m: _fmt((m["memory"] or {}).get("seconds"), ".1f"))
+    row("end to end bundled sample, s (target ≤ 60 s)",
+        lambda m: _fmt(m["end_to_end"]["seconds"], ".1f") + f" ({m['end_to_end']['slices']} sl)"
+        + _verdict(m["targets"]["end_to_end_seconds"]))
+    row("checkpoint load, s", lambda m: _fmt(m["checkpoint_load_seconds"], ".2f"))
+    return rows
+
+
+def format_report(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        f"medconddiff benchmark on {env['device']} ({env['device_name']}), torch {env['torch']}, "
+        f"{env['torch_threads']} torch threads, {env['cpu_count']} CPUs ({env['cpus_usable']} usable), "
+        f"load average {_fmt((env.get('load_average') or [None])[0], '.2f')} → "
+        f"{_fmt((env.get('load_average_after') or [None])[0], '.2f')}",
+    ]
+    for m in report["models"]:
+        lines.append(f"  {m['label']}: {m['source']}")
+    rows = table_rows(report)
+    headers = [m["label"] for m in report["models"]]
+    width0 = max(len(name) for name, _ in rows)
+    widths = [max(len(h), *(len(cells[i]) for _, cells in rows)) for i, h in enumerate(headers)]
+    lines.append("")
+    lines.append("  ".join([" " * width0] + [h.rjust(w) for h, w in zip(headers, widths)]))
+    for name, cells in rows:
+        lines.append("  ".join([name.ljust(width0)] + [c.rjust(w) for c, w in zip(cells, widths)]))
+    lines.append("")
+    lines.append(f"medians of {report['options']['repeats']} runs after {report['options']['warmup']} warm-up; "
+                 "end to end and memory are single runs")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Checkpoints: safetensors weights with the ExperimentConfig (JSON) in the file's metadata.
+
+safetensors holds tensors and strings only, so loading one can never run code. Anything else (a
+pickle, another project's safetensors) is refused with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+
+FORMAT_NAME = "medconddiff-checkpoint"
+FORMAT_VERSION = "1"
+DEFAULT_CHECKPOINT_NAME = "medconddiff_liver_default.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable medconddiff checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    config: ExperimentConfig
+    state_dict: dict[str, torch.Tensor]
+    path: Optional[Path] = None
+    sha256: str = ""
+    extra: dict = field(default_factory=dict)  # training state, metrics, provenance (JSON-safe)
+
+
+def default_checkpoint_path() -> Path:
+    return Path(__file__).parent / "models" / DEFAULT_CHECKPOINT_NAME
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: ExperimentConfig, *, extra: dict | None = None,
+                    half: bool = False, overwrite: bool = True, tensors: dict[str, torch.Tensor] | None = None
+                    ) -> Path:
+    """Write weights (optionally fp16) + config atomically; ``tensors`` adds e.g. optimizer state."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        state[key] = value.half() if half and value.is_floating_point() else value.contiguous()
+    for key, value in (tensors or {}).items():
+        state[key] = value.detach().cpu().contiguous()
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                "config": json.dumps(config.to_dict()), "extra": json.dumps(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def load_checkpoint(path: str | Path | None = None, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (the bundled default when path is None)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path) if path is not None else default_checkpoint_path()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:2] == b"\x80\x04" or head[:2] == b"\x80\x02" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path} is a pickle/torch.save file; medconddiff only loads .safetensors "
+                              "checkpoints written by `medconddiff train` (pickles can run arbitrary code)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            metadata = reader.metadata() or {}
+            if metadata.get("format") != FORMAT_NAME:
+                raise CheckpointError(f"{path} is a safetensors file but not a medconddiff checkpoint "
+                                      "(no medconddiff config in its metadata)")
+            if metadata.get("format_version") != FORMAT_VERSION:
+                raise CheckpointError(f"{path} has checkpoint format {metadata.get('format_version')!r}; "
+                                      f"this version reads format {FORMAT_VERSION}")
+            state = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {error}") from None
+    try:
+        config = ExperimentConfig.from_dict(json.loads(metadata["config"]))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path}: its config does not match this version of medconddiff: {error}") from None
+    return Checkpoint(config=config, state_dict=state, path=path, sha256=file_sha256(path), extra=extra)
+
+
+def model_state(checkpoint: Checkpoint, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Weights of the network (skipping auxiliary tensors such as optimizer state), as float32."""
+    state = {}
+    for key, value in checkpoint.state_dict.items():
+        if key.startswith("aux."):
+            continue
+        state[prefix + key] = value.float() if value.is_floating_point() else value
+    return state
+
+
+def load_model_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+    missing, unexpected = model.load_state_dict(model_state(checkpoint), strict=False)
+    if missing or unexpected:
+        where = checkpoint.path or "checkpoint"
+        raise CheckpointError(f"{where} does not fit the model its config describes "
+                              f"(missing {len(missing)} tensors, e.g. {missing[:2]}; unexpected {unexpected[:2]})")

@@ -1,0 +1,64 @@
+"""``medconddiff`` command line: segment, train, evaluate, benchmark.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+user errors (bad files, wrong checkpoints, existing outputs) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+SUBCOMMANDS = {
+    "segment": ("medconddiff.commands.segment", "segment NIfTI scans (a file or a folder)"),
+    "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
+    "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
+    "benchmark": ("medconddiff.commands.benchmark", "measure speed and memory on this device"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, no traceback."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    return (UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, the other subcommands' modules are not imported (fast start)."""
+    parser = argparse.ArgumentParser(prog="medconddiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medconddiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=command if command in SUBCOMMANDS else None).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("medconddiff: interrupted", file=sys.stderr)
+        return 130
+    except user_error_types() as error:
+        print(f"medconddiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``medconddiff`` command line, one module each."""

@@ -1,0 +1,90 @@
+"""Measure speed and memory of one or more checkpoints on this device.
+
+  medconddiff benchmark                                   (bundled model; random weights if not trained yet)
+  medconddiff benchmark --device cuda --json bench.json
+  medconddiff benchmark --checkpoint default --checkpoint latent.safetensors   (one column each)
+  medconddiff benchmark --quick                           (seconds; smoke test, not for numbers)
+
+Reports per-slice latency of consensus sampling for several step counts, whole-volume slices/s for
+several batch sizes, the 10-step / one-shot time ratio, the sampler's overhead beyond its network
+passes, the speed-up of computing backbone features once per slice, peak memory for a 512×512×300
+volume (fresh subprocess) and the end-to-end time of the bundled sample, each target with PASS/MISS.
+Timings are medians after warm-up; on a shared machine they are noisy, so compare runs side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", action="extend", nargs="+", metavar="PATH",
+                        help="checkpoint(s) to measure side by side; 'default' = the bundled model "
+                             "(default: the bundled model, or a random-weight default-config model if absent)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the full report as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny repeats, steps, batches and volumes (seconds); explicit flags still apply")
+    parser.add_argument("--steps-list", type=int, nargs="+", metavar="S",
+                        help="step counts for the latency rows (default: 1 5 10 20)")
+    parser.add_argument("--reference-steps", type=int, metavar="S",
+                        help="steps of the ratio, overhead, throughput, memory and end-to-end rows (default: 10)")
+    parser.add_argument("--latency-batch", type=int, metavar="B", help="slices per batch for latency (default: 16)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="B",
+                        help="batch sizes tried for whole-volume slices/s (default: 1 4 8 16 32)")
+    parser.add_argument("--volume-slices", type=int, metavar="N",
+                        help="slices of the whole-volume throughput run (default: 32)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="timed repeats per measurement (default: 3)")
+    parser.add_argument("--warmup", type=int, metavar="N", help="untimed warm-up runs (default: 1)")
+    parser.add_argument("--big-volume-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="volume of the peak-memory probe, sliced along the model's axis (default: 512 512 300)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the big-volume peak-memory probe")
+    parser.add_argument("--sample-slices", type=int, metavar="N",
+                        help="end-to-end run on the first N slices of the bundled sample only (default: all)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def options_from_args(args: argparse.Namespace):
+    from ..benchmark import BenchmarkOptions
+
+    overrides = {}
+    for name in ("reference_steps", "latency_batch", "volume_slices", "repeats", "warmup", "sample_slices",
+                 "threads"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    for name in ("steps_list", "batch_sizes", "big_volume_shape"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = tuple(value)
+    if args.checkpoint:
+        overrides["checkpoints"] = tuple(None if c == "default" else c for c in args.checkpoint)
+    overrides["device"] = args.device
+    overrides["memory"] = not args.no_memory
+    return BenchmarkOptions.quick(**overrides) if args.quick else BenchmarkOptions(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..benchmark import format_report, run_benchmark
+
+    options = options_from_args(args)
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        # Checked before measuring, so minutes of work are not lost to an existing file.
+        raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it")
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    report = run_benchmark(options, log=log)
+    print(format_report(report))
+    if args.json is not None:
+        from ..nifti import write_json_atomic
+
+        write_json_atomic(args.json, report, overwrite=args.overwrite)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,121 @@
+"""Fusing the x̂_0 of every denoising step into one segmentation, and measuring disagreement.
+
+Pure functions over a stack of per-step class probabilities shaped ``(S, K, *spatial)`` (S steps,
+or steps × seeds; K classes). Stacks may be float or uint8-quantised (0..255) as the trajectory is
+stored; every function returns float32 probabilities in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .config import CONSENSUS_METHODS
+
+QUANT_SCALE = 255.0
+
+
+def quantize(probabilities: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] → uint8, the compact form a kept trajectory is stored in."""
+    return np.clip(np.rint(np.asarray(probabilities, dtype=np.float32) * QUANT_SCALE), 0, 255).astype(np.uint8)
+
+
+def as_probabilities(stack: np.ndarray) -> np.ndarray:
+    stack = np.asarray(stack)
+    if stack.dtype == np.uint8:
+        return stack.astype(np.float32) / QUANT_SCALE
+    return stack.astype(np.float32, copy=False)
+
+
+def _normalise(probabilities: np.ndarray) -> np.ndarray:
+    total = probabilities.sum(axis=0, keepdims=True)
+    return probabilities / np.maximum(total, 1e-8)
+
+
+def mean_fusion(stack: np.ndarray) -> np.ndarray:
+    """The paper's consensus: the mean of the per-step probabilities."""
+    return _normalise(as_probabilities(stack).mean(axis=0))
+
+
+def vote_gated_fusion(stack: np.ndarray) -> np.ndarray:
+    """Mean over only the steps that vote for the per-voxel majority class.
+
+    A few confident but wrong early steps cannot then drag the mean across the decision boundary.
+    """
+    probs = as_probabilities(stack)
+    num_classes = probs.shape[1]
+    votes = probs.argmax(axis=1)                                    # (S, *spatial)
+    counts = np.stack([(votes == k).sum(axis=0) for k in range(num_classes)])
+    majority = counts.argmax(axis=0)                                # ties → lowest class index
+    agrees = (votes == majority[None]).astype(np.float32)[:, None]  # (S, 1, *spatial)
+    return _normalise((probs * agrees).sum(axis=0) / np.maximum(agrees.sum(axis=0), 1.0))
+
+
+def normalised_entropy(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Shannon entropy over the class axis divided by log K: 0 = certain, 1 = uniform."""
+    probs = np.clip(probabilities, 1e-8, 1.0)
+    num_classes = probabilities.shape[axis]
+    return (-(probs * np.log(probs)).sum(axis=axis) / np.log(num_classes)).astype(np.float32)
+
+
+def uncertainty_weighted_fusion(stack: np.ndarray) -> np.ndarray:
+    """Per-voxel weighted mean, each step weighted by its own confidence (1 - normalised entropy)."""
+    probs = as_probabilities(stack)
+    weights = 1.0 - normalised_entropy(probs, axis=1)[:, None] + 1e-3  # never all-zero
+    return _normalise((probs * weights).sum(axis=0) / weights.sum(axis=0))
+
+
+def last_step_fusion(stack: np.ndarray) -> np.ndarray:
+    """No fusion: the final step's x̂_0 (what a plain diffusion sampler returns)."""
+    return _normalise(as_probabilities(stack)[-1])
+
+
+FUSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": mean_fusion,
+    "vote_gated": vote_gated_fusion,
+    "uncertainty_weighted": uncertainty_weighted_fusion,
+    "last": last_step_fusion,
+}
+assert set(FUSIONS) == set(CONSENSUS_METHODS)
+
+
+def select_steps(stack: np.ndarray, skip_first: int = 0, num_seeds: int = 1) -> np.ndarray:
+    """Drop the first ``skip_first`` steps of every seed from a (seeds*steps, K, ...) stack."""
+    if skip_first == 0:
+        return stack
+    steps = stack.shape[0] // num_seeds
+    if not 0 <= skip_first < steps:
+        raise ValueError(f"skip_first must be in [0, {steps}), got {skip_first}")
+    keep = [s * steps + i for s in range(num_seeds) for i in range(skip_first, steps)]
+    return stack[keep]
+
+
+def fuse(stack: np.ndarray, method: str = "mean", skip_first: int = 0, num_seeds: int = 1) -> np.ndarray:
+    """Fused class probabilities (K, *spatial) of a per-step stack (seeds*steps, K, *spatial)."""
+    if method not in FUSIONS:
+        raise ValueError(f"unknown consensus {method!r}; choose one of {list(FUSIONS)}")
+    return FUSIONS[method](select_steps(stack, skip_first, num_seeds))
+
+
+def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    return np.asarray(probabilities).argmax(axis=0).astype(np.uint8)
+
+
+def step_disagreement(stack: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Fraction of steps whose own arg-max differs from the consensus label (0 = all agree)."""
+    votes = np.asarray(stack).argmax(axis=1)
+    return (votes != labels[None]).mean(axis=0).astype(np.float32)
+
+
+def uncertainty(stack: np.ndarray, fused: np.ndarray, labels: np.ndarray, kind: str = "combined") -> np.ndarray:
+    """Per-voxel uncertainty in [0, 1]: 'entropy' of the fused probabilities, 'disagreement'
+    between steps, or 'combined' (their mean: entropy alone is blind where all steps agree on a
+    confident mistake, disagreement alone is coarse with few steps)."""
+    if kind == "entropy":
+        return normalised_entropy(fused)
+    if kind == "disagreement":
+        return step_disagreement(stack, labels)
+    if kind == "combined":
+        return 0.5 * (normalised_entropy(fused) + step_disagreement(stack, labels))
+    raise ValueError(f"unknown uncertainty kind {kind!r}")

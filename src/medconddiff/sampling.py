@@ -1,0 +1,53 @@
+"""The reverse process as a generator: one yield per denoising step.
+
+``sample_progressive`` is the only sampling loop (like improved-diffusion's
+``p_sample_loop_progressive``); ``sample`` drains it. Progress reporting, live display and
+cancellation come from the caller iterating (or stopping iterating), not from callbacks in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .schedulers import _SchedulerBase
+
+#: ``denoise(x_t, timesteps) -> (x0_state, class_probabilities)``; x0_state feeds the scheduler,
+#: the probabilities (B, K, H, W) are what a user sees for that step.
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class SamplingStep:
+    index: int
+    timestep: int
+    num_steps: int
+    sample: torch.Tensor          # x_{t'} after this step
+    probabilities: torch.Tensor   # class probabilities of this step's x̂_0, (B, K, H, W)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Generator]:
+    """x_T and the generator that continues the same random stream (CPU, so devices agree)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype), generator
+
+
+def sample_progressive(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> Iterator[SamplingStep]:
+    """Run the scheduler's timesteps from ``x_t`` (usually pure noise), yielding after every step."""
+    timesteps = scheduler.timesteps
+    for index, timestep in enumerate(timesteps.tolist()):
+        t_batch = torch.full((x_t.shape[0],), timestep, device=x_t.device, dtype=torch.long)
+        x0_state, probabilities = denoise(x_t, t_batch)
+        x_t = scheduler.step(x0_state, timestep, x_t, generator=generator).prev_sample
+        yield SamplingStep(index, timestep, len(timesteps), x_t, probabilities)
+
+
+def sample(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch.Tensor,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Drain :func:`sample_progressive`; returns the per-step probabilities stacked as (S, B, K, H, W)."""
+    return torch.stack([step.probabilities for step in sample_progressive(denoise, scheduler, x_t, generator)])

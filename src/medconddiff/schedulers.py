@@ -1,0 +1,159 @@
+"""Noise schedules and model-free samplers (DDPM, DDIM).
+
+A scheduler knows nothing about networks: ``step()`` takes the network's x̂_0 for the current
+sample and returns both the previous (less noisy) sample and that x̂_0, like diffusers'
+``DDIMScheduler.step``. Our networks predict x̂_0 directly (as MedCondDiff does), so x̂_0 is the
+model output, clipped to the state range, and ε̂ is derived from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import DiffusionConfig
+
+
+def make_betas(config: DiffusionConfig) -> torch.Tensor:
+    """Betas of the training schedule, float64, length ``num_train_timesteps``."""
+    steps = config.num_train_timesteps
+    if config.schedule == "linear":
+        # Scaled so that the schedule's end points match DDPM's 1000-step schedule for any length.
+        scale = 1000.0 / steps
+        return torch.linspace(scale * config.beta_start, scale * config.beta_end, steps, dtype=torch.float64)
+    # Nichol & Dhariwal cosine schedule; beta capped at 0.999 to avoid a singular last step.
+    s = 0.008
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) of training, shared by the samplers and the trainer."""
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+        self.betas = make_betas(config)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sample x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε for a batch of timesteps."""
+        alpha_bar = self.alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        return alpha_bar.sqrt().view(shape) * x0 + (1 - alpha_bar).sqrt().view(shape) * noise
+
+
+@dataclass
+class SchedulerStep:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class _SchedulerBase:
+    """Timestep bookkeeping shared by DDPM and DDIM (evenly spaced sub-sequence of the training steps)."""
+
+    def __init__(self, schedule: NoiseSchedule, clip_range: Optional[float] = 1.0):
+        self.schedule = schedule
+        self.clip_range = clip_range
+        self.timesteps = torch.arange(schedule.num_train_timesteps - 1, -1, -1)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        total = self.schedule.num_train_timesteps
+        if not 1 <= num_inference_steps <= total:
+            raise ValueError(f"num_inference_steps must be in [1, {total}], got {num_inference_steps}")
+        # Always start at the last (pure-noise) timestep and end at 0, spread evenly in between.
+        spaced = torch.linspace(total - 1, 0, num_inference_steps, dtype=torch.float64).round().long()
+        self.timesteps = torch.unique_consecutive(spaced)
+
+    def previous_timestep(self, timestep: int) -> int:
+        index = (self.timesteps == int(timestep)).nonzero()
+        if len(index) == 0:
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
+        i = int(index[0, 0])
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+
+    def _alpha_bars(self, timestep: int) -> tuple[float, float]:
+        ab = self.schedule.alphas_cumprod
+        prev = self.previous_timestep(timestep)
+        return float(ab[int(timestep)]), (float(ab[prev]) if prev >= 0 else 1.0)
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0 if self.clip_range is None else x0.clamp(-self.clip_range, self.clip_range)
+
+    @staticmethod
+    def _noise_like(sample: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        # Drawn on the generator's device, then moved, so a seed gives the same noise on CPU and CUDA.
+        device = generator.device if generator is not None else sample.device
+        noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(sample.device, sample.dtype)
+
+
+class DDPMScheduler(_SchedulerBase):
+    """Ancestral sampling from the posterior q(x_{t'} | x_t, x̂_0), t' the previous kept timestep."""
+
+    def posterior(self, pred_x0: torch.Tensor, timestep: int, sample: torch.Tensor
+                  ) -> tuple[torch.Tensor, float]:
+        """Mean and variance of q(x_{t'} | x_t, x_0) over the (possibly respaced) step t → t'."""
+        alpha_bar_t, alpha_bar_prev = self._alpha_bars(timestep)
+        beta = 1 - alpha_bar_t / alpha_bar_prev
+        coef_x0 = math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t)
+        coef_xt = math.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        return coef_x0 * pred_x0 + coef_xt * sample, variance
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None) -> SchedulerStep:
+        pred_x0 = self._clip(model_output)
+        mean, variance = self.posterior(pred_x0, timestep, sample)
+        if self.previous_timestep(timestep) < 0:
+            return SchedulerStep(pred_x0, pred_x0)
+        return SchedulerStep(mean + math.sqrt(variance) * self._noise_like(sample, generator), pred_x0)
+
+
+class DDIMScheduler(_SchedulerBase):
+    """Song et al. DDIM; eta=0 is deterministic, eta=1 equals DDPM's posterior on the same steps."""
+
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, clip_range: Optional[float] = 1.0):
+        super().__init__(schedule, clip_range)
+        self.eta = eta
+
+    def sigma(self, timestep: int) -> float:
+        alpha_bar_t, alpha_bar_prev = self._alpha_bars(timestep)
+        return self.eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None) -> SchedulerStep:
+        pred_x0 = self._clip(model_output)
+        alpha_bar_t, alpha_bar_prev = self._alpha_bars(timestep)
+        if self.previous_timestep(timestep) < 0:
+            return SchedulerStep(pred_x0, pred_x0)
+        pred_eps = (sample - math.sqrt(alpha_bar_t) * pred_x0) / math.sqrt(1 - alpha_bar_t)
+        sigma = self.sigma(timestep)
+        direction = math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * pred_eps
+        prev = math.sqrt(alpha_bar_prev) * pred_x0 + direction
+        if sigma > 0:
+            prev = prev + sigma * self._noise_like(sample, generator)
+        return SchedulerStep(prev, pred_x0)
+
+
+def make_scheduler(name: str, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
+                   clip_range: Optional[float] = 1.0) -> _SchedulerBase:
+    scheduler: _SchedulerBase
+    if name == "ddim":
+        scheduler = DDIMScheduler(schedule, eta=eta, clip_range=clip_range)
+    elif name == "ddpm":
+        scheduler = DDPMScheduler(schedule, clip_range=clip_range)
+    else:
+        raise ValueError(f"unknown scheduler {name!r} (use 'ddim' or 'ddpm')")
+    scheduler.set_timesteps(steps)
+    return scheduler

@@ -1,0 +1,270 @@
+"""Training loop for both model families, on CPU, one GPU, or many with ``torchrun`` (DDP).
+
+Under ``torchrun`` every process trains on its own draws of the weighted slice sampler, gradients
+are averaged by ``DistributedDataParallel`` (gloo on CPU, NCCL on CUDA), and rank 0 alone writes
+checkpoints and logs. Checkpoints hold the EMA weights as the model, plus the raw weights and the
+AdamW state (``aux.*`` tensors) so a run resumes where it stopped; Ctrl-C saves before exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from .checkpoint import load_checkpoint, load_model_weights, model_state, save_checkpoint
+from .config import ExperimentConfig
+from .data import Case, SliceDataset, SliceRanges
+from .model import build_model
+from .schedulers import NoiseSchedule
+from .segmenter import resolve_device
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun set up (env:// rendezvous); a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def lr_at(step: int, total: int, config) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the base rate."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"aux.optim.{index}.{name}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key.startswith("aux.optim."):
+            index, name = key[len("aux.optim."):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value.float() if name != "step" else value
+    current = optimizer.state_dict()
+    current["state"] = state
+    optimizer.load_state_dict(current)
+
+
+class Trainer:
+    """Holds model, EMA, optimizer and data; ``fit()`` runs epochs until done or interrupted."""
+
+    def __init__(self, config: ExperimentConfig, train_set: SliceDataset, output_dir: Path, *,
+                 device: str = "auto", val_set: Optional[SliceDataset] = None, log: Log = print,
+                 init_from: Optional[Path] = None):
+        self.config = config
+        self.tc = config.train
+        self.device = resolve_device(device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.output_dir = Path(output_dir)
+        self.log = log if self.dist.is_main else (lambda message: None)
+        torch.manual_seed(self.tc.train_seed)  # same initial weights on every rank
+        self.model = build_model(config.model).to(self.device)
+        if init_from is not None:
+            load_model_weights(self.model, load_checkpoint(init_from))
+        self.schedule = NoiseSchedule(config.diffusion)
+        self.train_set = train_set
+        self.val_set = val_set
+        self.generator = torch.Generator().manual_seed(self.tc.train_seed * 1000 + self.dist.rank)
+        if hasattr(self.model, "prepare_training"):  # LSegDiff trains its mask VAE first
+            self.model.prepare_training(train_set, self.tc, self.device, self.log)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.tc.ema_decay)) \
+            if self.tc.ema_decay > 0 else None
+        self.network = self.model
+        if self.dist.world_size > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # -- data -----------------------------------------------------------------------------------
+    def iterations_per_epoch(self) -> int:
+        per_process = self.tc.train_batch_size
+        return self.tc.iterations_per_epoch or max(1, len(self.train_set) // (per_process * self.dist.world_size))
+
+    def loader(self) -> DataLoader:
+        count = self.iterations_per_epoch() * self.tc.train_batch_size
+        if self.tc.class_weighted_sampling:
+            weights = self.train_set.class_slice_weights(self.model.num_classes)
+        else:
+            weights = torch.ones(len(self.train_set))
+        sampler = WeightedRandomSampler(weights, count, replacement=True, generator=self.generator)
+        return DataLoader(self.train_set, batch_size=self.tc.train_batch_size, sampler=sampler,
+                          num_workers=self.tc.num_workers, drop_last=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def weights_to_save(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def save(self, name: str, *, metrics: Optional[dict] = None, half: bool = False) -> Optional[Path]:
+        if not self.dist.is_main:
+            return None
+        aux = {f"aux.raw.{k}": v for k, v in self.model.state_dict().items()} if self.ema is not None else {}
+        aux.update(_optimizer_tensors(self.optimizer))
+        extra = {"epoch": self.epoch, "step": self.step, "history": self.history[-200:],
+                 "metrics": metrics or {}, "world_size": self.dist.world_size}
+        return save_checkpoint(self.output_dir / name, self.weights_to_save(), self.config, extra=extra,
+                               half=half, tensors=None if half else aux)
+
+    def resume(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        if checkpoint.config.model != self.config.model:
+            raise ValueError(f"{path} was trained with another model config; cannot resume it with this one")
+        state = checkpoint.state_dict
+        if self.ema is not None:
+            self.ema.module.load_state_dict(model_state(checkpoint))
+            raw = {k[len("aux.raw."):]: v.float() if v.is_floating_point() else v
+                   for k, v in state.items() if k.startswith("aux.raw.")}
+            self.model.load_state_dict(raw if raw else model_state(checkpoint))
+        else:
+            self.model.load_state_dict(model_state(checkpoint))
+        _restore_optimizer(self.optimizer, state)
+        self.step = int(checkpoint.extra.get("step", 0))
+        self.epoch = int(checkpoint.extra.get("epoch", 0))
+        self.history = list(checkpoint.extra.get("history", []))
+        self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.tc.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, image: torch.Tensor, labels: torch.Tensor, total_steps: int) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, total_steps, self.tc)
+        image, labels = image.to(self.device), labels.to(self.device)
+        self.network.train()
+        with self._autocast():
+            # DDP hooks only fire through the wrapper's forward, so the loss is computed via it.
+            losses = _call_training_loss(self.network, self.model, image, labels, self.schedule, self.generator,
+                                         self.tc)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return {k: float(v) for k, v in losses.items()}
+
+    def validate(self) -> dict:
+        if self.val_set is None or not self.dist.is_main:
+            return {}
+        from .evaluation import dice_per_class
+        from .segmenter import Segmenter
+        from .config import SamplingConfig
+
+        segmenter = Segmenter(self.weights_to_save(), self.config, device=self.device)
+        images = self.val_set.images
+        predictions = []
+        sampling = SamplingConfig(steps=self.tc.val_steps, batch_size=self.tc.train_batch_size)
+        for start in range(0, len(images), sampling.batch_size):
+            batch = images[start:start + sampling.batch_size, 0].numpy()
+            indices = np.arange(start, start + len(batch))
+            stack = [u.probabilities for u in segmenter.denoise_slices(batch, indices, sampling)]
+            predictions.append(np.mean(stack, axis=0).argmax(1))
+        predicted = np.concatenate(predictions)
+        dice = dice_per_class(predicted, self.val_set.labels.numpy(), self.model.num_classes)
+        return {f"val_dice_{name}": round(d, 4) for name, d in zip(self.config.model.class_names[1:], dice)}
+
+    def fit(self, max_seconds: Optional[float] = None) -> Path:
+        total_steps = self.tc.epochs * self.iterations_per_epoch()
+        started = time.perf_counter()
+        self.log(f"training {self.config.model.family} model on {len(self.train_set)} slices, "
+                 f"{self.tc.epochs} epochs × {self.iterations_per_epoch()} steps, device {self.device}, "
+                 f"{self.dist.world_size} process(es)")
+        try:
+            while self.epoch < self.tc.epochs:
+                epoch_losses = [self.train_step(image, labels, total_steps) for image, labels in self.loader()]
+                self.epoch += 1
+                record = {"epoch": self.epoch, "step": self.step,
+                          "lr": round(self.optimizer.param_groups[0]["lr"], 7),
+                          "seconds": round(time.perf_counter() - started, 1)}
+                for key in epoch_losses[0]:
+                    record[key] = round(float(np.mean([l[key] for l in epoch_losses])), 5)
+                if self.tc.val_every and self.epoch % self.tc.val_every == 0:
+                    record.update(self.validate())
+                self.history.append(record)
+                self.log(json.dumps(record))
+                self.save("last.safetensors", metrics=record)
+                if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                    self.log(f"time budget of {max_seconds:.0f} s reached after epoch {self.epoch}")
+                    break
+        except KeyboardInterrupt:
+            self.save("last.safetensors")
+            self.log(f"interrupted: saved {self.output_dir / 'last.safetensors'} (resume with --resume)")
+            raise
+        final = self.save("final.safetensors", metrics=self.history[-1] if self.history else {})
+        self.log(f"saved {final}")
+        return self.output_dir / "final.safetensors"
+
+
+def _call_training_loss(network, model, image, labels, schedule, generator, tc) -> dict[str, torch.Tensor]:
+    if network is model:
+        return model.training_loss(image, labels, schedule, generator, dice_weight=tc.dice_weight,
+                                   ce_weight=tc.ce_weight)
+    # Under DDP: run the model's loss through the wrapper so gradient synchronisation is armed.
+    return network.module.training_loss.__func__(_DDPForward(network), image, labels, schedule, generator,
+                                                 dice_weight=tc.dice_weight, ce_weight=tc.ce_weight)
+
+
+class _DDPForward:
+    """Looks like the model to ``training_loss`` but sends ``self(...)`` through the DDP wrapper."""
+
+    def __init__(self, network: torch.nn.parallel.DistributedDataParallel):
+        self._network = network
+
+    def __call__(self, *args, **kwargs):
+        return self._network(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._network.module, name)
+
+
+def build_datasets(config: ExperimentConfig, cases: Sequence[Case], train_ranges: SliceRanges = None,
+                   val_ranges: SliceRanges = None) -> tuple[SliceDataset, Optional[SliceDataset]]:
+    size = config.model.image_size
+    train_set = SliceDataset(cases, config.preprocess, size, train_ranges, augment=config.train.augment)
+    val_set = SliceDataset(cases, config.preprocess, size, val_ranges) if val_ranges else None
+    return train_set, val_set

@@ -1,0 +1,245 @@
+"""napari plugin I/O: reader, writer, sample data and the manifest (no viewer needed)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from npe2 import PluginManifest
+
+from medconddiff.nifti import VolumeMeta, load_volume, sample_label_path, sample_scan_path
+from napari_medconddiff import _layers
+from napari_medconddiff._reader import get_reader, read_nifti
+from napari_medconddiff._sample_data import liver_ct, liver_ct_with_labels
+from napari_medconddiff._writer import write_image, write_labels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROOT_MANIFEST = REPO_ROOT / "napari.yaml"
+
+ANISOTROPIC_AFFINE = np.array(
+    [[-0.6, 0.0, 0.0, 90.0], [0.0, -0.7, 0.0, 110.0], [0.0, 0.0, 4.0, -50.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def _write_nifti(path, data, affine=ANISOTROPIC_AFFINE):
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_image_layer():
+    (layer,) = get_reader(str(sample_scan_path()))(str(sample_scan_path()))
+    return layer
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@pytest.mark.parametrize("name", ["scan.tif", "scan.nii.zip", "scan.mha", "notes.txt"])
+def test_reader_declines_files_that_are_not_nifti(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00" * 64)
+    assert get_reader(str(path)) is None
+
+
+def test_reader_declines_directories_missing_files_and_mixed_lists(tmp_path):
+    folder = tmp_path / "series.nii"
+    folder.mkdir()
+    assert get_reader(str(folder)) is None
+    assert get_reader(str(tmp_path / "absent.nii.gz")) is None
+    other = tmp_path / "x.png"
+    other.write_bytes(b"png")
+    assert get_reader([str(sample_scan_path()), str(other)]) is None
+    assert get_reader([]) is None
+
+
+def test_reader_opens_the_sample_as_an_image_layer(sample_image_layer):
+    data, kwargs, layer_type = sample_image_layer
+    array, meta = load_volume(sample_scan_path())
+
+    assert layer_type == "image"
+    np.testing.assert_array_equal(data, np.moveaxis(array, -1, 0))
+    assert kwargs["scale"] == (1.0, 1.0, 1.0)
+    assert kwargs["name"] == "liver117_image"
+    assert kwargs["metadata"][_layers.METADATA_KEY] == meta.to_dict()
+    assert kwargs["metadata"][_layers.AXIS_ORDER_KEY] == _layers.AXIS_ORDER
+    low, high = kwargs["contrast_limits"]
+    assert array.min() <= low < high <= array.max()
+    assert kwargs["colormap"] == "gray"
+
+
+def test_reader_moves_the_last_axis_first_and_reorders_spacing(tmp_path):
+    data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    path = _write_nifti(tmp_path / "ct.nii.gz", data)
+
+    ((layer_data, kwargs, layer_type),) = read_nifti(str(path))
+
+    assert layer_type == "image"
+    assert layer_data.shape == (6, 4, 5)
+    np.testing.assert_array_equal(layer_data[2], data[:, :, 2])
+    np.testing.assert_allclose(kwargs["scale"], (4.0, 0.6, 0.7))
+
+
+def test_label_named_integer_file_opens_as_labels():
+    (data, kwargs, layer_type), = read_nifti(str(sample_label_path()))
+    assert layer_type == "labels"
+    assert data.dtype == np.uint8
+    assert set(np.unique(data)) == {0, 1, 2}
+    assert "contrast_limits" not in kwargs
+
+
+def test_label_name_alone_does_not_make_labels(tmp_path):
+    ct = (np.random.default_rng(1).normal(size=(4, 4, 4)) * 300).round().astype(np.int16)
+    ((_, _, layer_type),) = read_nifti(str(_write_nifti(tmp_path / "ct_seg.nii.gz", ct)))
+    assert layer_type == "image"  # negative HU values: not a label map
+    mask = np.zeros((4, 4, 4), np.uint8)
+    ((_, _, layer_type),) = read_nifti(str(_write_nifti(tmp_path / "liver.nii.gz", mask)))
+    assert layer_type == "image"  # integer data, but the name does not say it is a mask
+
+
+def test_reader_replaces_nan_with_a_warning(tmp_path):
+    data = np.ones((3, 3, 3), np.float32)
+    data[1, 1, 1] = np.nan
+    path = _write_nifti(tmp_path / "nan.nii", data)
+    with pytest.warns(UserWarning, match="1 NaN/Inf voxels"):
+        ((layer_data, kwargs, _),) = read_nifti(str(path))
+    assert np.isfinite(layer_data).all()
+    assert kwargs["metadata"]["nonfinite_voxels_replaced"] == 1
+
+
+def test_reader_reads_a_list_of_files_one_layer_each():
+    layers = read_nifti([str(sample_scan_path()), str(sample_label_path())])
+    assert [layer_type for _, _, layer_type in layers] == ["image", "labels"]
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def test_labels_round_trip_through_reader_and_writer(tmp_path):
+    source = _write_nifti(
+        tmp_path / "case_label.nii.gz",
+        np.random.default_rng(2).integers(0, 3, size=(7, 8, 9)).astype(np.uint8),
+    )
+    ((data, kwargs, layer_type),) = read_nifti(str(source))
+    assert layer_type == "labels"
+
+    (written_path,) = write_labels(str(tmp_path / "saved.nii.gz"), data, kwargs)
+
+    original, written = nib.load(source), nib.load(written_path)
+    assert written.shape == original.shape
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.asanyarray(original.dataobj))
+    np.testing.assert_allclose(written.affine, original.affine)
+    np.testing.assert_allclose(written.header.get_zooms(), original.header.get_zooms())
+    assert written.get_data_dtype() == np.uint8
+    assert int(written.header["sform_code"]) == 1
+
+
+def test_bundled_label_round_trip_keeps_every_voxel(tmp_path):
+    ((data, kwargs, _),) = read_nifti(str(sample_label_path()))
+    (written_path,) = write_labels(str(tmp_path / "liver_label"), data, kwargs)
+    assert written_path.endswith(".nii.gz")
+    original = nib.load(sample_label_path())
+    np.testing.assert_array_equal(nib.load(written_path).dataobj, original.dataobj)
+    np.testing.assert_array_equal(nib.load(written_path).affine, original.affine)
+
+
+def test_image_writer_round_trip_on_a_2d_image(tmp_path):
+    flat = np.arange(20, dtype=np.float32).reshape(4, 5)
+    source = _write_nifti(tmp_path / "xray.nii", flat)
+    ((data, kwargs, _),) = read_nifti(str(source))
+    assert data.shape == (4, 5) and len(kwargs["scale"]) == 2
+
+    (written_path,) = write_image(str(tmp_path / "xray_out.nii"), data, kwargs)
+
+    written = nib.load(written_path)
+    assert written.shape == (4, 5)
+    np.testing.assert_array_equal(written.get_fdata(), flat)
+    np.testing.assert_allclose(written.affine, ANISOTROPIC_AFFINE)
+
+
+def test_writer_overwrites_because_napari_already_asked(tmp_path):
+    target = tmp_path / "again.nii.gz"
+    shutil.copy(sample_label_path(), target)
+    labels = np.zeros((2, 3, 4), np.uint16)
+    labels[0, 0, 0] = 700
+    write_labels(str(target), labels, {"scale": (5.0, 1.0, 2.0), "metadata": {}})
+    written = nib.load(target)
+    assert written.shape == (3, 4, 2) and written.get_data_dtype() == np.uint16
+    assert np.asanyarray(written.dataobj)[0, 0, 0] == 700
+    assert written.header.get_zooms() == (1.0, 2.0, 5.0)
+
+
+def test_plain_layer_without_metadata_gets_spacing_from_scale():
+    data = np.zeros((6, 4, 5), np.float32)
+    array, meta = _layers.layer_to_volume(data, None, scale=(3.0, 0.5, 0.8))
+    assert array.shape == (4, 5, 6)
+    assert meta.spacing == (0.5, 0.8, 3.0)
+    np.testing.assert_array_equal(meta.affine, np.diag([0.5, 0.8, 3.0, 1.0]))
+    _, default_meta = _layers.layer_to_volume(data)
+    assert default_meta.spacing == (1.0, 1.0, 1.0)
+
+
+def test_volume_to_layer_and_back_is_exact():
+    array = np.random.default_rng(3).normal(size=(3, 4, 5)).astype(np.float32)
+    meta = VolumeMeta(affine=ANISOTROPIC_AFFINE, spacing=(0.6, 0.7, 4.0))
+    data, kwargs = _layers.volume_to_layer(array, meta)
+    back, back_meta = _layers.layer_to_volume(data, kwargs["metadata"], scale=kwargs["scale"])
+    np.testing.assert_array_equal(back, array)
+    np.testing.assert_array_equal(back_meta.affine, meta.affine)
+    assert back_meta.spacing == meta.spacing
+
+
+# ----------------------------------------------------------------------------- sample data and manifest
+
+
+def test_sample_data_returns_the_scan(sample_image_layer):
+    ((data, kwargs, layer_type),) = liver_ct()
+    assert layer_type == "image"
+    np.testing.assert_array_equal(data, sample_image_layer[0])
+    assert [layer_type for _, _, layer_type in liver_ct_with_labels()] == ["image", "labels"]
+
+
+def test_manifest_is_valid_and_declares_every_contribution():
+    manifest = PluginManifest.from_file(ROOT_MANIFEST)
+    contributions = manifest.contributions
+
+    assert manifest.name == "napari-medconddiff"
+    assert manifest.display_name == "MedCondDiff"
+    commands = {c.id: c.python_name for c in contributions.commands}
+    assert commands["napari-medconddiff.segment_widget"] == "napari_medconddiff._widget:SegmentWidget"
+    assert [w.display_name for w in contributions.widgets] == ["MedCondDiff segmentation"]
+    (reader,) = contributions.readers
+    assert set(reader.filename_patterns) == {"*.nii", "*.nii.gz"}
+    assert not reader.accepts_directories
+    assert {tuple(w.layer_types) for w in contributions.writers} == {("labels",), ("image",)}
+    assert all(w.filename_extensions == [".nii.gz", ".nii"] for w in contributions.writers)
+    assert "liver_ct" in {s.key for s in contributions.sample_data}
+    # Every command the manifest refers to must be declared.
+    referenced = [r.command for r in contributions.readers] + [w.command for w in contributions.writers]
+    referenced += [s.command for s in contributions.sample_data] + [w.command for w in contributions.widgets]
+    assert set(referenced) <= set(commands)
+
+
+def test_manifest_python_names_resolve_except_the_widget_module():
+    """Each reader/writer/sample python_name points at a real function (catches typos)."""
+    import importlib
+
+    manifest = PluginManifest.from_file(ROOT_MANIFEST)
+    for command in manifest.contributions.commands:
+        module_name, attribute = command.python_name.split(":")
+        if module_name == "napari_medconddiff._widget":
+            continue  # written separately; importing it pulls in Qt and torch
+        assert callable(getattr(importlib.import_module(module_name), attribute)), command.id
+
+
+def test_packaged_manifest_has_the_same_bytes_as_the_root_one():
+    packaged = importlib.resources.files("napari_medconddiff") / "napari.yaml"
+    assert packaged.read_bytes() == ROOT_MANIFEST.read_bytes()
+    assert (REPO_ROOT / "napari_medconddiff" / "napari.yaml").read_bytes() == ROOT_MANIFEST.read_bytes()

@@ -1,0 +1,398 @@
+"""medconddiff.nifti: reading, writing and failure modes of NIfTI volumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medconddiff import nifti
+from medconddiff.nifti import (
+    VolumeMeta,
+    VolumeReadError,
+    load_labels,
+    load_volume,
+    sample_label_path,
+    sample_scan_path,
+    sanitize_nonfinite,
+    save_volume,
+    write_json_atomic,
+)
+
+# An oblique, anisotropic, non-RAS affine: catches any transposed or dropped component.
+OBLIQUE_AFFINE = np.array(
+    [
+        [-0.8, 0.1, 0.0, 120.5],
+        [0.05, 0.7, 0.2, -30.25],
+        [0.0, -0.1, 2.5, 14.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def _write_nifti(path, data, affine=OBLIQUE_AFFINE, zooms=None, qform_code=1, sform_code=1):
+    """A NIfTI written with plain nibabel, as a scanner export would be."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=qform_code)
+    img.header.set_sform(affine, code=sform_code)
+    if zooms is not None:
+        img.header.set_zooms(zooms)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture
+def ramp():
+    """Small asymmetric int16 volume: every axis has a different length and gradient."""
+    i, j, k = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")
+    return (100 * i + 10 * j + k - 300).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_load_volume_keeps_file_axis_order_affine_and_spacing(tmp_path, ramp):
+    path = _write_nifti(tmp_path / "ramp.nii.gz", ramp)
+
+    array, meta = load_volume(path)
+
+    assert array.dtype == np.float32
+    assert array.shape == (5, 6, 7)
+    np.testing.assert_array_equal(array, ramp.astype(np.float32))
+    np.testing.assert_allclose(meta.affine, OBLIQUE_AFFINE, atol=1e-6)
+    expected_spacing = np.sqrt((OBLIQUE_AFFINE[:3, :3] ** 2).sum(axis=0))
+    np.testing.assert_allclose(meta.spacing, expected_spacing, rtol=1e-5)
+    assert meta.orientation == nib.aff2axcodes(OBLIQUE_AFFINE) == ("L", "A", "S")
+    assert meta.original_ndim == 3
+    assert meta.source == str(path)
+    assert meta.affine.dtype == np.float64
+
+
+def test_load_volume_applies_intensity_scaling(tmp_path, ramp):
+    img = nib.Nifti1Image(ramp, np.eye(4))
+    img.header.set_slope_inter(0.5, -10)
+    nib.save(img, str(tmp_path / "scaled.nii"))
+
+    array, _ = load_volume(tmp_path / "scaled.nii")
+
+    np.testing.assert_allclose(array, ramp * 0.5 - 10)
+
+
+def test_bundled_sample_scan_and_labels():
+    image, meta = load_volume(sample_scan_path())
+    labels, label_meta = load_labels(sample_label_path())
+
+    assert image.shape == labels.shape == (128, 128, 128)
+    assert meta.spacing == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(meta.affine, np.eye(4))
+    assert -1100 < image.min() < image.max() < 4000  # Hounsfield units
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 1, 2}
+    np.testing.assert_array_equal(label_meta.affine, meta.affine)
+
+
+@pytest.mark.parametrize("shape", [(8, 9), (8, 9, 1)])
+def test_2d_image_loads_with_singleton_last_axis_and_saves_back_2d(tmp_path, shape):
+    data = np.arange(72, dtype=np.float32).reshape(shape)
+    path = _write_nifti(tmp_path / "slice.nii", data, affine=np.diag([0.5, 0.75, 3.0, 1.0]))
+
+    array, meta = load_volume(path)
+    assert array.shape == (8, 9, 1)
+    assert meta.original_ndim == 2
+    assert meta.spacing[:2] == (0.5, 0.75)
+    assert len(meta.spacing) == 3
+
+    out = save_volume(tmp_path / "out.nii.gz", array, meta)
+    written = nib.load(out)
+    assert written.shape == (8, 9)
+    np.testing.assert_array_equal(written.get_fdata(), data.reshape(8, 9))
+    assert written.header.get_zooms() == (0.5, 0.75)
+
+
+def test_4d_image_needs_a_channel(tmp_path):
+    data = np.stack([np.full((3, 4, 5), c, np.float32) for c in range(3)], axis=-1)
+    path = _write_nifti(tmp_path / "multi.nii.gz", data)
+
+    with pytest.raises(VolumeReadError, match=r"axis 3.*channel=0\.\.2") as info:
+        load_volume(path)
+    assert "3 volumes" in str(info.value) and "multi.nii.gz" in str(info.value)
+
+    picked, meta = load_volume(path, channel=2)
+    assert picked.shape == (3, 4, 5)
+    assert np.all(picked == 2)
+    assert meta.spatial_shape == (3, 4, 5)
+
+    with pytest.raises(VolumeReadError, match="out of range"):
+        load_volume(path, channel=3)
+
+
+def test_4d_image_with_one_volume_loads_as_3d(tmp_path, ramp):
+    path = _write_nifti(tmp_path / "single.nii.gz", ramp[..., np.newaxis])
+    array, meta = load_volume(path)
+    assert array.shape == (5, 6, 7)
+    assert meta.original_ndim == 3
+
+
+def test_missing_file_and_directory_raise_volume_read_error(tmp_path):
+    with pytest.raises(VolumeReadError, match="does not exist") as info:
+        load_volume(tmp_path / "nowhere.nii.gz")
+    assert "nowhere.nii.gz" in str(info.value)
+    with pytest.raises(VolumeReadError, match="is a directory"):
+        load_volume(tmp_path)
+
+
+def test_truncated_gzip_is_detected(tmp_path):
+    whole = sample_label_path().read_bytes()
+    path = tmp_path / "truncated.nii.gz"
+    path.write_bytes(whole[: len(whole) // 2])  # the header is intact, the data are not
+
+    with pytest.raises(VolumeReadError, match="truncated") as info:
+        load_volume(path)
+    message = str(info.value)
+    assert "truncated.nii.gz" in message and "\n" not in message
+
+
+def test_truncated_uncompressed_nifti_is_detected(tmp_path, ramp):
+    full = _write_nifti(tmp_path / "full.nii", ramp).read_bytes()
+    path = tmp_path / "short.nii"
+    path.write_bytes(full[: len(full) - 40])
+
+    with pytest.raises(VolumeReadError, match=r"short\.nii: file is truncated"):
+        load_volume(path)
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("random.nii.gz", np.random.default_rng(0).bytes(4096), "not a NIfTI file"),
+        ("random.nii", np.random.default_rng(1).bytes(4096), "not a NIfTI file"),
+        ("notes.nii", b"this is a text file, not an image\n" * 20, "not a NIfTI file"),
+        ("empty.nii.gz", b"", "file is empty"),
+    ],
+)
+def test_not_a_nifti_raises_volume_read_error(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(VolumeReadError, match=problem) as info:
+        load_volume(path)
+    assert name in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_corrupt_gzip_stream_is_reported(tmp_path):
+    whole = bytearray(sample_label_path().read_bytes())
+    whole[len(whole) // 2 : len(whole) // 2 + 64] = bytes(64)  # damage the middle, keep the length
+    path = tmp_path / "damaged_label.nii.gz"
+    path.write_bytes(bytes(whole))
+    with pytest.raises(VolumeReadError, match="damaged_label.nii.gz"):
+        load_volume(path)
+
+
+def test_image_with_no_voxels_is_rejected(tmp_path):
+    path = _write_nifti(tmp_path / "none.nii", np.zeros((4, 0, 3), np.float32))
+    with pytest.raises(VolumeReadError, match="no voxels"):
+        load_volume(path)
+
+
+def test_nonfinite_voxels_are_kept_by_load_and_replaced_by_sanitize(tmp_path, ramp):
+    data = ramp.astype(np.float32)
+    data[0, 0, 0], data[1, 2, 3], data[4, 5, 6] = np.nan, np.inf, -np.inf
+    path = _write_nifti(tmp_path / "nan.nii.gz", data)
+
+    array, _ = load_volume(path)
+    assert np.isnan(array[0, 0, 0]) and np.isposinf(array[1, 2, 3])
+
+    cleaned, n_bad = sanitize_nonfinite(array)
+    assert n_bad == 3
+    assert np.isfinite(cleaned).all()
+    finite_min = np.nanmin(np.where(np.isfinite(array), array, np.nan))
+    assert cleaned[0, 0, 0] == cleaned[1, 2, 3] == cleaned[4, 5, 6] == finite_min
+    assert np.isnan(array[0, 0, 0]), "sanitize must not modify its input"
+
+
+def test_sanitize_leaves_finite_and_integer_arrays_alone():
+    finite = np.arange(6, dtype=np.float32)
+    assert sanitize_nonfinite(finite)[0] is finite
+    assert sanitize_nonfinite(np.arange(3))[1] == 0
+    cleaned, n_bad = sanitize_nonfinite(np.full(4, np.nan))
+    assert n_bad == 4 and np.all(cleaned == 0)
+
+
+def test_all_nonfinite_volume_is_rejected(tmp_path):
+    path = _write_nifti(tmp_path / "allnan.nii", np.full((3, 3, 3), np.nan, np.float32))
+    with pytest.raises(VolumeReadError, match="NaN or infinite"):
+        load_volume(path)
+
+
+def test_load_labels_rejects_fractional_and_negative_values(tmp_path):
+    fractional = np.zeros((4, 4, 4), np.float32)
+    fractional[1, 1, 1] = 1.5
+    negative = np.zeros((4, 4, 4), np.int16)
+    negative[2, 2, 2] = -1
+    with pytest.raises(VolumeReadError, match="non-integer"):
+        load_labels(_write_nifti(tmp_path / "frac_label.nii", fractional))
+    with pytest.raises(VolumeReadError, match="negative"):
+        load_labels(_write_nifti(tmp_path / "neg_label.nii", negative))
+
+
+def test_load_labels_picks_a_dtype_that_holds_every_label(tmp_path):
+    data = np.zeros((4, 4, 4), np.float32)
+    data[0, 0, 0] = 300  # float-stored labels, as some tools write them
+    labels, _ = load_labels(_write_nifti(tmp_path / "big_label.nii", data))
+    assert labels.dtype == np.uint16 and labels[0, 0, 0] == 300
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_save_load_round_trip_keeps_affine_spacing_and_dtype(tmp_path, ramp, suffix, dtype):
+    source = _write_nifti(tmp_path / "source.nii.gz", ramp)
+    array, meta = load_volume(source)
+    values = np.clip(array, 0, 255) if dtype == np.uint8 else array
+
+    out = save_volume(tmp_path / f"out{suffix}", values.astype(dtype), meta)
+
+    written = nib.load(out)
+    assert written.get_data_dtype() == np.dtype(dtype)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), values.astype(dtype))
+    np.testing.assert_allclose(written.affine, meta.affine, atol=1e-6)
+    np.testing.assert_allclose(written.header.get_zooms(), meta.spacing, rtol=1e-6)
+    assert int(written.header["sform_code"]) == int(written.header["qform_code"]) == 1
+    reread, reread_meta = load_volume(out)
+    np.testing.assert_array_equal(reread, values.astype(dtype).astype(np.float32))
+    assert reread_meta.orientation == meta.orientation
+
+
+def test_saving_with_a_scaled_ct_header_writes_plain_values_and_no_display_window(tmp_path, ramp):
+    img = nib.Nifti1Image(ramp, np.eye(4))
+    img.header.set_slope_inter(0.5, -10)
+    img.header["cal_min"], img.header["cal_max"] = -100, 400
+    nib.save(img, str(tmp_path / "scaled_ct.nii"))
+    array, meta = load_volume(tmp_path / "scaled_ct.nii")
+    labels = (array > 0).astype(np.uint8)
+
+    written = nib.load(save_volume(tmp_path / "mask.nii", labels, meta))
+
+    np.testing.assert_array_equal(written.get_fdata(), labels)
+    assert written.header["cal_min"] == written.header["cal_max"] == 0
+
+
+def test_written_spacing_is_the_meta_spacing_even_if_the_affine_disagrees(tmp_path):
+    meta = VolumeMeta(affine=np.diag([2.0, 2.0, 2.0, 1.0]), spacing=(0.5, 0.6, 0.7))
+    out = save_volume(tmp_path / "spacing.nii", np.zeros((2, 3, 4), np.float32), meta)
+    written = nib.load(out)
+    np.testing.assert_allclose(written.header.get_zooms(), (0.5, 0.6, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(written.affine, meta.affine)
+
+
+def test_save_with_float_to_integer_dtype_rounds_and_checks_range(tmp_path):
+    meta = VolumeMeta.identity()
+    out = save_volume(tmp_path / "seg.nii.gz", np.array([[[0.2, 0.9, 2.0]]]), meta, dtype=np.uint8)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), [[[0, 1, 2]]])
+    with pytest.raises(ValueError, match="do not fit"):
+        save_volume(tmp_path / "big.nii.gz", np.array([[[300.0]]]), meta, dtype=np.uint8)
+
+
+def test_save_rejects_shape_that_does_not_match_the_header(tmp_path, ramp):
+    _, meta = load_volume(_write_nifti(tmp_path / "source.nii", ramp))
+    with pytest.raises(ValueError, match="does not match"):
+        save_volume(tmp_path / "out.nii", np.zeros((7, 6, 5), np.float32), meta)
+    assert not (tmp_path / "out.nii").exists()
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+    meta = VolumeMeta.identity()
+    target = save_volume(tmp_path / "a.nii.gz", np.zeros((2, 2, 2), np.float32), meta)
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_volume(target, np.ones((2, 2, 2), np.float32), meta)
+    assert np.all(nib.load(target).get_fdata() == 0)
+
+    save_volume(target, np.ones((2, 2, 2), np.float32), meta, overwrite=True)
+    assert np.all(nib.load(target).get_fdata() == 1)
+
+
+def test_failed_write_leaves_no_file_and_no_temp(tmp_path, monkeypatch):
+    meta = VolumeMeta.identity()
+    existing = save_volume(tmp_path / "keep.nii.gz", np.zeros((2, 2, 2), np.float32), meta)
+    before = existing.read_bytes()
+
+    def half_write_then_fail(image, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nifti.nib, "save", half_write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_volume(tmp_path / "new.nii.gz", np.ones((2, 2, 2), np.float32), meta)
+    with pytest.raises(OSError, match="disk full"):
+        save_volume(existing, np.ones((2, 2, 2), np.float32), meta, overwrite=True)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii.gz"]
+    assert existing.read_bytes() == before
+
+
+def test_written_file_gets_normal_permissions(tmp_path):
+    out = save_volume(tmp_path / "perm.nii", np.zeros((2, 2, 2), np.float32), VolumeMeta.identity())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_save_rejects_unknown_suffix(tmp_path):
+    with pytest.raises(ValueError, match=r"\.nii or \.nii\.gz"):
+        save_volume(tmp_path / "out.mha", np.zeros((2, 2, 2)), VolumeMeta.identity())
+
+
+def test_int64_and_bool_arrays_are_written_in_portable_types(tmp_path):
+    meta = VolumeMeta.identity()
+    as_int = save_volume(tmp_path / "int.nii", np.arange(8, dtype=np.int64).reshape(2, 2, 2), meta)
+    as_bool = save_volume(tmp_path / "bool.nii", np.ones((2, 2, 2), bool), meta)
+    assert nib.load(as_int).get_data_dtype() == np.int32
+    assert nib.load(as_bool).get_data_dtype() == np.uint8
+
+
+# ----------------------------------------------------------------------------- meta and json
+
+
+def test_meta_dict_is_json_safe_and_round_trips(tmp_path, ramp):
+    _, meta = load_volume(_write_nifti(tmp_path / "m.nii.gz", ramp))
+
+    d = json.loads(json.dumps(meta.to_dict()))
+    back = VolumeMeta.from_dict(d)
+
+    np.testing.assert_array_equal(back.affine, meta.affine)
+    assert back.spacing == meta.spacing
+    assert back.orientation == meta.orientation
+    assert back.source == meta.source
+    assert back.original_ndim == meta.original_ndim
+    assert back.spatial_shape == (5, 6, 7)
+    assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 1
+
+
+def test_identity_meta():
+    meta = VolumeMeta.identity(spacing=(0.5, 0.5, 2.0))
+    np.testing.assert_array_equal(meta.affine, np.diag([0.5, 0.5, 2.0, 1.0]))
+    assert meta.orientation == ("R", "A", "S") and meta.header is None
+    flat = VolumeMeta.identity(shape_ndim=2, spacing=(0.3, 0.4))
+    assert flat.spacing == (0.3, 0.4, 1.0) and flat.original_ndim == 2
+    with pytest.raises(ValueError):
+        VolumeMeta.identity(spacing=(1.0, 1.0))
+    assert VolumeMeta.from_dict(json.loads(json.dumps(meta.to_dict()))).header is None
+
+
+def test_write_json_atomic(tmp_path):
+    path = write_json_atomic(tmp_path / "side.json", {"dice": np.float32(0.5), "shape": np.array([1, 2])})
+    assert json.loads(path.read_text()) == {"dice": 0.5, "shape": [1, 2]}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_json_atomic(path, {"dice": 1.0})
+    write_json_atomic(path, {"dice": 1.0}, overwrite=True)
+    assert json.loads(path.read_text()) == {"dice": 1.0}
+    with pytest.raises(TypeError):
+        write_json_atomic(tmp_path / "bad.json", {"x": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["side.json"]
