@@ -137,13 +137,14 @@ def build_segmenter(spec: dict, device: str):
 
     from .config import ExperimentConfig
     from .model import build_model
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, prepare_inference_model
 
     if spec.get("random"):
-        # Speed does not depend on the weights: a seeded random default-config model times the same.
+        # Speed does not depend on the weights: a seeded random default-config model, prepared as
+        # Segmenter.from_checkpoint prepares a loaded one, times the same.
         torch.manual_seed(0)
         config = ExperimentConfig()
-        return Segmenter(build_model(config.model), config, device=device)
+        return Segmenter(prepare_inference_model(build_model(config.model), device), config, device=device)
     return Segmenter.from_checkpoint(spec["checkpoint"], device=device)
 
 

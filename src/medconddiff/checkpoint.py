@@ -121,8 +121,12 @@ def model_state(checkpoint: Checkpoint, prefix: str = "") -> dict[str, torch.Ten
 
 
 def load_model_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
-    missing, unexpected = model.load_state_dict(model_state(checkpoint), strict=False)
+    where = checkpoint.path or "checkpoint"
+    try:
+        missing, unexpected = model.load_state_dict(model_state(checkpoint), strict=False)
+    except RuntimeError as error:  # torch reports shape mismatches this way
+        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(f"{where} does not fit the model its config describes ({first})") from None
     if missing or unexpected:
-        where = checkpoint.path or "checkpoint"
         raise CheckpointError(f"{where} does not fit the model its config describes "
                               f"(missing {len(missing)} tensors, e.g. {missing[:2]}; unexpected {unexpected[:2]})")

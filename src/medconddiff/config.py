@@ -16,8 +16,8 @@ from typing import Any, Optional, Tuple, TypeVar
 T = TypeVar("T")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    return field(metadata={"help": text, "choices": choices}, **kwargs)
 
 
 @dataclass
@@ -25,7 +25,7 @@ class PreprocessConfig:
     """How a scan is turned into network input; recorded in the checkpoint, replayed at inference."""
 
     intensity: str = _help("'ct_window' (clip to a HU window) or 'percentile' (MRI, unknown units)",
-                           default="ct_window")
+                           choices=("ct_window", "percentile"), default="ct_window")
     window: Tuple[float, float] = _help("HU window (low high) used by 'ct_window'", default=(-200.0, 250.0))
     percentiles: Tuple[float, float] = _help("percentile clip (low high) used by 'percentile'",
                                              default=(0.5, 99.5))
@@ -43,7 +43,8 @@ class PreprocessConfig:
 class ModelConfig:
     """Architecture. Stage channels and strides come from the backbone's feature_info, not from here."""
 
-    family: str = _help("'pixel' (MedCondDiff) or 'latent' (LSegDiff)", default="pixel")
+    family: str = _help("'pixel' (MedCondDiff) or 'latent' (LSegDiff)", choices=("pixel", "latent"),
+                        default="pixel")
     class_names: Tuple[str, ...] = _help("class names, background first",
                                          default=("background", "liver", "tumour"))
     image_size: int = _help("slices are resized to this square size (multiple of 32)", default=128)
@@ -52,7 +53,7 @@ class ModelConfig:
         "local weights file for the backbone (safetensors or a plain state dict); never downloaded",
         default=None)
     fusion: str = _help("how backbone features enter the denoiser: 'add' (paper) or 'concat' (ablation)",
-                        default="add")
+                        choices=("add", "concat"), default="add")
     denoiser_channels: Tuple[int, ...] = _help(
         "denoiser width at each backbone stage (one number per stage, or one number for all)",
         default=(32, 48, 96, 128))
@@ -81,7 +82,7 @@ class DiffusionConfig:
     """The forward (noising) process the network was trained with."""
 
     num_train_timesteps: int = _help("length of the training noise schedule", default=1000)
-    schedule: str = _help("beta schedule: 'linear' or 'cosine'", default="cosine")
+    schedule: str = _help("beta schedule: 'linear' or 'cosine'", choices=("linear", "cosine"), default="cosine")
     beta_start: float = _help("first beta of the linear schedule", default=1e-4)
     beta_end: float = _help("last beta of the linear schedule", default=0.02)
 
@@ -98,10 +99,9 @@ class SamplingConfig:
     """How a segmentation is sampled; chosen per run, written to the sidecar."""
 
     steps: int = _help("number of denoising steps", default=10)
-    scheduler: str = _help("'ddim' (deterministic with eta=0) or 'ddpm'", default="ddim")
+    scheduler: str = _help("'ddim' (deterministic with eta=0) or 'ddpm'", choices=("ddim", "ddpm"), default="ddim")
     eta: float = _help("DDIM noise scale (0 = deterministic, 1 = DDPM-like)", default=0.0)
-    consensus: str = _help("how the x̂0 of all steps are fused: " + ", ".join(CONSENSUS_METHODS),
-                           default="mean")
+    consensus: str = _help("how the x̂0 of all steps are fused", choices=CONSENSUS_METHODS, default="mean")
     skip_first: int = _help("leave the first (noisiest) k steps out of the consensus", default=0)
     seed: int = _help("random seed of the initial noise", default=0)
     num_seeds: int = _help("independent runs (seed, seed+1, ...) pooled into one consensus", default=1)
@@ -203,6 +203,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, title
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:

@@ -18,7 +18,31 @@ QUANT_SCALE = 255.0
 
 def quantize(probabilities: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] → uint8, the compact form a kept trajectory is stored in."""
-    return np.clip(np.rint(np.asarray(probabilities, dtype=np.float32) * QUANT_SCALE), 0, 255).astype(np.uint8)
+    # Runs once per denoising step: one float temporary, rounded and clipped in place.
+    values = np.multiply(np.asarray(probabilities, dtype=np.float32), np.float32(QUANT_SCALE))
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return values.astype(np.uint8)
+
+
+def first_argmax(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array.argmax(axis)`` for a short axis (classes), as uint8; ties go to the lowest index.
+
+    numpy's (and torch's CPU) arg-max over a short axis that is not the innermost one walks memory
+    with a large stride and is ~10× slower than comparing whole class planes, which this does.
+    Inputs are probabilities or counts (no NaN).
+    """
+    array = np.asarray(array)
+    planes = np.moveaxis(array, axis, 0)
+    if planes.shape[0] > 256:
+        return array.argmax(axis=axis)
+    best = planes[0].copy()
+    labels = np.zeros(best.shape, np.uint8)
+    for k in range(1, planes.shape[0]):
+        better = np.greater(planes[k], best)
+        np.copyto(labels, np.uint8(k), where=better)
+        np.maximum(best, planes[k], out=best)
+    return labels
 
 
 def as_probabilities(stack: np.ndarray) -> np.ndarray:
@@ -33,9 +57,23 @@ def _normalise(probabilities: np.ndarray) -> np.ndarray:
     return probabilities / np.maximum(total, 1e-8)
 
 
+def mean_over_steps(stack: np.ndarray) -> np.ndarray:
+    """``as_probabilities(stack).mean(axis=0)``, bit for bit, one step at a time.
+
+    The same float32 additions in the same order, without a float32 copy of the whole stack
+    (4× the uint8 trajectory): about 3× faster for a batch of slices.
+    """
+    stack = np.asarray(stack)
+    total = np.array(as_probabilities(stack[0]), dtype=np.float32)  # a copy: it is accumulated into
+    for step in range(1, stack.shape[0]):
+        total += as_probabilities(stack[step])
+    # Divided as ndarray.mean divides (by an intp count, through float64), so the result is identical.
+    return np.true_divide(total, np.intp(stack.shape[0]), out=total, casting="unsafe")
+
+
 def mean_fusion(stack: np.ndarray) -> np.ndarray:
     """The paper's consensus: the mean of the per-step probabilities."""
-    return _normalise(as_probabilities(stack).mean(axis=0))
+    return _normalise(mean_over_steps(stack))
 
 
 def vote_gated_fusion(stack: np.ndarray) -> np.ndarray:
@@ -45,9 +83,9 @@ def vote_gated_fusion(stack: np.ndarray) -> np.ndarray:
     """
     probs = as_probabilities(stack)
     num_classes = probs.shape[1]
-    votes = probs.argmax(axis=1)                                    # (S, *spatial)
+    votes = first_argmax(probs, axis=1)                             # (S, *spatial)
     counts = np.stack([(votes == k).sum(axis=0) for k in range(num_classes)])
-    majority = counts.argmax(axis=0)                                # ties → lowest class index
+    majority = first_argmax(counts, axis=0)                         # ties → lowest class index
     agrees = (votes == majority[None]).astype(np.float32)[:, None]  # (S, 1, *spatial)
     return _normalise((probs * agrees).sum(axis=0) / np.maximum(agrees.sum(axis=0), 1.0))
 
@@ -99,13 +137,16 @@ def fuse(stack: np.ndarray, method: str = "mean", skip_first: int = 0, num_seeds
 
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    return np.asarray(probabilities).argmax(axis=0).astype(np.uint8)
+    return first_argmax(probabilities, axis=0).astype(np.uint8, copy=False)
 
 
 def step_disagreement(stack: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Fraction of steps whose own arg-max differs from the consensus label (0 = all agree)."""
-    votes = np.asarray(stack).argmax(axis=1)
-    return (votes != labels[None]).mean(axis=0).astype(np.float32)
+    votes = first_argmax(stack, axis=1)
+    # Integer count, then one division: the same float64 arithmetic as .mean(axis=0), without a
+    # float64 array per step.
+    disagree = np.count_nonzero(votes != labels[None], axis=0)
+    return (disagree / votes.shape[0]).astype(np.float32)
 
 
 def uncertainty(stack: np.ndarray, fused: np.ndarray, labels: np.ndarray, kind: str = "combined") -> np.ndarray:

@@ -76,11 +76,18 @@ class _SchedulerBase:
         self.timesteps = torch.unique_consecutive(spaced)
 
     def previous_timestep(self, timestep: int) -> int:
-        index = (self.timesteps == int(timestep)).nonzero()
-        if len(index) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps")
-        i = int(index[0, 0])
-        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        # A dict built once per timesteps tensor: a step asks this up to three times, and a tensor
+        # search each time cost more than the step's own arithmetic on small batches.
+        if getattr(self, "_previous_for", None) is not self.timesteps:
+            values = self.timesteps.tolist()
+            self._previous = {}
+            for i, value in enumerate(values):  # first occurrence wins, as the tensor search did
+                self._previous.setdefault(value, values[i + 1] if i + 1 < len(values) else -1)
+            self._previous_for = self.timesteps
+        try:
+            return self._previous[int(timestep)]
+        except KeyError:
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps") from None
 
     def _alpha_bars(self, timestep: int) -> tuple[float, float]:
         ab = self.schedule.alphas_cumprod
@@ -109,7 +116,8 @@ class DDPMScheduler(_SchedulerBase):
         coef_x0 = math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t)
         coef_xt = math.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
         variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
-        return coef_x0 * pred_x0 + coef_xt * sample, variance
+        # In place on fresh tensors (fewer allocations, same arithmetic, same bits).
+        return (pred_x0 * coef_x0).add_(sample * coef_xt), variance
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None) -> SchedulerStep:
@@ -117,7 +125,7 @@ class DDPMScheduler(_SchedulerBase):
         mean, variance = self.posterior(pred_x0, timestep, sample)
         if self.previous_timestep(timestep) < 0:
             return SchedulerStep(pred_x0, pred_x0)
-        return SchedulerStep(mean + math.sqrt(variance) * self._noise_like(sample, generator), pred_x0)
+        return SchedulerStep(mean.add_(self._noise_like(sample, generator).mul_(math.sqrt(variance))), pred_x0)
 
 
 class DDIMScheduler(_SchedulerBase):
@@ -137,12 +145,15 @@ class DDIMScheduler(_SchedulerBase):
         alpha_bar_t, alpha_bar_prev = self._alpha_bars(timestep)
         if self.previous_timestep(timestep) < 0:
             return SchedulerStep(pred_x0, pred_x0)
-        pred_eps = (sample - math.sqrt(alpha_bar_t) * pred_x0) / math.sqrt(1 - alpha_bar_t)
+        # ε̂ = (x_t - √ᾱ_t x̂0) / √(1-ᾱ_t), then x_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ (+ σ z).
+        # Written in place on fresh tensors: the same operations in the same order (bit-identical
+        # to the out-of-place formula) with two allocations instead of six; this runs every step.
+        pred_eps = (pred_x0 * math.sqrt(alpha_bar_t)).neg_().add_(sample).div_(math.sqrt(1 - alpha_bar_t))
         sigma = self.sigma(timestep)
-        direction = math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * pred_eps
-        prev = math.sqrt(alpha_bar_prev) * pred_x0 + direction
+        direction = pred_eps.mul_(math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)))
+        prev = (pred_x0 * math.sqrt(alpha_bar_prev)).add_(direction)
         if sigma > 0:
-            prev = prev + sigma * self._noise_like(sample, generator)
+            prev = prev.add_(self._noise_like(sample, generator).mul_(sigma))
         return SchedulerStep(prev, pred_x0)
 
 

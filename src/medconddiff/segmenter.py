@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint, load_model_weights
 from .config import ExperimentConfig, SamplingConfig
-from .consensus import fuse, labels_from_probabilities, quantize, select_steps, uncertainty
+from .consensus import first_argmax, fuse, labels_from_probabilities, quantize, select_steps, uncertainty
 from .model import build_model
 from .preprocess import check_volume, intensity_range, normalise_intensity, resize_probabilities, to_model_input
 from .sampling import initial_noise, sample_progressive
@@ -48,6 +48,19 @@ def available_devices() -> list[str]:
     devices = ["auto", "cpu"]
     devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return devices
+
+
+def prepare_inference_model(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """Memory-layout tuning for a model the Segmenter owns (not one shared with a trainer).
+
+    On CPU, oneDNN runs the denoiser's convolutions 12–22 % faster with channels_last weights
+    (measured with ``medconddiff benchmark``; the backbone is unaffected). Results differ from the
+    default layout only by float rounding (~1e-7 in the probabilities). CUDA is left as it is.
+    """
+    device = resolve_device(device)
+    if device.type == "cpu" and all(p.dim() != 5 for p in model.parameters()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 @dataclass
@@ -122,6 +135,17 @@ class SegmentationResult:
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
 
 
+def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
+    """(B, K, H, W) probabilities → (B, H, W) uint8 labels on the host; equal to ``argmax(dim=1)``.
+
+    torch's CPU arg-max over the class dimension is ~10× slower than comparing class planes, and at
+    scan resolution (512²) it cost more than the whole fusion.
+    """
+    if probabilities.device.type == "cpu":
+        return first_argmax(probabilities.numpy(), axis=1)
+    return probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+
 def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[int, int]
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W)."""
@@ -129,7 +153,7 @@ def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
     fused_t = torch.from_numpy(np.ascontiguousarray(fused.transpose(1, 0, 2, 3)))
-    labels = resize_probabilities(fused_t, shape).argmax(dim=1).to(torch.uint8).numpy()
+    labels = argmax_labels(resize_probabilities(fused_t, shape))
     unc = resize_probabilities(torch.from_numpy(unc_small)[:, None], shape)[:, 0].clamp_(0, 1).numpy()
     return labels, unc.astype(np.float32)
 
@@ -215,6 +239,7 @@ class Segmenter:
         checkpoint = load_checkpoint(path)
         model = build_model(checkpoint.config.model)
         load_model_weights(model, checkpoint)
+        model = prepare_inference_model(model, device)
         return cls(model, checkpoint.config, device=device, checkpoint=checkpoint)
 
     @property
@@ -315,6 +340,5 @@ class Segmenter:
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self._autocast():
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
-            labels_sf[chunk] = resize_probabilities(probs.float(), volume_sf.shape[1:]).argmax(1).to(
-                torch.uint8).cpu().numpy()
+            labels_sf[chunk] = argmax_labels(resize_probabilities(probs.float(), volume_sf.shape[1:]))
         return labels

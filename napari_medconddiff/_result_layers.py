@@ -1,0 +1,113 @@
+"""The layers a segmentation run adds, and how the widget recognises its own layers.
+
+A result layer carries ``metadata[MARKER_KEY] = {"role", "scan", "layer"}``: its role, the
+``unique_id`` of the scan it was computed from, and its own ``unique_id``. A re-run replaces only
+layers whose marker names themselves (a duplicated layer copies the metadata but gets a new id, so
+the user's copies and the user's layers that merely share a name are never touched).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ._geometry import same_place_kwargs, stack_overlay_kwargs
+from ._layers import AXIS_ORDER_KEY, METADATA_KEY
+
+MARKER_KEY = "medconddiff_result"
+ROLES = ("uncertainty", "steps", "consensus")   # bottom to top in the layer list
+STEP_AXIS_LABEL = "diffusion step"   # the dims slider that scrubs the x̂0 stack
+
+# Class colours (RGBA) by label value; background is transparent. Liver red, tumour green, then
+# well separated hues for models with more classes.
+CLASS_COLORS = (
+    (0.0, 0.0, 0.0, 0.0),
+    (0.90, 0.25, 0.25, 1.0),
+    (0.20, 0.85, 0.30, 1.0),
+    (0.25, 0.55, 1.00, 1.0),
+    (1.00, 0.85, 0.20, 1.0),
+    (0.85, 0.35, 0.95, 1.0),
+    (0.20, 0.90, 0.90, 1.0),
+    (1.00, 0.55, 0.15, 1.0),
+)
+OTHER_LABEL_COLOR = (1.0, 1.0, 1.0, 1.0)   # labels a user paints beyond the model's classes
+
+
+def class_color(index: int) -> tuple[float, float, float, float]:
+    return CLASS_COLORS[index] if index < len(CLASS_COLORS) else OTHER_LABEL_COLOR
+
+
+def class_colormap(num_classes: int) -> dict:
+    colors: dict = {None: OTHER_LABEL_COLOR}
+    colors.update({index: class_color(index) for index in range(num_classes)})
+    return colors
+
+
+def class_features(class_names: Sequence[str]) -> dict:
+    """Labels ``features`` so napari's status bar names the class under the cursor."""
+    return {"index": np.arange(len(class_names)), "class": list(class_names)}
+
+
+def marker(layer: Any) -> Optional[dict]:
+    value = getattr(layer, "metadata", {}).get(MARKER_KEY)
+    return value if isinstance(value, dict) else None
+
+
+def is_own_result(layer: Any) -> bool:
+    """A result layer this plugin created (not a copy of one)."""
+    mark = marker(layer)
+    return mark is not None and mark.get("layer") == str(layer.unique_id)
+
+
+def own_results(layers: Iterable[Any], scan_id: str) -> list[Any]:
+    return [layer for layer in layers if is_own_result(layer) and marker(layer).get("scan") == scan_id]
+
+
+def _scan_metadata(scan: Any) -> dict:
+    """The scan's NIfTI metadata, so File > Save and Export write the scan's affine."""
+    return {key: copy.deepcopy(scan.metadata[key]) for key in (METADATA_KEY, AXIS_ORDER_KEY) if key in scan.metadata}
+
+
+def _stamp(layer: Any, role: str, scan_id: str) -> Any:
+    layer.metadata[MARKER_KEY] = {"role": role, "scan": scan_id, "layer": str(layer.unique_id)}
+    return layer
+
+
+def make_consensus(scan: Any, scan_name: str, class_names: Sequence[str], scan_id: str) -> Any:
+    from napari.layers import Labels
+
+    shape = np.shape(scan.data[0] if scan.multiscale else scan.data)[:scan.ndim]
+    layer = Labels(np.zeros(shape, np.uint8), name=f"{scan_name} consensus", metadata=_scan_metadata(scan),
+                   colormap=class_colormap(len(class_names)), features=class_features(class_names),
+                   opacity=0.5, **same_place_kwargs(scan))
+    return _stamp(layer, "consensus", scan_id)
+
+
+def make_uncertainty(scan: Any, scan_name: str, scan_id: str) -> Any:
+    from napari.layers import Image
+
+    shape = np.shape(scan.data[0] if scan.multiscale else scan.data)[:scan.ndim]
+    layer = Image(np.zeros(shape, np.float32), name=f"{scan_name} uncertainty", metadata=_scan_metadata(scan),
+                  colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.8,
+                  **same_place_kwargs(scan))
+    return _stamp(layer, "uncertainty", scan_id)
+
+
+def steps_name(scan_name: str, steps: int, num_seeds: int) -> str:
+    count = f"{num_seeds} seeds × {steps} steps" if num_seeds > 1 else f"{steps} steps"
+    return f"{scan_name} x̂0 ({count})"
+
+
+def make_steps(scan: Any, scan_name: str, data: np.ndarray, slice_layer_axis: Optional[int], first_slice: int,
+               class_names: Sequence[str], steps: int, num_seeds: int, scan_id: str) -> Any:
+    """Per-step arg-max of x̂0 at model resolution, step axis first, overlaid on the scan."""
+    from napari.layers import Labels
+
+    # No NIfTI metadata: the stack is at model resolution, so the scan's affine does not describe it.
+    layer = Labels(data, name=steps_name(scan_name, steps, num_seeds), metadata={},
+                   colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5,
+                   visible=False,   # a diagnostic: shown on demand, it would cover the consensus
+                   **stack_overlay_kwargs(scan, data.shape, slice_layer_axis, first_slice, STEP_AXIS_LABEL))
+    return _stamp(layer, "steps", scan_id)

@@ -1,0 +1,35 @@
+"""Run under torchrun by test_train.py: a few DDP steps, then each rank writes a digest of its weights."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medconddiff.data import Case, SliceDataset
+from medconddiff.nifti import VolumeMeta
+from medconddiff.train import Trainer
+from tests.conftest import tiny_config
+
+
+def main(output: Path) -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 64, 4), np.uint8)
+    labels[16:48, 16:48] = 1
+    labels[24:32, 24:32] = 2
+    image = (labels * 100 + rng.normal(0, 10, labels.shape)).astype(np.float32)
+    config = tiny_config()
+    cases = [Case("synthetic", image, labels, VolumeMeta.identity())]
+    train_set = SliceDataset(cases, config.preprocess, config.model.image_size)
+    trainer = Trainer(config, train_set, output, device="cpu")
+    trainer.fit()
+    digest = hashlib.sha256()
+    for tensor in trainer.model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    (output / f"rank{trainer.dist.rank}_of_{trainer.dist.world_size}.txt").write_text(digest.hexdigest())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

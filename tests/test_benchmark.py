@@ -1,0 +1,113 @@
+"""`medconddiff benchmark`: the quick run produces a complete, well-typed report (timings are never asserted)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from numbers import Real
+
+import pytest
+
+from medconddiff import checkpoint as checkpoint_module
+from medconddiff.benchmark import SCHEMA, TARGETS, BenchmarkOptions, format_report, load_bench_model
+from medconddiff.cli import main
+
+
+def _positive(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = main(["benchmark", "--quick", "--quiet", "--device", "cpu", "--checkpoint", str(tiny_checkpoint),
+                 "--steps-list", "1", "2", "--batch-sizes", "1", "2", "--json", str(path)])
+    assert code == 0
+    return json.loads(path.read_text())
+
+
+def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
+    report = quick_report
+    assert report["schema"] == SCHEMA
+    env = report["environment"]
+    assert env["device"] == "cpu" and isinstance(env["device_name"], str) and env["device_name"]
+    assert env["torch_threads"] >= 1 and env["cpu_count"] >= 1
+    assert report["options"]["steps_list"] == [1, 2] and report["options"]["reference_steps"] == 2
+
+    (model,) = report["models"]
+    assert model["label"] == tiny_checkpoint.name and model["source"] == str(tiny_checkpoint)
+    assert model["random_weights"] is False and model["family"] == "pixel" and model["image_size"] == 64
+    assert _positive(model["checkpoint_load_seconds"])
+    params = model["parameters"]
+    assert set(params) >= {"backbone", "adapter", "denoiser", "total"}
+    assert params["backbone"] + params["adapter"] + params["denoiser"] == params["total"]
+
+    assert _positive(model["parts"]["encode_condition_s"]) and _positive(model["parts"]["denoise_s"])
+    assert [entry["steps"] for entry in model["latency"]] == [1, 2]
+    for entry in model["latency"]:
+        assert entry["batch"] == 2
+        assert _positive(entry["seconds_per_batch"]) and _positive(entry["ms_per_slice"])
+        assert entry["ms_per_slice"] == pytest.approx(1e3 * entry["seconds_per_batch"] / 2)
+        assert _positive(entry["parts_seconds"]) and isinstance(entry["overhead_fraction"], float)
+    assert _positive(model["one_shot"]["ratio"]) and _positive(model["one_shot"]["ms_per_slice"])
+    assert model["overhead_fraction"] == model["latency"][-1]["overhead_fraction"]
+    reuse = model["feature_reuse"]
+    assert reuse["speedup"] == pytest.approx(reuse["reextract_seconds"] / reuse["reuse_seconds"])
+
+    throughput = model["throughput"]
+    assert [entry["batch_size"] for entry in throughput["by_batch_size"]] == [1, 2]
+    assert throughput["best_batch_size"] in (1, 2)
+    assert throughput["best_slices_per_second"] == max(e["slices_per_second"] for e in throughput["by_batch_size"])
+
+    memory = model["memory"]
+    assert memory["shape"] == [64, 64, 4] and memory["steps"] == 2
+    # The kept trajectory is uint8 (steps, K, slices, h, w) at model resolution.
+    assert memory["trajectory_shape"] == [2, 3, 4, 64, 64] and memory["trajectory_bytes"] == 2 * 3 * 4 * 64 * 64
+    assert memory["peak_measure"] == "peak_rss" and memory["peak_bytes"] == memory["peak_rss_bytes"]
+    assert memory["peak_rss_bytes"] >= memory["rss_after_model_load_bytes"] > 0
+    assert memory["cuda_max_allocated_bytes"] is None
+
+    end_to_end = model["end_to_end"]
+    assert end_to_end["shape"] == [128, 128, 128] and end_to_end["slices"] == 4
+    assert end_to_end["seconds"] >= end_to_end["segment_seconds"] > 0
+
+    assert set(model["targets"]) == set(TARGETS)
+    for target in model["targets"].values():
+        assert isinstance(target["passed"], bool) and _positive(target["threshold"])
+
+
+def test_table_has_one_column_per_checkpoint_and_verdicts(quick_report):
+    report = copy.deepcopy(quick_report)
+    second = copy.deepcopy(report["models"][0])
+    second["label"] = "latent-model"
+    report["models"].append(second)
+    text = format_report(report)
+    header = next(line for line in text.splitlines() if "latent-model" in line and "pixel" not in line)
+    assert report["models"][0]["label"] in header
+    assert ("PASS" in text or "MISS" in text) and "torch threads" in text
+    ratio_line = next(line for line in text.splitlines() if line.startswith("2-step / one-shot"))
+    assert ratio_line.count("PASS") + ratio_line.count("MISS") == 2  # one verdict per column
+
+
+def test_missing_default_checkpoint_falls_back_to_random_default_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint_module, "default_checkpoint_path", lambda: tmp_path / "absent.safetensors")
+    bench = load_bench_model(None, "cpu")
+    assert bench.random_weights and "random weights" in bench.label and "absent.safetensors" in bench.source
+    assert bench.segmenter.config.model.backbone == "pvt_v2_b1" and bench.load_seconds is None
+
+
+def test_cli_refuses_existing_json_and_bad_checkpoint(tmp_path, capsys):
+    existing = tmp_path / "bench.json"
+    existing.write_text("{}")
+    assert main(["benchmark", "--quick", "--quiet", "--device", "cpu", "--json", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err and existing.read_text() == "{}"
+    assert main(["benchmark", "--quick", "--quiet", "--no-memory", "--device", "cpu",
+                 "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="steps_list"):
+        BenchmarkOptions(steps_list=(0, 10))
+    with pytest.raises(ValueError, match="big_volume_shape"):
+        BenchmarkOptions.quick(big_volume_shape=(64, 64))

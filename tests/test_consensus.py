@@ -1,0 +1,72 @@
+"""Consensus fusion and uncertainty on hand-made stacks, where the right answer is known."""
+
+import numpy as np
+import pytest
+
+from medconddiff.consensus import (fuse, labels_from_probabilities, normalised_entropy, quantize,
+                                   select_steps, step_disagreement, uncertainty)
+
+
+def stack_from(per_step_probs):
+    """(S, K) per-step class probabilities of a single voxel → (S, K, 1, 1)."""
+    return np.asarray(per_step_probs, dtype=np.float32)[:, :, None, None]
+
+
+def test_mean_is_the_average_of_steps():
+    stack = stack_from([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
+    np.testing.assert_allclose(fuse(stack, "mean")[:, 0, 0], [0.5, 0.5], atol=1e-6)
+
+
+def test_vote_gated_ignores_a_confident_outlier():
+    # Two steps say class 1 mildly, one early step says class 0 with certainty.
+    stack = stack_from([[1.0, 0.0], [0.4, 0.6], [0.4, 0.6]])
+    assert labels_from_probabilities(fuse(stack, "mean"))[0, 0] == 0   # mean is dragged to class 0
+    fused = fuse(stack, "vote_gated")
+    assert labels_from_probabilities(fused)[0, 0] == 1
+    np.testing.assert_allclose(fused[:, 0, 0], [0.4, 0.6], atol=1e-6)
+
+
+def test_uncertainty_weighted_trusts_confident_steps():
+    stack = stack_from([[0.5, 0.5], [0.05, 0.95]])
+    fused = fuse(stack, "uncertainty_weighted")
+    assert fused[1, 0, 0] > fuse(stack, "mean")[1, 0, 0] > 0.5
+
+
+def test_skip_first_drops_the_noisiest_steps_per_seed():
+    stack = stack_from([[1, 0], [0, 1], [0, 1], [1, 0], [0, 1], [0, 1]])  # 2 seeds × 3 steps
+    kept = select_steps(stack, skip_first=1, num_seeds=2)
+    assert kept.shape[0] == 4 and (kept[:, 1] == 1).all()
+    assert labels_from_probabilities(fuse(stack, "mean", skip_first=1, num_seeds=2))[0, 0] == 1
+    with pytest.raises(ValueError):
+        select_steps(stack, skip_first=3, num_seeds=2)
+
+
+def test_last_step_and_unknown_method():
+    stack = stack_from([[0.9, 0.1], [0.3, 0.7]])
+    np.testing.assert_allclose(fuse(stack, "last")[:, 0, 0], [0.3, 0.7], atol=1e-6)
+    with pytest.raises(ValueError):
+        fuse(stack, "median")
+
+
+def test_quantised_stack_fuses_like_float():
+    rng = np.random.default_rng(0)
+    raw = rng.random((5, 3, 4, 4)).astype(np.float32)
+    probs = raw / raw.sum(axis=1, keepdims=True)
+    q = quantize(probs)
+    assert q.dtype == np.uint8
+    for method in ("mean", "vote_gated", "uncertainty_weighted", "last"):
+        np.testing.assert_allclose(fuse(q, method), fuse(probs, method), atol=3 / 255)
+
+
+def test_uncertainty_maps():
+    agree = stack_from([[0.0, 1.0]] * 4)
+    split = stack_from([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    for stack, expected_disagreement in ((agree, 0.0), (split, 0.5)):
+        fused = fuse(stack, "mean")
+        labels = labels_from_probabilities(fused)
+        assert step_disagreement(stack, labels)[0, 0] == pytest.approx(expected_disagreement)
+    assert normalised_entropy(np.array([[0.5], [0.5]]))[0] == pytest.approx(1.0, abs=1e-4)
+    assert normalised_entropy(np.array([[1.0], [0.0]]))[0] == pytest.approx(0.0, abs=1e-4)
+    fused = fuse(split, "mean")
+    combined = uncertainty(split, fused, labels_from_probabilities(fused))
+    assert 0.0 <= combined.min() and combined.max() <= 1.0 and combined[0, 0] > 0.5

@@ -1,0 +1,93 @@
+"""Schedulers and the progressive sampler: exactness against DDPM's posterior, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from medconddiff.config import DiffusionConfig
+from medconddiff.sampling import initial_noise, sample, sample_progressive
+from medconddiff.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedule, make_scheduler
+
+
+@pytest.fixture(params=["linear", "cosine"])
+def schedule(request):
+    return NoiseSchedule(DiffusionConfig(num_train_timesteps=50, schedule=request.param))
+
+
+def test_schedules_are_valid(schedule):
+    ab = schedule.alphas_cumprod
+    assert torch.all(schedule.betas > 0) and torch.all(schedule.betas < 1)
+    assert torch.all(ab[1:] < ab[:-1]), "ᾱ must decrease"
+    assert ab[-1] < 0.05, "the last timestep must be close to pure noise"
+
+
+def test_ddim_eta1_on_full_schedule_matches_ddpm_posterior(schedule):
+    """DDIM with eta=1 over every training step is DDPM: same mean and same variance."""
+    ddpm = DDPMScheduler(schedule, clip_range=None)
+    ddim = DDIMScheduler(schedule, eta=1.0, clip_range=None)
+    ddpm.set_timesteps(50)
+    ddim.set_timesteps(50)
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 8, 8).double()
+    x_t = torch.randn(2, 3, 8, 8).double()
+    for t in ddpm.timesteps[:-1].tolist():
+        mean, variance = ddpm.posterior(x0, t, x_t)
+        stepped = ddim.step(x0, t, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+        # The same generator state gives the noise DDIM added; removing it leaves DDIM's mean.
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)).double()
+        assert math.isclose(ddim.sigma(t) ** 2, variance, rel_tol=1e-9, abs_tol=1e-15)
+        torch.testing.assert_close(stepped - ddim.sigma(t) * noise, mean, rtol=1e-6, atol=1e-8)
+
+
+def test_true_x0_model_makes_every_step_exact(schedule):
+    """A denoiser that returns the true x_0 has x̂_0 exact at every step, and DDIM lands on x_0."""
+    x0 = torch.rand(3, 2, 8, 8) * 2 - 1
+    for name in ("ddim", "ddpm"):
+        scheduler = make_scheduler(name, schedule, steps=7)
+        x_t, generator = initial_noise(x0.shape, seed=3)
+        steps = list(sample_progressive(lambda x, t: (x0, (x0 + 1) / 2), scheduler, x_t, generator))
+        assert len(steps) == len(scheduler.timesteps)
+        for step in steps:
+            torch.testing.assert_close(step.probabilities, (x0 + 1) / 2)
+        torch.testing.assert_close(steps[-1].sample, x0)
+
+
+def test_ddim_eta0_is_deterministic_and_seeded():
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=100))
+
+    def denoise(x, t):
+        guess = torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) / 100.0)
+        return guess, (guess + 1) / 2
+
+    def run(seed, name="ddim", eta=0.0):
+        scheduler = make_scheduler(name, schedule, steps=5, eta=eta)
+        x_t, generator = initial_noise((2, 3, 4, 4), seed=seed)
+        return sample(denoise, scheduler, x_t, generator)
+
+    torch.testing.assert_close(run(0), run(0))
+    torch.testing.assert_close(run(0, "ddpm"), run(0, "ddpm"))
+    torch.testing.assert_close(run(0, "ddim", 1.0), run(0, "ddim", 1.0))
+    assert not torch.allclose(run(0), run(1))
+    assert run(0).shape == (5, 2, 3, 4, 4)
+
+
+def test_set_timesteps_spans_the_schedule():
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=1000))
+    scheduler = make_scheduler("ddim", schedule, steps=10)
+    ts = scheduler.timesteps.tolist()
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 10 and ts == sorted(ts, reverse=True)
+    with pytest.raises(ValueError):
+        scheduler.set_timesteps(0)
+    with pytest.raises(ValueError):
+        make_scheduler("euler", schedule, steps=3)
+
+
+def test_add_noise_matches_closed_form():
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=10))
+    x0, noise = torch.ones(2, 1, 2, 2), torch.full((2, 1, 2, 2), 2.0)
+    t = torch.tensor([0, 9])
+    out = schedule.add_noise(x0, noise, t)
+    ab = schedule.alphas_cumprod[t].float()
+    expected = ab.sqrt().view(-1, 1, 1, 1) + 2 * (1 - ab).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expected.expand_as(out))
