@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from medconddiff.config import CONSENSUS_METHODS, SamplingConfig
+from medconddiff.consensus import quantize
 
 from . import _result_layers as results
 from ._geometry import layer_axis_of, slice_first_view, stack_to_layer_order
@@ -526,7 +527,8 @@ class SegmentWidget(QWidget):
             return
         positions = np.searchsorted(info.slice_indices, update.slice_indices)
         step = update.seed_index * update.num_steps + update.step_index
-        session.views["steps"][step, positions] = update.probabilities.argmax(axis=1)
+        # Arg-max of the quantised probabilities: exactly what the kept trajectory stores (same ties).
+        session.views["steps"][step, positions] = quantize(update.probabilities).argmax(axis=1)
         now = time.perf_counter()
         if now - session.last_redraw >= STEP_REDRAW_INTERVAL_S or step == info.total_steps - 1:
             session.layers["steps"].refresh()
@@ -554,7 +556,8 @@ class SegmentWidget(QWidget):
         session = self._session
         if session is None:
             return
-        result = session.info.run.result if session.info is not None else None
+        run = session.info.run if session.info is not None else None
+        result = run.result if run is not None else session.result
         self._finish(session, result, session.stop_reason or "cancelled")
 
     def _finish(self, session: _Session, result: Any, how: str) -> None:
@@ -563,13 +566,11 @@ class SegmentWidget(QWidget):
             self._set_status("Stopped before any slice was segmented.")
             return
         session.result = result
+        if session.info is not None:
+            session.info.run = None      # frees the run's float copy of the scan and the model
         if "steps" in session.layers:
-            # Exactly the stored (quantised) trajectory; slices that did not finish stay empty.
-            stack = session.views["steps"]
-            stack[...] = 0
-            done = np.flatnonzero(result.completed)
-            if len(done):
-                stack[:, done] = result.trajectory[:, :, done].argmax(axis=1)
+            # A cancelled batch left some steps drawn for slices that did not finish: clear them.
+            session.views["steps"][:, ~result.completed] = 0
             session.layers["steps"].refresh()
         for role in ("consensus", "uncertainty"):
             if role in session.layers:
@@ -577,7 +578,8 @@ class SegmentWidget(QWidget):
         finished = int(result.completed.sum())
         total = len(result.completed)
         if how == "done":
-            self._set_status(f"Done: {total} slice(s) in {seconds:.1f} s ({result.sampling.consensus} consensus).")
+            self._set_status(f"Done: {total} slice(s) in {seconds:.1f} s ({result.sampling.consensus} consensus). "
+                             "Show the x̂0 layer and move the 'diffusion step' slider to replay the diffusion.")
         elif how == "cancelled":
             self._set_status(f"Cancelled: kept {finished} of {total} slices.")
         else:

@@ -261,6 +261,19 @@ def test_rerun_replaces_only_its_own_layers(make_napari_viewer, qtbot, scan, tin
     assert users in viewer.layers and duplicate in viewer.layers and first not in viewer.layers
 
 
+def test_a_2d_image_is_one_slice(make_napari_viewer, qtbot, liver_volume, tiny_checkpoint):
+    image = liver_volume[0][:, :, 3:4]
+    data, kwargs = volume_to_layer(image, VolumeMeta(affine=AFFINE, spacing=(0.6, 0.7, 4.0), original_ndim=2))
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, (data, kwargs), name="slice")
+    assert layer.ndim == 2
+    choose(widget, tiny_checkpoint, steps=2, slices="current")
+    assert click_segment(qtbot, widget) == "done"
+    steps, consensus = viewer.layers["slice x̂0 (2 steps)"], viewer.layers["slice consensus"]
+    assert steps.data.shape == (2, 64, 64) and consensus.data.shape == (64, 64)
+    np.testing.assert_allclose(steps.data_to_world((1, 10, 20))[1:], layer.data_to_world((10, 20)))
+    np.testing.assert_array_equal(consensus.data, widget._session.result.labels[:, :, 0])
+
+
 # ----------------------------------------------------------------------------- stopping a run
 
 

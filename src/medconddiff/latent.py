@@ -26,6 +26,7 @@ from torch import nn
 from .backbone import FeatureBackbone
 from .config import ModelConfig, TrainConfig
 from .denoiser import ConditionalUNet, FeatureAdapter
+from .losses import hybrid_loss
 from .model import expand_channels
 from .morphology import postprocess_labels
 from .preprocess import resize_labels
@@ -38,31 +39,6 @@ def _groups(channels: int) -> int:
 
 def _is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
-
-
-def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 − mean soft Dice over classes, pooled over the batch (so a class absent from one slice is fine)."""
-    probabilities = logits.float().softmax(dim=1)
-    target = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()
-    dims = (0, 2, 3)
-    intersection = (probabilities * target).sum(dims)
-    total = probabilities.sum(dims) + target.sum(dims)
-    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
-
-
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, soft Dice loss) of class logits against a label map."""
-    return F.cross_entropy(logits.float(), labels), soft_dice_loss(logits, labels)
-
-
-def dice_per_class(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
-    """Hard Dice of each foreground class (NaN where a class is in neither map)."""
-    scores = []
-    for c in range(1, num_classes):
-        p, t = predicted == c, labels == c
-        denominator = int(p.sum() + t.sum())
-        scores.append(2 * int((p & t).sum()) / denominator if denominator else float("nan"))
-    return scores
 
 
 class _Block(nn.Module):
@@ -127,10 +103,10 @@ class MaskVAE(nn.Module):
         source = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=source)
         latent = mean + (0.5 * logvar).exp() * noise.to(mean.device, mean.dtype)
-        ce, dice = segmentation_loss(self.decode(latent), labels)
+        reconstruction = hybrid_loss(self.decode(latent), labels)
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
-        return {"loss": ce + dice + kl_weight * kl, "ce": ce.detach(), "dice_loss": dice.detach(),
-                "kl": kl.detach()}
+        return {"loss": reconstruction["loss"] + kl_weight * kl, "ce": reconstruction["ce"],
+                "dice_loss": reconstruction["dice_loss"], "kl": kl.detach()}
 
 
 class LatentUNet(ConditionalUNet):
@@ -277,8 +253,9 @@ class LatentSegDiff(nn.Module):
 
     # ------------------------------------------------------------------------------ training hooks
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
-                      generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        """Latent MSE of x̂_0 plus ``decoded_loss_weight`` × (CE + Dice) of its decoded mask.
+                      generator: Optional[torch.Generator] = None, dice_weight: float = 1.0,
+                      ce_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Latent MSE of x̂_0 plus ``decoded_loss_weight`` × (Dice + CE) of its decoded mask.
 
         The decoded term back-propagates through the frozen decoder into the denoiser, so errors are
         weighted by what they do to the mask rather than uniformly over latent channels.
@@ -295,10 +272,9 @@ class LatentSegDiff(nn.Module):
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         predicted = self(schedule.add_noise(x0, noise, t), t, image)
         latent_mse = F.mse_loss(predicted.float(), x0.float())
-        ce, dice = segmentation_loss(self.decode_logits(predicted), labels)
-        loss = latent_mse + self.decoded_loss_weight * (ce + dice)
-        return {"loss": loss, "latent_mse": latent_mse.detach(), "decoded_ce": ce.detach(),
-                "decoded_dice_loss": dice.detach()}
+        decoded = hybrid_loss(self.decode_logits(predicted), labels, dice_weight, ce_weight)
+        return {"loss": latent_mse + self.decoded_loss_weight * decoded["loss"], "latent_mse": latent_mse.detach(),
+                "decoded_dice_loss": decoded["dice_loss"], "decoded_ce": decoded["ce"]}
 
     def prepare_training(self, dataset, train_config: TrainConfig, device: torch.device | str = "cpu",
                          log: Callable[[str], None] = print, *, steps: Optional[int] = None) -> dict[str, float]:
