@@ -128,6 +128,7 @@ class _Session:
     result: Any = None                                  # SegmentationResult shown in the layers
     stop_reason: Optional[str] = None
     last_redraw: float = 0.0
+    previous: Optional["_Session"] = None               # shown again if this run never gets going
 
 
 class SegmentWidget(QWidget):
@@ -203,7 +204,9 @@ class SegmentWidget(QWidget):
         self.consensus_combo = QComboBox()
         self.consensus_combo.addItems(list(CONSENSUS_METHODS))
         self.consensus_combo.setCurrentText(defaults.consensus)
-        self.consensus_combo.setToolTip("How the x̂0 of all steps are fused; changing it re-fuses the last run")
+        # Widget texts spell x̂0 as "x0": Qt mis-places the combining hat when it wraps a label.
+        self.consensus_combo.setToolTip("How the predicted x0 of all steps are fused. Changing it re-fuses the "
+                                        "last run at once (no new diffusion) and replaces edits in its consensus")
         self.consensus_combo.currentIndexChanged.connect(self._on_consensus_settings)
         form.addRow("Consensus", self.consensus_combo)
         self.skip_spin = self._spin(0, defaults.steps - 1, defaults.skip_first,
@@ -419,19 +422,18 @@ class SegmentWidget(QWidget):
 
         source = (layer.metadata.get(METADATA_KEY) or {}).get("source") or getattr(layer.source, "path", None)
         session = _Session(scan=layer, scan_id=str(layer.unique_id), scan_name=layer.name,
-                           source=str(source) if source else None)
+                           source=str(source) if source else None, previous=self._session)
         # Phase 1 (worker): load the model. Phase 2 (GUI): add the result layers. Phase 3 (worker): diffusion.
         worker = create_worker(prepare_run, request, _ignore_errors=True)
         session.worker = worker
         worker.returned.connect(self._on_prepared)
-        worker.errored.connect(self._on_error)
+        worker.errored.connect(self._on_run_error)
         worker.finished.connect(partial(self._on_prepare_finished, worker))
         worker.finished.connect(partial(self._workers.items.discard, worker))
         self._workers.items.add(worker)
         self._session = session
         self.runs_started += 1
-        self.progress.setMaximum(1)
-        self.progress.setValue(0)
+        self.progress.setRange(0, 0)     # busy until the number of slices is known
         self._set_status("Loading the model…")
         self._set_running(True)
         worker.start()
@@ -443,8 +445,9 @@ class SegmentWidget(QWidget):
         from napari.qt.threading import create_worker
 
         session.info = info
+        session.previous = None
         self._replace_result_layers(session, session.scan, info)
-        self.progress.setMaximum(len(info.slice_indices))
+        self.progress.setRange(0, len(info.slice_indices))
         self.progress.setValue(0)
         self._show_legend(info.class_names)
         self._set_status(f"Segmenting {len(info.slice_indices)} slice(s) on {info.device}…")
@@ -454,7 +457,7 @@ class SegmentWidget(QWidget):
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_returned)
         worker.aborted.connect(self._on_aborted)
-        worker.errored.connect(self._on_error)
+        worker.errored.connect(self._on_run_error)
         worker.finished.connect(self._on_worker_finished)
         worker.finished.connect(partial(self._workers.items.discard, worker))
         self._workers.items.add(worker)
@@ -469,6 +472,8 @@ class SegmentWidget(QWidget):
         how = session.stop_reason or "failed"
         if how != "failed":
             self._set_status(f"Stopped ({how}) before any slice was segmented.")
+        self._session = session.previous   # the last result stays usable (re-fuse, export)
+        self.progress.setRange(0, 1)
         self._set_running(False)
         self.run_finished.emit(how)
 
@@ -579,15 +584,22 @@ class SegmentWidget(QWidget):
         total = len(result.completed)
         if how == "done":
             self._set_status(f"Done: {total} slice(s) in {seconds:.1f} s ({result.sampling.consensus} consensus). "
-                             "Show the x̂0 layer and move the 'diffusion step' slider to replay the diffusion.")
+                             "Show the x0 (steps) layer and move the 'diffusion step' slider to replay the diffusion.")
         elif how == "cancelled":
             self._set_status(f"Cancelled: kept {finished} of {total} slices.")
         else:
             self._set_status(f"Stopped ({how}): kept {finished} of {total} slices.")
-        self._on_consensus_settings()   # settings changed during the run apply now
+
+    def _on_run_error(self, error: BaseException) -> None:
+        session = self._session
+        self._on_error(error)
+        if session is None:
+            return
+        session.stop_reason = "failed"
+        if session.info is not None and session.info.run is not None:   # failed mid-run: keep what finished
+            self._finish(session, session.info.run.result, "failed")
 
     def _on_error(self, error: BaseException) -> None:
-        session = self._session
         if isinstance(error, USER_ERRORS):   # CheckpointError and ScanError are ValueErrors
             _notify("error", f"MedCondDiff: {error}")
         else:
@@ -595,8 +607,6 @@ class SegmentWidget(QWidget):
 
             notification_manager.receive_error(type(error), error, error.__traceback__)
         self._set_status(f"Failed: {error}")
-        if session is not None:
-            session.stop_reason = "failed"
 
     def _on_worker_finished(self) -> None:
         session = self._session
@@ -606,6 +616,7 @@ class SegmentWidget(QWidget):
             how = session.stop_reason or "done"
         self._set_running(False)
         self.run_finished.emit(how)
+        self._on_consensus_settings()   # consensus settings changed during the run apply now
 
     # ------------------------------------------------------------------ layers removed / widget closed
     def _on_layer_removed(self, event: Any) -> None:

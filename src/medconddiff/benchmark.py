@@ -7,9 +7,11 @@ family (pixel MedCondDiff or latent LSegDiff): only that three-method interface 
     report = run_benchmark(BenchmarkOptions(checkpoints=(None,)))   # a JSON-able dict
     print(format_report(report))
 
-Timings are medians of ``repeats`` runs after ``warmup`` untimed runs, with ``time.perf_counter``
-and ``torch.cuda.synchronize`` on CUDA. Peak memory is measured in a fresh subprocess so that the
-earlier measurements do not inflate it.
+Timings are medians of ``repeats`` rounds after ``warmup`` untimed rounds, with ``time.perf_counter``
+and ``torch.cuda.synchronize`` on CUDA; the quantities that are compared run interleaved within a
+round and ratios are medians of per-round ratios, so that load from other processes (a shared
+machine) biases them less. Peak memory is measured in a fresh subprocess so that the earlier
+measurements do not inflate it.
 """
 
 from __future__ import annotations
@@ -98,18 +100,29 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: Any, repeats: int, warmup: int) -> dict:
-    """Median/min wall time of ``fn`` (seconds), after ``warmup`` untimed calls."""
+def time_interleaved(functions: dict[str, Callable[[], Any]], device: Any, repeats: int, warmup: int
+                     ) -> dict[str, list[float]]:
+    """Wall times (s) of every function, ``repeats`` rounds after ``warmup`` untimed rounds.
+
+    Each round runs all functions one after the other, so a burst of load from other processes
+    hits the quantities that are compared (ratios are taken within a round) about equally.
+    """
     for _ in range(warmup):
-        fn()
+        for fn in functions.values():
+            fn()
     synchronize(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
 
 
 def drain(run: Any) -> Any:
@@ -196,37 +209,34 @@ def _sampling(steps: int, batch_size: int, **kwargs: Any):
     return SamplingConfig(steps=steps, batch_size=batch_size, **kwargs)
 
 
-def measure_parts(segmenter: Any, image_slices: np.ndarray, options: BenchmarkOptions) -> dict:
-    """Median time of one encode_condition and of one denoise pass over the batch (the sampler's parts)."""
+def network_parts(segmenter: Any, image_slices: np.ndarray) -> dict[str, Callable[[], None]]:
+    """One encode_condition pass and one denoise pass over a batch: what sampling cannot avoid."""
     import torch
 
-    seg = segmenter
-    model = seg.model
-    axis = seg.config.preprocess.slice_axis
-    slices_sf = np.moveaxis(image_slices, axis, 0)
     from .preprocess import intensity_range, normalise_intensity
 
+    seg, model = segmenter, segmenter.model
+    slices_sf = np.moveaxis(image_slices, seg.config.preprocess.slice_axis, 0)
     low, high = intensity_range(image_slices, seg.config.preprocess)
     image = seg._model_input(normalise_intensity(slices_sf, low, high))
     batch, size = image.shape[0], image.shape[-1]
     x_t = torch.randn(model.state_shape(batch, size, size), generator=torch.Generator().manual_seed(0))
     x_t = x_t.to(seg.device)
     t = torch.full((batch,), seg.schedule.num_train_timesteps // 2, device=seg.device, dtype=torch.long)
-    with torch.inference_mode():
+    with torch.inference_mode(), seg._autocast():  # exactly as Segmenter.denoise_slices runs them
+        condition = model.encode_condition(image)
+
+    @torch.inference_mode()
+    def encode() -> None:
         with seg._autocast():
-            condition = model.encode_condition(image)
+            model.encode_condition(image)
 
-        def encode() -> None:
-            with seg._autocast():
-                model.encode_condition(image)
+    @torch.inference_mode()
+    def denoise() -> None:
+        with seg._autocast():
+            model.denoise(x_t, t, condition)
 
-        def denoise() -> None:
-            with seg._autocast():
-                model.denoise(x_t, t, condition)
-
-        encode_t = time_call(encode, seg.device, options.repeats, options.warmup)
-        denoise_t = time_call(denoise, seg.device, options.repeats, options.warmup)
-    return {"batch": batch, "encode_condition_s": encode_t["median_s"], "denoise_s": denoise_t["median_s"]}
+    return {"encode_condition": encode, "denoise": denoise}
 
 
 def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptions,
@@ -235,38 +245,49 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
     seg = bench.segmenter
     axis = seg.config.preprocess.slice_axis
     device = seg.device
-    rep, warm = options.repeats, options.warmup
-    batch = slab(volume, axis, options.latency_batch)
-    steps_list = sorted(set(options.steps_list) | {options.reference_steps})
+    ref = options.reference_steps
+    batch_size = options.latency_batch
+    batch = slab(volume, axis, batch_size)
+    steps_list = sorted(set(options.steps_list) | {ref})
 
-    log(f"[{bench.label}] parts: encode_condition and denoise passes")
-    parts = measure_parts(seg, batch, options)
+    log(f"[{bench.label}] batch of {batch_size} slices: network parts, consensus sampling at "
+        f"{', '.join(map(str, steps_list))} steps, one-shot, re-extracted features "
+        f"({options.warmup} warm-up + {options.repeats} rounds)")
+    functions = network_parts(seg, batch)
+    for steps in steps_list:
+        sampling = _sampling(steps, batch_size)
+        functions[f"run_{steps}"] = lambda sampling=sampling: drain(seg.run(batch, sampling))
+    functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size)
+    reextract = _sampling(ref, batch_size, reextract_features=True)
+    functions["reextract"] = lambda: drain(seg.run(batch, reextract))
+    times = time_interleaved(functions, device, options.repeats, options.warmup)
+    rounds = range(options.repeats)
+
+    def parts_s(steps: int, i: int) -> float:
+        return times["encode_condition"][i] + steps * times["denoise"][i]
 
     latency = []
     for steps in steps_list:
-        log(f"[{bench.label}] consensus sampling, {steps} steps, batch {options.latency_batch}")
-        timing = time_call(lambda: drain(seg.run(batch, _sampling(steps, options.latency_batch))), device, rep, warm)
-        parts_s = parts["encode_condition_s"] + steps * parts["denoise_s"]
-        latency.append({"steps": steps, "batch": options.latency_batch, "seconds_per_batch": timing["median_s"],
-                        "ms_per_slice": 1e3 * timing["median_s"] / options.latency_batch,
-                        "parts_seconds": parts_s, "overhead_fraction": timing["median_s"] / parts_s - 1.0})
-    reference = next(entry for entry in latency if entry["steps"] == options.reference_steps)
-
-    log(f"[{bench.label}] one-shot forward, batch {options.latency_batch}")
-    one_shot = time_call(lambda: seg.one_shot(batch, batch_size=options.latency_batch), device, rep, warm)
-
-    log(f"[{bench.label}] re-extracting backbone features every step (reference behaviour)")
-    reextract = time_call(lambda: drain(seg.run(batch, _sampling(options.reference_steps, options.latency_batch,
-                                                                  reextract_features=True))), device, rep, warm)
+        run_s = times[f"run_{steps}"]
+        latency.append({
+            "steps": steps, "batch": batch_size, "seconds_per_batch": median(run_s),
+            "ms_per_slice": 1e3 * median(run_s) / batch_size,
+            "parts_seconds": median([parts_s(steps, i) for i in rounds]),
+            # Ratios within a round, then the median: robust to load that comes and goes.
+            "overhead_fraction": median([run_s[i] / parts_s(steps, i) - 1.0 for i in rounds])})
+    reference = next(entry for entry in latency if entry["steps"] == ref)
+    run_ref = times[f"run_{ref}"]
 
     throughput = []
     whole = slab(volume, axis, options.volume_slices)
-    for batch_size in options.batch_sizes:
-        log(f"[{bench.label}] whole volume of {options.volume_slices} slices, batch size {batch_size}")
-        timing = time_call(lambda: drain(seg.run(whole, _sampling(options.reference_steps, batch_size))),
-                           device, rep, warm)
-        throughput.append({"batch_size": batch_size, "seconds": timing["median_s"],
-                           "slices_per_second": options.volume_slices / timing["median_s"]})
+    log(f"[{bench.label}] whole volume of {options.volume_slices} slices at batch sizes "
+        f"{', '.join(map(str, options.batch_sizes))}")
+    volume_runs = {b: (lambda sampling=_sampling(ref, b): drain(seg.run(whole, sampling)))
+                   for b in options.batch_sizes}
+    volume_times = time_interleaved(volume_runs, device, options.repeats, options.warmup)
+    for b in options.batch_sizes:
+        seconds = median(volume_times[b])
+        throughput.append({"batch_size": b, "seconds": seconds, "slices_per_second": options.volume_slices / seconds})
     best = max(throughput, key=lambda entry: entry["slices_per_second"])
 
     log(f"[{bench.label}] end to end on the bundled sample")
@@ -282,19 +303,18 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
         "num_classes": seg.num_classes,
         "checkpoint_load_seconds": bench.load_seconds,
         "parameters": parameter_counts(seg.model),
-        "parts": parts,
+        "parts": {"batch": batch_size, "encode_condition_s": median(times["encode_condition"]),
+                  "denoise_s": median(times["denoise"])},
         "latency": latency,
-        "one_shot": {"batch": options.latency_batch, "seconds_per_batch": one_shot["median_s"],
-                     "ms_per_slice": 1e3 * one_shot["median_s"] / options.latency_batch,
-                     "ratio": reference["seconds_per_batch"] / one_shot["median_s"]},
+        "one_shot": {"batch": batch_size, "seconds_per_batch": median(times["one_shot"]),
+                     "ms_per_slice": 1e3 * median(times["one_shot"]) / batch_size,
+                     "ratio": median([run_ref[i] / times["one_shot"][i] for i in rounds])},
         "overhead_fraction": reference["overhead_fraction"],
-        "feature_reuse": {"steps": options.reference_steps, "batch": options.latency_batch,
-                          "reextract_seconds": reextract["median_s"],
+        "feature_reuse": {"steps": ref, "batch": batch_size, "reextract_seconds": median(times["reextract"]),
                           "reuse_seconds": reference["seconds_per_batch"],
-                          "speedup": reextract["median_s"] / reference["seconds_per_batch"]},
-        "throughput": {"steps": options.reference_steps, "volume_slices": options.volume_slices,
-                       "by_batch_size": throughput, "best_batch_size": best["batch_size"],
-                       "best_slices_per_second": best["slices_per_second"]},
+                          "speedup": median([times["reextract"][i] / run_ref[i] for i in rounds])},
+        "throughput": {"steps": ref, "volume_slices": options.volume_slices, "by_batch_size": throughput,
+                       "best_batch_size": best["batch_size"], "best_slices_per_second": best["slices_per_second"]},
         "end_to_end": end_to_end,
     }
 
@@ -570,6 +590,6 @@ def format_report(report: dict) -> str:
     for name, cells in rows:
         lines.append("  ".join([name.ljust(width0)] + [c.rjust(w) for c, w in zip(cells, widths)]))
     lines.append("")
-    lines.append(f"medians of {report['options']['repeats']} runs after {report['options']['warmup']} warm-up; "
-                 "end to end and memory are single runs")
+    lines.append(f"medians of {report['options']['repeats']} interleaved rounds after {report['options']['warmup']} "
+                 "warm-up (ratios: median of per-round ratios); end to end and memory are single runs")
     return "\n".join(lines)

@@ -12,12 +12,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Optional
 
 from .config import ExperimentConfig
+
+if TYPE_CHECKING:  # torch is imported by safetensors when a file is actually read or written
+    import torch
+    from torch import nn
 
 FORMAT_NAME = "medconddiff-checkpoint"
 FORMAT_VERSION = "1"
@@ -31,7 +32,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     config: ExperimentConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, "torch.Tensor"]
     path: Optional[Path] = None
     sha256: str = ""
     extra: dict = field(default_factory=dict)  # training state, metrics, provenance (JSON-safe)
@@ -49,7 +50,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: ExperimentConfig, *, extra: dict | None = None,
+def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConfig, *, extra: dict | None = None,
                     half: bool = False, overwrite: bool = True, tensors: dict[str, torch.Tensor] | None = None
                     ) -> Path:
     """Write weights (optionally fp16) + config atomically; ``tensors`` adds e.g. optimizer state."""
@@ -78,7 +79,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ExperimentConfig
     return path
 
 
-def load_checkpoint(path: str | Path | None = None, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (the bundled default when path is None)."""
     from safetensors import SafetensorError, safe_open
 
@@ -120,7 +121,7 @@ def model_state(checkpoint: Checkpoint, prefix: str = "") -> dict[str, torch.Ten
     return state
 
 
-def load_model_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+def load_model_weights(model: "nn.Module", checkpoint: Checkpoint) -> None:
     where = checkpoint.path or "checkpoint"
     try:
         missing, unexpected = model.load_state_dict(model_state(checkpoint), strict=False)

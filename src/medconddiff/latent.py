@@ -25,16 +25,12 @@ from torch import nn
 
 from .backbone import FeatureBackbone
 from .config import ModelConfig, TrainConfig
-from .denoiser import ConditionalUNet, FeatureAdapter
+from .denoiser import ConditionalUNet, FeatureAdapter, _groups
 from .losses import hybrid_loss
 from .model import expand_channels
 from .morphology import postprocess_labels
 from .preprocess import resize_labels
 from .schedulers import NoiseSchedule
-
-
-def _groups(channels: int) -> int:
-    return math.gcd(channels, 8)
 
 
 def _is_power_of_two(value: int) -> bool:

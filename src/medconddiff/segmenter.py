@@ -108,6 +108,8 @@ class SegmentationResult:
     sampling: SamplingConfig
     class_names: tuple[str, ...]
     provenance: dict = field(default_factory=dict)
+    #: the model's clean-up of consensus labels (LSegDiff's morphology), reapplied by ``refuse``
+    postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = field(default=None, repr=False, compare=False)
 
     @property
     def is_complete(self) -> bool:
@@ -129,7 +131,8 @@ class SegmentationResult:
         done = np.flatnonzero(self.completed)
         for start in range(0, len(done), chunk):
             positions = done[start:start + chunk]
-            fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, shape)
+            fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, shape,
+                                                  self.postprocess)
             labels_sf[self.slice_indices[positions]] = fused_labels
             unc_sf[self.slice_indices[positions]] = fused_unc
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
@@ -146,14 +149,19 @@ def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
     return probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
-def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[int, int]
+def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[int, int],
+                postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W)."""
+    """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W).
+
+    ``postprocess`` cleans the labels (not the uncertainty, which describes the raw trajectory)."""
     fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
     fused_t = torch.from_numpy(np.ascontiguousarray(fused.transpose(1, 0, 2, 3)))
     labels = argmax_labels(resize_probabilities(fused_t, shape))
+    if postprocess is not None:
+        labels = postprocess(labels)
     unc = resize_probabilities(torch.from_numpy(unc_small)[:, None], shape)[:, 0].clamp_(0, 1).numpy()
     return labels, unc.astype(np.float32)
 
@@ -186,7 +194,8 @@ class SegmentationRun:
             uncertainty=np.zeros(self.volume.shape, np.float32),
             trajectory=np.zeros((total_steps, segmenter.num_classes, len(indices), size, size), np.uint8),
             slice_indices=indices, completed=np.zeros(len(indices), bool), slice_axis=axis,
-            sampling=sampling, class_names=segmenter.class_names, provenance=segmenter.provenance(sampling))
+            sampling=sampling, class_names=segmenter.class_names, provenance=segmenter.provenance(sampling),
+            postprocess=segmenter.postprocess)
         self._iterator: Optional[Iterator[SegmentationEvent]] = None
 
     def __len__(self) -> int:
@@ -213,7 +222,7 @@ class SegmentationRun:
                 result.trajectory[update.seed_index * sampling.steps + update.step_index, :, positions] = \
                     quantize(update.probabilities).transpose(1, 0, 2, 3)
                 yield update
-            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, shape)
+            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, shape, seg.postprocess)
             labels_sf[indices] = labels
             unc_sf[indices] = unc
             result.completed[positions] = True
@@ -232,6 +241,8 @@ class Segmenter:
         self.checkpoint_path: Optional[Path] = checkpoint.path if checkpoint else None
         self.checkpoint_sha256 = checkpoint.sha256 if checkpoint else ""
         self.checkpoint_extra = checkpoint.extra if checkpoint else {}
+        # LSegDiff cleans its consensus labels morphologically; the pixel family has no such step.
+        self.postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = getattr(model, "postprocess", None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str | torch.device = "auto") -> "Segmenter":
@@ -297,7 +308,9 @@ class Segmenter:
         with self._autocast():
             condition = self.model.encode_condition(image)
         for seed_index in range(sampling.num_seeds):
-            scheduler = make_scheduler(sampling.scheduler, self.schedule, sampling.steps, eta=sampling.eta)
+            # Latent states are not in [-1, 1]: the model says how far x̂_0 is clipped (None = not at all).
+            scheduler = make_scheduler(sampling.scheduler, self.schedule, sampling.steps, eta=sampling.eta,
+                                       clip_range=getattr(self.model, "state_clip_range", 1.0))
             x_t = self._initial_noise(batch, size, sampling.seed + seed_index, slice_indices)
             # Step noise (DDPM, DDIM eta>0) comes from a stream of its own, keyed like the initial noise.
             _, generator = initial_noise((1,), _stream_seed(sampling.seed + seed_index, int(slice_indices[0])) + 1)
@@ -340,5 +353,6 @@ class Segmenter:
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self._autocast():
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
-            labels_sf[chunk] = argmax_labels(resize_probabilities(probs.float(), volume_sf.shape[1:]))
+            chunk_labels = argmax_labels(resize_probabilities(probs.float(), volume_sf.shape[1:]))
+            labels_sf[chunk] = self.postprocess(chunk_labels) if self.postprocess is not None else chunk_labels
         return labels

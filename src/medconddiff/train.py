@@ -186,7 +186,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     def validate(self) -> dict:
         if self.val_set is None or not self.dist.is_main:

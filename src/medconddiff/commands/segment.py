@@ -2,7 +2,7 @@
 
   medconddiff segment scan.nii.gz -o scan_seg.nii.gz
   medconddiff segment scans/ -o results/            (a folder in, a folder out)
-  torchrun --nproc-per-node 4 -m medconddiff.cli segment scans/ -o results/   (scans shared across ranks)
+  torchrun --nproc-per-node 4 -m medconddiff segment scans/ -o results/   (scans shared across ranks)
 
 Writes the consensus labels (uint8, the scan's affine), optionally the uncertainty map and the
 per-step x̂0 labels (4-D, step axis last), and a JSON sidecar with everything needed to reproduce it.

@@ -2,7 +2,7 @@
 
   medconddiff train DATASET_DIR -o runs/liver                 (Decathlon/nnU-Net layout or *_image/_label pairs)
   medconddiff train --pair img.nii.gz lbl.nii.gz -o runs/x --train-slices 0:40,80:128 --val-slices 48:72
-  torchrun --nproc-per-node 2 -m medconddiff.cli train DATASET_DIR -o runs/ddp   (DDP; gloo on CPU, NCCL on CUDA)
+  torchrun --nproc-per-node 2 -m medconddiff train DATASET_DIR -o runs/ddp   (DDP; gloo on CPU, NCCL on CUDA)
   medconddiff train ... --resume runs/liver/last.safetensors   (continue an interrupted run)
 
 Writes OUTPUT/last.safetensors after every epoch (Ctrl-C saves it too), OUTPUT/final.safetensors at
@@ -72,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
             log_file.write(message + "\n")
             log_file.flush()
 
+    # On resume the weights are loaded before any family-specific preparation (LSegDiff then keeps
+    # its trained VAE instead of training a new one), and resume() restores the rest of the state.
     trainer = Trainer(config, train_set, args.output, device=args.device, val_set=val_set, log=log,
-                      init_from=args.init)
+                      init_from=args.resume or args.init)
     if args.resume is not None:
         trainer.resume(args.resume)
     try:
