@@ -53,7 +53,7 @@ class SegmentRequest:
     data: Any                       # the scan layer's data (layer axis order; numpy or array-like)
     metadata: dict
     scale: tuple[float, ...]
-    checkpoint: Optional[str]       # None: the bundled default model
+    checkpoint: Optional[str]       # None: the bundled default model; a path or a bundled model name
     device: str
     sampling: SamplingConfig
     slices: SliceChoice = field(default_factory=SliceChoice)

@@ -52,6 +52,7 @@ from ._job import EngineInfo, RunStarted, SegmentRequest, SliceChoice, iterate_r
 from ._layers import METADATA_KEY
 
 DEFAULT_MODEL = "Bundled default model"
+LATENT_MODEL = "Bundled LSegDiff model (latent)"
 CHECKPOINT_FILE = "Checkpoint file…"
 SLICE_LABELS = {"current": "Current slice", "all": "All slices", "range": "Slice range"}
 # User mistakes (wrong checkpoint, bad scan, missing file) are shown as one-line notifications;
@@ -59,6 +60,12 @@ SLICE_LABELS = {"current": "Current slice", "all": "All slices", "range": "Slice
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 # The x̂0 layer is redrawn at most this often while steps stream in (every step is still stored).
 STEP_REDRAW_INTERVAL_S = 0.1
+
+
+def _bundled_exists(name: str) -> bool:
+    from medconddiff.checkpoint import bundled_checkpoint_path  # no torch: a path check only
+
+    return bundled_checkpoint_path(name).is_file()
 
 
 def _notify(kind: str, message: str) -> None:
@@ -169,7 +176,8 @@ class SegmentWidget(QWidget):
         form.addRow("Image", self.layer_combo)
 
         self.model_combo = QComboBox()
-        self.model_combo.addItems([DEFAULT_MODEL, CHECKPOINT_FILE])
+        self.model_combo.addItems([DEFAULT_MODEL] + ([LATENT_MODEL] if _bundled_exists("lsegdiff-liver") else [])
+                                  + [CHECKPOINT_FILE])
         self.model_combo.currentIndexChanged.connect(self._on_model_choice)
         form.addRow("Model", self.model_combo)
         self.checkpoint_edit = QLineEdit()
@@ -319,6 +327,10 @@ class SegmentWidget(QWidget):
         if self.model_combo.currentText() == CHECKPOINT_FILE:
             self.model_status.setText("A .safetensors checkpoint written by `medconddiff train`.")
             self.model_status.setStyleSheet("")
+        elif self.model_combo.currentText() == LATENT_MODEL:
+            self.model_status.setText("Bundled LSegDiff liver model: diffusion in a mask-VAE latent, "
+                                      "morphological clean-up.")
+            self.model_status.setStyleSheet("")
         elif self._engine is None:
             self.model_status.setText("Checking for the bundled model…")
             self.model_status.setStyleSheet("")
@@ -370,6 +382,8 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------ segment
     def _checkpoint(self) -> Optional[str]:
         """None for the bundled model; raises ValueError for a missing file choice."""
+        if self.model_combo.currentText() == LATENT_MODEL:
+            return "lsegdiff-liver"   # a bundled model's name; the engine resolves it to its file
         if self.model_combo.currentText() == DEFAULT_MODEL:
             if self._engine is not None and not self._engine.default_checkpoint_exists:
                 raise ValueError("the bundled default model is not installed yet; choose 'Checkpoint file…' "

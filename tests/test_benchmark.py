@@ -66,6 +66,7 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert memory["trajectory_shape"] == [2, 3, 4, 64, 64] and memory["trajectory_bytes"] == 2 * 3 * 4 * 64 * 64
     assert memory["peak_measure"] == "peak_rss" and memory["peak_bytes"] == memory["peak_rss_bytes"]
     assert memory["peak_rss_bytes"] >= memory["rss_after_model_load_bytes"] > 0
+    assert memory["run_increment_bytes"] == memory["peak_rss_bytes"] - memory["rss_after_model_load_bytes"]
     assert memory["cuda_max_allocated_bytes"] is None
 
     end_to_end = model["end_to_end"]

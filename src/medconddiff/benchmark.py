@@ -394,6 +394,12 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
     if cuda:
         report["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(segmenter.device))
         report["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved(segmenter.device))
+    if report["peak_rss_bytes"] is not None and rss_model is not None:
+        # What the run adds on top of the process (Python, torch, timm, the model): ~1 GB of the peak
+        # is the price of importing a CUDA build of torch at all.
+        report["run_increment_bytes"] = report["peak_rss_bytes"] - rss_model
+    else:
+        report["run_increment_bytes"] = None
     report["peak_bytes"] = report["cuda_max_reserved_bytes"] if cuda else report["peak_rss_bytes"]
     report["peak_measure"] = "cuda_max_reserved" if cuda else "peak_rss"
     return report
@@ -562,6 +568,10 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     row(f"peak memory {shape}, {ref} steps (target ≤ 4 GB)",
         lambda m: _fmt(_gb((m["memory"] or {}).get("peak_bytes")), ".2f", " GB") + _verdict(
             m["targets"]["big_volume_peak_bytes"]))
+    row("  process after model load (host RSS)",
+        lambda m: _fmt(_gb((m["memory"] or {}).get("rss_after_model_load_bytes")), ".2f", " GB"))
+    row("  added by the run (host RSS)",
+        lambda m: _fmt(_gb((m["memory"] or {}).get("run_increment_bytes")), ".2f", " GB"))
     row("  of which trajectory kept", lambda m: _fmt(_gb((m["memory"] or {}).get("trajectory_bytes")), ".3f", " GB"))
     row("  big volume time, s", lambda m: _fmt((m["memory"] or {}).get("seconds"), ".1f"))
     row("end to end bundled sample, s (target ≤ 60 s)",

@@ -38,8 +38,28 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # training state, metrics, provenance (JSON-safe)
 
 
+#: Models that ship inside the package, by the name the CLI (--checkpoint NAME) and the widget use.
+BUNDLED_CHECKPOINTS = {
+    "medconddiff-liver": DEFAULT_CHECKPOINT_NAME,
+    "lsegdiff-liver": "lsegdiff_liver.safetensors",
+}
+
+
 def default_checkpoint_path() -> Path:
-    return Path(__file__).parent / "models" / DEFAULT_CHECKPOINT_NAME
+    return bundled_checkpoint_path("medconddiff-liver")
+
+
+def bundled_checkpoint_path(name: str) -> Path:
+    return Path(__file__).parent / "models" / BUNDLED_CHECKPOINTS[name]
+
+
+def resolve_checkpoint(path_or_name: str | Path | None) -> Path:
+    """None → the default model; a bundled model's name → its file; anything else is a path."""
+    if path_or_name is None:
+        return default_checkpoint_path()
+    if str(path_or_name) in BUNDLED_CHECKPOINTS:
+        return bundled_checkpoint_path(str(path_or_name))
+    return Path(path_or_name)
 
 
 def file_sha256(path: Path) -> str:
@@ -80,10 +100,10 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (the bundled default when path is None)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (None or a bundled name: a shipped model)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path) if path is not None else default_checkpoint_path()
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as handle:

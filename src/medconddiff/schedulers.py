@@ -148,7 +148,8 @@ class DDIMScheduler(_SchedulerBase):
         # ε̂ = (x_t - √ᾱ_t x̂0) / √(1-ᾱ_t), then x_{t'} = √ᾱ_{t'} x̂0 + √(1-ᾱ_{t'}-σ²) ε̂ (+ σ z).
         # Written in place on fresh tensors: the same operations in the same order (bit-identical
         # to the out-of-place formula) with two allocations instead of six; this runs every step.
-        pred_eps = (pred_x0 * math.sqrt(alpha_bar_t)).neg_().add_(sample).div_(math.sqrt(1 - alpha_bar_t))
+        pred_eps = (pred_x0 * math.sqrt(alpha_bar_t)).neg_().add_(sample)
+        pred_eps.div_(math.sqrt(1 - alpha_bar_t))
         sigma = self.sigma(timestep)
         direction = pred_eps.mul_(math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)))
         prev = (pred_x0 * math.sqrt(alpha_bar_prev)).add_(direction)

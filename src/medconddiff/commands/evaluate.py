@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", type=Path, help="dataset folder (instead of --image/--label)")
     parser.add_argument("--image", type=Path, help="a scan")
     parser.add_argument("--label", type=Path, help="its reference labels")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint (default: bundled model)")
+    parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
+                        "(default), lsegdiff-liver")
     parser.add_argument("--slices", help="START:STOP slab along the slicing axis to score (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here")

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the bundled sample scan)")
     parser.add_argument("-o", "--output", type=Path, help="output .nii.gz (or folder for a folder input); "
                         "default: <input>_seg.nii.gz next to the input, or ./ for the sample")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint .safetensors (default: bundled liver model)")
+    parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
+                        "(default), lsegdiff-liver")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--channel", type=int, help="for 4-D scans: which volume of the 4th axis to segment")
     parser.add_argument("--slices", help="START:STOP range of slices along the model's slicing axis")
