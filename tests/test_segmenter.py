@@ -8,7 +8,7 @@ from medconddiff.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from medconddiff.config import SamplingConfig
 from medconddiff.model import build_model
 from medconddiff.preprocess import ScanError
-from medconddiff.segmenter import SegmentationResult, SlicesDone, Segmenter, StepUpdate
+from medconddiff.segmenter import SlicesDone, Segmenter, StepUpdate
 
 
 @pytest.fixture(scope="module")

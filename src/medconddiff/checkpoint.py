@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from .atomic import atomic_write
 from .config import ExperimentConfig
 
 if TYPE_CHECKING:  # torch is imported by safetensors when a file is actually read or written
@@ -77,8 +76,6 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
@@ -88,14 +85,7 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "config": json.dumps(config.to_dict()), "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite=overwrite)
     return path
 
 

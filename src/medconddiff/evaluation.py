@@ -84,7 +84,6 @@ def _slab(array: np.ndarray, axis: int, rng: Optional[range]) -> np.ndarray:
 def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                     sampling, slices: Optional[range] = None) -> dict:
     """Every figure of the evaluation for one labelled volume (scored on ``slices`` only, if given)."""
-    from .consensus import labels_from_probabilities
     from .preprocess import resize_probabilities
     import torch
 

@@ -20,16 +20,17 @@ import gzip
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
+
+from .atomic import atomic_write
 
 __all__ = [
     "VolumeMeta",
@@ -434,7 +435,7 @@ def save_volume(
     header = _header_for_write(meta, out)
     image = nib.Nifti1Image(out, meta.affine, header=header)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    _atomic_write(path, overwrite, suffix, lambda tmp: nib.save(image, str(tmp)))
+    atomic_write(path, lambda tmp: nib.save(image, str(tmp)), overwrite=overwrite, suffix=suffix)
     return path
 
 
@@ -454,7 +455,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, overwrite: bool = Fa
             handle.flush()
             os.fsync(handle.fileno())
 
-    _atomic_write(path, overwrite, ".json", write)
+    atomic_write(path, write, overwrite=overwrite, suffix=".json")
     return path
 
 
@@ -524,33 +525,6 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
     return header
 
 
-def _atomic_write(path: Path, overwrite: bool, suffix: str, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {folder} does not exist")
-    # The temp name keeps the real suffix because nibabel picks the format (gzip or not) from it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _default_file_mode() -> int:
-    """rw for everyone minus the umask, like open() would give (mkstemp makes files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _json_default(value: Any) -> Any:

@@ -11,7 +11,6 @@ model's slicing axis (the held-out slab of the bundled model's training, for ins
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
