@@ -11,6 +11,7 @@ import pytest
 from medconddiff import checkpoint as checkpoint_module
 from medconddiff.benchmark import SCHEMA, TARGETS, BenchmarkOptions, format_report, load_bench_model
 from medconddiff.cli import main
+from medconddiff.config import ModelConfig
 
 
 def _positive(value) -> bool:
@@ -95,7 +96,7 @@ def test_missing_default_checkpoint_falls_back_to_random_default_config(monkeypa
     monkeypatch.setattr(checkpoint_module, "default_checkpoint_path", lambda: tmp_path / "absent.safetensors")
     bench = load_bench_model(None, "cpu")
     assert bench.random_weights and "random weights" in bench.label and "absent.safetensors" in bench.source
-    assert bench.segmenter.config.model.backbone == "pvt_v2_b1" and bench.load_seconds is None
+    assert bench.segmenter.config.model == ModelConfig() and bench.load_seconds is None
 
 
 def test_cli_refuses_existing_json_and_bad_checkpoint(tmp_path, capsys):

@@ -168,3 +168,17 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_checkpoint):
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="CUDA"):
         Segmenter.from_checkpoint(tiny_checkpoint, device="cuda")
+
+
+def test_checkpoint_does_not_need_the_backbone_weights_file_it_started_from(tmp_path):
+    """Trained checkpoints carry their backbone; the pretrained file named in the config may be gone."""
+    import dataclasses
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.model = dataclasses.replace(config.model, backbone_weights="relative/path/that/is/gone.pth")
+    path = tmp_path / "trained.safetensors"
+    save_checkpoint(path, build_model(tiny_config().model), config)
+    segmenter = Segmenter.from_checkpoint(path, device="cpu")
+    assert segmenter.config.model.backbone_weights == "relative/path/that/is/gone.pth"  # provenance kept

@@ -150,31 +150,32 @@ def build_segmenter(spec: dict, device: str):
 
     from .config import ExperimentConfig
     from .model import build_model
-    from .segmenter import Segmenter, prepare_inference_model
+    from .segmenter import Segmenter
 
     if spec.get("random"):
         # Speed does not depend on the weights: a seeded random default-config model, prepared as
         # Segmenter.from_checkpoint prepares a loaded one, times the same.
         torch.manual_seed(0)
         config = ExperimentConfig()
-        return Segmenter(prepare_inference_model(build_model(config.model), device), config, device=device)
+        return Segmenter(build_model(config.model), config, device=device)
     return Segmenter.from_checkpoint(spec["checkpoint"], device=device)
 
 
 def load_bench_model(checkpoint: Optional[str], device: str) -> BenchModel:
-    from .checkpoint import default_checkpoint_path
+    """A checkpoint path or bundled model name (None = the default model, random weights if absent)."""
+    from .checkpoint import default_checkpoint_path, resolve_checkpoint
 
     if checkpoint is None and not default_checkpoint_path().is_file():
         spec = {"checkpoint": None, "random": True}
         return BenchModel(f"{DEFAULT_LABEL} (random weights)", build_segmenter(spec, device), spec,
                           f"ModelConfig() with random weights ({default_checkpoint_path().name} not found)",
                           True, None)
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    path = resolve_checkpoint(checkpoint)
     spec = {"checkpoint": str(path), "random": False}
     start = time.perf_counter()
     segmenter = build_segmenter(spec, device)
     seconds = time.perf_counter() - start
-    label = DEFAULT_LABEL if checkpoint is None else path.name
+    label = DEFAULT_LABEL if checkpoint is None else Path(checkpoint).name
     return BenchModel(label, segmenter, spec, str(path), False, seconds)
 
 
@@ -544,8 +545,11 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         rows.append((name, [cell(m) for m in models]))
 
     row("model", lambda m: f"{m['family']} {m['backbone']} {m['image_size']}²")
-    row("parameters backbone / adapter / denoiser (M)", lambda m: " / ".join(
-        f"{m['parameters'].get(k, 0) / 1e6:.2f}" for k in ("backbone", "adapter", "denoiser")))
+    parts = sorted({k for m in models for k in m["parameters"] if k != "total"},
+                   key=lambda k: ((["backbone", "adapter", "denoiser"] + [k]).index(k), k))
+    for part in parts + ["total"]:
+        row(f"parameters: {part} (M)", lambda m, part=part: _fmt(
+            None if part not in m["parameters"] else m["parameters"][part] / 1e6, ".2f"))
     row(f"encode_condition, ms/slice (batch {options['latency_batch']})",
         lambda m: _fmt(1e3 * m["parts"]["encode_condition_s"] / m["parts"]["batch"], ".1f"))
     row("denoise pass, ms/slice", lambda m: _fmt(1e3 * m["parts"]["denoise_s"] / m["parts"]["batch"], ".2f"))

@@ -2,7 +2,7 @@
 
   medconddiff benchmark                                   (bundled model; random weights if not trained yet)
   medconddiff benchmark --device cuda --json bench.json
-  medconddiff benchmark --checkpoint default --checkpoint latent.safetensors   (one column each)
+  medconddiff benchmark --checkpoint default lsegdiff-liver   (pixel vs latent, one column each)
   medconddiff benchmark --quick                           (seconds; smoke test, not for numbers)
 
 Reports per-slice latency of consensus sampling for several step counts, whole-volume slices/s for
@@ -21,8 +21,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="extend", nargs="+", metavar="PATH",
-                        help="checkpoint(s) to measure side by side; 'default' = the bundled model "
-                             "(default: the bundled model, or a random-weight default-config model if absent)")
+                        help="checkpoint file(s) or bundled model name(s) to measure side by side; 'default' = "
+                             "the bundled default model (default: that model, or a random-weight default-config "
+                             "model if it is absent)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the full report as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

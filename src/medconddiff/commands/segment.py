@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write <output>_trajectory.nii.gz: the x̂0 labels of every step (step axis last)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                        "steadier on a machine shared with other jobs)")
     add_dataclass_arguments(parser, SamplingConfig, title="sampling")
 
 
@@ -106,12 +108,13 @@ def trajectory_volume(result, shape_sf: tuple[int, ...]) -> np.ndarray:
     import torch
 
     from ..preprocess import resize_probabilities
+    from ..segmenter import argmax_labels
 
     steps = result.trajectory.shape[0]
     out = np.zeros((steps,) + shape_sf, np.uint8)
     for position, index in enumerate(result.slice_indices):
         probs = torch.from_numpy(result.trajectory[:, :, position].astype(np.float32))
-        out[:, index] = resize_probabilities(probs, shape_sf[1:]).argmax(1).to(torch.uint8).numpy()
+        out[:, index] = argmax_labels(resize_probabilities(probs, shape_sf[1:]))
     return out
 
 
@@ -177,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = override_from_args(SamplingConfig(), args)
     jobs = plan_jobs(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto" and "LOCAL_RANK" in os.environ:
         import torch
