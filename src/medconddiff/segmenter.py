@@ -105,7 +105,7 @@ class SegmentationResult:
     @property
     def step_labels(self) -> np.ndarray:
         """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8."""
-        return self.trajectory.argmax(axis=1).astype(np.uint8)
+        return first_argmax(self.trajectory, axis=1)
 
     def refuse(self, method: str, skip_first: int = 0, chunk: int = 32) -> "SegmentationResult":
         """A new result with another consensus over the kept trajectory (no diffusion re-run)."""
