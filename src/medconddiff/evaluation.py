@@ -61,6 +61,12 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the defined values; NaN when none is (e.g. HD95 with every class empty)."""
+    defined = [v for v in values if not np.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Sequence[str],
                   spacing: Sequence[float]) -> dict:
     """{'per_class': {name: {dice, iou, hd95_mm}}, 'mean_foreground': {...}} (background excluded)."""
@@ -71,7 +77,7 @@ def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Seq
         p, r = predicted == k, reference == k
         per_class[name] = {"dice": dice_score(p, r), "iou": iou_score(p, r), "hd95_mm": hd95(p, r, spacing),
                            "reference_voxels": int(r.sum()), "predicted_voxels": int(p.sum())}
-    mean = {key: float(np.nanmean([m[key] for m in per_class.values()])) for key in ("dice", "iou", "hd95_mm")}
+    mean = {key: _nanmean([m[key] for m in per_class.values()]) for key in ("dice", "iou", "hd95_mm")}
     return {"per_class": per_class, "mean_foreground": mean, "background_excluded": True}
 
 

@@ -90,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
         save_checkpoint(args.export_half, trainer.weights_to_save(), config, extra=metadata, half=True,
                         overwrite=args.overwrite)
         print(f"exported fp16 weights to {args.export_half}")
-    (args.output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if trainer.dist.is_main:
+        (args.output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     return 0 if path else 1
