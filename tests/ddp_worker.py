@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medconddiff.data import Case, SliceDataset
+from medconddiff.datasets import Case, SliceDataset
 from medconddiff.nifti import VolumeMeta
 from medconddiff.train import Trainer
 from tests.conftest import tiny_config

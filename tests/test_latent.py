@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from medconddiff.checkpoint import load_checkpoint, save_checkpoint
 from medconddiff.config import ModelConfig, SamplingConfig
-from medconddiff.data import Case, SliceDataset
+from medconddiff.datasets import Case, SliceDataset
 from medconddiff.evaluation import dice_per_class
 from medconddiff.latent import LatentSegDiff
 from medconddiff.model import build_model

@@ -13,7 +13,7 @@ import torch
 
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
-from medconddiff.data import Case, DatasetError, SliceDataset, discover_pairs, load_case
+from medconddiff.datasets import Case, DatasetError, SliceDataset, discover_pairs, load_case
 from medconddiff.nifti import VolumeMeta
 from medconddiff.train import Trainer
 from tests.conftest import tiny_config

@@ -276,7 +276,7 @@ class LatentSegDiff(nn.Module):
                          log: Callable[[str], None] = print, *, steps: Optional[int] = None) -> dict[str, float]:
         """Stage 1: fit the mask VAE on the data set's masks, set ``latent_scale``, freeze the VAE.
 
-        ``dataset[i]`` is ``(image, labels)`` as medconddiff.data.SliceDataset yields them; only the
+        ``dataset[i]`` is ``(image, labels)`` as medconddiff.datasets.SliceDataset yields them; only the
         labels are used. A model whose VAE is already trained (e.g. resumed from a checkpoint) keeps it.
         Returns the final VAE metrics.
         """

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .checkpoint import load_checkpoint, load_model_weights, model_state, save_checkpoint
 from .config import ExperimentConfig
-from .data import Case, SliceDataset, SliceRanges
+from .datasets import Case, SliceDataset, SliceRanges
 from .model import build_model
 from .schedulers import NoiseSchedule
 from .segmenter import resolve_device

@@ -53,7 +53,7 @@ def print_report(name: str, report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..commands.segment import parse_slice_range
-    from ..data import discover_pairs
+    from ..datasets import discover_pairs
     from ..evaluation import evaluate_volume
     from ..nifti import load_labels, load_volume
     from ..segmenter import Segmenter

@@ -50,7 +50,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import discover_pairs, load_case, parse_ranges
+    from ..datasets import discover_pairs, load_case, parse_ranges
     from ..train import Trainer, build_datasets
 
     config = build_config(args)
