@@ -36,14 +36,23 @@ def volume_to_layer(array: np.ndarray, meta: VolumeMeta) -> tuple[np.ndarray, di
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"expected a 3-D (i, j, k) volume, got shape {array.shape}")
+    names = _axis_names(meta)
     if meta.original_ndim == 2 and array.shape[2] == 1:
         data = array[:, :, 0]
         scale = tuple(meta.spacing[:2])
+        labels = names[:2]
     else:
         data = np.moveaxis(array, -1, 0)
         scale = (meta.spacing[2],) + tuple(meta.spacing[:2])
+        labels = (names[2],) + names[:2]
     metadata = {METADATA_KEY: meta.to_dict(), AXIS_ORDER_KEY: AXIS_ORDER}
-    return data, {"scale": scale, "metadata": metadata}
+    return data, {"scale": scale, "metadata": metadata, "axis_labels": labels}
+
+
+def _axis_names(meta: VolumeMeta) -> tuple[str, str, str]:
+    """Slider/axis labels a reader of the scan understands: voxel axis and where it points, e.g. 'k → S'."""
+    codes = tuple(meta.orientation or ("?", "?", "?"))
+    return tuple(f"{axis} → {code}" if code != "?" else axis for axis, code in zip("ijk", codes))  # type: ignore
 
 
 def layer_to_volume(
