@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from medconddiff.config import CONSENSUS_METHODS, SamplingConfig
-from medconddiff.consensus import quantize
+from medconddiff.consensus import first_argmax, quantize
 
 from . import _result_layers as results
 from ._geometry import layer_axis_of, slice_first_view, stack_to_layer_order
@@ -547,7 +547,7 @@ class SegmentWidget(QWidget):
         positions = np.searchsorted(info.slice_indices, update.slice_indices)
         step = update.seed_index * update.num_steps + update.step_index
         # Arg-max of the quantised probabilities: exactly what the kept trajectory stores (same ties).
-        session.views["steps"][step, positions] = quantize(update.probabilities).argmax(axis=1)
+        session.views["steps"][step, positions] = first_argmax(quantize(update.probabilities), axis=1)
         now = time.perf_counter()
         if now - session.last_redraw >= STEP_REDRAW_INTERVAL_S or step == info.total_steps - 1:
             session.layers["steps"].refresh()

@@ -90,10 +90,7 @@ def _slab(array: np.ndarray, axis: int, rng: Optional[range]) -> np.ndarray:
 def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                     sampling, slices: Optional[range] = None) -> dict:
     """Every figure of the evaluation for one labelled volume (scored on ``slices`` only, if given)."""
-    import torch
-
-    from .preprocess import resize_probabilities
-    from .segmenter import argmax_labels
+    from .segmenter import labels_at
 
     axis = segmenter.config.preprocess.slice_axis
     if image.shape != reference.shape:
@@ -111,8 +108,7 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, spacing
     ref_sf = np.moveaxis(ref, axis, 0)
     step_dice = []
     for step in range(result.trajectory.shape[0]):
-        probs = torch.from_numpy(result.trajectory[step].transpose(1, 0, 2, 3).astype(np.float32))
-        step_labels = argmax_labels(resize_probabilities(probs, ref_sf.shape[1:]))
+        step_labels = labels_at(result.trajectory[step].transpose(1, 0, 2, 3), ref_sf.shape[1:])
         step_dice.append(float(np.mean(dice_per_class(step_labels, ref_sf, len(names)))))
     report["step_mean_dice"] = step_dice
     report["best_step"] = {"index": int(np.argmax(step_dice)), "mean_dice": float(np.max(step_dice))}

@@ -136,6 +136,17 @@ def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
     return probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
+def labels_at(probabilities: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """(B, K, h, w) probabilities (float, or uint8-quantised) → (B, H, W) uint8 labels at ``shape``.
+
+    The one way a model-resolution prediction becomes scan-resolution labels: bilinear resize of
+    the probabilities, then arg-max (consensus, one-shot, per-step labels and their evaluation).
+    """
+    if isinstance(probabilities, np.ndarray):
+        probabilities = torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))
+    return argmax_labels(resize_probabilities(probabilities.float(), shape))
+
+
 def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[int, int],
                 postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +156,7 @@ def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[
     fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
-    fused_t = torch.from_numpy(np.ascontiguousarray(fused.transpose(1, 0, 2, 3)))
-    labels = argmax_labels(resize_probabilities(fused_t, shape))
+    labels = labels_at(fused.transpose(1, 0, 2, 3), shape)
     if postprocess is not None:
         labels = postprocess(labels)
     unc = resize_probabilities(torch.from_numpy(unc_small)[:, None], shape)[:, 0].clamp_(0, 1).numpy()
@@ -340,6 +350,6 @@ class Segmenter:
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self._autocast():
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
-            chunk_labels = argmax_labels(resize_probabilities(probs.float(), volume_sf.shape[1:]))
+            chunk_labels = labels_at(probs, volume_sf.shape[1:])
             labels_sf[chunk] = self.postprocess(chunk_labels) if self.postprocess is not None else chunk_labels
         return labels

@@ -105,16 +105,12 @@ def check_outputs_free(paths: dict[str, Path], wanted: list[str], overwrite: boo
 
 def trajectory_volume(result, shape_sf: tuple[int, ...]) -> np.ndarray:
     """Per-step arg-max labels at scan resolution, (S, *volume) in the result's slice-first order."""
-    import torch
-
-    from ..preprocess import resize_probabilities
-    from ..segmenter import argmax_labels
+    from ..segmenter import labels_at
 
     steps = result.trajectory.shape[0]
     out = np.zeros((steps,) + shape_sf, np.uint8)
     for position, index in enumerate(result.slice_indices):
-        probs = torch.from_numpy(result.trajectory[:, :, position].astype(np.float32))
-        out[:, index] = argmax_labels(resize_probabilities(probs, shape_sf[1:]))
+        out[:, index] = labels_at(result.trajectory[:, :, position], shape_sf[1:])
     return out
 
 
