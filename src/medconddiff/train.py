@@ -109,10 +109,10 @@ class Trainer:
         self.ema = torch.optim.swa_utils.AveragedModel(
             self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.tc.ema_decay)) \
             if self.tc.ema_decay > 0 else None
-        self.network = self.model
+        self.network: torch.nn.Module = _TrainingLoss(self.model)
         if self.dist.world_size > 1:
             self.network = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
@@ -176,9 +176,8 @@ class Trainer:
         image, labels = image.to(self.device), labels.to(self.device)
         self.network.train()
         with self._autocast():
-            # DDP hooks only fire through the wrapper's forward, so the loss is computed via it.
-            losses = _call_training_loss(self.network, self.model, image, labels, self.schedule, self.generator,
-                                         self.tc)
+            losses = self.network(image, labels, self.schedule, self.generator, self.tc.dice_weight,
+                                  self.tc.ce_weight)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -240,26 +239,16 @@ class Trainer:
         return self.output_dir / "final.safetensors"
 
 
-def _call_training_loss(network, model, image, labels, schedule, generator, tc) -> dict[str, torch.Tensor]:
-    if network is model:
-        return model.training_loss(image, labels, schedule, generator, dice_weight=tc.dice_weight,
-                                   ce_weight=tc.ce_weight)
-    # Under DDP: run the model's loss through the wrapper so gradient synchronisation is armed.
-    return network.module.training_loss.__func__(_DDPForward(network), image, labels, schedule, generator,
-                                                 dice_weight=tc.dice_weight, ce_weight=tc.ce_weight)
+class _TrainingLoss(torch.nn.Module):
+    """The model's ``training_loss`` as a ``forward``, so DDP's gradient hooks fire through its wrapper."""
 
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
 
-class _DDPForward:
-    """Looks like the model to ``training_loss`` but sends ``self(...)`` through the DDP wrapper."""
-
-    def __init__(self, network: torch.nn.parallel.DistributedDataParallel):
-        self._network = network
-
-    def __call__(self, *args, **kwargs):
-        return self._network(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._network.module, name)
+    def forward(self, image, labels, schedule, generator, dice_weight, ce_weight) -> dict[str, torch.Tensor]:
+        return self.model.training_loss(image, labels, schedule, generator, dice_weight=dice_weight,
+                                        ce_weight=ce_weight)
 
 
 def build_datasets(config: ExperimentConfig, cases: Sequence[Case], train_ranges: SliceRanges = None,
