@@ -125,13 +125,6 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def drain(run: Any) -> Any:
-    """Iterate a SegmentationRun to the end (what the CLI and the widget do) and return its result."""
-    for _ in run:
-        pass
-    return run.result
-
-
 # ------------------------------------------------------------------------------------------- models
 
 @dataclass
@@ -257,10 +250,10 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
     functions = network_parts(seg, batch)
     for steps in steps_list:
         sampling = _sampling(steps, batch_size)
-        functions[f"run_{steps}"] = lambda sampling=sampling: drain(seg.run(batch, sampling))
+        functions[f"run_{steps}"] = lambda sampling=sampling: seg.segment(batch, sampling)
     functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size)
     reextract = _sampling(ref, batch_size, reextract_features=True)
-    functions["reextract"] = lambda: drain(seg.run(batch, reextract))
+    functions["reextract"] = lambda: seg.segment(batch, reextract)
     times = time_interleaved(functions, device, options.repeats, options.warmup)
     rounds = range(options.repeats)
 
@@ -283,7 +276,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
     whole = slab(volume, axis, options.volume_slices)
     log(f"[{bench.label}] whole volume of {options.volume_slices} slices at batch sizes "
         f"{', '.join(map(str, options.batch_sizes))}")
-    volume_runs = {b: (lambda sampling=_sampling(ref, b): drain(seg.run(whole, sampling)))
+    volume_runs = {b: (lambda sampling=_sampling(ref, b): seg.segment(whole, sampling))
                    for b in options.batch_sizes}
     volume_times = time_interleaved(volume_runs, device, options.repeats, options.warmup)
     for b in options.batch_sizes:
