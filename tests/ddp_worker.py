@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medconddiff.datasets import Case, SliceDataset
-from medconddiff.nifti import VolumeMeta
+from medconddiff.datasets import Case, TrainingSlices
 from medconddiff.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import meta_1mm, tiny_config
 
 
 def main(output: Path) -> None:
@@ -21,8 +20,8 @@ def main(output: Path) -> None:
     labels[24:32, 24:32] = 2
     image = (labels * 100 + rng.normal(0, 10, labels.shape)).astype(np.float32)
     config = tiny_config()
-    cases = [Case("synthetic", image, labels, VolumeMeta.identity())]
-    train_set = SliceDataset(cases, config.preprocess, config.model.image_size)
+    cases = [Case("synthetic", image, labels, meta_1mm())]
+    train_set = TrainingSlices(cases, config.plan, config.train.patch_size)
     trainer = Trainer(config, train_set, output, device="cpu")
     trainer.fit()
     digest = hashlib.sha256()

@@ -38,7 +38,7 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
 
     (model,) = report["models"]
     assert model["label"] == tiny_checkpoint.name and model["source"] == str(tiny_checkpoint)
-    assert model["random_weights"] is False and model["family"] == "pixel" and model["image_size"] == 64
+    assert model["random_weights"] is False and model["family"] == "pixel" and model["model_plane"] == [128, 128]
     assert _positive(model["checkpoint_load_seconds"])
     params = model["parameters"]
     assert set(params) >= {"backbone", "adapter", "denoiser", "total"}
@@ -63,8 +63,8 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
 
     memory = model["memory"]
     assert memory["shape"] == [64, 64, 4] and memory["steps"] == 2 and memory["batch_size"] == 16
-    # The kept trajectory is uint8 (steps, K, slices, h, w) at model resolution.
-    assert memory["trajectory_shape"] == [2, 3, 4, 64, 64] and memory["trajectory_bytes"] == 2 * 3 * 4 * 64 * 64
+    # The kept trajectory is uint8 (steps, K, slices, h, w) on the model grid: 64 px at 0.7 mm = 45 px at 1 mm.
+    assert memory["trajectory_shape"] == [2, 3, 4, 45, 45] and memory["trajectory_bytes"] == 2 * 3 * 4 * 45 * 45
     assert memory["peak_measure"] == "peak_rss" and memory["peak_bytes"] == memory["peak_rss_bytes"]
     assert memory["peak_rss_bytes"] >= memory["rss_after_model_load_bytes"] > 0
     assert memory["run_increment_bytes"] == memory["peak_rss_bytes"] - memory["rss_after_model_load_bytes"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medconddiff.consensus import (fuse, labels_from_probabilities, normalised_entropy, quantize,
+from medconddiff.consensus import (first_argmax, fuse, labels_from_probabilities, normalised_entropy, quantize,
                                    select_steps, step_disagreement, uncertainty)
 
 
@@ -70,3 +70,50 @@ def test_uncertainty_maps():
     fused = fuse(split, "mean")
     combined = uncertainty(split, fused, labels_from_probabilities(fused))
     assert 0.0 <= combined.min() and combined.max() <= 1.0 and combined[0, 0] > 0.5
+
+
+def test_last_step_pools_every_seeds_last_step():
+    # 2 seeds × 3 steps; seed 0 ends on class 0, seed 1 ends on class 1 (less surely).
+    stack = stack_from([[0.5, 0.5], [0.2, 0.8], [0.9, 0.1],
+                        [0.5, 0.5], [0.9, 0.1], [0.3, 0.7]])
+    np.testing.assert_allclose(fuse(stack, "last", num_seeds=2)[:, 0, 0], [0.6, 0.4], atol=1e-6)
+    np.testing.assert_allclose(fuse(stack, "last", skip_first=1, num_seeds=2)[:, 0, 0], [0.6, 0.4], atol=1e-6)
+    # One seed: still the final step alone, bit for bit.
+    assert np.array_equal(fuse(stack, "last"), stack[-1] / stack[-1].sum(axis=0, keepdims=True))
+    with pytest.raises(ValueError):
+        fuse(stack[:5], "last", num_seeds=2)
+
+
+def test_quantize_keeps_the_arg_max_through_rounding():
+    # 0.399 and 0.401 both round to 102: without care the tie goes to the lower, wrong class.
+    probs = np.array([0.2, 0.399, 0.401], dtype=np.float32)
+    assert quantize(probs).tolist() == [51, 102, 102]           # 1-D: no class axis unless asked
+    assert quantize(probs, class_axis=0).tolist() == [51, 102, 103]
+    assert quantize(probs[None]).tolist() == [[51, 102, 103]]  # (B, K): classes on axis 1
+    assert quantize(probs[None, :, None, None])[0, :, 0, 0].tolist() == [51, 102, 103]
+    assert quantize(probs[::-1].copy(), class_axis=0).tolist() == [103, 102, 51]
+    # Exact float ties keep the lowest-index rule and are left as rounded.
+    assert quantize(np.array([[0.3, 0.35, 0.35]], dtype=np.float32)).tolist() == [[76, 89, 89]]
+    # At the top of the range the tied losers go down instead (no uint8 wrap-around).
+    assert quantize(np.array([[0.9999, 1.0]], dtype=np.float32)).tolist() == [[254, 255]]
+    assert quantize(np.array([[1.0, 0.9999, 0.0]], dtype=np.float32)).tolist() == [[255, 254, 0]]
+    # Scalars are unchanged.
+    assert quantize(0.5) == 128 and np.ndim(quantize(0.5)) == 0
+
+
+def test_quantize_keeps_the_arg_max_of_a_random_field():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 3, 100, 250)).astype(np.float32) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    q = quantize(probs)
+    assert q.dtype == np.uint8 and q.shape == probs.shape
+    mismatched = first_argmax(q, axis=1) != first_argmax(probs, axis=1)
+    assert not mismatched.any(), f"{mismatched.sum()} of {mismatched.size} voxels changed class"
+    # Only the rounding ties moved, and by one level.
+    plain = np.clip(np.rint(probs * np.float32(255)), 0, 255).astype(np.int16)
+    assert np.abs(q.astype(np.int16) - plain).max() == 1
+    assert np.count_nonzero(q != plain) < 0.01 * mismatched.size
+    # Any class axis, float64 inputs compared at their own precision.
+    np.testing.assert_array_equal(quantize(np.moveaxis(probs, 1, -1), class_axis=-1), np.moveaxis(q, 1, -1))
+    probs64 = probs.astype(np.float64)
+    assert np.array_equal(first_argmax(quantize(probs64), axis=1), first_argmax(probs64, axis=1))

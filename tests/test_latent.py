@@ -12,15 +12,17 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from medconddiff.checkpoint import load_checkpoint, save_checkpoint
-from medconddiff.config import ModelConfig, SamplingConfig
-from medconddiff.datasets import Case, SliceDataset
+from medconddiff.config import ModelConfig, PreprocessPlan, SamplingConfig
+from medconddiff.datasets import Case, TrainingSlices
 from medconddiff.evaluation import dice_per_class
+from medconddiff.families import build_model
 from medconddiff.latent import LatentSegDiff
-from medconddiff.model import build_model
-from medconddiff.nifti import VolumeMeta, load_labels, load_volume
+from medconddiff.nifti import load_labels, load_volume
 from medconddiff.schedulers import NoiseSchedule
 from medconddiff.segmenter import Segmenter, SlicesDone, StepUpdate
-from tests.conftest import DATA, tiny_config
+from tests.conftest import DATA, meta_1mm, tiny_config
+
+META = meta_1mm()
 
 VAE_STEPS = 100
 
@@ -35,12 +37,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def liver_slices() -> SliceDataset:
-    """All 128 slices of the bundled real liver CT and its liver/tumour labels, at 64²."""
-    image, _ = load_volume(DATA / "liver117_image.nii.gz")
+def liver_slices() -> TrainingSlices:
+    """All 128 slices of the bundled real liver CT and its liver/tumour labels, whole, at 2 mm (64²)."""
+    image, meta = load_volume(DATA / "liver117_image.nii.gz")
     labels, _ = load_labels(DATA / "liver117_label.nii.gz")
-    config = tiny_config("latent")
-    return SliceDataset([Case("liver117", image, labels, VolumeMeta.identity())], config.preprocess, 64)
+    return TrainingSlices([Case("liver117", image, labels, meta)], PreprocessPlan(target_spacing=(2.0, 2.0)), 64,
+                          centre_crops=True)
+
+
+def all_labels(slices: TrainingSlices) -> torch.Tensor:
+    return slices.cases[0].labels.long()
+
+
+def all_images(slices: TrainingSlices) -> torch.Tensor:
+    return slices.cases[0].images
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +76,7 @@ def majority_per_cell(labels: torch.Tensor, cell: int) -> torch.Tensor:
 
 def test_vae_reconstructs_held_out_real_masks(trained_latent, liver_slices):
     config, model, metrics, messages = trained_latent
-    held_out = liver_slices.labels[1::2]
+    held_out = all_labels(liver_slices)[1::2]
     with torch.no_grad():
         state = model.mask_to_state(held_out)
         reconstruction = model.decode_logits(state).argmax(1)
@@ -83,7 +93,7 @@ def test_vae_reconstructs_held_out_real_masks(trained_latent, liver_slices):
 
 def test_prepare_training_calibrates_and_freezes(trained_latent, liver_slices):
     config, model, _, _ = trained_latent
-    train_states = model.mask_to_state(liver_slices.labels[0::2])
+    train_states = model.mask_to_state(all_labels(liver_slices)[0::2])
     assert float(train_states.std()) == pytest.approx(1.0, abs=1e-3)
     assert model.vae_trained and model.state_clip_range >= float(train_states.abs().max())
     assert model.state_clip_range > 1  # latents are not in [-1, 1]: the Segmenter must not clip at 1
@@ -131,12 +141,12 @@ def test_latent_grids_finer_or_coarser_than_the_first_stage(downsample, stages, 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"latent_downsample": 3}, "power of two"),
-    ({"latent_downsample": 64}, "coarser than every backbone stage"),
+    ({"latent_downsample": 64}, "power of two up to 32"),
     ({"latent_channels": 0}, "latent_channels"),
 ])
 def test_bad_latent_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        LatentSegDiff(tiny_config("latent", **overrides).model)
+        LatentSegDiff(tiny_config("latent", **overrides).model)   # the config or the model refuses it
 
 
 def test_state_shape_refuses_sizes_off_the_latent_grid():
@@ -149,7 +159,7 @@ def test_training_loss_is_seeded_and_leaves_the_vae_alone(trained_latent, liver_
     config, trained, _, _ = trained_latent
     model = copy.deepcopy(trained).train()
     schedule = NoiseSchedule(config.diffusion)
-    image, labels = liver_slices.images[40:44], liver_slices.labels[40:44]
+    image, labels = all_images(liver_slices)[40:44], all_labels(liver_slices)[40:44]
     first = model.training_loss(image, labels, schedule, torch.Generator().manual_seed(3))
     second = model.training_loss(image, labels, schedule, torch.Generator().manual_seed(3))
     assert set(first) == {"loss", "latent_mse", "decoded_dice_loss", "decoded_ce"}
@@ -175,9 +185,9 @@ def test_checkpoint_keeps_the_latent_scale_and_sampling_is_seeded(trained_latent
     assert segmenter.model.state_clip_range == model.state_clip_range
     volume = liver_volume[0]
     sampling = SamplingConfig(steps=3, scheduler="ddpm", seed=5, batch_size=6)
-    first = segmenter.segment(volume, sampling)
-    second = segmenter.segment(volume, sampling)
-    other = segmenter.segment(volume, SamplingConfig(steps=3, scheduler="ddpm", seed=6, batch_size=6))
+    first = segmenter.segment(volume, sampling, meta=META)
+    second = segmenter.segment(volume, sampling, meta=META)
+    other = segmenter.segment(volume, SamplingConfig(steps=3, scheduler="ddpm", seed=6, batch_size=6), meta=META)
     assert np.array_equal(first.trajectory, second.trajectory)
     assert np.array_equal(first.labels, second.labels)
     assert not np.array_equal(first.trajectory, other.trajectory)
@@ -187,7 +197,7 @@ def test_segmenter_run_yields_probabilities_of_the_image_size(trained_latent, li
     config, model, _, _ = trained_latent
     segmenter = Segmenter(model, config, device="cpu")
     volume = liver_volume[0]
-    events = list(segmenter.run(volume, SamplingConfig(steps=2, batch_size=4)))
+    events = list(segmenter.run(volume, SamplingConfig(steps=2, batch_size=4), meta=META))
     updates = [e for e in events if isinstance(e, StepUpdate)]
     done = [e for e in events if isinstance(e, SlicesDone)]
     assert len(updates) == 4 and len(done) == 2  # 6 slices in batches of 4 and 2, 2 steps each
@@ -206,7 +216,7 @@ def test_postprocess_removes_specks_relative_to_the_latent_cell(trained_latent):
     labels[0, 100:105, 100:105] = 2    # 25 px: removed
     labels[0, 80:86, 10:16] = 2        # 36 px: kept
     labels[0, 30:33, 30:33] = 0        # a hole in the liver: filled
-    cleaned = model.postprocess(labels)
+    cleaned = model.postprocess(labels, 4.0)
     assert (cleaned[0, 100:105, 100:105] == 0).all()
     assert (cleaned[0, 80:86, 10:16] == 2).all()
     assert (cleaned[0, 20:60, 20:60] == 1).all()
@@ -224,7 +234,7 @@ def test_trainer_trains_a_latent_model(tmp_path, liver_volume, monkeypatch):
     config.train.lr = 3e-3
     config.train.warmup_steps = 1
     image, labels = liver_volume
-    train_set = SliceDataset([Case("liver", image, labels, VolumeMeta.identity())], config.preprocess, 64)
+    train_set = TrainingSlices([Case("liver", image, labels, META)], config.plan, 64)
     trainer = Trainer(config, train_set, tmp_path, device="cpu", log=lambda message: None)
     path = trainer.fit()
     losses = [record["loss"] for record in trainer.history]
@@ -259,7 +269,7 @@ def test_segmenter_clips_to_the_model_state_range(trained_latent, liver_volume, 
         return scheduler
 
     monkeypatch.setattr(segmenter_module, "make_scheduler", spy)
-    Segmenter(model, config, device="cpu").segment(liver_volume[0], SamplingConfig(steps=2, batch_size=6))
+    Segmenter(model, config, device="cpu").segment(liver_volume[0], SamplingConfig(steps=2, batch_size=6), meta=META)
     assert clips == [model.state_clip_range] and clips[0] > 1
 
 
@@ -267,13 +277,13 @@ def test_segmenter_postprocesses_consensus_labels(trained_latent, liver_volume, 
     config, model, _, _ = trained_latent
     calls = []
 
-    def recording_postprocess(labels):
+    def recording_postprocess(labels, model_pixel_area):
         calls.append(labels.shape)
-        return LatentSegDiff.postprocess(model, labels)
+        return LatentSegDiff.postprocess(model, labels, model_pixel_area)
 
     monkeypatch.setattr(model, "postprocess", recording_postprocess, raising=False)
     segmenter = Segmenter(model, config, device="cpu")
-    result = segmenter.segment(liver_volume[0], SamplingConfig(steps=2, batch_size=4))
+    result = segmenter.segment(liver_volume[0], SamplingConfig(steps=2, batch_size=4), meta=META)
     assert calls == [(4, 64, 64), (2, 64, 64)]
     refused = result.refuse("last")
     assert len(calls) == 3 and calls[-1] == (6, 64, 64)

@@ -396,3 +396,74 @@ def test_write_json_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "bad.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["side.json"]
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def test_load_channels_of_one_3d_file_adds_a_channel_axis(tmp_path, ramp):
+    path = _write_nifti(tmp_path / "ct.nii.gz", ramp)
+
+    array, meta = nifti.load_channels([path])
+
+    assert array.shape == (5, 6, 7, 1) and array.dtype == np.float32
+    np.testing.assert_array_equal(array[..., 0], ramp)
+    np.testing.assert_allclose(meta.affine, OBLIQUE_AFFINE, atol=1e-6)
+
+
+def test_load_channels_of_a_4d_file_keeps_its_volumes_in_order(tmp_path, ramp):
+    data = np.stack([ramp + 1000 * c for c in range(3)], axis=-1)
+    path = _write_nifti(tmp_path / "mri.nii.gz", data)
+
+    array, meta = nifti.load_channels([str(path)])
+
+    assert array.shape == (5, 6, 7, 3)
+    np.testing.assert_array_equal(array, data)
+    assert meta.spatial_shape == (5, 6, 7)
+
+
+def test_load_channels_stacks_files_in_the_order_given(tmp_path, ramp):
+    paths = [_write_nifti(tmp_path / f"case_{c:04d}.nii.gz", ramp + 1000 * c) for c in range(3)]
+
+    array, meta = nifti.load_channels([paths[2], paths[0], paths[1]])
+
+    assert array.shape == (5, 6, 7, 3)
+    for index, channel in enumerate((2, 0, 1)):
+        np.testing.assert_array_equal(array[..., index], ramp + 1000 * channel)
+    assert meta.source == str(paths[2])
+
+
+def test_load_channels_refuses_files_on_different_grids(tmp_path, ramp):
+    first = _write_nifti(tmp_path / "a.nii.gz", ramp)
+    other_shape = _write_nifti(tmp_path / "b.nii.gz", ramp[:, :, :6])
+    shifted = OBLIQUE_AFFINE.copy()
+    shifted[0, 3] += 0.5
+    other_affine = _write_nifti(tmp_path / "c.nii.gz", ramp, affine=shifted)
+
+    with pytest.raises(VolumeReadError, match=r"b\.nii\.gz has shape \(5, 6, 6\) but .*a\.nii\.gz has \(5, 6, 7\)"):
+        nifti.load_channels([first, other_shape])
+    with pytest.raises(VolumeReadError, match=r"c\.nii\.gz and .*a\.nii\.gz have affines that differ by up to 0\.5 mm"):
+        nifti.load_channels([first, other_affine])
+
+
+def test_load_channels_accepts_affines_equal_within_a_micrometre(tmp_path, ramp):
+    nudged = OBLIQUE_AFFINE.copy()
+    nudged[1, 3] += 5e-4
+    paths = [_write_nifti(tmp_path / "a.nii", ramp), _write_nifti(tmp_path / "b.nii", ramp, affine=nudged)]
+    assert nifti.load_channels(paths)[0].shape == (5, 6, 7, 2)
+
+
+def test_load_channels_wants_3d_files_when_given_several(tmp_path, ramp):
+    single = _write_nifti(tmp_path / "a.nii.gz", ramp)
+    multi = _write_nifti(tmp_path / "b.nii.gz", np.stack([ramp, ramp], axis=-1))
+    with pytest.raises(VolumeReadError, match=r"b\.nii\.gz: 4-D image \(5, 6, 7, 2\); with one file per channel"):
+        nifti.load_channels([single, multi])
+
+
+def test_load_channels_refuses_a_channel_without_finite_voxels(tmp_path, ramp):
+    data = np.stack([ramp.astype(np.float32), np.full(ramp.shape, np.nan, np.float32)], axis=-1)
+    path = _write_nifti(tmp_path / "half.nii.gz", data)
+    with pytest.raises(VolumeReadError, match=r"half\.nii\.gz: channel 1: every voxel is NaN or infinite"):
+        nifti.load_channels([path])
+    with pytest.raises(ValueError, match="at least one file"):
+        nifti.load_channels([])

@@ -91,3 +91,87 @@ def test_add_noise_matches_closed_form():
     ab = schedule.alphas_cumprod[t].float()
     expected = ab.sqrt().view(-1, 1, 1, 1) + 2 * (1 - ab).sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(out, expected.expand_as(out))
+
+
+@pytest.mark.parametrize("num_train_timesteps", [2, 5, 10, 20])
+def test_short_linear_schedules_stay_valid(num_train_timesteps):
+    """The linear schedule's 1000/steps scaling pushes betas past 1 for short schedules; capped at
+    0.999 (as the cosine schedule is), ᾱ stays a valid, strictly decreasing sequence in (0, 1]."""
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=num_train_timesteps, schedule="linear"))
+    ab = schedule.alphas_cumprod
+    assert torch.isfinite(ab).all() and torch.all(ab > 0) and torch.all(ab <= 1)
+    assert torch.all(ab[1:] < ab[:-1]), "ᾱ must decrease"
+    assert torch.all(schedule.betas > 0) and torch.all(schedule.betas <= 0.999)
+    x0 = torch.rand(2, 2, 8, 8) * 2 - 1
+    for name in ("ddim", "ddpm"):
+        scheduler = make_scheduler(name, schedule, steps=num_train_timesteps, eta=0.5)
+        x_t, generator = initial_noise(x0.shape, seed=0)
+        steps = list(sample_progressive(lambda x, t: (x0, (x0 + 1) / 2), scheduler, x_t, generator))
+        for step in steps:
+            assert torch.isfinite(step.sample).all(), f"{name} step {step.index} is not finite"
+        torch.testing.assert_close(steps[-1].sample, x0)
+
+
+def test_linear_schedule_unchanged_where_betas_are_below_the_cap():
+    """The cap only touches schedules short enough to need it: DDPM's 1000 steps keep their betas."""
+    config = DiffusionConfig(num_train_timesteps=1000, schedule="linear")
+    expected = torch.linspace(config.beta_start, config.beta_end, 1000, dtype=torch.float64)
+    assert torch.equal(NoiseSchedule(config).betas, expected)
+
+
+def _stepper(name):
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=50))
+    if name == "ddpm":
+        scheduler = DDPMScheduler(schedule)
+    else:
+        scheduler = DDIMScheduler(schedule, eta=0.5)
+    scheduler.set_timesteps(5)
+    return scheduler
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_per_sample_generators_make_a_slice_independent_of_its_batch(name):
+    """With one generator per batch item, item b's trajectory is bit-identical to sampling it alone."""
+    scheduler = _stepper(name)
+    torch.manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    x_batch = torch.randn(4, 3, 8, 8)
+    x_alone = x_batch[2:3].clone()
+    generators = [torch.Generator().manual_seed(10 + b) for b in range(4)]
+    alone = torch.Generator().manual_seed(12)      # seeded like generators[2]
+    alone_seq = [torch.Generator().manual_seed(12)]
+    x_alone_seq = x_alone.clone()
+    for t in scheduler.timesteps.tolist():
+        x_batch = scheduler.step(x0, t, x_batch, generator=generators).prev_sample
+        x_alone = scheduler.step(x0[2:3], t, x_alone, generator=alone).prev_sample
+        x_alone_seq = scheduler.step(x0[2:3], t, x_alone_seq, generator=alone_seq).prev_sample
+        assert torch.equal(x_batch[2:3], x_alone), f"item 2 differs from its solo run at t={t}"
+        assert torch.equal(x_batch[2:3], x_alone_seq)
+    # And the noise really is per item: no two items drew the same stream.
+    noise = scheduler._noise_like(x_batch, [torch.Generator().manual_seed(10 + b) for b in range(4)])
+    assert not torch.equal(noise[0], noise[1])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_per_sample_generators_must_match_the_batch(name):
+    scheduler = _stepper(name)
+    x = torch.zeros(4, 3, 8, 8)
+    t = scheduler.timesteps[0].item()
+    with pytest.raises(ValueError, match="one generator per batch item.*4.*got 3"):
+        scheduler.step(x, t, x, generator=[torch.Generator() for _ in range(3)])
+
+
+def test_sampling_with_per_sample_generators_matches_solo_runs():
+    """Through the sampler: each slice of a DDPM batch comes out as if it were sampled alone."""
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=100))
+
+    def denoise(x, t):   # per item: a slice's output depends on that slice only
+        guess = torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) / 100.0)
+        return guess, (guess + 1) / 2
+
+    scheduler = make_scheduler("ddpm", schedule, steps=5)
+    x_t = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = sample(denoise, scheduler, x_t, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    for b, seed in enumerate((7, 8, 9)):
+        alone = sample(denoise, scheduler, x_t[b:b + 1], torch.Generator().manual_seed(seed))
+        assert torch.equal(batch[:, b:b + 1], alone)

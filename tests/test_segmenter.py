@@ -1,14 +1,21 @@
 """The Segmenter: feature caching, determinism, cancellation, odd inputs, checkpoints."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from medconddiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medconddiff.config import SamplingConfig
-from medconddiff.model import build_model
+from medconddiff.families import build_model
+from medconddiff.geometry import GeometryWarning
+from medconddiff.nifti import VolumeMeta
 from medconddiff.preprocess import ScanError
 from medconddiff.segmenter import SlicesDone, Segmenter, StepUpdate
+from tests.conftest import meta_1mm, save_tiny, tiny_config
+
+META = meta_1mm()
 
 
 @pytest.fixture(scope="module")
@@ -33,43 +40,62 @@ def test_backbone_runs_once_per_slice(segmenter, liver_volume):
     image, _ = liver_volume
     seen, restore = count_backbone_images(segmenter)
     try:
-        segmenter.segment(image, SamplingConfig(steps=4, batch_size=4, num_seeds=2))
+        segmenter.segment(image, SamplingConfig(steps=4, batch_size=4, num_seeds=2), meta=META)
         assert sum(seen) == image.shape[2], "features must be computed once per slice, not per step or seed"
         seen.clear()
-        segmenter.segment(image, SamplingConfig(steps=4, batch_size=4, reextract_features=True))
+        segmenter.segment(image, SamplingConfig(steps=4, batch_size=4, reextract_features=True), meta=META)
         assert sum(seen) == image.shape[2] * (1 + 4), "reference behaviour re-extracts at every step"
     finally:
         restore()
 
 
-def test_same_seed_same_result_any_batch_size(segmenter, liver_volume):
+@pytest.mark.parametrize("scheduler, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
+def test_same_seed_same_result_any_batch_size(segmenter, liver_volume, scheduler, eta):
+    """A slice's result does not depend on its batch, for every scheduler (step noise is per slice)."""
     image, _ = liver_volume
-    a = segmenter.segment(image, SamplingConfig(steps=3, batch_size=2, seed=5))
-    again = segmenter.segment(image, SamplingConfig(steps=3, batch_size=2, seed=5))
-    b = segmenter.segment(image, SamplingConfig(steps=3, batch_size=6, seed=5))
-    c = segmenter.segment(image, SamplingConfig(steps=3, batch_size=2, seed=6))
+    config = dict(steps=3, seed=5, scheduler=scheduler, eta=eta)
+    a = segmenter.segment(image, SamplingConfig(batch_size=2, **config), meta=META)
+    again = segmenter.segment(image, SamplingConfig(batch_size=2, **config), meta=META)
+    b = segmenter.segment(image, SamplingConfig(batch_size=6, **config), meta=META)
+    alone = segmenter.segment(image, SamplingConfig(batch_size=1, **config), slices=[3], meta=META)
+    c = segmenter.segment(image, SamplingConfig(batch_size=2, **{**config, "seed": 6}), meta=META)
     np.testing.assert_array_equal(a.trajectory, again.trajectory)
     np.testing.assert_array_equal(a.labels, again.labels)
     # Another batch size changes only float summation order: at most one quantum in the kept uint8.
     np.testing.assert_allclose(a.trajectory.astype(int), b.trajectory.astype(int), atol=1)
+    np.testing.assert_allclose(a.trajectory[:, :, 3].astype(int), alone.trajectory[:, :, 0].astype(int), atol=1)
     assert (a.labels == b.labels).mean() > 0.999
     assert np.abs(a.trajectory.astype(int) - c.trajectory.astype(int)).max() > 10
 
 
 def test_result_shapes_and_ranges(segmenter, liver_volume):
     image, _ = liver_volume
-    result = segmenter.segment(image, SamplingConfig(steps=3, num_seeds=2))
+    result = segmenter.segment(image, SamplingConfig(steps=3, num_seeds=2), meta=META)
     assert result.labels.shape == image.shape and result.labels.dtype == np.uint8
     assert result.labels.max() < 3
     assert result.uncertainty.shape == image.shape and 0 <= result.uncertainty.min() <= result.uncertainty.max() <= 1
     assert result.trajectory.shape == (6, 3, image.shape[2], 64, 64)
     assert result.step_labels.shape == (6, image.shape[2], 64, 64)
     assert result.is_complete
+    assert result.provenance["geometry"]["slicing"] == "axial"
+    assert result.provenance["plan"]["target_spacing"] == [1.0, 1.0] or result.provenance["plan"]["target_spacing"] == (1.0, 1.0)
+
+
+def test_model_grid_follows_the_plan_spacing_not_a_fixed_size(segmenter, liver_volume):
+    """0.5 mm pixels are resampled to the plan's 1 mm: half the pixels, same field of view."""
+    image, _ = liver_volume
+    fine = VolumeMeta(affine=np.diag([0.5, 0.5, 1.0, 1.0]), spacing=(0.5, 0.5, 1.0))
+    result = segmenter.segment(image[:, :40], SamplingConfig(steps=2), slices=[0], meta=fine)
+    assert result.geometry.plane_shape == (64, 40)
+    assert result.geometry.model_shape == (32, 20)
+    assert result.geometry.padded_shape == (32, 32)
+    assert result.trajectory.shape[-2:] == (32, 20)
+    assert result.labels.shape == image[:, :40].shape
 
 
 def test_events_and_cancellation_keep_finished_slices(segmenter, liver_volume):
     image, _ = liver_volume
-    run = segmenter.run(image, SamplingConfig(steps=2, batch_size=2))
+    run = segmenter.run(image, SamplingConfig(steps=2, batch_size=2), meta=META)
     events = []
     for event in run:
         events.append(event)
@@ -86,48 +112,95 @@ def test_events_and_cancellation_keep_finished_slices(segmenter, liver_volume):
 
 def test_refuse_changes_consensus_without_rerunning(segmenter, liver_volume):
     image, _ = liver_volume
-    result = segmenter.segment(image, SamplingConfig(steps=4))
+    result = segmenter.segment(image, SamplingConfig(steps=4), meta=META)
     same = result.refuse("mean", 0)
     np.testing.assert_array_equal(same.labels, result.labels)
     other = result.refuse("last", 0)
     assert other.sampling.consensus == "last"
     assert other.trajectory is result.trajectory
+    # 'last' is the final step's x̂0 (one seed): its labels are that step's labels on the scan grid.
+    np.testing.assert_array_equal(result.slice_view(other.labels), result.step_labels_on_scan(3))
+
+
+def test_last_with_several_seeds_uses_every_seeds_last_step(segmenter, liver_volume):
+    image, _ = liver_volume
+    result = segmenter.segment(image, SamplingConfig(steps=3, num_seeds=2), slices=[2], meta=META)
+    last = result.refuse("last", 0)
+    fused = (result.trajectory[2].astype(np.float32) + result.trajectory[5].astype(np.float32)) / 2
+    from medconddiff.segmenter import scan_labels
+
+    expected = scan_labels(fused.transpose(1, 0, 2, 3), result.geometry)
+    np.testing.assert_array_equal(result.slice_view(last.labels)[[2]], expected)
 
 
 def test_slice_selection(segmenter, liver_volume):
     image, _ = liver_volume
-    result = segmenter.segment(image, SamplingConfig(steps=2), slices=[1, 3])
+    result = segmenter.segment(image, SamplingConfig(steps=2), slices=[1, 3], meta=META)
     assert result.slice_indices.tolist() == [1, 3]
     assert result.labels[..., 0].max() == 0 and result.labels[..., 2].max() == 0
     with pytest.raises(ValueError, match="slice indices"):
-        segmenter.run(image, slices=[99])
+        segmenter.run(image, slices=[99], meta=META)
 
 
 def test_two_d_nan_constant_and_four_d_inputs(segmenter, liver_volume):
     image, _ = liver_volume
-    two_d = segmenter.segment(image[..., 0], SamplingConfig(steps=2))
+    two_d = segmenter.segment(image[..., 0], SamplingConfig(steps=2), meta=meta_1mm(2))
     assert two_d.labels.shape == image[..., :1].shape
     with_nan = image.copy()
     with_nan[0, 0, :] = np.nan
     with pytest.warns(UserWarning, match="NaN"):
-        result = segmenter.segment(with_nan, SamplingConfig(steps=2))
+        result = segmenter.segment(with_nan, SamplingConfig(steps=2), meta=META)
     assert np.isfinite(result.uncertainty).all()
-    constant = segmenter.segment(np.full((32, 32, 2), 40.0, np.float32), SamplingConfig(steps=2))
+    constant = segmenter.segment(np.full((32, 32, 2), 40.0, np.float32), SamplingConfig(steps=2), meta=META)
     assert constant.labels.shape == (32, 32, 2)
-    with pytest.raises(ScanError, match="4-D"):
-        segmenter.run(np.zeros((8, 8, 8, 2), np.float32))
+    with pytest.raises(ScanError, match="expects 1 channel"):
+        segmenter.run(np.zeros((8, 8, 8, 2), np.float32), meta=META)
     with pytest.raises(ScanError, match="no finite voxel"):
-        segmenter.run(np.full((8, 8, 2), np.nan, np.float32))
+        segmenter.run(np.full((8, 8, 2), np.nan, np.float32), meta=META)
+    with pytest.raises(ScanError, match="5-D"):
+        segmenter.run(np.zeros((4, 4, 4, 1, 1), np.float32), meta=META)
+
+
+def test_a_scan_without_a_usable_affine_is_processed_in_voxel_order_with_a_warning(segmenter, liver_volume):
+    image, _ = liver_volume
+    reference = segmenter.segment(image, SamplingConfig(steps=2), meta=META)
+    singular = VolumeMeta(affine=np.diag([1.0, 1.0, 0.0, 1.0]), spacing=(1.0, 1.0, 1.0))
+    assert not singular.affine_known
+    with pytest.warns(GeometryWarning, match="degenerate"):
+        result = segmenter.segment(image, SamplingConfig(steps=2), meta=singular)
+    np.testing.assert_array_equal(result.labels, reference.labels)
+    assert result.geometry.notes and "R, A, S" in result.geometry.notes[0]
+    with pytest.warns(GeometryWarning, match="no geometry was given"):
+        segmenter.segment(image, SamplingConfig(steps=2), slices=[0])
 
 
 def test_one_shot_is_deterministic(segmenter, liver_volume):
     image, _ = liver_volume
-    np.testing.assert_array_equal(segmenter.one_shot(image), segmenter.one_shot(image))
+    np.testing.assert_array_equal(segmenter.one_shot(image, meta=META), segmenter.one_shot(image, meta=META))
+
+
+def test_sampling_settings_the_model_cannot_run_are_refused(segmenter, liver_volume):
+    image, _ = liver_volume
+    with pytest.raises(ValueError, match="cannot exceed the 100 timesteps"):
+        segmenter.run(image, SamplingConfig(steps=101), meta=META)
+
+
+def test_multi_channel_model_takes_channels_last_and_explains_a_mismatch(tmp_path, liver_volume):
+    from medconddiff.config import PreprocessPlan
+
+    plan = PreprocessPlan(channel_names=("T1", "T2"), intensity=("zscore",))
+    path = save_tiny(tmp_path / "two.safetensors", tiny_config(plan=plan))
+    segmenter = Segmenter.from_checkpoint(path, device="cpu")
+    image, _ = liver_volume
+    both = np.stack([image, -image], axis=-1)
+    result = segmenter.segment(both, SamplingConfig(steps=2), slices=[0], meta=META)
+    assert result.labels.shape == image.shape
+    assert [c["scheme"] for c in result.provenance["intensity"]] == ["zscore", "zscore"]
+    with pytest.raises(ScanError, match="expects 2 channel"):
+        segmenter.run(image, meta=META)
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoint):
-    from tests.conftest import tiny_config
-
     checkpoint = load_checkpoint(tiny_checkpoint)
     assert checkpoint.config == tiny_config()
     half = tmp_path / "half.safetensors"
@@ -152,9 +225,31 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoint):
         Segmenter.from_checkpoint(tmp_path / "missing.safetensors")
 
 
-def test_checkpoint_whose_weights_do_not_fit_is_refused(tmp_path):
-    from tests.conftest import tiny_config
+def test_a_checkpoint_without_a_plan_is_refused_with_the_fix_and_can_start_a_finetune(tmp_path, tiny_checkpoint):
+    """medconddiff 0.1 checkpoints (format 1) had no plan: refused for inference, readable as a start."""
+    import json
 
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_checkpoint), framework="pt") as reader:
+        tensors = {k: reader.get_tensor(k) for k in reader.keys()}
+        metadata = dict(reader.metadata())
+    config = json.loads(metadata["config"])
+    plan = config.pop("plan")
+    config["model"]["image_size"] = 64
+    config["preprocess"] = {"intensity": plan["intensity"][0], "window": plan["window"],
+                            "percentiles": plan["percentiles"], "slice_axis": 2}
+    legacy = tmp_path / "legacy.safetensors"
+    save_file(tensors, str(legacy), metadata={**metadata, "config": json.dumps(config), "format_version": "1"})
+    with pytest.raises(CheckpointError, match="without a preprocessing plan.*--init"):
+        Segmenter.from_checkpoint(legacy)
+    start = load_checkpoint(legacy, allow_legacy=True)
+    assert start.config.plan.slicing == "axial" and start.config.plan.target_spacing == (1.0, 1.0)
+    assert start.extra["upgraded_from_format"] == "1"
+
+
+def test_checkpoint_whose_weights_do_not_fit_is_refused(tmp_path):
     config = tiny_config()
     wrong = tiny_config(denoiser_channels=(8,))
     path = tmp_path / "mismatch.safetensors"
@@ -172,13 +267,18 @@ def test_cuda_request_without_gpu_is_a_clear_error(tiny_checkpoint):
 
 def test_checkpoint_does_not_need_the_backbone_weights_file_it_started_from(tmp_path):
     """Trained checkpoints carry their backbone; the pretrained file named in the config may be gone."""
-    import dataclasses
-
-    from tests.conftest import tiny_config
-
     config = tiny_config()
     config.model = dataclasses.replace(config.model, backbone_weights="relative/path/that/is/gone.pth")
     path = tmp_path / "trained.safetensors"
     save_checkpoint(path, build_model(tiny_config().model), config)
     segmenter = Segmenter.from_checkpoint(path, device="cpu")
     assert segmenter.config.model.backbone_weights == "relative/path/that/is/gone.pth"  # provenance kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_cuda_matches_cpu_labels(tiny_checkpoint, liver_volume):
+    image, _ = liver_volume
+    cpu = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu").segment(image, SamplingConfig(steps=3), meta=META)
+    gpu = Segmenter.from_checkpoint(tiny_checkpoint, device="cuda").segment(image, SamplingConfig(steps=3), meta=META)
+    assert (cpu.labels == gpu.labels).mean() > 0.98   # bf16 autocast on CUDA: rare boundary flips only

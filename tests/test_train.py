@@ -13,10 +13,10 @@ import torch
 
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
-from medconddiff.datasets import Case, DatasetError, SliceDataset, discover_pairs, load_case
-from medconddiff.nifti import VolumeMeta
+from medconddiff.datasets import Case, DatasetError, TrainingSlices, load_case
+from medconddiff.nifti import load_volume
 from medconddiff.train import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import meta_1mm, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def liver_case(liver_volume):
     image, labels = liver_volume
-    return Case("liver", image, labels, VolumeMeta.identity())
+    return Case("liver", image, labels, meta_1mm())
 
 
 def test_loss_decreases_on_real_slices(tmp_path, liver_case):
@@ -34,7 +34,7 @@ def test_loss_decreases_on_real_slices(tmp_path, liver_case):
     config.train.epochs = 3
     config.train.lr = 3e-3
     config.train.warmup_steps = 1
-    train_set = SliceDataset([liver_case], config.preprocess, config.model.image_size)
+    train_set = TrainingSlices([liver_case], config.plan, config.train.patch_size)
     trainer = Trainer(config, train_set, tmp_path, device="cpu")
     trainer.fit()
     losses = [record["loss"] for record in trainer.history]
@@ -46,7 +46,7 @@ def test_loss_decreases_on_real_slices(tmp_path, liver_case):
 def test_resume_and_interrupt_keep_the_run(tmp_path, liver_case, monkeypatch):
     config = tiny_config()
     config.train.epochs = 3
-    train_set = SliceDataset([liver_case], config.preprocess, config.model.image_size, augment=True)
+    train_set = TrainingSlices([liver_case], config.plan, config.train.patch_size, augment=True)
     trainer = Trainer(config, train_set, tmp_path, device="cpu")
     calls = {"n": 0}
     original = Trainer.train_step
@@ -95,31 +95,40 @@ def write_pair(folder: Path, name: str, shape=(16, 16, 3), label_max=2, label_af
     return folder / f"{name}_image.nii.gz", folder / f"{name}_label{suffix}.nii.gz"
 
 
-def test_dataset_layouts_and_errors(tmp_path):
-    with pytest.raises(DatasetError, match="no training cases"):
-        discover_pairs(tmp_path)
-    image, label = write_pair(tmp_path, "a")
-    assert discover_pairs(tmp_path) == [(image, label)]
-    msd = tmp_path / "msd"
-    (msd / "imagesTr").mkdir(parents=True)
-    (msd / "labelsTr").mkdir()
-    (msd / "imagesTr" / "case_0000.nii.gz").write_bytes(image.read_bytes())
-    (msd / "labelsTr" / "case.nii.gz").write_bytes(label.read_bytes())
-    assert [p.name for p in discover_pairs(msd)[0]] == ["case_0000.nii.gz", "case.nii.gz"]
-    (msd / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/case_0000.nii.gz",
-                                                                "label": "./labelsTr/missing.nii.gz"}]}))
-    with pytest.raises(DatasetError, match="do not exist"):
-        discover_pairs(msd)
+def test_label_files_must_lie_on_the_image_grid_and_fit_the_classes(tmp_path):
+    def case(image_path, label_path):
+        image, meta = load_volume(image_path)
+        return load_case("x", image, meta, label_path, num_classes=3)
+
     bad_shape = write_pair(tmp_path, "b", shape=(16, 16, 3))
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.uint8), np.eye(4)), str(bad_shape[1]))
     with pytest.raises(DatasetError, match="shape"):
-        load_case(*bad_shape, num_classes=3)
+        case(*bad_shape)
     shifted = np.eye(4)
     shifted[0, 3] = 5
     with pytest.raises(DatasetError, match="affine"):
-        load_case(*write_pair(tmp_path, "c", label_affine=shifted), num_classes=3)
+        case(*write_pair(tmp_path, "c", label_affine=shifted))
     with pytest.raises(DatasetError, match="label 5"):
-        load_case(*write_pair(tmp_path, "d", label_max=5), num_classes=3)
+        case(*write_pair(tmp_path, "d", label_max=5))
+
+
+def test_training_crops_are_at_the_plan_spacing_centred_on_foreground_and_padded_with_air(liver_case):
+    from medconddiff.config import PreprocessPlan
+
+    fine = Case("fine", liver_case.image, liver_case.labels, liver_case.meta)
+    fine.meta = type(liver_case.meta)(affine=np.diag([0.5, 0.5, 1.0, 1.0]), spacing=(0.5, 0.5, 1.0))
+    torch.manual_seed(0)
+    crops = TrainingSlices([fine], PreprocessPlan(), patch_size=64, foreground_fraction=1.0)
+    assert tuple(crops.cases[0].images.shape[-2:]) == (32, 32)   # 64 px at 0.5 mm = 32 px at the plan's 1 mm
+    image, labels = crops[0]
+    assert image.shape == (1, 64, 64) and labels.shape == (64, 64)
+    assert (labels > 0).any(), "a foreground-centred crop shows foreground"
+    # A 64-px crop of a 32-px slice reaches past it: air (-1 under the CT window) and background.
+    assert (image == -1.0).float().mean() > 0.5 and (labels == 0).float().mean() > 0.5
+    weights = crops.class_slice_weights(3)
+    assert torch.isclose(weights.sum(), torch.tensor(1.0)) and (weights > 0).all()
+    picked = TrainingSlices([liver_case], PreprocessPlan(), patch_size=64, slices_by_case={"liver": [4, 1]})
+    assert [origin[1] for origin in picked.origin] == [1, 4]
 
 
 def test_train_cli_refuses_to_clobber_and_reports_errors(tmp_path, capsys):
@@ -132,4 +141,67 @@ def test_train_cli_refuses_to_clobber_and_reports_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["train", str(empty), "-o", str(tmp_path / "x")]) == 2
-    assert "no training cases" in capsys.readouterr().err
+    assert "expected" in capsys.readouterr().err
+
+
+def write_nnunet_mri(root: Path, cases: int = 2) -> Path:
+    """A tiny nnU-Net v2 dataset: 2-channel MRI (FLAIR, T1), labels background/tumour, 1.2 mm in-plane."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(1)
+    affine = np.diag([1.2, 1.2, 3.0, 1.0])
+    for c in range(cases):
+        labels = np.zeros((40, 40, 4), np.uint8)
+        labels[10 + c:22 + c, 12:26, 1:3] = 1
+        for channel in range(2):
+            image = (400 + 300.0 * labels * (channel + 1) + rng.normal(0, 30, labels.shape)).astype(np.float32)
+            nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"brain_{c:03d}_{channel:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, affine), str(root / "labelsTr" / f"brain_{c:03d}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "FLAIR", "1": "T1"}, "labels": {"background": 0, "tumour": 1},
+        "numTraining": cases, "file_ending": ".nii.gz", "name": "TinyBrain"}))
+    return root
+
+
+TINY_FLAGS = ["--backbone", "pvt_v2_b0", "--denoiser-channels", "16", "--stem-channels", "8", "--time-embed-dim", "32",
+              "--num-train-timesteps", "100", "--epochs", "1", "--iterations-per-epoch", "2", "--train-batch-size", "2",
+              "--patch-size", "32", "--val-every", "0", "--device", "cpu"]
+
+
+def test_the_dataset_says_classes_channels_and_intensity_and_flags_may_not_contradict_it(tmp_path, capsys):
+    data = write_nnunet_mri(tmp_path / "Dataset001_TinyBrain")
+    assert main(["train", str(data), "-o", str(tmp_path / "run"), *TINY_FLAGS]) == 0
+    config = load_checkpoint(tmp_path / "run" / "final.safetensors").config
+    assert config.model.class_names == ("background", "tumour")
+    assert config.plan.channel_names == ("FLAIR", "T1") and config.plan.intensity == ("zscore", "zscore")
+    assert config.plan.target_spacing == (1.2, 1.2)
+    logged = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert logged["provenance"]["fingerprint"]["cases"] == 2
+    capsys.readouterr()
+    for flags, message in [(["--class-names", "background", "liver", "tumour"], "names the labels background tumour"),
+                           (["--intensity", "ct_window"], "does not call it CT"),
+                           (["--channel-names", "CT"], "names the channels FLAIR T1")]:
+        assert main(["train", str(data), "-o", str(tmp_path / "bad"), *TINY_FLAGS, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "final.safetensors").exists()
+
+
+def test_init_default_with_a_new_class_list_keeps_the_body_and_reinitialises_the_class_layers(tmp_path, capsys):
+    """Fine-tuning the bundled CT liver model on a 2-channel MRI tumour dataset: no flag repeated."""
+    data = write_nnunet_mri(tmp_path / "Dataset001_TinyBrain", cases=1)
+    flags = ["--epochs", "1", "--iterations-per-epoch", "2", "--train-batch-size", "2", "--patch-size", "64",
+             "--val-every", "0", "--device", "cpu"]
+    assert main(["train", str(data), "--init", "default", "-o", str(tmp_path / "ft"), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "re-initialised for the new class list ['background', 'tumour']: denoiser.head.2, denoiser.stem" in out
+    assert "adapted to 2 input channels" in out
+    start = load_checkpoint("default")
+    tuned = load_checkpoint(tmp_path / "ft" / "final.safetensors")
+    assert tuned.config.model.backbone == start.config.model.backbone
+    assert tuned.config.plan.target_spacing == start.config.plan.target_spacing      # geometry from the start
+    assert tuned.config.plan.intensity == ("zscore", "zscore")                       # intensity from the MRI data
+    assert tuned.extra["init_from"]["sha256"] == start.sha256
+    assert main(["train", str(data), "--init", "default", "-o", str(tmp_path / "x"), *flags,
+                 "--backbone", "pvt_v2_b1"]) == 2
+    assert "contradicts the start checkpoint" in capsys.readouterr().err

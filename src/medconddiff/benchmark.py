@@ -142,7 +142,7 @@ def build_segmenter(spec: dict, device: str):
     import torch
 
     from .config import ExperimentConfig
-    from .model import build_model
+    from .families import build_model
     from .segmenter import Segmenter
 
     if spec.get("random"):
@@ -150,7 +150,7 @@ def build_segmenter(spec: dict, device: str):
         # Segmenter.from_checkpoint prepares a loaded one, times the same.
         torch.manual_seed(0)
         config = ExperimentConfig()
-        return Segmenter(build_model(config.model), config, device=device)
+        return Segmenter(build_model(config.model, in_channels=config.plan.input_channels), config, device=device)
     return Segmenter.from_checkpoint(spec["checkpoint"], device=device)
 
 
@@ -180,19 +180,19 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------- data
 
-def sample_volume() -> np.ndarray:
+def sample_volume():
+    """The bundled sample scan and its meta (RAS, 1 mm: axial slices along its last axis)."""
     from .nifti import load_volume, sample_scan_path
 
-    volume, _ = load_volume(sample_scan_path())
-    return volume
+    return load_volume(sample_scan_path())
 
 
-def slab(volume: np.ndarray, axis: int, count: int) -> np.ndarray:
-    """``count`` consecutive slices from the middle of ``volume`` along ``axis`` (wrapping if too few)."""
-    depth = volume.shape[axis]
+def slab(volume: np.ndarray, count: int) -> np.ndarray:
+    """``count`` consecutive axial slices (last axis of an RAS volume) from the middle (wrapping if too few)."""
+    depth = volume.shape[2]
     start = max(0, depth // 2 - count // 2)
     indices = (start + np.arange(count)) % depth
-    return np.ascontiguousarray(np.take(volume, indices, axis=axis))
+    return np.ascontiguousarray(np.take(volume, indices, axis=2))
 
 
 # ----------------------------------------------------------------------------------------- measures
@@ -203,18 +203,15 @@ def _sampling(steps: int, batch_size: int, **kwargs: Any):
     return SamplingConfig(steps=steps, batch_size=batch_size, **kwargs)
 
 
-def network_parts(segmenter: Any, image_slices: np.ndarray) -> dict[str, Callable[[], None]]:
+def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any) -> dict[str, Callable[[], None]]:
     """One encode_condition pass and one denoise pass over a batch: what sampling cannot avoid."""
     import torch
 
-    from .preprocess import intensity_range, normalise_intensity
-
     seg, model = segmenter, segmenter.model
-    slices_sf = np.moveaxis(image_slices, seg.config.preprocess.slice_axis, 0)
-    low, high = intensity_range(image_slices, seg.config.preprocess)
-    image = seg._model_input(normalise_intensity(slices_sf, low, high))
-    batch, size = image.shape[0], image.shape[-1]
-    x_t = torch.randn(model.state_shape(batch, size, size), generator=torch.Generator().manual_seed(0))
+    scan = seg.preprocessor.prepare(image_slices, meta)
+    image = scan.forward(np.arange(scan.n_slices), seg.device)
+    batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
+    x_t = torch.randn(model.state_shape(batch, height, width), generator=torch.Generator().manual_seed(0))
     x_t = x_t.to(seg.device)
     t = torch.full((batch,), seg.schedule.num_train_timesteps // 2, device=seg.device, dtype=torch.long)
     with torch.inference_mode(), seg._autocast():  # exactly as Segmenter.denoise_slices runs them
@@ -233,27 +230,26 @@ def network_parts(segmenter: Any, image_slices: np.ndarray) -> dict[str, Callabl
     return {"encode_condition": encode, "denoise": denoise}
 
 
-def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptions,
+def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: BenchmarkOptions,
                   log: Callable[[str], None]) -> dict:
     """All in-process measurements of one model (the memory probe runs separately)."""
     seg = bench.segmenter
-    axis = seg.config.preprocess.slice_axis
     device = seg.device
     ref = options.reference_steps
     batch_size = options.latency_batch
-    batch = slab(volume, axis, batch_size)
+    batch = slab(volume, batch_size)
     steps_list = sorted(set(options.steps_list) | {ref})
 
     log(f"[{bench.label}] batch of {batch_size} slices: network parts, consensus sampling at "
         f"{', '.join(map(str, steps_list))} steps, one-shot, re-extracted features "
         f"({options.warmup} warm-up + {options.repeats} rounds)")
-    functions = network_parts(seg, batch)
+    functions = network_parts(seg, batch, meta)
     for steps in steps_list:
         sampling = _sampling(steps, batch_size)
-        functions[f"run_{steps}"] = lambda sampling=sampling: seg.segment(batch, sampling)
-    functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size)
+        functions[f"run_{steps}"] = lambda sampling=sampling: seg.segment(batch, sampling, meta=meta)
+    functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size, meta=meta)
     reextract = _sampling(ref, batch_size, reextract_features=True)
-    functions["reextract"] = lambda: seg.segment(batch, reextract)
+    functions["reextract"] = lambda: seg.segment(batch, reextract, meta=meta)
     times = time_interleaved(functions, device, options.repeats, options.warmup)
     rounds = range(options.repeats)
 
@@ -273,10 +269,10 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
     run_ref = times[f"run_{ref}"]
 
     throughput = []
-    whole = slab(volume, axis, options.volume_slices)
+    whole = slab(volume, options.volume_slices)
     log(f"[{bench.label}] whole volume of {options.volume_slices} slices at batch sizes "
         f"{', '.join(map(str, options.batch_sizes))}")
-    volume_runs = {b: (lambda sampling=_sampling(ref, b): seg.segment(whole, sampling))
+    volume_runs = {b: (lambda sampling=_sampling(ref, b): seg.segment(whole, sampling, meta=meta))
                    for b in options.batch_sizes}
     volume_times = time_interleaved(volume_runs, device, options.repeats, options.warmup)
     for b in options.batch_sizes:
@@ -292,7 +288,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, options: BenchmarkOptio
         "source": bench.source,
         "random_weights": bench.random_weights,
         "family": seg.config.model.family,
-        "image_size": seg.config.model.image_size,
+        "model_plane": list(seg.preprocessor.geometry(batch.shape, meta).model_shape),
         "backbone": seg.config.model.backbone,
         "num_classes": seg.num_classes,
         "checkpoint_load_seconds": bench.load_seconds,
@@ -318,11 +314,11 @@ def measure_end_to_end(segmenter: Any, options: BenchmarkOptions) -> dict:
     from .nifti import load_volume, sample_scan_path
 
     start = time.perf_counter()
-    volume, _ = load_volume(sample_scan_path())
+    volume, meta = load_volume(sample_scan_path())
     loaded = time.perf_counter()
-    depth = volume.shape[segmenter.config.preprocess.slice_axis]
+    depth = segmenter.preprocessor.geometry(volume.shape, meta).n_slices
     slices = None if options.sample_slices is None else range(min(options.sample_slices, depth))
-    result = segmenter.segment(volume, _sampling(options.reference_steps, _default_batch_size()), slices)
+    result = segmenter.segment(volume, _sampling(options.reference_steps, _default_batch_size()), slices, meta=meta)
     synchronize(segmenter.device)
     done = time.perf_counter()
     return {"shape": list(volume.shape), "slices": int(len(result.slice_indices)), "steps": options.reference_steps,
@@ -361,6 +357,18 @@ def current_rss_bytes() -> Optional[int]:
         return None
 
 
+#: In-plane voxel size of the synthetic big volume: a real 512² CT field of view (358 mm).
+BIG_VOLUME_SPACING = (0.7, 0.7, 1.0)
+
+
+def big_volume_meta():
+    """An LPS (DICOM/ITK convention) affine at BIG_VOLUME_SPACING: how real CTs are stored."""
+    from .nifti import VolumeMeta
+
+    return VolumeMeta(affine=np.diag([-BIG_VOLUME_SPACING[0], -BIG_VOLUME_SPACING[1], BIG_VOLUME_SPACING[2], 1.0]),
+                      spacing=BIG_VOLUME_SPACING)
+
+
 def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, threads: Optional[int]) -> dict:
     """Segment a synthetic volume of ``shape`` keeping the trajectory; run in a fresh process."""
     import torch
@@ -376,7 +384,7 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
     if cuda:
         torch.cuda.reset_peak_memory_stats(segmenter.device)
     start = time.perf_counter()
-    result = segmenter.segment(volume, _sampling(steps, _default_batch_size()))
+    result = segmenter.segment(volume, _sampling(steps, _default_batch_size()), meta=big_volume_meta())
     synchronize(segmenter.device)
     seconds = time.perf_counter() - start
     report = {"shape": list(shape), "steps": steps, "batch_size": _default_batch_size(), "seconds": seconds,
@@ -484,7 +492,7 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
         torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     env = environment(device)
-    volume = sample_volume()
+    volume, meta = sample_volume()
     models = []
     labels_seen: dict[str, int] = {}
     for checkpoint in options.checkpoints:
@@ -493,7 +501,7 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
         labels_seen[bench.label] = count + 1
         if count:  # the same file name twice: keep columns apart
             bench = dataclasses.replace(bench, label=f"{bench.label}#{count + 1}")
-        report = measure_model(bench, volume, options, log)
+        report = measure_model(bench, volume, meta, options, log)
         report["memory"] = None
         if options.memory:
             log(f"[{bench.label}] peak memory, {'×'.join(map(str, options.big_volume_shape))} volume "
@@ -537,7 +545,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     def row(name: str, cell: Callable[[dict], str]) -> None:
         rows.append((name, [cell(m) for m in models]))
 
-    row("model", lambda m: f"{m['family']} {m['backbone']} {m['image_size']}²")
+    row("model", lambda m: f"{m['family']} {m['backbone']} {m['model_plane'][0]}×{m['model_plane'][1]}")
     parts = sorted({k for m in models for k in m["parameters"] if k != "total"},
                    key=lambda k: ((["backbone", "adapter", "denoiser"] + [k]).index(k), k))
     for part in parts + ["total"]:

@@ -20,7 +20,10 @@ if TYPE_CHECKING:  # torch is imported by safetensors when a file is actually re
     from torch import nn
 
 FORMAT_NAME = "medconddiff-checkpoint"
-FORMAT_VERSION = "1"
+#: 2: the config carries a preprocessing plan (orientation, slicing, spacing, intensity per channel).
+FORMAT_VERSION = "2"
+#: medconddiff 0.1 checkpoints: no plan (raw voxel axis 2 squeezed to a fixed square).
+LEGACY_FORMAT_VERSION = "1"
 DEFAULT_CHECKPOINT_NAME = "medconddiff_liver_default.safetensors"
 
 
@@ -37,8 +40,10 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # training state, metrics, provenance (JSON-safe)
 
 
-#: Models that ship inside the package, by the name the CLI (--checkpoint NAME) and the widget use.
+#: Models that ship inside the package, by the name the CLI (--checkpoint NAME, --init NAME) and the
+#: widget use; "default" is the default model's alias.
 BUNDLED_CHECKPOINTS = {
+    "default": DEFAULT_CHECKPOINT_NAME,
     "medconddiff-liver": DEFAULT_CHECKPOINT_NAME,
     "lsegdiff-liver": "lsegdiff_liver.safetensors",
 }
@@ -89,8 +94,13 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
     return path
 
 
-def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (None or a bundled name: a shipped model)."""
+def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = False) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (None or a bundled name: a shipped model).
+
+    A medconddiff 0.1 checkpoint (format 1, no preprocessing plan) is refused for inference: its
+    results depended on how a scan was stored. ``allow_legacy`` reads it anyway, with a plan that
+    describes how it was trained (axial slices at 1 mm), for use as a fine-tuning start only.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = resolve_checkpoint(path)
@@ -107,18 +117,41 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             if metadata.get("format") != FORMAT_NAME:
                 raise CheckpointError(f"{path} is a safetensors file but not a medconddiff checkpoint "
                                       "(no medconddiff config in its metadata)")
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{path} has checkpoint format {metadata.get('format_version')!r}; "
+            version = metadata.get("format_version")
+            if version == LEGACY_FORMAT_VERSION and not allow_legacy:
+                raise CheckpointError(
+                    f"{path} is a medconddiff 0.1 checkpoint without a preprocessing plan (its results depended "
+                    "on how a scan was stored); fine-tune it into a planned one with `medconddiff train DATA "
+                    f"--init {path} -o RUN` (or `medconddiff finetune`), which reads its weights")
+            if version not in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
+                raise CheckpointError(f"{path} has checkpoint format {version!r}; "
                                       f"this version reads format {FORMAT_VERSION}")
             state = {key: reader.get_tensor(key) for key in reader.keys()}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {error}") from None
     try:
-        config = ExperimentConfig.from_dict(json.loads(metadata["config"]))
+        raw = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
+        if version == LEGACY_FORMAT_VERSION:
+            raw = _upgrade_legacy_config(raw)
+            extra["upgraded_from_format"] = LEGACY_FORMAT_VERSION
+        config = ExperimentConfig.from_dict(raw)
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path}: its config does not match this version of medconddiff: {error}") from None
     return Checkpoint(config=config, state_dict=state, path=path, sha256=file_sha256(path), extra=extra)
+
+
+def _upgrade_legacy_config(raw: dict) -> dict:
+    """A format-1 config as a planned one: what its training effectively was (axial, 1 mm, one channel)."""
+    raw = dict(raw)
+    model = dict(raw.get("model", {}))
+    model.pop("image_size", None)
+    old = dict(raw.pop("preprocess", {}))
+    raw["model"] = model
+    raw["plan"] = {"slicing": "axial", "target_spacing": [1.0, 1.0], "channel_names": ["CT"],
+                   "intensity": [old.get("intensity", "ct_window")],
+                   "window": old.get("window", [-200.0, 250.0]), "percentiles": old.get("percentiles", [0.5, 99.5])}
+    return raw
 
 
 def model_state(checkpoint: Checkpoint, prefix: str = "") -> dict[str, torch.Tensor]:

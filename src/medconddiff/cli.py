@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
     "benchmark": ("medconddiff.commands.benchmark", "measure speed and memory on this device"),
+    "plan": ("medconddiff.commands.plan", "print a dataset's fingerprint and the preprocessing plan it implies"),
 }
 
 

@@ -9,34 +9,91 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
 
+#: Largest downsampling of every supported network: slices are padded to a multiple of it.
+NETWORK_STRIDE = 32
+
 
 def _help(text: str, choices: tuple | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": text, "choices": choices}, **kwargs)
 
 
-@dataclass
-class PreprocessConfig:
-    """How a scan is turned into network input; recorded in the checkpoint, replayed at inference."""
+SLICINGS = ("axial", "coronal", "sagittal")
+INTENSITY_SCHEMES = ("ct_window", "percentile", "zscore")
 
-    intensity: str = _help("'ct_window' (clip to a HU window) or 'percentile' (MRI, unknown units)",
-                           choices=("ct_window", "percentile"), default="ct_window")
-    window: Tuple[float, float] = _help("HU window (low high) used by 'ct_window'", default=(-200.0, 250.0))
-    percentiles: Tuple[float, float] = _help("percentile clip (low high) used by 'percentile'",
+
+@dataclass
+class PreprocessPlan:
+    """How a scan becomes model input, recorded in every checkpoint and replayed at inference.
+
+    A scan is reoriented to the closest canonical (RAS) orientation, cut into 2-D slices across
+    ``slicing``, and every slice is resampled in-plane to ``target_spacing`` (mm, keeping its
+    aspect ratio and field of view); the network then runs on the whole resampled slice. Results are
+    resampled back to the scan's own grid and reoriented to its voxel order (see
+    :mod:`medconddiff.preprocess`). Intensities: ``ct_window`` maps a fixed HU window to [-1, 1];
+    ``percentile`` maps each scan's own percentiles to [-1, 1]; ``zscore`` clips each scan to its
+    percentiles, then subtracts the mean and divides by the standard deviation of the voxels above
+    the low percentile (the body, not the air around it).
+    """
+
+    slicing: str = _help("slicing direction, named anatomically", choices=SLICINGS, default="axial")
+    target_spacing: Tuple[float, float] = _help(
+        "in-plane voxel size (mm) slices are resampled to: rows then columns of a canonical slice",
+        default=(1.0, 1.0))
+    channel_names: Tuple[str, ...] = _help("input channels (modality or sequence name of each)",
+                                           default=("CT",))
+    intensity: Tuple[str, ...] = _help(
+        "intensity scheme per channel (one value for all): ct_window, percentile or zscore",
+        default=("ct_window",))
+    window: Tuple[float, float] = _help("intensity window (low high) of 'ct_window' channels, e.g. HU",
+                                        default=(-200.0, 250.0))
+    percentiles: Tuple[float, float] = _help("per-scan percentiles (low high) of 'percentile'/'zscore'",
                                              default=(0.5, 99.5))
-    slice_axis: int = _help("array axis of the volume that is sliced (2 = last NIfTI axis, usually axial)",
-                            default=2)
+    context_slices: int = _help("2.5-D input: neighbouring slices on each side fed as extra channels",
+                                default=0)
+    context_mm: float = _help("distance (mm) between context slices along the slicing direction",
+                              default=2.0)
 
     def __post_init__(self) -> None:
-        if self.intensity not in ("ct_window", "percentile"):
-            raise ValueError(f"intensity must be 'ct_window' or 'percentile', not {self.intensity!r}")
-        if self.window[0] >= self.window[1]:
-            raise ValueError(f"window low must be below high, got {self.window}")
+        if self.slicing not in SLICINGS:
+            raise ValueError(f"slicing must be one of {SLICINGS}, not {self.slicing!r}")
+        if len(self.target_spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
+            raise ValueError(f"target_spacing must be two positive sizes in mm, got {self.target_spacing}")
+        if not self.channel_names or any(not str(name).strip() for name in self.channel_names):
+            raise ValueError("channel_names needs one non-empty name per input channel")
+        if len(self.intensity) not in (1, len(self.channel_names)):
+            raise ValueError(f"intensity needs one scheme, or one per channel ({len(self.channel_names)}), "
+                             f"got {len(self.intensity)}")
+        bad = [scheme for scheme in self.intensity if scheme not in INTENSITY_SCHEMES]
+        if bad:
+            raise ValueError(f"intensity scheme must be one of {INTENSITY_SCHEMES}, not {bad[0]!r}")
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"window low must be below high, got {tuple(self.window)}")
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {tuple(self.percentiles)}")
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be 0 or more, got {self.context_slices}")
+        if self.context_slices and not (math.isfinite(self.context_mm) and self.context_mm > 0):
+            raise ValueError(f"context_mm must be a positive distance, got {self.context_mm}")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the backbone sees: every scan channel at every context offset."""
+        return self.num_channels * (2 * self.context_slices + 1)
+
+    def scheme_of(self, channel: int) -> str:
+        return self.intensity[0] if len(self.intensity) == 1 else self.intensity[channel]
 
 
 @dataclass
@@ -47,7 +104,6 @@ class ModelConfig:
                         default="pixel")
     class_names: Tuple[str, ...] = _help("class names, background first",
                                          default=("background", "liver", "tumour"))
-    image_size: int = _help("slices are resized to this square size (multiple of 32)", default=128)
     backbone: str = _help("timm model name used with features_only", default="pvt_v2_b1")
     backbone_weights: Optional[str] = _help(
         "local weights file for the backbone (safetensors or a plain state dict); never downloaded",
@@ -69,8 +125,15 @@ class ModelConfig:
             raise ValueError(f"fusion must be 'add' or 'concat', not {self.fusion!r}")
         if len(self.class_names) < 2:
             raise ValueError("need at least two classes (background and one structure)")
-        if self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if any(c < 1 for c in self.denoiser_channels) or self.stem_channels < 1 or self.time_embed_dim < 2:
+            raise ValueError("denoiser_channels, stem_channels and time_embed_dim must be positive")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be at least 1, got {self.latent_channels}")
+        d = self.latent_downsample
+        if d < 1 or d & (d - 1) or d > NETWORK_STRIDE:
+            raise ValueError(f"latent_downsample must be a power of two up to {NETWORK_STRIDE}, got {d}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class names must be unique, got {list(self.class_names)}")
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +152,11 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be 'linear' or 'cosine', not {self.schedule!r}")
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"linear betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+                             f"{self.beta_end}")
 
 
 CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last")
@@ -105,7 +173,10 @@ class SamplingConfig:
     skip_first: int = _help("leave the first (noisiest) k steps out of the consensus", default=0)
     seed: int = _help("random seed of the initial noise", default=0)
     num_seeds: int = _help("independent runs (seed, seed+1, ...) pooled into one consensus", default=1)
-    batch_size: int = _help("slices denoised together", default=16)
+    batch_size: int = _help("slices denoised together (at most; see max_batch_pixels)", default=16)
+    max_batch_pixels: int = _help(
+        "bound on slices x resampled pixels per batch, so big slices run in smaller batches (memory)",
+        default=1_048_576)
     reextract_features: bool = _help(
         "re-run the backbone at every step like the reference code (slower; for benchmarks)", default=False)
 
@@ -118,8 +189,12 @@ class SamplingConfig:
             raise ValueError(f"consensus must be one of {CONSENSUS_METHODS}, not {self.consensus!r}")
         if not 0 <= self.skip_first < self.steps:
             raise ValueError(f"skip_first must be in [0, steps), got {self.skip_first} with {self.steps} steps")
-        if self.num_seeds < 1 or self.batch_size < 1:
-            raise ValueError("num_seeds and batch_size must be at least 1")
+        if self.num_seeds < 1 or self.batch_size < 1 or self.max_batch_pixels < 1:
+            raise ValueError("num_seeds, batch_size and max_batch_pixels must be at least 1")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be 0 or more, got {self.eta}")
+        if self.scheduler == "ddpm" and self.eta != 0:
+            raise ValueError("eta applies to the DDIM scheduler only; drop it or use --scheduler ddim")
 
 
 @dataclass
@@ -142,6 +217,24 @@ class TrainConfig:
     num_workers: int = _help("data loader worker processes", default=0)
     val_every: int = _help("validate every N epochs (0 = never)", default=5)
     val_steps: int = _help("denoising steps used for validation Dice", default=5)
+    patch_size: int = _help("side (pixels at the plan's spacing) of the square training crops; a multiple "
+                            f"of {NETWORK_STRIDE}", default=128)
+    foreground_crop_fraction: float = _help(
+        "fraction of training crops centred on a foreground voxel (the rest are placed at random)", default=0.5)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.train_batch_size < 1 or self.iterations_per_epoch < 0:
+            raise ValueError("epochs and train_batch_size must be at least 1, iterations_per_epoch 0 or more")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
+            raise ValueError("lr must be positive, weight_decay and warmup_steps 0 or more")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.patch_size < NETWORK_STRIDE or self.patch_size % NETWORK_STRIDE:
+            raise ValueError(f"patch_size must be a positive multiple of {NETWORK_STRIDE}, got {self.patch_size}")
+        if not 0 <= self.foreground_crop_fraction <= 1:
+            raise ValueError(f"foreground_crop_fraction must be in [0, 1], got {self.foreground_crop_fraction}")
+        if self.val_every < 0 or self.val_steps < 1 or self.num_workers < 0:
+            raise ValueError("val_every and num_workers must be 0 or more, val_steps at least 1")
 
 
 @dataclass
@@ -150,7 +243,7 @@ class ExperimentConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    plan: PreprocessPlan = field(default_factory=PreprocessPlan)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -161,9 +254,16 @@ class ExperimentConfig:
         return cls(
             model=dataclass_from_dict(ModelConfig, data.get("model", {})),
             diffusion=dataclass_from_dict(DiffusionConfig, data.get("diffusion", {})),
-            preprocess=dataclass_from_dict(PreprocessConfig, data.get("preprocess", {})),
+            plan=dataclass_from_dict(PreprocessPlan, data.get("plan", {})),
             train=dataclass_from_dict(TrainConfig, data.get("train", {})),
         )
+
+    def check_sampling(self, sampling: "SamplingConfig") -> None:
+        """Refuse sampling settings this model cannot run (the checks that need both configs)."""
+        total = self.diffusion.num_train_timesteps
+        if sampling.steps > total:
+            raise ValueError(f"steps ({sampling.steps}) cannot exceed the {total} timesteps the model was "
+                             "trained with")
 
 
 def _resolved_hints(cls: type) -> dict:

@@ -7,7 +7,7 @@ stored; every function returns float32 probabilities in [0, 1].
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Literal, Protocol, Union
 
 import numpy as np
 
@@ -16,14 +16,63 @@ from .config import CONSENSUS_METHODS
 QUANT_SCALE = 255.0
 
 
-def quantize(probabilities: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] → uint8, the compact form a kept trajectory is stored in."""
+def quantize(probabilities: np.ndarray, class_axis: Union[int, None, Literal["auto"]] = "auto") -> np.ndarray:
+    """Probabilities in [0, 1] → uint8, the compact form a kept trajectory is stored in.
+
+    Same shape as ``probabilities``, e.g. (B, K, H, W). Along ``class_axis`` the arg-max survives
+    rounding: where the float arg-max class (lowest index among exact float ties) would tie with a
+    class of lower probability after rounding, it is raised by one level (or, at 255, the tied
+    classes are lowered by one), so every arg-max convention still finds it. Exact float ties are
+    left as rounded and keep the lowest-index rule. ``class_axis="auto"`` is axis 1 for arrays of
+    2 or more dimensions and none (plain rounding) for scalars and 1-D arrays; ``None`` is plain
+    rounding for any shape.
+    """
     # Runs once per denoising step: one float temporary, rounded and clipped in place.
     values = np.asarray(np.multiply(np.asarray(probabilities, dtype=np.float32), np.float32(QUANT_SCALE)))
     np.rint(values, out=values)
     np.clip(values, 0, 255, out=values)
     quantized = values.astype(np.uint8)
+    if class_axis == "auto":
+        class_axis = 1 if quantized.ndim >= 2 else None
+    if class_axis is not None:
+        _keep_argmax(quantized, np.asarray(probabilities), class_axis)
     return quantized if quantized.ndim else quantized[()]  # a scalar in, a scalar out (as before)
+
+
+def _keep_argmax(quantized: np.ndarray, probabilities: np.ndarray, class_axis: int) -> None:
+    """Fix, in place, the voxels of ``quantized`` whose rounding tied the arg-max class with a lesser one.
+
+    Such voxels (~0.1% of a 3-class field) are a subset of those whose quantised maximum is shared
+    by two or more classes; those are found with whole-array uint8 passes (no per-voxel arg-max,
+    which over a non-innermost class axis is slow), and only they are looked at class by class.
+    """
+    if not -quantized.ndim <= class_axis < quantized.ndim:
+        raise ValueError(f"class_axis {class_axis} is out of range for an array of {quantized.ndim} dimensions")
+    class_axis %= quantized.ndim
+    if quantized.ndim == 1:                    # one voxel: give it a voxel axis (views, so writes reach)
+        quantized, probabilities, class_axis = quantized[None], probabilities[None], 1
+    top = quantized.max(axis=class_axis, keepdims=True)
+    shared = np.equal(quantized, top).sum(axis=class_axis, dtype=np.uint8) > 1
+    if not shared.any():
+        return
+    # Voxel indices (class axis dropped); 1-D flatnonzero then unravel is ~15× faster than
+    # np.nonzero on the (B, H, W) mask, which alone cost twice the whole rounding.
+    rows = np.unravel_index(np.flatnonzero(shared), shared.shape)
+    q_view = np.moveaxis(quantized, class_axis, -1)                      # a view: writes reach ``quantized``
+    q = q_view[rows].astype(np.int16)                                    # (n, K)
+    # The float arg-max in the input's own precision: a float64 near-tie that float32 rounding
+    # would merge still has a winner.
+    p = np.moveaxis(probabilities, class_axis, -1)[rows]                 # (n, K)
+    n = np.arange(len(q))
+    winner = p.argmax(axis=-1)                                           # ties → lowest index
+    tied_below = (q == q[n, winner][:, None]) & (p < p[n, winner][:, None])
+    fix = tied_below.any(axis=-1)
+    raise_winner = fix & (q[n, winner] < 255)
+    q[n[raise_winner], winner[raise_winner]] += 1
+    # Only reachable with inputs above 1 (or ≈1 in two classes): no room above 255, so the tied
+    # lesser classes go down instead (they are at 255, never below 0).
+    q -= (tied_below & (fix & ~raise_winner)[:, None])
+    q_view[rows] = q.astype(np.uint8)
 
 
 def first_argmax(array: np.ndarray, axis: int) -> np.ndarray:
@@ -74,13 +123,13 @@ def mean_over_steps(stack: np.ndarray) -> np.ndarray:
     return np.true_divide(total, np.intp(stack.shape[0]), out=total, casting="unsafe")
 
 
-def mean_fusion(stack: np.ndarray) -> np.ndarray:
-    """The paper's consensus: the mean of the per-step probabilities."""
+def mean_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
+    """The paper's consensus: the mean of the per-step probabilities (of every seed alike)."""
     return _normalise(mean_over_steps(stack))
 
 
-def vote_gated_fusion(stack: np.ndarray) -> np.ndarray:
-    """Mean over only the steps that vote for the per-voxel majority class.
+def vote_gated_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
+    """Mean over only the steps (of every seed alike) that vote for the per-voxel majority class.
 
     A few confident but wrong early steps cannot then drag the mean across the decision boundary.
     """
@@ -100,19 +149,37 @@ def normalised_entropy(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
     return (-(probs * np.log(probs)).sum(axis=axis) / np.log(num_classes)).astype(np.float32)
 
 
-def uncertainty_weighted_fusion(stack: np.ndarray) -> np.ndarray:
-    """Per-voxel weighted mean, each step weighted by its own confidence (1 - normalised entropy)."""
+def uncertainty_weighted_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
+    """Per-voxel weighted mean, each step (of every seed alike) weighted by its own confidence
+    (1 - normalised entropy)."""
     probs = as_probabilities(stack)
     weights = 1.0 - normalised_entropy(probs, axis=1)[:, None] + 1e-3  # never all-zero
     return _normalise((probs * weights).sum(axis=0) / weights.sum(axis=0))
 
 
-def last_step_fusion(stack: np.ndarray) -> np.ndarray:
-    """No fusion: the final step's x̂_0 (what a plain diffusion sampler returns)."""
-    return _normalise(as_probabilities(stack)[-1])
+def last_step_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
+    """No fusion over steps: the final step's x̂_0 (what a plain diffusion sampler returns).
+
+    ``stack`` is (num_seeds*steps, K, *spatial), seed-major; with several seeds the result is the
+    mean of every seed's final step, normalised (one seed: that seed's final step alone).
+    """
+    if num_seeds < 1 or stack.shape[0] % num_seeds:
+        raise ValueError(f"a stack of {stack.shape[0]} steps does not split into {num_seeds} seeds")
+    steps = stack.shape[0] // num_seeds
+    return _normalise(mean_over_steps(stack[steps - 1::steps]))
 
 
-FUSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+class Fusion(Protocol):
+    """``(num_seeds*steps, K, *spatial)`` seed-major stack → fused probabilities (K, *spatial).
+
+    ``num_seeds`` tells a fusion where each seed's trajectory ends ('last' needs it); the fusions
+    that pool every step of every seed alike take it and ignore it.
+    """
+
+    def __call__(self, stack: np.ndarray, num_seeds: int = 1) -> np.ndarray: ...
+
+
+FUSIONS: dict[str, Fusion] = {
     "mean": mean_fusion,
     "vote_gated": vote_gated_fusion,
     "uncertainty_weighted": uncertainty_weighted_fusion,
@@ -136,7 +203,7 @@ def fuse(stack: np.ndarray, method: str = "mean", skip_first: int = 0, num_seeds
     """Fused class probabilities (K, *spatial) of a per-step stack (seeds*steps, K, *spatial)."""
     if method not in FUSIONS:
         raise ValueError(f"unknown consensus {method!r}; choose one of {list(FUSIONS)}")
-    return FUSIONS[method](select_steps(stack, skip_first, num_seeds))
+    return FUSIONS[method](select_steps(stack, skip_first, num_seeds), num_seeds=num_seeds)
 
 
 def labels_from_probabilities(probabilities: np.ndarray) -> np.ndarray:

@@ -1,14 +1,18 @@
-"""Labelled volumes → a dataset of 2-D training slices.
+"""Labelled scans → random training crops at the plan's spacing, through the inference preprocessor.
 
-Accepts the Medical Segmentation Decathlon / nnU-Net raw layout (``dataset.json``, ``imagesTr/``,
-``labelsTr/``) and plain folders of ``*_image.nii.gz`` / ``*_label.nii.gz`` pairs. Slices are
-preprocessed exactly as at inference (:mod:`medconddiff.preprocess`) and kept in memory at model
-resolution; augmentation uses torchvision's v2 transforms, which move image and mask together.
+Every case is turned into canonical slices resampled to the plan's in-plane spacing by the same
+:class:`~medconddiff.preprocess.ScanPreprocessor` that inference uses, so training and inference
+see the same millimetres, orientation and intensities. Items are square crops of ``patch_size``
+pixels: centred on a foreground pixel for a fraction of draws (rare classes first), anywhere
+otherwise; a crop reaching past the slice's edge is filled with background (air), so the network
+also learns slices whose field of view is wider than the anatomy. Augmentation (torchvision v2)
+moves image and mask together.
+
+Slice ranges (``0:40,80:128``) count canonical slices along the plan's direction.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,82 +21,38 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import PreprocessConfig
-from .nifti import VolumeMeta, load_labels, load_volume
-from .preprocess import check_volume, intensity_range, normalise_intensity, resize_labels, to_model_input
+from .config import PreprocessPlan
+from .dataset_layout import DatasetError
+from .nifti import VolumeMeta, load_labels
+from .preprocess import PreparedScan, ScanPreprocessor
 
-
-class DatasetError(ValueError):
-    """A dataset folder or case that cannot be trained on; the message says which file and why."""
+SliceRanges = Optional[Sequence[tuple[int, int]]]
+#: Slices resampled at once while a case is prepared (bounds memory on big scans).
+PREPARE_CHUNK = 16
 
 
 @dataclass
 class Case:
+    """One labelled scan in file order: image ``(i, j, k)`` or ``(i, j, k, C)``, labels ``(i, j, k)``."""
+
     name: str
-    image: np.ndarray       # float32, NIfTI voxel order
-    labels: np.ndarray      # uint8, same shape
+    image: np.ndarray
+    labels: np.ndarray
     meta: VolumeMeta
 
 
-def _strip(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def discover_pairs(root: str | Path) -> list[tuple[Path, Path]]:
-    """(image, label) paths of a dataset folder, in a stable order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
-    manifest = root / "dataset.json"
-    if manifest.is_file():
-        try:
-            entries = json.loads(manifest.read_text())["training"]
-            pairs = [(root / e["image"], root / e["label"]) for e in entries]
-        except (ValueError, KeyError, TypeError) as error:
-            raise DatasetError(f"{manifest}: not a Decathlon dataset.json ({error})") from None
-        missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
-        if missing:
-            raise DatasetError(f"{manifest} lists {len(missing)} files that do not exist, e.g. {missing[0]}")
-    elif (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
-        labels = {_strip(p.name): p for p in (root / "labelsTr").glob("*.nii*")}
-        pairs = []
-        for image in sorted((root / "imagesTr").glob("*.nii*")):
-            case = _strip(image.name)
-            case = case[:-5] if case.endswith("_0000") else case  # nnU-Net channel suffix
-            if case not in labels:
-                raise DatasetError(f"no label in {root / 'labelsTr'} for image {image.name}")
-            pairs.append((image, labels[case]))
-    else:
-        pairs = []
-        for image in sorted(root.glob("*_image.nii*")):
-            label = image.with_name(image.name.replace("_image.", "_label."))
-            if not label.is_file():
-                raise DatasetError(f"no label file {label.name} for {image.name}")
-            pairs.append((image, label))
-    if not pairs:
-        raise DatasetError(f"no training cases in {root} (expected dataset.json, imagesTr/+labelsTr/, "
-                           "or *_image.nii.gz with *_label.nii.gz)")
-    return sorted(pairs)
-
-
-def load_case(image_path: Path, label_path: Path, num_classes: int) -> Case:
-    image, meta = load_volume(image_path)
+def load_case(name: str, image: np.ndarray, meta: VolumeMeta, label_path: Path, num_classes: int) -> Case:
+    """Attach a label file to a loaded image, checking that it lies on the image's grid and fits the classes."""
     labels, label_meta = load_labels(label_path)
-    if image.shape != labels.shape:
-        raise DatasetError(f"{label_path.name} has shape {labels.shape} but {image_path.name} has {image.shape}")
+    if image.shape[:3] != labels.shape:
+        raise DatasetError(f"{label_path.name} has shape {labels.shape} but the image of {name} has {image.shape[:3]}")
     if not np.allclose(meta.affine, label_meta.affine, atol=1e-3):
-        raise DatasetError(f"{label_path.name} and {image_path.name} have different affines "
+        raise DatasetError(f"{label_path.name} and the image of {name} have different affines "
                            "(the label does not lie on the image's grid)")
     if labels.max() >= num_classes:
         raise DatasetError(f"{label_path.name} has label {int(labels.max())} but the model has {num_classes} "
-                           f"classes (0..{num_classes - 1}); set --class-names to match")
-    return Case(_strip(Path(image_path).name), check_volume(image), labels.astype(np.uint8), meta)
-
-
-SliceRanges = Optional[Sequence[tuple[int, int]]]
+                           f"classes (0..{num_classes - 1})")
+    return Case(name, image, labels.astype(np.uint8), meta)
 
 
 def parse_ranges(text: Optional[str]) -> SliceRanges:
@@ -111,45 +71,107 @@ def parse_ranges(text: Optional[str]) -> SliceRanges:
     return ranges
 
 
-class SliceDataset(Dataset):
-    """All (or a range of) slices of some cases: ``(image (1,S,S) in [-1,1], labels (S,S) int64)``."""
+def range_indices(ranges: SliceRanges, n_slices: int, case_name: str) -> np.ndarray:
+    """Canonical slice indices of ``ranges`` (all slices when None)."""
+    if not ranges:
+        return np.arange(n_slices)
+    for start, stop in ranges:
+        if stop > n_slices:
+            raise DatasetError(f"slice range {start}:{stop} exceeds the {n_slices} slices of {case_name}")
+    return np.unique(np.concatenate([np.arange(start, stop) for start, stop in ranges]))
 
-    def __init__(self, cases: Sequence[Case], preprocess: PreprocessConfig, image_size: int,
-                 slice_ranges: SliceRanges = None, augment: bool = False):
-        images, labels, origin = [], [], []
-        axis = preprocess.slice_axis
+
+@dataclass
+class _PreparedCase:
+    images: torch.Tensor          # (n, C_in, h, w) float32 on the model grid (unpadded)
+    labels: torch.Tensor          # (n, h, w) uint8
+    background: list[float]       # per input channel: what padding gets
+    indices: np.ndarray           # canonical slice index of each entry
+
+
+def prepare_case(scan: PreparedScan, labels: np.ndarray, indices: np.ndarray) -> _PreparedCase:
+    images, masks = [], []
+    for start in range(0, len(indices), PREPARE_CHUNK):
+        chunk = indices[start:start + PREPARE_CHUNK]
+        images.append(scan.geometry.crop(scan.forward(chunk)).contiguous())
+        masks.append(scan.labels_forward(labels, chunk).to(torch.uint8))
+    return _PreparedCase(torch.cat(images), torch.cat(masks), scan.pad_values, indices)
+
+
+class TrainingSlices(Dataset):
+    """Training crops of canonical slices: items are ``(image (C_in, P, P) float32, labels (P, P) int64)``."""
+
+    def __init__(self, cases: Sequence[Case], plan: PreprocessPlan, patch_size: int,
+                 slice_ranges: SliceRanges = None, augment: bool = False, foreground_fraction: float = 0.5, *,
+                 slices_by_case: Optional[dict[str, Sequence[int]]] = None, centre_crops: bool = False):
+        """``slice_ranges`` apply to every case; ``slices_by_case`` (case name → canonical slice
+        indices) picks slices per case instead (fine-tuning on the slices a user corrected).
+        ``centre_crops`` makes every crop the slice's centre (deterministic items, e.g. for
+        calibration and tests) instead of random, foreground-seeking crops."""
+        preprocessor = ScanPreprocessor(plan)
+        self.cases: list[_PreparedCase] = []
+        self.origin: list[tuple[str, int]] = []
+        self._items: list[tuple[int, int]] = []
         for case in cases:
-            n = case.image.shape[axis]
-            low, high = intensity_range(case.image, preprocess)
-            for start, stop in slice_ranges or [(0, n)]:
-                if stop > n:
-                    raise DatasetError(f"slice range {start}:{stop} exceeds the {n} slices of {case.name}")
-                volume = np.moveaxis(case.image, axis, 0)[start:stop]
-                mask = np.moveaxis(case.labels, axis, 0)[start:stop]
-                images.append(to_model_input(normalise_intensity(volume, low, high), image_size))
-                labels.append(resize_labels(torch.from_numpy(mask.astype(np.int64)), image_size))
-                origin += [(case.name, i) for i in range(start, stop)]
-        if not origin:
+            scan = preprocessor.prepare(case.image, case.meta)
+            if slices_by_case is not None:
+                indices = np.asarray(sorted(slices_by_case.get(case.name, ())), dtype=np.int64)
+                if len(indices) and not (0 <= indices.min() and indices.max() < scan.n_slices):
+                    raise DatasetError(f"slices {indices.tolist()} are outside the {scan.n_slices} "
+                                       f"{plan.slicing} slices of {case.name}")
+                if not len(indices):
+                    continue
+            else:
+                indices = range_indices(slice_ranges, scan.n_slices, case.name)
+            prepared = prepare_case(scan, case.labels, indices)
+            self._items += [(len(self.cases), position) for position in range(len(indices))]
+            self.origin += [(case.name, int(i)) for i in indices]
+            self.cases.append(prepared)
+        if not self._items:
             raise DatasetError("the dataset has no slices")
-        self.images = torch.cat(images)
-        self.labels = torch.cat(labels)
-        self.origin = origin
+        self.patch_size = int(patch_size)
         self.augment = augment
-        self._transform = _augmentation() if augment else None
+        self.foreground_fraction = float(foreground_fraction)
+        self.centre_crops = centre_crops
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self._items)
+
+    def slice_labels(self, index: int) -> torch.Tensor:
+        """The whole model-grid label map of item ``index`` (h, w)."""
+        case, position = self._items[index]
+        return self.cases[case].labels[position]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.images[index], self.labels[index]
-        if self._transform is None:
-            return image, labels
-        from torchvision import tv_tensors
+        case_index, position = self._items[index]
+        case = self.cases[case_index]
+        image, labels = case.images[position], case.labels[position]
+        top, left = self._crop_origin(labels)
+        image = _crop(image, top, left, self.patch_size, case.background)
+        labels = _crop(labels[None], top, left, self.patch_size, [0])[0]
+        if self.augment:
+            image, labels = _augment(image, labels, case.background)
+        return image, labels.long()
 
-        image, mask = self._transform(tv_tensors.Image(image), tv_tensors.Mask(labels[None]))
-        gain = 1 + 0.1 * (2 * torch.rand(()) - 1)   # intensity jitter: ±10 % contrast, ±0.1 brightness
-        bias = 0.1 * (2 * torch.rand(()) - 1)
-        return (image.as_subclass(torch.Tensor) * gain + bias), mask.as_subclass(torch.Tensor)[0].long()
+    def _crop_origin(self, labels: torch.Tensor) -> tuple[int, int]:
+        """Top-left corner of a crop: centred on a foreground pixel (rarest class first) or at random."""
+        h, w = labels.shape
+        half = self.patch_size // 2
+        if self.centre_crops:
+            return h // 2 - half, w // 2 - half
+        present = [k for k in torch.unique(labels).tolist() if k > 0]
+        if present and float(torch.rand(())) < self.foreground_fraction:
+            counts = {k: int((labels == k).sum()) for k in present}
+            chosen = min(counts, key=counts.get)   # the rarest class on this slice
+            candidates = torch.nonzero(labels == chosen)
+            y, x = candidates[int(torch.randint(len(candidates), ()))].tolist()
+        else:
+            y, x = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        # Jitter so a foreground pixel is not always dead centre.
+        jitter = max(1, self.patch_size // 4)
+        y += int(torch.randint(-jitter, jitter + 1, ()))
+        x += int(torch.randint(-jitter, jitter + 1, ()))
+        return y - half, x - half
 
     def class_slice_weights(self, num_classes: int) -> torch.Tensor:
         """Sampling weight per slice: slices showing rare classes are drawn more often (as in the paper).
@@ -157,19 +179,38 @@ class SliceDataset(Dataset):
         A class present on a fraction f of slices gets weight 1/f; a slice takes the largest weight
         of the classes it shows.
         """
-        present = torch.stack([(self.labels == k).flatten(1).any(1) for k in range(num_classes)], dim=1)
+        present = torch.stack([torch.tensor([bool((self.slice_labels(i) == k).any()) for i in range(len(self))])
+                               for k in range(num_classes)], dim=1)
         frequency = present.float().mean(0).clamp(min=1 / len(self))
         weights = (present.float() / frequency).max(dim=1).values
         return weights / weights.sum()
 
 
-def _augmentation():
+def _crop(array: torch.Tensor, top: int, left: int, size: int, fill: Sequence[float]) -> torch.Tensor:
+    """(C, h, w) → (C, size, size) window at (top, left); outside the slice each channel gets ``fill``."""
+    channels, h, w = array.shape
+    out = array.new_empty((channels, size, size))
+    for c in range(channels):
+        out[c].fill_(fill[c] if len(fill) > 1 else fill[0])
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, h), min(left + size, w)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = array[:, y0:y1, x0:x1]
+    return out
+
+
+def _augment(image: torch.Tensor, labels: torch.Tensor, background: Sequence[float]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip, ±10° rotation, ±10 % scale, small shifts (mask nearest-neighbour), intensity jitter."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    # v2 resamples masks with nearest neighbour; the border fills with air (-1) and background (0).
-    return v2.Compose([
+    transform = v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomAffine(degrees=10, scale=(0.9, 1.1), translate=(0.05, 0.05),
-                        fill={tv_tensors.Image: -1.0, "others": 0}),
+                        fill={tv_tensors.Image: list(background), "others": 0}),
     ])
+    image, mask = transform(tv_tensors.Image(image), tv_tensors.Mask(labels[None]))
+    gain = 1 + 0.1 * (2 * torch.rand(()) - 1)   # intensity jitter: ±10 % contrast, ±0.1 brightness
+    bias = 0.1 * (2 * torch.rand(()) - 1)
+    return image.as_subclass(torch.Tensor) * gain + bias, mask.as_subclass(torch.Tensor)[0]

@@ -16,7 +16,7 @@ measures the latent scale and freezes the VAE; the generic trainer then optimise
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,8 @@ from .backbone import FeatureBackbone
 from .config import ModelConfig, TrainConfig
 from .denoiser import ConditionalUNet, FeatureAdapter, _groups
 from .losses import hybrid_loss
-from .model import expand_channels
+from .model_interface import DiffusionSegmentationModel, Log, count_parameters, expand_channels
 from .morphology import postprocess_labels
-from .preprocess import resize_labels
 from .schedulers import NoiseSchedule
 
 
@@ -136,8 +135,8 @@ class LatentUNet(ConditionalUNet):
         self.stem_down = nn.Sequential(*layers)
 
 
-class LatentSegDiff(nn.Module):
-    """LSegDiff: the MedCondDiff interface (see model.py) over a mask-VAE latent."""
+class LatentSegDiff(DiffusionSegmentationModel):
+    """LSegDiff: the :class:`DiffusionSegmentationModel` interface over a mask-VAE latent."""
 
     #: weight of the decoded-mask CE + Dice next to the latent MSE in :meth:`training_loss`
     decoded_loss_weight = 0.1
@@ -151,17 +150,15 @@ class LatentSegDiff(nn.Module):
     #: latent cannot localise anything much smaller, so such specks are decoder noise
     postprocess_min_cells = 0.5
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, in_channels: int = 1):
         super().__init__()
         self.config = config
         d = config.latent_downsample
         if not _is_power_of_two(d):
             raise ValueError(f"latent_downsample must be a power of two, got {d}")
-        if config.image_size % d:
-            raise ValueError(f"image_size {config.image_size} is not divisible by latent_downsample {d}")
         if config.latent_channels < 1:
             raise ValueError(f"latent_channels must be at least 1, got {config.latent_channels}")
-        self.backbone = FeatureBackbone(config.backbone, in_chans=1, weights=config.backbone_weights)
+        self.backbone = FeatureBackbone(config.backbone, in_chans=in_channels, weights=config.backbone_weights)
         # Backbone stages finer than the latent grid have nothing to be added to; they are not used.
         self.stage_indices = tuple(i for i, r in enumerate(self.backbone.reductions) if r >= d)
         if not self.stage_indices:
@@ -181,10 +178,6 @@ class LatentSegDiff(nn.Module):
         self.register_buffer("latent_bound", torch.zeros(()))
 
     # ----------------------------------------------------------------- the shared model interface
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
     @property
     def vae_trained(self) -> bool:
         return bool(self.latent_bound > 0)
@@ -231,19 +224,18 @@ class LatentSegDiff(nn.Module):
         """Training forward: the predicted clean (scaled) latent."""
         return self.denoise_latent(x_t, timesteps, self.encode_condition(image))
 
-    def parameter_counts(self) -> dict[str, int]:
-        def count(module: nn.Module) -> int:
-            return sum(p.numel() for p in module.parameters())
+    def extra_parameter_counts(self) -> dict[str, int]:
+        return {"vae": count_parameters(self.vae)}
 
-        return {"backbone": count(self.backbone), "adapter": count(self.adapter),
-                "denoiser": count(self.denoiser), "vae": count(self.vae), "total": count(self)}
+    def class_dependent_prefixes(self) -> tuple[str, ...]:
+        # The VAE encodes and decodes K-class masks; a new class list needs a new VAE (and latent scale).
+        return ("vae.", "latent_scale", "latent_bound")
 
-    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+    def postprocess(self, labels: np.ndarray, model_pixel_area: float = 1.0) -> np.ndarray:
         """Morphological clean-up of consensus labels (slices, H, W) at any (scan) resolution."""
         labels = np.asarray(labels)
-        height, width = labels.shape[-2:]
-        d, size = self.config.latent_downsample, self.config.image_size
-        cell = d * d * (height / size) * (width / size)  # one latent cell, in pixels of these labels
+        d = self.config.latent_downsample
+        cell = d * d * model_pixel_area  # one latent cell, in pixels of these labels
         return postprocess_labels(labels, self.num_classes, min_size=int(round(self.postprocess_min_cells * cell)),
                                   fill_holes=True)
 
@@ -259,8 +251,6 @@ class LatentSegDiff(nn.Module):
         if not self.vae_trained:
             raise RuntimeError("the mask VAE is not trained yet; call prepare_training first")
         labels = labels.long()
-        if labels.shape[-2:] != image.shape[-2:]:
-            labels = resize_labels(labels, image.shape[-1])
         x0 = self.mask_to_state(labels)
         source = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=source)
@@ -273,7 +263,7 @@ class LatentSegDiff(nn.Module):
                 "decoded_dice_loss": decoded["dice_loss"], "decoded_ce": decoded["ce"]}
 
     def prepare_training(self, dataset, train_config: TrainConfig, device: torch.device | str = "cpu",
-                         log: Callable[[str], None] = print, *, steps: Optional[int] = None) -> dict[str, float]:
+                         log: Log = print, *, steps: Optional[int] = None) -> dict[str, float]:
         """Stage 1: fit the mask VAE on the data set's masks, set ``latent_scale``, freeze the VAE.
 
         ``dataset[i]`` is ``(image, labels)`` as medconddiff.datasets.SliceDataset yields them; only the
@@ -334,8 +324,5 @@ class LatentSegDiff(nn.Module):
         return scale, float(self.latent_bound)
 
     def _labels_of(self, dataset, indices: Sequence[int]) -> torch.Tensor:
-        labels = torch.stack([torch.as_tensor(np.asarray(dataset[i][1])) for i in indices]).long()
-        size = self.config.image_size
-        if labels.shape[-2:] != (size, size):
-            labels = resize_labels(labels, size)
-        return labels
+        """Training crops' label maps (all the same crop size)."""
+        return torch.stack([torch.as_tensor(np.asarray(dataset[i][1])) for i in indices]).long()

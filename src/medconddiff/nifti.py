@@ -23,7 +23,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -31,12 +31,14 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from .atomic import atomic_write
+from .geometry import affine_is_usable
 
 __all__ = [
     "VolumeMeta",
     "VolumeReadError",
     "load_volume",
     "load_labels",
+    "load_channels",
     "save_volume",
     "sanitize_nonfinite",
     "write_json_atomic",
@@ -95,6 +97,12 @@ class VolumeMeta:
     original_ndim
         Number of spatial dimensions in the file: 2 for 2-D images (returned with a singleton
         last axis), 3 otherwise.
+    affine_known
+        False when the affine says nothing reliable about anatomy: a NIfTI whose qform and sform
+        codes are both 0, a singular or non-finite affine, or an array from nowhere. Such scans
+        are processed in voxel order (see :mod:`medconddiff.geometry`).
+    geometry_note
+        Why ``affine_known`` is False (shown to the user), or where an assumed affine came from.
     """
 
     affine: np.ndarray
@@ -103,11 +111,16 @@ class VolumeMeta:
     source: str | None = None
     orientation: tuple[str, ...] | None = None
     original_ndim: int = 3
+    affine_known: bool = True
+    geometry_note: str = ""
 
     def __post_init__(self) -> None:
         self.affine = np.array(self.affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
+        if self.affine_known and not affine_is_usable(self.affine):
+            self.affine_known = False
+            self.geometry_note = self.geometry_note or "the affine is degenerate (singular or not finite)"
         self.spacing = tuple(float(s) for s in self.spacing)
         if self.orientation is None:
             self.orientation = _axis_codes(self.affine)
@@ -148,6 +161,8 @@ class VolumeMeta:
             "orientation": list(self.orientation),
             "source": self.source,
             "original_ndim": self.original_ndim,
+            "affine_known": self.affine_known,
+            "geometry_note": self.geometry_note,
             "header": header_dict,
         }
 
@@ -167,15 +182,19 @@ class VolumeMeta:
             source=d.get("source"),
             orientation=tuple(d["orientation"]) if d.get("orientation") else None,
             original_ndim=int(d.get("original_ndim", 3)),
+            affine_known=bool(d.get("affine_known", True)),
+            geometry_note=str(d.get("geometry_note", "")),
         )
 
     @classmethod
-    def identity(cls, shape_ndim: int = 3, spacing: tuple[float, ...] | None = None) -> VolumeMeta:
+    def identity(cls, shape_ndim: int = 3, spacing: tuple[float, ...] | None = None, *,
+                 known: bool = False, note: str = "") -> VolumeMeta:
         """Meta for an array that came from nowhere: axes aligned with the world, origin at 0.
 
         ``spacing`` (mm per array axis, ``shape_ndim`` values; default 1 mm) goes on the
         affine's diagonal, so the affine is the identity only for 1 mm voxels. A 2-D meta gets a
-        1 mm third axis, matching the singleton last axis load_volume gives 2-D images.
+        1 mm third axis, matching the singleton last axis load_volume gives 2-D images. Unless
+        ``known``, the axes are marked as not anatomically known (``affine_known=False``).
         """
         if shape_ndim not in (2, 3):
             raise ValueError(f"shape_ndim must be 2 or 3, got {shape_ndim}")
@@ -188,7 +207,9 @@ class VolumeMeta:
             raise ValueError(f"spacing must be positive, got {spacing}")
         spacing_3d = spacing + (1.0,) * (3 - shape_ndim)
         affine = np.diag(spacing_3d + (1.0,))
-        return cls(affine=affine, spacing=spacing_3d, original_ndim=shape_ndim)
+        note = note or ("" if known else "the array came without a NIfTI affine")
+        return cls(affine=affine, spacing=spacing_3d, original_ndim=shape_ndim, affine_known=known,
+                   geometry_note=note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +266,54 @@ def load_labels(path: str | os.PathLike) -> tuple[np.ndarray, VolumeMeta]:
     return data.astype(label_dtype, copy=False), meta
 
 
+def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, VolumeMeta]:
+    """Read the channels of one scan as a float32 ``(i, j, k, C)`` array, channels last.
+
+    * One path: a 3-D file gives ``C = 1``; a 4-D file ``(X, Y, Z, C)`` gives its ``C`` volumes
+      along axis 3 (a Decathlon multi-sequence scan).
+    * Several paths (one file per channel, nnU-Net style): each must be 3-D, and all must share
+      one shape and one affine (within 1e-3 mm); they are stacked in the order given.
+
+    Axis order, spacing and scaling are those of :func:`load_volume`; ``meta`` is the first file's.
+    Raises :class:`VolumeReadError` naming the file(s) and the problem, also when a channel has no
+    finite voxel.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("load_channels needs at least one file")
+    first, meta = _read_nifti(paths[0], channel=0)
+    file_shape = _drop_trailing_singletons(meta.header.get_data_shape())
+    if len(paths) == 1:
+        sources = [(paths[0], c) for c in range(file_shape[3] if len(file_shape) == 4 else 1)]
+    else:
+        sources = [(path, 0) for path in paths]
+    out = np.empty(first.shape + (len(sources),), dtype=np.float32)
+    for index, (path, channel) in enumerate(sources):
+        # Every channel goes through _read_nifti so that each read failure is worded the same way;
+        # a 4-D .nii.gz is thereby decompressed once per channel, which is cheap next to its use.
+        data, channel_meta = (first, meta) if index == 0 else _read_nifti(path, channel)
+        where = f"{path}: channel {channel}" if len(paths) == 1 and len(sources) > 1 else str(path)
+        if len(paths) > 1:
+            shape = _drop_trailing_singletons(channel_meta.header.get_data_shape())
+            if len(shape) == 4:
+                raise VolumeReadError(f"{path}: 4-D image {shape}; with one file per channel each file "
+                                      "must be a 3-D volume")
+            if data.shape != first.shape:
+                raise VolumeReadError(f"{path} has shape {data.shape} but {paths[0]} has {first.shape}; "
+                                      "the channels of a scan must share one grid")
+            difference = float(np.abs(channel_meta.affine - meta.affine).max())
+            if difference > 1e-3:
+                raise VolumeReadError(f"{path} and {paths[0]} have affines that differ by up to "
+                                      f"{difference:.4g} mm; the channels of a scan must share one grid")
+        try:
+            out[..., index] = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise VolumeReadError(f"{where}: voxel type {data.dtype} cannot be read as numbers ({exc})") from exc
+        if not np.isfinite(out[..., index]).any():
+            raise VolumeReadError(f"{where}: every voxel is NaN or infinite")
+    return out, meta
+
+
 def smallest_label_dtype(max_label: int) -> np.dtype:
     """uint8 / uint16 / int32: the smallest type that holds labels 0..max_label."""
     if max_label <= np.iinfo(np.uint8).max:
@@ -295,12 +364,15 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, VolumeMeta
     # (X, Y, 1) files and 2-D slices of (X, Y, 1, C) files are 2-D images.
     original_ndim = 2 if len(shape) == 2 or shape[2] == 1 else 3
     data = data.reshape(_spatial_shape_3d(data.shape))
+    has_orientation = int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
     meta = VolumeMeta(
         affine=img.affine,
         spacing=_spacing_from_header(img.header, img.affine),
         header=img.header,
         source=str(path),
         original_ndim=original_ndim,
+        affine_known=has_orientation,
+        geometry_note="" if has_orientation else f"{path.name} has no orientation (qform and sform codes are 0)",
     )
     return data, meta
 
@@ -421,7 +493,8 @@ def save_volume(
     """Write ``array`` (axis order ``(i, j, k)`` as load_volume returns) to a .nii or .nii.gz file.
 
     The file gets ``meta.affine`` as sform (and qform), voxel sizes ``meta.spacing`` and, when
-    ``meta.header`` is set, that header's form codes and units. ``dtype`` defaults to the array's
+    ``meta.header`` is set, that header's form codes and units. A meta whose affine is not known
+    (``affine_known`` False) is written with qform and sform codes 0 (NIfTI's "unknown orientation"). ``dtype`` defaults to the array's
     own (bool -> uint8; int64 -> int32 when values fit); float arrays written as an integer dtype
     are rounded. A meta with ``original_ndim == 2`` squeezes an ``(X, Y, 1)`` array back to 2-D.
 
@@ -512,6 +585,9 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
         header = nib.Nifti1Header()
         header.set_xyzt_units("mm")
         sform_code = qform_code = _ALIGNED_FORM_CODE
+    if not meta.affine_known:
+        # Codes 0 are NIfTI's "orientation unknown": never invent an orientation the scan did not have.
+        sform_code = qform_code = 0
     header.set_data_shape(out.shape)
     header.set_data_dtype(out.dtype)
     # An inherited display window (cal_min/max) would be wrong for new content such as labels.

@@ -8,11 +8,11 @@ cancellation come from the caller iterating (or stopping iterating), not from ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 
-from .schedulers import _SchedulerBase
+from .schedulers import StepGenerator, _SchedulerBase
 
 #: ``denoise(x_t, timesteps) -> (x0_state, class_probabilities)``; x0_state feeds the scheduler,
 #: the probabilities (B, K, H, W) are what a user sees for that step.
@@ -37,8 +37,13 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 
 
 def sample_progressive(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> Iterator[SamplingStep]:
-    """Run the scheduler's timesteps from ``x_t`` (usually pure noise), yielding after every step."""
+                       generator: StepGenerator = None) -> Iterator[SamplingStep]:
+    """Run the scheduler's timesteps from ``x_t`` (B, ...; usually pure noise), yielding after every step.
+
+    ``generator`` draws the step noise (DDPM, DDIM with eta > 0): one torch.Generator for the whole
+    batch, or a sequence of B generators, item b's noise from the b-th alone (then an item's
+    trajectory does not depend on the batch it is sampled in).
+    """
     timesteps = scheduler.timesteps
     for index, timestep in enumerate(timesteps.tolist()):
         t_batch = torch.full((x_t.shape[0],), timestep, device=x_t.device, dtype=torch.long)
@@ -48,6 +53,6 @@ def sample_progressive(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch
 
 
 def sample(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch.Tensor,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           generator: StepGenerator = None) -> torch.Tensor:
     """Drain :func:`sample_progressive`; returns the per-step probabilities stacked as (S, B, K, H, W)."""
     return torch.stack([step.probabilities for step in sample_progressive(denoise, scheduler, x_t, generator)])

@@ -10,27 +10,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .config import DiffusionConfig
 
+#: Where a step's noise comes from: one generator for the whole batch, or one per batch item
+#: (``len == batch``), so that an item's trajectory does not depend on the batch it is sampled in.
+StepGenerator = Union[torch.Generator, Sequence[torch.Generator], None]
+
+#: The largest beta of either schedule: beta = 1 would zero ᾱ (a singular last step), beta > 1 negate it.
+MAX_BETA = 0.999
+
 
 def make_betas(config: DiffusionConfig) -> torch.Tensor:
-    """Betas of the training schedule, float64, length ``num_train_timesteps``."""
+    """Betas of the training schedule, float64, length ``num_train_timesteps``, each in (0, 0.999]."""
     steps = config.num_train_timesteps
     if config.schedule == "linear":
         # Scaled so that the schedule's end points match DDPM's 1000-step schedule for any length.
+        # With 20 steps or fewer the scaled betas reach 1 or more (ᾱ zero, negative, then NaN in
+        # the samplers' square roots), so they are capped like the cosine schedule's; a schedule
+        # long enough not to need the cap is unchanged.
         scale = 1000.0 / steps
-        return torch.linspace(scale * config.beta_start, scale * config.beta_end, steps, dtype=torch.float64)
-    # Nichol & Dhariwal cosine schedule; beta capped at 0.999 to avoid a singular last step.
+        betas = torch.linspace(scale * config.beta_start, scale * config.beta_end, steps, dtype=torch.float64)
+        return betas.clamp_(max=MAX_BETA)
+    # Nichol & Dhariwal cosine schedule; beta capped to avoid a singular last step.
     s = 0.008
 
     def alpha_bar(t: float) -> float:
         return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
 
-    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
+    betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), MAX_BETA) for i in range(steps)]
     return torch.tensor(betas, dtype=torch.float64)
 
 
@@ -98,11 +109,31 @@ class _SchedulerBase:
         return x0 if self.clip_range is None else x0.clamp(-self.clip_range, self.clip_range)
 
     @staticmethod
-    def _noise_like(sample: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def _check_generator(sample: torch.Tensor, generator: StepGenerator) -> None:
+        """Reject a sequence of generators that is not one per item of ``sample`` (B, ...)."""
+        if generator is None or isinstance(generator, torch.Generator):
+            return
+        if len(generator) != sample.shape[0]:
+            raise ValueError(f"a sequence of generators needs one generator per batch item: the sample "
+                             f"has {sample.shape[0]} items, got {len(generator)} generators")
+
+    @staticmethod
+    def _noise_like(sample: torch.Tensor, generator: StepGenerator) -> torch.Tensor:
+        """Standard normal noise shaped like ``sample`` (B, ...), on its device and in its dtype.
+
+        ``generator`` is None (torch's default generator), one generator drawing the whole batch, or
+        a sequence of B generators: item b is then drawn from ``generator[b]`` alone, shaped
+        ``sample.shape[1:]``, so it is the same noise whichever batch the item is in.
+        """
         # Drawn on the generator's device, then moved, so a seed gives the same noise on CPU and CUDA.
-        device = generator.device if generator is not None else sample.device
-        noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
-        return noise.to(sample.device, sample.dtype)
+        if generator is None or isinstance(generator, torch.Generator):
+            device = generator.device if generator is not None else sample.device
+            noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+            return noise.to(sample.device, sample.dtype)
+        _SchedulerBase._check_generator(sample, generator)
+        noise = torch.stack([torch.randn(sample.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                             .to(sample.device) for g in generator])
+        return noise.to(sample.dtype)
 
 
 class DDPMScheduler(_SchedulerBase):
@@ -120,7 +151,9 @@ class DDPMScheduler(_SchedulerBase):
         return (pred_x0 * coef_x0).add_(sample * coef_xt), variance
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
-             generator: Optional[torch.Generator] = None) -> SchedulerStep:
+             generator: StepGenerator = None) -> SchedulerStep:
+        """One step t → t' for a batch ``sample`` (B, ...); ``generator``: see :meth:`_noise_like`."""
+        self._check_generator(sample, generator)
         pred_x0 = self._clip(model_output)
         mean, variance = self.posterior(pred_x0, timestep, sample)
         if self.previous_timestep(timestep) < 0:
@@ -140,7 +173,10 @@ class DDIMScheduler(_SchedulerBase):
         return self.eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev))
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
-             generator: Optional[torch.Generator] = None) -> SchedulerStep:
+             generator: StepGenerator = None) -> SchedulerStep:
+        """One step t → t' for a batch ``sample`` (B, ...); ``generator``: see :meth:`_noise_like`."""
+        # Checked even where no noise is drawn (eta=0, the last step), so a mismatch shows at once.
+        self._check_generator(sample, generator)
         pred_x0 = self._clip(model_output)
         alpha_bar_t, alpha_bar_prev = self._alpha_bars(timestep)
         if self.previous_timestep(timestep) < 0:

@@ -1,14 +1,22 @@
 """The one inference object: the CLI, the napari widget, the evaluator and the tests all use it.
 
-Volumes are numpy arrays in NIfTI voxel order (as :func:`medconddiff.nifti.load_volume` returns
-them); the checkpoint's ``preprocess.slice_axis`` says which axis is sliced. Results come back in the
-same order and shape as the input.
+Volumes are numpy arrays in their file's voxel order ``(i, j, k)`` (or ``(i, j, k, C)`` with
+channels last), with the :class:`~medconddiff.nifti.VolumeMeta` that
+:func:`medconddiff.nifti.load_volume` returns: its affine says where the voxels lie, its spacing
+how big they are. The checkpoint's plan (:class:`~medconddiff.config.PreprocessPlan`) says how the
+scan becomes model slices; :class:`~medconddiff.preprocess.ScanPreprocessor` does it, so results do
+not depend on how a scan is stored. Results come back in the input's voxel order and shape.
 
-    segmenter = Segmenter.from_checkpoint()             # bundled default model
-    result = segmenter.segment(volume)                  # run to the end
-    run = segmenter.run(volume, SamplingConfig(steps=10))
-    for event in run: ...                               # live: StepUpdate / SlicesDone events
-    run.result                                          # finished slices, also after a break
+    volume, meta = load_volume("scan.nii.gz")
+    segmenter = Segmenter.from_checkpoint()                   # bundled default model
+    result = segmenter.segment(volume, meta=meta)             # run to the end
+    run = segmenter.run(volume, SamplingConfig(steps=10), meta=meta)
+    for event in run: ...                                     # live: StepUpdate / SlicesDone events
+    run.result                                                # finished slices, also after a break
+
+Slice indices (``slices=``, ``SlicesDone.slice_indices``) count canonical slices along the plan's
+direction (axial: inferior → superior); ``result.geometry.slice_view(array)`` shows any
+file-ordered array that way.
 """
 
 from __future__ import annotations
@@ -27,10 +35,15 @@ from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint, load_model_weights
 from .config import ExperimentConfig, SamplingConfig
 from .consensus import first_argmax, fuse, labels_from_probabilities, quantize, select_steps, uncertainty
-from .model import build_model
-from .preprocess import check_volume, intensity_range, normalise_intensity, resize_probabilities, to_model_input
+from .families import build_model
+from .model_interface import DiffusionSegmentationModel
+from .nifti import VolumeMeta
+from .preprocess import PreparedScan, ScanGeometry, ScanPreprocessor
 from .sampling import initial_noise, sample_progressive
 from .schedulers import NoiseSchedule, make_scheduler
+
+#: ``postprocess(labels (B, H, W), model_pixel_area) -> labels``: a family's clean-up of consensus labels.
+Postprocess = Callable[[np.ndarray, float], np.ndarray]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -52,22 +65,26 @@ def available_devices() -> list[str]:
 
 @dataclass
 class StepUpdate:
-    """One denoising step finished for a batch of slices (probabilities at model resolution)."""
+    """One denoising step finished for a batch of slices (probabilities on the model grid)."""
 
     slice_indices: np.ndarray
     seed_index: int
     step_index: int
     num_steps: int
     num_seeds: int
-    probabilities: np.ndarray  # (B, K, h, w) float32
+    probabilities: np.ndarray  # (B, K, h, w) float32, canonical slice orientation, plan spacing
 
 
 @dataclass
 class SlicesDone:
-    """A batch of slices is fully segmented; ``completed`` of ``total`` slices are done."""
+    """A batch of slices is fully segmented; ``completed`` of ``total`` slices are done.
+
+    ``labels``/``uncertainty`` are canonical slices on the scan's grid: write them through
+    ``geometry.slice_view(array)[slice_indices]`` into a file-ordered array.
+    """
 
     slice_indices: np.ndarray
-    labels: np.ndarray        # (B, H, W) uint8, scan resolution, slice axis first
+    labels: np.ndarray        # (B, H, W) uint8
     uncertainty: np.ndarray   # (B, H, W) float32 in [0, 1]
     completed: int
     total: int
@@ -80,10 +97,10 @@ SegmentationEvent = Union[StepUpdate, SlicesDone]
 class SegmentationResult:
     """Consensus labels, uncertainty and the kept trajectory of one run.
 
-    ``trajectory`` is uint8-quantised per-step class probabilities, shaped
-    (num_seeds*steps, K, n_slices, h, w) at model resolution, for the slices in ``slice_indices``
-    (compact: a 512×512×300 scan at 10 steps keeps 10×K×300×h×w bytes). ``labels``/``uncertainty``
-    are full volumes in the input's axis order; slices that were not segmented are 0.
+    ``labels``/``uncertainty`` are full volumes in the input's voxel order; slices that were not
+    segmented are 0. ``trajectory`` is the uint8-quantised per-step class probabilities, shaped
+    (num_seeds*steps, K, n_slices, h, w) on the model grid (canonical slices at the plan's spacing)
+    for the slices in ``slice_indices``. ``geometry`` maps between the two.
     """
 
     labels: np.ndarray
@@ -91,12 +108,12 @@ class SegmentationResult:
     trajectory: np.ndarray
     slice_indices: np.ndarray
     completed: np.ndarray          # bool per entry of slice_indices
-    slice_axis: int
+    geometry: ScanGeometry
     sampling: SamplingConfig
     class_names: tuple[str, ...]
     provenance: dict = field(default_factory=dict)
     #: the model's clean-up of consensus labels (LSegDiff's morphology), reapplied by ``refuse``
-    postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = field(default=None, repr=False, compare=False)
+    postprocess: Optional[Postprocess] = field(default=None, repr=False, compare=False)
 
     @property
     def is_complete(self) -> bool:
@@ -104,25 +121,31 @@ class SegmentationResult:
 
     @property
     def step_labels(self) -> np.ndarray:
-        """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8."""
+        """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8, model grid."""
         return first_argmax(self.trajectory, axis=1)
+
+    def slice_view(self, array: np.ndarray) -> np.ndarray:
+        """A file-ordered volume (e.g. ``labels``) as canonical slices, slice axis first (a view)."""
+        return self.geometry.slice_view(array)
 
     def refuse(self, method: str, skip_first: int = 0, chunk: int = 32) -> "SegmentationResult":
         """A new result with another consensus over the kept trajectory (no diffusion re-run)."""
         sampling = dataclasses.replace(self.sampling, consensus=method, skip_first=skip_first)
         labels = np.zeros_like(self.labels)
         unc = np.zeros_like(self.uncertainty)
-        labels_sf = np.moveaxis(labels, self.slice_axis, 0)
-        unc_sf = np.moveaxis(unc, self.slice_axis, 0)
-        shape = labels_sf.shape[1:]
+        labels_sf, unc_sf = self.geometry.slice_view(labels), self.geometry.slice_view(unc)
         done = np.flatnonzero(self.completed)
         for start in range(0, len(done), chunk):
             positions = done[start:start + chunk]
-            fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, shape,
+            fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, self.geometry,
                                                   self.postprocess)
             labels_sf[self.slice_indices[positions]] = fused_labels
             unc_sf[self.slice_indices[positions]] = fused_unc
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
+
+    def step_labels_on_scan(self, step: int) -> np.ndarray:
+        """One step's x̂_0 labels as canonical slices on the scan's grid: (n_slices, H, W) uint8."""
+        return scan_labels(self.trajectory[step].transpose(1, 0, 2, 3), self.geometry)
 
 
 def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
@@ -136,30 +159,32 @@ def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
     return probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
-def labels_at(probabilities: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """(B, K, h, w) probabilities (float, or uint8-quantised) → (B, H, W) uint8 labels at ``shape``.
-
-    The one way a model-resolution prediction becomes scan-resolution labels: bilinear resize of
-    the probabilities, then arg-max (consensus, one-shot, per-step labels and their evaluation).
-    """
+def scan_labels(probabilities: np.ndarray | torch.Tensor, geometry: ScanGeometry) -> np.ndarray:
+    """(B, K, h, w) model-grid probabilities (float, or uint8-quantised) → (B, H, W) uint8 labels
+    on the scan's grid: the one way a prediction becomes labels (bilinear, then arg-max)."""
     if isinstance(probabilities, np.ndarray):
         probabilities = torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))
-    return argmax_labels(resize_probabilities(probabilities.float(), shape))
+    return argmax_labels(geometry.to_scan_grid(probabilities.float()))
 
 
-def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, shape: tuple[int, int],
-                postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W).
+def model_pixel_area(geometry: ScanGeometry) -> float:
+    """How many scan-grid pixels one model-grid pixel covers."""
+    (H, W), (h, w) = geometry.plane_shape, geometry.model_shape
+    return (H / h) * (W / w)
 
-    ``postprocess`` cleans the labels (not the uncertainty, which describes the raw trajectory)."""
+
+def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
+                postprocess: Optional[Postprocess] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W) float32
+    on the scan's grid. ``postprocess`` cleans the labels (not the uncertainty, which describes the
+    raw trajectory)."""
     fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
-    labels = labels_at(fused.transpose(1, 0, 2, 3), shape)
+    labels = scan_labels(fused.transpose(1, 0, 2, 3), geometry)
     if postprocess is not None:
-        labels = postprocess(labels)
-    unc = resize_probabilities(torch.from_numpy(unc_small)[:, None], shape)[:, 0].clamp_(0, 1).numpy()
+        labels = postprocess(labels, model_pixel_area(geometry))
+    unc = geometry.to_scan_grid(torch.from_numpy(unc_small)[:, None])[:, 0].clamp_(0, 1).numpy()
     return labels, unc.astype(np.float32)
 
 
@@ -167,33 +192,47 @@ def _stream_seed(seed: int, slice_index: int) -> int:
     return (seed * 1_000_003 + slice_index * 2) % 2**62
 
 
+def batches(indices: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry) -> Iterator[slice]:
+    """Positions into ``indices`` of each batch: at most ``batch_size`` slices and (unless a single
+    slice exceeds it) ``max_batch_pixels`` padded model pixels."""
+    pixels = geometry.padded_shape[0] * geometry.padded_shape[1]
+    size = max(1, min(sampling.batch_size, sampling.max_batch_pixels // pixels))
+    for start in range(0, len(indices), size):
+        yield slice(start, min(start + size, len(indices)))
+
+
 class SegmentationRun:
     """An iterable run: iterate to drive it, stop iterating to cancel; ``result`` is always valid."""
 
     def __init__(self, segmenter: "Segmenter", volume: np.ndarray, sampling: SamplingConfig,
-                 slices: Optional[Iterable[int]] = None):
+                 slices: Optional[Iterable[int]] = None, meta: Optional[VolumeMeta] = None):
+        segmenter.config.check_sampling(sampling)
         self.segmenter = segmenter
         self.sampling = sampling
-        self.volume = check_volume(volume)
-        axis = segmenter.config.preprocess.slice_axis
-        self.slice_axis = axis
-        n = self.volume.shape[axis]
+        self.scan: PreparedScan = segmenter.preprocessor.prepare(volume, meta)
+        geometry = self.scan.geometry
+        n = geometry.n_slices
         indices = np.arange(n) if slices is None else np.unique(np.asarray(list(slices), dtype=np.int64))
         if len(indices) == 0:
             raise ValueError("no slices selected")
         if indices.min() < 0 or indices.max() >= n:
-            raise ValueError(f"slice indices must be in [0, {n}), got {indices.min()}..{indices.max()}")
+            raise ValueError(f"slice indices must be in [0, {n}) ({geometry.slicing} slices of this scan), "
+                             f"got {indices.min()}..{indices.max()}")
         self.slice_indices = indices
-        size = segmenter.config.model.image_size
+        h, w = geometry.model_shape
         total_steps = sampling.steps * sampling.num_seeds
         self.result = SegmentationResult(
-            labels=np.zeros(self.volume.shape, np.uint8),
-            uncertainty=np.zeros(self.volume.shape, np.float32),
-            trajectory=np.zeros((total_steps, segmenter.num_classes, len(indices), size, size), np.uint8),
-            slice_indices=indices, completed=np.zeros(len(indices), bool), slice_axis=axis,
-            sampling=sampling, class_names=segmenter.class_names, provenance=segmenter.provenance(sampling),
-            postprocess=segmenter.postprocess)
+            labels=np.zeros(geometry.file_shape, np.uint8),
+            uncertainty=np.zeros(geometry.file_shape, np.float32),
+            trajectory=np.zeros((total_steps, segmenter.num_classes, len(indices), h, w), np.uint8),
+            slice_indices=indices, completed=np.zeros(len(indices), bool), geometry=geometry,
+            sampling=sampling, class_names=segmenter.class_names,
+            provenance=segmenter.provenance(sampling, self.scan), postprocess=segmenter.model.postprocess)
         self._iterator: Optional[Iterator[SegmentationEvent]] = None
+
+    @property
+    def geometry(self) -> ScanGeometry:
+        return self.scan.geometry
 
     def __len__(self) -> int:
         return len(self.slice_indices)
@@ -204,22 +243,18 @@ class SegmentationRun:
         return self._iterator
 
     def _generate(self) -> Iterator[SegmentationEvent]:
-        seg, sampling, result = self.segmenter, self.sampling, self.result
-        volume_sf = np.moveaxis(self.volume, self.slice_axis, 0)
-        labels_sf = np.moveaxis(result.labels, self.slice_axis, 0)
-        unc_sf = np.moveaxis(result.uncertainty, self.slice_axis, 0)
-        low, high = intensity_range(self.volume, seg.config.preprocess)
-        shape = volume_sf.shape[1:]
+        seg, sampling, result, geometry = self.segmenter, self.sampling, self.result, self.geometry
+        labels_sf = geometry.slice_view(result.labels)
+        unc_sf = geometry.slice_view(result.uncertainty)
         total = len(self.slice_indices)
-        for start in range(0, total, sampling.batch_size):
-            positions = slice(start, min(start + sampling.batch_size, total))
+        for positions in batches(self.slice_indices, sampling, geometry):
             indices = self.slice_indices[positions]
-            slices = normalise_intensity(volume_sf[indices], low, high)
-            for update in seg.denoise_slices(slices, indices, sampling):
+            image = self.scan.forward(indices, seg.device)
+            for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape):
                 result.trajectory[update.seed_index * sampling.steps + update.step_index, :, positions] = \
                     quantize(update.probabilities).transpose(1, 0, 2, 3)
                 yield update
-            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, shape, seg.postprocess)
+            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, geometry, result.postprocess)
             labels_sf[indices] = labels
             unc_sf[indices] = unc
             result.completed[positions] = True
@@ -227,26 +262,26 @@ class SegmentationRun:
 
 
 class Segmenter:
-    """A trained model plus its preprocessing, on a device; turns volumes into segmentations."""
+    """A trained model plus its preprocessing plan, on a device; turns scans into segmentations."""
 
-    def __init__(self, model: torch.nn.Module, config: ExperimentConfig, device: str | torch.device = "auto",
-                 checkpoint: Optional[Checkpoint] = None):
+    def __init__(self, model: DiffusionSegmentationModel, config: ExperimentConfig,
+                 device: str | torch.device = "auto", checkpoint: Optional[Checkpoint] = None):
         self.config = config
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.schedule = NoiseSchedule(config.diffusion)
+        self.preprocessor = ScanPreprocessor(config.plan)
         self.checkpoint_path: Optional[Path] = checkpoint.path if checkpoint else None
         self.checkpoint_sha256 = checkpoint.sha256 if checkpoint else ""
         self.checkpoint_extra = checkpoint.extra if checkpoint else {}
-        # LSegDiff cleans its consensus labels morphologically; the pixel family has no such step.
-        self.postprocess: Optional[Callable[[np.ndarray], np.ndarray]] = getattr(model, "postprocess", None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str | torch.device = "auto") -> "Segmenter":
         """Load a checkpoint (None = the bundled default model) onto ``device`` ('auto', 'cpu', 'cuda')."""
         checkpoint = load_checkpoint(path)
         # The checkpoint holds the trained backbone: the pretrained file it started from is not needed.
-        model = build_model(dataclasses.replace(checkpoint.config.model, backbone_weights=None))
+        model = build_model(dataclasses.replace(checkpoint.config.model, backbone_weights=None),
+                            in_channels=checkpoint.config.plan.input_channels)
         load_model_weights(model, checkpoint)
         return cls(model, checkpoint.config, device=device, checkpoint=checkpoint)
 
@@ -258,18 +293,22 @@ class Segmenter:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def plan(self):
+        return self.config.plan
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def provenance(self, sampling: SamplingConfig) -> dict:
-        return {
+    def provenance(self, sampling: SamplingConfig, scan: Optional[PreparedScan] = None) -> dict:
+        record = {
             "medconddiff_version": __version__,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "checkpoint_sha256": self.checkpoint_sha256,
             "model": dataclasses.asdict(self.config.model),
-            "preprocess": dataclasses.asdict(self.config.preprocess),
+            "plan": dataclasses.asdict(self.config.plan),
             "diffusion": dataclasses.asdict(self.config.diffusion),
             "sampling": dataclasses.asdict(sampling),
             "device": str(self.device),
@@ -277,40 +316,48 @@ class Segmenter:
             "numpy": np.__version__,
             "python": platform.python_version(),
         }
+        if scan is not None:
+            record["geometry"] = scan.geometry.to_dict()
+            record["intensity"] = scan.intensity_record()
+        return record
 
     def run(self, volume: np.ndarray, sampling: SamplingConfig | None = None,
-            slices: Optional[Iterable[int]] = None) -> SegmentationRun:
-        """A lazy run over the volume; nothing is computed until it is iterated."""
-        return SegmentationRun(self, volume, sampling or SamplingConfig(), slices)
+            slices: Optional[Iterable[int]] = None, *, meta: Optional[VolumeMeta] = None) -> SegmentationRun:
+        """A lazy run over the scan; nothing is denoised until it is iterated.
+
+        ``meta`` (from :func:`~medconddiff.nifti.load_volume`) gives orientation and spacing; without
+        it the voxel axes are taken as R, A, S at 1 mm, with a warning.
+        """
+        return SegmentationRun(self, volume, sampling or SamplingConfig(), slices, meta)
 
     def segment(self, volume: np.ndarray, sampling: SamplingConfig | None = None,
-                slices: Optional[Iterable[int]] = None,
+                slices: Optional[Iterable[int]] = None, *, meta: Optional[VolumeMeta] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> SegmentationResult:
         """Run to the end; ``progress(completed, total)`` is called after every batch of slices."""
-        run = self.run(volume, sampling, slices)
+        run = self.run(volume, sampling, slices, meta=meta)
         for event in run:
             if progress is not None and isinstance(event, SlicesDone):
                 progress(event.completed, event.total)
         return run.result
 
-    def _model_input(self, slices: np.ndarray) -> torch.Tensor:
-        return to_model_input(slices, self.config.model.image_size, self.device)
-
     @torch.inference_mode()
-    def denoise_slices(self, slices: np.ndarray, slice_indices: Sequence[int], sampling: SamplingConfig
-                       ) -> Iterator[StepUpdate]:
-        """Diffusion for a batch of normalised slices (B, H, W); one StepUpdate per step and seed."""
-        image = self._model_input(slices)
-        batch, size = image.shape[0], image.shape[-1]
+    def denoise_slices(self, image: torch.Tensor, slice_indices: Sequence[int], sampling: SamplingConfig,
+                       model_shape: Optional[tuple[int, int]] = None) -> Iterator[StepUpdate]:
+        """Diffusion for a batch of model inputs (B, C_in, Hp, Wp); one StepUpdate per step and seed,
+        its probabilities cropped to ``model_shape`` (h, w) (default: uncropped)."""
+        image = image.to(self.device)
+        batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
+        h, w = model_shape or (height, width)
         with self._autocast():
             condition = self.model.encode_condition(image)
         for seed_index in range(sampling.num_seeds):
-            # Latent states are not in [-1, 1]: the model says how far x̂_0 is clipped (None = not at all).
             scheduler = make_scheduler(sampling.scheduler, self.schedule, sampling.steps, eta=sampling.eta,
-                                       clip_range=getattr(self.model, "state_clip_range", 1.0))
-            x_t = self._initial_noise(batch, size, sampling.seed + seed_index, slice_indices)
-            # Step noise (DDPM, DDIM eta>0) comes from a stream of its own, keyed like the initial noise.
-            _, generator = initial_noise((1,), _stream_seed(sampling.seed + seed_index, int(slice_indices[0])) + 1)
+                                       clip_range=self.model.state_clip_range)
+            seed = sampling.seed + seed_index
+            x_t = self._initial_noise(batch, height, width, seed, slice_indices)
+            # Step noise (DDPM, DDIM eta>0) per slice, from a stream of its own keyed like its initial
+            # noise: a slice's result does not depend on the batch it is in.
+            generators = [initial_noise((1,), _stream_seed(seed, int(i)) + 1)[1] for i in slice_indices]
 
             def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 cond = condition
@@ -320,36 +367,37 @@ class Segmenter:
                     x0, probs = self.model.denoise(x, t, cond)
                 return x0.float(), probs.float()
 
-            for step in sample_progressive(denoise, scheduler, x_t, generator):
+            for step in sample_progressive(denoise, scheduler, x_t, generators):
                 yield StepUpdate(np.asarray(slice_indices), seed_index, step.index, step.num_steps,
-                                 sampling.num_seeds, step.probabilities.cpu().numpy())
+                                 sampling.num_seeds, step.probabilities[..., :h, :w].cpu().numpy())
 
-    def _initial_noise(self, batch: int, size: int, seed: int, slice_indices: Sequence[int]) -> torch.Tensor:
+    def _initial_noise(self, batch: int, height: int, width: int, seed: int, slice_indices: Sequence[int]
+                       ) -> torch.Tensor:
         # One stream per slice, so a slice's result does not depend on which batch it landed in.
-        noise = [initial_noise(self.model.state_shape(1, size, size), _stream_seed(seed, int(i)))[0]
+        noise = [initial_noise(self.model.state_shape(1, height, width), _stream_seed(seed, int(i)))[0]
                  for i in slice_indices]
         return torch.cat(noise).to(self.device)
 
     @torch.inference_mode()
-    def one_shot(self, volume: np.ndarray, slices: Optional[Iterable[int]] = None, batch_size: int = 16
-                 ) -> np.ndarray:
-        """Deterministic single forward (x_T = 0 at the last timestep): the no-diffusion baseline."""
-        volume = check_volume(volume)
-        axis = self.config.preprocess.slice_axis
-        volume_sf = np.moveaxis(volume, axis, 0)
-        labels = np.zeros(volume.shape, np.uint8)
-        labels_sf = np.moveaxis(labels, axis, 0)
-        low, high = intensity_range(volume, self.config.preprocess)
-        indices = np.arange(volume_sf.shape[0]) if slices is None else np.asarray(list(slices))
+    def one_shot(self, volume: np.ndarray, slices: Optional[Iterable[int]] = None, batch_size: int = 16, *,
+                 meta: Optional[VolumeMeta] = None) -> np.ndarray:
+        """Deterministic single forward (x_T = 0 at the last timestep): the no-diffusion baseline.
+
+        Returns labels in the input's voxel order."""
+        scan = self.preprocessor.prepare(volume, meta)
+        geometry = scan.geometry
+        labels = np.zeros(geometry.file_shape, np.uint8)
+        labels_sf = geometry.slice_view(labels)
+        indices = np.arange(geometry.n_slices) if slices is None else np.asarray(list(slices))
         last = self.schedule.num_train_timesteps - 1
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            image = self._model_input(normalise_intensity(volume_sf[chunk], low, high))
-            size = image.shape[-1]
-            x_t = torch.zeros(self.model.state_shape(len(chunk), size, size), device=self.device)
+        sampling = SamplingConfig(batch_size=batch_size)
+        for positions in batches(indices, sampling, geometry):
+            chunk = indices[positions]
+            image = scan.forward(chunk, self.device)
+            x_t = torch.zeros(self.model.state_shape(len(chunk), *image.shape[-2:]), device=self.device)
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self._autocast():
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
-            chunk_labels = labels_at(probs, volume_sf.shape[1:])
-            labels_sf[chunk] = self.postprocess(chunk_labels) if self.postprocess is not None else chunk_labels
+            chunk_labels = scan_labels(geometry.crop(probs.float()).cpu(), geometry)
+            labels_sf[chunk] = self.model.postprocess(chunk_labels, model_pixel_area(geometry))
         return labels

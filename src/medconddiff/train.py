@@ -15,19 +15,20 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .checkpoint import load_checkpoint, load_model_weights, model_state, save_checkpoint
-from .config import ExperimentConfig
-from .datasets import Case, SliceDataset, SliceRanges
-from .model import build_model
+from .checkpoint import Checkpoint, load_checkpoint, model_state, save_checkpoint
+from .config import ExperimentConfig, SamplingConfig
+from .datasets import Case, SliceRanges, TrainingSlices, range_indices
+from .families import build_model
 from .schedulers import NoiseSchedule
-from .segmenter import resolve_device
+from .segmenter import Segmenter, resolve_device
+from .transfer import transfer_weights
 
 Log = Callable[[str], None]
 
@@ -83,9 +84,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict[str, t
 class Trainer:
     """Holds model, EMA, optimizer and data; ``fit()`` runs epochs until done or interrupted."""
 
-    def __init__(self, config: ExperimentConfig, train_set: SliceDataset, output_dir: Path, *,
-                 device: str = "auto", val_set: Optional[SliceDataset] = None, log: Log = print,
-                 init_from: Optional[Path] = None):
+    def __init__(self, config: ExperimentConfig, train_set: TrainingSlices, output_dir: Path, *,
+                 device: str = "auto", validation: Optional["Validation"] = None, log: Log = print,
+                 init_from: Optional[Checkpoint] = None, provenance: Optional[dict] = None):
         self.config = config
         self.tc = config.train
         self.device = resolve_device(device)
@@ -93,17 +94,18 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(output_dir)
+        self.provenance = dict(provenance or {})
         self.log = log if self.dist.is_main else (lambda message: None)
         torch.manual_seed(self.tc.train_seed)  # same initial weights on every rank
-        self.model = build_model(config.model).to(self.device)
+        self.model = build_model(config.model, in_channels=config.plan.input_channels).to(self.device)
+        self.reinitialised: list[str] = []
         if init_from is not None:
-            load_model_weights(self.model, load_checkpoint(init_from))
+            self.reinitialised = transfer_weights(self.model, init_from, log=self.log)
         self.schedule = NoiseSchedule(config.diffusion)
         self.train_set = train_set
-        self.val_set = val_set
+        self.validation = validation
         self.generator = torch.Generator().manual_seed(self.tc.train_seed * 1000 + self.dist.rank)
-        if hasattr(self.model, "prepare_training"):  # LSegDiff trains its mask VAE first
-            self.model.prepare_training(train_set, self.tc, self.device, self.log)
+        self.model.prepare_training(train_set, self.tc, self.device, self.log)  # LSegDiff: its mask VAE
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         self.ema = torch.optim.swa_utils.AveragedModel(
@@ -141,8 +143,9 @@ class Trainer:
             return None
         aux = {f"aux.raw.{k}": v for k, v in self.model.state_dict().items()} if self.ema is not None else {}
         aux.update(_optimizer_tensors(self.optimizer))
-        extra = {"epoch": self.epoch, "step": self.step, "history": self.history[-200:],
-                 "metrics": metrics or {}, "world_size": self.dist.world_size}
+        extra = {**self.provenance, "epoch": self.epoch, "step": self.step, "history": self.history[-200:],
+                 "metrics": metrics or {}, "world_size": self.dist.world_size,
+                 "reinitialised": sorted({k.rsplit(".", 1)[0] for k in self.reinitialised})}
         return save_checkpoint(self.output_dir / name, self.weights_to_save(), self.config, extra=extra,
                                half=half, tensors=None if half else aux)
 
@@ -188,45 +191,52 @@ class Trainer:
         return {k: float(v.detach()) for k, v in losses.items()}
 
     def validate(self) -> dict:
-        if self.val_set is None or not self.dist.is_main:
+        if self.validation is None or not self.dist.is_main:
             return {}
-        from .evaluation import dice_per_class
-        from .segmenter import Segmenter
-        from .config import SamplingConfig
-
         segmenter = Segmenter(self.weights_to_save(), self.config, device=self.device)
-        images = self.val_set.images
-        predictions = []
-        sampling = SamplingConfig(steps=self.tc.val_steps, batch_size=self.tc.train_batch_size)
-        for start in range(0, len(images), sampling.batch_size):
-            batch = images[start:start + sampling.batch_size, 0].numpy()
-            indices = np.arange(start, start + len(batch))
-            stack = [u.probabilities for u in segmenter.denoise_slices(batch, indices, sampling)]
-            predictions.append(np.mean(stack, axis=0).argmax(1))
-        predicted = np.concatenate(predictions)
-        dice = dice_per_class(predicted, self.val_set.labels.numpy(), self.model.num_classes)
-        return {f"val_dice_{name}": round(d, 4) for name, d in zip(self.config.model.class_names[1:], dice)}
+        dice = self.validation.dice(segmenter, SamplingConfig(steps=self.tc.val_steps))
+        return {f"val_dice_{name}": round(d, 4) for name, d in dice.items()}
 
-    def fit(self, max_seconds: Optional[float] = None) -> Path:
+    def iterate(self) -> Iterator["TrainStep | EpochDone"]:
+        """Train until ``epochs`` are done, yielding after every optimizer step and every epoch.
+
+        A caller that stops iterating stops training after the step in progress; the model (and
+        its EMA) then hold the weights of the last completed step.
+        """
         total_steps = self.tc.epochs * self.iterations_per_epoch()
         started = time.perf_counter()
-        self.log(f"training {self.config.model.family} model on {len(self.train_set)} slices, "
-                 f"{self.tc.epochs} epochs × {self.iterations_per_epoch()} steps, device {self.device}, "
-                 f"{self.dist.world_size} process(es)")
+        while self.epoch < self.tc.epochs:
+            epoch_losses = []
+            for image, labels in self.loader():
+                losses = self.train_step(image, labels, total_steps)
+                epoch_losses.append(losses)
+                yield TrainStep(self.step, total_steps, self.epoch, losses)
+            self.epoch += 1
+            record = {"epoch": self.epoch, "step": self.step,
+                      "lr": round(self.optimizer.param_groups[0]["lr"], 7),
+                      "seconds": round(time.perf_counter() - started, 1)}
+            for key in epoch_losses[0]:
+                record[key] = round(float(np.mean([losses[key] for losses in epoch_losses])), 5)
+            if self.tc.val_every and self.epoch % self.tc.val_every == 0:
+                record.update(self.validate())
+            self.history.append(record)
+            yield EpochDone(record)
+
+    def describe(self) -> str:
+        return (f"training {self.config.model.family} model on {len(self.train_set)} slices, "
+                f"{self.tc.epochs} epochs × {self.iterations_per_epoch()} steps, device {self.device}, "
+                f"{self.dist.world_size} process(es)")
+
+    def fit(self, max_seconds: Optional[float] = None) -> Path:
+        """Train to the end (or the time budget), saving ``last`` every epoch and ``final`` at the end."""
+        started = time.perf_counter()
+        self.log(self.describe())
         try:
-            while self.epoch < self.tc.epochs:
-                epoch_losses = [self.train_step(image, labels, total_steps) for image, labels in self.loader()]
-                self.epoch += 1
-                record = {"epoch": self.epoch, "step": self.step,
-                          "lr": round(self.optimizer.param_groups[0]["lr"], 7),
-                          "seconds": round(time.perf_counter() - started, 1)}
-                for key in epoch_losses[0]:
-                    record[key] = round(float(np.mean([l[key] for l in epoch_losses])), 5)
-                if self.tc.val_every and self.epoch % self.tc.val_every == 0:
-                    record.update(self.validate())
-                self.history.append(record)
-                self.log(json.dumps(record))
-                self.save("last.safetensors", metrics=record)
+            for event in self.iterate():
+                if not isinstance(event, EpochDone):
+                    continue
+                self.log(json.dumps(event.record))
+                self.save("last.safetensors", metrics=event.record)
                 if max_seconds is not None and time.perf_counter() - started > max_seconds:
                     self.log(f"time budget of {max_seconds:.0f} s reached after epoch {self.epoch}")
                     break
@@ -237,6 +247,23 @@ class Trainer:
         final = self.save("final.safetensors", metrics=self.history[-1] if self.history else {})
         self.log(f"saved {final}")
         return self.output_dir / "final.safetensors"
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """One optimizer step finished (``step`` of ``total_steps``), with its losses."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    losses: dict[str, float]
+
+
+@dataclasses.dataclass
+class EpochDone:
+    """An epoch finished: its mean losses, learning rate, time and validation Dice."""
+
+    record: dict
 
 
 class _TrainingLoss(torch.nn.Module):
@@ -251,9 +278,34 @@ class _TrainingLoss(torch.nn.Module):
                                         ce_weight=ce_weight)
 
 
+@dataclasses.dataclass
+class Validation:
+    """Held-out slices scored during training: the full inference path (Segmenter) on each case."""
+
+    cases: Sequence[Case]
+    ranges: SliceRanges
+
+    def dice(self, segmenter: Segmenter, sampling: SamplingConfig) -> dict[str, float]:
+        """Dice per foreground class over all held-out slices (NaN for a class absent from both)."""
+        names = segmenter.class_names
+        hits = np.zeros(len(names))
+        totals = np.zeros(len(names))
+        for case in self.cases:
+            geometry = segmenter.preprocessor.geometry(case.image.shape, case.meta)
+            slices = range_indices(self.ranges, geometry.n_slices, case.name)
+            result = segmenter.segment(case.image, sampling, slices=slices, meta=case.meta)
+            predicted = result.slice_view(result.labels)[slices]
+            reference = result.slice_view(case.labels)[slices]
+            for k in range(1, len(names)):
+                p, r = predicted == k, reference == k
+                hits[k] += 2 * np.logical_and(p, r).sum()
+                totals[k] += p.sum() + r.sum()
+        return {names[k]: float(hits[k] / totals[k]) if totals[k] else float("nan") for k in range(1, len(names))}
+
+
 def build_datasets(config: ExperimentConfig, cases: Sequence[Case], train_ranges: SliceRanges = None,
-                   val_ranges: SliceRanges = None) -> tuple[SliceDataset, Optional[SliceDataset]]:
-    size = config.model.image_size
-    train_set = SliceDataset(cases, config.preprocess, size, train_ranges, augment=config.train.augment)
-    val_set = SliceDataset(cases, config.preprocess, size, val_ranges) if val_ranges else None
-    return train_set, val_set
+                   val_ranges: SliceRanges = None) -> tuple[TrainingSlices, Optional[Validation]]:
+    train_set = TrainingSlices(cases, config.plan, config.train.patch_size, train_ranges,
+                               augment=config.train.augment,
+                               foreground_fraction=config.train.foreground_crop_fraction)
+    return train_set, (Validation(cases, val_ranges) if val_ranges else None)

@@ -4,82 +4,204 @@
   medconddiff evaluate DATASET_DIR --json scores.json
 
 Also reports the Dice of each step's x̂0, of the consensus and of a one-shot forward, and the AUROC
-of the uncertainty map for flagging wrong voxels. --slices restricts scoring to a slab along the
-model's slicing axis (the held-out slab of the bundled model's training, for instance).
+of the uncertainty map for flagging wrong voxels. --slices restricts scoring to a slab of canonical
+slices along the model's slicing direction (axial: counted inferior → superior, whatever the file's
+voxel order), e.g. the held-out slab of the bundled model's training.
+
+A class in neither the prediction nor the reference is "absent": shown as such and left out of the
+means, which say how many classes they averaged. A dataset folder (Decathlon, nnU-Net v2, or
+*_image/*_label pairs) prints one row per labelled case and a final row with the mean over cases
+(per class: over the cases where it is not absent). --json writes every figure (undefined ones,
+such as HD95 with an empty mask, as null) and a "summary" of the means over cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import numpy as np
 
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", nargs="?", type=Path, help="dataset folder (instead of --image/--label)")
+    parser.add_argument("dataset", nargs="?", type=Path,
+                        help="dataset folder (Decathlon, nnU-Net v2, or *_image/*_label pairs): every labelled case, "
+                        "one row each (instead of --image/--label)")
     parser.add_argument("--image", type=Path, help="a scan")
     parser.add_argument("--label", type=Path, help="its reference labels")
     parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
                         "(default), lsegdiff-liver")
-    parser.add_argument("--slices", help="START:STOP slab along the slicing axis to score (default: all)")
+    parser.add_argument("--slices", help="START:STOP canonical slice indices to score, along the model's slicing "
+                        "direction (axial: inferior → superior, whatever the file's voxel order; default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--json", type=Path, help="write the full report as JSON here")
+    parser.add_argument("--json", type=Path, help="write the full report as JSON here (undefined values are null)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     add_dataclass_arguments(parser, SamplingConfig, title="sampling")
 
 
-def _fmt(value: float) -> str:
+def _fmt(value) -> str:
     return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _dice_cell(metrics: dict) -> str:
+    return "absent" if metrics.get("absent") else _fmt(metrics["dice"])
+
+
+def _mean_note(mean: dict, total: int) -> str:
+    note = f"mean over {mean['classes_averaged']} of {total} foreground classes"
+    if mean["absent_classes"]:
+        note += f"; absent from prediction and reference (not averaged): {', '.join(mean['absent_classes'])}"
+    return note
 
 
 def print_report(name: str, report: dict) -> None:
     consensus, one_shot = report["consensus"], report["one_shot"]
-    print(f"\n{name}: {report['n_slices']} slices, {report['sampling']['steps']} steps, "
+    print(f"\n{name}: {report['n_slices']} {report.get('slicing', '')} slices, {report['sampling']['steps']} steps, "
           f"consensus={report['sampling']['consensus']} (means over foreground classes; background excluded)")
     print(f"{'class':<14}{'Dice':>8}{'IoU':>8}{'HD95 mm':>9}{'1-shot Dice':>13}")
     for cls, m in consensus["per_class"].items():
-        print(f"{cls:<14}{_fmt(m['dice']):>8}{_fmt(m['iou']):>8}{_fmt(m['hd95_mm']):>9}"
-              f"{_fmt(one_shot['per_class'][cls]['dice']):>13}")
+        print(f"{cls:<14}{_dice_cell(m):>8}{_fmt(m['iou']):>8}{_fmt(m['hd95_mm']):>9}"
+              f"{_dice_cell(one_shot['per_class'][cls]):>13}")
     mean = consensus["mean_foreground"]
     print(f"{'mean (fg)':<14}{_fmt(mean['dice']):>8}{_fmt(mean['iou']):>8}{_fmt(mean['hd95_mm']):>9}"
           f"{_fmt(one_shot['mean_foreground']['dice']):>13}")
-    steps = ", ".join(f"{d:.3f}" for d in report["step_mean_dice"])
-    print(f"per-step x̂0 mean Dice: [{steps}]; best step {report['best_step']['index']} "
-          f"({report['best_step']['mean_dice']:.4f}); consensus {mean['dice']:.4f}")
-    print(f"uncertainty AUROC for wrong voxels: {_fmt(report['uncertainty_auroc'])} "
-          f"(error fraction {report['error_fraction']:.4f})")
+    print(f"  ({_mean_note(mean, len(consensus['per_class']))}; HD95 n/a where a mask is empty)")
+    steps = ", ".join(_fmt(d).strip() for d in report["step_mean_dice"])
+    best = report["best_step"]
+    print(f"per-step x̂0 mean Dice: [{steps}]; best step {best['index'] if best['index'] is not None else 'n/a'} "
+          f"({_fmt(best['mean_dice'])}); consensus {_fmt(mean['dice'])}")
+    region = report["foreground_region"]
+    print("uncertainty AUROC for flagging wrong voxels:")
+    print(f"  whole slab  {_fmt(report['uncertainty_auroc'])}  every scored voxel, error fraction "
+          f"{report['error_fraction']:.4f} (easy background can inflate it)")
+    print(f"  foreground  {_fmt(report['uncertainty_auroc_foreground'])}  reference ∪ prediction dilated "
+          f"{region['margin_voxels']} voxels in-plane: {region['voxels']} voxels, error fraction "
+          f"{_fmt(region['error_fraction']).strip()}")
+
+
+def print_case_table_header(class_names) -> None:
+    print(f"\n{'case':<24}" + "".join(f"{c[:12]:>13}" for c in class_names[1:]) + f"{'mean (fg)':>11}")
+
+
+def print_case_row(name: str, report: dict) -> None:
+    consensus = report["consensus"]
+    cells = "".join(f"{_dice_cell(m):>13}" for m in consensus["per_class"].values())
+    print(f"{name[:23]:<24}{cells}{_fmt(consensus['mean_foreground']['dice']):>11}", flush=True)
+
+
+def print_summary_row(summary: dict) -> None:
+    cells = "".join(f"{_fmt(m['dice']):>13}" for m in summary["per_class"].values())
+    print(f"{'mean over cases':<24}{cells}{_fmt(summary['mean_foreground_dice']):>11}")
+    counts = ", ".join(f"{name} {m['cases_averaged']}" for name, m in summary["per_class"].items())
+    print(f"  (consensus Dice, background excluded. A class's mean skips the cases where it is absent; "
+          f"cases averaged: {counts}.\n   'mean (fg)' is the mean of the case means, over "
+          f"{summary['cases_averaged']} of {summary['n_cases']} cases.)")
+
+
+class EvalCase(NamedTuple):
+    name: str
+    load_image: Callable[[], tuple]     # () -> (array in file order, VolumeMeta)
+    label: Path
+    image_description: str
+
+
+def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
+    """The labelled (training) cases of a dataset folder, in any layout
+    :func:`medconddiff.dataset_layout.describe_dataset` reads (multi-channel cases load channels
+    last), and the class names the folder gives (None if it gives none)."""
+    from ..dataset_layout import DatasetError, describe_dataset, load_case_image
+
+    description = describe_dataset(root)
+    channels = len(description.channel_names) if description.channel_names else None
+    cases = [EvalCase(case.name, lambda c=case: load_case_image(c, channels), Path(case.label),
+                      ", ".join(str(p) for p in case.images))
+             for case in description.training if case.label is not None]
+    if not cases:
+        raise DatasetError(f"{root}: no labelled cases to evaluate")
+    return cases, description.class_names
+
+
+def _cases(args: argparse.Namespace) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
+    if args.dataset and (args.image or args.label):
+        raise ValueError("give a dataset folder or --image and --label, not both")
+    if args.dataset:
+        return dataset_cases(args.dataset)
+    if args.image and args.label:
+        from ..nifti import load_volume
+
+        return [EvalCase(args.image.name, lambda: load_volume(args.image), args.label, str(args.image))], None
+    raise ValueError("give a dataset folder or --image and --label")
+
+
+def _check_json_target(path: Path, overwrite: bool) -> None:
+    """Refuse an output that cannot be written before anything is computed."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--json {path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"--json {path} already exists; pass --overwrite to replace it")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--json {path}: output folder {folder} does not exist")
+
+
+def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> Iterator[tuple[EvalCase, dict]]:
+    from ..commands.segment import parse_slice_range
+    from ..evaluation import evaluate_volume
+    from ..nifti import load_labels
+
+    for case in cases:
+        try:
+            image, meta = case.load_image()
+            labels, label_meta = load_labels(case.label)
+            if labels.shape == tuple(image.shape[:3]) and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+                print(f"medconddiff evaluate: warning: {case.name}: the label file's affine differs from the "
+                      "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
+            n_slices = segmenter.preprocessor.geometry(image.shape[:3], meta).n_slices
+            slices = parse_slice_range(slices_text, n_slices)
+            report = evaluate_volume(segmenter, image, labels, meta, sampling, slices)
+        except ValueError as error:
+            if len(cases) == 1:
+                raise
+            raise ValueError(f"{case.name}: {error}") from error
+        report["image"], report["label"] = case.image_description, str(case.label)
+        report["slices"] = slices_text or "all"
+        yield case, report
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.segment import parse_slice_range
-    from ..datasets import discover_pairs
-    from ..evaluation import evaluate_volume
-    from ..nifti import load_labels, load_volume
+    from ..evaluation import json_safe, summarize_cases
+    from ..nifti import write_json_atomic
     from ..segmenter import Segmenter
 
-    if args.dataset:
-        pairs = discover_pairs(args.dataset)
-    elif args.image and args.label:
-        pairs = [(args.image, args.label)]
-    else:
-        raise ValueError("give a dataset folder or --image and --label")
+    if args.json:
+        _check_json_target(args.json, args.overwrite)
+    cases, dataset_classes = _cases(args)
     sampling = override_from_args(SamplingConfig(), args)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    if dataset_classes and tuple(dataset_classes) != segmenter.class_names:
+        print(f"medconddiff evaluate: warning: {args.dataset} names classes {list(dataset_classes)}, the model "
+              f"{list(segmenter.class_names)}; label values are compared by number", file=sys.stderr)
     reports = {}
-    for image_path, label_path in pairs:
-        image, meta = load_volume(image_path)
-        labels, _ = load_labels(label_path)
-        slices = parse_slice_range(args.slices, image.shape[segmenter.config.preprocess.slice_axis])
-        report = evaluate_volume(segmenter, image, labels, meta.spacing, sampling, slices)
-        report["image"], report["label"] = str(image_path), str(label_path)
-        report["slices"] = args.slices or "all"
-        reports[Path(image_path).name] = report
-        print_report(Path(image_path).name, report)
+    table = args.dataset is not None
+    if table:
+        print_case_table_header(segmenter.class_names)
+    for case, report in _evaluate_cases(cases, segmenter, sampling, args.slices):
+        reports[case.name] = report
+        if table:
+            print_case_row(case.name, report)
+        else:
+            print_report(case.name, report)
+    summary = summarize_cases(reports, segmenter.class_names)
+    if table:
+        print_summary_row(summary)
     output = {"checkpoint": str(segmenter.checkpoint_path), "checkpoint_sha256": segmenter.checkpoint_sha256,
-              "volumes": reports}
+              "dataset": str(args.dataset) if args.dataset else None, "volumes": reports, "summary": summary}
     if args.json:
-        from ..nifti import write_json_atomic
-
-        write_json_atomic(args.json, output, overwrite=True)
+        write_json_atomic(args.json, json_safe(output), overwrite=args.overwrite)
+        print(f"wrote {args.json}")
     return 0

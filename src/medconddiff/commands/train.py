@@ -1,12 +1,20 @@
-"""Train a MedCondDiff (pixel) or LSegDiff (latent) model on labelled NIfTI volumes.
+"""Train a MedCondDiff (pixel) or LSegDiff (latent) model on labelled scans, or fine-tune one.
 
-  medconddiff train DATASET_DIR -o runs/liver                 (Decathlon/nnU-Net layout or *_image/_label pairs)
+  medconddiff train DATASET_DIR -o runs/liver          (Decathlon v1, nnU-Net v2, or *_image/_label pairs)
+  medconddiff train DATASET_DIR --init default -o runs/ft     (fine-tune the bundled model on your data)
   medconddiff train --pair img.nii.gz lbl.nii.gz -o runs/x --train-slices 0:40,80:128 --val-slices 48:72
   torchrun --nproc-per-node 2 -m medconddiff train DATASET_DIR -o runs/ddp   (DDP; gloo on CPU, NCCL on CUDA)
   medconddiff train ... --resume runs/liver/last.safetensors   (continue an interrupted run)
 
+What the dataset says (dataset.json: class names, channels and their modality) is not repeated in
+flags; a flag that contradicts it is an error. Without --init the preprocessing plan (slicing,
+target spacing, intensity per channel) comes from the dataset's fingerprint (see `medconddiff plan`);
+with --init the architecture and geometry come from the start checkpoint, and only class-dependent
+layers are re-initialised when the class list differs. Slice ranges count canonical slices along the
+plan's direction (axial: inferior → superior).
+
 Writes OUTPUT/last.safetensors after every epoch (Ctrl-C saves it too), OUTPUT/final.safetensors at
-the end and OUTPUT/log.jsonl (one JSON record per epoch: losses, lr, validation Dice per class).
+the end, OUTPUT/log.jsonl (one JSON record per epoch) and OUTPUT/config.json (config, fingerprint).
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import (DiffusionConfig, ExperimentConfig, ModelConfig, PreprocessConfig, TrainConfig,
-                      add_dataclass_arguments, override_from_args)
+from ..config import DiffusionConfig, ModelConfig, PreprocessPlan, TrainConfig, add_dataclass_arguments
+
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "plan": PreprocessPlan, "train": TrainConfig}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,45 +33,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABEL"),
                         help="an image/label pair (repeatable), instead of or besides a folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder for checkpoints and log")
-    parser.add_argument("--train-slices", help="slice ranges used for training, e.g. 0:40,80:128 (default: all)")
-    parser.add_argument("--val-slices", help="slice ranges scored for validation Dice, e.g. 48:72")
+    parser.add_argument("--train-slices", help="canonical slice ranges used for training, e.g. 0:40,80:128 "
+                        "(default: all)")
+    parser.add_argument("--val-slices", help="canonical slice ranges scored for validation Dice, e.g. 48:72")
     parser.add_argument("--resume", type=Path, help="continue from a last.safetensors of an earlier run")
-    parser.add_argument("--init", type=Path, help="start from the weights of a checkpoint (fine-tuning)")
+    parser.add_argument("--init", help="start from a checkpoint's weights (fine-tuning): a file, or a bundled "
+                        "model: default, medconddiff-liver, lsegdiff-liver")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
     parser.add_argument("--export-half", type=Path, help="also write the final EMA weights in fp16 here (for shipping)")
     parser.add_argument("--overwrite", action="store_true", help="allow an output folder with a final checkpoint")
-    for cls in (ModelConfig, DiffusionConfig, PreprocessConfig, TrainConfig):
-        add_dataclass_arguments(parser, cls, title=cls.__name__.replace("Config", "").lower())
-
-
-def build_config(args: argparse.Namespace) -> ExperimentConfig:
-    if args.resume is not None:
-        from ..checkpoint import load_checkpoint
-
-        base = load_checkpoint(args.resume).config
-    else:
-        base = ExperimentConfig()
-    return ExperimentConfig(model=override_from_args(base.model, args),
-                            diffusion=override_from_args(base.diffusion, args),
-                            preprocess=override_from_args(base.preprocess, args),
-                            train=override_from_args(base.train, args))
+    for section, cls in SECTIONS.items():
+        add_dataclass_arguments(parser, cls, title=section)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import discover_pairs, load_case, parse_ranges
+    from ..checkpoint import load_checkpoint
+    from ..experiment import given_flags, training_config
     from ..train import Trainer, build_datasets
+    from ..training_data import TrainingData
 
-    config = build_config(args)
-    pairs = list(discover_pairs(args.dataset)) if args.dataset else []
-    pairs += [tuple(p) for p in (args.pair or [])]
-    if not pairs:
-        raise ValueError("no training data: give a dataset folder or --pair IMAGE LABEL")
+    data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])])
     final = args.output / "final.safetensors"
     if final.exists() and not (args.overwrite or args.resume):
         raise FileExistsError(f"{final} exists; pass --overwrite or choose another --output")
-    cases = [load_case(Path(image), Path(label), config.model.num_classes) for image, label in pairs]
-    train_set, val_set = build_datasets(config, cases, parse_ranges(args.train_slices), parse_ranges(args.val_slices))
+    flags = given_flags(args, SECTIONS)
+    if args.resume is not None:
+        start = load_checkpoint(args.resume)
+        config = training_config(flags={k: v for k, v in flags.items() if k != "train"}, start=start,
+                                 class_names=data.class_names, channel_names=data.channel_names,
+                                 dataset_label=data.label)
+        config = type(config)(model=config.model, diffusion=config.diffusion, plan=config.plan,
+                              train=_override(start.config.train, flags["train"]))
+        if config.model != start.config.model or config.plan != start.config.plan:
+            raise ValueError(f"{args.resume} was trained with another model or plan; it cannot be resumed on this data")
+    else:
+        start = load_checkpoint(args.init, allow_legacy=True) if args.init else None
+        dataset_plan = data.plan(base=start.config.plan if start else None) if data.has_labels else None
+        class_names = data.class_names
+        if class_names is None and start is None and "class_names" not in flags["model"]:
+            class_names = data.derived_class_names()
+            print(f"class names not stated by the data: {', '.join(class_names)} (name them with --class-names)")
+        config = training_config(flags=flags, start=start, class_names=class_names,
+                                 channel_names=data.channel_names, dataset_plan=dataset_plan,
+                                 dataset_label=data.label)
+    cases = data.load_cases(config.model.num_classes)
+    train_set, validation = build_datasets(config, cases, data.ranges(args.train_slices), data.ranges(args.val_slices))
     args.output.mkdir(parents=True, exist_ok=True)
     log_file = open(args.output / "log.jsonl", "a")
 
@@ -72,10 +88,15 @@ def run(args: argparse.Namespace) -> int:
             log_file.write(message + "\n")
             log_file.flush()
 
+    log(f"data: {data.summary(cases)}")
+    log(f"plan: {json.dumps(_plan_record(config.plan))}")
+    provenance = {"trained_on": [case.name for case in cases], "train_slices": args.train_slices,
+                  "dataset": data.label, "fingerprint": data.fingerprint_record(),
+                  "init_from": _start_record(start) if start is not None and args.resume is None else None}
     # On resume the weights are loaded before any family-specific preparation (LSegDiff then keeps
     # its trained VAE instead of training a new one), and resume() restores the rest of the state.
-    trainer = Trainer(config, train_set, args.output, device=args.device, val_set=val_set, log=log,
-                      init_from=args.resume or args.init)
+    trainer = Trainer(config, train_set, args.output, device=args.device, validation=validation, log=log,
+                      init_from=start, provenance=provenance)
     if args.resume is not None:
         trainer.resume(args.resume)
     try:
@@ -85,11 +106,25 @@ def run(args: argparse.Namespace) -> int:
     if args.export_half and trainer.dist.is_main:
         from ..checkpoint import save_checkpoint
 
-        metadata = {"trained_on": [str(p[0].name) for p in pairs], "train_slices": args.train_slices,
-                    "history": trainer.history[-1:]}
-        save_checkpoint(args.export_half, trainer.weights_to_save(), config, extra=metadata, half=True,
-                        overwrite=args.overwrite)
+        save_checkpoint(args.export_half, trainer.weights_to_save(), config,
+                        extra={**provenance, "history": trainer.history[-1:]}, half=True, overwrite=args.overwrite)
         print(f"exported fp16 weights to {args.export_half}")
     if trainer.dist.is_main:
-        (args.output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (args.output / "config.json").write_text(json.dumps({**config.to_dict(), "provenance": provenance}, indent=2))
     return 0 if path else 1
+
+
+def _override(config, changes: dict):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _plan_record(plan: PreprocessPlan) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(plan)
+
+
+def _start_record(start) -> dict:
+    return {"path": str(start.path), "sha256": start.sha256, "classes": list(start.config.model.class_names)}

@@ -1,0 +1,90 @@
+"""What a segmentation writes: file names, class volumes, the JSON sidecar, the per-step volume.
+
+Shared by the ``segment`` command and the napari plugin's Export, so both write the same files.
+Arrays are in the scan's file voxel order; volumes in millilitres from ``meta.spacing`` (mm).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .nifti import NIFTI_SUFFIXES, VolumeMeta
+
+
+def strip_nifti_suffix(path: Path | str) -> str:
+    """File name without .nii/.nii.gz (``scan.nii.gz`` → ``scan``)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def with_nifti_suffix(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.name.lower().endswith(NIFTI_SUFFIXES) else path.with_name(path.name + ".nii.gz")
+
+
+def output_paths(output: Path) -> dict[str, Path]:
+    """The files of one segmentation: labels (``output``), uncertainty, trajectory and the sidecar."""
+    output = Path(output)
+    stem = strip_nifti_suffix(output)
+    return {
+        "labels": output,
+        "uncertainty": output.with_name(f"{stem}_uncertainty.nii.gz"),
+        "trajectory": output.with_name(f"{stem}_trajectory.nii.gz"),
+        "sidecar": output.with_name(f"{stem}.json"),
+    }
+
+
+def default_output(scan: Path, folder: Optional[Path] = None) -> Path:
+    """``<scan>_seg.nii.gz`` in ``folder`` (default: next to the scan)."""
+    return (folder or scan.parent) / f"{strip_nifti_suffix(scan)}_seg.nii.gz"
+
+
+def class_volumes_ml(labels: np.ndarray, spacing: tuple[float, ...], class_names: tuple[str, ...]) -> dict:
+    """Voxels and millilitres per class (labels beyond the class list are counted under their value)."""
+    voxel_ml = float(np.prod(spacing[:3])) / 1000.0
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(class_names))
+    names = list(class_names) + [f"label_{k}" for k in range(len(class_names), len(counts))]
+    return {name: {"voxels": int(counts[i]), "ml": round(counts[i] * voxel_ml, 3)}
+            for i, name in enumerate(names) if i < len(class_names) or counts[i]}
+
+
+def trajectory_volume(result: Any) -> np.ndarray:
+    """Every step's x̂0 labels on the scan's grid, in file order with the step axis last: (i, j, k, S)."""
+    steps = result.trajectory.shape[0]
+    out = np.zeros(result.labels.shape + (steps,), np.uint8)
+    view = result.geometry.slice_view(out)   # (n, H, W, S)
+    for step in range(steps):
+        view[result.slice_indices, ..., step] = result.step_labels_on_scan(step)
+    return out
+
+
+def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, source: str,
+                        outputs: dict[str, str], seconds: Optional[float] = None, edited: Optional[bool] = None
+                        ) -> dict:
+    """The JSON sidecar of a segmentation: inputs, outputs, provenance, geometry, class volumes."""
+    done = result.slice_indices[result.completed]
+    record: dict[str, Any] = {
+        "input": source,
+        "outputs": outputs,
+        "input_shape": list(labels.shape),
+        "slices": [int(i) for i in done],
+        "complete": bool(result.is_complete),
+        "class_names": list(result.class_names),
+        "class_volumes": class_volumes_ml(labels, meta.spacing, result.class_names),
+        "affine": np.asarray(meta.affine).tolist(),
+        "affine_known": bool(meta.affine_known),
+    }
+    if not meta.affine_known:
+        record["affine_note"] = meta.geometry_note or "the scan's affine is unknown"
+    if seconds is not None:
+        record["seconds"] = round(float(seconds), 3)
+    if edited is not None:
+        record["edited_in_napari"] = bool(edited)
+    record.update(result.provenance)
+    return record

@@ -1,0 +1,68 @@
+"""Start a model from another checkpoint's weights (fine-tuning), across class lists and channels.
+
+Everything whose shape does not depend on the class list or the input channels is copied: backbone,
+adapter and denoiser body. Class-dependent layers (each family names them:
+:meth:`~medconddiff.model_interface.DiffusionSegmentationModel.class_dependent_prefixes`) keep
+their fresh initialisation when the class list differs. A backbone whose input channels differ
+gets its first convolution adapted: the mean filter over the old channels, given to every new
+channel and scaled so a uniform image gives the same response (what timm does for grey ↔ RGB).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, model_state
+from .model_interface import DiffusionSegmentationModel
+
+
+def transfer_weights(model: DiffusionSegmentationModel, checkpoint: Checkpoint,
+                     log: Callable[[str], None] = print) -> list[str]:
+    """Load ``checkpoint`` into ``model`` as far as shapes allow; returns the keys left re-initialised.
+
+    Raises CheckpointError when the architectures differ beyond class-dependent layers and the first
+    convolution (another backbone, other widths): fine-tuning needs the same network body.
+    """
+    source = model_state(checkpoint)
+    target = model.state_dict()
+    class_prefixes = model.class_dependent_prefixes()
+    loaded: dict[str, torch.Tensor] = {}
+    reinitialised: list[str] = []
+    adapted: list[str] = []
+    for key, value in target.items():
+        if key not in source:
+            raise CheckpointError(f"{checkpoint.path}: has no tensor {key}; it is another architecture "
+                                  "(fine-tuning needs the same backbone and denoiser widths)")
+        old = source[key]
+        if old.shape == value.shape:
+            loaded[key] = old
+        elif key.startswith(class_prefixes):
+            reinitialised.append(key)
+        elif key.startswith("backbone.") and old.dim() == 4 and old.shape[0] == value.shape[0] \
+                and old.shape[2:] == value.shape[2:]:
+            loaded[key] = adapt_input_channels(old, value.shape[1])
+            adapted.append(key)
+        else:
+            raise CheckpointError(f"{checkpoint.path}: tensor {key} has shape {tuple(old.shape)}, the model needs "
+                                  f"{tuple(value.shape)}; it is another architecture")
+    unexpected = sorted(set(source) - set(target))
+    if unexpected:
+        raise CheckpointError(f"{checkpoint.path}: holds tensors this model does not have (e.g. {unexpected[:2]}); "
+                              "it is another model family or architecture")
+    model.load_state_dict(loaded, strict=False)
+    name = checkpoint.path.name if checkpoint.path else "the checkpoint"
+    log(f"initialised from {name}: {len(loaded)} of {len(target)} tensors copied")
+    for key in adapted:
+        log(f"  adapted to {model.state_dict()[key].shape[1]} input channels: {key}")
+    if reinitialised:
+        layers = sorted({k.rsplit(".", 1)[0] for k in reinitialised})
+        log(f"  re-initialised for the new class list {list(model.config.class_names)}: {', '.join(layers)}")
+    return reinitialised
+
+
+def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """(O, C_old, kh, kw) filters → (O, channels, kh, kw): the channel mean, rescaled by C_old/channels."""
+    mean = weight.float().mean(dim=1, keepdim=True)
+    return (mean * (weight.shape[1] / channels)).repeat(1, channels, 1, 1).to(weight.dtype)
