@@ -46,7 +46,7 @@ def test_true_x0_model_makes_every_step_exact(schedule):
     for name in ("ddim", "ddpm"):
         scheduler = make_scheduler(name, schedule, steps=7)
         x_t, generator = initial_noise(x0.shape, seed=3)
-        steps = list(sample_progressive(lambda x, t: (x0, (x0 + 1) / 2), scheduler, x_t, generator))
+        steps = list(sample_progressive(lambda x, t, active: (x0[active], (x0[active] + 1) / 2), scheduler, x_t, generator))
         assert len(steps) == len(scheduler.timesteps)
         for step in steps:
             torch.testing.assert_close(step.probabilities, (x0 + 1) / 2)
@@ -56,7 +56,7 @@ def test_true_x0_model_makes_every_step_exact(schedule):
 def test_ddim_eta0_is_deterministic_and_seeded():
     schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=100))
 
-    def denoise(x, t):
+    def denoise(x, t, active):
         guess = torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) / 100.0)
         return guess, (guess + 1) / 2
 
@@ -106,7 +106,7 @@ def test_short_linear_schedules_stay_valid(num_train_timesteps):
     for name in ("ddim", "ddpm"):
         scheduler = make_scheduler(name, schedule, steps=num_train_timesteps, eta=0.5)
         x_t, generator = initial_noise(x0.shape, seed=0)
-        steps = list(sample_progressive(lambda x, t: (x0, (x0 + 1) / 2), scheduler, x_t, generator))
+        steps = list(sample_progressive(lambda x, t, active: (x0[active], (x0[active] + 1) / 2), scheduler, x_t, generator))
         for step in steps:
             assert torch.isfinite(step.sample).all(), f"{name} step {step.index} is not finite"
         torch.testing.assert_close(steps[-1].sample, x0)
@@ -165,7 +165,7 @@ def test_sampling_with_per_sample_generators_matches_solo_runs():
     """Through the sampler: each slice of a DDPM batch comes out as if it were sampled alone."""
     schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=100))
 
-    def denoise(x, t):   # per item: a slice's output depends on that slice only
+    def denoise(x, t, active):   # per item: a slice's output depends on that slice only
         guess = torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) / 100.0)
         return guess, (guess + 1) / 2
 
@@ -175,3 +175,27 @@ def test_sampling_with_per_sample_generators_matches_solo_runs():
     for b, seed in enumerate((7, 8, 9)):
         alone = sample(denoise, scheduler, x_t[b:b + 1], torch.Generator().manual_seed(seed))
         assert torch.equal(batch[:, b:b + 1], alone)
+
+
+def test_items_that_stop_early_leave_the_batch_and_the_others_are_unchanged():
+    """Adaptive steps: once keep() drops an item, it costs nothing and the rest go on exactly as before."""
+    schedule = NoiseSchedule(DiffusionConfig(num_train_timesteps=100))
+    seen = []
+
+    def denoise(x, t, active):
+        seen.append(active.tolist())
+        guess = torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) / 100.0)
+        return guess, (guess + 1) / 2
+
+    def keep(step):
+        return step.active != 1 if step.index == 1 else None      # item 1 converges after step 2
+
+    scheduler = make_scheduler("ddim", schedule, steps=5, eta=0.5)
+    x_t = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    steps = list(sample_progressive(denoise, scheduler, x_t, generators, keep=keep))
+    assert seen == [[0, 1, 2], [0, 1, 2], [0, 2], [0, 2], [0, 2]]
+    assert [tuple(s.active.tolist()) for s in steps][-1] == (0, 2) and steps[-1].probabilities.shape[0] == 2
+    full = sample(lambda x, t, a: denoise(x, t, a), scheduler, x_t, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    torch.testing.assert_close(steps[-1].probabilities, full[-1, [0, 2]], rtol=0, atol=0)
+    assert list(sample_progressive(denoise, scheduler, x_t, None, keep=lambda step: torch.zeros(3, dtype=torch.bool)))[-1].index == 0

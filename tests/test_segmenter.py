@@ -282,3 +282,32 @@ def test_cuda_matches_cpu_labels(tiny_checkpoint, liver_volume):
     cpu = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu").segment(image, SamplingConfig(steps=3), meta=META)
     gpu = Segmenter.from_checkpoint(tiny_checkpoint, device="cuda").segment(image, SamplingConfig(steps=3), meta=META)
     assert (cpu.labels == gpu.labels).mean() > 0.98   # bf16 autocast on CUDA: rare boundary flips only
+
+
+def test_adaptive_steps_stop_converged_slices_and_fuse_only_the_steps_taken(segmenter, liver_volume):
+    image, _ = liver_volume
+    fixed = segmenter.segment(image, SamplingConfig(steps=8, batch_size=6), meta=META)
+    adaptive = segmenter.segment(image, SamplingConfig(steps=8, batch_size=6, adaptive=True, convergence_change=0.05),
+                                 meta=META)
+    used = adaptive.steps_used
+    assert used.min() >= 3 and used.max() <= 8 and (used < 8).any(), used   # patience 2: at least 3 steps
+    for position, steps in enumerate(used):
+        # Same noise, same steps: identical until the slice stopped, nothing stored after it.
+        np.testing.assert_array_equal(adaptive.trajectory[:steps, :, position], fixed.trajectory[:steps, :, position])
+        assert (adaptive.trajectory[steps:, :, position] == 0).all()
+        # A stopped slice shows its last step on later steps of the slider.
+        np.testing.assert_array_equal(adaptive.step_labels[7, position], adaptive.step_labels[steps - 1, position])
+    # The consensus is the fusion of the steps each slice took.
+    from medconddiff.segmenter import fuse_slices
+
+    position = int(np.argmin(used))
+    expected, _ = fuse_slices(adaptive.trajectory[:used[position], :, [position]],
+                              SamplingConfig(steps=int(used[position])), adaptive.geometry)
+    np.testing.assert_array_equal(adaptive.slice_view(adaptive.labels)[[position]], expected)
+    refused = adaptive.refuse("vote_gated", skip_first=7)       # skip-first never empties a slice
+    assert refused.steps_used is adaptive.steps_used and refused.labels.shape == image.shape
+    # A slice's steps and result do not depend on the batch it ran in.
+    alone = segmenter.segment(image, SamplingConfig(steps=8, batch_size=1, adaptive=True, convergence_change=0.05),
+                              slices=[position], meta=META)
+    assert alone.steps_used[0] == used[position]
+    np.testing.assert_array_equal(alone.slice_view(alone.labels)[position], adaptive.slice_view(adaptive.labels)[position])

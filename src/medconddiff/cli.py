@@ -1,4 +1,4 @@
-"""``medconddiff`` command line: segment, train, evaluate, benchmark.
+"""``medconddiff`` command line: segment, train, finetune, evaluate, plan, benchmark.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 user errors (bad files, wrong checkpoints, existing outputs) print one line and exit with status 2.
@@ -16,6 +16,7 @@ from . import __version__
 SUBCOMMANDS = {
     "segment": ("medconddiff.commands.segment", "segment NIfTI scans (a file or a folder)"),
     "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
+    "finetune": ("medconddiff.commands.finetune", "fine-tune a model on a few labelled slices of a scan"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
     "benchmark": ("medconddiff.commands.benchmark", "measure speed and memory on this device"),
     "plan": ("medconddiff.commands.plan", "print a dataset's fingerprint and the preprocessing plan it implies"),

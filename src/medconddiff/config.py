@@ -179,6 +179,12 @@ class SamplingConfig:
         default=1_048_576)
     reextract_features: bool = _help(
         "re-run the backbone at every step like the reference code (slower; for benchmarks)", default=False)
+    adaptive: bool = _help("stop a slice's diffusion once its x̂0 labels have converged (steps is then the "
+                           "most a slice takes)", default=False)
+    convergence_change: float = _help(
+        "adaptive: a step has converged when fewer than this fraction of the slice's foreground pixels "
+        "change label", default=0.01)
+    convergence_patience: int = _help("adaptive: converged steps in a row before a slice stops", default=2)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -195,6 +201,8 @@ class SamplingConfig:
             raise ValueError(f"eta must be 0 or more, got {self.eta}")
         if self.scheduler == "ddpm" and self.eta != 0:
             raise ValueError("eta applies to the DDIM scheduler only; drop it or use --scheduler ddim")
+        if not 0 <= self.convergence_change < 1 or self.convergence_patience < 1:
+            raise ValueError("convergence_change must be in [0, 1) and convergence_patience at least 1")
 
 
 @dataclass

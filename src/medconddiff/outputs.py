@@ -74,6 +74,8 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, so
         "outputs": outputs,
         "input_shape": list(labels.shape),
         "slices": [int(i) for i in done],
+        # Steps each of those slices took (fewer than sampling.steps where adaptive sampling stopped it).
+        "steps_used": [int(n) for n in result.steps_used[result.completed]],
         "complete": bool(result.is_complete),
         "class_names": list(result.class_names),
         "class_volumes": class_volumes_ml(labels, meta.spacing, result.class_names),

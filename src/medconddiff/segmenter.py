@@ -114,15 +114,37 @@ class SegmentationResult:
     provenance: dict = field(default_factory=dict)
     #: the model's clean-up of consensus labels (LSegDiff's morphology), reapplied by ``refuse``
     postprocess: Optional[Postprocess] = field(default=None, repr=False, compare=False)
+    #: denoising steps each slice took (per seed); below ``sampling.steps`` where adaptive sampling
+    #: stopped a converged slice early. None means every slice took every step.
+    steps_used: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.steps_used is None:
+            self.steps_used = np.full(len(self.slice_indices), self.sampling.steps, np.int16)
 
     @property
     def is_complete(self) -> bool:
         return bool(self.completed.all())
 
+    def trajectory_step(self, index: int) -> np.ndarray:
+        """Entry ``index`` (seed × steps + step) of the trajectory, (K, n_slices, h, w): a slice that
+        had stopped by then shows its last step (what it converged to)."""
+        steps = self.sampling.steps
+        seed, step = divmod(index, steps)
+        stopped = np.flatnonzero(self.steps_used <= step)
+        if not len(stopped):
+            return self.trajectory[index]
+        out = self.trajectory[index].copy()
+        for used in np.unique(self.steps_used[stopped]):
+            positions = stopped[self.steps_used[stopped] == used]
+            out[:, positions] = self.trajectory[seed * steps + int(used) - 1][:, positions]
+        return out
+
     @property
     def step_labels(self) -> np.ndarray:
-        """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8, model grid."""
-        return first_argmax(self.trajectory, axis=1)
+        """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8, model grid
+        (steps after a slice stopped repeat its last one)."""
+        return np.stack([first_argmax(self.trajectory_step(i), axis=0) for i in range(self.trajectory.shape[0])])
 
     def slice_view(self, array: np.ndarray) -> np.ndarray:
         """A file-ordered volume (e.g. ``labels``) as canonical slices, slice axis first (a view)."""
@@ -138,14 +160,14 @@ class SegmentationResult:
         for start in range(0, len(done), chunk):
             positions = done[start:start + chunk]
             fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, self.geometry,
-                                                  self.postprocess)
+                                                  self.postprocess, self.steps_used[positions])
             labels_sf[self.slice_indices[positions]] = fused_labels
             unc_sf[self.slice_indices[positions]] = fused_unc
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
 
     def step_labels_on_scan(self, step: int) -> np.ndarray:
         """One step's x̂_0 labels as canonical slices on the scan's grid: (n_slices, H, W) uint8."""
-        return scan_labels(self.trajectory[step].transpose(1, 0, 2, 3), self.geometry)
+        return scan_labels(self.trajectory_step(step).transpose(1, 0, 2, 3), self.geometry)
 
 
 def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
@@ -174,10 +196,14 @@ def model_pixel_area(geometry: ScanGeometry) -> float:
 
 
 def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                postprocess: Optional[Postprocess] = None) -> tuple[np.ndarray, np.ndarray]:
+                postprocess: Optional[Postprocess] = None, steps_used: Optional[np.ndarray] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W) float32
     on the scan's grid. ``postprocess`` cleans the labels (not the uncertainty, which describes the
-    raw trajectory)."""
+    raw trajectory). ``steps_used`` (B,): slices that stopped early fuse only the steps they took
+    (skip-first then leaves at least their last step)."""
+    if steps_used is not None and (np.asarray(steps_used) < sampling.steps).any():
+        return _fuse_ragged(stack_uint8, sampling, geometry, postprocess, np.asarray(steps_used))
     fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
@@ -186,6 +212,29 @@ def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: Sca
         labels = postprocess(labels, model_pixel_area(geometry))
     unc = geometry.to_scan_grid(torch.from_numpy(unc_small)[:, None])[:, 0].clamp_(0, 1).numpy()
     return labels, unc.astype(np.float32)
+
+
+def _fuse_ragged(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
+                 postprocess: Optional[Postprocess], steps_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fuse_slices for slices that took different numbers of steps: one fusion per step count."""
+    H, W = geometry.plane_shape
+    labels = np.zeros((len(steps_used), H, W), np.uint8)
+    unc = np.zeros((len(steps_used), H, W), np.float32)
+    for used in np.unique(steps_used):
+        used = int(used)
+        positions = np.flatnonzero(steps_used == used)
+        entries = [seed * sampling.steps + i for seed in range(sampling.num_seeds) for i in range(used)]
+        taken = dataclasses.replace(sampling, steps=used, skip_first=min(sampling.skip_first, used - 1))
+        labels[positions], unc[positions] = fuse_slices(stack_uint8[entries][:, :, positions], taken, geometry,
+                                                        postprocess)
+    return labels, unc
+
+
+def converged(previous: torch.Tensor, labels: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(B,) bool: fewer than ``tolerance`` of each slice's foreground pixels changed label."""
+    changed = (previous != labels).flatten(1).sum(1)
+    foreground = ((previous > 0) | (labels > 0)).flatten(1).sum(1).clamp(min=1)
+    return (changed == 0) | (changed < tolerance * foreground)
 
 
 def _stream_seed(seed: int, slice_index: int) -> int:
@@ -227,7 +276,8 @@ class SegmentationRun:
             trajectory=np.zeros((total_steps, segmenter.num_classes, len(indices), h, w), np.uint8),
             slice_indices=indices, completed=np.zeros(len(indices), bool), geometry=geometry,
             sampling=sampling, class_names=segmenter.class_names,
-            provenance=segmenter.provenance(sampling, self.scan), postprocess=segmenter.model.postprocess)
+            provenance=segmenter.provenance(sampling, self.scan), postprocess=segmenter.model.postprocess,
+            steps_used=np.zeros(len(indices), np.int16))
         self._iterator: Optional[Iterator[SegmentationEvent]] = None
 
     @property
@@ -251,10 +301,14 @@ class SegmentationRun:
             indices = self.slice_indices[positions]
             image = self.scan.forward(indices, seg.device)
             for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape):
-                result.trajectory[update.seed_index * sampling.steps + update.step_index, :, positions] = \
-                    quantize(update.probabilities).transpose(1, 0, 2, 3)
+                where = np.searchsorted(self.slice_indices, update.slice_indices)
+                result.trajectory[update.seed_index * sampling.steps + update.step_index, :, where] = \
+                    quantize(update.probabilities)
+                if update.seed_index == 0:
+                    result.steps_used[where] = update.step_index + 1
                 yield update
-            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, geometry, result.postprocess)
+            labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, geometry, result.postprocess,
+                                      result.steps_used[positions])
             labels_sf[indices] = labels
             unc_sf[indices] = unc
             result.completed[positions] = True
@@ -350,6 +404,7 @@ class Segmenter:
         h, w = model_shape or (height, width)
         with self._autocast():
             condition = self.model.encode_condition(image)
+        steps_used = torch.full((batch,), sampling.steps, dtype=torch.long)   # set by the first seed
         for seed_index in range(sampling.num_seeds):
             scheduler = make_scheduler(sampling.scheduler, self.schedule, sampling.steps, eta=sampling.eta,
                                        clip_range=self.model.state_clip_range)
@@ -358,18 +413,44 @@ class Segmenter:
             # Step noise (DDPM, DDIM eta>0) per slice, from a stream of its own keyed like its initial
             # noise: a slice's result does not depend on the batch it is in.
             generators = [initial_noise((1,), _stream_seed(seed, int(i)) + 1)[1] for i in slice_indices]
+            subsets: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
-            def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                cond = condition
+            def denoise(x: torch.Tensor, t: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                key = tuple(active.tolist())
+                if key not in subsets:   # the condition of the slices still sampled (changes rarely)
+                    subsets.clear()
+                    subsets[key] = condition if len(key) == batch else [c[active.to(c.device)] for c in condition]
+                cond = subsets[key]
                 with self._autocast():
                     if sampling.reextract_features:  # the reference code's behaviour, for benchmarks
-                        cond = self.model.encode_condition(image)
+                        cond = self.model.encode_condition(image[active.to(image.device)])
                     x0, probs = self.model.denoise(x, t, cond)
                 return x0.float(), probs.float()
 
-            for step in sample_progressive(denoise, scheduler, x_t, generators):
-                yield StepUpdate(np.asarray(slice_indices), seed_index, step.index, step.num_steps,
-                                 sampling.num_seeds, step.probabilities[..., :h, :w].cpu().numpy())
+            keep = self._keep_fn(sampling, seed_index, steps_used, h, w) if sampling.adaptive else None
+            for step in sample_progressive(denoise, scheduler, x_t, generators, keep):
+                yield StepUpdate(np.asarray(slice_indices)[step.active.numpy()], seed_index, step.index,
+                                 step.num_steps, sampling.num_seeds, step.probabilities[..., :h, :w].cpu().numpy())
+
+    @staticmethod
+    def _keep_fn(sampling: SamplingConfig, seed_index: int, steps_used: torch.Tensor, h: int, w: int):
+        """Adaptive steps: the first seed stops each slice once its labels converged (``steps_used``
+        records when); further seeds take the same number of steps per slice, so seeds stay comparable."""
+        if seed_index > 0:
+            return lambda step: step.index + 1 < steps_used[step.active]
+        state: dict[str, torch.Tensor] = {}
+
+        def keep(step) -> torch.Tensor:
+            labels = step.probabilities[..., :h, :w].argmax(dim=1).cpu()
+            streak = state.get("streak", torch.zeros(len(step.active), dtype=torch.long))
+            if "labels" in state:
+                streak = torch.where(converged(state["labels"], labels, sampling.convergence_change), streak + 1, 0)
+            go_on = streak < sampling.convergence_patience
+            steps_used[step.active[~go_on]] = step.index + 1
+            state["labels"], state["streak"] = labels[go_on], streak[go_on]
+            return go_on
+
+        return keep
 
     def _initial_noise(self, batch: int, height: int, width: int, seed: int, slice_indices: Sequence[int]
                        ) -> torch.Tensor:

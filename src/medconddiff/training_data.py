@@ -100,6 +100,5 @@ class TrainingData:
         return parse_ranges(text)
 
     def summary(self, cases: Sequence[Case]) -> str:
-        named = "" if self.class_names else " (class names not stated by the data)"
         return (f"{len(cases)} case(s) from {self.label}: {', '.join(c.name for c in cases[:8])}"
-                f"{' …' if len(cases) > 8 else ''}{named}")
+                f"{' …' if len(cases) > 8 else ''}")

@@ -63,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
         config = training_config(flags={k: v for k, v in flags.items() if k != "train"}, start=start,
                                  class_names=data.class_names, channel_names=data.channel_names,
                                  dataset_label=data.label)
-        config = type(config)(model=config.model, diffusion=config.diffusion, plan=config.plan,
+        if config.model.class_names != start.config.model.class_names or config.plan != start.config.plan:
+            raise ValueError(f"{args.resume} was trained with other classes or another plan; it cannot be resumed "
+                             "on this data")
+        # Resuming continues the same run: its own config (backbone weights source included), new train flags.
+        config = type(config)(model=start.config.model, diffusion=start.config.diffusion, plan=start.config.plan,
                               train=_override(start.config.train, flags["train"]))
-        if config.model != start.config.model or config.plan != start.config.plan:
-            raise ValueError(f"{args.resume} was trained with another model or plan; it cannot be resumed on this data")
     else:
         start = load_checkpoint(args.init, allow_legacy=True) if args.init else None
         dataset_plan = data.plan(base=start.config.plan if start else None) if data.has_labels else None
@@ -89,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             log_file.flush()
 
     log(f"data: {data.summary(cases)}")
+    source = (data.label if data.class_names else "--class-names" if "class_names" in flags["model"]
+              else "the start checkpoint" if start is not None else "the label values")
+    log(f"classes: {', '.join(config.model.class_names)} (from {source})")
     log(f"plan: {json.dumps(_plan_record(config.plan))}")
     provenance = {"trained_on": [case.name for case in cases], "train_slices": args.train_slices,
                   "dataset": data.label, "fingerprint": data.fingerprint_record(),

@@ -1,0 +1,99 @@
+"""Fine-tuning on a few labelled slices: one code path for the API, the CLI and the widget."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medconddiff.checkpoint import load_checkpoint
+from medconddiff.cli import main
+from medconddiff.finetune import LabelledScan, finetune
+from medconddiff.segmenter import Segmenter
+from tests.conftest import meta_1mm
+
+META = meta_1mm()
+
+
+def lesion_scan(liver_volume):
+    """The real liver CT cut, relabelled as a user would: one new structure ('lesion', value 1)."""
+    image, labels = liver_volume
+    return image, (labels == 2).astype(np.uint8)
+
+
+def test_same_seed_same_weights_and_the_checkpoint_records_its_origin(tmp_path, tiny_checkpoint, liver_volume):
+    image, labels = lesion_scan(liver_volume)
+    scans = [LabelledScan("cut", image, META, labels, slices=[1, 3])]
+    saved = []
+    for name in ("a", "b"):
+        run = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), steps=3, seed=7, device="cpu",
+                       log=lambda message: None)
+        events = list(run)
+        assert [e.step for e in events] == [1, 2, 3] and events[-1].total_steps == 3
+        saved.append(run.save(tmp_path / f"{name}.safetensors"))
+    a, b = (load_checkpoint(path) for path in saved)
+    for key in a.state_dict:
+        torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=0, atol=0)
+    assert a.config.model.class_names == ("background", "lesion")
+    start = load_checkpoint(tiny_checkpoint)
+    assert a.extra["finetuned_from"] == {"path": str(tiny_checkpoint), "sha256": start.sha256,
+                                         "classes": ["background", "liver", "tumour"]}
+    assert a.extra["finetuned_on"] == [{"scan": "cut", "source": None, "slices": [1, 3]}]
+    assert a.extra["steps"] == 3 and "denoiser.stem" in a.extra["reinitialised"]
+    other = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), steps=3, seed=8, device="cpu",
+                     log=lambda message: None)
+    list(other)
+    assert not torch.equal(other.trainer.weights_to_save().state_dict()["denoiser.head.2.weight"],
+                           a.state_dict["denoiser.head.2.weight"].float())
+
+
+def test_stopping_early_keeps_the_completed_steps_and_the_segmenter_works(tmp_path, tiny_checkpoint, liver_volume):
+    image, labels = lesion_scan(liver_volume)
+    run = finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=[2])],
+                   class_names=("background", "lesion"), steps=50, device="cpu", log=lambda message: None)
+    for event in run:
+        if event.step == 2:
+            break            # the user pressed Cancel
+    assert run.completed_steps == 2
+    path = run.save(tmp_path / "early.safetensors")
+    assert load_checkpoint(path).extra["steps"] == 2 and load_checkpoint(path).extra["steps_planned"] == 50
+    segmenter = run.segmenter()
+    result = segmenter.segment(image, slices=[0], meta=META)
+    assert result.class_names == ("background", "lesion") and result.labels.max() <= 1
+    assert Segmenter.from_checkpoint(path, device="cpu").class_names == ("background", "lesion")
+
+
+def test_unnamed_label_values_and_empty_slice_lists_are_refused(tiny_checkpoint, liver_volume):
+    image, labels = liver_volume       # values 0, 1, 2
+    with pytest.raises(ValueError, match="label 2 has no class name"):
+        finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=[1])],
+                 class_names=("background", "liver"), steps=1, device="cpu", log=lambda message: None)
+    with pytest.raises(ValueError, match="no labelled slices"):
+        finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=[])], steps=1, device="cpu",
+                 log=lambda message: None)
+    with pytest.raises(ValueError, match="outside the 6 axial slices"):
+        finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=[9])], steps=1, device="cpu",
+                 log=lambda message: None)
+
+
+def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tmp_path, tiny_checkpoint,
+                                                                              liver_volume, capsys):
+    image, labels = lesion_scan(liver_volume)
+    affine = np.diag([-0.8, -0.8, 2.0, 1.0])       # LPS, 0.8 mm: stored as a scanner would store it
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "labels.nii.gz"))
+    out = tmp_path / "tuned.safetensors"
+    args = ["finetune", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices", "labelled",
+            "--init", str(tiny_checkpoint), "--class-names", "background", "lesion", "--steps", "2",
+            "--device", "cpu", "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    labelled = sorted(int(k) for k in np.flatnonzero(labels.any(axis=(0, 1))))
+    assert f"fine-tuning on {len(labelled)} slice(s)" in printed and "saved" in printed
+    assert load_checkpoint(out).extra["finetuned_on"][0]["slices"] == labelled
+    out.write_bytes(b"the user's file")
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"the user's file"
+    assert main([*args[:4], "2-1", *args[5:-1], str(tmp_path / "x.safetensors")]) == 2
+    assert "31,33,40-42" in capsys.readouterr().err
