@@ -55,6 +55,12 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert model["overhead_fraction"] == model["latency"][-1]["overhead_fraction"]
     reuse = model["feature_reuse"]
     assert _positive(reuse["speedup"]) and _positive(reuse["reextract_seconds"]) and reuse["steps"] == 2
+    adaptive = model["adaptive"]
+    assert adaptive["max_steps"] == 2 and 1 <= adaptive["mean_steps"] <= 2 and _positive(adaptive["ratio"])
+    finetune = model["finetune"]
+    assert finetune["steps"] == 2 and finetune["slices"] == [40, 56, 88] and _positive(finetune["seconds_per_step"])
+    assert finetune["seconds"] >= finetune["train_seconds"] > 0
+    assert set(model["targets"]) == set(TARGETS)
 
     throughput = model["throughput"]
     assert [entry["batch_size"] for entry in throughput["by_batch_size"]] == [1, 2]
@@ -67,6 +73,11 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert memory["trajectory_shape"] == [2, 3, 4, 45, 45] and memory["trajectory_bytes"] == 2 * 3 * 4 * 45 * 45
     assert memory["peak_measure"] == "peak_rss" and memory["peak_bytes"] == memory["peak_rss_bytes"]
     assert memory["peak_rss_bytes"] >= memory["rss_after_model_load_bytes"] > 0
+    assert memory["spacing"] == [0.7, 0.7, 1.0] and memory["model_plane"] == [45, 45] and memory["padded_plane"] == [64, 64]
+    profile = memory["profile_seconds"]
+    assert {"denoise (denoiser passes)", "encode_condition (backbone + adapter)"} <= set(profile)
+    assert all(v >= 0 for v in profile.values()) and _positive(profile["denoise (denoiser passes)"])
+    assert sum(profile.values()) == pytest.approx(memory["seconds"], rel=0.05)
     assert memory["run_increment_bytes"] == memory["peak_rss_bytes"] - memory["rss_after_model_load_bytes"]
     assert memory["cuda_max_allocated_bytes"] is None
 
