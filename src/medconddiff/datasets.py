@@ -3,10 +3,11 @@
 Every case is turned into canonical slices resampled to the plan's in-plane spacing by the same
 :class:`~medconddiff.preprocess.ScanPreprocessor` that inference uses, so training and inference
 see the same millimetres, orientation and intensities. Items are square crops of ``patch_size``
-pixels: centred on a foreground pixel for a fraction of draws (rare classes first), anywhere
-otherwise; a crop reaching past the slice's edge is filled with background (air), so the network
-also learns slices whose field of view is wider than the anatomy. Augmentation (torchvision v2)
-moves image and mask together.
+pixels, as nnU-Net cuts them: along an axis where the slice is no larger than the patch the whole
+slice lies inside the crop at a random offset (the rest is air, so the network also learns fields
+of view wider than the anatomy); where it is larger the crop is placed at random, holding a
+foreground pixel (of the slice's rarest class) for a fraction of draws. Augmentation (torchvision
+v2) moves image and mask together.
 
 Slice ranges (``0:40,80:128``) count canonical slices along the plan's direction.
 """
@@ -154,24 +155,31 @@ class TrainingSlices(Dataset):
         return image, labels.long()
 
     def _crop_origin(self, labels: torch.Tensor) -> tuple[int, int]:
-        """Top-left corner of a crop: centred on a foreground pixel (rarest class first) or at random."""
+        """Top-left corner of a crop (nnU-Net's rule, per axis): a slice no larger than the patch lies
+        whole inside it at a random offset (the rest is air); a larger slice is cut at random, so that
+        the crop holds a foreground pixel (of the slice's rarest class) for a fraction of draws."""
         h, w = labels.shape
-        half = self.patch_size // 2
+        size = self.patch_size
         if self.centre_crops:
-            return h // 2 - half, w // 2 - half
+            return h // 2 - size // 2, w // 2 - size // 2
+        target = None
         present = [k for k in torch.unique(labels).tolist() if k > 0]
         if present and float(torch.rand(())) < self.foreground_fraction:
             counts = {k: int((labels == k).sum()) for k in present}
-            chosen = min(counts, key=counts.get)   # the rarest class on this slice
+            chosen = min(counts, key=counts.get)
             candidates = torch.nonzero(labels == chosen)
-            y, x = candidates[int(torch.randint(len(candidates), ()))].tolist()
-        else:
-            y, x = int(torch.randint(h, ())), int(torch.randint(w, ()))
-        # Jitter so a foreground pixel is not always dead centre.
-        jitter = max(1, self.patch_size // 4)
-        y += int(torch.randint(-jitter, jitter + 1, ()))
-        x += int(torch.randint(-jitter, jitter + 1, ()))
-        return y - half, x - half
+            target = candidates[int(torch.randint(len(candidates), ()))].tolist()
+        return tuple(self._axis_origin(n, None if target is None else target[axis])
+                     for axis, n in enumerate((h, w)))  # type: ignore[return-value]
+
+    def _axis_origin(self, n: int, target: Optional[int]) -> int:
+        size = self.patch_size
+        if n <= size:
+            return -int(torch.randint(size - n + 1, ()))           # the whole slice, placed at random
+        low, high = 0, n - size                                    # crops inside the slice
+        if target is not None:                                     # ... that contain the target pixel
+            low, high = max(low, target - size + 1), min(high, target)
+        return int(torch.randint(low, high + 1, ()))
 
     def class_slice_weights(self, num_classes: int) -> torch.Tensor:
         """Sampling weight per slice: slices showing rare classes are drawn more often (as in the paper).
