@@ -96,4 +96,4 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert out.read_bytes() == b"the user's file"
     assert main([*args[:4], "2-1", *args[5:-1], str(tmp_path / "x.safetensors")]) == 2
-    assert "31,33,40-42" in capsys.readouterr().err
+    assert "'10, 12, 20-24'" in capsys.readouterr().err

@@ -467,3 +467,27 @@ def test_load_channels_refuses_a_channel_without_finite_voxels(tmp_path, ramp):
         nifti.load_channels([path])
     with pytest.raises(ValueError, match="at least one file"):
         nifti.load_channels([])
+
+
+@pytest.mark.parametrize("qform_code, sform_code", [(0, 0), (1, 0), (0, 2), (1, 1)])
+def test_writing_back_keeps_the_form_codes_and_never_invents_an_orientation(tmp_path, qform_code, sform_code):
+    affine = np.diag([-0.7, -0.7, 3.0, 1.0])
+    source = tmp_path / "source.nii.gz"
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    nib.save(image, str(source))
+    array, meta = load_volume(source)
+    assert meta.affine_known == (qform_code > 0 or sform_code > 0)
+    out = save_volume(tmp_path / "out.nii.gz", array, meta)
+    written = nib.load(str(out))
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (qform_code, sform_code)
+    np.testing.assert_allclose(written.affine, nib.load(str(source)).affine)
+
+
+def test_an_array_from_nowhere_is_written_without_an_orientation(tmp_path):
+    meta = VolumeMeta.identity(spacing=(0.5, 0.5, 2.0))
+    assert not meta.affine_known
+    written = nib.load(str(save_volume(tmp_path / "plain.nii.gz", np.zeros((3, 3, 3), np.uint8), meta)))
+    assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 0
+    np.testing.assert_allclose(written.header.get_zooms(), (0.5, 0.5, 2.0))

@@ -180,7 +180,7 @@ class SamplingConfig:
     reextract_features: bool = _help(
         "re-run the backbone at every step like the reference code (slower; for benchmarks)", default=False)
     adaptive: bool = _help("stop a slice's diffusion once its x̂0 labels have converged (steps is then the "
-                           "most a slice takes)", default=False)
+                           "most a slice takes)", default=True)
     convergence_change: float = _help(
         "adaptive: a step has converged when fewer than this fraction of the slice's foreground pixels "
         "change label", default=0.01)

@@ -197,6 +197,7 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
                                    "error_fraction": float(wrong[region].mean()) if region.any() else float("nan")}
     report["error_fraction"] = float(wrong.mean())
     report["n_slices"] = int(len(indices))
+    report["steps_used_mean"] = float(result.steps_used[result.completed].mean())
     report["slicing"] = geometry.slicing
     report["spacing_mm"] = [float(s) for s in spacing]
     report["sampling"] = dataclasses.asdict(result.sampling)

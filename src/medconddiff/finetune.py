@@ -19,7 +19,6 @@ The saved checkpoint records what it was fine-tuned from (path, SHA-256) and on 
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +75,8 @@ class FinetuneRun:
         train_set = TrainingSlices(cases, config.plan, config.train.patch_size, slices_by_case=slices_by_case,
                                    augment=config.train.augment,
                                    foreground_fraction=config.train.foreground_crop_fraction)
-        self._output = Path(tempfile.mkdtemp(prefix="medconddiff-finetune-"))
-        self.trainer = Trainer(config, train_set, self._output, device=device, log=log, init_from=start,
+        # No output folder: the run only writes where save() is told to.
+        self.trainer = Trainer(config, train_set, None, device=device, log=log, init_from=start,
                                provenance=self.provenance())
         self.started = time.perf_counter()
         self.completed_steps = 0

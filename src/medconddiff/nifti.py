@@ -506,7 +506,9 @@ def save_volume(
     _check_nifti_suffix(path)
     out = _array_for_write(array, meta, dtype)
     header = _header_for_write(meta, out)
-    image = nib.Nifti1Image(out, meta.affine, header=header)
+    # affine=None: the header already holds the affine with the codes chosen above; given an affine,
+    # nibabel would mark the sform "aligned" even where the orientation is unknown (codes 0).
+    image = nib.Nifti1Image(out, None, header=header)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
     atomic_write(path, lambda tmp: nib.save(image, str(tmp)), overwrite=overwrite, suffix=suffix)
     return path
@@ -579,8 +581,10 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
     """Header with the meta's affine, spacing and (if any) original form codes and units."""
     if meta.header is not None:
         header = nib.Nifti1Header.from_header(meta.header)
-        sform_code = int(meta.header["sform_code"]) or _ALIGNED_FORM_CODE
+        sform_code = int(meta.header["sform_code"])
         qform_code = int(meta.header["qform_code"])
+        if sform_code == qform_code == 0:   # a known affine behind a header that did not carry it
+            sform_code = _ALIGNED_FORM_CODE
     else:
         header = nib.Nifti1Header()
         header.set_xyzt_units("mm")

@@ -250,8 +250,10 @@ class ScanPreprocessor:
         else:
             note = meta.geometry_note
         orientation = Orientation.of(meta.affine, known=meta.affine_known, note=note)
-        if orientation.note:
+        if not orientation.known:
             notes.append(f"{orientation.note}: voxel axes taken as R, A, S")
+        elif note:
+            notes.append(note)        # where an assumed affine came from (e.g. a plain napari layer)
         to_canonical = orientation.to_canonical
         spacing = tuple(float(meta.spacing[a]) for a in to_canonical.axes)
         slice_axis = SLICE_AXIS[self.plan.slicing]

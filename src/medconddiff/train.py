@@ -84,7 +84,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict[str, t
 class Trainer:
     """Holds model, EMA, optimizer and data; ``fit()`` runs epochs until done or interrupted."""
 
-    def __init__(self, config: ExperimentConfig, train_set: TrainingSlices, output_dir: Path, *,
+    def __init__(self, config: ExperimentConfig, train_set: TrainingSlices, output_dir: Optional[Path], *,
                  device: str = "auto", validation: Optional["Validation"] = None, log: Log = print,
                  init_from: Optional[Checkpoint] = None, provenance: Optional[dict] = None):
         self.config = config
@@ -93,7 +93,7 @@ class Trainer:
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir is not None else None   # None: save() is not used
         self.provenance = dict(provenance or {})
         self.log = log if self.dist.is_main else (lambda message: None)
         torch.manual_seed(self.tc.train_seed)  # same initial weights on every rank
@@ -141,6 +141,8 @@ class Trainer:
     def save(self, name: str, *, metrics: Optional[dict] = None, half: bool = False) -> Optional[Path]:
         if not self.dist.is_main:
             return None
+        if self.output_dir is None:
+            raise ValueError("this trainer has no output folder to save checkpoints in")
         aux = {f"aux.raw.{k}": v for k, v in self.model.state_dict().items()} if self.ema is not None else {}
         aux.update(_optimizer_tensors(self.optimizer))
         extra = {**self.provenance, "epoch": self.epoch, "step": self.step, "history": self.history[-200:],

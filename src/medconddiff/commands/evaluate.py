@@ -61,7 +61,9 @@ def _mean_note(mean: dict, total: int) -> str:
 
 def print_report(name: str, report: dict) -> None:
     consensus, one_shot = report["consensus"], report["one_shot"]
-    print(f"\n{name}: {report['n_slices']} {report.get('slicing', '')} slices, {report['sampling']['steps']} steps, "
+    steps = (f"adaptive ≤ {report['sampling']['steps']} steps (mean {report['steps_used_mean']:.1f})"
+             if report["sampling"].get("adaptive") else f"{report['sampling']['steps']} steps")
+    print(f"\n{name}: {report['n_slices']} {report.get('slicing', '')} slices, {steps}, "
           f"consensus={report['sampling']['consensus']} (means over foreground classes; background excluded)")
     print(f"{'class':<14}{'Dice':>8}{'IoU':>8}{'HD95 mm':>9}{'1-shot Dice':>13}")
     for cls, m in consensus["per_class"].items():

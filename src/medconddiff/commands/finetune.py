@@ -40,27 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no per-step progress")
 
 
-def parse_slice_list(text: str) -> list[int]:
-    """'31,33,40-42' → [31, 33, 40, 41, 42] (inclusive ranges)."""
-    slices: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                start, stop = (int(x) for x in part.split("-"))
-                if stop < start:
-                    raise ValueError
-                slices.update(range(start, stop + 1))
-            else:
-                slices.add(int(part))
-        except ValueError:
-            raise ValueError(f"--slices must look like 31,33,40-42 (or 'labelled'), got {text!r}") from None
-    if not slices or min(slices) < 0:
-        raise ValueError(f"--slices names no valid slice: {text!r}")
-    return sorted(slices)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..finetune import LabelledScan, finetune
@@ -92,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
         if not slices:
             raise ValueError(f"{args.labels} has no labelled slice")
     else:
+        from ..slice_lists import parse_slice_list
+
         slices = parse_slice_list(args.slices)
+        if not slices or min(slices) < 0:
+            raise ValueError(f"--slices names no valid slice: {args.slices!r}")
     name = args.image.name.split(".")[0]
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
                     steps=args.steps, seed=args.seed, augment=not args.no_augment, batch_size=args.batch_size,
