@@ -1,9 +1,10 @@
 """Peak memory of the napari widget segmenting a 512×512×300 scan at 10 steps (issue 4's figure).
 
 Run under Xvfb:  xvfb-run -a .venv/bin/python docs/measure_widget_memory.py
-Opens a viewer (not shown), adds a synthetic CT-like 512×512×300 int16 scan as the reader would,
-docks the widget through the manifest, clicks Segment with the bundled model, waits, and prints the
-process's peak RSS (ru_maxrss) before and after, plus the size of every result layer.
+Opens a viewer (not shown), adds a synthetic CT-like 512×512×300 int16 scan (RAS, 0.7×0.7×1.5 mm)
+as the reader would, docks the widget through the manifest, clicks Segment with the bundled model,
+waits, and prints the process's peak RSS (ru_maxrss) before and after, plus the size of every result
+layer and of the controller's per-scan reference of what the engine wrote (used to find edits).
 """
 
 import resource
@@ -27,12 +28,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     volume = rng.normal(40, 30, (512, 512, 300)).astype(np.int16)   # soft-tissue HU with noise
     viewer = napari.Viewer(show=False)
-    data, kwargs = volume_to_layer(volume, VolumeMeta.identity(spacing=(0.7, 0.7, 1.5)))
+    data, kwargs = volume_to_layer(volume, VolumeMeta(affine=np.diag([0.7, 0.7, 1.5, 1.0]), spacing=(0.7, 0.7, 1.5)))
     viewer.add_image(data, name="big", **kwargs)
     del volume, data
     _, widget = viewer.window.add_plugin_dock_widget("napari-medconddiff", "MedCondDiff segmentation")
     loop = QEventLoop()
-    while widget._engine is None:
+    while widget.controller.engine is None:
         QTimer.singleShot(100, loop.quit)
         loop.exec()
     before = peak_rss_gb()
@@ -50,6 +51,8 @@ def main() -> None:
     print(f"segment time {seconds:.1f} s; peak RSS before Segment {before:.2f} GB, after {peak_rss_gb():.2f} GB")
     for layer in viewer.layers:
         print(f"  layer {layer.name!r}: {layer.data.shape} {layer.data.dtype} {layer.data.nbytes / 1e9:.3f} GB")
+    reference = widget.controller.current.reference
+    print(f"  edit reference: {reference.shape} {reference.dtype} {reference.nbytes / 1e9:.3f} GB")
     viewer.close()
 
 

@@ -1,16 +1,26 @@
 """The one convention that maps NIfTI volumes to napari layers and back.
 
-A volume from :func:`medconddiff.nifti.load_volume` has axes ``(i, j, k)`` (the file's array
-axes) and ``meta.spacing`` in mm per axis. napari puts a slider on every leading axis and shows
-the last two as rows and columns, so the layer data are ``np.moveaxis(array, -1, 0)``:
+A volume from :func:`medconddiff.nifti.load_volume` has the file's voxel axes ``(i, j, k)``;
+napari puts a slider on the first layer axis and shows the last two as rows (downwards) and
+columns (rightwards). Layers are shown in the **radiological convention**
+(:func:`medconddiff.geometry.display_codes`): a 3-D scan's layer axes point to ``("S", "P", "L")``,
+so the slider runs inferior → superior, anterior is at the top and the patient's right is on the
+screen's left, however the file stores its voxels (RAS, LPS, a sagittal stack, ...).
 
-* 3-D: layer axes ``(k, i, j)``. The last NIfTI axis (axial for almost every CT and MR) becomes
-  napari's slider; each displayed slice has rows = ``i`` and columns = ``j``. This is not the
-  radiological view (no flips or transposes are applied), but it is exact and invertible.
-* 2-D images (``meta.original_ndim == 2``) become a 2-D layer ``(i, j)`` with no slider.
-* ``scale`` is ``meta.spacing`` reordered the same way, so physical distances are right.
-* ``metadata["medconddiff"]`` holds ``meta.to_dict()`` and ``metadata["nifti_axis_order"]``
-  names the convention, so :func:`layer_to_volume` restores the file's axes and affine exactly.
+* The layer data are a **view** of the file-ordered array (a permutation plus flips,
+  :class:`medconddiff.geometry.Reorientation`): nothing is copied or resampled.
+* A file whose affine says nothing about anatomy (NIfTI codes 0, singular affine) is shown as if
+  its voxel axes were R, A, S, as the engine processes it; its axis labels name the voxel axes
+  instead of directions.
+* A 2-D image is reoriented in-plane to the radiological view of its own plane: a 2-D layer.
+* ``scale`` is the voxel size in mm in layer-axis order; ``axis_labels`` say where each axis
+  points (``"I→S"``).
+* ``metadata[METADATA_KEY]`` holds ``meta.to_dict()`` and ``metadata[TO_LAYER_KEY]`` the
+  file → layer reorientation, so :func:`layer_to_volume` restores the file's voxel order, affine
+  and header codes exactly.
+
+A **plain layer** (an array added without this metadata) has no known anatomy: it is written in
+its own axis order with NIfTI codes 0 ("orientation unknown"), spacing from its ``scale``.
 """
 
 from __future__ import annotations
@@ -19,40 +29,82 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medconddiff.geometry import SLICE_AXIS, Orientation, Reorientation, display_codes
 from medconddiff.nifti import VolumeMeta
 
 METADATA_KEY = "medconddiff"
-AXIS_ORDER_KEY = "nifti_axis_order"
-AXIS_ORDER = "moved last axis first"
+TO_LAYER_KEY = "medconddiff_file_to_layer"
+PLAIN_LAYER_NOTE = ("a napari layer without NIfTI metadata: voxel axes in the layer's order, "
+                    "orientation unknown, voxel size from the layer scale")
 
-__all__ = ["METADATA_KEY", "AXIS_ORDER_KEY", "AXIS_ORDER", "volume_to_layer", "layer_to_volume", "layer_name"]
+__all__ = ["METADATA_KEY", "TO_LAYER_KEY", "volume_to_layer", "layer_to_volume", "layer_name",
+           "display_reorientation", "stored_geometry", "file_view", "layer_view", "plain_meta"]
+
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+_PLANE_OF_AXIS = {axis: name for name, axis in SLICE_AXIS.items()}
+
+
+def display_reorientation(meta: VolumeMeta) -> tuple[Reorientation, Orientation]:
+    """File → layer reorientation of the radiological view, and the orientation it assumed.
+
+    3-D scans are shown axially; a 2-D image (``original_ndim == 2``, a singleton third file axis)
+    in its own plane, with that singleton axis first so that the 2-D layer is ``view[0]``.
+    """
+    orientation = Orientation.of(meta.affine, known=meta.affine_known, note=meta.geometry_note)
+    if meta.original_ndim == 2:
+        plane = _PLANE_OF_AXIS[orientation.to_canonical.axes.index(2)]
+        target = display_codes(plane)
+    else:
+        target = display_codes("axial")
+    return Reorientation.between(orientation.file_codes, target), orientation
+
+
+def layer_view(array: np.ndarray, to_layer: Reorientation, layer_ndim: int) -> np.ndarray:
+    """File-ordered ``(i, j, k)`` array → layer data (a view); 2-D layers drop the singleton axis."""
+    view = to_layer.apply(array)
+    return view[0] if layer_ndim == 2 else view
+
+
+def file_view(data: np.ndarray, to_layer: Reorientation) -> np.ndarray:
+    """Layer data → the file-ordered ``(i, j, k)`` view of the same memory (writable if ``data`` is)."""
+    return to_layer.inverse().apply(data[np.newaxis] if data.ndim == 2 else data)
 
 
 def volume_to_layer(array: np.ndarray, meta: VolumeMeta) -> tuple[np.ndarray, dict[str, Any]]:
-    """NIfTI-ordered ``(i, j, k)`` volume -> napari layer data ``(k, i, j)`` and layer kwargs.
+    """File-ordered ``(i, j, k)`` volume → radiological layer data (a view) and layer kwargs.
 
-    The kwargs hold ``scale`` (mm, layer-axis order) and ``metadata``; add name, colormap etc.
+    The kwargs hold ``scale`` (mm, layer-axis order), ``axis_labels`` and ``metadata``; add
+    name, colormap etc.
     """
     array = np.asarray(array)
     if array.ndim != 3:
         raise ValueError(f"expected a 3-D (i, j, k) volume, got shape {array.shape}")
-    names = _axis_names(meta)
-    if meta.original_ndim == 2 and array.shape[2] == 1:
-        data = array[:, :, 0]
-        scale = tuple(meta.spacing[:2])
-        labels = names[:2]
-    else:
-        data = np.moveaxis(array, -1, 0)
-        scale = (meta.spacing[2],) + tuple(meta.spacing[:2])
-        labels = (names[2],) + names[:2]
-    metadata = {METADATA_KEY: meta.to_dict(), AXIS_ORDER_KEY: AXIS_ORDER}
-    return data, {"scale": scale, "metadata": metadata, "axis_labels": labels}
+    to_layer, orientation = display_reorientation(meta)
+    layer_ndim = 2 if meta.original_ndim == 2 and array.shape[2] == 1 else 3
+    data = layer_view(array, to_layer, layer_ndim)
+    scale = tuple(float(meta.spacing[a]) for a in to_layer.axes)
+    labels = _axis_labels(to_layer, orientation)
+    metadata = {METADATA_KEY: meta.to_dict(), TO_LAYER_KEY: to_layer.to_dict()}
+    return data, {"scale": scale[-layer_ndim:], "axis_labels": labels[-layer_ndim:], "metadata": metadata}
 
 
-def _axis_names(meta: VolumeMeta) -> tuple[str, str, str]:
-    """Slider/axis labels a reader of the scan understands: voxel axis and where it points, e.g. 'k → S'."""
-    codes = tuple(meta.orientation or ("?", "?", "?"))
-    return tuple(f"{axis} → {code}" if code != "?" else axis for axis, code in zip("ijk", codes))  # type: ignore
+def _axis_labels(to_layer: Reorientation, orientation: Orientation) -> tuple[str, ...]:
+    """Where each layer axis points, e.g. ``"I→S"``; voxel axis names when the anatomy is unknown."""
+    codes = to_layer.codes(orientation.file_codes)
+    if orientation.known:
+        return tuple(f"{_OPPOSITE[code]}→{code}" for code in codes)
+    return tuple("ijk"[axis] + (" reversed" if flip else "") for axis, flip in zip(to_layer.axes, to_layer.flips))
+
+
+def stored_geometry(metadata: dict[str, Any] | None) -> tuple[VolumeMeta, Reorientation] | None:
+    """The meta and file → layer reorientation a layer carries, or None for a plain layer."""
+    stored = (metadata or {}).get(METADATA_KEY)
+    if stored is None:
+        return None
+    meta = VolumeMeta.from_dict(stored)
+    to_layer = (metadata or {}).get(TO_LAYER_KEY)
+    # Metadata written by hand with a meta but no reorientation: the layer is in file order.
+    return meta, Reorientation.from_dict(to_layer) if to_layer else Reorientation.identity()
 
 
 def layer_to_volume(
@@ -61,20 +113,38 @@ def layer_to_volume(
     *,
     scale: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, VolumeMeta]:
-    """Invert :func:`volume_to_layer`: layer data -> ``(i, j, k)`` array and its VolumeMeta.
+    """Invert :func:`volume_to_layer`: layer data → file-ordered ``(i, j, k)`` view and its meta.
 
-    With our metadata the file's affine, spacing and header codes come back. A plain layer
-    (no metadata) is read with the same axis convention and gets an axis-aligned affine with
-    spacing from the layer ``scale`` (1 mm when no scale is given).
+    With our metadata the file's voxel order, affine and header codes come back. A plain layer
+    keeps its own axis order (a 2-D layer gets a singleton third axis) with the layer ``scale``
+    as spacing (1 mm when none is given) and an unknown orientation (written with codes 0).
     """
     data = _base_level(data)
     if data.ndim not in (2, 3):
         raise ValueError(f"only 2-D and 3-D layers can be written as NIfTI, got shape {data.shape}")
-    array = data[..., np.newaxis] if data.ndim == 2 else np.moveaxis(data, 0, -1)
-    stored = (metadata or {}).get(METADATA_KEY)
+    stored = stored_geometry(metadata)
     if stored is not None:
-        return array, VolumeMeta.from_dict(stored)
-    return array, VolumeMeta.identity(shape_ndim=data.ndim, spacing=_volume_spacing(data.ndim, scale))
+        meta, to_layer = stored
+        return file_view(data, to_layer), meta
+    array = data[..., np.newaxis] if data.ndim == 2 else data
+    spacing = (1.0,) * data.ndim if scale is None else tuple(abs(float(s)) for s in scale)[-data.ndim:]
+    return array, plain_meta(data.shape, spacing)
+
+
+def plain_meta(shape: Sequence[int], spacing: Sequence[float]) -> VolumeMeta:
+    """Meta of an array written in its own axis order with no known orientation (NIfTI codes 0).
+
+    Its affine is the one nibabel derives from the voxel size for codes 0: with any other affine,
+    nibabel would store it as an "aligned" sform (code 2) and so invent an orientation.
+    """
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(int(n) for n in shape))
+    header.set_zooms(tuple(float(s) for s in spacing[:len(shape)]))
+    spacing_3d = tuple(float(s) for s in spacing[:len(shape)]) + (1.0,) * (3 - len(shape))
+    return VolumeMeta(affine=header.get_base_affine(), spacing=spacing_3d, original_ndim=len(shape),
+                      affine_known=False, geometry_note=PLAIN_LAYER_NOTE)
 
 
 def layer_name(path: str) -> str:
@@ -91,13 +161,3 @@ def _base_level(data: Any) -> np.ndarray:
     if isinstance(data, (list, tuple)):
         data = data[0]
     return np.asarray(data)
-
-
-def _volume_spacing(ndim: int, scale: Sequence[float] | None) -> tuple[float, ...] | None:
-    """Layer scale (layer-axis order) -> spacing in (i, j, k) order."""
-    if scale is None:
-        return None
-    scale = tuple(abs(float(s)) for s in scale)[-ndim:]
-    if ndim == 2:
-        return scale
-    return scale[1:] + scale[:1]

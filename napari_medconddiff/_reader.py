@@ -1,9 +1,15 @@
 """npe2 reader for NIfTI volumes (.nii, .nii.gz).
 
-Layers follow :mod:`napari_medconddiff._layers`: the last NIfTI axis becomes napari's slider,
-``scale`` is the voxel spacing in mm, and ``metadata`` lets the writer restore the file's axes
-and affine. A file whose name mentions label/seg/mask and whose voxels are small non-negative
+Layers follow :mod:`napari_medconddiff._layers`: the data are a view of the file's voxels in the
+radiological convention (slider inferior → superior, anterior up, the patient's right on the
+screen's left), ``scale`` is the voxel spacing in mm, and ``metadata`` lets the writer restore the
+file's voxel order and affine exactly. A file whose name mentions label/seg/mask and whose voxels are small non-negative
 integers opens as a Labels layer; everything else opens as a grey-scale Image.
+
+A 4-D file with C > 1 volumes along its fourth axis (a multi-sequence MRI such as BraTS's FLAIR, T1,
+T1c, T2) opens as C layers named ``<file> c0``, ``<file> c1``, …, each one volume with the geometry
+of a 3-D file: they overlay exactly, each can be saved on its own as a 3-D file, and the widget's
+"More channels" row takes them as the channels of one scan.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medconddiff.nifti import NIFTI_SUFFIXES, load_volume, sanitize_nonfinite, smallest_label_dtype
+from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
 from ._layers import layer_name, volume_to_layer
 
@@ -44,16 +50,38 @@ def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | 
 
 
 def read_nifti(path: PathOrPaths) -> list[LayerData]:
-    """Read one or several NIfTI files into napari layer data tuples (one layer per file)."""
+    """Read one or several NIfTI files into napari layer data tuples (one layer per file, one per
+    volume of a 4-D file)."""
     paths = path if isinstance(path, (list, tuple)) else [path]
-    return [read_layer(p) for p in paths]
+    return [layer for p in paths for layer in read_layers(p)]
+
+
+def read_layers(path: str | os.PathLike) -> list[LayerData]:
+    """One NIfTI file -> one ``(data, kwargs, "image" | "labels")`` per volume (channel)."""
+    path = os.fspath(path)
+    array, meta = load_channels([path])
+    name = layer_name(path)
+    count = array.shape[3]
+    if count == 1:
+        return [volume_layer(array[..., 0], meta, name, path)]
+    # Channel-major and contiguous: each layer then holds a plain (i, j, k) block, as a 3-D file's
+    # does, instead of a view striding over the other channels (slow to slice and to render).
+    channels = np.ascontiguousarray(np.moveaxis(array, 3, 0))
+    del array
+    return [volume_layer(channels[c], meta, f"{name} c{c}", path) for c in range(count)]
 
 
 def read_layer(path: str | os.PathLike) -> LayerData:
-    """One NIfTI file -> ``(data, kwargs, "image" | "labels")``."""
-    path = os.fspath(path)
-    array, meta = load_volume(path)
-    name = layer_name(path)
+    """One 3-D (or single-volume 4-D) NIfTI file -> ``(data, kwargs, "image" | "labels")``."""
+    layers = read_layers(path)
+    if len(layers) != 1:
+        raise ValueError(f"{os.fspath(path)} holds {len(layers)} volumes; read it with read_layers")
+    return layers[0]
+
+
+def volume_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> LayerData:
+    """One file-ordered ``(i, j, k)`` volume -> a Labels layer (a label-named file of small
+    integers) or a grey-scale Image layer."""
     if _looks_like_labels(name, array):
         labels = array.astype(smallest_label_dtype(int(array.max())))
         data, kwargs = volume_to_layer(labels, meta)
@@ -61,7 +89,7 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     array, n_bad = sanitize_nonfinite(array)
     if n_bad:
         # napari's contrast and rendering break on NaN; say what was changed instead of failing.
-        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=2)
+        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=3)
     data, kwargs = volume_to_layer(array, meta)
     kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
     kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(array))

@@ -1,23 +1,25 @@
-"""The layers a segmentation run adds, and how the widget recognises its own layers.
+"""The layers a segmentation adds, and how the plugin recognises its own layers.
 
 A result layer carries ``metadata[MARKER_KEY] = {"role", "scan", "layer"}``: its role, the
-``unique_id`` of the scan it was computed from, and its own ``unique_id``. A re-run replaces only
-layers whose marker names themselves (a duplicated layer copies the metadata but gets a new id, so
-the user's copies and the user's layers that merely share a name are never touched).
+``unique_id`` of the scan it was computed from, and its own ``unique_id``. Only layers whose
+marker names themselves are the plugin's (a duplicated layer copies the metadata but gets a new
+id, so the user's copies and the user's layers that merely share a name are never touched).
+
+Consensus and uncertainty layers have the scan layer's shape, data order and transforms; the x̂0
+layer is a model-resolution stack placed over the scan (:meth:`ScanSpace.stack_placement`).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ._geometry import same_place_kwargs, stack_overlay_kwargs
-from ._layers import AXIS_ORDER_KEY, METADATA_KEY
+from ._geometry import ScanSpace, same_place_kwargs, stack_overlay_kwargs
+from ._layers import METADATA_KEY, TO_LAYER_KEY
 
 MARKER_KEY = "medconddiff_result"
-ROLES = ("uncertainty", "steps", "consensus")   # bottom to top in the layer list
 STEP_AXIS_LABEL = "diffusion step"   # the dims slider that scrubs the x̂0 stack
 
 # Class colours (RGBA) by label value; background is transparent. Liver red, tumour green, then
@@ -61,13 +63,14 @@ def is_own_result(layer: Any) -> bool:
     return mark is not None and mark.get("layer") == str(layer.unique_id)
 
 
-def own_results(layers: Iterable[Any], scan_id: str) -> list[Any]:
-    return [layer for layer in layers if is_own_result(layer) and marker(layer).get("scan") == scan_id]
-
-
 def _scan_metadata(scan: Any) -> dict:
     """The scan's NIfTI metadata, so File > Save and Export write the scan's affine."""
-    return {key: copy.deepcopy(scan.metadata[key]) for key in (METADATA_KEY, AXIS_ORDER_KEY) if key in scan.metadata}
+    return {key: copy.deepcopy(scan.metadata[key]) for key in (METADATA_KEY, TO_LAYER_KEY) if key in scan.metadata}
+
+
+def detach(layer: Any) -> None:
+    """Make a result layer the user's own: later runs and re-fusions leave it alone."""
+    layer.metadata.pop(MARKER_KEY, None)
 
 
 def _stamp(layer: Any, role: str, scan_id: str) -> Any:
@@ -75,14 +78,19 @@ def _stamp(layer: Any, role: str, scan_id: str) -> Any:
     return layer
 
 
-def make_consensus(scan: Any, scan_name: str, class_names: Sequence[str], scan_id: str) -> Any:
+def make_consensus(scan: Any, name: str, data: np.ndarray, class_names: Sequence[str], scan_id: str) -> Any:
+    """The editable consensus Labels over ``scan`` (``data`` has the scan layer's shape)."""
     from napari.layers import Labels
 
-    shape = np.shape(scan.data[0] if scan.multiscale else scan.data)[:scan.ndim]
-    layer = Labels(np.zeros(shape, np.uint8), name=f"{scan_name} consensus", metadata=_scan_metadata(scan),
-                   colormap=class_colormap(len(class_names)), features=class_features(class_names),
-                   opacity=0.5, **same_place_kwargs(scan))
+    layer = Labels(data, name=name, metadata=_scan_metadata(scan), colormap=class_colormap(len(class_names)),
+                   features=class_features(class_names), opacity=0.5, **same_place_kwargs(scan))
     return _stamp(layer, "consensus", scan_id)
+
+
+def set_classes(layer: Any, class_names: Sequence[str]) -> None:
+    """Colours and names of a Labels layer for a (possibly longer) class list."""
+    layer.colormap = class_colormap(len(class_names))
+    layer.features = class_features(class_names)
 
 
 def make_uncertainty(scan: Any, scan_name: str, scan_id: str) -> Any:
@@ -95,19 +103,30 @@ def make_uncertainty(scan: Any, scan_name: str, scan_id: str) -> Any:
     return _stamp(layer, "uncertainty", scan_id)
 
 
-def steps_name(scan_name: str, steps: int, num_seeds: int) -> str:
-    count = f"{num_seeds} seeds × {steps} steps" if num_seeds > 1 else f"{steps} steps"
+def steps_name(scan_name: str, steps: int, num_seeds: int, steps_used: Optional[np.ndarray] = None) -> str:
+    """``<scan> x̂0 (10 steps)``; after an adaptive run, the steps its slices took."""
+    if steps_used is not None and len(steps_used) and int(np.min(steps_used)) < steps:
+        taken = f"adaptive: {int(np.min(steps_used))}–{int(np.max(steps_used))} of {steps} steps, " \
+                f"mean {float(np.mean(steps_used)):.1f}"
+        count = f"{num_seeds} seeds × {taken}" if num_seeds > 1 else taken
+    else:
+        count = f"{num_seeds} seeds × {steps} steps" if num_seeds > 1 else f"{steps} steps"
     return f"{scan_name} x̂0 ({count})"
 
 
-def make_steps(scan: Any, scan_name: str, data: np.ndarray, slice_layer_axis: Optional[int], first_slice: int,
+def make_steps(scan: Any, scan_name: str, space: ScanSpace, stack: np.ndarray, first_slice: int,
                class_names: Sequence[str], steps: int, num_seeds: int, scan_id: str) -> Any:
-    """Per-step arg-max of x̂0 at model resolution, step axis first, overlaid on the scan."""
+    """Per-step arg-max of x̂0 at model resolution, step axis first, overlaid on the scan.
+
+    ``stack`` (S, n, h, w) holds canonical model-grid slices from ``first_slice`` on; the layer's
+    data are a view of it in the scan layer's axis order, so filling the stack fills the layer.
+    """
     from napari.layers import Labels
 
+    scale, offset = space.stack_placement(stack.shape, first_slice)
     # No NIfTI metadata: the stack is at model resolution, so the scan's affine does not describe it.
-    layer = Labels(data, name=steps_name(scan_name, steps, num_seeds), metadata={},
+    layer = Labels(space.stack_view(stack), name=steps_name(scan_name, steps, num_seeds), metadata={},
                    colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5,
                    visible=False,   # a diagnostic: shown on demand, it would cover the consensus
-                   **stack_overlay_kwargs(scan, data.shape, slice_layer_axis, first_slice, STEP_AXIS_LABEL))
+                   **stack_overlay_kwargs(scan, scale, offset, STEP_AXIS_LABEL))
     return _stamp(layer, "steps", scan_id)

@@ -1,8 +1,9 @@
 """npe2 writers: save an Image or Labels layer as .nii / .nii.gz.
 
-The layer is turned back into the NIfTI axis order and affine it was read with (see
-:mod:`napari_medconddiff._layers`); a layer that did not come from a NIfTI file gets an
-axis-aligned affine with its napari ``scale`` as voxel spacing.
+The layer is turned back into the voxel order, affine and header codes of the file it was read
+from (see :mod:`napari_medconddiff._layers`); a layer that did not come from a NIfTI file is
+written in its own axis order with its napari ``scale`` as voxel spacing and NIfTI codes 0
+(orientation unknown: no orientation is invented).
 
 Overwriting: napari's save dialog already asks the user before replacing an existing file, so
 these writers, which napari calls only after that, pass ``overwrite=True`` to

@@ -54,3 +54,10 @@ def liver_volume() -> tuple[np.ndarray, np.ndarray]:
     image, _ = load_volume(DATA / "liver117_image.nii.gz")
     labels, _ = load_labels(DATA / "liver117_label.nii.gz")
     return image[32:96, 32:96, 60:66].copy(), labels[32:96, 32:96, 60:66].copy()
+
+
+@pytest.fixture(scope="session")
+def two_channel_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random model taking two MRI channels (FLAIR, T1; z-scored), as a BraTS model would."""
+    plan = PreprocessPlan(channel_names=("FLAIR", "T1"), intensity=("zscore",))
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "two_channels.safetensors", tiny_config(plan=plan))

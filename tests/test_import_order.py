@@ -43,7 +43,7 @@ _, widget = viewer.window.add_plugin_dock_widget("napari-medconddiff", "MedCondD
 finished = []
 widget.run_finished.connect(finished.append)
 deadline = time.time() + 180
-while widget._engine is None and time.time() < deadline:
+while widget.controller.engine is None and time.time() < deadline:
     QApplication.processEvents(); time.sleep(0.01)
 widget.model_combo.setCurrentText(CHECKPOINT_FILE)
 widget.checkpoint_edit.setText(sys.argv[1])
@@ -59,7 +59,9 @@ viewer.close()
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     if not os.environ.get("DISPLAY"):
         pytest.skip("needs an X display (pytest-xvfb provides one)")
-    env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}   # a real GL context, as in a desktop session
+    # A real GL context, as in a desktop session; one torch thread, so a machine shared with other jobs
+    # does not slow the run down with threads spinning against each other.
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
                           timeout=TIMEOUT_S, env=env)
 

@@ -1,4 +1,8 @@
-"""napari plugin I/O: reader, writer, sample data and the manifest (no viewer needed)."""
+"""napari plugin I/O: reader, writer, sample data and the manifest (no viewer needed).
+
+Layers are radiological views of the file's voxels (slider I → S, anterior up, the patient's right
+on the screen's left); writing a layer back gives the file's own voxel order, affine and codes.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import numpy as np
 import pytest
 from npe2 import PluginManifest
 
+from medconddiff.geometry import GeometryWarning
 from medconddiff.nifti import VolumeMeta, load_volume, sample_label_path, sample_scan_path
 from napari_medconddiff import _layers
-from napari_medconddiff._reader import get_reader, read_nifti
+from napari_medconddiff._reader import contrast_limits, get_reader, read_nifti
 from napari_medconddiff._sample_data import liver_ct, liver_ct_with_labels
 from napari_medconddiff._writer import write_image, write_labels
 
@@ -25,12 +30,17 @@ ANISOTROPIC_AFFINE = np.array(
 )
 
 
-def _write_nifti(path, data, affine=ANISOTROPIC_AFFINE):
+def _write_nifti(path, data, affine=ANISOTROPIC_AFFINE, code=1):
     img = nib.Nifti1Image(data, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
+    img.set_qform(affine, code=code)
+    img.set_sform(affine, code=code)
     nib.save(img, str(path))
     return path
+
+
+def _radiological(ras: np.ndarray) -> np.ndarray:
+    """An RAS-ordered array as the layer must show it: axes (S, P, L)."""
+    return ras.transpose(2, 1, 0)[:, ::-1, ::-1]
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +75,46 @@ def test_reader_opens_the_sample_as_an_image_layer(sample_image_layer):
     array, meta = load_volume(sample_scan_path())
 
     assert layer_type == "image"
-    np.testing.assert_array_equal(data, np.moveaxis(array, -1, 0))
+    np.testing.assert_array_equal(data, _radiological(array))      # the sample is stored RAS
     assert kwargs["scale"] == (1.0, 1.0, 1.0)
+    assert kwargs["axis_labels"] == ("I→S", "A→P", "R→L")
     assert kwargs["name"] == "liver117_image"
     assert kwargs["metadata"][_layers.METADATA_KEY] == meta.to_dict()
-    assert kwargs["metadata"][_layers.AXIS_ORDER_KEY] == _layers.AXIS_ORDER
+    assert kwargs["metadata"][_layers.TO_LAYER_KEY] == {"axes": [2, 1, 0], "flips": [False, True, True]}
     low, high = kwargs["contrast_limits"]
     assert array.min() <= low < high <= array.max()
     assert kwargs["colormap"] == "gray"
 
 
-def test_reader_moves_the_last_axis_first_and_reorders_spacing(tmp_path):
+def test_reader_shows_an_lps_file_radiologically_with_its_spacing(tmp_path):
     data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
-    path = _write_nifti(tmp_path / "ct.nii.gz", data)
+    path = _write_nifti(tmp_path / "ct.nii.gz", data)          # i → L, j → P, k → S
 
     ((layer_data, kwargs, layer_type),) = read_nifti(str(path))
 
     assert layer_type == "image"
-    assert layer_data.shape == (6, 4, 5)
-    np.testing.assert_array_equal(layer_data[2], data[:, :, 2])
-    np.testing.assert_allclose(kwargs["scale"], (4.0, 0.6, 0.7))
+    np.testing.assert_array_equal(layer_data, data.transpose(2, 1, 0))   # (S, P, L): LPS needs no flip
+    np.testing.assert_allclose(kwargs["scale"], (4.0, 0.7, 0.6))
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
+def test_the_patients_anterior_right_is_at_the_top_left_however_the_file_is_stored(tmp_path, codes):
+    """A mark in the patient's anterior-right corner of one slice, stored three ways, shows top-left
+    (anterior up, the patient's right on the screen's left), on the slice the slider counts from inferior."""
+    from medconddiff.geometry import Reorientation, affine_from_codes
+
+    ras = np.zeros((8, 9, 5), np.float32)
+    ras[6:8, 7:9, 1] = 100.0                           # right (high R), anterior (high A), slice 1 from inferior
+    to_file = Reorientation.between(("R", "A", "S"), tuple(codes))
+    stored = np.ascontiguousarray(to_file.apply(ras))
+    spacing = to_file.shape((1.0, 1.0, 1.0))
+    path = _write_nifti(tmp_path / f"{codes}.nii.gz", stored, affine_from_codes(tuple(codes), spacing))
+    ((layer_data, kwargs, _),) = read_nifti(str(path))
+    assert layer_data.shape == (5, 9, 8)
+    marked = np.argwhere(layer_data > 0)
+    assert set(marked[:, 0]) == {1}
+    assert marked[:, 1].max() <= 1 and marked[:, 2].max() <= 1     # top rows, leftmost columns
+    assert kwargs["axis_labels"] == ("I→S", "A→P", "R→L")
 
 
 def test_label_named_integer_file_opens_as_labels():
@@ -117,6 +147,44 @@ def test_reader_replaces_nan_with_a_warning(tmp_path):
 def test_reader_reads_a_list_of_files_one_layer_each():
     layers = read_nifti([str(sample_scan_path()), str(sample_label_path())])
     assert [layer_type for _, _, layer_type in layers] == ["image", "labels"]
+
+
+def test_a_4d_file_opens_as_one_layer_per_channel_and_each_saves_as_its_own_3d_file(tmp_path):
+    """A BraTS-style file (X, Y, Z, C): C image layers named ``<file> c0``… that overlay exactly, each
+    one channel's voxels; saving one gives that channel's 3-D file with the original affine."""
+    rng = np.random.default_rng(5)
+    volumes = (rng.normal(size=(4, 5, 6, 3)) * [1.0, 10.0, 100.0]).astype(np.float32)   # stored LPS
+    path = _write_nifti(tmp_path / "brats.nii.gz", volumes)
+    (single,) = read_nifti(str(_write_nifti(tmp_path / "t1.nii.gz", volumes[..., 1])))
+
+    layers = read_nifti(str(path))
+
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["brats c0", "brats c1", "brats c2"]
+    assert [layer_type for _, _, layer_type in layers] == ["image"] * 3
+    for channel, (data, kwargs, _) in enumerate(layers):
+        np.testing.assert_array_equal(data, volumes[..., channel].transpose(2, 1, 0))   # (S, P, L), as a 3-D file
+        for key in ("scale", "axis_labels"):
+            assert kwargs[key] == single[1][key]
+        assert kwargs["metadata"][_layers.TO_LAYER_KEY] == single[1]["metadata"][_layers.TO_LAYER_KEY]
+        geometry, single_geometry = (dict(k["metadata"][_layers.METADATA_KEY]) for k in (kwargs, single[1]))
+        assert geometry.pop("source") == str(path) and single_geometry.pop("source").endswith("t1.nii.gz")
+        assert geometry == single_geometry                         # affine, spacing, 3-D header shape, codes
+        low, high = kwargs["contrast_limits"]                      # each channel's own display window
+        assert volumes[..., channel].min() <= low < high <= volumes[..., channel].max()
+    np.testing.assert_allclose(layers[2][1]["contrast_limits"], contrast_limits(volumes[..., 2]))
+
+    data, kwargs, _ = layers[1]
+    (written_path,) = write_image(str(tmp_path / "brats_c1.nii.gz"), data, kwargs)
+    written = nib.load(written_path)
+    assert written.shape == (4, 5, 6)
+    np.testing.assert_array_equal(written.get_fdata(), volumes[..., 1])
+    np.testing.assert_allclose(written.affine, ANISOTROPIC_AFFINE)
+    assert int(written.header["sform_code"]) == 1
+
+    # A 4-D file with one volume is an ordinary 3-D scan: one layer, named after the file.
+    ((data, kwargs, _),) = read_nifti(str(_write_nifti(tmp_path / "one.nii.gz", volumes[..., :1])))
+    assert kwargs["name"] == "one"
+    np.testing.assert_array_equal(data, volumes[..., 0].transpose(2, 1, 0))
 
 
 # ----------------------------------------------------------------------------- writer
@@ -152,9 +220,11 @@ def test_bundled_label_round_trip_keeps_every_voxel(tmp_path):
 
 def test_image_writer_round_trip_on_a_2d_image(tmp_path):
     flat = np.arange(20, dtype=np.float32).reshape(4, 5)
-    source = _write_nifti(tmp_path / "xray.nii", flat)
+    source = _write_nifti(tmp_path / "xray.nii", flat)          # an axial image stored L, P
     ((data, kwargs, _),) = read_nifti(str(source))
-    assert data.shape == (4, 5) and len(kwargs["scale"]) == 2
+    # A 2-D layer in the radiological view of its plane: rows A → P, columns R → L.
+    np.testing.assert_array_equal(data, flat.T)
+    assert kwargs["axis_labels"] == ("A→P", "R→L") and kwargs["scale"] == pytest.approx((0.7, 0.6))
 
     (written_path,) = write_image(str(tmp_path / "xray_out.nii"), data, kwargs)
 
@@ -164,6 +234,18 @@ def test_image_writer_round_trip_on_a_2d_image(tmp_path):
     np.testing.assert_allclose(written.affine, ANISOTROPIC_AFFINE)
 
 
+def test_a_coronal_image_is_shown_as_coronal_images_are(tmp_path):
+    """A 2-D image is reoriented in its own plane: coronal means head up and the patient's right on the left."""
+    flat = np.arange(20, dtype=np.float32).reshape(4, 5)       # i → R, j → S; the singleton axis points A
+    affine = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    source = _write_nifti(tmp_path / "coronal.nii", flat, affine)
+    ((data, kwargs, _),) = read_nifti(str(source))
+    np.testing.assert_array_equal(data, flat[::-1, ::-1].T)   # rows S → I, columns R → L
+    assert kwargs["axis_labels"] == ("S→I", "R→L")
+    (written_path,) = write_image(str(tmp_path / "back.nii"), data, kwargs)
+    np.testing.assert_array_equal(nib.load(written_path).get_fdata(), flat)
+
+
 def test_writer_overwrites_because_napari_already_asked(tmp_path):
     target = tmp_path / "again.nii.gz"
     shutil.copy(sample_label_path(), target)
@@ -171,27 +253,60 @@ def test_writer_overwrites_because_napari_already_asked(tmp_path):
     labels[0, 0, 0] = 700
     write_labels(str(target), labels, {"scale": (5.0, 1.0, 2.0), "metadata": {}})
     written = nib.load(target)
-    assert written.shape == (3, 4, 2) and written.get_data_dtype() == np.uint16
+    assert written.shape == (2, 3, 4) and written.get_data_dtype() == np.uint16
     assert np.asanyarray(written.dataobj)[0, 0, 0] == 700
-    assert written.header.get_zooms() == (1.0, 2.0, 5.0)
+    assert written.header.get_zooms() == (5.0, 1.0, 2.0)
 
 
-def test_plain_layer_without_metadata_gets_spacing_from_scale():
-    data = np.zeros((6, 4, 5), np.float32)
+def test_a_plain_layer_is_written_in_its_own_order_without_an_invented_orientation(tmp_path):
+    data = np.arange(6 * 4 * 5, dtype=np.float32).reshape(6, 4, 5)
     array, meta = _layers.layer_to_volume(data, None, scale=(3.0, 0.5, 0.8))
-    assert array.shape == (4, 5, 6)
-    assert meta.spacing == (0.5, 0.8, 3.0)
-    np.testing.assert_array_equal(meta.affine, np.diag([0.5, 0.8, 3.0, 1.0]))
+    assert array.shape == (6, 4, 5) and meta.spacing == (3.0, 0.5, 0.8) and not meta.affine_known
+    (path,) = write_image(str(tmp_path / "plain.nii.gz"), data, {"scale": (3.0, 0.5, 0.8), "metadata": {}})
+    written = nib.load(path)
+    np.testing.assert_array_equal(written.get_fdata(), data)
+    assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 0
     _, default_meta = _layers.layer_to_volume(data)
     assert default_meta.spacing == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("how", ["ras", "lps", "sagittal", "swapped", "codes0"])
+def test_reading_then_writing_labels_changes_nothing(tmp_path, how):
+    """Voxels, affine and qform/sform codes survive a reader → writer round trip, however the file is stored."""
+    affines = {
+        "ras": np.diag([0.8, 0.9, 3.0, 1.0]),
+        "lps": np.array([[-0.8, 0, 0, 90], [0, -0.9, 0, 110], [0, 0, 3, -50], [0, 0, 0, 1.0]]),
+        "sagittal": np.array([[0, 0, -3, 10], [0.8, 0, 0, 5], [0, -0.9, 0, 3], [0, 0, 0, 1.0]]),   # A, I, L
+        "swapped": np.array([[0, 0.9, 0, 0], [0.8, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1.0]]),
+        "codes0": np.diag([0.8, 0.9, 3.0, 1.0]),
+    }
+    labels = np.random.default_rng(4).integers(0, 3, size=(5, 6, 7)).astype(np.uint8)
+    source = _write_nifti(tmp_path / f"{how}_label.nii.gz", labels, affines[how],
+                          code={"sagittal": 2, "codes0": 0}.get(how, 1))
+    if how == "codes0":
+        with pytest.warns(GeometryWarning, match="voxel axes are taken as R, A, S"):
+            ((data, kwargs, layer_type),) = read_nifti(str(source))
+        assert kwargs["axis_labels"] == ("k", "j reversed", "i reversed")     # no anatomy is claimed
+    else:
+        ((data, kwargs, layer_type),) = read_nifti(str(source))
+        assert kwargs["axis_labels"] == ("I→S", "A→P", "R→L")
+    assert layer_type == "labels"
+    (written_path,) = write_labels(str(tmp_path / "saved.nii.gz"), data, kwargs)
+    original, written = nib.load(source), nib.load(written_path)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
+    np.testing.assert_array_equal(written.affine, original.affine)
+    for code in ("qform_code", "sform_code"):
+        assert int(written.header[code]) == int(original.header[code])
 
 
 def test_volume_to_layer_and_back_is_exact():
     array = np.random.default_rng(3).normal(size=(3, 4, 5)).astype(np.float32)
     meta = VolumeMeta(affine=ANISOTROPIC_AFFINE, spacing=(0.6, 0.7, 4.0))
     data, kwargs = _layers.volume_to_layer(array, meta)
+    assert np.shares_memory(data, array)                       # a view: nothing copied
     back, back_meta = _layers.layer_to_volume(data, kwargs["metadata"], scale=kwargs["scale"])
     np.testing.assert_array_equal(back, array)
+    assert np.shares_memory(back, array)
     np.testing.assert_array_equal(back_meta.affine, meta.affine)
     assert back_meta.spacing == meta.spacing
 

@@ -1,9 +1,10 @@
 """The dock widget, driven the way a user drives it: real scan, tiny model, clicks, napari's viewer.
 
-Runs under pytest-xvfb. A tiny random model at 64², 2–3 steps (20 for the responsiveness check) and a
-64×64×6 cut of the real liver CT keep every run to about a second of diffusion on CPU. The viewer is
-not shown (make_napari_viewer's default), so the responsiveness check measures the widget's own work
-on the GUI thread, not software OpenGL rendering.
+Runs under pytest-xvfb. A tiny random model, 2–3 steps (20 for the responsiveness check) and a
+64×64×6 cut of the real liver CT keep every run to a fraction of a second of diffusion on CPU. The
+viewer is not shown (make_napari_viewer's default), so the responsiveness check measures the
+widget's own work on the GUI thread, not software OpenGL rendering. The controller's logic is
+tested without Qt in test_controller.py; these tests check what the user sees and clicks.
 """
 
 from __future__ import annotations
@@ -11,34 +12,79 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from qtpy.QtCore import Qt, QThreadPool, QTimer
-from qtpy.QtWidgets import QFileDialog, QMessageBox
+from qtpy.QtWidgets import (
+    QAbstractButton,
+    QApplication,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QLineEdit,
+    QListWidget,
+    QMessageBox,
+    QProgressBar,
+    QScrollArea,
+    QSpinBox,
+    QTableWidget,
+)
 
-from medconddiff.config import CONSENSUS_METHODS
+from medconddiff.consensus import first_argmax
 from medconddiff.nifti import VolumeMeta
 from napari_medconddiff import _job, _result_layers
 from napari_medconddiff import _widget as widget_module
-from napari_medconddiff._geometry import stack_overlay_kwargs, stack_to_layer_order
+from napari_medconddiff._controller import KEEP, NEW_LAYER, REPLACE
+from napari_medconddiff._geometry import stack_overlay_kwargs
 from napari_medconddiff._layers import layer_to_volume, volume_to_layer
+from tests.conftest import meta_1mm
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
 RUN_TIMEOUT_MS = 60_000
 HEARTBEAT_STEPS = 20     # long enough a run (about a second on CPU) to measure the GUI's responsiveness
-# A real scanner affine: flipped in-plane axes, 4 mm slices, an origin far from 0.
+# A real scanner affine: LPS (flipped in-plane axes), 0.6 × 0.7 mm pixels, 4 mm slices, an origin far from 0.
 AFFINE = np.array([[-0.6, 0.0, 0.0, 90.0], [0.0, -0.7, 0.0, 110.0], [0.0, 0.0, 4.0, -50.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One thread: on a shared 2-core machine more threads only spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def scan(liver_volume):
-    """Layer data + kwargs of the 64×64×6 liver cut, as the reader would give them."""
+    """Layer data + kwargs of the 64×64×6 liver cut stored LPS, as the reader would give them."""
     image, _ = liver_volume
-    data, kwargs = volume_to_layer(image, VolumeMeta(affine=AFFINE, spacing=(0.6, 0.7, 4.0)))
-    return data, kwargs
+    return volume_to_layer(image[::-1, ::-1].copy(), VolumeMeta(affine=AFFINE, spacing=(0.6, 0.7, 4.0)))
+
+
+@pytest.fixture(scope="module")
+def scan_1mm(liver_volume):
+    """The same cut with its true 1 mm RAS geometry (what the bundled liver models were trained on)."""
+    return volume_to_layer(liver_volume[0], meta_1mm())
+
+
+# The real dialogs, kept before the guard below replaces them.
+ASK_EDIT_CHOICE = widget_module.ask_edit_choice
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_question(monkeypatch):
+    """A test that does not expect a question fails instead of waiting for a click on a modal dialog."""
+    def unexpected(*args):
+        raise AssertionError(f"unexpected question: {args[1:]}")
+
+    monkeypatch.setattr(widget_module, "ask_edit_choice", unexpected)
+    monkeypatch.setattr(widget_module, "ask_save_cancelled_finetune", unexpected)
 
 
 @pytest.fixture(autouse=True)
@@ -65,10 +111,10 @@ def notifications():
 def open_viewer(make_napari_viewer, qtbot, scan, name="liver"):
     viewer = make_napari_viewer()
     data, kwargs = scan
-    layer = viewer.add_image(data.copy(), name=name, **kwargs)
+    layer = viewer.add_image(np.array(data), name=name, **kwargs)
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
     assert isinstance(widget, widget_module.SegmentWidget)
-    qtbot.waitUntil(lambda: widget._engine is not None, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
     return viewer, layer, widget
 
 
@@ -82,10 +128,19 @@ def choose(widget, checkpoint, steps=3, slices="all", first=0, last=0):
     widget.last_spin.setValue(last)
 
 
+def click(qtbot, button):
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
 def click_segment(qtbot, widget) -> str:
     with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
-        qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+        click(qtbot, widget.segment_button)
     return finished.args[0]
+
+
+def choose_consensus(qtbot, widget, method):
+    with qtbot.waitSignal(widget.consensus_updated, timeout=RUN_TIMEOUT_MS):
+        widget.consensus_combo.setCurrentIndex(widget.consensus_combo.findData(method))
 
 
 def result_layers(viewer, role):
@@ -93,12 +148,22 @@ def result_layers(viewer, role):
             if _result_layers.is_own_result(layer) and _result_layers.marker(layer)["role"] == role]
 
 
+def paint(layer, slice_index, value, size=8, at=(20, 20)):
+    """A brush stroke with napari's own paint (what a mouse drag does) that changes the slice."""
+    before = layer.data[slice_index].copy()
+    layer.brush_size = size
+    layer.paint((slice_index, *at), value)
+    assert not np.array_equal(layer.data[slice_index], before), "the stroke painted what was there already"
+
+
 def gate_after_first_batch(monkeypatch):
     """Hold the worker after the first finished batch until the test releases it (deterministic timing)."""
     from medconddiff.segmenter import SlicesDone
 
+    from napari_medconddiff import _controller
+
     release = threading.Event()
-    original = widget_module.iterate_run
+    original = _controller.iterate_run
 
     def gated(run):
         for event in original(run):
@@ -107,7 +172,7 @@ def gate_after_first_batch(monkeypatch):
                 release.wait(RUN_TIMEOUT_MS / 1000)
         return run.result
 
-    monkeypatch.setattr(widget_module, "iterate_run", gated)
+    monkeypatch.setattr(_controller, "iterate_run", gated)
     return release
 
 
@@ -117,8 +182,11 @@ def gate_after_first_batch(monkeypatch):
 def test_segment_adds_aligned_layers_and_keeps_the_gui_responsive(make_napari_viewer, qtbot, scan, tiny_checkpoint,
                                                                    notifications):
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    assert layer.axis_labels == ("I→S", "A→P", "R→L") and layer.data.shape == (6, 64, 64)
     layer.translate = (8.0, -5.0, 3.0)          # a user-moved layer: results must follow it
     choose(widget, tiny_checkpoint, steps=HEARTBEAT_STEPS)
+    widget.adaptive_check.setChecked(False)   # all 20 steps: a run long enough to measure the GUI's responsiveness
+    assert not widget.export_button.isEnabled() and not widget.uncertain_button.isEnabled()
 
     beats: list[float] = []
     timer = QTimer()
@@ -131,15 +199,20 @@ def test_segment_adds_aligned_layers_and_keeps_the_gui_responsive(make_napari_vi
     timer.stop()
 
     assert notifications.messages("error") == []
-    result = widget._session.result
-    assert result.is_complete and widget.progress.value() == widget.progress.maximum() == 6
+    assert widget.progress.value() == widget.progress.maximum() == 6
+    assert widget.export_button.isEnabled() and widget.uncertain_button.isEnabled()
+    results = widget.controller.current
+    (run,) = results.runs
+    assert run.completed.all()
 
     steps = viewer.layers[f"liver x̂0 ({HEARTBEAT_STEPS} steps)"]
     consensus = viewer.layers["liver consensus"]
     uncertainty = viewer.layers["liver uncertainty"]
     assert [type(x).__name__ for x in (steps, consensus, uncertainty)] == ["Labels", "Labels", "Image"]
-    # Step axis first, then the scan's slider axis (6 slices), then the model's 64×64 plane.
-    assert steps.data.shape == (HEARTBEAT_STEPS, 6, 64, 64) and steps.data.dtype == np.uint8
+    # Step axis first, then the scan's layer axes (S, P, L) at the model's grid: 64 pixels of 0.7 (A)
+    # and 0.6 mm (R) resampled to 1 mm.
+    assert steps.data.shape == (HEARTBEAT_STEPS, 6, 45, 38) and steps.data.dtype == np.uint8
+    assert not steps.visible
     assert consensus.data.shape == layer.data.shape and consensus.data.dtype == np.uint8
     assert uncertainty.data.shape == layer.data.shape and uncertainty.data.dtype == np.float32
     assert steps.data.max() < 3 and consensus.data.max() < 3
@@ -148,17 +221,13 @@ def test_segment_adds_aligned_layers_and_keeps_the_gui_responsive(make_napari_vi
     assert tuple(uncertainty.contrast_limits) == (0.0, 1.0)
     assert list(consensus.features["class"]) == ["background", "liver", "tumour"]
     assert "liver" in widget.legend.text() and "tumour" in widget.legend.text()
-    # The layers hold exactly the result, in the layer's axis order.
-    np.testing.assert_array_equal(consensus.data, np.moveaxis(result.labels, -1, 0))
-    np.testing.assert_allclose(uncertainty.data, np.moveaxis(result.uncertainty, -1, 0))
-    np.testing.assert_array_equal(steps.data, stack_to_layer_order(result.step_labels, 2, 3))
-
-    # Alignment: same transform as the scan; the 64² model grid covers the 64² scan exactly.
+    # The x̂0 layer drawn live holds exactly the kept trajectory's per-step arg-max.
+    np.testing.assert_array_equal(steps.data, results.space.stack_view(first_argmax(run.trajectory, axis=1)))
+    # The result layers share the scan's transform; File > Save writes them in the scan's voxel order.
     for result_layer in (consensus, uncertainty):
         np.testing.assert_allclose(result_layer.scale, layer.scale)
         np.testing.assert_allclose(result_layer.translate, layer.translate)
-    for voxel in [(0, 0, 0), (5, 63, 10), (2, 31.5, 40)]:
-        np.testing.assert_allclose(steps.data_to_world((1,) + voxel)[1:], layer.data_to_world(voxel), atol=1e-6)
+    np.testing.assert_allclose(layer_to_volume(consensus.data, consensus.metadata)[1].affine, AFFINE)
 
     # The GUI thread was never blocked for long while the diffusion ran.
     inside = [t for t in beats if window["start"] <= t <= window["end"]]
@@ -175,7 +244,7 @@ def test_segment_adds_aligned_layers_and_keeps_the_gui_responsive(make_napari_vi
     for k in (0, differing[0]):
         viewer.dims.set_current_step(0, k)
         shown.append(np.asarray(steps._slice.image.raw).copy())
-        z = viewer.dims.current_step[1]
+        z = int(np.round(steps.world_to_data(viewer.dims.point)[1]))
         np.testing.assert_array_equal(shown[-1], steps.data[k, z])
     assert not np.array_equal(shown[0], shown[1])
 
@@ -190,91 +259,298 @@ def test_consensus_switch_export_and_uncertain_slice(make_napari_viewer, qtbot, 
     before = consensus.data.copy(), uncertainty.data.copy()
     runs = widget.runs_started
 
-    # Re-fuse from the kept trajectory: the layers change, no diffusion runs.
-    other = next(m for m in CONSENSUS_METHODS if m == "last")
-    with qtbot.waitSignal(widget.consensus_updated, timeout=RUN_TIMEOUT_MS):
-        widget.consensus_combo.setCurrentText(other)
+    # Readable names on screen, the engine's names underneath; re-fusing runs no diffusion.
+    assert [widget.consensus_combo.itemText(i) for i in range(widget.consensus_combo.count())] == \
+        ["mean", "vote-gated mean", "uncertainty-weighted mean", "last step"]
+    choose_consensus(qtbot, widget, "last")
     assert widget.runs_started == runs
-    expected = widget._session.result
-    assert expected.sampling.consensus == "last"
-    np.testing.assert_array_equal(consensus.data, np.moveaxis(expected.labels, -1, 0))
+    assert widget.controller.current.runs[0].sampling.consensus == "last"
     assert not (np.array_equal(consensus.data, before[0]) and np.array_equal(uncertainty.data, before[1]))
+    assert "last step" in widget.status.text()
     with qtbot.waitSignal(widget.consensus_updated, timeout=RUN_TIMEOUT_MS):
         widget.skip_spin.setValue(1)
-    assert widget._session.result.sampling.skip_first == 1 and widget.runs_started == runs
+    assert widget.controller.current.runs[0].sampling.skip_first == 1 and widget.runs_started == runs
 
     # Most uncertain slice: the slider moves to the slice with the highest mean uncertainty.
     index, value = widget.most_uncertain_slice()
-    per_slice = uncertainty.data.mean(axis=(1, 2))
+    per_slice = uncertainty.data.mean(axis=(1, 2))          # layer axis 0 runs I → S like the model's slices
     assert index == int(np.argmax(per_slice)) and value == pytest.approx(per_slice.max(), rel=1e-5)
-    qtbot.mouseClick(widget.uncertain_button, Qt.MouseButton.LeftButton)
+    click(qtbot, widget.uncertain_button)
     assert viewer.dims.current_step[-3] == index
 
-    # Export the hand-edited consensus: labels with the scan's affine, plus a sidecar.
-    first_edit = (int(consensus.data[0, 0, 0]) + 1) % 3
-    consensus.data[0, :3, :3] = first_edit
+    # Export the hand-edited consensus: the scan's voxel order and affine, plus a sidecar.
+    first_edit = (int(consensus.data[0, 20, 20]) + 1) % 3
+    paint(consensus, 0, first_edit)
     target = tmp_path / "liver_seg.nii.gz"
-    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
-    qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
+    offered = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: offered.append(a[2]) or (str(target), ""))
+    click(qtbot, widget.export_button)
     saved = nib.load(str(target))
     np.testing.assert_allclose(saved.affine, AFFINE)
-    np.testing.assert_array_equal(np.asarray(saved.dataobj), layer_to_volume(consensus.data)[0])
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), layer_to_volume(consensus.data, consensus.metadata)[0])
     sidecar = json.loads((tmp_path / "liver_seg.json").read_text())
-    assert sidecar["edited_in_napari"] is True and sidecar["sampling"]["consensus"] == "last"
+    assert sidecar["edited_in_napari"] is True and sidecar["edited_slices"] == [0]
+    assert sidecar["sampling"]["consensus"] == "last" and sidecar["sampling"]["skip_first"] == 1
     assert sidecar["class_names"] == ["background", "liver", "tumour"] and sidecar["checkpoint_sha256"]
     assert notifications.messages("error") == []
+    assert not Path(offered[0]).is_relative_to(Path(widget_module.__file__).parent)
 
     # A file the save dialog did not ask about (the sidecar) is only replaced after a yes.
     stamp = (tmp_path / "liver_seg.json").stat().st_mtime_ns
-    second_edit = (first_edit + 1) % 3
-    consensus.data[0, :3, :3] = second_edit
+    paint(consensus, 0, (first_edit + 1) % 3)
     asked = []
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "liver_seg"), ""))
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
-    qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
+    click(qtbot, widget.export_button)
     assert asked and "liver_seg.json" in asked[0]
     assert (tmp_path / "liver_seg.json").stat().st_mtime_ns == stamp
-    assert np.asarray(nib.load(str(target)).dataobj)[0, 0, 0] == first_edit
+    assert not np.array_equal(np.asarray(nib.load(str(target)).dataobj),
+                              layer_to_volume(consensus.data, consensus.metadata)[0])
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
-    qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
-    assert np.asarray(nib.load(str(target)).dataobj)[0, 0, 0] == second_edit
+    click(qtbot, widget.export_button)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(target)).dataobj),
+                                  layer_to_volume(consensus.data, consensus.metadata)[0])
 
 
-def test_rerun_replaces_only_its_own_layers(make_napari_viewer, qtbot, scan, tiny_checkpoint):
+def test_edited_slices_are_kept_unless_the_user_says_otherwise(make_napari_viewer, qtbot, scan, tiny_checkpoint,
+                                                               monkeypatch):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, tiny_checkpoint, steps=3)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["liver consensus"]
+    paint(consensus, 2, (int(consensus.data[2, 20, 20]) + 1) % 3)
+    painted = consensus.data[2].copy()
+    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
+    answers, asked = [KEEP, NEW_LAYER, REPLACE], []
+    monkeypatch.setattr(widget_module, "ask_edit_choice",
+                        lambda parent, action, slices: asked.append((action, slices)) or answers.pop(0))
+
+    choose_consensus(qtbot, widget, "last")                      # keep my edits
+    assert asked[-1] == ("Re-fusing with the last step consensus", [2])
+    np.testing.assert_array_equal(consensus.data[2], painted)
+    assert "Your edits on slice(s) 2 were kept" in widget.status.text()
+
+    choose_consensus(qtbot, widget, "vote_gated")                # new layer: the edited one is set aside
+    assert viewer.layers["liver consensus (your edits)"] is consensus
+    np.testing.assert_array_equal(consensus.data[2], painted)
+    (current,) = result_layers(viewer, "consensus")
+    assert current is not consensus
+    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: none yet", timeout=5000)
+
+    paint(current, 3, (int(current.data[3, 20, 20]) + 1) % 3)   # replace: overwritten, undo brings it back
+    edit = current.data[3].copy()
+    choose_consensus(qtbot, widget, "mean")
+    assert not np.array_equal(current.data[3], edit)
+    current.undo()
+    np.testing.assert_array_equal(current.data[3], edit)
+    assert len(asked) == 3
+
+
+def test_the_edit_question_offers_three_answers_and_escape_keeps_the_edits(qtbot):
+    parent = widget_module.QWidget()
+    qtbot.addWidget(parent)
+    seen = []
+
+    def answer(button_text):
+        box = QApplication.activeModalWidget()
+        seen.append(sorted(b.text() for b in box.findChildren(QAbstractButton) if b.text()))
+        if button_text is None:
+            qtbot.keyClick(box, Qt.Key.Key_Escape)
+        else:
+            next(b for b in box.findChildren(QAbstractButton) if b.text() == button_text).click()
+
+    for text, expected in ((None, KEEP), ("New layer", NEW_LAYER), ("Replace", REPLACE)):
+        QTimer.singleShot(0, lambda text=text: answer(text))
+        assert ASK_EDIT_CHOICE(parent, "Re-fusing", [2, 3]) == expected
+    assert seen[0] == ["Keep my edits", "New layer", "Replace"]
+
+
+def test_rerun_updates_only_its_own_layers_and_only_the_chosen_slice(make_napari_viewer, qtbot, scan, tiny_checkpoint,
+                                                                     monkeypatch):
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
     users = viewer.add_labels(np.zeros(layer.data.shape, np.uint8), name="liver consensus", scale=layer.scale)
-    choose(widget, tiny_checkpoint, steps=2, slices="current")
-    viewer.dims.set_current_step(0, 4)
+    choose(widget, tiny_checkpoint, steps=2)
     assert click_segment(qtbot, widget) == "done"
-    (first,) = result_layers(viewer, "consensus")
-    assert first is not users and first.name != "liver consensus"     # napari renamed ours, not theirs
-    copy = viewer.layers[first.name].data.copy()
-    # Only the current slice (4) was segmented; the x̂0 stack holds one slice placed at slice 4.
-    assert widget._session.result.slice_indices.tolist() == [4]
-    (steps,) = result_layers(viewer, "steps")
-    assert steps.data.shape == (2, 1, 64, 64)
-    np.testing.assert_allclose(steps.data_to_world((0, 0, 0, 0))[1], layer.data_to_world((4, 0, 0))[0])
-    duplicate = viewer.add_labels(copy, name="my copy", metadata=dict(first.metadata))   # a user's duplicate
+    (ours,) = result_layers(viewer, "consensus")
+    assert ours is not users and ours.name != "liver consensus"     # napari renamed ours, not theirs
+    duplicate = viewer.add_labels(ours.data.copy(), name="my copy", metadata=dict(ours.metadata),  # a user's copy
+                                  scale=ours.scale)
+    paint(ours, 1, (int(ours.data[1, 20, 20]) + 1) % 3)
+    before = ours.data.copy()
+    asked = []
+    monkeypatch.setattr(widget_module, "ask_edit_choice", lambda *a: asked.append(a[2]) or KEEP)
 
+    # Another seed on the current slice (4): only slice 4 of our consensus changes.
+    widget.seed_spin.setValue(7)
     widget.steps_spin.setValue(3)
+    widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("current"))
+    viewer.dims.set_point(viewer.dims.ndim - 3, layer.data_to_world((4, 0, 0))[0])
     assert click_segment(qtbot, widget) == "done"
-    for role in ("steps", "consensus", "uncertainty"):
-        assert len(result_layers(viewer, role)) == 1
-    assert result_layers(viewer, "steps")[0].data.shape[0] == 3
-    assert users in viewer.layers and duplicate in viewer.layers and first not in viewer.layers
+    assert result_layers(viewer, "consensus") == [ours] and asked == []
+    np.testing.assert_array_equal(np.delete(ours.data, 4, axis=0), np.delete(before, 4, axis=0))
+    assert not np.array_equal(ours.data[4], before[4])
+    assert "Updated slice(s) 4 of the existing result layers; the other slices are untouched" in widget.status.text()
+    (steps,) = result_layers(viewer, "steps")
+    assert steps.data.shape == (3, 1, 45, 38)                       # the x̂0 layer shows the latest run
+    assert users.data.max() == 0 and duplicate in viewer.layers and users in viewer.layers
+
+    # A run over the edited slice asks; "keep my edits" leaves it as painted.
+    widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
+    widget.first_spin.setValue(0)
+    widget.last_spin.setValue(2)
+    assert click_segment(qtbot, widget) == "done"
+    assert asked == [[1]]
+    np.testing.assert_array_equal(ours.data[1], before[1])
+
+
+def test_a_second_segment_reuses_the_loaded_model(make_napari_viewer, qtbot, scan, tiny_checkpoint, monkeypatch):
+    from medconddiff.segmenter import Segmenter
+
+    loads = []
+    original = Segmenter.from_checkpoint.__func__
+    monkeypatch.setattr(Segmenter, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or original(cls, *a, **k)))
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, tiny_checkpoint, steps=2, slices="current")
+    assert click_segment(qtbot, widget) == "done"
+    assert click_segment(qtbot, widget) == "done"
+    assert loads == [str(Path(tiny_checkpoint).resolve())]
 
 
 def test_a_2d_image_is_one_slice(make_napari_viewer, qtbot, liver_volume, tiny_checkpoint):
-    image = liver_volume[0][:, :, 3:4]
+    image = liver_volume[0][::-1, ::-1, 3:4].copy()
     data, kwargs = volume_to_layer(image, VolumeMeta(affine=AFFINE, spacing=(0.6, 0.7, 4.0), original_ndim=2))
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, (data, kwargs), name="slice")
-    assert layer.ndim == 2
+    assert layer.ndim == 2 and layer.axis_labels == ("A→P", "R→L")
     choose(widget, tiny_checkpoint, steps=2, slices="current")
     assert click_segment(qtbot, widget) == "done"
     steps, consensus = viewer.layers["slice x̂0 (2 steps)"], viewer.layers["slice consensus"]
-    assert steps.data.shape == (2, 64, 64) and consensus.data.shape == (64, 64)
-    np.testing.assert_allclose(steps.data_to_world((1, 10, 20))[1:], layer.data_to_world((10, 20)))
-    np.testing.assert_array_equal(consensus.data, widget._session.result.labels[:, :, 0])
+    assert steps.data.shape == (2, 45, 38) and consensus.data.shape == (64, 64)
+    assert consensus.data.any()
+    # Model pixel (p, q) in layer order (P, L) is centred on scan pixel (p + 0.5) 64 / 45 - 0.5 along A, counted
+    # from the other side (the layer runs A → P), and likewise along R → L.
+    for p, q in [(0, 0), (44, 37), (10, 20)]:
+        expected = (63 - (((44 - p) + 0.5) * 64 / 45 - 0.5), 63 - (((37 - q) + 0.5) * 64 / 38 - 0.5))
+        np.testing.assert_allclose(steps.data_to_world((1, p, q))[1:], layer.data_to_world(expected), atol=1e-6)
+
+
+def test_more_channels_feed_a_multichannel_model(make_napari_viewer, qtbot, scan, two_channel_checkpoint,
+                                                 tiny_checkpoint, notifications):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    data, kwargs = scan
+    negative = viewer.add_image(-np.array(data), name="negative", **{**kwargs, "metadata": dict(kwargs["metadata"])})
+    choose(widget, two_channel_checkpoint, steps=2)
+    # What the model expects is said before any run: in the model status and on the list.
+    expected = "This model takes 2 channels: FLAIR, T1. The Image is FLAIR; tick T1 under More channels, in this order."
+    assert expected in widget.model_status.text() and expected in widget.channels_list.toolTip()
+    listed = lambda: [widget.channels_list.item(r).text() for r in range(widget.channels_list.count())]  # noqa: E731
+    assert listed() == ["negative"] and widget.selected_channels() == ()      # the Image itself is not listed
+
+    click(qtbot, widget.segment_button)               # nothing ticked: one clear message, no run
+    message = "the model expects 2 channels (FLAIR, T1): pick 1 more layer under More channels"
+    assert notifications.messages("error") == [f"MedCondDiff: {message}"]
+    assert widget.status.text() == f"Failed: {message}" and widget.runs_started == 0
+
+    widget.set_channels(["negative"])
+    assert widget.selected_channels() == (negative,)
+    assert click_segment(qtbot, widget) == "done"
+    assert notifications.messages("error") == [f"MedCondDiff: {message}"]
+    consensus = viewer.layers["liver consensus"]      # the results belong to the Image layer
+    assert consensus.data.shape == layer.data.shape and consensus.data.any()
+    np.testing.assert_allclose(consensus.scale, layer.scale)
+    results = widget.controller.current
+    assert (results.scan.unique_id, results.channels[0].layer.unique_id) == (layer.unique_id, negative.unique_id)
+
+    # Ticked layers are channels 1, 2, … in list order; a new layer comes last, unticked.
+    third = viewer.add_image(np.array(data), name="third", **{**kwargs, "metadata": dict(kwargs["metadata"])})
+    assert listed() == ["negative", "third"] and widget.selected_channels() == (negative,)
+    widget.set_channels(["third", "negative"])
+    assert listed() == ["third", "negative"] and widget.selected_channels() == (third, negative)
+    widget.layer_combo.setCurrentText("negative")     # another Image: it leaves the list, the old one joins
+    assert listed() == ["third", "liver"]
+    widget.layer_combo.setCurrentText("liver")
+
+    choose(widget, tiny_checkpoint, steps=2)          # a one-channel model with channels ticked
+    assert "This model takes one channel (CT): tick none." in widget.channels_list.toolTip()
+    click(qtbot, widget.segment_button)
+    assert notifications.messages("error")[-1] == "MedCondDiff: this model takes one channel; untick More channels"
+    assert widget.runs_started == 1
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, tmp_path,
+                                           monkeypatch, notifications):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["liver consensus"]
+    paint(consensus, 1, 1)
+    paint(consensus, 2, 3, size=10)                # a label the model does not know: a new class
+    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 1–2", timeout=5000)
+    table = widget.class_table
+    assert [table.item(r, 1).text() for r in range(table.rowCount())] == ["background", "liver", "tumour", "class_3"]
+    table.item(3, 1).setText("lesion")            # the user names the new class
+    widget.ft_steps_spin.setValue(2)
+    before = consensus.data.copy()
+
+    chosen = tmp_path / "liver_finetuned.safetensors"
+    offered = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: offered.append(a[2]) or (str(chosen), ""))
+    with qtbot.waitSignals([widget.finetune_finished, widget.run_finished], timeout=RUN_TIMEOUT_MS):
+        click(qtbot, widget.finetune_button)
+    assert notifications.messages("error") == []
+    assert widget.ft_progress.value() == widget.ft_progress.maximum() == 2
+    # The model is saved where the user chose, added to the model menu under its name, and selected.
+    assert chosen.is_file() and widget.model_combo.currentText() == "liver_finetuned"
+    assert widget.model_combo.currentData() == str(chosen)
+    # The other slices were re-segmented with it; the corrected slices are as the user left them.
+    runs = widget.controller.current.runs
+    assert runs[-1].slice_indices.tolist() == [0, 3, 4, 5] and runs[-1].provenance["checkpoint"] == str(chosen)
+    np.testing.assert_array_equal(consensus.data[1:3], before[1:3])
+    assert list(consensus.features["class"]) == ["background", "liver", "tumour", "lesion"]
+    assert "lesion" in widget.legend.text()
+
+    target = tmp_path / "liver_seg.nii.gz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    click(qtbot, widget.export_button)
+    sidecar = json.loads((tmp_path / "liver_seg.json").read_text())
+    assert sidecar["class_names"][-1] == "lesion" and sidecar["class_volumes"]["lesion"]["voxels"] > 0
+    assert sidecar["edited_slices"] == [1, 2]
+
+
+def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_viewer, qtbot, scan_1mm,
+                                                                    tiny_checkpoint, tmp_path, monkeypatch):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    paint(viewer.layers["liver consensus"], 2, 1)
+    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
+    widget.ft_steps_spin.setValue(200)
+    chosen = tmp_path / "stopped.safetensors"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen), ""))
+    offered = []
+    monkeypatch.setattr(widget_module, "ask_save_cancelled_finetune",
+                        lambda parent, done, total, path: offered.append((done, total, path)) or True)
+
+    def cancel_once_running(step):
+        if step >= 1 and widget.ft_cancel_button.isEnabled():
+            click(qtbot, widget.ft_cancel_button)
+
+    widget.ft_progress.valueChanged.connect(cancel_once_running)
+    with qtbot.waitSignal(widget.finetune_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.finetune_button)
+    assert finished.args == ["cancelled"]
+    done, total, path = offered[0]
+    assert 1 <= done < total == 200 and path == chosen and chosen.is_file()
+    assert widget.model_combo.currentData() == str(chosen)
+    assert len(widget.controller.current.runs) == 1        # a cancelled fine-tuning re-segments nothing
+    assert widget.segment_button.isEnabled() and widget.finetune_button.isEnabled()
+    widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
+    widget.first_spin.setValue(5)
+    widget.last_spin.setValue(5)
+    assert click_segment(qtbot, widget) == "done"          # the saved weights segment
 
 
 # ----------------------------------------------------------------------------- stopping a run
@@ -287,16 +563,16 @@ def test_cancel_keeps_finished_slices(make_napari_viewer, qtbot, scan, tiny_chec
 
     def cancel_after_first_batch(value):
         if value >= 1 and widget.cancel_button.isEnabled():
-            qtbot.mouseClick(widget.cancel_button, Qt.MouseButton.LeftButton)
+            click(qtbot, widget.cancel_button)
             release.set()
 
     widget.progress.valueChanged.connect(cancel_after_first_batch)
     assert click_segment(qtbot, widget) == "cancelled"
-    result = widget._session.result
+    (run,) = widget.controller.current.runs
     # CPU batches hold 4 slices: the first batch is kept, the run stopped before finishing the second.
-    assert result.completed.tolist() == [True] * _job.CPU_BATCH_SIZE + [False] * (6 - _job.CPU_BATCH_SIZE)
+    assert run.completed.tolist() == [True] * _job.CPU_BATCH_SIZE + [False] * (6 - _job.CPU_BATCH_SIZE)
     consensus = viewer.layers["liver consensus"]
-    np.testing.assert_array_equal(consensus.data, np.moveaxis(result.labels, -1, 0))
+    assert consensus.data[:_job.CPU_BATCH_SIZE].any() and not consensus.data[_job.CPU_BATCH_SIZE:].any()
     steps = viewer.layers["liver x̂0 (3 steps)"]
     assert not steps.data[:, _job.CPU_BATCH_SIZE:].any()
     assert "Cancelled: kept 4 of 6" in widget.status.text()
@@ -317,15 +593,15 @@ def test_removing_the_input_layer_stops_the_run(make_napari_viewer, qtbot, scan,
 
     widget.progress.valueChanged.connect(remove_scan)
     assert click_segment(qtbot, widget) == "input layer removed"
-    assert widget._session.result.completed.sum() == _job.CPU_BATCH_SIZE
-    assert any("was removed" in m for m in notifications.messages("warning"))
+    assert widget.controller.current.runs[0].completed.sum() == _job.CPU_BATCH_SIZE
+    qtbot.waitUntil(lambda: any("was removed" in m for m in notifications.messages("warning")), timeout=5000)
     assert notifications.messages("error") == []
     assert len(result_layers(viewer, "consensus")) == 1
     assert widget.layer_combo.count() == 0
 
 
-def test_closing_the_viewer_mid_run_stops_the_worker(make_napari_viewer, qtbot, scan, tiny_checkpoint, monkeypatch,
-                                                     notifications):
+def test_closing_the_viewer_mid_run_stops_the_worker_quietly(make_napari_viewer, qtbot, scan, tiny_checkpoint,
+                                                              monkeypatch, notifications):
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
     choose(widget, tiny_checkpoint, steps=3)
     release = gate_after_first_batch(monkeypatch)
@@ -342,34 +618,37 @@ def test_closing_the_viewer_mid_run_stops_the_worker(make_napari_viewer, qtbot, 
         release.set()
 
     widget.progress.valueChanged.connect(close_viewer_soon)
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+    click(qtbot, widget.segment_button)
     qtbot.waitUntil(lambda: release.is_set(), timeout=RUN_TIMEOUT_MS)
     assert QThreadPool.globalInstance().waitForDone(RUN_TIMEOUT_MS)
     qtbot.wait(50)   # let queued signals arrive: they must find nothing to do and raise nothing
     assert notifications.messages("error") == []
+    assert notifications.messages("warning") == []      # no "layer was removed": the user closed napari
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs_become_notifications(make_napari_viewer, qtbot, scan, tiny_checkpoint, tmp_path, notifications):
+def test_bad_inputs_become_notifications_and_status(make_napari_viewer, qtbot, scan, tiny_checkpoint, tmp_path,
+                                                    notifications):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
-    qtbot.waitUntil(lambda: widget._engine is not None, timeout=RUN_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
     choose(widget, tiny_checkpoint)
 
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)            # no image layer
+    click(qtbot, widget.segment_button)            # no image layer
     assert "open a scan first" in notifications.messages("error")[-1]
+    assert widget.status.text().startswith("Failed: open a scan first")
 
     viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="timeseries")
     widget.layer_combo.setCurrentText("timeseries")
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
-    assert "4-D" in notifications.messages("error")[-1]
+    click(qtbot, widget.segment_button)
+    assert "4-D" in notifications.messages("error")[-1] and "4-D" in widget.status.text()
 
     viewer.add_image(np.zeros((16, 16, 3), np.uint8), name="photo", rgb=True)
     widget.layer_combo.setCurrentText("photo")
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
-    assert "RGB" in notifications.messages("error")[-1]
+    click(qtbot, widget.segment_button)
+    assert "RGB" in notifications.messages("error")[-1] and "RGB" in widget.status.text()
     assert widget.runs_started == 0
 
     data, kwargs = scan
@@ -383,19 +662,48 @@ def test_bad_inputs_become_notifications(make_napari_viewer, qtbot, scan, tiny_c
     assert result_layers(viewer, "consensus") == []
 
     widget.checkpoint_edit.setText(str(tmp_path / "missing.safetensors"))
-    qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+    click(qtbot, widget.segment_button)
     assert "checkpoint not found" in notifications.messages("error")[-1]
+    assert "checkpoint not found" in widget.status.text()
 
     choose(widget, tiny_checkpoint, slices="range", first=4, last=9)               # beyond the 6 slices
     assert click_segment(qtbot, widget) == "failed"
     assert "outside this scan's slices 0–5" in notifications.messages("error")[-1]
 
     widget.model_combo.setCurrentText(widget_module.DEFAULT_MODEL)
-    if not widget._engine.default_checkpoint_exists:
+    if not widget.controller.engine.default_checkpoint_exists:
         assert "not installed yet" in widget.model_status.text()
-        qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+        click(qtbot, widget.segment_button)
         assert "not installed yet" in notifications.messages("error")[-1]
     assert not widget.cancel_button.isEnabled() and widget.segment_button.isEnabled()
+    assert not widget.export_button.isEnabled() and not widget.uncertain_button.isEnabled()
+
+
+# ----------------------------------------------------------------------------- how it looks
+
+
+def test_every_control_explains_itself_and_nothing_is_clipped(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
+    controls = [w for kind in (QComboBox, QSpinBox, QLineEdit, QAbstractButton, QTableWidget, QProgressBar,
+                               QListWidget)
+                for w in widget.findChildren(kind) if not isinstance(w.parent(), (QComboBox, QSpinBox))]
+    # Qt's own parts of a table (its corner button) are not controls of ours.
+    controls = [w for w in controls if not widget.class_table.isAncestorOf(w)]
+    assert len(controls) > 20
+    assert [w for w in controls if not w.toolTip()] == []
+    # No label-less row shows an empty label; the checkpoint row spans the form when it is shown.
+    for form in widget.findChildren(QFormLayout):
+        for row in range(form.rowCount()):
+            label = form.itemAt(row, QFormLayout.ItemRole.LabelRole)
+            assert label is None or label.widget().text().strip()
+    widget.model_combo.setCurrentText(widget_module.CHECKPOINT_FILE)
+    assert not widget.checkpoint_row.isHidden()
+    # A short dock scrolls: the status wraps inside a scroll area.
+    assert widget.status.wordWrap() and isinstance(widget.findChild(QScrollArea), QScrollArea)
+    for control in (widget.slice_combo, widget.first_spin, widget.last_spin, widget.ft_slices_edit):
+        assert "canonical slices" in control.toolTip() and "inferior to superior" in control.toolTip()
 
 
 # ----------------------------------------------------------------------------- no Qt needed
@@ -406,21 +714,10 @@ def test_widget_module_does_not_import_torch():
     import sys
 
     code = ("import sys, napari_medconddiff._widget; "
-            "print(sorted(m for m in ('torch', 'timm', 'triton', 'medconddiff.segmenter') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'timm', 'triton', 'medconddiff.segmenter', 'medconddiff.commands') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("slice_axis", [0, 1, 2])
-def test_stack_layer_order_matches_the_layer_convention(slice_axis):
-    """Each entry of the step stack is laid out exactly like volume_to_layer lays out a volume."""
-    rng = np.random.default_rng(slice_axis)
-    stack = rng.integers(0, 3, size=(2, 5, 7, 9), dtype=np.uint8)         # (S, n, h, w)
-    layer_stack = stack_to_layer_order(stack, slice_axis, 3)
-    meta = VolumeMeta(affine=np.eye(4), spacing=(1.0, 1.0, 1.0))
-    for s in range(2):
-        volume = np.moveaxis(stack[s], 0, slice_axis)
-        np.testing.assert_array_equal(layer_stack[s], volume_to_layer(volume, meta)[0])
 
 
 @pytest.mark.filterwarnings("ignore:Non-orthogonal slicing")
@@ -429,18 +726,18 @@ def test_overlay_transform_follows_rotated_and_sheared_layers():
 
     scan_layer = Image(np.zeros((6, 40, 50), np.float32), scale=(4.0, 0.7, 0.6), translate=(10, -3, 2),
                        rotate=(15, 5, -10), shear=(0.1, 0.0, 0.2), affine=np.diag([1.0, 2.0, 1.0, 1.0]))
-    kwargs = stack_overlay_kwargs(scan_layer, (3, 2, 8, 10), slice_layer_axis=0, first_slice=3, step_axis_label="s")
+    # A 5× smaller model grid (align_corners=False: pixel p is centred on scan pixel 5p + 2), from slice 3.
+    kwargs = stack_overlay_kwargs(scan_layer, (1.0, 5.0, 5.0), (3.0, 2.0, 2.0), step_axis_label="s")
     steps = Image(np.zeros((3, 2, 8, 10), np.float32), **kwargs)
-    # Model pixel (p) of a 5× smaller grid is centred on scan pixel 5p + 2 (align_corners=False).
     for voxel in [(0, 0, 0), (1, 7, 9), (0, 3, 4)]:
         scan_voxel = (3 + voxel[0], 5 * voxel[1] + 2, 5 * voxel[2] + 2)
         np.testing.assert_allclose(steps.data_to_world((2,) + voxel)[1:], scan_layer.data_to_world(scan_voxel),
                                    atol=1e-9)
 
 
-def test_the_bundled_lsegdiff_model_runs_from_the_model_menu(make_napari_viewer, qtbot, scan, notifications):
+def test_the_bundled_lsegdiff_model_runs_from_the_model_menu(make_napari_viewer, qtbot, scan_1mm, notifications):
     """The latent family is selectable in the widget and gives the same layers as the pixel family."""
-    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
     assert widget.model_combo.findText(widget_module.LATENT_MODEL) >= 0
     widget.model_combo.setCurrentText(widget_module.LATENT_MODEL)
     assert "LSegDiff" in widget.model_status.text()
@@ -448,10 +745,27 @@ def test_the_bundled_lsegdiff_model_runs_from_the_model_menu(make_napari_viewer,
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("all"))
     assert click_segment(qtbot, widget) == "done"
     assert notifications.messages("error") == []
-    result = widget._session.result
-    assert result.provenance["model"]["family"] == "latent"
+    run = widget.controller.current.runs[0]
+    assert run.provenance["model"]["family"] == "latent"
     consensus = viewer.layers["liver consensus"]
     assert consensus.data.shape == layer.data.shape and consensus.data.max() < 3
-    assert viewer.layers["liver x̂0 (2 steps)"].data.shape == (2, 6, 128, 128)   # the model's 128² grid
+    assert viewer.layers["liver x̂0 (2 steps)"].data.shape == (2, 6, 64, 64)   # 1 mm scan, 1 mm plan
     # On this real liver cut, the trained model finds liver.
     assert (consensus.data == 1).mean() > 0.2
+
+
+def test_adaptive_steps_show_each_stopped_slice_at_its_last_step(make_napari_viewer, qtbot, scan_1mm,
+                                                                 tiny_checkpoint):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    choose(widget, tiny_checkpoint, steps=8)
+    widget.adaptive_check.setChecked(True)
+    assert click_segment(qtbot, widget) == "done"
+    (results,) = widget.controller.results.values()
+    run = results.runs[-1]
+    assert run.sampling.adaptive and (run.steps_used < 8).any() and run.steps_used.min() >= 3
+    steps = next(candidate for candidate in viewer.layers if "x̂0" in candidate.name)
+    assert "adaptive" in steps.name and f"of 8 steps, mean {run.steps_used.mean():.1f}" in steps.name
+    # A 1 mm RAS scan is shown (S, P, L): the x̂0 stack's second axis is the canonical slice.
+    for slice_index, used in zip(run.slice_indices, run.steps_used):
+        for later in range(used, 8):
+            np.testing.assert_array_equal(steps.data[later, slice_index], steps.data[used - 1, slice_index])

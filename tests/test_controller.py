@@ -1,0 +1,580 @@
+"""The Qt-free controller, driven without a window: napari's ViewerModel, a synchronous runner.
+
+The same anatomy stored in different voxel orders must look the same on screen and segment the
+same; results land on the right voxels (the model-resolution x̂0 stack included); edits survive
+re-fusions and re-runs unless the user says otherwise; fine-tuning and export go through the core.
+A tiny random model (tests/conftest.py) on a 64×64×6 cut of the real liver CT, 2–3 steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medconddiff.config import SamplingConfig
+from medconddiff.nifti import VolumeMeta
+from medconddiff.segmenter import Segmenter
+from napari_medconddiff import _controller as controller_module
+from napari_medconddiff import _result_layers
+from napari_medconddiff._controller import (
+    KEEP,
+    NEW_LAYER,
+    REPLACE,
+    FinetuneSettings,
+    Questions,
+    SegmentationController,
+    SegmentSettings,
+)
+from medconddiff.slice_lists import parse_slice_list, slice_list_text
+from napari_medconddiff._export import checkpoint_target, default_export_path, default_finetune_path
+from napari_medconddiff._geometry import PLAIN_LAYER_STATUS
+from napari_medconddiff._job import SliceChoice
+from napari_medconddiff._layers import volume_to_layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One thread: on a shared 2-core machine more threads only spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Answers(Questions):
+    """Scripted answers to the controller's questions, recording what was asked."""
+
+    def __init__(self, edits=KEEP, save=True):
+        self.edit_answer, self.save_answer = edits, save
+        self.asked: list[tuple[str, list[int]]] = []
+
+    def edits(self, action, slices):
+        self.asked.append((action, list(slices)))
+        return self.edit_answer
+
+    def save_cancelled_finetune(self, done, total, path):
+        self.asked.append(("save", [done, total]))
+        return self.save_answer
+
+
+def stored(ras: np.ndarray, how: str) -> tuple[np.ndarray, VolumeMeta]:
+    """The same 1 mm anatomy (an RAS array) as a file would store it: ``how`` names the file's axes."""
+    columns = {"ras": ((1, 0, 0), (0, 1, 0), (0, 0, 1)), "lps": ((-1, 0, 0), (0, -1, 0), (0, 0, 1)),
+               "sagittal": ((0, -1, 0), (0, 0, -1), (1, 0, 0)),    # i → P, j → I, k → R: slices along x
+               "swapped": ((0, 1, 0), (1, 0, 0), (0, 0, 1))}[how]  # i ↔ j
+    if how == "ras":
+        data = ras
+    elif how == "lps":
+        data = ras[::-1, ::-1, :]
+    elif how == "sagittal":
+        data = ras.transpose(1, 2, 0)[::-1, ::-1, :]
+    else:
+        data = ras.transpose(1, 0, 2)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(columns, dtype=float).T
+    return np.ascontiguousarray(data), VolumeMeta(affine=affine, spacing=(1.0, 1.0, 1.0))
+
+
+def make(ras, how="ras", questions=None):
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    data, kwargs = volume_to_layer(*stored(ras, how))
+    scan = viewer.add_image(data, name="liver", **kwargs)
+    return viewer, scan, SegmentationController(viewer, questions=questions or Answers())
+
+
+def segment(controller, scan, checkpoint, steps=2, **slices):
+    finished = []
+    controller.run_finished.connect(finished.append)
+    assert controller.segment(SegmentSettings(scan, str(checkpoint), "cpu", SamplingConfig(steps=steps),
+                                              SliceChoice(**slices)))
+    controller.run_finished.disconnect(finished.append)
+    return finished[0]
+
+
+def layer(viewer, role):
+    (found,) = [x for x in viewer.layers
+                if _result_layers.is_own_result(x) and _result_layers.marker(x)["role"] == role]
+    return found
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def test_storage_order_changes_nothing_on_screen_nor_in_the_result(liver_volume, tiny_checkpoint, tmp_path):
+    """RAS, LPS, a sagittal stack and swapped i/j of one anatomy: same layer, same segmentation, and
+    Export writes each file's own voxel order, equal to what the core gives for that file."""
+    ras = liver_volume[0]
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    shown = {}
+    for how in ("ras", "lps", "sagittal", "swapped"):
+        viewer, scan, controller = make(ras, how)
+        assert segment(controller, scan, tiny_checkpoint) == "done"
+        assert scan.axis_labels == ("I→S", "A→P", "R→L")
+        consensus = layer(viewer, "consensus").data
+        shown[how] = (np.asarray(scan.data), consensus.copy())
+        nifti, _ = controller.export(tmp_path / f"{how}_seg.nii.gz", overwrite=False)
+        file_data, meta = stored(ras, how)
+        expected = segmenter.segment(file_data, SamplingConfig(steps=2, batch_size=4), meta=meta).labels
+        written = nib.load(nifti)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+        np.testing.assert_allclose(written.affine, meta.affine)
+    for how in ("lps", "sagittal", "swapped"):
+        np.testing.assert_array_equal(shown[how][0], shown["ras"][0])
+        np.testing.assert_array_equal(shown[how][1], shown["ras"][1])
+    # Radiological: slider inferior → superior, anterior at the top, the patient's right on the left.
+    np.testing.assert_array_equal(shown["ras"][0], ras.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def affine_map(function, ndim):
+    """(A, b) with function(x) = A x + b, read from the origin and the unit vectors (napari transforms are affine)."""
+    origin = np.asarray(function(np.zeros(ndim)), dtype=float)
+    columns = [np.asarray(function(np.eye(ndim)[k]), dtype=float) - origin for k in range(ndim)]
+    return np.stack(columns, axis=1), origin
+
+
+def scan_voxels_of(scan, steps, step):
+    """The scan layer voxel under every voxel of one step of the x̂0 layer (world positions compared)."""
+    shape = steps.data.shape[1:]
+    to_world, to_world_origin = affine_map(lambda q: steps.data_to_world(np.r_[step, q])[1:], len(shape))
+    to_scan, to_scan_origin = affine_map(scan.world_to_data, len(shape))
+    grid = np.indices(shape).reshape(len(shape), -1).astype(float)
+    world = to_world @ grid + to_world_origin[:, None]
+    return np.round(to_scan @ world + to_scan_origin[:, None]).astype(int)
+
+
+@pytest.mark.parametrize("how", ["lps", "sagittal", "plain"])
+def test_every_x0_voxel_lands_on_the_matching_scan_voxel(liver_volume, tiny_checkpoint, how):
+    """On a 1 mm scan the model grid is the scan grid, so each x̂0 stack voxel must sit on the scan
+    voxel that holds the same step's labels (computed by the core on the scan's grid)."""
+    from napari.components import ViewerModel
+
+    ras = liver_volume[0]
+    if how == "plain":
+        viewer = ViewerModel()
+        data, _ = volume_to_layer(*stored(ras, "ras"))
+        scan = viewer.add_image(np.array(data), name="liver", scale=(1.0, 1.0, 1.0))
+        controller = SegmentationController(viewer)
+    else:
+        viewer, scan, controller = make(ras, how)
+    scan.translate = (3.0, -2.0, 5.0)            # a user-moved layer: results follow it
+    assert segment(controller, scan, tiny_checkpoint, steps=3, mode="range", first=1, last=4) == "done"
+    steps = layer(viewer, "steps")
+    results = controller.current
+    run = results.runs[-1]
+    assert steps.data.shape[0] == 3 and steps.data.dtype == np.uint8
+    np.testing.assert_allclose(layer(viewer, "consensus").translate, scan.translate)
+    for step in (0, 2):
+        on_scan = np.zeros(results.space.geometry.file_shape, np.uint8)
+        results.space.geometry.slice_view(on_scan)[run.slice_indices] = _step_labels_on_scan(run, step)
+        expected = results.space.layer.layer_view(on_scan)
+        voxels = scan_voxels_of(scan, steps, step)
+        np.testing.assert_array_equal(expected[tuple(voxels)], steps.data[step].ravel())
+        assert steps.data[step].any() and len(np.unique(voxels[0])) == 4     # real labels, slices 1..4
+
+
+def _step_labels_on_scan(run, step):
+    from medconddiff.segmenter import scan_labels
+
+    return scan_labels(run.trajectory[step].transpose(1, 0, 2, 3), run.geometry)
+
+
+def test_x0_pixels_sit_where_the_model_grid_samples_an_anisotropic_scan(liver_volume, tiny_checkpoint):
+    """0.6 × 0.7 mm pixels and 4 mm slices, LPS: model pixel p of a plane of H scan pixels resized to h
+    is centred on scan pixel (p + 0.5) H / h - 0.5 (align_corners=False)."""
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    lps = liver_volume[0][::-1, ::-1].copy()
+    affine = np.diag([-0.6, -0.7, 4.0, 1.0])
+    data, kwargs = volume_to_layer(lps, VolumeMeta(affine=affine, spacing=(0.6, 0.7, 4.0)))
+    scan = viewer.add_image(data, name="liver", **kwargs)
+    controller = SegmentationController(viewer)
+    assert segment(controller, scan, tiny_checkpoint, mode="range", first=2, last=3) == "done"
+    steps = layer(viewer, "steps")
+    h_r, h_a = controller.current.space.geometry.model_shape        # canonical (R, A) model plane
+    assert (h_r, h_a) == (38, 45) and steps.data.shape == (2, 2, 45, 38)   # layer axes (S, P, L)
+    for z, p, q in [(0, 0, 0), (1, 44, 37), (0, 20, 7)]:
+        a, r = (h_a - 1) - p, (h_r - 1) - q                            # P and L run against A and R
+        scan_a, scan_r = (a + 0.5) * 64 / h_a - 0.5, (r + 0.5) * 64 / h_r - 0.5
+        expected = (2 + z, 63 - scan_a, 63 - scan_r)                  # scan layer (S, P, L) index
+        np.testing.assert_allclose(steps.data_to_world((1, z, p, q))[1:], scan.data_to_world(expected), atol=1e-6)
+
+
+def test_plain_layer_is_sliced_along_the_slider_axis_and_exported_without_orientation(liver_volume, tiny_checkpoint,
+                                                                                        tmp_path):
+    from napari.components import ViewerModel
+
+    ras = liver_volume[0]
+    viewer = ViewerModel()
+    shown, _ = volume_to_layer(*stored(ras, "ras"))
+    scan = viewer.add_image(np.array(shown), name="liver")          # (S, P, L) without NIfTI metadata
+    controller = SegmentationController(viewer)
+    statuses = []
+    controller.status.connect(statuses.append)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    assert any(PLAIN_LAYER_STATUS in text for text in statuses)
+    plain = layer(viewer, "consensus").data.copy()
+    # Shown as the radiological axial view: the same result as the scan read from its file.
+    viewer2, scan2, controller2 = make(ras, "ras")
+    segment(controller2, scan2, tiny_checkpoint)
+    np.testing.assert_array_equal(plain, layer(viewer2, "consensus").data)
+
+    nifti, sidecar = controller.export(tmp_path / "plain_seg.nii.gz", overwrite=False)
+    written = nib.load(nifti)
+    assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 0
+    np.testing.assert_array_equal(np.asarray(written.dataobj), plain)       # the layer's own axis order
+    record = json.loads(sidecar.read_text())
+    assert record["affine_known"] is False and "orientation unknown" in record["affine_note"]
+    assert "unknown" in statuses[-1]
+
+    # Another slider axis (the user rolled the dims): the model slices along it.
+    viewer = ViewerModel()
+    scan = viewer.add_image(np.array(shown), name="liver")
+    controller = SegmentationController(viewer)
+    viewer.dims.order = (1, 0, 2)
+    viewer.dims.set_current_step(1, 40)
+    assert segment(controller, scan, tiny_checkpoint, mode="current") == "done"
+    assert controller.current.space.n_slices == 64                      # axis 1 has 64 slices
+    assert controller.current.runs[-1].slice_indices.tolist() == [40]   # the slider's position
+    consensus = layer(viewer, "consensus").data
+    assert consensus[:, 40].any() and not np.delete(consensus, 40, axis=1).any()
+
+
+def test_a_plain_2d_layer_is_one_slice_in_its_own_axis_order(liver_volume, tiny_checkpoint, tmp_path):
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    shown, _ = volume_to_layer(*stored(liver_volume[0], "ras"))
+    scan = viewer.add_image(np.array(shown[3]), name="slice", scale=(0.7, 0.6))    # one axial image, no metadata
+    controller = SegmentationController(viewer)
+    assert segment(controller, scan, tiny_checkpoint, mode="current") == "done"
+    consensus = layer(viewer, "consensus")
+    assert consensus.data.shape == (64, 64) and consensus.data.any()
+    assert layer(viewer, "steps").data.shape == (2, 45, 38)      # 64 pixels of 0.7 and 0.6 mm at 1 mm
+    nifti, _ = controller.export(tmp_path / "slice_seg.nii.gz", overwrite=False)
+    written = nib.load(nifti)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), consensus.data)
+    assert written.header.get_zooms() == pytest.approx((0.7, 0.6))
+    assert int(written.header["sform_code"]) == 0
+
+
+def test_current_slice_of_a_sagittal_stack_is_the_slice_under_the_slider(liver_volume, tiny_checkpoint):
+    viewer, scan, controller = make(liver_volume[0], "sagittal")
+    viewer.dims.set_current_step(0, 4)             # the slider runs I → S: axial slice 4
+    assert segment(controller, scan, tiny_checkpoint, mode="current") == "done"
+    assert controller.current.runs[-1].slice_indices.tolist() == [4]
+    consensus = layer(viewer, "consensus").data
+    assert consensus[4].any() and not np.delete(consensus, 4, axis=0).any()
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+def paint(layer_, slice_index, value, size=6):
+    """A user's brush stroke on a slice (napari's own paint, as the mouse does it) that changes it."""
+    before = layer_.data[slice_index].copy()
+    layer_.brush_size = size
+    layer_.paint((slice_index, 20, 20), value)
+    assert not np.array_equal(layer_.data[slice_index], before), "the stroke painted what was there already"
+
+
+def test_edits_are_tracked_and_each_choice_does_what_it_says(liver_volume, tiny_checkpoint):
+    answers = Answers()
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    consensus = layer(viewer, "consensus")
+    edits = []
+    controller.edits_changed.connect(edits.append)
+    paint(consensus, 2, 1)
+    assert edits[-1] == (2,) and controller.edited_slices() == [2]
+    painted = consensus.data[2].copy()
+
+    # Keep my edits: slice 2 stays as painted, the others are re-fused.
+    controller.set_consensus("last", 0)
+    assert answers.asked[-1] == ("Re-fusing with the last step consensus", [2])
+    np.testing.assert_array_equal(consensus.data[2], painted)
+    assert controller.current.runs[-1].sampling.consensus == "last"
+    assert layer(viewer, "consensus") is consensus and controller.edited_slices() == [2]
+
+    # New layer: the edited layer is set aside untouched, a new consensus shows the engine's result.
+    answers.edit_answer = NEW_LAYER
+    controller.set_consensus("mean", 1)
+    aside = viewer.layers["liver consensus (your edits)"]
+    assert aside is consensus and not _result_layers.is_own_result(aside)
+    np.testing.assert_array_equal(aside.data[2], painted)
+    fresh = layer(viewer, "consensus")
+    assert fresh is not consensus and controller.edited_slices() == []
+    reference = fresh.data.copy()
+
+    # Replace: the edit is overwritten, and napari's undo brings it back.
+    paint(fresh, 3, 1)
+    edited = fresh.data[3].copy()
+    answers.edit_answer = REPLACE
+    controller.set_consensus("vote_gated", 1)
+    assert controller.edited_slices() == []
+    assert not np.array_equal(fresh.data[3], edited)
+    fresh.undo()          # undoes the whole re-fusion (one undo step): the edit is back
+    np.testing.assert_array_equal(fresh.data[3], edited)
+    np.testing.assert_array_equal(np.delete(fresh.data, 3, axis=0), np.delete(reference, 3, axis=0))
+    assert 3 in controller.edited_slices()
+    assert len(answers.asked) == 3
+
+
+def test_a_run_on_one_slice_updates_only_that_slice(liver_volume, tiny_checkpoint):
+    answers = Answers()
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint, steps=2) == "done"
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 1, 1)
+    before = consensus.data.copy()
+    statuses = []
+    controller.status.connect(statuses.append)
+
+    # Another seed on slice 4 only: slice 4 changes, every other slice (the edit included) is untouched.
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=7),
+                                       SliceChoice(mode="range", first=4, last=4)))
+    assert answers.asked == []                     # slice 4 was not edited: nothing to ask
+    assert layer(viewer, "consensus") is consensus
+    np.testing.assert_array_equal(np.delete(consensus.data, 4, axis=0), np.delete(before, 4, axis=0))
+    assert not np.array_equal(consensus.data[4], before[4])
+    assert "Updated slice(s) 4 of the existing result layers; the other slices are untouched" in statuses[-1]
+
+    # A run over the edited slice asks; "keep" leaves the edit and updates the rest.
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=9),
+                                       SliceChoice(mode="range", first=0, last=2)))
+    assert answers.asked == [("Segmenting slice(s) 0–2", [1])]
+    np.testing.assert_array_equal(consensus.data[1], before[1])
+    assert "Your edits on slice(s) 1 were kept" in statuses[-1]
+    assert controller.current.shown_slices.tolist() == list(range(6))
+    assert [run.shown_slices.tolist() for run in controller.current.runs] == [[3, 5], [4], [0, 1, 2]]
+
+    # Re-fusing later re-fuses each slice from the run that produced it.
+    controller.set_consensus("last", 0)
+    assert [run.sampling.consensus for run in controller.current.runs] == ["last"] * 3
+
+
+# ----------------------------------------------------------------------------- fine-tune and export
+
+
+def test_segment_correct_finetune_resegment_export(liver_volume, tiny_checkpoint, tmp_path):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 1, 1)
+    paint(consensus, 2, 3, size=8)              # a label the model does not know: a new class
+    assert controller.edited_slices() == [1, 2]
+    assert controller.class_table() == [(0, "background"), (1, "liver"), (2, "tumour"), (3, "class_3")]
+    before = consensus.data.copy()
+
+    events = {"steps": [], "models": [], "finished": []}
+    controller.finetune_step.connect(lambda *a: events["steps"].append(a))
+    controller.model_added.connect(lambda *a: events["models"].append(a))
+    controller.finetune_finished.connect(events["finished"].append)
+    names = ("background", "liver", "tumour", "lesion")
+    assert controller.finetune(FinetuneSettings(
+        start=str(tiny_checkpoint), save_path=tmp_path / "liver_finetuned", class_names=names, steps=2, device="cpu",
+        resegment=SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2))))
+    assert [(s, t) for s, t, _ in events["steps"]] == [(1, 2), (2, 2)] and events["finished"] == ["done"]
+    saved = tmp_path / "liver_finetuned.safetensors"
+    assert events["models"] == [("liver_finetuned", str(saved))]
+    from medconddiff.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(saved)
+    assert checkpoint.config.model.class_names == names
+    assert checkpoint.extra["finetuned_on"][0]["slices"] == [1, 2]
+
+    # The other slices were re-segmented with the fine-tuned model; the corrected ones are untouched.
+    runs = controller.current.runs
+    assert runs[-1].slice_indices.tolist() == [0, 3, 4, 5]
+    assert runs[-1].provenance["checkpoint"] == str(saved)
+    np.testing.assert_array_equal(consensus.data[1:3], before[1:3])
+    assert list(consensus.features["class"]) == list(names)
+
+    nifti, sidecar = controller.export(tmp_path / "liver_seg.nii.gz", overwrite=False)
+    record = json.loads(sidecar.read_text())
+    assert record["edited_in_napari"] is True and record["edited_slices"] == [1, 2]
+    assert record["class_names"] == list(names) and record["slices"] == list(range(6))
+    assert [run["slices"] for run in record["runs"]] == [[1, 2], [0, 3, 4, 5]]
+    assert record["class_volumes"]["lesion"]["voxels"] > 0
+    assert (np.asarray(nib.load(nifti).dataobj) == 3).any()
+
+
+def test_cancelling_finetuning_keeps_the_weights_and_offers_to_save(liver_volume, tiny_checkpoint, tmp_path):
+    answers = Answers(save=True)
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    paint(layer(viewer, "consensus"), 2, 1)
+    controller.finetune_step.connect(lambda step, total, loss: step == 1 and controller.cancel())
+    finished, models = [], []
+    controller.finetune_finished.connect(finished.append)
+    controller.model_added.connect(lambda name, path: models.append(path))
+    controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=tmp_path / "cut.safetensors",
+                                         class_names=("background", "liver", "tumour"), steps=5, device="cpu",
+                                         resegment=SegmentSettings(scan, str(tiny_checkpoint), "cpu")))
+    assert answers.asked == [("save", [1, 5])] and finished == ["cancelled"]
+    from medconddiff.checkpoint import load_checkpoint
+
+    assert load_checkpoint(models[0]).extra["steps"] == 1
+    assert len(controller.current.runs) == 1                 # a cancelled fine-tuning does not re-segment
+    assert not controller.busy and segment(controller, scan, models[0], mode="range", first=0, last=0) == "done"
+
+
+def test_finetuning_refuses_unnamed_labels_and_paths_inside_the_package(liver_volume, tiny_checkpoint, tmp_path):
+    viewer, scan, controller = make(liver_volume[0])
+    segment(controller, scan, tiny_checkpoint)
+    paint(layer(viewer, "consensus"), 2, 5)
+    messages = []
+    controller.status.connect(messages.append)
+    settings = FinetuneSettings(start=str(tiny_checkpoint), save_path=tmp_path / "x.safetensors",
+                                class_names=("background", "liver", "tumour"), steps=1, device="cpu")
+    assert not controller.finetune(settings)
+    assert "label 5" in messages[-1] and "no class name" in messages[-1]
+    import medconddiff
+
+    inside = Path(medconddiff.__file__).parent / "models" / "mine.safetensors"
+    names = ("background", "liver", "tumour", "a", "b", "c")
+    assert not controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=inside,
+                                                    class_names=names, steps=1, device="cpu"))
+    assert "inside the installed package" in messages[-1] and not inside.exists()
+
+
+def test_default_paths_are_next_to_the_scan_or_in_the_home_never_in_the_package(tmp_path, monkeypatch):
+    from medconddiff.nifti import sample_scan_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_export_path("liver", str(sample_scan_path())) == tmp_path / "home" / "liver117_image_seg.nii.gz"
+    assert default_export_path("ct", str(tmp_path / "scans" / "ct.nii.gz")) == tmp_path / "scans" / "ct_seg.nii.gz"
+    assert default_export_path("ct", None) == tmp_path / "home" / "ct_seg.nii.gz"
+    assert default_finetune_path("liver", str(sample_scan_path())) == \
+        tmp_path / "home" / ".medconddiff" / "models" / "liver117_image_finetuned.safetensors"
+    assert default_finetune_path("ct", str(tmp_path / "ct.nii")) == tmp_path / "ct_finetuned.safetensors"
+    assert checkpoint_target(tmp_path / "model") == tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="inside the installed package"):
+        checkpoint_target(sample_scan_path().parent / "x.safetensors")
+
+
+def test_slice_lists_read_and_write_the_way_users_type_them():
+    assert parse_slice_list("10, 12, 20-24") == [10, 12, 20, 21, 22, 23, 24]
+    assert parse_slice_list("3–4;1") == [1, 3, 4]
+    with pytest.raises(ValueError, match="10, 12, 20-24"):
+        parse_slice_list("ten")
+    assert slice_list_text([9, 3, 4, 5]) == "3–5, 9"
+    assert controller_module.CONSENSUS_NAMES["uncertainty_weighted"] == "uncertainty-weighted mean"
+
+
+
+# ----------------------------------------------------------------------------- several channels
+
+
+def channel_layer(viewer, ras, name, how="lps", shift_mm=0.0):
+    """Another channel of the scan, as a layer read from its own file (``how``, 1 mm, origin moved by ``shift_mm``)."""
+    data, meta = stored(ras, how)
+    meta.affine[:3, 3] += shift_mm
+    layer_data, kwargs = volume_to_layer(data, meta)
+    return viewer.add_image(layer_data, name=name, **kwargs)
+
+
+def test_a_two_channel_scan_is_segmented_and_finetuned_with_all_its_channels(liver_volume, two_channel_checkpoint,
+                                                                             tmp_path, monkeypatch):
+    """The scan layer is channel 0 (FLAIR), the further layer channel 1 (T1): the engine gets both,
+    channels last in file order; results belong to the scan layer; fine-tuning trains on both."""
+    ras = liver_volume[0]
+    viewer, scan, controller = make(ras, "lps")
+    negative = channel_layer(viewer, -ras, "negative")
+    assert controller.model_channels(str(two_channel_checkpoint)) == ("FLAIR", "T1")
+    settings = SegmentSettings(scan, str(two_channel_checkpoint), "cpu", SamplingConfig(steps=2), channels=(negative,))
+    finished = []
+    controller.run_finished.connect(finished.append)
+    assert controller.segment(settings) and finished == ["done"]
+    consensus = layer(viewer, "consensus")
+    assert controller.current.scan is scan and _result_layers.marker(consensus)["scan"] == str(scan.unique_id)
+    assert consensus.data.shape == scan.data.shape and np.allclose(consensus.scale, scan.scale)
+    lps, meta = stored(ras, "lps")
+    expected = Segmenter.from_checkpoint(two_channel_checkpoint, device="cpu").segment(
+        np.stack([lps, -lps], axis=-1), SamplingConfig(steps=2, batch_size=4), meta=meta).labels
+    np.testing.assert_array_equal(consensus.data, controller.current.space.layer.layer_view(expected))
+    assert consensus.data.any()
+
+    # A layer without NIfTI geometry drawn voxel for voxel over the scan (say, computed from it in napari)
+    # holds the scan's voxels: the same result.
+    plain = viewer.add_image(-np.asarray(scan.data), name="plain negative", scale=scan.scale)
+    assert controller.segment(dataclasses.replace(settings, channels=(plain,))) and finished[-1] == "done"
+    np.testing.assert_array_equal(consensus.data, controller.current.space.layer.layer_view(expected))
+
+    # Fine-tuning trains on the image that was segmented: both channels.
+    import medconddiff.finetune
+
+    images = []
+    original = medconddiff.finetune.finetune
+    monkeypatch.setattr(medconddiff.finetune, "finetune",
+                        lambda start, scans, **kw: images.append(scans[0].image) or original(start, scans, **kw))
+    paint(consensus, 1, 1)
+    outcome = []
+    controller.finetune_finished.connect(outcome.append)
+    names = ("background", "liver", "tumour")
+    assert controller.finetune(FinetuneSettings(start=str(two_channel_checkpoint), save_path=tmp_path / "mri_finetuned",
+                                                class_names=names, steps=2, device="cpu", resegment=settings))
+    assert outcome == ["done"] and finished[-1] == "done"
+    np.testing.assert_array_equal(images[0], np.stack([lps, -lps], axis=-1))
+    from medconddiff.checkpoint import load_checkpoint
+
+    saved = tmp_path / "mri_finetuned.safetensors"
+    assert load_checkpoint(saved).config.plan.channel_names == ("FLAIR", "T1")
+    assert controller.current.runs[-1].provenance["checkpoint"] == str(saved)   # re-segmented with both channels
+
+    # A channel removed since the segmentation cannot be trained on: said, nothing starts.
+    viewer.layers.remove(plain)
+    viewer.layers.remove(negative)
+    messages = []
+    controller.status.connect(messages.append)
+    assert not controller.finetune(FinetuneSettings(start=str(saved), save_path=tmp_path / "again", class_names=names,
+                                                    steps=1, device="cpu"))
+    assert "'negative', a channel of 'liver', was removed" in messages[-1]
+
+
+def test_a_channel_count_or_grid_mismatch_is_one_clear_message_and_no_run(liver_volume, two_channel_checkpoint,
+                                                                          tiny_checkpoint, monkeypatch):
+    ras = liver_volume[0]
+    viewer, scan, controller = make(ras, "lps")
+    told, statuses, finished = [], [], []
+    monkeypatch.setattr(controller_module, "notify", lambda kind, message: told.append((kind, message)))
+    controller.status.connect(statuses.append)
+    controller.run_finished.connect(finished.append)
+
+    def attempt(checkpoint, *channels):
+        told.clear()
+        started = controller.segment(SegmentSettings(scan, str(checkpoint), "cpu", SamplingConfig(steps=2),
+                                                     channels=channels))
+        assert len(told) == 1 and told[0][0] == "error" and statuses[-1] == f"Failed: {told[0][1][13:]}"
+        assert [x for x in viewer.layers if _result_layers.is_own_result(x)] == []
+        return started, told[0][1]
+
+    # Too few or too many channels: said before the model is even loaded.
+    expected = "the model expects 2 channels (FLAIR, T1): pick 1 more layer under More channels"
+    assert attempt(two_channel_checkpoint) == (False, f"MedCondDiff: {expected}")
+    other = channel_layer(viewer, -ras, "negative")
+    assert attempt(tiny_checkpoint, other) == (False, "MedCondDiff: this model takes one channel; untick More channels")
+    assert "picked twice" in attempt(two_channel_checkpoint, scan)[1]
+    assert controller.runs_started == 0 and finished == []
+    # A checkpoint whose header cannot tell: the loaded model says the same.
+    monkeypatch.setattr(controller, "model_channels", lambda checkpoint: None)
+    assert attempt(two_channel_checkpoint) == (True, f"MedCondDiff: {expected}") and finished == ["failed"]
+
+    # Channels off the scan's grid: another shape, another place, or a plain layer of another size.
+    half = channel_layer(viewer, ras[:, :32].copy(), "half")
+    assert "'half' has shape (6, 32, 64) but 'liver' has (6, 64, 64)" in attempt(two_channel_checkpoint, half)[1]
+    moved = channel_layer(viewer, ras, "moved", shift_mm=5.0)
+    assert "'moved' lies elsewhere than 'liver': their affines differ by up to 5 mm" in \
+        attempt(two_channel_checkpoint, moved)[1]
+    coarse = viewer.add_image(np.asarray(scan.data), name="coarse", scale=(2.0, 1.0, 1.0))
+    assert "'coarse' (shape (6, 64, 64), voxel size 2 × 1 × 1 mm) is not drawn voxel for voxel over 'liver'" in \
+        attempt(two_channel_checkpoint, coarse)[1]
+    assert finished == ["failed"] * 4 and not controller.busy
