@@ -40,6 +40,16 @@ def meta_1mm(shape_ndim: int = 3) -> VolumeMeta:
     return VolumeMeta(affine=np.eye(4), spacing=(1.0, 1.0, 1.0), original_ndim=shape_ndim)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny convolutions gain nothing from a second thread, and on a
+    machine whose cores are busy, threads that spin against each other make a 0.1 s run take seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised (seeded) pixel-space checkpoint with the real liver class names."""

@@ -15,7 +15,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medconddiff.config import SamplingConfig
 from medconddiff.nifti import VolumeMeta
@@ -38,13 +37,7 @@ from napari_medconddiff._job import SliceChoice
 from napari_medconddiff._layers import volume_to_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One thread: on a shared 2-core machine more threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Answers(Questions):

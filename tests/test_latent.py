@@ -27,13 +27,7 @@ META = meta_1mm()
 VAE_STEPS = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tiny convolutions gain nothing from a second thread and stall badly when the cores are shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     existing ``path`` unless ``overwrite``; the temp file is removed on any failure.
     """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    check_target(path, overwrite)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: output folder {folder} does not exist")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -38,6 +33,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_target(path: str | os.PathLike, overwrite: bool, what: str = "") -> None:
+    """Refuse a target that cannot or must not be written (a folder, an existing file, a missing folder).
+
+    Callers with long work ahead call it first, so nothing is computed for an output that will be refused.
+    """
+    path = Path(path)
+    name = f"{what} {path}".strip()
+    if path.is_dir():
+        raise IsADirectoryError(f"{name} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{name} already exists; pass --overwrite (overwrite=True) to replace it")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{name}: output folder {folder} does not exist")
 
 
 def _default_file_mode() -> int:

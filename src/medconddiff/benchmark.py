@@ -207,6 +207,7 @@ def slab(volume: np.ndarray, count: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- measures
 
 def _sampling(steps: int, batch_size: int, **kwargs: Any):
+    """SamplingConfig with its defaults (adaptive steps) unless told; fixed-step rows pass adaptive=False."""
     from .config import SamplingConfig
 
     return SamplingConfig(steps=steps, batch_size=batch_size, **kwargs)
@@ -254,10 +255,10 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
         f"({options.warmup} warm-up + {options.repeats} rounds)")
     functions = network_parts(seg, batch, meta)
     for steps in steps_list:
-        sampling = _sampling(steps, batch_size)
+        sampling = _sampling(steps, batch_size, adaptive=False)
         functions[f"run_{steps}"] = lambda sampling=sampling: seg.segment(batch, sampling, meta=meta)
     functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size, meta=meta)
-    reextract = _sampling(ref, batch_size, reextract_features=True)
+    reextract = _sampling(ref, batch_size, reextract_features=True, adaptive=False)
     functions["reextract"] = lambda: seg.segment(batch, reextract, meta=meta)
     adaptive = _sampling(ref, batch_size, adaptive=True)
     steps_taken: list[float] = []
@@ -284,7 +285,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
     whole = slab(volume, options.volume_slices)
     log(f"[{bench.label}] whole volume of {options.volume_slices} slices at batch sizes "
         f"{', '.join(map(str, options.batch_sizes))}")
-    volume_runs = {b: (lambda sampling=_sampling(ref, b): seg.segment(whole, sampling, meta=meta))
+    volume_runs = {b: (lambda sampling=_sampling(ref, b, adaptive=False): seg.segment(whole, sampling, meta=meta))
                    for b in options.batch_sizes}
     volume_times = time_interleaved(volume_runs, device, options.repeats, options.warmup)
     for b in options.batch_sizes:
@@ -687,7 +688,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         lambda m: _fmt(1e3 * m["parts"]["encode_condition_s"] / m["parts"]["batch"], ".1f"))
     row("denoise pass, ms/slice", lambda m: _fmt(1e3 * m["parts"]["denoise_s"] / m["parts"]["batch"], ".2f"))
     for i, steps in enumerate(entry["steps"] for entry in models[0]["latency"]):
-        row(f"consensus sampling {steps} steps, ms/slice",
+        row(f"consensus, {steps} fixed steps, ms/slice",
             lambda m, i=i: _fmt(m["latency"][i]["ms_per_slice"], ".1f"))
     row("one-shot forward, ms/slice", lambda m: _fmt(m["one_shot"]["ms_per_slice"], ".1f"))
     row(f"{ref}-step / one-shot (target ≤ 3×)",

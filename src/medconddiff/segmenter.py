@@ -302,8 +302,9 @@ class SegmentationRun:
             image = self.scan.forward(indices, seg.device)
             for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape):
                 where = np.searchsorted(self.slice_indices, update.slice_indices)
-                result.trajectory[update.seed_index * sampling.steps + update.step_index, :, where] = \
-                    quantize(update.probabilities)
+                kept = result.trajectory[update.seed_index * sampling.steps + update.step_index]
+                for position, probabilities in zip(where, quantize(update.probabilities)):
+                    kept[:, position] = probabilities   # basic indexing: a plain copy (fancy indexing was 10× slower)
                 if update.seed_index == 0:
                     result.steps_used[where] = update.step_index + 1
                 yield update
@@ -323,6 +324,10 @@ class Segmenter:
         self.config = config
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        # On CPU, oneDNN's convolutions run 1.2–1.5× faster on channels-last tensors (benchmark: 384²
+        # slices, 2 threads); the model and its inputs are converted (the model in place).
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.schedule = NoiseSchedule(config.diffusion)
         self.preprocessor = ScanPreprocessor(config.plan)
         self.checkpoint_path: Optional[Path] = checkpoint.path if checkpoint else None
@@ -399,7 +404,7 @@ class Segmenter:
                        model_shape: Optional[tuple[int, int]] = None) -> Iterator[StepUpdate]:
         """Diffusion for a batch of model inputs (B, C_in, Hp, Wp); one StepUpdate per step and seed,
         its probabilities cropped to ``model_shape`` (h, w) (default: uncropped)."""
-        image = image.to(self.device)
+        image = image.to(self.device).contiguous(memory_format=self.memory_format)
         batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
         h, w = model_shape or (height, width)
         with self._autocast():
@@ -429,8 +434,10 @@ class Segmenter:
 
             keep = self._keep_fn(sampling, seed_index, steps_used, h, w) if sampling.adaptive else None
             for step in sample_progressive(denoise, scheduler, x_t, generators, keep):
+                # Contiguous (B, K, h, w) on the host: channels-last strides would slow every later copy.
+                probabilities = step.probabilities[..., :h, :w].contiguous().cpu().numpy()
                 yield StepUpdate(np.asarray(slice_indices)[step.active.numpy()], seed_index, step.index,
-                                 step.num_steps, sampling.num_seeds, step.probabilities[..., :h, :w].cpu().numpy())
+                                 step.num_steps, sampling.num_seeds, probabilities)
 
     @staticmethod
     def _keep_fn(sampling: SamplingConfig, seed_index: int, steps_used: torch.Tensor, h: int, w: int):
@@ -441,7 +448,7 @@ class Segmenter:
         state: dict[str, torch.Tensor] = {}
 
         def keep(step) -> torch.Tensor:
-            labels = step.probabilities[..., :h, :w].argmax(dim=1).cpu()
+            labels = torch.from_numpy(argmax_labels(step.probabilities[..., :h, :w].contiguous().cpu()))
             streak = state.get("streak", torch.zeros(len(step.active), dtype=torch.long))
             if "labels" in state:
                 streak = torch.where(converged(state["labels"], labels, sampling.convergence_change), streak + 1, 0)
@@ -457,7 +464,7 @@ class Segmenter:
         # One stream per slice, so a slice's result does not depend on which batch it landed in.
         noise = [initial_noise(self.model.state_shape(1, height, width), _stream_seed(seed, int(i)))[0]
                  for i in slice_indices]
-        return torch.cat(noise).to(self.device)
+        return torch.cat(noise).to(self.device).contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def one_shot(self, volume: np.ndarray, slices: Optional[Iterable[int]] = None, batch_size: int = 16, *,
@@ -474,8 +481,9 @@ class Segmenter:
         sampling = SamplingConfig(batch_size=batch_size)
         for positions in batches(indices, sampling, geometry):
             chunk = indices[positions]
-            image = scan.forward(chunk, self.device)
+            image = scan.forward(chunk, self.device).contiguous(memory_format=self.memory_format)
             x_t = torch.zeros(self.model.state_shape(len(chunk), *image.shape[-2:]), device=self.device)
+            x_t = x_t.contiguous(memory_format=self.memory_format)
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self._autocast():
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))

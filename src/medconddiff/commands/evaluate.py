@@ -142,13 +142,9 @@ def _cases(args: argparse.Namespace) -> tuple[list[EvalCase], Optional[tuple[str
 
 def _check_json_target(path: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be written before anything is computed."""
-    if path.is_dir():
-        raise IsADirectoryError(f"--json {path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"--json {path} already exists; pass --overwrite to replace it")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--json {path}: output folder {folder} does not exist")
+    from ..atomic import check_target
+
+    check_target(path, overwrite, "--json")
 
 
 def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> Iterator[tuple[EvalCase, dict]]:
