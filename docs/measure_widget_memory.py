@@ -4,7 +4,9 @@ Run under Xvfb:  xvfb-run -a .venv/bin/python docs/measure_widget_memory.py
 Opens a viewer (not shown), adds a synthetic CT-like 512×512×300 int16 scan (RAS, 0.7×0.7×1.5 mm)
 as the reader would, docks the widget through the manifest, clicks Segment with the bundled model,
 waits, and prints the process's peak RSS (ru_maxrss) before and after, plus the size of every result
-layer and of the controller's per-scan reference of what the engine wrote (used to find edits).
+layer and of the controller's per-scan reference of what the engine wrote (used to find edits), and
+the longest the GUI event loop went without serving a 50 ms heartbeat timer during the run (how
+long the UI was ever frozen).
 """
 
 import resource
@@ -42,12 +44,18 @@ def main() -> None:
     started = time.perf_counter()
     finished = []
     widget.run_finished.connect(finished.append)
+    beats = [time.perf_counter()]
+    heartbeat = QTimer()
+    heartbeat.timeout.connect(lambda: beats.append(time.perf_counter()))
+    heartbeat.start(50)
     QTest.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
     while not finished:
         QTimer.singleShot(100, loop.quit)
         loop.exec()
     seconds = time.perf_counter() - started
-    print(f"run: {finished[0]}")
+    heartbeat.stop()
+    gap = max(b - a for a, b in zip(beats, beats[1:]))
+    print(f"run: {finished[0]}; longest GUI event-loop gap during the run {gap * 1e3:.0f} ms")
     print(f"segment time {seconds:.1f} s; peak RSS before Segment {before:.2f} GB, after {peak_rss_gb():.2f} GB")
     for layer in viewer.layers:
         print(f"  layer {layer.name!r}: {layer.data.shape} {layer.data.dtype} {layer.data.nbytes / 1e9:.3f} GB")

@@ -76,6 +76,10 @@ KEEP, NEW_LAYER, REPLACE = "keep", "new", "replace"
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 # The x̂0 layer is redrawn at most this often while steps stream in (every step is still stored).
 STEP_REDRAW_INTERVAL_S = 0.1
+# Step-by-step status text and fine-tuning progress are shown at most this often (the last step always).
+# Every update repaints the window, and where OpenGL is software-rendered (remote desktops, VMs, Xvfb)
+# each repaint composites the whole canvas on the CPU: 10 updates a step took half a core from torch.
+STATUS_INTERVAL_S = 0.25
 # Canonical slices compared at once when looking for edits (bounds the temporary memory).
 COMPARE_CHUNK = 16
 
@@ -199,6 +203,7 @@ class FinetuneSettings:
     save_path: Path
     class_names: tuple[str, ...]
     slices: Optional[list[int]] = None   # None: the edited slices
+    scan_kind: str = "model"          # what the scan is: "model" (as the start model), "CT", "MRI", "other"
     steps: int = 200
     seed: int = 0
     device: str = "auto"
@@ -401,6 +406,7 @@ class _Pending:
     kept: set = field(default_factory=set)
     started: float = field(default_factory=time.perf_counter)
     last_redraw: float = 0.0
+    last_status: float = float("-inf")
     updating: bool = False            # the run updates layers that already held results
 
 
@@ -415,6 +421,7 @@ class _Finetune:
     total: int = 0
     loss: float = float("nan")
     log: list = field(default_factory=list)
+    last_shown: float = float("-inf")
 
 
 # ------------------------------------------------------------------------------------- controller
@@ -599,10 +606,15 @@ class SegmentationController:
         return ChannelLayer(name=layer.name, data=_base_level(layer), metadata=dict(layer.metadata),
                             scale=tuple(layer.scale), view_axes=self.view_axes(layer))
 
-    def segment(self, settings: SegmentSettings) -> bool:
-        """Start a segmentation (the Segment button); False when it could not start (and why is shown)."""
+    def _refused_while_busy(self) -> bool:
+        """One operation at a time: a second one is refused with a warning naming the first."""
         if self.busy:
             notify("warning", f"MedCondDiff: {self.operation} is in progress; wait or cancel it first")
+        return self.busy
+
+    def segment(self, settings: SegmentSettings) -> bool:
+        """Start a segmentation (the Segment button); False when it could not start (and why is shown)."""
+        if self._refused_while_busy():
             return False
         layer = settings.scan
         try:
@@ -654,7 +666,9 @@ class SegmentationController:
         self._update_classes(results, info.class_names)
         self._replace_steps_layer(results, info)
         self.progress.emit(0, len(slices))
-        notes = [PLAIN_LAYER_STATUS] if info.space.layer.plain else list(info.space.geometry.notes)
+        geometry_notes = info.space.geometry.notes
+        notes = [PLAIN_LAYER_STATUS] if info.space.layer.plain else list(geometry_notes)
+        notes += [note for note in info.run.geometry.notes if note not in geometry_notes]   # e.g. intensities
         self.status.emit(f"Segmenting {len(slices)} {info.space.geometry.slicing} slice(s) on {info.device}…"
                          + "".join(f" Note: {note}." for note in notes))
         self.diffusion_started.emit()
@@ -776,6 +790,9 @@ class SegmentationController:
                                           or step == info.total_steps - 1):
             results.layers["steps"].refresh()
             pending.last_redraw = now
+        if now - pending.last_status < STATUS_INTERVAL_S and step != info.total_steps - 1:
+            return
+        pending.last_status = now
         seeds = f" of seed {update.seed_index + 1}/{update.num_seeds}" if update.num_seeds > 1 else ""
         self.status.emit(f"Step {update.step_index + 1}/{update.num_steps}{seeds} for slices "
                          f"{slice_list_text(update.slice_indices)}")
@@ -1008,8 +1025,7 @@ class SegmentationController:
 
     def finetune(self, settings: FinetuneSettings) -> bool:
         """Fine-tune the selected model on corrected slices (the Fine-tune button)."""
-        if self.busy:
-            notify("warning", f"MedCondDiff: {self.operation} is in progress; wait or cancel it first")
+        if self._refused_while_busy():
             return False
         results = self.current
         try:
@@ -1038,7 +1054,8 @@ class SegmentationController:
             self.fail(error)
             return False
         job = FinetuneJob(start=settings.start, name=results.scan_name, image=image, meta=results.space.layer.meta,
-                          labels=labels, slices=tuple(slices), class_names=names, steps=settings.steps,
+                          labels=labels, slices=tuple(slices), class_names=names, scan_kind=settings.scan_kind,
+                          steps=settings.steps,
                           seed=settings.seed, device=settings.device, channels=channels)
         self._finetune = state = _Finetune(settings, results, slices, path, total=settings.steps)
         self._begin("fine-tuning")
@@ -1088,6 +1105,10 @@ class SegmentationController:
         if state is None:
             return
         state.done, state.total, state.loss = event.step, event.total_steps, float(event.losses["loss"])
+        now = time.perf_counter()
+        if now - state.last_shown < STATUS_INTERVAL_S and state.done != state.total:
+            return
+        state.last_shown = now
         self.progress.emit(state.done, state.total)
         self.finetune_step.emit(state.done, state.total, state.loss)
         self.status.emit(f"Fine-tuning: step {state.done}/{state.total}, loss {state.loss:.4f}")

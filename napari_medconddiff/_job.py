@@ -385,17 +385,22 @@ class FinetuneJob:
     seed: int
     device: str
     channels: tuple[np.ndarray, ...] = ()   # further channels (file order, the image's shape), stacked here
+    scan_kind: str = "model"        # medconddiff.finetune.SCAN_KINDS: what the scan is, if not the model's kind
 
 
 def prepare_finetune(job: FinetuneJob, log: Callable[[str], None]) -> Any:
     """Set fine-tuning up (worker thread: slices resampled, model built from the start checkpoint)
     through :func:`medconddiff.finetune.finetune`, the path the command line takes."""
     import_engine()
-    from medconddiff.finetune import LabelledScan, finetune
+    from medconddiff.checkpoint import load_checkpoint
+    from medconddiff.finetune import LabelledScan, channel_names_of_kind, finetune
 
+    start = load_checkpoint(job.start, allow_legacy=True)
+    channel_names = channel_names_of_kind(job.scan_kind, start.config.plan.channel_names)
     image = stack_channels(job.image, job.channels)     # the scan the model segmented, all its channels
-    return finetune(job.start, [LabelledScan(job.name, image, job.meta, job.labels, list(job.slices))],
-                    class_names=job.class_names, steps=job.steps, seed=job.seed, device=job.device, log=log)
+    return finetune(start, [LabelledScan(job.name, image, job.meta, job.labels, list(job.slices))],
+                    class_names=job.class_names, channel_names=channel_names, steps=job.steps, seed=job.seed,
+                    device=job.device, log=log)
 
 
 def iterate_finetune(run: Any) -> Iterator[Any]:

@@ -9,7 +9,10 @@ integers opens as a Labels layer; everything else opens as a grey-scale Image.
 A 4-D file with C > 1 volumes along its fourth axis (a multi-sequence MRI such as BraTS's FLAIR, T1,
 T1c, T2) opens as C layers named ``<file> c0``, ``<file> c1``, …, each one volume with the geometry
 of a 3-D file: they overlay exactly, each can be saved on its own as a 3-D file, and the widget's
-"More channels" row takes them as the channels of one scan.
+"More channels" row takes them as the channels of one scan. A file with more volumes than
+:data:`MAX_CHANNEL_LAYERS` is a series (fMRI, DCE, a 4-D CT): it opens as one layer with a volume
+slider in front, in the same radiological view; napari's Layers ▸ Split Stack makes 3-D layers of it
+that keep the file's geometry.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
-from ._layers import layer_name, volume_to_layer
+from ._layers import layer_name, stored_geometry, volume_to_layer
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
@@ -31,6 +34,9 @@ LABEL_NAME_HINTS = ("label", "seg", "mask")
 # A label map has few distinct values; an integer-valued CT named "*_seg*" has thousands.
 MAX_LABEL_VALUE = 65535
 MAX_DISTINCT_LABELS = 1024
+# More volumes than this in a 4-D file are a series, not the channels of one scan (multi-sequence
+# MRI has 2–4): one layer per volume would bury the layer list.
+MAX_CHANNEL_LAYERS = 8
 # Percentiles of the display window: robust against a few extreme (metal, air) voxels.
 CONTRAST_PERCENTILES = (1.0, 99.0)
 # Percentiles are estimated on at most this many voxels to keep opening big scans fast.
@@ -64,6 +70,8 @@ def read_layers(path: str | os.PathLike) -> list[LayerData]:
     count = array.shape[3]
     if count == 1:
         return [volume_layer(array[..., 0], meta, name, path)]
+    if count > MAX_CHANNEL_LAYERS:
+        return [series_layer(array, meta, name, path)]
     # Channel-major and contiguous: each layer then holds a plain (i, j, k) block, as a 3-D file's
     # does, instead of a view striding over the other channels (slow to slice and to render).
     channels = np.ascontiguousarray(np.moveaxis(array, 3, 0))
@@ -77,6 +85,21 @@ def read_layer(path: str | os.PathLike) -> LayerData:
     if len(layers) != 1:
         raise ValueError(f"{os.fspath(path)} holds {len(layers)} volumes; read it with read_layers")
     return layers[0]
+
+
+def series_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> LayerData:
+    """A file-ordered ``(i, j, k, T)`` series -> one Image layer ``(T, S, P, L)``: each volume in the
+    radiological view of a 3-D file (a view of the array), a volume slider in front."""
+    array, n_bad = sanitize_nonfinite(array)
+    if n_bad:
+        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=3)
+    _, kwargs = volume_to_layer(array[..., 0], meta)
+    to_layer = stored_geometry(kwargs["metadata"])[1]
+    data = np.moveaxis(to_layer.apply(array), 3, 0)
+    kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(array),
+                  scale=(1.0, *kwargs["scale"]), axis_labels=("volume", *kwargs["axis_labels"]))
+    kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
+    return data, kwargs, "image"
 
 
 def volume_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> LayerData:

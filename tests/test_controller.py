@@ -400,6 +400,34 @@ def test_segment_correct_finetune_resegment_export(liver_volume, tiny_checkpoint
     assert (np.asarray(nib.load(nifti).dataobj) == 3).any()
 
 
+def test_an_mri_is_flagged_for_a_ct_model_and_finetuned_with_its_own_intensity_scheme(liver_volume, tiny_checkpoint,
+                                                                                         tmp_path):
+    """An image with no voxel below 0 is no CT in HU: the status says so when the CT model runs on it,
+    and fine-tuning with "Scan is: MRI" trains and records a z-scored MRI model, which runs unflagged."""
+    ras = liver_volume[0]
+    mri = (ras - ras.min()) / (ras.max() - ras.min())          # intensities in [0, 1], as many MRI files hold
+    viewer, scan, controller = make(mri)
+    messages = []
+    controller.status.connect(messages.append)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    started = [m for m in messages if m.startswith("Segmenting")][-1]
+    assert "does not look like CT in Hounsfield units" in started and "Scan is" in started
+    paint(layer(viewer, "consensus"), 1, 1)
+    finished = []
+    controller.finetune_finished.connect(finished.append)
+    assert controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=tmp_path / "mri",
+                                                class_names=("background", "liver", "tumour"), scan_kind="MRI",
+                                                steps=1, device="cpu"))
+    assert finished == ["done"]
+    from medconddiff.checkpoint import load_checkpoint
+
+    plan = load_checkpoint(tmp_path / "mri.safetensors").config.plan
+    assert plan.channel_names == ("MRI",) and plan.intensity == ("zscore",)
+    messages.clear()
+    assert segment(controller, scan, tmp_path / "mri.safetensors") == "done"
+    assert not any("Hounsfield" in m for m in messages)
+
+
 def test_cancelling_finetuning_keeps_the_weights_and_offers_to_save(liver_volume, tiny_checkpoint, tmp_path):
     answers = Answers(save=True)
     viewer, scan, controller = make(liver_volume[0], questions=answers)

@@ -9,7 +9,7 @@ import torch
 
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
-from medconddiff.finetune import LabelledScan, finetune
+from medconddiff.finetune import SCAN_KINDS, LabelledScan, channel_names_of_kind, finetune
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
 
@@ -97,3 +97,42 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     assert out.read_bytes() == b"the user's file"
     assert main([*args[:4], "2-1", *args[5:-1], str(tmp_path / "x.safetensors")]) == 2
     assert "'10, 12, 20-24'" in capsys.readouterr().err
+
+
+def test_naming_the_scan_kind_switches_a_ct_model_to_the_kind_s_intensity_scheme(tmp_path, tiny_checkpoint,
+                                                                                 liver_volume, capsys):
+    """A CT model fine-tuned on an MRI must not clip it to a HU window: named as MRI, the scan is
+    z-scored and the checkpoint records that; unnamed, the start model's CT scheme is kept."""
+    image, labels = lesion_scan(liver_volume)
+    mri = (image - image.min()).astype(np.float32)
+    scans = [LabelledScan("t1", mri, META, labels, slices=[2])]
+    quiet = dict(class_names=("background", "lesion"), steps=1, device="cpu", log=lambda message: None)
+    assert finetune(tiny_checkpoint, scans, **quiet).config.plan.intensity == ("ct_window",)
+    run = finetune(tiny_checkpoint, scans, channel_names=("T1",), **quiet)
+    assert run.config.plan.channel_names == ("T1",) and run.config.plan.intensity == ("zscore",)
+    list(run)
+    assert load_checkpoint(run.save(tmp_path / "t1.safetensors")).config.plan.intensity == ("zscore",)
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(mri, affine), str(tmp_path / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "labels.nii.gz"))
+    args = ["finetune", str(tmp_path / "t1.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices", "2",
+            "--init", str(tiny_checkpoint), "--class-names", "background", "lesion", "--channel-names", "T1",
+            "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "cli.safetensors")]
+    assert main(args) == 0
+    assert load_checkpoint(tmp_path / "cli.safetensors").config.plan.channel_names == ("T1",)
+    assert "intensity scheme zscore from the data" in capsys.readouterr().out
+    # Two channels named for a one-channel scan: one clear line, nothing written.
+    two = args[:args.index("T1") + 1] + ["T2"] + args[args.index("T1") + 1:-1] + [str(tmp_path / "two.safetensors")]
+    assert main(two) == 2
+    assert "channel" in capsys.readouterr().err and not (tmp_path / "two.safetensors").exists()
+
+
+def test_scan_kinds_become_channel_names_the_plan_understands():
+    assert SCAN_KINDS == ("model", "CT", "MRI", "other")
+    assert channel_names_of_kind("model", ("CT",)) is None
+    assert channel_names_of_kind("MRI", ("CT",)) == ("MRI",)
+    assert channel_names_of_kind("CT", ("FLAIR", "T1")) == ("CT 1", "CT 2")
+    assert channel_names_of_kind("other", ("CT",)) == ("image",)
+    with pytest.raises(ValueError, match="scan kind must be one of"):
+        channel_names_of_kind("PET", ("CT",))

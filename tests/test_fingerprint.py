@@ -262,6 +262,9 @@ def test_plan_command_prints_the_summary_and_writes_json(ct_dataset, tmp_path, c
     plan = dataclass_from_dict(PreprocessPlan, written["plan"])
     assert plan.window == tuple(np.array(written["fingerprint"]["channels"][0]["foreground_percentiles"])[[0, 2]])
     assert f"window          {plan.window[0]:.6g} {plan.window[1]:.6g}" in printed
+    # Settings the plan's schemes do not read are left out of the summary (they stay in the JSON).
+    assert "percentiles" not in printed.split("\nplan\n")[1] and "context_mm" not in printed
+    assert written["plan"]["percentiles"] == [0.5, 99.5]
 
 
 def test_plan_command_refuses_an_existing_json_unless_told(ct_dataset, tmp_path, capsys):

@@ -187,6 +187,30 @@ def test_a_4d_file_opens_as_one_layer_per_channel_and_each_saves_as_its_own_3d_f
     np.testing.assert_array_equal(data, volumes[..., 0].transpose(2, 1, 0))
 
 
+def test_a_long_4d_series_is_one_layer_with_a_volume_slider_that_splits_into_scans(tmp_path):
+    """Twenty volumes are a series (fMRI, DCE), not twenty channels: one layer, each volume shown as a
+    3-D file is; napari's Split Stack gives 3-D layers that keep the file's geometry and can be written."""
+    from napari.layers import Image
+    from napari.layers.utils.stack_utils import stack_to_images
+
+    rng = np.random.default_rng(6)
+    series = rng.normal(size=(4, 5, 6, 20)).astype(np.float32)          # stored LPS, anisotropic
+    path = _write_nifti(tmp_path / "bold.nii.gz", series)
+    (single,) = read_nifti(str(_write_nifti(tmp_path / "vol7.nii.gz", series[..., 7])))
+    ((data, kwargs, layer_type),) = read_nifti(str(path))
+    assert layer_type == "image" and kwargs["name"] == "bold" and data.shape == (20, 6, 5, 4)
+    np.testing.assert_array_equal(data[7], single[0])
+    assert kwargs["scale"] == (1.0, *single[1]["scale"]) and kwargs["axis_labels"][0] == "volume"
+    assert data.base is not None                                            # a view, not a copy
+
+    (volume_7,) = stack_to_images(Image(data, **kwargs), axis=0)[7:8]
+    assert volume_7.ndim == 3
+    (written_path,) = write_image(str(tmp_path / "bold_7.nii.gz"), volume_7.data, {"metadata": volume_7.metadata})
+    written = nib.load(written_path)
+    np.testing.assert_array_equal(written.get_fdata(), series[..., 7])
+    np.testing.assert_allclose(written.affine, ANISOTROPIC_AFFINE)
+
+
 # ----------------------------------------------------------------------------- writer
 
 

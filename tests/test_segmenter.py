@@ -312,3 +312,30 @@ def test_adaptive_steps_stop_converged_slices_and_fuse_only_the_steps_taken(segm
                               slices=[position], meta=META)
     assert alone.steps_used[0] == used[position]
     np.testing.assert_array_equal(alone.slice_view(alone.labels)[position], adaptive.slice_view(adaptive.labels)[position])
+
+
+def test_an_image_that_is_no_ct_in_hounsfield_units_is_flagged_for_a_ct_window(liver_volume, tmp_path, capsys):
+    """A CT window flattens an MRI (intensities ≥ 0): the run's notes say so, through the API and the CLI;
+    a CT (air and fat below 0 HU) and a z-scored plan are not flagged."""
+    import nibabel as nib
+
+    from medconddiff.cli import main
+    from medconddiff.config import PreprocessPlan
+    from medconddiff.preprocess import ScanPreprocessor
+
+    ct = liver_volume[0]
+    mri = ct - ct.min()
+    assert ct.min() < 0
+    ct_plan = PreprocessPlan()
+    assert ct_plan.intensity == ("ct_window",)
+    flagged = ScanPreprocessor(ct_plan).prepare(mri, meta_1mm()).geometry.notes
+    assert any("does not look like CT in Hounsfield units" in note for note in flagged)
+    assert not any("Hounsfield" in n for n in ScanPreprocessor(ct_plan).prepare(ct, meta_1mm()).geometry.notes)
+    mri_plan = PreprocessPlan(channel_names=("T1",), intensity=("zscore",))
+    assert not any("Hounsfield" in n for n in ScanPreprocessor(mri_plan).prepare(mri, meta_1mm()).geometry.notes)
+
+    nib.save(nib.Nifti1Image(mri, np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    checkpoint = save_tiny(tmp_path / "tiny.safetensors")
+    assert main(["segment", str(tmp_path / "t1.nii.gz"), "-o", str(tmp_path / "seg.nii.gz"), "--checkpoint",
+                 str(checkpoint), "--steps", "1", "--device", "cpu", "--quiet"]) == 0
+    assert "t1: note: channel 0 (CT) has no voxel below 0" in capsys.readouterr().err

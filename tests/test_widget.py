@@ -45,7 +45,10 @@ from tests.conftest import meta_1mm
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
 RUN_TIMEOUT_MS = 60_000
-HEARTBEAT_STEPS = 20     # long enough a run (about a second on CPU) to measure the GUI's responsiveness
+HEARTBEAT_STEPS = 20     # 20 step updates for the GUI thread to draw while the worker runs
+# The tiny model denoises faster than a real one; each of its steps is made to last at least this long
+# (in the worker thread), so that the run is long enough to measure the GUI's responsiveness on any machine.
+HEARTBEAT_STEP_SECONDS = 0.03
 # A real scanner affine: LPS (flipped in-plane axes), 0.6 × 0.7 mm pixels, 4 mm slices, an origin far from 0.
 AFFINE = np.array([[-0.6, 0.0, 0.0, 90.0], [0.0, -0.7, 0.0, 110.0], [0.0, 0.0, 4.0, -50.0], [0.0, 0.0, 0.0, 1.0]])
 
@@ -173,7 +176,17 @@ def gate_after_first_batch(monkeypatch):
 
 
 def test_segment_adds_aligned_layers_and_keeps_the_gui_responsive(make_napari_viewer, qtbot, scan, tiny_checkpoint,
-                                                                   notifications):
+                                                                   notifications, monkeypatch):
+    from medconddiff.segmenter import Segmenter
+
+    real_denoise_slices = Segmenter.denoise_slices
+
+    def steps_of_a_real_model(self, *args, **kwargs):
+        for update in real_denoise_slices(self, *args, **kwargs):
+            time.sleep(HEARTBEAT_STEP_SECONDS)
+            yield update
+
+    monkeypatch.setattr(Segmenter, "denoise_slices", steps_of_a_real_model)
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
     assert layer.axis_labels == ("I→S", "A→P", "R→L") and layer.data.shape == (6, 64, 64)
     layer.translate = (8.0, -5.0, 3.0)          # a user-moved layer: results must follow it
@@ -430,8 +443,15 @@ def test_a_2d_image_is_one_slice(make_napari_viewer, qtbot, liver_volume, tiny_c
 def test_more_channels_feed_a_multichannel_model(make_napari_viewer, qtbot, scan, two_channel_checkpoint,
                                                  tiny_checkpoint, notifications):
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    # One CT and a one-channel model: no empty More channels box; a layer to tick, or a model that needs one, shows it.
+    assert widget.channels_list.isHidden() and widget.channels_label.isHidden()
+    choose(widget, two_channel_checkpoint, steps=2)
+    assert not widget.channels_list.isHidden() and widget.channels_list.count() == 0
+    choose(widget, tiny_checkpoint, steps=2)
+    assert widget.channels_list.isHidden()
     data, kwargs = scan
     negative = viewer.add_image(-np.array(data), name="negative", **{**kwargs, "metadata": dict(kwargs["metadata"])})
+    assert not widget.channels_list.isHidden() and not widget.channels_label.isHidden()
     choose(widget, two_channel_checkpoint, steps=2)
     # What the model expects is said before any run: in the model status and on the list.
     expected = "This model takes 2 channels: FLAIR, T1. The Image is FLAIR; tick T1 under More channels, in this order."
@@ -486,6 +506,10 @@ def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, 
     assert [table.item(r, 1).text() for r in range(table.rowCount())] == ["background", "liver", "tumour", "class_3"]
     table.item(3, 1).setText("lesion")            # the user names the new class
     widget.ft_steps_spin.setValue(2)
+    kinds = widget.ft_kind_combo
+    assert [kinds.itemData(i) for i in range(kinds.count())] == ["model", "CT", "MRI", "other"]
+    assert kinds.currentText() == "as the model (CT)"
+    kinds.setCurrentIndex(kinds.findData("other"))     # "Scan is: other": z-scored, not clipped to HU
     before = consensus.data.copy()
 
     chosen = tmp_path / "liver_finetuned.safetensors"
@@ -498,6 +522,10 @@ def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, 
     # The model is saved where the user chose, added to the model menu under its name, and selected.
     assert chosen.is_file() and widget.model_combo.currentText() == "liver_finetuned"
     assert widget.model_combo.currentData() == str(chosen)
+    from medconddiff.checkpoint import load_checkpoint
+
+    assert load_checkpoint(chosen).config.plan.intensity == ("zscore",)
+    assert kinds.itemText(0) == "as the model (image)"   # the selected model is now the fine-tuned one
     # The other slices were re-segmented with it; the corrected slices are as the user left them.
     runs = widget.controller.current.runs
     assert runs[-1].slice_indices.tolist() == [0, 3, 4, 5] and runs[-1].provenance["checkpoint"] == str(chosen)
@@ -752,10 +780,12 @@ def test_adaptive_steps_show_each_stopped_slice_at_its_last_step(make_napari_vie
     viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
     choose(widget, tiny_checkpoint, steps=8)
     widget.adaptive_check.setChecked(True)
+    widget.precision_combo.setCurrentText("bf16")    # the user asks for bf16 arithmetic on the CPU
     assert click_segment(qtbot, widget) == "done"
     (results,) = widget.controller.results.values()
     run = results.runs[-1]
     assert run.sampling.adaptive and (run.steps_used < 8).any() and run.steps_used.min() >= 3
+    assert run.sampling.precision == "bf16" and run.provenance["arithmetic"] == "bf16"
     steps = next(candidate for candidate in viewer.layers if "x̂0" in candidate.name)
     assert "adaptive" in steps.name and f"of 8 steps, mean {run.steps_used.mean():.1f}" in steps.name
     # A 1 mm RAS scan is shown (S, P, L): the x̂0 stack's second axis is the canonical slice.

@@ -67,6 +67,7 @@ class BenchmarkOptions:
     big_volume: Optional[str] = None                   # a NIfTI to use as the big volume (default: synthetic)
     big_volume_adaptive: bool = True                   # sample the big volume with adaptive steps
     finetune_steps: int = 200                          # fine-tuning speed: steps on 3 slices (0 = skip)
+    precision: str = "auto"                            # SamplingConfig.precision of every measurement
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchmarkOptions":
@@ -98,6 +99,10 @@ class BenchmarkOptions:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if self.finetune_steps < 0:
             raise ValueError(f"finetune_steps must be 0 or more, got {self.finetune_steps}")
+        from .config import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -213,7 +218,8 @@ def _sampling(steps: int, batch_size: int, **kwargs: Any):
     return SamplingConfig(steps=steps, batch_size=batch_size, **kwargs)
 
 
-def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any) -> dict[str, Callable[[], None]]:
+def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any, precision: str = "auto"
+                  ) -> dict[str, Callable[[], None]]:
     """One encode_condition pass and one denoise pass over a batch: what sampling cannot avoid."""
     import torch
 
@@ -224,17 +230,17 @@ def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any) -> dict[s
     x_t = torch.randn(model.state_shape(batch, height, width), generator=torch.Generator().manual_seed(0))
     x_t = x_t.to(seg.device)
     t = torch.full((batch,), seg.schedule.num_train_timesteps // 2, device=seg.device, dtype=torch.long)
-    with torch.inference_mode(), seg._autocast():  # exactly as Segmenter.denoise_slices runs them
+    with torch.inference_mode(), seg.autocast(precision):  # exactly as Segmenter.denoise_slices runs them
         condition = model.encode_condition(image)
 
     @torch.inference_mode()
     def encode() -> None:
-        with seg._autocast():
+        with seg.autocast(precision):
             model.encode_condition(image)
 
     @torch.inference_mode()
     def denoise() -> None:
-        with seg._autocast():
+        with seg.autocast(precision):
             model.denoise(x_t, t, condition)
 
     return {"encode_condition": encode, "denoise": denoise}
@@ -253,14 +259,15 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
     log(f"[{bench.label}] batch of {batch_size} slices: network parts, consensus sampling at "
         f"{', '.join(map(str, steps_list))} steps, one-shot, re-extracted features "
         f"({options.warmup} warm-up + {options.repeats} rounds)")
-    functions = network_parts(seg, batch, meta)
+    precision = options.precision
+    functions = network_parts(seg, batch, meta, precision)
     for steps in steps_list:
-        sampling = _sampling(steps, batch_size, adaptive=False)
+        sampling = _sampling(steps, batch_size, adaptive=False, precision=precision)
         functions[f"run_{steps}"] = lambda sampling=sampling: seg.segment(batch, sampling, meta=meta)
-    functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size, meta=meta)
-    reextract = _sampling(ref, batch_size, reextract_features=True, adaptive=False)
+    functions["one_shot"] = lambda: seg.one_shot(batch, batch_size=batch_size, meta=meta, precision=precision)
+    reextract = _sampling(ref, batch_size, reextract_features=True, adaptive=False, precision=precision)
     functions["reextract"] = lambda: seg.segment(batch, reextract, meta=meta)
-    adaptive = _sampling(ref, batch_size, adaptive=True)
+    adaptive = _sampling(ref, batch_size, adaptive=True, precision=precision)
     steps_taken: list[float] = []
     functions["adaptive"] = lambda: steps_taken.append(float(seg.segment(batch, adaptive, meta=meta).steps_used.mean()))
     times = time_interleaved(functions, device, options.repeats, options.warmup)
@@ -285,7 +292,8 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
     whole = slab(volume, options.volume_slices)
     log(f"[{bench.label}] whole volume of {options.volume_slices} slices at batch sizes "
         f"{', '.join(map(str, options.batch_sizes))}")
-    volume_runs = {b: (lambda sampling=_sampling(ref, b, adaptive=False): seg.segment(whole, sampling, meta=meta))
+    volume_runs = {b: (lambda sampling=_sampling(ref, b, adaptive=False, precision=precision):
+                       seg.segment(whole, sampling, meta=meta))
                    for b in options.batch_sizes}
     volume_times = time_interleaved(volume_runs, device, options.repeats, options.warmup)
     for b in options.batch_sizes:
@@ -339,7 +347,8 @@ def measure_end_to_end(segmenter: Any, options: BenchmarkOptions) -> dict:
     loaded = time.perf_counter()
     depth = segmenter.preprocessor.geometry(volume.shape, meta).n_slices
     slices = None if options.sample_slices is None else range(min(options.sample_slices, depth))
-    result = segmenter.segment(volume, _sampling(options.reference_steps, _default_batch_size()), slices, meta=meta)
+    sampling = _sampling(options.reference_steps, _default_batch_size(), precision=options.precision)
+    result = segmenter.segment(volume, sampling, slices, meta=meta)
     synchronize(segmenter.device)
     done = time.perf_counter()
     return {"shape": list(volume.shape), "slices": int(len(result.slice_indices)), "steps": options.reference_steps,
@@ -486,7 +495,7 @@ class _Profile:
 
 
 def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, threads: Optional[int],
-                 adaptive: bool = True, path: Optional[str] = None) -> dict:
+                 adaptive: bool = True, path: Optional[str] = None, precision: str = "auto") -> dict:
     """Segment the big volume keeping the trajectory, with a time profile; run in a fresh process."""
     import torch
 
@@ -498,7 +507,7 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
     cuda = segmenter.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(segmenter.device)
-    sampling = _sampling(steps, _default_batch_size(), adaptive=adaptive)
+    sampling = _sampling(steps, _default_batch_size(), adaptive=adaptive, precision=precision)
     start = time.perf_counter()
     with _Profile(segmenter.model, segmenter.device) as profile:
         result = segmenter.segment(volume, sampling, meta=meta)
@@ -535,15 +544,16 @@ def memory_probe_main(argv: Optional[Sequence[str]] = None) -> int:
     """Subprocess entry: one JSON argument in, one JSON line out."""
     request = json.loads((argv if argv is not None else sys.argv[1:])[0])
     report = memory_probe(request["spec"], request["device"], request["shape"], request["steps"],
-                          request.get("threads"), request.get("adaptive", True), request.get("path"))
+                          request.get("threads"), request.get("adaptive", True), request.get("path"),
+                          request.get("precision", "auto"))
     print(json.dumps(report))
     return 0
 
 
 def run_memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, threads: Optional[int],
-                     adaptive: bool = True, path: Optional[str] = None) -> dict:
+                     adaptive: bool = True, path: Optional[str] = None, precision: str = "auto") -> dict:
     request = json.dumps({"spec": spec, "device": device, "shape": list(shape), "steps": steps, "threads": threads,
-                          "adaptive": adaptive, "path": path})
+                          "adaptive": adaptive, "path": path, "precision": precision})
     code = "import sys; from medconddiff.benchmark import memory_probe_main; sys.exit(memory_probe_main())"
     completed = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True)
     if completed.returncode != 0:
@@ -640,7 +650,8 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
                 f"in a fresh process")
             report["memory"] = run_memory_probe(bench.spec, str(device), options.big_volume_shape,
                                                 options.reference_steps, torch.get_num_threads(),
-                                                options.big_volume_adaptive, options.big_volume)
+                                                options.big_volume_adaptive, options.big_volume,
+                                                options.precision)
         report["targets"] = evaluate_targets(report, device.type)
         models.append(report)
         del bench
@@ -741,7 +752,8 @@ def format_report(report: dict) -> str:
         f"medconddiff benchmark on {env['device']} ({env['device_name']}), torch {env['torch']}, "
         f"{env['torch_threads']} torch threads, {env['cpu_count']} CPUs ({env['cpus_usable']} usable), "
         f"load average {_fmt((env.get('load_average') or [None])[0], '.2f')} → "
-        f"{_fmt((env.get('load_average_after') or [None])[0], '.2f')}",
+        f"{_fmt((env.get('load_average_after') or [None])[0], '.2f')}, "
+        f"precision {report['options'].get('precision', 'auto')}",
     ]
     for m in report["models"]:
         lines.append(f"  {m['label']}: {m['source']}")

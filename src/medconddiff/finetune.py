@@ -126,10 +126,33 @@ class FinetuneRun:
         return Segmenter(model, self.config, device=device or self.trainer.device)
 
 
-def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None, steps: int = 300,
+#: What a scan's channels are, as the widget offers it: the start model's kind, or a named kind whose
+#: intensity scheme the plan takes (CT: the HU window; anything else: per-scan z-scores).
+SCAN_KINDS = ("model", "CT", "MRI", "other")
+
+
+def channel_names_of_kind(kind: str, start_channels: Sequence[str]) -> Optional[tuple[str, ...]]:
+    """Channel names that say a scan's ``kind`` (one of :data:`SCAN_KINDS`) for a model whose channels
+    are ``start_channels``; None for "model" (keep the start model's channels and scheme)."""
+    if kind not in SCAN_KINDS:
+        raise ValueError(f"scan kind must be one of {', '.join(SCAN_KINDS)}, not {kind!r}")
+    if kind == "model":
+        return None
+    label = "image" if kind == "other" else kind
+    count = len(start_channels)
+    return (label,) if count == 1 else tuple(f"{label} {i + 1}" for i in range(count))
+
+
+def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None,
+                    channel_names: Optional[Sequence[str]] = None, steps: int = 300,
                     seed: int = 0, augment: bool = True, batch_size: Optional[int] = None,
                     lr: Optional[float] = None, log: Callable[[str], None] = print) -> ExperimentConfig:
-    """The start checkpoint's architecture and plan, the new class list, and a short schedule."""
+    """The start checkpoint's architecture and plan, the new class list, and a short schedule.
+
+    ``channel_names`` say what the scan's channels are when they are not what the start model took
+    (e.g. ``("T1",)`` for a CT model): a channel of another kind than the start model's (CT or not)
+    gets the intensity scheme of its kind (CT: the HU window; others: per-scan z-scores).
+    """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     train = {**FINETUNE_DEFAULTS, "epochs": 1, "iterations_per_epoch": int(steps), "train_seed": int(seed),
@@ -140,19 +163,22 @@ def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] =
         train["lr"] = float(lr)
     train["warmup_steps"] = min(train["warmup_steps"], max(1, steps // 5))
     return training_config(flags={"train": train}, start=start, class_names=class_names,
-                           dataset_label="the class names given", log=log)
+                           channel_names=channel_names, dataset_label="the class and channel names given", log=log)
 
 
 def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan], *,
-             class_names: Optional[Sequence[str]] = None, steps: int = 300, seed: int = 0, augment: bool = True,
+             class_names: Optional[Sequence[str]] = None, channel_names: Optional[Sequence[str]] = None,
+             steps: int = 300, seed: int = 0, augment: bool = True,
              batch_size: Optional[int] = None, lr: Optional[float] = None, device: str = "auto",
              log: Callable[[str], None] = print) -> FinetuneRun:
     """A fine-tuning run from ``start`` (a checkpoint, its path, or a bundled name; None = default).
 
     ``class_names`` (background first) default to the start checkpoint's; label values beyond them
-    need names. Nothing is trained until the run is iterated.
+    need names. ``channel_names`` default to the start checkpoint's; name them when the scan is of
+    another kind (an MRI for a CT model: see :func:`finetune_config`). Nothing is trained until the
+    run is iterated.
     """
     checkpoint = start if isinstance(start, Checkpoint) else load_checkpoint(start, allow_legacy=True)
-    config = finetune_config(checkpoint, class_names=class_names, steps=steps, seed=seed, augment=augment,
-                             batch_size=batch_size, lr=lr, log=log)
+    config = finetune_config(checkpoint, class_names=class_names, channel_names=channel_names, steps=steps,
+                             seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log)
     return FinetuneRun(checkpoint, config, scans, device=device, log=log)

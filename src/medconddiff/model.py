@@ -53,7 +53,7 @@ class MedCondDiff(DiffusionSegmentationModel):
 
     def class_dependent_prefixes(self) -> tuple[str, ...]:
         # The mask stem reads K channels and the head writes K logits; everything else is class-free.
-        return ("denoiser.stem.", "denoiser.head.")
+        return ("denoiser.stem.weight", "denoiser.head.2.")
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Training forward: x̂_0 logits for a batch of noisy masks and their images."""

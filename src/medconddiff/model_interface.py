@@ -96,7 +96,7 @@ class DiffusionSegmentationModel(nn.Module, abc.ABC):
         return {}
 
     def class_dependent_prefixes(self) -> tuple[str, ...]:
-        """State-dict key prefixes whose shapes depend on the class list (re-initialised on a new one)."""
+        """State-dict key prefixes that depend on the class list: re-initialised on a new one."""
         return ()
 
     def parameter_counts(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ Arrays here: volumes in file order ``(i, j, k)`` or ``(i, j, k, C)`` with channe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -126,6 +127,23 @@ def channel_intensity(channel: np.ndarray, scheme: str, plan: PreprocessPlan) ->
     body = body if body.size >= 16 else sample
     mean, std = float(body.mean()), float(body.std())
     return ChannelIntensity(low, high, mean, std if std > 1e-6 else 1.0)
+
+
+def looks_like_hounsfield(channel: np.ndarray) -> bool:
+    """Whether a channel can be CT in Hounsfield units: some voxel below 0 HU (fat, lung, air).
+
+    Any CT field of view that holds more than one organ has them; MRI, PET and CT stored without
+    its rescale intercept have none, and a fixed HU window would flatten them into a few grey levels.
+    """
+    return bool(channel.min() < 0)
+
+
+def hounsfield_note(plan: PreprocessPlan, channels: Sequence[int]) -> str:
+    names = ", ".join(f"{c} ({plan.channel_names[c]})" for c in channels)
+    low, high = (f"{v:g}" for v in plan.window)
+    return (f"channel {names} has no voxel below 0, so it does not look like CT in Hounsfield units, "
+            f"yet the model applies its CT window [{low}, {high}] HU; to fine-tune on MRI or other images, say "
+            "what the scan is (napari: Fine-tune, Scan is; command line: finetune --channel-names)")
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,10 @@ class ScanPreprocessor:
         geometry = self.geometry(volume.shape[:3], meta)
         intensities = tuple(channel_intensity(volume[..., c], self.plan.scheme_of(c), self.plan)
                             for c in range(volume.shape[3]))
+        unlike_ct = [c for c in range(volume.shape[3])
+                     if self.plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
+        if unlike_ct:
+            geometry = dataclasses.replace(geometry, notes=geometry.notes + (hounsfield_note(self.plan, unlike_ct),))
         return PreparedScan(self.plan, geometry, volume, intensities)
 
 

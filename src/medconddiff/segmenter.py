@@ -356,9 +356,16 @@ class Segmenter:
     def plan(self):
         return self.config.plan
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    def arithmetic(self, precision: str = "auto") -> str:
+        """'bf16' or 'fp32': what ``precision`` (SamplingConfig.precision) means on this device."""
+        if precision == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        return precision
+
+    def autocast(self, precision: str = "auto") -> contextlib.AbstractContextManager:
+        """The autocast context the network runs in under ``precision``."""
+        if self.arithmetic(precision) == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def provenance(self, sampling: SamplingConfig, scan: Optional[PreparedScan] = None) -> dict:
@@ -371,6 +378,7 @@ class Segmenter:
             "diffusion": dataclasses.asdict(self.config.diffusion),
             "sampling": dataclasses.asdict(sampling),
             "device": str(self.device),
+            "arithmetic": self.arithmetic(sampling.precision),
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
@@ -407,7 +415,7 @@ class Segmenter:
         image = image.to(self.device).contiguous(memory_format=self.memory_format)
         batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
         h, w = model_shape or (height, width)
-        with self._autocast():
+        with self.autocast(sampling.precision):
             condition = self.model.encode_condition(image)
         steps_used = torch.full((batch,), sampling.steps, dtype=torch.long)   # set by the first seed
         for seed_index in range(sampling.num_seeds):
@@ -426,7 +434,7 @@ class Segmenter:
                     subsets.clear()
                     subsets[key] = condition if len(key) == batch else [c[active.to(c.device)] for c in condition]
                 cond = subsets[key]
-                with self._autocast():
+                with self.autocast(sampling.precision):
                     if sampling.reextract_features:  # the reference code's behaviour, for benchmarks
                         cond = self.model.encode_condition(image[active.to(image.device)])
                     x0, probs = self.model.denoise(x, t, cond)
@@ -468,7 +476,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def one_shot(self, volume: np.ndarray, slices: Optional[Iterable[int]] = None, batch_size: int = 16, *,
-                 meta: Optional[VolumeMeta] = None) -> np.ndarray:
+                 meta: Optional[VolumeMeta] = None, precision: str = "auto") -> np.ndarray:
         """Deterministic single forward (x_T = 0 at the last timestep): the no-diffusion baseline.
 
         Returns labels in the input's voxel order."""
@@ -478,14 +486,14 @@ class Segmenter:
         labels_sf = geometry.slice_view(labels)
         indices = np.arange(geometry.n_slices) if slices is None else np.asarray(list(slices))
         last = self.schedule.num_train_timesteps - 1
-        sampling = SamplingConfig(batch_size=batch_size)
+        sampling = SamplingConfig(batch_size=batch_size, precision=precision)
         for positions in batches(indices, sampling, geometry):
             chunk = indices[positions]
             image = scan.forward(chunk, self.device).contiguous(memory_format=self.memory_format)
             x_t = torch.zeros(self.model.state_shape(len(chunk), *image.shape[-2:]), device=self.device)
             x_t = x_t.contiguous(memory_format=self.memory_format)
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
-            with self._autocast():
+            with self.autocast(precision):
                 _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
             chunk_labels = scan_labels(geometry.crop(probs.float()).cpu(), geometry)
             labels_sf[chunk] = self.model.postprocess(chunk_labels, model_pixel_area(geometry))

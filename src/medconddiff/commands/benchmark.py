@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-slices", type=int, metavar="N",
                         help="end-to-end run on the first N slices of the bundled sample only (default: all)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="network arithmetic of every measurement (default: auto = bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -62,7 +64,7 @@ def options_from_args(args: argparse.Namespace):
 
     overrides = {}
     for name in ("reference_steps", "latency_batch", "volume_slices", "repeats", "warmup", "sample_slices",
-                 "threads", "big_volume", "finetune_steps"):
+                 "threads", "big_volume", "finetune_steps", "precision"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -2,13 +2,16 @@
 
   medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40-42 -o scan_finetuned.safetensors
   medconddiff finetune scan.nii.gz labels.nii.gz --slices labelled --init lsegdiff-liver --class-names background lesion
+  medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 --class-names background "grey matter" "white matter" -o t1.safetensors
 
 Starts from --init (default: the bundled default model) with its architecture and preprocessing
 plan; trains --steps optimizer steps (seeded, augmentation on) on the given canonical slices (along
 the model's slicing direction; 'labelled' = every slice with a non-zero label); saves a checkpoint
 that records what it was fine-tuned from and on which slices. Label values beyond the start model's
 classes need names (--class-names, background first); a different class list re-initialises only
-the class-dependent layers. Ctrl-C stops after the current step and still saves.
+the class-dependent layers. A scan of another kind than the start model's (an MRI for the bundled
+CT model) needs its channels named (--channel-names T1): its intensities are then z-scored per scan
+instead of clipped to the CT window. Ctrl-C stops after the current step and still saves.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
                         "model's)")
+    parser.add_argument("--channel-names", nargs="+", help="what the scan's channels are when not what the start "
+                        "model took, e.g. T1 for an MRI and a CT model: a channel of another kind (CT or not) "
+                        "gets its kind's intensity scheme (CT: the HU window; others: per-scan z-scores)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, crops and augmentation (default: 0)")
     parser.add_argument("--batch-size", type=int, help="crops per step (default: 4)")
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.output}: the checkpoint name must end with .safetensors")
     start = load_checkpoint(args.init, allow_legacy=True)
     files = [args.image, *args.channel_file]
-    if start.config.plan.num_channels == 1 and len(files) == 1:
+    channels = len(args.channel_names) if args.channel_names else start.config.plan.num_channels
+    if channels == 1 and len(files) == 1:
         image, meta = load_volume(args.image)
     else:
         image, meta = load_channels(files)
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--slices names no valid slice: {args.slices!r}")
     name = args.image.name.split(".")[0]
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
-                    steps=args.steps, seed=args.seed, augment=not args.no_augment, batch_size=args.batch_size,
+                    channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment, batch_size=args.batch_size,
                     lr=args.lr, device=args.device)
     print(f"fine-tuning on {len(slices)} slice(s) of {name}: {', '.join(map(str, slices))}")
     started = time.perf_counter()

@@ -100,7 +100,17 @@ def _print_summary(description: DatasetDescription, class_names: Sequence[str], 
     for name in class_names:
         print(f"  {name:<16}{fingerprint.class_voxels[name]:>14,}   {fingerprint.class_slice_fraction[name]:.3f}")
     print("\nplan")
+    schemes = {plan.scheme_of(c) for c in range(plan.num_channels)}
+    unused = set()   # settings no channel's scheme reads: printing them would only confuse
+    if "ct_window" not in schemes:
+        unused.add("window")
+    if not schemes & {"percentile", "zscore"}:
+        unused.add("percentiles")
+    if plan.context_slices == 0:
+        unused.add("context_mm")
     for field in dataclasses.fields(plan):
+        if field.name in unused:
+            continue
         value = getattr(plan, field.name)
         values = value if isinstance(value, tuple) else (value,)
         print(f"  {field.name:<16}{' '.join(f'{v:.6g}' if isinstance(v, float) else str(v) for v in values)}")
