@@ -650,14 +650,7 @@ class SegmentationController:
         pending.info = info
         results = self._results_for(pending, info)
         slices = info.slice_indices
-        edited = results.edited_slices() if results.consensus is not None else []
-        clash = sorted(set(edited) & set(int(s) for s in slices))
-        choice = KEEP
-        if clash:
-            choice = self.questions.edits(f"Segmenting slice(s) {slice_list_text(slices)}", clash)
-        if choice == NEW_LAYER:
-            self._fork_consensus(results)
-        pending.policy = REPLACE if choice == REPLACE else KEEP
+        pending.policy = self._ask_about_edits(results, f"Segmenting slice(s) {slice_list_text(slices)}", slices)
         pending.results = results
         pending.updating = bool(results.runs)
         results.channels = [ChannelInput(layer.name, layer, space)
@@ -888,6 +881,15 @@ class SegmentationController:
         if results is self.current:
             self.edits_changed.emit(tuple(sorted(results.edited)))
 
+    def _ask_about_edits(self, results: ResultSet, action: str, slices: Sequence[int]) -> str:
+        """How ``action`` may write ``slices``: KEEP or REPLACE. The user is asked when some of them hold
+        their edits; "new layer" puts the edited layer aside first, then writes like KEEP."""
+        clash = sorted(set(results.edited_slices()) & {int(s) for s in slices})
+        choice = self.questions.edits(action, clash) if clash else KEEP
+        if choice == NEW_LAYER:
+            self._fork_consensus(results)
+        return REPLACE if choice == REPLACE else KEEP
+
     def edited_slices(self) -> list[int]:
         """Edited canonical slices of the current result (compared afresh)."""
         return self.current.edited_slices() if self.current is not None else []
@@ -908,13 +910,8 @@ class SegmentationController:
             notify("warning", f"MedCondDiff: skip-first must be below the run's {steps} steps")
             return
         self._wanted_consensus = None
-        edited = sorted(set(results.edited_slices()) & set(int(s) for s in results.shown_slices))
-        choice = KEEP
-        if edited:
-            choice = self.questions.edits(f"Re-fusing with the {CONSENSUS_NAMES[method]} consensus", edited)
-        if choice == NEW_LAYER:
-            self._fork_consensus(results)
-        self._refuse_policy = REPLACE if choice == REPLACE else KEEP
+        self._refuse_policy = self._ask_about_edits(
+            results, f"Re-fusing with the {CONSENSUS_NAMES[method]} consensus", results.shown_slices)
         self._refusing = results
         self._begin("fusing")
         self.status.emit(f"Re-fusing with the {CONSENSUS_NAMES[method]} consensus, skipping {skip_first} step(s)…")

@@ -25,7 +25,7 @@ import numpy as np
 
 from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
-from ._layers import layer_name, stored_geometry, volume_to_layer
+from ._layers import display_reorientation, layer_name, volume_to_layer
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
@@ -90,11 +90,9 @@ def read_layer(path: str | os.PathLike) -> LayerData:
 def series_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> LayerData:
     """A file-ordered ``(i, j, k, T)`` series -> one Image layer ``(T, S, P, L)``: each volume in the
     radiological view of a 3-D file (a view of the array), a volume slider in front."""
-    array, n_bad = sanitize_nonfinite(array)
-    if n_bad:
-        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=3)
+    array, n_bad = _finite(array, path)
     _, kwargs = volume_to_layer(array[..., 0], meta)
-    to_layer = stored_geometry(kwargs["metadata"])[1]
+    to_layer, _ = display_reorientation(meta)      # the view volume_to_layer gave each volume
     data = np.moveaxis(to_layer.apply(array), 3, 0)
     kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(array),
                   scale=(1.0, *kwargs["scale"]), axis_labels=("volume", *kwargs["axis_labels"]))
@@ -109,14 +107,20 @@ def volume_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> L
         labels = array.astype(smallest_label_dtype(int(array.max())))
         data, kwargs = volume_to_layer(labels, meta)
         return data, {**kwargs, "name": name}, "labels"
-    array, n_bad = sanitize_nonfinite(array)
-    if n_bad:
-        # napari's contrast and rendering break on NaN; say what was changed instead of failing.
-        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=3)
+    array, n_bad = _finite(array, path)
     data, kwargs = volume_to_layer(array, meta)
     kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
     kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(array))
     return data, kwargs, "image"
+
+
+def _finite(array: np.ndarray, path: str) -> tuple[np.ndarray, int]:
+    """``array`` with NaN/Inf replaced, and how many were: napari's contrast and rendering break on
+    NaN, so the reader says what it changed instead of failing."""
+    array, n_bad = sanitize_nonfinite(array)
+    if n_bad:
+        warnings.warn(f"{path}: {n_bad} NaN/Inf voxels replaced by the smallest finite value", stacklevel=4)
+    return array, n_bad
 
 
 def contrast_limits(array: np.ndarray) -> tuple[float, float]:

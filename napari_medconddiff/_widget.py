@@ -688,12 +688,11 @@ class SegmentWidget(QWidget):
         count = self.channels_list.count()
         row = self.channels_list.sizeHintForRow(0) if count else self.channels_list.fontMetrics().height() + 4
         self.channels_list.setFixedHeight(max(1, min(count, CHANNEL_ROWS)) * row + 2 * self.channels_list.frameWidth())
-        self._show_channels_row()
+        self._show_channels_row(self._model_channel_names())
 
-    def _show_channels_row(self) -> None:
-        """More channels is shown when there is a layer to tick or the model needs one: a user with one
-        CT open sees no empty box; a multi-channel model's user sees where the channels go."""
-        names = self._model_channel_names()
+    def _show_channels_row(self, names: Optional[tuple[str, ...]]) -> None:
+        """More channels is shown when there is a layer to tick or the model (taking ``names``) needs one:
+        a user with one CT open sees no empty box; a multi-channel model's user sees where the channels go."""
         visible = self.channels_list.count() > 0 or (names is not None and len(names) > 1)
         self.channels_label.setVisible(visible)
         self.channels_list.setVisible(visible)
@@ -757,7 +756,7 @@ class SegmentWidget(QWidget):
         self.model_status.setStyleSheet("color: #e07050;" if warn else "")
         self.channels_list.setToolTip(tip)
         self.ft_kind_combo.setItemText(0, "as the model" + (f" ({', '.join(names)})" if names else ""))
-        self._show_channels_row()
+        self._show_channels_row(names)
 
     def _model_channel_names(self) -> Optional[tuple[str, ...]]:
         """The chosen model's channels, from its checkpoint's config (no torch); None if not known yet."""

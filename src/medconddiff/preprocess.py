@@ -300,7 +300,8 @@ class ScanPreprocessor:
         unlike_ct = [c for c in range(volume.shape[3])
                      if self.plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
         if unlike_ct:
-            geometry = dataclasses.replace(geometry, notes=geometry.notes + (hounsfield_note(self.plan, unlike_ct),))
+            note = hounsfield_note(self.plan, unlike_ct)
+            geometry = dataclasses.replace(geometry, notes=geometry.notes + (note,))
         return PreparedScan(self.plan, geometry, volume, intensities)
 
 

@@ -14,6 +14,7 @@ grey ↔ RGB).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -71,9 +72,7 @@ def _summary(layers: list[str]) -> str:
     """Layer names grouped by their first part when there are many (e.g. a whole VAE)."""
     if len(layers) <= 4:
         return ", ".join(layers)
-    groups: dict[str, int] = {}
-    for layer in layers:
-        groups[layer.split(".", 1)[0]] = groups.get(layer.split(".", 1)[0], 0) + 1
+    groups = Counter(layer.split(".", 1)[0] for layer in layers)
     return ", ".join(f"{name} ({count} layers)" if count > 1 else name for name, count in groups.items())
 
 

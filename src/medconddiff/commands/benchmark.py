@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", action="extend", nargs="+", metavar="PATH",
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-slices", type=int, metavar="N",
                         help="end-to-end run on the first N slices of the bundled sample only (default: all)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="network arithmetic of every measurement (default: auto = bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -2,7 +2,8 @@
 
   medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40-42 -o scan_finetuned.safetensors
   medconddiff finetune scan.nii.gz labels.nii.gz --slices labelled --init lsegdiff-liver --class-names background lesion
-  medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 --class-names background "grey matter" "white matter" -o t1.safetensors
+  medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 \
+      --class-names background "grey matter" "white matter" -o t1.safetensors
 
 Starts from --init (default: the bundled default model) with its architecture and preprocessing
 plan; trains --steps optimizer steps (seeded, augmentation on) on the given canonical slices (along
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--slices names no valid slice: {args.slices!r}")
     name = args.image.name.split(".")[0]
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
-                    channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment, batch_size=args.batch_size,
+                    channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
+                    batch_size=args.batch_size,
                     lr=args.lr, device=args.device)
     print(f"fine-tuning on {len(slices)} slice(s) of {name}: {', '.join(map(str, slices))}")
     started = time.perf_counter()
