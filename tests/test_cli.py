@@ -224,3 +224,209 @@ def test_flags_come_from_the_dataclasses(capsys):
         assert flag in text
     with pytest.raises(SystemExit):
         main(["segment", "--consensus", "median"])
+
+
+# ----------------------------------------------------------------------------- one slice syntax
+
+def test_segment_slices_written_inclusive_or_half_open_give_identical_output(scan, tmp_path, tiny_checkpoint, capsys):
+    """`--slices 1-3` (inclusive) and `--slices 1:4` (half-open) are the same three slices."""
+    outputs = {}
+    for name, slices in (("dash", "1-3"), ("colon", "1:4"), ("list", "1, 2:4")):
+        out = tmp_path / f"{name}.nii.gz"
+        assert segment(scan, "-o", out, "--checkpoint", tiny_checkpoint, "--slices", slices,
+                       "--save-uncertainty") == 0, capsys.readouterr().err
+        sidecar = json.loads((tmp_path / f"{name}.json").read_text())
+        outputs[name] = (np.asarray(nib.load(str(out)).dataobj),
+                         np.asarray(nib.load(str(tmp_path / f"{name}_uncertainty.nii.gz")).dataobj),
+                         sidecar["slices"])
+    for name in ("colon", "list"):
+        np.testing.assert_array_equal(outputs[name][0], outputs["dash"][0])
+        np.testing.assert_array_equal(outputs[name][1], outputs["dash"][1])
+        assert outputs[name][2] == outputs["dash"][2] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("slices, message", [
+    ("4-6", "slice(s) 6 are outside the 6 slices of scan (0 to 5)"),
+    ("2:9", "outside the 6 slices"),
+    ("3-1", "is empty"),
+    ("-2", "negative indices are not accepted"),
+])
+def test_bad_slice_lists_are_one_line_naming_the_flag(scan, tmp_path, tiny_checkpoint, capsys, slices, message):
+    out = tmp_path / "seg.nii.gz"
+    assert segment(scan, "-o", out, "--checkpoint", tiny_checkpoint, f"--slices={slices}") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--slices" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- user errors vs bugs
+
+def _bug(*args, **kwargs):
+    raise ValueError("bug")
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(scan, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from medconddiff.segmenter import Segmenter
+
+    monkeypatch.setattr(Segmenter, "run", _bug)
+    assert segment(scan, "-o", tmp_path / "seg.nii.gz", "--checkpoint", tiny_checkpoint) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: bug" in err
+    assert "internal error" in err.splitlines()[-1]
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_user_errors_stay_one_line_with_exit_2(scan, tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "seg.nii.gz"
+    for flags, message in ((["--device", "gpu"], "--device 'gpu' is not a device"),
+                           (["--steps", "0"], "steps must be at least 1"),
+                           (["-o", tmp_path / "seg.txt"], "must end with .nii or .nii.gz")):
+        # Not through segment(): its own --device cpu would come last and win.
+        assert main(["segment", str(scan), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--quiet",
+                     "--steps", "2", *map(str, flags)]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "seg.txt").exists()
+
+
+def test_in_a_cohort_a_bug_is_reported_with_its_traceback_and_the_others_go_on(scan, tmp_path, tiny_checkpoint,
+                                                                               capsys, monkeypatch):
+    from medconddiff.segmenter import Segmenter
+
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.nii.gz").write_bytes(scan.read_bytes())
+    real_run = Segmenter.run
+    calls = []
+
+    def run_with_a_bug_on_the_second_scan(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("shape bug deep inside")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "run", run_with_a_bug_on_the_second_scan)
+    assert segment(folder, "-o", tmp_path / "results", "--checkpoint", tiny_checkpoint, "--slices", "0:1") == 1
+    captured = capsys.readouterr()
+    assert "Traceback (most recent call last)" in captured.err and "ValueError: shape bug deep inside" in captured.err
+    failures = [line for line in captured.err.splitlines() if "FAILED" in line]
+    assert len(failures) == 1 and failures[0].startswith("b: FAILED: internal error")
+    assert "2 done, 0 skipped, 1 failed of 3" in captured.out
+    assert sorted(p.name for p in (tmp_path / "results").glob("*.nii.gz")) == ["a_seg.nii.gz", "c_seg.nii.gz"]
+
+
+@pytest.fixture
+def pairs_dataset(tmp_path, liver_volume):
+    image, labels = liver_volume
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for name in ("case1", "case2"):
+        nib.save(nib.Nifti1Image(image.astype(np.int16), np.eye(4)), str(folder / f"{name}_image.nii.gz"))
+        nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.eye(4)), str(folder / f"{name}_label.nii.gz"))
+    return folder
+
+
+def test_evaluate_reports_a_bug_with_its_traceback_and_a_user_error_in_one_line(pairs_dataset, tiny_checkpoint,
+                                                                               capsys, monkeypatch):
+    import medconddiff.evaluation
+
+    base = ["evaluate", str(pairs_dataset), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--steps", "2"]
+    assert main([*base, "--slices", "0:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "case1" in err and "outside the 6 slices" in err, err
+    monkeypatch.setattr(medconddiff.evaluation, "evaluate_volume", _bug)
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: bug" in err
+
+
+def test_the_cli_error_type_is_the_project_s_user_error():
+    from medconddiff.cli import UserError, user_error_types as cli_user_error_types
+    from medconddiff.errors import UserInputError, user_error_types
+
+    assert UserError is UserInputError and cli_user_error_types is user_error_types
+    assert ValueError not in user_error_types() and RuntimeError not in user_error_types()
+
+
+def test_benchmark_settings_are_user_errors(capsys):
+    assert main(["benchmark", "--quick", "--repeats", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "repeats must be at least 1" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("build", [
+    lambda: __import__("medconddiff.config", fromlist=["x"]).SamplingConfig(steps=0),
+    lambda: __import__("medconddiff.config", fromlist=["x"]).PreprocessPlan(slicing="oblique"),
+    lambda: __import__("medconddiff.config", fromlist=["x"]).ModelConfig(family="voxel"),
+    lambda: __import__("medconddiff.config", fromlist=["x"]).DiffusionConfig(schedule="cubic"),
+    lambda: __import__("medconddiff.config", fromlist=["x"]).TrainConfig(patch_size=30),
+    lambda: __import__("medconddiff.config", fromlist=["x"]).dataclass_from_dict(
+        __import__("medconddiff.config", fromlist=["x"]).SamplingConfig, {"stepz": 3}),
+    lambda: __import__("medconddiff.finetune", fromlist=["x"]).channel_names_of_kind("PET", ("CT",)),
+    lambda: __import__("medconddiff.training_data", fromlist=["x"]).TrainingData.from_sources(None, []),
+])
+def test_settings_a_user_can_get_wrong_raise_a_config_error(build):
+    from medconddiff.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        build()
+
+
+# ----------------------------------------------------------------------------- import structure
+
+COMMAND_MODULES = ("segment", "train", "finetune", "evaluate", "benchmark", "plan", "common")
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_each_command_module_imports_alone_without_the_cli_or_another_command(name):
+    """`commands/*` share helpers through commands/common.py only: no module (even inside a function)
+    imports medconddiff.cli, which loads the commands, or another command module."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medconddiff.commands
+
+    source = Path(medconddiff.commands.__file__).parent / f"{name}.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = ["medconddiff", "commands"][: 2 - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            imported.add(module)
+            imported.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    allowed = {"medconddiff.commands.common", f"medconddiff.commands.{name}"}
+    forbidden = {m for m in imported if m == "medconddiff.cli"
+                 or (m.startswith("medconddiff.commands.") and m.split(".")[2] in COMMAND_MODULES
+                     and ".".join(m.split(".")[:3]) not in allowed)}
+    assert not forbidden, f"commands/{name}.py imports {sorted(forbidden)}"
+
+    check = (f"import sys, medconddiff.commands.{name} as m; m.add_arguments if {name!r} != 'common' else None; "
+             "print(sorted(k for k in sys.modules if k == 'medconddiff.cli' or (k.startswith('medconddiff.commands.') "
+             f"and k not in ('medconddiff.commands.common', 'medconddiff.commands.{name}'))))")
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"importing commands/{name}.py loads {loaded}"
+
+
+def test_train_reads_slice_lists_like_every_other_command(tmp_path, liver_volume, capsys):
+    image, labels = liver_volume
+    nib.save(nib.Nifti1Image(image.astype(np.int16), np.eye(4)), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.eye(4)), str(tmp_path / "lbl.nii.gz"))
+    tiny = ["--pair", str(tmp_path / "img.nii.gz"), str(tmp_path / "lbl.nii.gz"), "--backbone", "pvt_v2_b0",
+            "--denoiser-channels", "16", "--stem-channels", "8", "--time-embed-dim", "32", "--num-train-timesteps",
+            "100", "--epochs", "1", "--iterations-per-epoch", "1", "--train-batch-size", "2", "--patch-size", "32",
+            "--val-every", "0", "--device", "cpu"]
+    for flags, message in ((["--train-slices", "0:2,,x"], "--train-slices '0:2,,x': cannot read 'x'"),
+                           (["--val-slices", "4-9"],
+                            "--val-slices '4-9': slice(s) 6–9 are outside the 6 slices of img"),
+                           (["--train-slices", "0-9"], "outside the 6 slices of img")):
+        assert main(["train", *tiny, "-o", str(tmp_path / "bad"), *flags]) == 2, flags
+        assert not (tmp_path / "bad").exists()
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert main(["train", *tiny, "-o", str(tmp_path / "run"), "--train-slices", "0-1, 4:6"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["provenance"]["train_slices"] == "0-1, 4:6"

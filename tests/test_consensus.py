@@ -117,3 +117,17 @@ def test_quantize_keeps_the_arg_max_of_a_random_field():
     np.testing.assert_array_equal(quantize(np.moveaxis(probs, 1, -1), class_axis=-1), np.moveaxis(q, 1, -1))
     probs64 = probs.astype(np.float64)
     assert np.array_equal(first_argmax(quantize(probs64), axis=1), first_argmax(probs64, axis=1))
+
+
+def test_normalised_entropy_is_shannon_entropy_over_log_k_without_renormalising():
+    """Quantised steps need not sum to 1: their entropy is taken as they are (scipy's entr per class)."""
+    rng = np.random.default_rng(1)
+    probs = rng.random((3, 5, 7)).astype(np.float32)
+    probs /= probs.sum(axis=0, keepdims=True)
+    clipped = np.clip(probs, 1e-8, 1.0)
+    expected = -(clipped * np.log(clipped)).sum(axis=0) / np.log(3)
+    np.testing.assert_allclose(normalised_entropy(probs), expected, rtol=0, atol=3e-7)
+    assert normalised_entropy(np.full((4, 2), 0.25, np.float32)) == pytest.approx(1.0, abs=1e-6)
+    assert normalised_entropy(np.array([1.0, 0.0], np.float32)) < 1e-6
+    unnormalised = np.array([0.5, 0.4], np.float32)            # as a quantised step may be
+    assert normalised_entropy(unnormalised) == pytest.approx(-(0.5 * np.log(0.5) + 0.4 * np.log(0.4)) / np.log(2))

@@ -269,9 +269,21 @@ def test_nnunet_region_based_labels_are_refused(tmp_path):
         describe_dataset(root)
 
 
-def test_nnunet_ignore_label_is_refused(tmp_path):
+def test_nnunet_ignore_label_is_read_apart_from_the_classes(tmp_path):
     root = make_nnunet(tmp_path / "ds", labels={"background": 0, "liver": 1, "ignore": 2})
-    with pytest.raises(DatasetError, match="'ignore' label .*not supported"):
+    description = describe_dataset(root)
+    assert description.class_names == ("background", "liver")
+    assert description.ignore_label == 2
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"background": 0, "liver": 1, "ignore": 1}, r"'ignore' label's id 1 is also class 'liver'"),
+    ({"background": 0, "liver": 1, "tumour": 2, "ignore": 0}, r"'ignore' label's id 0 is also class"),
+    ({"background": 0, "liver": 1, "ignore": "2"}, r"'ignore' label must have one whole-number id"),
+])
+def test_nnunet_ignore_label_that_collides_or_is_not_a_number(tmp_path, labels, message):
+    root = make_nnunet(tmp_path / "ds", labels=labels)
+    with pytest.raises(DatasetError, match=r"dataset\.json: (the )?" + message):
         describe_dataset(root)
 
 

@@ -136,3 +136,43 @@ def test_scan_kinds_become_channel_names_the_plan_understands():
     assert channel_names_of_kind("other", ("CT",)) == ("image",)
     with pytest.raises(ValueError, match="scan kind must be one of"):
         channel_names_of_kind("PET", ("CT",))
+
+
+def test_a_ct_model_on_a_scan_that_is_not_in_hounsfield_units_needs_channel_names(tmp_path, tiny_checkpoint,
+                                                                                  liver_volume, capsys):
+    """An MRI (no voxel below 0) given to a CT model without --channel-names is refused, naming the flag,
+    instead of being clipped to the CT window; a real CT (HU) goes on as before."""
+    from medconddiff.finetune import channels_not_in_hounsfield
+
+    image, labels = lesion_scan(liver_volume)
+    mri = (image - image.min()).astype(np.float32)
+    start = load_checkpoint(tiny_checkpoint)
+    assert channels_not_in_hounsfield(start.config.plan, mri) == [0]
+    assert channels_not_in_hounsfield(start.config.plan, image) == []
+    for name, data in (("t1", mri), ("ct", image)):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "labels.nii.gz"))
+
+    def args(scan: str, out: str) -> list[str]:
+        return ["finetune", str(tmp_path / scan), str(tmp_path / "labels.nii.gz"), "--slices", "2", "--init",
+                str(tiny_checkpoint), "--class-names", "background", "lesion", "--steps", "1", "--device", "cpu",
+                "--quiet", "-o", str(tmp_path / out)]
+
+    assert main(args("t1.nii.gz", "t1.safetensors")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--channel-names MRI" in err and "no voxel below 0" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "t1.safetensors").exists()
+    assert main(args("ct.nii.gz", "ct.safetensors")) == 0
+    assert load_checkpoint(tmp_path / "ct.safetensors").config.plan.intensity == ("ct_window",)
+
+
+def test_finetune_slices_are_checked_against_the_scan(tmp_path, tiny_checkpoint, liver_volume, capsys):
+    image, labels = lesion_scan(liver_volume)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "labels.nii.gz"))
+    args = ["finetune", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices", "4:9",
+            "--init", str(tiny_checkpoint), "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "x.safetensors")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--slices '4:9'" in err and "outside the 6 slices of scan.nii.gz" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()

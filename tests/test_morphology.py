@@ -96,3 +96,13 @@ def test_helpers():
     labels = np.array([[1, 0, 2]], np.uint8)
     assert np.array_equal(fill_from_nearest(labels, np.array([[False, True, True]])), [[1, 1, 1]])
     assert np.array_equal(fill_from_nearest(labels, np.ones((1, 3), bool)), [[0, 0, 0]])
+
+
+def test_disk_is_every_pixel_within_the_radius():
+    """scikit-image's disk, as the hand-written one was: bool, centre distance ≤ radius."""
+    for radius in range(0, 8):
+        grid = np.arange(-radius, radius + 1)
+        expected = grid[:, None] ** 2 + grid[None, :] ** 2 <= radius ** 2
+        footprint = disk(radius)
+        assert footprint.dtype == bool
+        np.testing.assert_array_equal(footprint, expected)

@@ -491,3 +491,89 @@ def test_an_array_from_nowhere_is_written_without_an_orientation(tmp_path):
     written = nib.load(str(save_volume(tmp_path / "plain.nii.gz", np.zeros((3, 3, 3), np.uint8), meta)))
     assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 0
     np.testing.assert_allclose(written.header.get_zooms(), (0.5, 0.5, 2.0))
+
+
+# ----------------------------------------------------------------------------- form matrices and memory
+
+
+def _two_form_source(path, sform, qform, qform_code=1, sform_code=2):
+    """A file whose qform and sform differ (as a scanner export with a registration sform has)."""
+    image = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), None)
+    image.set_qform(qform, code=qform_code)
+    image.set_sform(sform, code=sform_code)
+    nib.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("sform", [
+    OBLIQUE_AFFINE,                                                        # another rotation than the qform's
+    np.array([[0.9, 0.3, 0.0, -10.0], [0.0, 0.8, 0.0, 5.0], [0.0, 0.0, 3.0, 2.0], [0, 0, 0, 1.0]]),  # sheared
+])
+def test_written_labels_keep_the_source_qform_and_sform(tmp_path, sform):
+    """Labels written with the scan's meta carry the scan's own qform and sform: codes and matrices.
+
+    A qform cannot hold a shear and may differ from the sform; rewriting both from one affine changed it."""
+    qform = np.diag([-0.8, 0.7, 2.5, 1.0])
+    qform[:3, 3] = (100.0, -20.0, 7.5)
+    source = _two_form_source(tmp_path / "scan.nii.gz", sform, qform)
+    scan = nib.load(str(source))
+    image, meta = load_volume(source)
+    written = nib.load(str(save_volume(tmp_path / "labels.nii.gz", (image > 50).astype(np.uint8), meta)))
+    for kind in ("qform", "sform"):
+        matrix, code = getattr(written, f"get_{kind}")(coded=True)
+        expected, expected_code = getattr(scan, f"get_{kind}")(coded=True)
+        assert code == expected_code
+        np.testing.assert_allclose(matrix, expected, atol=1e-6, err_msg=kind)
+    # The same through the JSON form of the meta (how the napari layers keep it).
+    again = VolumeMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
+    rewritten = nib.load(str(save_volume(tmp_path / "again.nii.gz", (image > 50).astype(np.uint8), again)))
+    np.testing.assert_allclose(rewritten.get_qform(), scan.get_qform(), atol=1e-5)
+    np.testing.assert_allclose(rewritten.get_sform(), scan.get_sform(), atol=1e-6)
+
+
+def test_a_meta_with_a_new_affine_is_written_with_that_affine(tmp_path):
+    """Keeping the source's forms applies only while the meta still has the source's affine."""
+    source = _two_form_source(tmp_path / "scan.nii.gz", OBLIQUE_AFFINE, np.diag([0.8, 0.7, 2.5, 1.0]))
+    image, meta = load_volume(source)
+    meta.affine, meta.spacing = np.diag([-2.0, 2.0, 2.0, 1.0]), (2.0, 2.0, 2.0)
+    written = nib.load(str(save_volume(tmp_path / "moved.nii.gz", image, meta)))
+    np.testing.assert_allclose(written.get_sform(), meta.affine)
+    np.testing.assert_allclose(written.get_qform(), meta.affine)
+
+
+def test_running_out_of_memory_while_reading_is_not_reported_as_a_bad_file(tmp_path, ramp, monkeypatch):
+    """A valid scan that does not fit in memory raises MemoryError naming the file, not a one-line
+    VolumeReadError saying the header is wrong (which a cohort would skip and carry on after)."""
+    path = _write_nifti(tmp_path / "big_but_valid.nii.gz", ramp)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", out_of_memory)
+    with pytest.raises(MemoryError, match=r"big_but_valid\.nii\.gz.*\(5, 6, 7\)") as info:
+        load_volume(path)
+    assert not isinstance(info.value, VolumeReadError)
+
+
+def test_a_header_describing_more_data_than_the_file_can_hold_is_a_read_error(tmp_path):
+    """A gzip stream expands at most ~1032-fold: a 2 GB image in a tiny file is a broken header."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 512))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    path = tmp_path / "impossible.nii.gz"
+    import gzip
+
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
+    with pytest.raises(VolumeReadError, match=r"impossible\.nii\.gz: header describes .*\(1024, 1024, 512\)"):
+        load_volume(path)
+
+
+def test_spacing_falls_back_to_the_affine_where_pixdim_is_unusable(tmp_path, ramp):
+    path = _write_nifti(tmp_path / "nozooms.nii", ramp, affine=OBLIQUE_AFFINE, qform_code=0, sform_code=1)
+    image = nib.load(str(path))
+    image.header["pixdim"][1:4] = np.nan     # (zeros nibabel itself replaces by 1 on reading)
+    nib.save(image, str(path))
+    _, meta = load_volume(path)
+    np.testing.assert_allclose(meta.spacing, np.sqrt((OBLIQUE_AFFINE[:3, :3] ** 2).sum(axis=0)), rtol=1e-6)

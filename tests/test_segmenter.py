@@ -8,6 +8,7 @@ import torch
 
 from medconddiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medconddiff.config import SamplingConfig
+from medconddiff.errors import SliceSpecError
 from medconddiff.families import build_model
 from medconddiff.geometry import GeometryWarning
 from medconddiff.nifti import VolumeMeta
@@ -178,6 +179,21 @@ def test_a_scan_without_a_usable_affine_is_processed_in_voxel_order_with_a_warni
 def test_one_shot_is_deterministic(segmenter, liver_volume):
     image, _ = liver_volume
     np.testing.assert_array_equal(segmenter.one_shot(image, meta=META), segmenter.one_shot(image, meta=META))
+
+
+@pytest.mark.parametrize("slices", [[-1], [2, 6], [1.5]])
+def test_one_shot_and_run_refuse_slices_outside_the_scan_naming_index_and_range(segmenter, liver_volume, slices):
+    """A negative index would otherwise count from the end and write into another slice."""
+    image, _ = liver_volume
+    bad = {-1: "-1", 6: "6", 1.5: "1.5"}[slices[-1]]
+    for call in (lambda: segmenter.one_shot(image, slices=slices, meta=META),
+                 lambda: segmenter.run(image, slices=slices, meta=META)):
+        with pytest.raises(SliceSpecError, match=rf"slice {bad}\b.*\[0, 6\)"):
+            call()
+    with pytest.raises(SliceSpecError, match="no slices"):
+        segmenter.one_shot(image, slices=[], meta=META)
+    labels = segmenter.one_shot(image, slices=[5], meta=META)
+    assert labels[..., :5].max() == 0
 
 
 def test_sampling_settings_the_model_cannot_run_are_refused(segmenter, liver_volume):

@@ -205,3 +205,44 @@ def test_init_default_with_a_new_class_list_keeps_the_body_and_reinitialises_the
     assert main(["train", str(data), "--init", "default", "-o", str(tmp_path / "x"), *flags,
                  "--backbone", "pvt_v2_b1"]) == 2
     assert "contradicts the start checkpoint" in capsys.readouterr().err
+
+
+def _warmup_then_cosine(step, total, lr, warmup):
+    """The schedule as it was written by hand before torch's schedulers replaced it."""
+    import math
+
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@pytest.mark.parametrize("lr, warmup, total", [(3e-4, 20, 100), (1e-4, 50, 2000), (1e-3, 0, 300), (3e-3, 1, 2),
+                                               (2e-4, 50, 10)])
+def test_learning_rate_schedule_is_the_linear_warmup_then_cosine_it_always_was(lr, warmup, total):
+    """torch's LinearLR + CosineAnnealingLR give the rates of the former formula, in a run step by step
+    (what Trainer does), at single steps (lr_at), after the end (the floor) and in a resumed run."""
+    from types import SimpleNamespace
+
+    from medconddiff.train import follow_lr_schedule, lr_at, lr_schedule
+
+    config = SimpleNamespace(lr=lr, warmup_steps=warmup)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = lr_schedule(optimizer, total, config)
+    for step in range(total + 3):
+        follow_lr_schedule(schedule, step, total, config)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(_warmup_then_cosine(step, total, lr, warmup), rel=1e-12)
+    for step in sorted({0, warmup // 2, max(0, warmup - 1), warmup, (warmup + total) // 2, total - 1, total + 5}):
+        assert lr_at(step, total, config) == pytest.approx(_warmup_then_cosine(step, total, lr, warmup), rel=1e-12)
+
+
+def test_a_resumed_trainer_continues_the_learning_rate_where_it_stopped(tmp_path, liver_case):
+    config = tiny_config()
+    config.train.warmup_steps = 3
+    config.train.epochs = 3
+    train_set = TrainingSlices([liver_case], config.plan, config.train.patch_size)
+    trainer = Trainer(config, train_set, tmp_path, device="cpu")
+    trainer.step = 4          # as resume() leaves it
+    trainer._follow_lr_schedule(total_steps=6)
+    expected = _warmup_then_cosine(4, 6, config.train.lr, 3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)

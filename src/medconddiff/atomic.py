@@ -6,10 +6,13 @@ file is only ever replaced when the caller said so.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
@@ -33,6 +36,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (numpy scalars/arrays and Paths converted), atomically.
+
+    Same rules as :func:`atomic_write`: ``FileExistsError`` unless ``overwrite``; no partial file
+    on failure. Returns the written path.
+    """
+    path = Path(path)
+    # Serialise first so an unserialisable object fails before anything touches the disk.
+    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    atomic_write(path, write, overwrite=overwrite, suffix=".json")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def check_target(path: str | os.PathLike, overwrite: bool, what: str = "") -> None:

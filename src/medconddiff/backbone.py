@@ -12,11 +12,12 @@ from typing import Optional
 
 import torch
 from torch import nn
+from .errors import ConfigError, UserInputError
 
 MIN_REDUCTION = 4  # the denoiser works at 1/4 resolution and below; finer stages are not used
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(UserInputError):
     """A backbone weights file that is missing or does not fit the backbone."""
 
 
@@ -36,7 +37,7 @@ class FeatureBackbone(nn.Module):
                 self.body = timm.create_model(model_name, pretrained=False, features_only=True,
                                               in_chans=in_chans, out_indices=out_indices)
         except RuntimeError as error:  # timm raises RuntimeError for unknown names
-            raise ValueError(f"backbone {model_name!r} is not a timm features_only model: {error}") from None
+            raise ConfigError(f"backbone {model_name!r} is not a timm features_only model: {error}") from None
         self.channels: tuple[int, ...] = tuple(self.body.feature_info.channels())
         self.reductions: tuple[int, ...] = tuple(self.body.feature_info.reduction())
         if weights:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .atomic import atomic_write
 from .config import ExperimentConfig
+from .errors import UserInputError
 
 if TYPE_CHECKING:  # torch is imported by safetensors when a file is actually read or written
     import torch
@@ -27,7 +28,7 @@ LEGACY_FORMAT_VERSION = "1"
 DEFAULT_CHECKPOINT_NAME = "medconddiff_liver_default.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A file that is not a usable medconddiff checkpoint."""
 
 

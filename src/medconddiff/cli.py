@@ -1,7 +1,10 @@
 """``medconddiff`` command line: segment, train, finetune, evaluate, plan, benchmark.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-user errors (bad files, wrong checkpoints, existing outputs) print one line and exit with status 2.
+helpers they share live in :mod:`medconddiff.commands.common`, never here (this module loads the
+commands). User errors (bad files, wrong checkpoints, existing outputs: the types of
+:func:`medconddiff.errors.user_error_types`) print one line and exit with status 2; anything else is
+a bug and prints its traceback, exit status 1.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .commands.common import failure_report
+from .errors import UserInputError, user_error_types  # noqa: F401  (importable from here, as before)
 
 SUBCOMMANDS = {
-    "segment": ("medconddiff.commands.segment", "segment NIfTI scans (a file or a folder)"),
+    "segment": ("medconddiff.commands.segment", "segment NIfTI scans or DICOM series (a file or a folder)"),
     "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
     "finetune": ("medconddiff.commands.finetune", "fine-tune a model on a few labelled slices of a scan"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
@@ -23,12 +28,8 @@ SUBCOMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, no traceback."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    return (UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
+#: Kept for code that raised the CLI's own error type: it is the project's user error now.
+UserError = UserInputError
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -57,9 +58,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("medconddiff: interrupted", file=sys.stderr)
         return 130
-    except user_error_types() as error:
-        print(f"medconddiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - sorted by failure_report: user error, out of memory, or bug
+        text, status = failure_report(error, f"medconddiff {args.command}: error")
+        print(text, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

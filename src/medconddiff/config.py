@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 #: Largest downsampling of every supported network: slices are padded to a multiple of it.
@@ -62,26 +64,26 @@ class PreprocessPlan:
 
     def __post_init__(self) -> None:
         if self.slicing not in SLICINGS:
-            raise ValueError(f"slicing must be one of {SLICINGS}, not {self.slicing!r}")
+            raise ConfigError(f"slicing must be one of {SLICINGS}, not {self.slicing!r}")
         if len(self.target_spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
-            raise ValueError(f"target_spacing must be two positive sizes in mm, got {self.target_spacing}")
+            raise ConfigError(f"target_spacing must be two positive sizes in mm, got {self.target_spacing}")
         if not self.channel_names or any(not str(name).strip() for name in self.channel_names):
-            raise ValueError("channel_names needs one non-empty name per input channel")
+            raise ConfigError("channel_names needs one non-empty name per input channel")
         if len(self.intensity) not in (1, len(self.channel_names)):
-            raise ValueError(f"intensity needs one scheme, or one per channel ({len(self.channel_names)}), "
-                             f"got {len(self.intensity)}")
+            raise ConfigError(f"intensity needs one scheme, or one per channel ({len(self.channel_names)}), "
+                              f"got {len(self.intensity)}")
         bad = [scheme for scheme in self.intensity if scheme not in INTENSITY_SCHEMES]
         if bad:
-            raise ValueError(f"intensity scheme must be one of {INTENSITY_SCHEMES}, not {bad[0]!r}")
+            raise ConfigError(f"intensity scheme must be one of {INTENSITY_SCHEMES}, not {bad[0]!r}")
         if not self.window[0] < self.window[1]:
-            raise ValueError(f"window low must be below high, got {tuple(self.window)}")
+            raise ConfigError(f"window low must be below high, got {tuple(self.window)}")
         low, high = self.percentiles
         if not 0 <= low < high <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {tuple(self.percentiles)}")
+            raise ConfigError(f"percentiles must satisfy 0 <= low < high <= 100, got {tuple(self.percentiles)}")
         if self.context_slices < 0:
-            raise ValueError(f"context_slices must be 0 or more, got {self.context_slices}")
+            raise ConfigError(f"context_slices must be 0 or more, got {self.context_slices}")
         if self.context_slices and not (math.isfinite(self.context_mm) and self.context_mm > 0):
-            raise ValueError(f"context_mm must be a positive distance, got {self.context_mm}")
+            raise ConfigError(f"context_mm must be a positive distance, got {self.context_mm}")
 
     @property
     def num_channels(self) -> int:
@@ -120,20 +122,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in ("pixel", "latent"):
-            raise ValueError(f"family must be 'pixel' or 'latent', not {self.family!r}")
+            raise ConfigError(f"family must be 'pixel' or 'latent', not {self.family!r}")
         if self.fusion not in ("add", "concat"):
-            raise ValueError(f"fusion must be 'add' or 'concat', not {self.fusion!r}")
+            raise ConfigError(f"fusion must be 'add' or 'concat', not {self.fusion!r}")
         if len(self.class_names) < 2:
-            raise ValueError("need at least two classes (background and one structure)")
+            raise ConfigError("need at least two classes (background and one structure)")
         if any(c < 1 for c in self.denoiser_channels) or self.stem_channels < 1 or self.time_embed_dim < 2:
-            raise ValueError("denoiser_channels, stem_channels and time_embed_dim must be positive")
+            raise ConfigError("denoiser_channels, stem_channels and time_embed_dim must be positive")
         if self.latent_channels < 1:
-            raise ValueError(f"latent_channels must be at least 1, got {self.latent_channels}")
+            raise ConfigError(f"latent_channels must be at least 1, got {self.latent_channels}")
         d = self.latent_downsample
         if d < 1 or d & (d - 1) or d > NETWORK_STRIDE:
-            raise ValueError(f"latent_downsample must be a power of two up to {NETWORK_STRIDE}, got {d}")
+            raise ConfigError(f"latent_downsample must be a power of two up to {NETWORK_STRIDE}, got {d}")
         if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class names must be unique, got {list(self.class_names)}")
+            raise ConfigError(f"class names must be unique, got {list(self.class_names)}")
 
     @property
     def num_classes(self) -> int:
@@ -151,12 +153,12 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', not {self.schedule!r}")
+            raise ConfigError(f"schedule must be 'linear' or 'cosine', not {self.schedule!r}")
         if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+            raise ConfigError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"linear betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
-                             f"{self.beta_end}")
+            raise ConfigError(f"linear betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
+                              f"{self.beta_end}")
 
 
 CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last")
@@ -192,23 +194,23 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if self.scheduler not in ("ddim", "ddpm"):
-            raise ValueError(f"scheduler must be 'ddim' or 'ddpm', not {self.scheduler!r}")
+            raise ConfigError(f"scheduler must be 'ddim' or 'ddpm', not {self.scheduler!r}")
         if self.consensus not in CONSENSUS_METHODS:
-            raise ValueError(f"consensus must be one of {CONSENSUS_METHODS}, not {self.consensus!r}")
+            raise ConfigError(f"consensus must be one of {CONSENSUS_METHODS}, not {self.consensus!r}")
         if not 0 <= self.skip_first < self.steps:
-            raise ValueError(f"skip_first must be in [0, steps), got {self.skip_first} with {self.steps} steps")
+            raise ConfigError(f"skip_first must be in [0, steps), got {self.skip_first} with {self.steps} steps")
         if self.num_seeds < 1 or self.batch_size < 1 or self.max_batch_pixels < 1:
-            raise ValueError("num_seeds, batch_size and max_batch_pixels must be at least 1")
+            raise ConfigError("num_seeds, batch_size and max_batch_pixels must be at least 1")
         if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be 0 or more, got {self.eta}")
+            raise ConfigError(f"eta must be 0 or more, got {self.eta}")
         if self.scheduler == "ddpm" and self.eta != 0:
-            raise ValueError("eta applies to the DDIM scheduler only; drop it or use --scheduler ddim")
+            raise ConfigError("eta applies to the DDIM scheduler only; drop it or use --scheduler ddim")
         if not 0 <= self.convergence_change < 1 or self.convergence_patience < 1:
-            raise ValueError("convergence_change must be in [0, 1) and convergence_patience at least 1")
+            raise ConfigError("convergence_change must be in [0, 1) and convergence_patience at least 1")
 
 
 @dataclass
@@ -235,20 +237,26 @@ class TrainConfig:
                             f"of {NETWORK_STRIDE}", default=128)
     foreground_crop_fraction: float = _help(
         "fraction of training crops centred on a foreground voxel (the rest are placed at random)", default=0.5)
+    ignore_fill: str = _help(
+        "sparse labels: what unverified ('ignore') pixels are in the mask that is noised (they add no loss): "
+        "'prediction' (the model's own guess from the image) or 'background'",
+        choices=("prediction", "background"), default="prediction")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.train_batch_size < 1 or self.iterations_per_epoch < 0:
-            raise ValueError("epochs and train_batch_size must be at least 1, iterations_per_epoch 0 or more")
+            raise ConfigError("epochs and train_batch_size must be at least 1, iterations_per_epoch 0 or more")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
-            raise ValueError("lr must be positive, weight_decay and warmup_steps 0 or more")
+            raise ConfigError("lr must be positive, weight_decay and warmup_steps 0 or more")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.patch_size < NETWORK_STRIDE or self.patch_size % NETWORK_STRIDE:
-            raise ValueError(f"patch_size must be a positive multiple of {NETWORK_STRIDE}, got {self.patch_size}")
+            raise ConfigError(f"patch_size must be a positive multiple of {NETWORK_STRIDE}, got {self.patch_size}")
         if not 0 <= self.foreground_crop_fraction <= 1:
-            raise ValueError(f"foreground_crop_fraction must be in [0, 1], got {self.foreground_crop_fraction}")
+            raise ConfigError(f"foreground_crop_fraction must be in [0, 1], got {self.foreground_crop_fraction}")
         if self.val_every < 0 or self.val_steps < 1 or self.num_workers < 0:
-            raise ValueError("val_every and num_workers must be 0 or more, val_steps at least 1")
+            raise ConfigError("val_every and num_workers must be 0 or more, val_steps at least 1")
+        if self.ignore_fill not in ("prediction", "background"):
+            raise ConfigError(f"ignore_fill must be 'prediction' or 'background', not {self.ignore_fill!r}")
 
 
 @dataclass
@@ -276,8 +284,8 @@ class ExperimentConfig:
         """Refuse sampling settings this model cannot run (the checks that need both configs)."""
         total = self.diffusion.num_train_timesteps
         if sampling.steps > total:
-            raise ValueError(f"steps ({sampling.steps}) cannot exceed the {total} timesteps the model was "
-                             "trained with")
+            raise ConfigError(f"steps ({sampling.steps}) cannot exceed the {total} timesteps the model was "
+                              "trained with")
 
 
 def _resolved_hints(cls: type) -> dict:
@@ -290,7 +298,7 @@ def dataclass_from_dict(cls: type[T], data: dict) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     values = {}
     for key, value in data.items():
         if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:

@@ -34,13 +34,14 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from .nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels
+from .errors import UserInputError
 
 _DECATHLON_KEYS = ("training", "modality", "labels")
 _NNUNET_KEYS = ("channel_names", "labels", "file_ending")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset folder or case that cannot be trained on; the message says which file and why."""
 
 
@@ -65,6 +66,7 @@ class DatasetDescription:
     training: list[CaseFiles]
     test: list[CaseFiles]
     file_ending: str                           # ".nii.gz" or ".nii"
+    ignore_label: Optional[int] = None         # nnU-Net v2 "ignore": the value of unverified voxels
 
 
 def describe_dataset(root: str | Path) -> DatasetDescription:
@@ -131,7 +133,7 @@ def _describe_decathlon(root: Path, manifest: Path, data: dict) -> DatasetDescri
 def _describe_nnunet(root: Path, manifest: Path, data: dict) -> DatasetDescription:
     _require_keys(manifest, data, _NNUNET_KEYS, "nnU-Net v2")
     channel_names = _indexed_names(manifest, data["channel_names"], "channel_names")
-    class_names = _nnunet_class_names(manifest, data["labels"])
+    class_names, ignore_label = _nnunet_class_names(manifest, data["labels"])
     ending = data["file_ending"]
     if ending not in NIFTI_SUFFIXES:
         raise DatasetError(f"{manifest}: file_ending {ending!r} is not supported (only {', '.join(NIFTI_SUFFIXES)})")
@@ -157,7 +159,7 @@ def _describe_nnunet(root: Path, manifest: Path, data: dict) -> DatasetDescripti
         test = [CaseFiles(name, files, None)
                 for name, files in sorted(_channel_files(test_dir, ending, len(channel_names)).items())]
     return DatasetDescription(root, "nnunet_v2", str(data.get("name") or root.name), class_names, channel_names,
-                              training, test, ending)
+                              training, test, ending, ignore_label)
 
 
 def _describe_pairs(root: Path) -> DatasetDescription:
@@ -242,15 +244,20 @@ def _indexed_names(manifest: Path, mapping: object, key: str) -> tuple[str, ...]
     return _contiguous(manifest, by_id, key)
 
 
-def _nnunet_class_names(manifest: Path, labels: object) -> tuple[str, ...]:
-    """nnU-Net v2 ``{"background": 0, "liver": 1}`` → ``("background", "liver")``."""
+def _nnunet_class_names(manifest: Path, labels: object) -> tuple[tuple[str, ...], Optional[int]]:
+    """nnU-Net v2 ``{"background": 0, "liver": 1, "ignore": 2}`` → ``(("background", "liver"), 2)``.
+
+    ``ignore`` (sparse labels: voxels nobody verified) must be the highest value, as nnU-Net v2 requires.
+    """
     if not isinstance(labels, dict) or not labels:
         raise DatasetError(f"{manifest}: 'labels' must be a non-empty object of name → id")
-    if "ignore" in labels:
-        raise DatasetError(f"{manifest}: an 'ignore' label ({labels['ignore']}) is not supported; remove it and "
-                           "mark those voxels as background")
+    ignore = labels.get("ignore")
+    if "ignore" in labels and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+        raise DatasetError(f"{manifest}: the 'ignore' label must have one whole-number id, got {ignore!r}")
     by_id = {}
     for name, value in labels.items():
+        if name == "ignore":
+            continue
         if isinstance(value, (list, tuple)):
             raise DatasetError(f"{manifest}: label {name!r} is a region {value}; region-based labels are not "
                                "supported")
@@ -259,9 +266,15 @@ def _nnunet_class_names(manifest: Path, labels: object) -> tuple[str, ...]:
         if value in by_id:
             raise DatasetError(f"{manifest}: labels {by_id[value]!r} and {name!r} share id {value}")
         by_id[value] = str(name)
+    if ignore is not None and ignore in by_id:
+        raise DatasetError(f"{manifest}: the 'ignore' label's id {ignore} is also class {by_id[ignore]!r}; "
+                           "ignore needs a value of its own, above every class")
     names = _contiguous(manifest, by_id, "labels")
     _check_class_names(manifest, names)
-    return names
+    if ignore is not None and ignore < len(names):
+        raise DatasetError(f"{manifest}: the 'ignore' label ({ignore}) must be the highest value (above "
+                           f"{len(names) - 1})")
+    return names, ignore
 
 
 def _contiguous(manifest: Path, by_id: Mapping[int, str], key: str) -> tuple[str, ...]:

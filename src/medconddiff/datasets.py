@@ -9,14 +9,15 @@ of view wider than the anatomy); where it is larger the crop is placed at random
 foreground pixel (of the slice's rarest class) for a fraction of draws. Augmentation (torchvision
 v2) moves image and mask together.
 
-Slice ranges (``0:40,80:128``) count canonical slices along the plan's direction.
+Slice ranges (``0:40,80:128``, ``10, 12, 20-24``: the syntax of :mod:`medconddiff.slice_lists`)
+count canonical slices along the plan's direction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,10 +25,13 @@ from torch.utils.data import Dataset
 
 from .config import PreprocessPlan
 from .dataset_layout import DatasetError
+from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta, load_labels
 from .preprocess import PreparedScan, ScanPreprocessor
+from .slice_lists import SliceSpec, parse_slice_spec, slice_indices
 
-SliceRanges = Optional[Sequence[tuple[int, int]]]
+#: A parsed slice list, or half-open ``(start, stop)`` ranges (``stop`` None: to the last slice); None = all.
+SliceRanges = Optional[Union[SliceSpec, Sequence[tuple[int, Optional[int]]]]]
 #: Slices resampled at once while a case is prepared (bounds memory on big scans).
 PREPARE_CHUNK = 16
 
@@ -42,9 +46,16 @@ class Case:
     meta: VolumeMeta
 
 
-def load_case(name: str, image: np.ndarray, meta: VolumeMeta, label_path: Path, num_classes: int) -> Case:
-    """Attach a label file to a loaded image, checking that it lies on the image's grid and fits the classes."""
+def load_case(name: str, image: np.ndarray, meta: VolumeMeta, label_path: Path, num_classes: int,
+              ignore_value: Optional[int] = None) -> Case:
+    """Attach a label file to a loaded image, checking that it lies on the image's grid and fits the classes.
+
+    Voxels holding ``ignore_value`` (a dataset's ``ignore`` label) become :data:`IGNORE_INDEX`.
+    """
     labels, label_meta = load_labels(label_path)
+    if ignore_value is not None:
+        ignored = labels == ignore_value
+        labels = np.where(ignored, 0, labels)
     if image.shape[:3] != labels.shape:
         raise DatasetError(f"{label_path.name} has shape {labels.shape} but the image of {name} has {image.shape[:3]}")
     if not np.allclose(meta.affine, label_meta.affine, atol=1e-3):
@@ -53,33 +64,36 @@ def load_case(name: str, image: np.ndarray, meta: VolumeMeta, label_path: Path, 
     if labels.max() >= num_classes:
         raise DatasetError(f"{label_path.name} has label {int(labels.max())} but the model has {num_classes} "
                            f"classes (0..{num_classes - 1})")
-    return Case(name, image, labels.astype(np.uint8), meta)
+    labels = labels.astype(np.uint8)
+    if ignore_value is not None:
+        labels[ignored] = IGNORE_INDEX
+    return Case(name, image, labels, meta)
 
 
-def parse_ranges(text: Optional[str]) -> SliceRanges:
-    """'0:40,80:128' → [(0, 40), (80, 128)]; None/'' → None (all slices)."""
-    if not text:
+def verified_slice_indices(slice_view: np.ndarray) -> np.ndarray:
+    """Canonical slices (first axis of ``slice_view``) holding any voxel that is not ignored."""
+    flat = slice_view.reshape(slice_view.shape[0], -1)
+    return np.flatnonzero((flat != IGNORE_INDEX).any(axis=1))
+
+
+def parse_ranges(text: Optional[str], what: str = "slices") -> Optional[SliceSpec]:
+    """'0:40,80:128' → its :class:`SliceSpec` (checked against each case's slices later); None/'' → None
+    (all slices). A malformed list raises :class:`~medconddiff.errors.SliceSpecError` naming ``what``."""
+    if text is None or not text.strip():
         return None
-    ranges = []
-    for part in text.split(","):
-        try:
-            start, stop = (int(x) for x in part.split(":"))
-        except ValueError:
-            raise DatasetError(f"slice ranges must look like START:STOP[,START:STOP], got {text!r}") from None
-        if not 0 <= start < stop:
-            raise DatasetError(f"empty or negative slice range {part!r}")
-        ranges.append((start, stop))
-    return ranges
+    spec = parse_slice_spec(text, what)
+    if not spec.ranges:
+        return None
+    return spec
 
 
 def range_indices(ranges: SliceRanges, n_slices: int, case_name: str) -> np.ndarray:
-    """Canonical slice indices of ``ranges`` (all slices when None)."""
+    """Canonical slice indices of ``ranges`` (all slices when None), each in ``[0, n_slices)``."""
     if not ranges:
         return np.arange(n_slices)
-    for start, stop in ranges:
-        if stop > n_slices:
-            raise DatasetError(f"slice range {start}:{stop} exceeds the {n_slices} slices of {case_name}")
-    return np.unique(np.concatenate([np.arange(start, stop) for start, stop in ranges]))
+    if isinstance(ranges, SliceSpec):
+        return np.asarray(ranges.indices(n_slices, where=case_name), dtype=np.int64)
+    return np.asarray(slice_indices(ranges, n_slices, where=case_name), dtype=np.int64)
 
 
 @dataclass
@@ -124,12 +138,19 @@ class TrainingSlices(Dataset):
                     continue
             else:
                 indices = range_indices(slice_ranges, scan.n_slices, case.name)
+                if (case.labels == IGNORE_INDEX).any():
+                    # A slice nobody verified teaches nothing: it is not sampled at all.
+                    indices = np.intersect1d(indices, verified_slice_indices(scan.geometry.slice_view(case.labels)))
+                    if not len(indices):
+                        continue
             prepared = prepare_case(scan, case.labels, indices)
             self._items += [(len(self.cases), position) for position in range(len(indices))]
             self.origin += [(case.name, int(i)) for i in indices]
             self.cases.append(prepared)
         if not self._items:
             raise DatasetError("the dataset has no slices")
+        self.replay_items = 0            # trailing items added by add_replay
+        self.replay_fraction = 0.0
         self.patch_size = int(patch_size)
         self.augment = augment
         self.foreground_fraction = float(foreground_fraction)
@@ -163,12 +184,17 @@ class TrainingSlices(Dataset):
         if self.centre_crops:
             return h // 2 - size // 2, w // 2 - size // 2
         target = None
-        present = [k for k in torch.unique(labels).tolist() if k > 0]
+        present = [k for k in torch.unique(labels).tolist() if 0 < k != IGNORE_INDEX]
         if present and float(torch.rand(())) < self.foreground_fraction:
             counts = {k: int((labels == k).sum()) for k in present}
             chosen = min(counts, key=counts.get)
             candidates = torch.nonzero(labels == chosen)
             target = candidates[int(torch.randint(len(candidates), ()))].tolist()
+        elif bool((labels == IGNORE_INDEX).any()):
+            # A partly verified slice: a crop holding no verified pixel would teach nothing.
+            candidates = torch.nonzero(labels != IGNORE_INDEX)
+            if len(candidates):
+                target = candidates[int(torch.randint(len(candidates), ()))].tolist()
         return tuple(self._axis_origin(n, None if target is None else target[axis])
                      for axis, n in enumerate((h, w)))  # type: ignore[return-value]
 
@@ -185,13 +211,39 @@ class TrainingSlices(Dataset):
         """Sampling weight per slice: slices showing rare classes are drawn more often (as in the paper).
 
         A class present on a fraction f of slices gets weight 1/f; a slice takes the largest weight
-        of the classes it shows.
+        of the classes it shows (ignored pixels show no class). With replay slices
+        (:meth:`add_replay`) the weights are computed within each group and the replay group gets
+        ``replay_fraction`` of the total.
         """
-        present = torch.stack([torch.tensor([bool((self.slice_labels(i) == k).any()) for i in range(len(self))])
-                               for k in range(num_classes)], dim=1)
-        frequency = present.float().mean(0).clamp(min=1 / len(self))
-        weights = (present.float() / frequency).max(dim=1).values
-        return weights / weights.sum()
+        own = len(self) - self.replay_items
+        weights = _class_weights([self.slice_labels(i) for i in range(own)], num_classes)
+        if not self.replay_items:
+            return weights
+        replay = _class_weights([self.slice_labels(i) for i in range(own, len(self))], num_classes)
+        return torch.cat([weights * (1 - self.replay_fraction), replay * self.replay_fraction])
+
+    def add_replay(self, replay: "TrainingSlices", fraction: float) -> None:
+        """Append ``replay``'s slices (e.g. what the start model was trained on) as a group drawn with
+        probability ``fraction`` per item, whatever the two groups' sizes: fine-tuning keeps
+        seeing the start model's classes and does not forget them."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"replay fraction must be in (0, 1), got {fraction}")
+        if self.replay_items:
+            raise ValueError("replay slices were already added")
+        offset = len(self.cases)
+        self.cases += replay.cases
+        self._items += [(offset + case, position) for case, position in replay._items]
+        self.origin += replay.origin
+        self.replay_items = len(replay._items)
+        self.replay_fraction = float(fraction)
+
+
+def _class_weights(slice_labels: Sequence[torch.Tensor], num_classes: int) -> torch.Tensor:
+    present = torch.stack([torch.tensor([bool((labels == k).any()) for labels in slice_labels])
+                           for k in range(num_classes)], dim=1)
+    frequency = present.float().mean(0).clamp(min=1 / len(slice_labels))
+    weights = (present.float() / frequency).max(dim=1).values
+    return weights / weights.sum()
 
 
 def _crop(array: torch.Tensor, top: int, left: int, size: int, fill: Sequence[float]) -> torch.Tensor:

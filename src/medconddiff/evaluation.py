@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from .errors import UserInputError
+
 #: In-plane dilation (voxels, per slice) of reference ∪ prediction foreground for the foreground AUROC.
 FOREGROUND_MARGIN = 3
 
@@ -151,7 +153,7 @@ def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Seq
 
 
 def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, sampling,
-                    slices: Optional[Iterable[int]] = None) -> dict:
+                    slices: Optional[Iterable[int]] = None, ignore_value: Optional[int] = None) -> dict:
     """Every figure of the evaluation for one labelled volume.
 
     ``image`` ((i, j, k) or (i, j, k, C)) and ``reference`` ((i, j, k)) are in the file's voxel order
@@ -159,12 +161,21 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     indices along the checkpoint plan's slicing direction (all when None). Everything is scored on
     those canonical slices only, with HD95 in mm from the canonical spacing
     (``spacing_mm`` = slice spacing, then the in-plane row and column spacing).
+
+    Reference voxels holding ``ignore_value`` (a sparse label's unverified voxels) count in no
+    figure: they are background in both masks for Dice, IoU and HD95 (so they add nothing to any
+    foreground class) and are left out of the AUROCs and error fractions.
     """
     image_shape = tuple(np.shape(image))[:3]
     if image_shape != tuple(reference.shape):
-        raise ValueError(f"label shape {tuple(reference.shape)} differs from image shape {image_shape}")
+        raise UserInputError(f"label shape {tuple(reference.shape)} differs from image shape {image_shape}")
+    ignored_file = None
+    if ignore_value is not None:
+        ignored_file = np.asarray(reference) == ignore_value
+        reference = np.where(ignored_file, 0, reference)
     if reference.size and int(reference.max()) >= segmenter.num_classes:
-        raise ValueError(f"label value {int(reference.max())} is outside the model's {segmenter.num_classes} classes")
+        raise UserInputError(f"label value {int(reference.max())} is outside the model's "
+                             f"{segmenter.num_classes} classes")
     result = segmenter.segment(image, sampling, slices=slices, meta=meta)
     geometry = result.geometry
     indices = np.asarray(result.slice_indices)
@@ -175,14 +186,19 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
         return np.ascontiguousarray(geometry.slice_view(file_ordered)[indices])
 
     ref = scored(reference)
-    consensus = scored(result.labels)
+    known = np.ones(ref.shape, bool) if ignored_file is None else ~scored(ignored_file)
+
+    def counted(labels: np.ndarray) -> np.ndarray:
+        return labels if ignored_file is None else np.where(known, labels, 0)
+
+    consensus = counted(scored(result.labels))
     report = {"consensus": class_metrics(consensus, ref, names, spacing)}
-    one_shot = scored(segmenter.one_shot(image, slices=indices, meta=meta))
+    one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta)))
     report["one_shot"] = class_metrics(one_shot, ref, names, spacing)
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     step_dice = []
     for step in range(result.trajectory.shape[0]):
-        mean, _ = mean_foreground_dice(result.step_labels_on_scan(step), ref, len(names))
+        mean, _ = mean_foreground_dice(counted(result.step_labels_on_scan(step)), ref, len(names))
         step_dice.append(mean)
     report["step_mean_dice"] = step_dice
     defined = [i for i, d in enumerate(step_dice) if not math.isnan(d)]
@@ -190,12 +206,13 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     report["best_step"] = {"index": best, "mean_dice": step_dice[best] if best is not None else float("nan")}
     wrong = consensus != ref
     unc = scored(result.uncertainty)
-    report["uncertainty_auroc"] = auroc(unc, wrong)
-    region = foreground_region(consensus, ref)
+    report["uncertainty_auroc"] = auroc(unc[known], wrong[known])
+    region = foreground_region(consensus, ref) & known
     report["uncertainty_auroc_foreground"] = auroc(unc[region], wrong[region])
     report["foreground_region"] = {"margin_voxels": FOREGROUND_MARGIN, "voxels": int(region.sum()),
                                    "error_fraction": float(wrong[region].mean()) if region.any() else float("nan")}
-    report["error_fraction"] = float(wrong.mean())
+    report["error_fraction"] = float(wrong[known].mean()) if known.any() else float("nan")
+    report["ignored_voxels"] = int((~known).sum())
     report["n_slices"] = int(len(indices))
     report["steps_used_mean"] = float(result.steps_used[result.completed].mean())
     report["slicing"] = geometry.slicing

@@ -25,13 +25,14 @@ from typing import Any, Callable, Optional, Sequence
 from .checkpoint import Checkpoint
 from .config import DiffusionConfig, ExperimentConfig, ModelConfig, PreprocessPlan, TrainConfig
 from .fingerprint import is_ct
+from .errors import UserInputError
 
 #: Plan fields fixed by a start checkpoint (its network saw these millimetres and this input).
 GEOMETRY_FIELDS = ("slicing", "target_spacing", "context_slices", "context_mm")
 INTENSITY_FIELDS = ("intensity", "window", "percentiles")
 
 
-class ConfigConflict(ValueError):
+class ConfigConflict(UserInputError):
     """A flag contradicts the dataset or the start checkpoint; the message names both values."""
 
 

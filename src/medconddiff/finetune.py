@@ -13,12 +13,20 @@ iterating to cancel; the weights of the last completed step are kept and can be 
     run.save("scan_finetuned.safetensors")
     segmenter = run.segmenter()           # re-segment the rest of the scan with it
 
+A :class:`~medconddiff.training_set.TrainingSet` adds every verified voxel of every case it holds
+(``finetune(start, [], training_set=TrainingSet.open(folder))``), next to the current scan's edits.
+``replay`` mixes in slices the start model was trained on (:func:`bundled_replay`: the bundled
+sample), a fixed share of every batch, and keeps the start model's classes in the class list, so
+that growing the class list or adding scans does not wipe out what the start model did.
+
 Reproducible: the same inputs and ``seed`` give the same weights (on the same device and torch).
 The saved checkpoint records what it was fine-tuned from (path, SHA-256) and on which slices.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +35,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import ExperimentConfig
+from .config import ExperimentConfig, PreprocessPlan
 from .datasets import Case, TrainingSlices
+from .errors import ConfigError, UserInputError
 from .experiment import training_config
 from .nifti import VolumeMeta
 
@@ -49,47 +58,127 @@ class LabelledScan:
     slices: Sequence[int]
 
 
+#: Share of every batch drawn from replayed start-model slices, when replay is asked for.
+REPLAY_FRACTION = 0.25
+#: Case name of the bundled sample (what the bundled models record in ``trained_on``).
+BUNDLED_SAMPLE_CASE = "liver117_image"
+
+
+@dataclass
+class Replay:
+    """Slices a start model was trained on, replayed during fine-tuning so it keeps what it knew.
+
+    ``cases`` carry labels indexing ``class_names``; ``slices_by_case`` are canonical slices (along
+    the start model's slicing) per case name; ``fraction`` of every batch comes from them.
+    """
+
+    cases: list[Case]
+    class_names: tuple[str, ...]
+    slices_by_case: dict[str, list[int]]
+    fraction: float = REPLAY_FRACTION
+
+
+def bundled_replay(start: Checkpoint, fraction: float = REPLAY_FRACTION) -> Replay:
+    """The bundled sample's training slices (as the start checkpoint records them) with its labels,
+    for a start model trained on that sample (both bundled models are)."""
+    from .nifti import load_labels, load_volume, sample_label_path, sample_scan_path
+    from .preprocess import ScanPreprocessor
+    from .slice_lists import parse_slice_spec
+
+    name = start.path.name if start.path else "the start checkpoint"
+    if BUNDLED_SAMPLE_CASE not in (start.extra.get("trained_on") or []) or not start.extra.get("train_slices"):
+        raise ConfigError(f"{name} was not trained on the bundled sample, so there is nothing of it to replay; "
+                          "fine-tune without replay (or keep earlier cases in the training set)")
+    if not 0 < fraction < 1:
+        raise ConfigError(f"the replay fraction must be between 0 and 1, got {fraction}")
+    image, meta = load_volume(sample_scan_path())
+    labels, _ = load_labels(sample_label_path())
+    n_slices = ScanPreprocessor(start.config.plan).geometry(image.shape, meta).n_slices
+    slices = parse_slice_spec(str(start.extra["train_slices"]), "train_slices").indices(n_slices, where=name)
+    case = Case(f"replay:{BUNDLED_SAMPLE_CASE}", image, labels.astype(np.uint8), meta)
+    return Replay([case], tuple(start.config.model.class_names), {case.name: sorted(int(i) for i in slices)},
+                  float(fraction))
+
+
 class FinetuneRun:
     """An iterable fine-tuning run (see the module docstring)."""
 
     def __init__(self, start: Checkpoint, config: ExperimentConfig, scans: Sequence[LabelledScan], *,
-                 device: str = "auto", log: Callable[[str], None] = print):
+                 device: str = "auto", log: Callable[[str], None] = print, training_set=None,
+                 replay: Optional[Replay] = None, keep_known_classes: bool = False):
         from .train import Trainer
 
-        if not scans or not any(len(s.slices) for s in scans):
-            raise ValueError("no labelled slices to fine-tune on")
+        self.training_set = training_set
+        # Verified slices along this model's slicing (from the label files); the cases themselves are
+        # loaded one at a time while the training slices are prepared, so a big set never sits in memory whole.
+        set_names = training_set.cases if training_set is not None else []
+        self.set_slices = {name: training_set.verified_slices(name, config.plan.slicing) for name in set_names}
+        set_cases = (dataclasses.replace(training_set.load_case(name, config.model.class_names), name=f"set:{name}")
+                     for name in set_names if self.set_slices[name])
+        if not any(self.set_slices.values()) and (not scans or not any(len(s.slices) for s in scans)):
+            raise UserInputError("no labelled slices to fine-tune on")
         self.start = start
         self.config = config
         self.scans = list(scans)
+        self.replay = replay
         cases = []
         for scan in self.scans:
             meta = scan.meta if scan.meta is not None else VolumeMeta.identity(known=False)
             if scan.labels.shape != scan.image.shape[:3]:
-                raise ValueError(f"{scan.name}: labels {scan.labels.shape} do not match the scan {scan.image.shape[:3]}")
+                raise UserInputError(f"{scan.name}: labels {scan.labels.shape} do not match the scan "
+                                     f"{scan.image.shape[:3]}")
             top = int(scan.labels.max()) if scan.labels.size else 0
             if top >= config.model.num_classes:
-                raise ValueError(f"{scan.name}: label {top} has no class name (classes: "
-                                 f"{', '.join(config.model.class_names)}); name every label value")
+                raise ConfigError(f"{scan.name}: label {top} has no class name (classes: "
+                                  f"{', '.join(config.model.class_names)}); name every label value")
             cases.append(Case(scan.name, scan.image, scan.labels.astype(np.uint8), meta))
         slices_by_case = {scan.name: sorted({int(i) for i in scan.slices}) for scan in self.scans}
-        train_set = TrainingSlices(cases, config.plan, config.train.patch_size, slices_by_case=slices_by_case,
-                                   augment=config.train.augment,
+        slices_by_case.update({f"set:{name}": slices for name, slices in self.set_slices.items()})
+        train_set = TrainingSlices(itertools.chain(cases, set_cases), config.plan, config.train.patch_size,
+                                   slices_by_case=slices_by_case, augment=config.train.augment,
                                    foreground_fraction=config.train.foreground_crop_fraction)
+        if replay is not None:
+            train_set.add_replay(self._replay_slices(replay), replay.fraction)
         # No output folder: the run only writes where save() is told to.
         self.trainer = Trainer(config, train_set, None, device=device, log=log, init_from=start,
                                provenance=self.provenance())
+        self.carried: list[str] = []
+        if keep_known_classes and self.trainer.reinitialised:
+            from .transfer import carry_known_classes
+
+            self.carried = carry_known_classes(self.trainer.model, start, log=log)
+            if self.trainer.ema is not None:     # the EMA copy was taken before the entries were carried
+                self.trainer.ema.module.load_state_dict(self.trainer.model.state_dict())
         self.started = time.perf_counter()
         self.completed_steps = 0
         self._iterator: Optional[Iterator] = None
 
+    def _replay_slices(self, replay: Replay) -> TrainingSlices:
+        names = tuple(self.config.model.class_names)
+        missing = [n for n in replay.class_names[1:] if n not in names]
+        if missing:
+            raise ConfigError(f"replayed classes {missing} are not in the class list {list(names)}")
+        lut = np.asarray([0] + [names.index(n) for n in replay.class_names[1:]], dtype=np.uint8)
+        cases = [dataclasses.replace(case, labels=lut[case.labels]) for case in replay.cases]
+        return TrainingSlices(cases, self.config.plan, self.config.train.patch_size,
+                              slices_by_case=replay.slices_by_case, augment=self.config.train.augment,
+                              foreground_fraction=self.config.train.foreground_crop_fraction)
+
     def provenance(self) -> dict:
-        return {
+        record = {
             "finetuned_from": {"path": str(self.start.path) if self.start.path else None, "sha256": self.start.sha256,
                                "classes": list(self.start.config.model.class_names)},
             "finetuned_on": [{"scan": s.name, "source": (s.meta.source if s.meta is not None else None),
                               "slices": sorted(int(i) for i in s.slices)} for s in self.scans],
-            "trained_on": [s.name for s in self.scans],
+            "trained_on": [s.name for s in self.scans] + sorted(n for n, v in self.set_slices.items() if v),
         }
+        if self.training_set is not None:
+            record["training_set"] = {"path": str(self.training_set.root),
+                                      "verified_slices": {n: len(v) for n, v in self.set_slices.items()}}
+        if self.replay is not None:
+            record["replay"] = {"fraction": self.replay.fraction,
+                                "slices": {k: len(v) for k, v in self.replay.slices_by_case.items()}}
+        return record
 
     @property
     def total_steps(self) -> int:
@@ -113,7 +202,8 @@ class FinetuneRun:
         extra = {**self.provenance(), "steps": self.completed_steps, "steps_planned": self.total_steps,
                  "seconds": round(time.perf_counter() - self.started, 1),
                  "history": self.trainer.history[-50:],
-                 "reinitialised": sorted({k.rsplit(".", 1)[0] for k in self.trainer.reinitialised})}
+                 "reinitialised": sorted({k.rsplit(".", 1)[0] for k in self.trainer.reinitialised}),
+                 "carried_known_classes": self.carried}
         return save_checkpoint(path, self.trainer.weights_to_save(), self.config, extra=extra, overwrite=overwrite)
 
     def segmenter(self, device: Optional[str] = None):
@@ -135,12 +225,26 @@ def channel_names_of_kind(kind: str, start_channels: Sequence[str]) -> Optional[
     """Channel names that say a scan's ``kind`` (one of :data:`SCAN_KINDS`) for a model whose channels
     are ``start_channels``; None for "model" (keep the start model's channels and scheme)."""
     if kind not in SCAN_KINDS:
-        raise ValueError(f"scan kind must be one of {', '.join(SCAN_KINDS)}, not {kind!r}")
+        raise ConfigError(f"scan kind must be one of {', '.join(SCAN_KINDS)}, not {kind!r}")
     if kind == "model":
         return None
     label = "image" if kind == "other" else kind
     count = len(start_channels)
     return (label,) if count == 1 else tuple(f"{label} {i + 1}" for i in range(count))
+
+
+def channels_not_in_hounsfield(plan: PreprocessPlan, image: np.ndarray) -> list[int]:
+    """The channels ``plan`` reads through its CT window although ``image`` has no voxel below 0 there
+    (so they are not CT in Hounsfield units: an MRI, or CT stored without its rescale intercept).
+
+    ``image`` is in file order, channels last when several. Non-empty means: the user should say
+    what the scan is (:data:`SCAN_KINDS`, ``--channel-names``) rather than get the CT window.
+    """
+    from .preprocess import check_volume, looks_like_hounsfield, with_channels
+
+    volume = with_channels(check_volume(image), plan.num_channels)
+    return [c for c in range(volume.shape[3])
+            if plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
 
 
 def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None,
@@ -154,7 +258,7 @@ def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] =
     gets the intensity scheme of its kind (CT: the HU window; others: per-scan z-scores).
     """
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise ConfigError(f"steps must be at least 1, got {steps}")
     train = {**FINETUNE_DEFAULTS, "epochs": 1, "iterations_per_epoch": int(steps), "train_seed": int(seed),
              "augment": bool(augment)}
     if batch_size is not None:
@@ -166,19 +270,62 @@ def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] =
                            channel_names=channel_names, dataset_label="the class and channel names given", log=log)
 
 
-def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan], *,
+def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan] = (), *,
              class_names: Optional[Sequence[str]] = None, channel_names: Optional[Sequence[str]] = None,
              steps: int = 300, seed: int = 0, augment: bool = True,
              batch_size: Optional[int] = None, lr: Optional[float] = None, device: str = "auto",
-             log: Callable[[str], None] = print) -> FinetuneRun:
+             log: Callable[[str], None] = print, training_set=None,
+             replay: bool | float | Replay = False, keep_known_classes: bool = False) -> FinetuneRun:
     """A fine-tuning run from ``start`` (a checkpoint, its path, or a bundled name; None = default).
 
-    ``class_names`` (background first) default to the start checkpoint's; label values beyond them
-    need names. ``channel_names`` default to the start checkpoint's; name them when the scan is of
-    another kind (an MRI for a CT model: see :func:`finetune_config`). Nothing is trained until the
-    run is iterated.
+    ``class_names`` (background first) name the values of the ``scans``' labels; they default to the
+    start checkpoint's (or the training set's, when one is given); label values beyond them need
+    names. ``channel_names`` default to the start checkpoint's (or the training set's); name them when
+    the scan is of another kind (an MRI for a CT model: see :func:`finetune_config`).
+
+    ``training_set`` (a :class:`~medconddiff.training_set.TrainingSet`) adds every verified voxel of
+    its cases; its classes join the class list by name. ``replay`` (True: :data:`REPLAY_FRACTION`; a
+    float: that fraction; or a :class:`Replay`) mixes in what the start model was trained on
+    (:func:`bundled_replay`) and puts the start model's classes first in the class list.
+    ``keep_known_classes`` starts the class-dependent layers' entries of classes the start model
+    knows (by name) from its weights instead of fresh (pixel family; meant with replay). Nothing is
+    trained until the run is iterated.
     """
     checkpoint = start if isinstance(start, Checkpoint) else load_checkpoint(start, allow_legacy=True)
-    config = finetune_config(checkpoint, class_names=class_names, channel_names=channel_names, steps=steps,
+    if replay is not False and not isinstance(replay, Replay):
+        replay = bundled_replay(checkpoint, REPLAY_FRACTION if replay is True else float(replay))
+    replay = replay or None
+    scan_classes = tuple(class_names) if class_names else None
+    classes = merged_class_names(
+        replay.class_names if replay is not None else (),
+        scan_classes or (() if training_set is not None else tuple(checkpoint.config.model.class_names)),
+        training_set.class_names if training_set is not None else ())
+    if channel_names is None and training_set is not None:
+        channel_names = training_set.channel_names
+    config = finetune_config(checkpoint, class_names=classes, channel_names=channel_names, steps=steps,
                              seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log)
-    return FinetuneRun(checkpoint, config, scans, device=device, log=log)
+    if scan_classes and scan_classes != classes:
+        # The scans' label values name ``class_names``; the run's list may have grown around them.
+        lut = np.asarray([0] + [classes.index(n) for n in scan_classes[1:]], dtype=np.int64)
+        scans = [dataclasses.replace(s, labels=lut[_checked_labels(s, scan_classes)]) for s in scans]
+    return FinetuneRun(checkpoint, config, scans, device=device, log=log, training_set=training_set, replay=replay,
+                       keep_known_classes=keep_known_classes)
+
+
+def merged_class_names(*lists: Sequence[str]) -> tuple[str, ...]:
+    """Class lists joined by name, in order of first appearance; background (each list's first) once, first."""
+    names = ["background"]
+    for class_list in lists:
+        if class_list and names == ["background"]:
+            names[0] = class_list[0]
+        names += [n for n in list(class_list)[1:] if n not in names]
+    return tuple(names)
+
+
+def _checked_labels(scan: LabelledScan, class_names: Sequence[str]) -> np.ndarray:
+    labels = np.asarray(scan.labels)
+    top = int(labels.max()) if labels.size else 0
+    if labels.size and (labels.min() < 0 or top >= len(class_names)):
+        raise ConfigError(f"{scan.name}: label {top} has no class name (classes: {', '.join(class_names)}); "
+                          "name every label value")
+    return labels.astype(np.int64)

@@ -32,8 +32,9 @@ import numpy as np
 
 from .config import PreprocessPlan
 from .dataset_layout import DatasetDescription, DatasetError, load_case_image
+from .errors import ConfigError
 from .geometry import SLICE_AXIS, Orientation
-from .nifti import VolumeMeta, load_labels
+from .nifti import VolumeMeta, load_labels, smallest_label_dtype
 
 #: Percentiles of the foreground intensities kept per channel.
 FOREGROUND_PERCENTILES = (0.5, 50.0, 99.5)
@@ -97,17 +98,17 @@ def compute_fingerprint(description: DatasetDescription, class_names: Sequence[s
     total_slices = 0
     for case in description.training:
         image, meta = load_case_image(case, expected_channels=len(channel_names))
-        labels = _case_labels(case.label, image.shape[:3], meta, class_names)
+        labels = _case_labels(case.label, image.shape[:3], meta, class_names, description.ignore_label)
         to_canonical = Orientation.of(meta.affine, meta.affine_known, note=meta.geometry_note).to_canonical
         spacings.append(tuple(float(meta.spacing[a]) for a in to_canonical.axes))
         shapes.append(to_canonical.shape(image.shape[:3]))
-        voxels += np.bincount(labels.ravel(), minlength=len(class_names))
+        voxels += np.bincount(labels.ravel(), minlength=len(class_names))[:len(class_names)]
         # Canonical axis 2 (S) is file axis to_canonical.axes[2]; flips do not change what a slice shows.
         axial = np.moveaxis(labels, to_canonical.axes[2], 0)
         for section in axial:
-            slices_showing += np.bincount(section.ravel(), minlength=len(class_names)) > 0
+            slices_showing += np.bincount(section.ravel(), minlength=len(class_names))[:len(class_names)] > 0
         total_slices += axial.shape[0]
-        foreground = np.flatnonzero(labels > 0)
+        foreground = np.flatnonzero((labels > 0) & (labels < len(class_names)))   # ignored voxels are not
         if foreground.size > max_voxels_per_case:
             foreground = np.sort(rng.choice(foreground, max_voxels_per_case, replace=False))
         samples.append(image.reshape(-1, image.shape[3])[foreground])
@@ -131,8 +132,8 @@ def plan_from_fingerprint(fingerprint: DatasetFingerprint, channel_names: Sequen
     """The preprocessing plan the fingerprint implies (rules in the module docstring)."""
     channel_names = tuple(channel_names)
     if len(channel_names) != len(fingerprint.channels):
-        raise ValueError(f"{len(channel_names)} channel names for a fingerprint of {len(fingerprint.channels)} "
-                         "channels")
+        raise ConfigError(f"{len(channel_names)} channel names for a fingerprint of {len(fingerprint.channels)} "
+                          "channels")
     base = base or PreprocessPlan()
     spacing = fingerprint.median_spacing
     coarsest = int(np.argmax(spacing))
@@ -147,8 +148,8 @@ def plan_from_fingerprint(fingerprint: DatasetFingerprint, channel_names: Sequen
         first_ct = fingerprint.channels[intensity.index("ct_window")]
         low, _, high = first_ct.foreground_percentiles
         if not low < high:
-            raise ValueError(f"the foreground of CT channel {first_ct.name!r} has a single intensity ({low}); "
-                             "no window can be derived from it")
+            raise DatasetError(f"the foreground of CT channel {first_ct.name!r} has a single intensity ({low}); "
+                               "no window can be derived from it")
         window = (low, high)
     return PreprocessPlan(slicing=slicing, target_spacing=tuple(_round_mm(spacing[a]) for a in in_plane),
                           channel_names=channel_names, intensity=intensity, window=window,
@@ -162,8 +163,13 @@ def is_ct(channel_name: str) -> bool:
 
 
 def _case_labels(path: Path, image_shape: tuple[int, ...], image_meta: VolumeMeta,
-                 class_names: tuple[str, ...]) -> np.ndarray:
+                 class_names: tuple[str, ...], ignore_label: Optional[int] = None) -> np.ndarray:
+    """The case's labels; ``ignore_label`` voxels (unverified) become ``len(class_names)``, counted as no class."""
     labels, meta = load_labels(path)
+    ignored = None
+    if ignore_label is not None:
+        ignored = labels == ignore_label
+        labels = np.where(ignored, 0, labels)
     if labels.shape != tuple(image_shape):
         raise DatasetError(f"{path}: label map has shape {labels.shape} but its image has {tuple(image_shape)}")
     if not np.allclose(meta.affine, image_meta.affine, atol=1e-3):
@@ -172,6 +178,9 @@ def _case_labels(path: Path, image_shape: tuple[int, ...], image_meta: VolumeMet
     if labels.size and int(labels.max()) >= len(class_names):
         raise DatasetError(f"{path}: label value {int(labels.max())} but the dataset names {len(class_names)} "
                            f"classes (0..{len(class_names) - 1}: {', '.join(class_names)})")
+    if ignored is not None:
+        labels = labels.astype(smallest_label_dtype(len(class_names)))
+        labels[ignored] = len(class_names)
     return labels
 
 

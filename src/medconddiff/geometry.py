@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from nibabel import orientations
 
 CANONICAL_CODES = ("R", "A", "S")
 #: The canonical (RAS) axis each slicing direction cuts across.
@@ -54,23 +55,36 @@ class Reorientation:
     @classmethod
     def between(cls, source_codes: Sequence[str], target_codes: Sequence[str]) -> "Reorientation":
         """The reorientation taking an array whose axes point to ``source_codes`` to ``target_codes``."""
-        source = [str(c).upper() for c in source_codes]
-        axes, flips = [], []
-        for code in target_codes:
-            code = str(code).upper()
-            if code in source:
-                axes.append(source.index(code))
-                flips.append(False)
-            elif _OPPOSITE.get(code) in source:
-                axes.append(source.index(_OPPOSITE[code]))
-                flips.append(True)
-            else:
-                axes.append(-1)
-                flips.append(False)
-        if sorted(axes) != list(range(len(source))):
+        source = tuple(str(c).upper() for c in source_codes)
+        target = tuple(str(c).upper() for c in target_codes)
+        try:
+            ornt = orientations.ornt_transform(orientations.axcodes2ornt(source), orientations.axcodes2ornt(target))
+        except ValueError:
+            ornt = None
+        # nibabel matches each source axis to some target axis even where the codes name no one
+        # orientation (a repeated code): only a permutation that yields the target codes is one.
+        if ornt is None or len(source) != len(target) or np.isnan(ornt).any() \
+                or sorted(ornt[:, 0].astype(int)) != list(range(len(source))) \
+                or cls._from_ornt(ornt).codes(source) != target:
             raise ValueError(f"axis codes {tuple(source_codes)} and {tuple(target_codes)} are not one "
                              "orientation seen two ways")
+        return cls._from_ornt(ornt)
+
+    @classmethod
+    def _from_ornt(cls, ornt: np.ndarray) -> "Reorientation":
+        """From nibabel's orientation: row ``i`` = (the output axis input axis ``i`` goes to, ±1 = flip)."""
+        axes, flips = [0] * len(ornt), [False] * len(ornt)
+        for source_axis, (target_axis, direction) in enumerate(ornt):
+            axes[int(target_axis)] = source_axis
+            flips[int(target_axis)] = bool(direction < 0)
         return cls(tuple(axes), tuple(flips))
+
+    def _ornt(self) -> np.ndarray:
+        """This reorientation as nibabel's orientation array (see :meth:`_from_ornt`)."""
+        ornt = np.zeros((len(self.axes), 2))
+        for target_axis, (source_axis, flip) in enumerate(zip(self.axes, self.flips)):
+            ornt[source_axis] = (target_axis, -1 if flip else 1)
+        return ornt
 
     @property
     def is_identity(self) -> bool:
@@ -79,12 +93,10 @@ class Reorientation:
     def apply(self, array: np.ndarray, first_axis: int = 0) -> np.ndarray:
         """View of ``array`` reoriented; the moved axes start at ``first_axis`` (leading axes stay)."""
         array = np.asarray(array) if not isinstance(array, np.ndarray) else array
-        n = len(self.axes)
-        order = list(range(array.ndim))
-        order[first_axis:first_axis + n] = [first_axis + a for a in self.axes]
-        out = array.transpose(order)
-        flips = tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)
-        return out[(slice(None),) * first_axis + flips]
+        # nibabel reorients the leading axes: bring ours to the front and the leading ones back after.
+        moved = np.moveaxis(array, range(first_axis), range(array.ndim - first_axis, array.ndim))
+        out = orientations.apply_orientation(moved, self._ornt())
+        return np.moveaxis(out, range(out.ndim - first_axis, out.ndim), range(first_axis))
 
     def inverse(self) -> "Reorientation":
         axes = [0] * len(self.axes)
@@ -106,10 +118,14 @@ class Reorientation:
 
     def index(self, index: Sequence[float], shape: Sequence[int]) -> tuple[float, ...]:
         """Where voxel ``index`` of an input of ``shape`` lands in the output (works for fractions)."""
-        out = []
-        for a, f in zip(self.axes, self.flips):
-            out.append((shape[a] - 1) - index[a] if f else index[a])
-        return tuple(out)
+        n = len(self.axes)
+        # inv_ornt_aff maps indices of a reoriented array back to those of its source: for the
+        # inverse reorientation, that is from this one's input to its output.
+        to_output = orientations.inv_ornt_aff(self.inverse()._ornt(), self.shape(shape)[:n])
+        # Each coordinate may be an array of voxels (the plugin maps whole slices at once): element-wise.
+        coords = np.broadcast_arrays(*(np.asarray(c, float) for c in index[:n]))
+        out = np.tensordot(to_output, np.stack([*coords, np.ones_like(coords[0])]), axes=1)[:n]
+        return tuple(float(v) if v.ndim == 0 else v for v in out)
 
     def codes(self, source_codes: Sequence[str]) -> tuple[str, ...]:
         """Axis codes of the output for an input with ``source_codes``."""

@@ -25,8 +25,9 @@ from torch import nn
 
 from .backbone import FeatureBackbone
 from .config import ModelConfig, TrainConfig
+from .errors import ConfigError
 from .denoiser import ConditionalUNet, FeatureAdapter, _groups
-from .losses import hybrid_loss
+from .losses import IGNORE_INDEX, fill_ignored, hybrid_loss
 from .model_interface import DiffusionSegmentationModel, Log, count_parameters, expand_channels
 from .morphology import postprocess_labels
 from .schedulers import NoiseSchedule
@@ -64,7 +65,7 @@ class MaskVAE(nn.Module):
                  blocks: int = 2):
         super().__init__()
         if not _is_power_of_two(downsample):
-            raise ValueError(f"latent_downsample must be a power of two, got {downsample}")
+            raise ConfigError(f"latent_downsample must be a power of two, got {downsample}")
         self.num_classes = num_classes
         self.latent_channels = latent_channels
         self.downsample = downsample
@@ -79,7 +80,10 @@ class MaskVAE(nn.Module):
                                      nn.Conv2d(width, patch, 3, padding=1), nn.PixelShuffle(downsample))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(labels.long(), self.num_classes).permute(0, 3, 1, 2).float()
+        """(B, K, H, W); an ignored pixel is encoded as background (its reconstruction adds no loss)."""
+        labels = labels.long()
+        labels = labels.masked_fill(labels == IGNORE_INDEX, 0)
+        return F.one_hot(labels, self.num_classes).permute(0, 3, 1, 2).float()
 
     def encode(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Label map (B, H, W) → latent mean and log-variance, each (B, C, H/d, W/d)."""
@@ -120,8 +124,8 @@ class LatentUNet(ConditionalUNet):
                          embed_dim, fusion)
         first = stage_reductions[0]
         if first % input_reduction or not _is_power_of_two(first // input_reduction):
-            raise ValueError(f"the latent grid (1/{input_reduction}) must be the first used backbone stage's "
-                             f"grid (1/{first}) or finer by a power of two")
+            raise ConfigError(f"the latent grid (1/{input_reduction}) must be the first used backbone stage's "
+                              f"grid (1/{first}) or finer by a power of two")
         self.input_reduction = input_reduction
         downs = int(math.log2(first // input_reduction))
         self.stem = nn.Conv2d(in_channels, stem_channels, 3, padding=1)
@@ -155,15 +159,15 @@ class LatentSegDiff(DiffusionSegmentationModel):
         self.config = config
         d = config.latent_downsample
         if not _is_power_of_two(d):
-            raise ValueError(f"latent_downsample must be a power of two, got {d}")
+            raise ConfigError(f"latent_downsample must be a power of two, got {d}")
         if config.latent_channels < 1:
-            raise ValueError(f"latent_channels must be at least 1, got {config.latent_channels}")
+            raise ConfigError(f"latent_channels must be at least 1, got {config.latent_channels}")
         self.backbone = FeatureBackbone(config.backbone, in_chans=in_channels, weights=config.backbone_weights)
         # Backbone stages finer than the latent grid have nothing to be added to; they are not used.
         self.stage_indices = tuple(i for i, r in enumerate(self.backbone.reductions) if r >= d)
         if not self.stage_indices:
-            raise ValueError(f"latent_downsample {d} is coarser than every backbone stage "
-                             f"{self.backbone.reductions}")
+            raise ConfigError(f"latent_downsample {d} is coarser than every backbone stage "
+                              f"{self.backbone.reductions}")
         channels = [self.backbone.channels[i] for i in self.stage_indices]
         reductions = [self.backbone.reductions[i] for i in self.stage_indices]
         widths = expand_channels(config.denoiser_channels, len(channels))
@@ -242,25 +246,48 @@ class LatentSegDiff(DiffusionSegmentationModel):
     # ------------------------------------------------------------------------------ training hooks
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
                       generator: Optional[torch.Generator] = None, dice_weight: float = 1.0,
-                      ce_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                      ce_weight: float = 1.0, ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
         """Latent MSE of x̂_0 plus ``decoded_loss_weight`` × (Dice + CE) of its decoded mask.
 
         The decoded term back-propagates through the frozen decoder into the denoiser, so errors are
-        weighted by what they do to the mask rather than uniformly over latent channels.
+        weighted by what they do to the mask rather than uniformly over latent channels. Ignored
+        pixels (:data:`IGNORE_INDEX`) are filled for the clean latent as ``ignore_fill`` says; they
+        add no decoded loss, and each latent cell's MSE is weighted by its share of known pixels.
         """
         if not self.vae_trained:
             raise RuntimeError("the mask VAE is not trained yet; call prepare_training first")
         labels = labels.long()
-        x0 = self.mask_to_state(labels)
+        condition = self.encode_condition(image)
+        filled = fill_ignored(labels, ignore_fill, lambda: self._noise_prediction(condition, labels.shape, schedule,
+                                                                                generator))
+        x0 = self.mask_to_state(filled)
         source = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=source)
         noise = torch.randn(x0.shape, generator=generator, device=source)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
-        predicted = self(schedule.add_noise(x0, noise, t), t, image)
-        latent_mse = F.mse_loss(predicted.float(), x0.float())
+        predicted = self.denoise_latent(schedule.add_noise(x0, noise, t), t, condition)
+        if bool((labels == IGNORE_INDEX).any()):
+            known = F.avg_pool2d((labels != IGNORE_INDEX)[:, None].float(), self.config.latent_downsample)
+            squared = (predicted.float() - x0.float()) ** 2 * known
+            latent_mse = squared.sum() / (known.sum() * predicted.shape[1]).clamp(min=1.0)
+        else:
+            latent_mse = F.mse_loss(predicted.float(), x0.float())
         decoded = hybrid_loss(self.decode_logits(predicted), labels, dice_weight, ce_weight)
         return {"loss": latent_mse + self.decoded_loss_weight * decoded["loss"], "latent_mse": latent_mse.detach(),
                 "decoded_dice_loss": decoded["dice_loss"], "decoded_ce": decoded["ce"]}
+
+    @torch.no_grad()
+    def _noise_prediction(self, condition: Sequence[torch.Tensor], label_shape: Sequence[int],
+                          schedule: NoiseSchedule, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Arg-max of the decoded x̂_0 from pure noise at the last timestep (the image's own first guess)."""
+        batch, height, width = label_shape
+        source = generator.device if generator is not None else condition[0].device
+        noise = torch.randn(self.state_shape(batch, height, width), generator=generator, device=source)
+        noise = noise.to(condition[0].device, condition[0].dtype)
+        last = torch.full((batch,), schedule.num_train_timesteps - 1, dtype=torch.long, device=condition[0].device)
+        latent = self.denoise_latent(noise, last, [c.detach() for c in condition])
+        clip = self.state_clip_range
+        return self.decode_logits(latent if clip is None else latent.clamp(-clip, clip)).argmax(dim=1)
 
     def prepare_training(self, dataset, train_config: TrainConfig, device: torch.device | str = "cpu",
                          log: Log = print, *, steps: Optional[int] = None) -> dict[str, float]:
@@ -279,7 +306,7 @@ class LatentSegDiff(DiffusionSegmentationModel):
             raise ValueError("the training data set has no slices")
         steps = self.vae_steps if steps is None else int(steps)
         if steps < 1:
-            raise ValueError(f"VAE steps must be at least 1, got {steps}")
+            raise ConfigError(f"VAE steps must be at least 1, got {steps}")
         generator = torch.Generator().manual_seed(int(train_config.train_seed))
         self.vae.requires_grad_(True).train()
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.lr,

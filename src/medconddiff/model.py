@@ -13,7 +13,7 @@ import torch
 from .backbone import FeatureBackbone
 from .config import ModelConfig
 from .denoiser import ConditionalUNet, FeatureAdapter
-from .losses import hybrid_loss
+from .losses import fill_ignored, hybrid_loss
 from .model_interface import DiffusionSegmentationModel, expand_channels, one_hot_state
 from .schedulers import NoiseSchedule
 
@@ -60,12 +60,31 @@ class MedCondDiff(DiffusionSegmentationModel):
         return self.denoise_logits(x_t, timesteps, self.encode_condition(image))
 
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
-                      generator: Optional[torch.Generator] = None, dice_weight: float = 1.0, ce_weight: float = 1.0
-                      ) -> dict[str, torch.Tensor]:
-        """Noise the one-hot mask at a random timestep, predict x̂_0, score it with Dice + CE."""
-        x0 = self.mask_to_state(labels)
+                      generator: Optional[torch.Generator] = None, dice_weight: float = 1.0, ce_weight: float = 1.0,
+                      ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
+        """Noise the one-hot mask at a random timestep, predict x̂_0, score it with Dice + CE.
+
+        Ignored pixels (:data:`IGNORE_INDEX`) add no loss; the clean mask that is noised needs a
+        class there, which ``ignore_fill`` chooses (see :func:`fill_ignored`)."""
+        condition = self.encode_condition(image)
+        filled = fill_ignored(labels, ignore_fill, lambda: self._noise_prediction(condition, labels.shape, schedule,
+                                                                                generator))
+        x0 = self.mask_to_state(filled)
         timesteps = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = schedule.add_noise(x0, noise.to(x0.device), timesteps.to(x0.device))
-        logits = self(x_t, timesteps.to(x0.device), image)
+        logits = self.denoise_logits(x_t, timesteps.to(x0.device), condition)
         return hybrid_loss(logits, labels, dice_weight, ce_weight)
+
+    @torch.no_grad()
+    def _noise_prediction(self, condition: Sequence[torch.Tensor], label_shape: Sequence[int],
+                          schedule: NoiseSchedule, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Arg-max of x̂_0 from pure noise at the last timestep: the image's own first guess, as the first
+        step of inference sees it (the condition is shared with the trained pass, so only the
+        denoiser runs again)."""
+        batch, height, width = label_shape
+        noise = torch.randn(self.state_shape(batch, height, width), generator=generator).to(condition[0].device)
+        last = torch.full((batch,), schedule.num_train_timesteps - 1, dtype=torch.long, device=condition[0].device)
+        logits = self.denoise_logits(noise, last, [c.detach() for c in condition])
+        return logits.argmax(dim=1)
+

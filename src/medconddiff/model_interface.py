@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
+from .errors import ConfigError
 from .schedulers import NoiseSchedule
 
 Log = Callable[[str], None]
@@ -29,8 +30,8 @@ def expand_channels(channels: Sequence[int], stages: int) -> tuple[int, ...]:
     if len(channels) == 1:
         return channels * stages
     if len(channels) != stages:
-        raise ValueError(f"denoiser_channels has {len(channels)} entries but the backbone has {stages} stages; "
-                         "give one number per stage or a single number")
+        raise ConfigError(f"denoiser_channels has {len(channels)} entries but the backbone has {stages} stages; "
+                          "give one number per stage or a single number")
     return channels
 
 
@@ -83,8 +84,11 @@ class DiffusionSegmentationModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
                       generator: Optional[torch.Generator] = None, dice_weight: float = 1.0,
-                      ce_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Noise the mask at a random timestep, predict x̂_0, score it; ``loss`` is back-propagated."""
+                      ce_weight: float = 1.0, ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
+        """Noise the mask at a random timestep, predict x̂_0, score it; ``loss`` is back-propagated.
+
+        Label pixels holding :data:`medconddiff.losses.IGNORE_INDEX` add no loss; ``ignore_fill``
+        (:data:`medconddiff.losses.IGNORE_FILLS`) says what class they take in the noised x_0."""
 
     def postprocess(self, labels: np.ndarray, model_pixel_area: float = 1.0) -> np.ndarray:
         """Clean consensus labels (slices, H, W); ``model_pixel_area`` = label pixels per model pixel."""

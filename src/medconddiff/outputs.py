@@ -2,6 +2,10 @@
 
 Shared by the ``segment`` command and the napari plugin's Export, so both write the same files.
 Arrays are in the scan's file voxel order; volumes in millilitres from ``meta.spacing`` (mm).
+The labels file may be NIfTI or, for a scan read from DICOM, a DICOM SEG (``seg.dcm``): its
+uncertainty and trajectory volumes are NIfTI either way, and its sidecar is ``seg.json``. A
+sidecar records the DICOM series a scan came from by its UIDs, number and description, never by a
+patient attribute.
 """
 
 from __future__ import annotations
@@ -65,9 +69,13 @@ def trajectory_volume(result: Any) -> np.ndarray:
 
 
 def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, source: str,
-                        outputs: dict[str, str], seconds: Optional[float] = None, edited: Optional[bool] = None
-                        ) -> dict:
-    """The JSON sidecar of a segmentation: inputs, outputs, provenance, geometry, class volumes."""
+                        outputs: dict[str, str], seconds: Optional[float] = None, edited: Optional[bool] = None,
+                        dicom_source: Optional[dict] = None) -> dict:
+    """The JSON sidecar of a segmentation: inputs, outputs, provenance, geometry, class volumes.
+
+    ``dicom_source`` is :meth:`medconddiff.dicom_series.DicomSource.to_dict` of a scan read from DICOM
+    (series and instance UIDs, no patient attribute), recorded as ``"dicom_source"``.
+    """
     done = result.slice_indices[result.completed]
     record: dict[str, Any] = {
         "input": source,
@@ -82,6 +90,8 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, so
         "affine": np.asarray(meta.affine).tolist(),
         "affine_known": bool(meta.affine_known),
     }
+    if dicom_source is not None:
+        record["dicom_source"] = dict(dicom_source)
     if not meta.affine_known:
         record["affine_note"] = meta.geometry_note or "the scan's affine is unknown"
     if seconds is not None:

@@ -32,17 +32,21 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from .config import NETWORK_STRIDE, PreprocessPlan
+from .errors import UserInputError
 from .geometry import SLICE_AXIS, Orientation
-from .nifti import VolumeMeta, sanitize_nonfinite
+from .nifti_read import sanitize_nonfinite
+from .profiling import PREPROCESS
+from .volume_meta import VolumeMeta
 
 #: Voxels used to estimate a scan's intensity percentiles (a regular subsample: same result,
 #: a fraction of the memory and time on a 512×512×300 scan).
 PERCENTILE_SAMPLE = 2_000_000
 
 
-class ScanError(ValueError):
+class ScanError(UserInputError):
     """A scan the model cannot be run on (wrong dimensionality, no finite voxels, ...)."""
 
 
@@ -359,8 +363,9 @@ class PreparedScan:
 
     def forward(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, C_in, Hp, Wp) model input for canonical slices ``indices``."""
-        slices = torch.from_numpy(self.normalised_slices(indices)).to(device)
-        return self.geometry.to_model_grid(slices, self.pad_values)
+        with record_function(PREPROCESS):
+            slices = torch.from_numpy(self.normalised_slices(indices)).to(device)
+            return self.geometry.to_model_grid(slices, self.pad_values)
 
     def labels_forward(self, labels: np.ndarray, indices: Sequence[int]) -> torch.Tensor:
         """(B, h, w) int64 reference labels on the model grid (nearest neighbour), unpadded (training)."""

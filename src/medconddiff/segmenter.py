@@ -24,217 +24,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from . import __version__
+from .adaptive import converged, keep_sampling
 from .checkpoint import Checkpoint, load_checkpoint, load_model_weights
 from .config import ExperimentConfig, SamplingConfig
-from .consensus import first_argmax, fuse, labels_from_probabilities, quantize, select_steps, uncertainty
+from .consensus import quantize
+from .devices import available_devices, resolve_device
+from .errors import SliceSpecError
 from .families import build_model
+from .fusion import Postprocess, argmax_labels, fuse_slices, model_pixel_area, scan_labels
 from .model_interface import DiffusionSegmentationModel
 from .nifti import VolumeMeta
 from .preprocess import PreparedScan, ScanGeometry, ScanPreprocessor
+from .profiling import DENOISE, ENCODE_CONDITION, QUANTIZE
 from .sampling import initial_noise, sample_progressive
 from .schedulers import NoiseSchedule, make_scheduler
+from .segmentation_result import SegmentationEvent, SegmentationResult, SlicesDone, StepUpdate
 
-#: ``postprocess(labels (B, H, W), model_pixel_area) -> labels``: a family's clean-up of consensus labels.
-Postprocess = Callable[[np.ndarray, float], np.ndarray]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' → CUDA when present, else CPU; an explicit 'cuda' without a GPU is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
-
-
-def available_devices() -> list[str]:
-    devices = ["auto", "cpu"]
-    devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return devices
-
-
-@dataclass
-class StepUpdate:
-    """One denoising step finished for a batch of slices (probabilities on the model grid)."""
-
-    slice_indices: np.ndarray
-    seed_index: int
-    step_index: int
-    num_steps: int
-    num_seeds: int
-    probabilities: np.ndarray  # (B, K, h, w) float32, canonical slice orientation, plan spacing
-
-
-@dataclass
-class SlicesDone:
-    """A batch of slices is fully segmented; ``completed`` of ``total`` slices are done.
-
-    ``labels``/``uncertainty`` are canonical slices on the scan's grid: write them through
-    ``geometry.slice_view(array)[slice_indices]`` into a file-ordered array.
-    """
-
-    slice_indices: np.ndarray
-    labels: np.ndarray        # (B, H, W) uint8
-    uncertainty: np.ndarray   # (B, H, W) float32 in [0, 1]
-    completed: int
-    total: int
-
-
-SegmentationEvent = Union[StepUpdate, SlicesDone]
-
-
-@dataclass
-class SegmentationResult:
-    """Consensus labels, uncertainty and the kept trajectory of one run.
-
-    ``labels``/``uncertainty`` are full volumes in the input's voxel order; slices that were not
-    segmented are 0. ``trajectory`` is the uint8-quantised per-step class probabilities, shaped
-    (num_seeds*steps, K, n_slices, h, w) on the model grid (canonical slices at the plan's spacing)
-    for the slices in ``slice_indices``. ``geometry`` maps between the two.
-    """
-
-    labels: np.ndarray
-    uncertainty: np.ndarray
-    trajectory: np.ndarray
-    slice_indices: np.ndarray
-    completed: np.ndarray          # bool per entry of slice_indices
-    geometry: ScanGeometry
-    sampling: SamplingConfig
-    class_names: tuple[str, ...]
-    provenance: dict = field(default_factory=dict)
-    #: the model's clean-up of consensus labels (LSegDiff's morphology), reapplied by ``refuse``
-    postprocess: Optional[Postprocess] = field(default=None, repr=False, compare=False)
-    #: denoising steps each slice took (per seed); below ``sampling.steps`` where adaptive sampling
-    #: stopped a converged slice early. None means every slice took every step.
-    steps_used: Optional[np.ndarray] = None
-
-    def __post_init__(self) -> None:
-        if self.steps_used is None:
-            self.steps_used = np.full(len(self.slice_indices), self.sampling.steps, np.int16)
-
-    @property
-    def is_complete(self) -> bool:
-        return bool(self.completed.all())
-
-    def trajectory_step(self, index: int) -> np.ndarray:
-        """Entry ``index`` (seed × steps + step) of the trajectory, (K, n_slices, h, w): a slice that
-        had stopped by then shows its last step (what it converged to)."""
-        steps = self.sampling.steps
-        seed, step = divmod(index, steps)
-        stopped = np.flatnonzero(self.steps_used <= step)
-        if not len(stopped):
-            return self.trajectory[index]
-        out = self.trajectory[index].copy()
-        for used in np.unique(self.steps_used[stopped]):
-            positions = stopped[self.steps_used[stopped] == used]
-            out[:, positions] = self.trajectory[seed * steps + int(used) - 1][:, positions]
-        return out
-
-    @property
-    def step_labels(self) -> np.ndarray:
-        """Arg-max of every step's x̂_0: (num_seeds*steps, n_slices, h, w) uint8, model grid
-        (steps after a slice stopped repeat its last one)."""
-        return np.stack([first_argmax(self.trajectory_step(i), axis=0) for i in range(self.trajectory.shape[0])])
-
-    def slice_view(self, array: np.ndarray) -> np.ndarray:
-        """A file-ordered volume (e.g. ``labels``) as canonical slices, slice axis first (a view)."""
-        return self.geometry.slice_view(array)
-
-    def refuse(self, method: str, skip_first: int = 0, chunk: int = 32) -> "SegmentationResult":
-        """A new result with another consensus over the kept trajectory (no diffusion re-run)."""
-        sampling = dataclasses.replace(self.sampling, consensus=method, skip_first=skip_first)
-        labels = np.zeros_like(self.labels)
-        unc = np.zeros_like(self.uncertainty)
-        labels_sf, unc_sf = self.geometry.slice_view(labels), self.geometry.slice_view(unc)
-        done = np.flatnonzero(self.completed)
-        for start in range(0, len(done), chunk):
-            positions = done[start:start + chunk]
-            fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, self.geometry,
-                                                  self.postprocess, self.steps_used[positions])
-            labels_sf[self.slice_indices[positions]] = fused_labels
-            unc_sf[self.slice_indices[positions]] = fused_unc
-        return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
-
-    def step_labels_on_scan(self, step: int) -> np.ndarray:
-        """One step's x̂_0 labels as canonical slices on the scan's grid: (n_slices, H, W) uint8."""
-        return scan_labels(self.trajectory_step(step).transpose(1, 0, 2, 3), self.geometry)
-
-
-def argmax_labels(probabilities: torch.Tensor) -> np.ndarray:
-    """(B, K, H, W) probabilities → (B, H, W) uint8 labels on the host; equal to ``argmax(dim=1)``.
-
-    torch's CPU arg-max over the class dimension is ~10× slower than comparing class planes, and at
-    scan resolution (512²) it cost more than the whole fusion.
-    """
-    if probabilities.device.type == "cpu":
-        return first_argmax(probabilities.numpy(), axis=1)
-    return probabilities.argmax(dim=1).to(torch.uint8).cpu().numpy()
-
-
-def scan_labels(probabilities: np.ndarray | torch.Tensor, geometry: ScanGeometry) -> np.ndarray:
-    """(B, K, h, w) model-grid probabilities (float, or uint8-quantised) → (B, H, W) uint8 labels
-    on the scan's grid: the one way a prediction becomes labels (bilinear, then arg-max)."""
-    if isinstance(probabilities, np.ndarray):
-        probabilities = torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))
-    return argmax_labels(geometry.to_scan_grid(probabilities.float()))
-
-
-def model_pixel_area(geometry: ScanGeometry) -> float:
-    """How many scan-grid pixels one model-grid pixel covers."""
-    (H, W), (h, w) = geometry.plane_shape, geometry.model_shape
-    return (H / h) * (W / w)
-
-
-def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                postprocess: Optional[Postprocess] = None, steps_used: Optional[np.ndarray] = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W) float32
-    on the scan's grid. ``postprocess`` cleans the labels (not the uncertainty, which describes the
-    raw trajectory). ``steps_used`` (B,): slices that stopped early fuse only the steps they took
-    (skip-first then leaves at least their last step)."""
-    if steps_used is not None and (np.asarray(steps_used) < sampling.steps).any():
-        return _fuse_ragged(stack_uint8, sampling, geometry, postprocess, np.asarray(steps_used))
-    fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
-    labels_small = labels_from_probabilities(fused)
-    unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
-    labels = scan_labels(fused.transpose(1, 0, 2, 3), geometry)
-    if postprocess is not None:
-        labels = postprocess(labels, model_pixel_area(geometry))
-    unc = geometry.to_scan_grid(torch.from_numpy(unc_small)[:, None])[:, 0].clamp_(0, 1).numpy()
-    return labels, unc.astype(np.float32)
-
-
-def _fuse_ragged(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                 postprocess: Optional[Postprocess], steps_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fuse_slices for slices that took different numbers of steps: one fusion per step count."""
-    H, W = geometry.plane_shape
-    labels = np.zeros((len(steps_used), H, W), np.uint8)
-    unc = np.zeros((len(steps_used), H, W), np.float32)
-    for used in np.unique(steps_used):
-        used = int(used)
-        positions = np.flatnonzero(steps_used == used)
-        entries = [seed * sampling.steps + i for seed in range(sampling.num_seeds) for i in range(used)]
-        taken = dataclasses.replace(sampling, steps=used, skip_first=min(sampling.skip_first, used - 1))
-        labels[positions], unc[positions] = fuse_slices(stack_uint8[entries][:, :, positions], taken, geometry,
-                                                        postprocess)
-    return labels, unc
-
-
-def converged(previous: torch.Tensor, labels: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """(B,) bool: fewer than ``tolerance`` of each slice's foreground pixels changed label."""
-    changed = (previous != labels).flatten(1).sum(1)
-    foreground = ((previous > 0) | (labels > 0)).flatten(1).sum(1).clamp(min=1)
-    return (changed == 0) | (changed < tolerance * foreground)
+# Names that lived here before the split, imported from here by the CLI, the plugin and the tests.
+__all__ = ["Segmenter", "SegmentationRun", "SegmentationResult", "SegmentationEvent", "SlicesDone", "StepUpdate",
+           "Postprocess", "resolve_device", "available_devices", "argmax_labels", "scan_labels", "model_pixel_area",
+           "fuse_slices", "converged", "batches", "selected_slices"]
 
 
 def _stream_seed(seed: int, slice_index: int) -> int:
@@ -250,6 +67,29 @@ def batches(indices: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometr
         yield slice(start, min(start + size, len(indices)))
 
 
+def selected_slices(slices: Optional[Iterable[int]], geometry: ScanGeometry) -> np.ndarray:
+    """The canonical slice indices a caller asked for, as int64 in the order given (None = all), or a
+    SliceSpecError naming the first index that is not a slice of this scan and the valid range.
+
+    A negative index is refused, not counted from the end: it would write into another slice."""
+    n = geometry.n_slices
+    if slices is None:
+        return np.arange(n)
+    values = np.asarray(list(slices))
+    if values.size == 0:
+        raise SliceSpecError("no slices selected")
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
+        raise SliceSpecError(f"slice indices must be whole numbers, got {list(values.ravel())[:5]}")
+    whole = np.isfinite(values) & (values == np.round(values)) if values.dtype.kind == "f" else np.ones(len(values), bool)
+    inside = whole & (values >= 0) & (values < n)
+    if not inside.all():
+        bad = values[~inside][0]
+        shown = int(bad) if whole[~inside][0] else float(bad)
+        raise SliceSpecError(f"slice {shown} is not a slice of this scan: slice indices must be in [0, {n}), "
+                             f"whole numbers 0 to {n - 1} (its {geometry.slicing} slices)")
+    return values.astype(np.int64)
+
+
 class SegmentationRun:
     """An iterable run: iterate to drive it, stop iterating to cancel; ``result`` is always valid."""
 
@@ -260,13 +100,7 @@ class SegmentationRun:
         self.sampling = sampling
         self.scan: PreparedScan = segmenter.preprocessor.prepare(volume, meta)
         geometry = self.scan.geometry
-        n = geometry.n_slices
-        indices = np.arange(n) if slices is None else np.unique(np.asarray(list(slices), dtype=np.int64))
-        if len(indices) == 0:
-            raise ValueError("no slices selected")
-        if indices.min() < 0 or indices.max() >= n:
-            raise ValueError(f"slice indices must be in [0, {n}) ({geometry.slicing} slices of this scan), "
-                             f"got {indices.min()}..{indices.max()}")
+        indices = np.unique(selected_slices(slices, geometry))
         self.slice_indices = indices
         h, w = geometry.model_shape
         total_steps = sampling.steps * sampling.num_seeds
@@ -303,7 +137,9 @@ class SegmentationRun:
             for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape):
                 where = np.searchsorted(self.slice_indices, update.slice_indices)
                 kept = result.trajectory[update.seed_index * sampling.steps + update.step_index]
-                for position, probabilities in zip(where, quantize(update.probabilities)):
+                with record_function(QUANTIZE):
+                    quantized = quantize(update.probabilities)
+                for position, probabilities in zip(where, quantized):
                     kept[:, position] = probabilities   # basic indexing: a plain copy (fancy indexing was 10× slower)
                 if update.seed_index == 0:
                     result.steps_used[where] = update.step_index + 1
@@ -415,7 +251,7 @@ class Segmenter:
         image = image.to(self.device).contiguous(memory_format=self.memory_format)
         batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
         h, w = model_shape or (height, width)
-        with self.autocast(sampling.precision):
+        with self.autocast(sampling.precision), record_function(ENCODE_CONDITION):
             condition = self.model.encode_condition(image)
         steps_used = torch.full((batch,), sampling.steps, dtype=torch.long)   # set by the first seed
         for seed_index in range(sampling.num_seeds):
@@ -436,36 +272,18 @@ class Segmenter:
                 cond = subsets[key]
                 with self.autocast(sampling.precision):
                     if sampling.reextract_features:  # the reference code's behaviour, for benchmarks
-                        cond = self.model.encode_condition(image[active.to(image.device)])
-                    x0, probs = self.model.denoise(x, t, cond)
+                        with record_function(ENCODE_CONDITION):
+                            cond = self.model.encode_condition(image[active.to(image.device)])
+                    with record_function(DENOISE):
+                        x0, probs = self.model.denoise(x, t, cond)
                 return x0.float(), probs.float()
 
-            keep = self._keep_fn(sampling, seed_index, steps_used, h, w) if sampling.adaptive else None
+            keep = keep_sampling(sampling, seed_index, steps_used, h, w) if sampling.adaptive else None
             for step in sample_progressive(denoise, scheduler, x_t, generators, keep):
                 # Contiguous (B, K, h, w) on the host: channels-last strides would slow every later copy.
                 probabilities = step.probabilities[..., :h, :w].contiguous().cpu().numpy()
                 yield StepUpdate(np.asarray(slice_indices)[step.active.numpy()], seed_index, step.index,
                                  step.num_steps, sampling.num_seeds, probabilities)
-
-    @staticmethod
-    def _keep_fn(sampling: SamplingConfig, seed_index: int, steps_used: torch.Tensor, h: int, w: int):
-        """Adaptive steps: the first seed stops each slice once its labels converged (``steps_used``
-        records when); further seeds take the same number of steps per slice, so seeds stay comparable."""
-        if seed_index > 0:
-            return lambda step: step.index + 1 < steps_used[step.active]
-        state: dict[str, torch.Tensor] = {}
-
-        def keep(step) -> torch.Tensor:
-            labels = torch.from_numpy(argmax_labels(step.probabilities[..., :h, :w].contiguous().cpu()))
-            streak = state.get("streak", torch.zeros(len(step.active), dtype=torch.long))
-            if "labels" in state:
-                streak = torch.where(converged(state["labels"], labels, sampling.convergence_change), streak + 1, 0)
-            go_on = streak < sampling.convergence_patience
-            steps_used[step.active[~go_on]] = step.index + 1
-            state["labels"], state["streak"] = labels[go_on], streak[go_on]
-            return go_on
-
-        return keep
 
     def _initial_noise(self, batch: int, height: int, width: int, seed: int, slice_indices: Sequence[int]
                        ) -> torch.Tensor:
@@ -484,7 +302,7 @@ class Segmenter:
         geometry = scan.geometry
         labels = np.zeros(geometry.file_shape, np.uint8)
         labels_sf = geometry.slice_view(labels)
-        indices = np.arange(geometry.n_slices) if slices is None else np.asarray(list(slices))
+        indices = selected_slices(slices, geometry)
         last = self.schedule.num_train_timesteps - 1
         sampling = SamplingConfig(batch_size=batch_size, precision=precision)
         for positions in batches(indices, sampling, geometry):
@@ -494,7 +312,10 @@ class Segmenter:
             x_t = x_t.contiguous(memory_format=self.memory_format)
             t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
             with self.autocast(precision):
-                _, probs = self.model.denoise(x_t, t, self.model.encode_condition(image))
+                with record_function(ENCODE_CONDITION):
+                    condition = self.model.encode_condition(image)
+                with record_function(DENOISE):
+                    _, probs = self.model.denoise(x_t, t, condition)
             chunk_labels = scan_labels(geometry.crop(probs.float()).cpu(), geometry)
             labels_sf[chunk] = self.model.postprocess(chunk_labels, model_pixel_area(geometry))
         return labels

@@ -11,21 +11,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .checkpoint import Checkpoint, load_checkpoint, model_state, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_state, save_checkpoint
 from .config import ExperimentConfig, SamplingConfig
 from .datasets import Case, SliceRanges, TrainingSlices, range_indices
 from .families import build_model
+from .losses import IGNORE_INDEX
 from .schedulers import NoiseSchedule
 from .segmenter import Segmenter, resolve_device
 from .transfer import transfer_weights
@@ -54,12 +56,37 @@ def init_distributed(device: torch.device) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, total: int, config) -> LRScheduler:
+    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps`` steps, then cosine decay
+    to 5 % of ``lr`` at step ``total`` (where it stays: see :func:`follow_lr_schedule`).
+
+    Built on the optimizer's current rate, which must be ``config.lr``.
+    """
+    warmup = config.warmup_steps
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.05 * config.lr)
+    if warmup == 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def follow_lr_schedule(schedule: LRScheduler, step: int, total: int, config) -> None:
+    """Bring ``schedule`` (and its optimizer's rate) to optimizer step ``step``: one step per call in a
+    run, all the steps done before in a resumed one. Past the cosine's end the rate stays at its floor."""
+    end = config.warmup_steps + max(1, total - config.warmup_steps)
+    with warnings.catch_warnings():
+        # A resumed run catches up before its first optimizer step, which torch would warn about.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        while schedule.last_epoch < min(step, end):
+            schedule.step()
+
+
 def lr_at(step: int, total: int, config) -> float:
-    """Linear warm-up, then cosine decay to 5 % of the base rate."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    """The learning rate of optimizer step ``step`` of ``total`` under :func:`lr_schedule`."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    schedule = lr_schedule(optimizer, total, config)
+    follow_lr_schedule(schedule, step, total, config)
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -154,7 +181,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         if checkpoint.config.model != self.config.model:
-            raise ValueError(f"{path} was trained with another model config; cannot resume it with this one")
+            raise CheckpointError(f"{path} was trained with another model config; cannot resume it with this one")
         state = checkpoint.state_dict
         if self.ema is not None:
             self.ema.module.load_state_dict(model_state(checkpoint))
@@ -175,14 +202,22 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _follow_lr_schedule(self, total_steps: int) -> None:
+        """The optimizer's rate for step ``self.step``; the schedule is built once the total is known."""
+        if getattr(self, "_lr_schedule", None) is None or self._lr_total != total_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.tc.lr
+                group.pop("initial_lr", None)
+            self._lr_schedule, self._lr_total = lr_schedule(self.optimizer, total_steps, self.tc), total_steps
+        follow_lr_schedule(self._lr_schedule, self.step, total_steps, self.tc)
+
     def train_step(self, image: torch.Tensor, labels: torch.Tensor, total_steps: int) -> dict[str, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, total_steps, self.tc)
+        self._follow_lr_schedule(total_steps)
         image, labels = image.to(self.device), labels.to(self.device)
         self.network.train()
         with self._autocast():
             losses = self.network(image, labels, self.schedule, self.generator, self.tc.dice_weight,
-                                  self.tc.ce_weight)
+                                  self.tc.ce_weight, self.tc.ignore_fill)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -275,9 +310,10 @@ class _TrainingLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image, labels, schedule, generator, dice_weight, ce_weight) -> dict[str, torch.Tensor]:
+    def forward(self, image, labels, schedule, generator, dice_weight, ce_weight, ignore_fill
+                ) -> dict[str, torch.Tensor]:
         return self.model.training_loss(image, labels, schedule, generator, dice_weight=dice_weight,
-                                        ce_weight=ce_weight)
+                                        ce_weight=ce_weight, ignore_fill=ignore_fill)
 
 
 @dataclasses.dataclass
@@ -298,6 +334,7 @@ class Validation:
             result = segmenter.segment(case.image, sampling, slices=slices, meta=case.meta)
             predicted = result.slice_view(result.labels)[slices]
             reference = result.slice_view(case.labels)[slices]
+            predicted = np.where(reference == IGNORE_INDEX, 0, predicted)   # unverified voxels count nowhere
             for k in range(1, len(names)):
                 p, r = predicted == k, reference == k
                 hits[k] += 2 * np.logical_and(p, r).sum()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import PreprocessPlan
+from .errors import ConfigError
 from .dataset_layout import CaseFiles, DatasetDescription, DatasetError, describe_dataset, load_case_image
 from .datasets import Case, SliceRanges, load_case, parse_ranges
 from .outputs import strip_nifti_suffix
@@ -24,6 +25,7 @@ class TrainingData:
     channel_names: Optional[tuple[str, ...]]
     label: str                                    # how messages name the data ("dataset.json of X", "--pair")
     description: Optional[DatasetDescription] = None
+    ignore_label: Optional[int] = None            # the dataset's "ignore" value (sparse labels), if any
     _fingerprint: Any = field(default=None, repr=False)
 
     @classmethod
@@ -45,12 +47,13 @@ class TrainingData:
                     raise DatasetError(f"--pair file not found: {path}")
             cases.append(CaseFiles(strip_nifti_suffix(image), (Path(image),), Path(label_path)))
         if not cases:
-            raise ValueError("no training data: give a dataset folder or --pair IMAGE LABEL")
+            raise ConfigError("no training data: give a dataset folder or --pair IMAGE LABEL")
         names = [case.name for case in cases]
         if len(set(names)) != len(names):
             raise DatasetError(f"two cases share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
                                "rename one so logs and checkpoints can tell them apart")
-        return cls(cases, class_names, channel_names, label, description)
+        return cls(cases, class_names, channel_names, label, description,
+                   description.ignore_label if description is not None else None)
 
     @property
     def has_labels(self) -> bool:
@@ -72,7 +75,8 @@ class TrainingData:
 
             description = DatasetDescription(root=Path("."), layout="pairs", name=self.label,
                                              class_names=self.class_names, channel_names=tuple(channel_names),
-                                             training=self.cases, test=[], file_ending=".nii.gz")
+                                             training=self.cases, test=[], file_ending=".nii.gz",
+                                             ignore_label=self.ignore_label)
             self._fingerprint = compute_fingerprint(description, self.derived_class_names(),
                                                     tuple(channel_names))
         return self._fingerprint
@@ -92,12 +96,12 @@ class TrainingData:
         cases = []
         for files in self.cases:
             image, meta = load_case_image(files, expected)
-            cases.append(load_case(files.name, image, meta, files.label, num_classes))
+            cases.append(load_case(files.name, image, meta, files.label, num_classes, self.ignore_label))
         return cases
 
     @staticmethod
-    def ranges(text: Optional[str]) -> SliceRanges:
-        return parse_ranges(text)
+    def ranges(text: Optional[str], what: str = "slices") -> SliceRanges:
+        return parse_ranges(text, what)
 
     def summary(self, cases: Sequence[Case]) -> str:
         return (f"{len(cases)} case(s) from {self.label}: {', '.join(c.name for c in cases[:8])}"

@@ -80,3 +80,38 @@ def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     """(O, C_old, kh, kw) filters → (O, channels, kh, kw): the channel mean, rescaled by C_old/channels."""
     mean = weight.float().mean(dim=1, keepdim=True)
     return (mean * (weight.shape[1] / channels)).repeat(1, channels, 1, 1).to(weight.dtype)
+
+
+def carry_known_classes(model: DiffusionSegmentationModel, checkpoint: Checkpoint,
+                        log: Callable[[str], None] = print) -> list[str]:
+    """Copy the start checkpoint's class-dependent entries of every class it shares by name with
+    ``model`` (background by position) into the re-initialised layers; returns the keys changed.
+
+    Only tensors whose class axis is plain (one axis sized by the class count: the pixel model's mask
+    stem and output head) are carried; LSegDiff's mask VAE mixes classes into pixel patches and stays
+    fresh. Without replayed slices of the old classes this was measured worse (see the module
+    docstring); it is meant for fine-tuning with replay, where the old classes keep being taught.
+    """
+    old_names = tuple(checkpoint.config.model.class_names)
+    new_names = tuple(model.config.class_names)
+    pairs = [(0, 0)] + [(old_names.index(name), new) for new, name in enumerate(new_names)
+                        if new > 0 and name in old_names[1:]]
+    source = model_state(checkpoint)
+    target = model.state_dict()
+    changed = {}
+    for key, value in target.items():
+        old = source.get(key)
+        if old is None or not key.startswith(model.class_dependent_prefixes()) or old.shape == value.shape:
+            continue
+        axes = [a for a in range(value.dim()) if old.shape[a] != value.shape[a]] if old.dim() == value.dim() else []
+        if len(axes) != 1 or (old.shape[axes[0]], value.shape[axes[0]]) != (len(old_names), len(new_names)):
+            continue
+        carried = value.clone()
+        for old_index, new_index in pairs:
+            carried.select(axes[0], new_index).copy_(old.select(axes[0], old_index))
+        changed[key] = carried
+    model.load_state_dict(changed, strict=False)
+    if changed:
+        kept = ", ".join(new_names[new] for _, new in pairs)
+        log(f"  carried the start model's entries of {kept} into {len(changed)} class-dependent tensor(s)")
+    return sorted(changed)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRECISIONS
+from .common import check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +86,7 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..benchmark import format_report, run_benchmark
 
+    check_device(args.device)
     options = options_from_args(args)
     if args.json is not None and args.json.exists() and not args.overwrite:
         # Checked before measuring, so minutes of work are not lost to an existing file.

@@ -1,6 +1,7 @@
 """Score a checkpoint on labelled volumes: Dice, IoU, HD95 per class (background excluded).
 
   medconddiff evaluate --image liver_image.nii.gz --label liver_label.nii.gz --slices 48:72
+  medconddiff evaluate --image SERIES_DIR --label labels.nii.gz|seg.dcm [--series N|UID]
   medconddiff evaluate DATASET_DIR --json scores.json
 
 Also reports the Dice of each step's x̂0, of the consensus and of a one-shot forward, and the AUROC
@@ -13,6 +14,10 @@ means, which say how many classes they averaged. A dataset folder (Decathlon, nn
 *_image/*_label pairs) prints one row per labelled case and a final row with the mean over cases
 (per class: over the cases where it is not absent). --json writes every figure (undefined ones,
 such as HD95 with an empty mask, as null) and a "summary" of the means over cases.
+
+--image may be DICOM (a series folder or a .dcm file, told apart from NIfTI as `segment` does; a
+folder of several series needs --series). Its reference labels are a NIfTI on the series' voxels or a
+DICOM SEG that references the series (read onto its voxels by the images it references).
 """
 
 from __future__ import annotations
@@ -26,18 +31,21 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
+from ..errors import ConfigError, UserInputError, user_error_types
+from .common import SLICES_HELP, check_device, scan_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", type=Path,
                         help="dataset folder (Decathlon, nnU-Net v2, or *_image/*_label pairs): every labelled case, "
                         "one row each (instead of --image/--label)")
-    parser.add_argument("--image", type=Path, help="a scan")
-    parser.add_argument("--label", type=Path, help="its reference labels")
+    parser.add_argument("--image", type=Path, help="a scan: NIfTI, or DICOM (a series folder or a .dcm file)")
+    parser.add_argument("--label", type=Path, help="its reference labels: NIfTI, or a DICOM SEG of a DICOM --image")
+    parser.add_argument("--series", help="--image is a DICOM folder with several series: which one, by Series "
+                        "Number or Series Instance UID")
     parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
                         "(default), lsegdiff-liver")
-    parser.add_argument("--slices", help="START:STOP canonical slice indices to score, along the model's slicing "
-                        "direction (axial: inferior → superior, whatever the file's voxel order; default: all)")
+    parser.add_argument("--slices", help=f"score only these {SLICES_HELP} (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here (undefined values are null)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -110,6 +118,9 @@ class EvalCase(NamedTuple):
     load_image: Callable[[], tuple]     # () -> (array in file order, VolumeMeta)
     label: Path
     image_description: str
+    # () -> (labels, VolumeMeta or None); None: read ``label`` as NIfTI.
+    load_label: Optional[Callable[[], tuple]] = None
+    ignore_value: Optional[int] = None  # a dataset's "ignore" label: those voxels count in no metric
 
 
 def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
@@ -121,7 +132,7 @@ def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]
     description = describe_dataset(root)
     channels = len(description.channel_names) if description.channel_names else None
     cases = [EvalCase(case.name, lambda c=case: load_case_image(c, channels), Path(case.label),
-                      ", ".join(str(p) for p in case.images))
+                      ", ".join(str(p) for p in case.images), ignore_value=description.ignore_label)
              for case in description.training if case.label is not None]
     if not cases:
         raise DatasetError(f"{root}: no labelled cases to evaluate")
@@ -130,14 +141,50 @@ def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]
 
 def _cases(args: argparse.Namespace) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
     if args.dataset and (args.image or args.label):
-        raise ValueError("give a dataset folder or --image and --label, not both")
+        raise ConfigError("give a dataset folder or --image and --label, not both")
     if args.dataset:
         return dataset_cases(args.dataset)
     if args.image and args.label:
-        from ..nifti import load_volume
+        return [_image_case(args.image, args.label, args.series)], None
+    raise ConfigError("give a dataset folder or --image and --label")
 
-        return [EvalCase(args.image.name, lambda: load_volume(args.image), args.label, str(args.image))], None
-    raise ValueError("give a dataset folder or --image and --label")
+
+def _image_case(image: Path, label: Path, series: Optional[str]) -> EvalCase:
+    """The case of --image/--label: NIfTI or DICOM scan, NIfTI labels or a DICOM SEG."""
+    from ..dicom_series import is_dicom_path
+    from ..nifti import load_volume
+    from ..dicom_inputs import is_dicom_input, is_dicom_seg_name, pick_series, read_pick
+
+    label_is_seg = (label.is_file() and is_dicom_path(label)) or is_dicom_seg_name(label)
+    if not is_dicom_input(image):
+        if series is not None:
+            raise ConfigError(f"--series chooses a DICOM series; {image} is not DICOM")
+        if label_is_seg:
+            raise ConfigError(f"--label {label} is DICOM: a DICOM SEG is read onto the series it references, so "
+                              "--image must be that DICOM series")
+        return EvalCase(image.name, lambda: load_volume(image), label, str(image))
+
+    shown: set[str] = set()
+
+    def note(text: str, where: str) -> None:
+        if text not in shown:   # the folder's notes come again with the series read from it
+            shown.add(text)
+            print(f"{where}: note: {text}", file=sys.stderr)
+
+    pick = pick_series(image, series, False, note)[0]
+
+    def load_dicom():
+        scan = read_pick(pick)
+        for text in scan.source.notes:
+            note(text, pick.label)
+        return scan.volume, scan.meta
+
+    def load_seg():
+        from ..dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(label, pick.path, series=pick.series), None
+
+    return EvalCase(pick.name, load_dicom, label, f"{pick.label} in {image}", load_seg if label_is_seg else None)
 
 
 def _check_json_target(path: Path, overwrite: bool) -> None:
@@ -148,24 +195,26 @@ def _check_json_target(path: Path, overwrite: bool) -> None:
 
 
 def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> Iterator[tuple[EvalCase, dict]]:
-    from ..commands.segment import parse_slice_range
     from ..evaluation import evaluate_volume
     from ..nifti import load_labels
 
     for case in cases:
         try:
             image, meta = case.load_image()
-            labels, label_meta = load_labels(case.label)
-            if labels.shape == tuple(image.shape[:3]) and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+            labels, label_meta = case.load_label() if case.load_label else load_labels(case.label)
+            if (label_meta is not None and labels.shape == tuple(image.shape[:3])
+                    and not np.allclose(label_meta.affine, meta.affine, atol=1e-3)):
                 print(f"medconddiff evaluate: warning: {case.name}: the label file's affine differs from the "
                       "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
             n_slices = segmenter.preprocessor.geometry(image.shape[:3], meta).n_slices
-            slices = parse_slice_range(slices_text, n_slices)
-            report = evaluate_volume(segmenter, image, labels, meta, sampling, slices)
-        except ValueError as error:
+            slices = scan_slices(slices_text, n_slices, where=case.name)
+            report = evaluate_volume(segmenter, image, labels, meta, sampling, slices,
+                                     ignore_value=case.ignore_value)
+        except user_error_types() as error:
             if len(cases) == 1:
                 raise
-            raise ValueError(f"{case.name}: {error}") from error
+            # Named for the case; any other exception is a bug and keeps its own type and traceback.
+            raise UserInputError(f"{case.name}: {error}") from error
         report["image"], report["label"] = case.image_description, str(case.label)
         report["slices"] = slices_text or "all"
         yield case, report
@@ -176,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from ..nifti import write_json_atomic
     from ..segmenter import Segmenter
 
+    check_device(args.device)
     if args.json:
         _check_json_target(args.json, args.overwrite)
     cases, dataset_classes = _cases(args)

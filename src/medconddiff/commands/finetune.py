@@ -1,9 +1,13 @@
 """Fine-tune a model on a few labelled slices of your own scan (the napari Fine-tune button's path).
 
   medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40-42 -o scan_finetuned.safetensors
+  medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40:43 -o ...   (the same slices)
   medconddiff finetune scan.nii.gz labels.nii.gz --slices labelled --init lsegdiff-liver --class-names background lesion
   medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 \
       --class-names background "grey matter" "white matter" -o t1.safetensors
+  medconddiff finetune my_training_set/ -o model.safetensors --init default --replay
+      (a training-set folder: every verified voxel of every case; --replay also trains on the bundled
+      model's own slices, a quarter of every batch, and keeps its classes)
 
 Starts from --init (default: the bundled default model) with its architecture and preprocessing
 plan; trains --steps optimizer steps (seeded, augmentation on) on the given canonical slices (along
@@ -12,7 +16,9 @@ that records what it was fine-tuned from and on which slices. Label values beyon
 classes need names (--class-names, background first); a different class list re-initialises only
 the class-dependent layers. A scan of another kind than the start model's (an MRI for the bundled
 CT model) needs its channels named (--channel-names T1): its intensities are then z-scored per scan
-instead of clipped to the CT window. Ctrl-C stops after the current step and still saves.
+instead of clipped to the CT window. A CT model given a scan with no voxel below 0 (not CT in
+Hounsfield units) and no --channel-names is refused rather than silently CT-windowed.
+Ctrl-C stops after the current step and still saves.
 """
 
 from __future__ import annotations
@@ -22,14 +28,24 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import ConfigError, UserInputError
+from .common import SLICES_HELP, check_device, scan_slices
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", type=Path, help="the scan (NIfTI; 4-D or one file per channel: see --channel-file)")
-    parser.add_argument("labels", type=Path, help="its labels (corrected slices), on the scan's grid")
+    parser.add_argument("image", type=Path, help="the scan (NIfTI; 4-D or one file per channel: see --channel-file), "
+                        "or a training-set folder (nnU-Net v2 with an 'ignore' label): every verified voxel of "
+                        "every case is learned")
+    parser.add_argument("labels", type=Path, nargs="?", help="its labels (corrected slices), on the scan's grid "
+                        "(not with a training-set folder)")
     parser.add_argument("--channel-file", type=Path, action="append", default=[],
                         help="further channel files of a multi-channel scan, in the model's channel order")
-    parser.add_argument("--slices", required=True, help="canonical slices to learn: '31,33,40-42' or 'labelled'")
+    parser.add_argument("--slices", help="(required with a scan) " f"learn from these {SLICES_HELP}; or 'labelled': "
+                        "every slice with a non-zero label")
     parser.add_argument("-o", "--output", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    parser.add_argument("--replay", type=float, nargs="?", const=0.25, metavar="FRACTION",
+                        help="also train on the slices the (bundled) start model was trained on, this share of "
+                        "every batch (default 0.25), and keep its classes, so it forgets less")
     parser.add_argument("--init", default="default", help="start checkpoint: a file or a bundled model "
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
@@ -55,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     if not args.output.name.endswith(".safetensors"):
-        raise ValueError(f"{args.output}: the checkpoint name must end with .safetensors")
+        raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
+    check_device(args.device)
     start = load_checkpoint(args.init, allow_legacy=True)
+    if args.image.is_dir():
+        return _finetune_on_training_set(args, start)
+    if args.labels is None or not args.slices:
+        raise ConfigError("give the scan's LABELS and --slices (or a training-set folder instead of the scan)")
     files = [args.image, *args.channel_file]
     channels = len(args.channel_names) if args.channel_names else start.config.plan.num_channels
     if channels == 1 and len(files) == 1:
@@ -65,31 +86,50 @@ def run(args: argparse.Namespace) -> int:
         image, meta = load_channels(files)
     labels, label_meta = load_labels(args.labels)
     if labels.shape != image.shape[:3]:
-        raise ValueError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
+        raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
     import numpy as np
 
     if not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
-        raise ValueError(f"{args.labels} does not lie on the scan's grid (another affine)")
-    if args.slices.strip().lower() == "labelled":
-        from ..preprocess import ScanPreprocessor
+        raise UserInputError(f"{args.labels} does not lie on the scan's grid (another affine)")
+    if not args.channel_names:
+        _refuse_ct_window_on_non_hounsfield(args, start.config.plan, image)
+    from ..preprocess import ScanPreprocessor
 
-        geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
+    geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
+    if args.slices.strip().lower() == "labelled":
         view = geometry.slice_view(labels)
         slices = [i for i in range(geometry.n_slices) if view[i].any()]
         if not slices:
-            raise ValueError(f"{args.labels} has no labelled slice")
+            raise UserInputError(f"{args.labels} has no labelled slice")
     else:
-        from ..slice_lists import parse_slice_list
-
-        slices = parse_slice_list(args.slices)
-        if not slices or min(slices) < 0:
-            raise ValueError(f"--slices names no valid slice: {args.slices!r}")
+        slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
+        if not slices:
+            raise ConfigError("--slices is empty: name the slices to learn from, or 'labelled'")
     name = args.image.name.split(".")[0]
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
-                    lr=args.lr, device=args.device)
+                    lr=args.lr, device=args.device, replay=args.replay or False)
     print(f"fine-tuning on {len(slices)} slice(s) of {name}: {', '.join(map(str, slices))}")
+    return _train_and_save(args, run_)
+
+
+def _finetune_on_training_set(args: argparse.Namespace, start) -> int:
+    from ..finetune import finetune
+    from ..training_set import TrainingSet
+
+    if args.labels is not None or args.slices or args.channel_file:
+        raise ConfigError(f"{args.image} is a training-set folder: it holds its labels and verified slices; "
+                          "drop LABELS, --slices and --channel-file")
+    training_set = TrainingSet.open(args.image)
+    run_ = finetune(start, [], class_names=args.class_names, channel_names=args.channel_names,
+                    training_set=training_set, steps=args.steps, seed=args.seed, augment=not args.no_augment,
+                    batch_size=args.batch_size, lr=args.lr, device=args.device, replay=args.replay or False)
+    print(f"fine-tuning on the training set {args.image}: {training_set.summary().text()}")
+    return _train_and_save(args, run_)
+
+
+def _train_and_save(args: argparse.Namespace, run_) -> int:
     started = time.perf_counter()
     interrupted = False
     try:
@@ -101,7 +141,26 @@ def run(args: argparse.Namespace) -> int:
         interrupted = True
         print(f"interrupted after step {run_.completed_steps}: saving what was learned", file=sys.stderr)
     if run_.completed_steps == 0:
-        raise ValueError("stopped before the first step; nothing to save")
+        if interrupted:
+            print("interrupted before the first step: nothing to save", file=sys.stderr)
+            return 130
+        raise RuntimeError("fine-tuning ended without a single step")   # a bug: steps >= 1 is validated
     path = run_.save(args.output, overwrite=args.overwrite)
     print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s)")
     return 130 if interrupted else 0
+
+
+def _refuse_ct_window_on_non_hounsfield(args: argparse.Namespace, plan, image) -> None:
+    """A CT model would clip a scan that is not in HU (an MRI) to its CT window and learn from a few grey
+    levels; the user must say what the scan is instead of getting that silently."""
+    from ..finetune import channels_not_in_hounsfield
+
+    unlike = channels_not_in_hounsfield(plan, image)
+    if not unlike:
+        return
+    low, high = (f"{v:g}" for v in plan.window)
+    names = ", ".join(plan.channel_names[c] for c in unlike)
+    raise ConfigError(f"{args.image} has no voxel below 0, so it is not CT in Hounsfield units, but the start "
+                      f"model reads its channel(s) {names} through the CT window [{low}, {high}] HU; say what the "
+                      "scan is with --channel-names (e.g. --channel-names MRI, or --channel-names CT to keep the "
+                      "CT window)")

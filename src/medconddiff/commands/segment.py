@@ -1,7 +1,10 @@
-"""Segment NIfTI scans with a MedCondDiff/LSegDiff checkpoint.
+"""Segment NIfTI scans or DICOM series with a MedCondDiff/LSegDiff checkpoint.
 
   medconddiff segment scan.nii.gz -o scan_seg.nii.gz
   medconddiff segment scans/ -o results/ [--skip-existing]     (a cohort: a folder in, a folder out)
+  medconddiff segment SERIES_DIR -o seg.dcm                     (a DICOM series in, a DICOM SEG out)
+  medconddiff segment EXPORT_DIR --series 3 -o labels.nii.gz    (one series of a PACS export)
+  medconddiff segment EXPORT_DIR --all-series -o results/ [--output-format dicom-seg]
   medconddiff segment flair.nii.gz t1.nii.gz t1c.nii.gz t2.nii.gz -o seg.nii.gz --checkpoint brats.safetensors
   torchrun --nproc-per-node 4 -m medconddiff segment scans/ -o results/   (scans shared across ranks)
 
@@ -13,8 +16,20 @@ one file per channel (in a folder: nnU-Net naming, CASE_0000.nii.gz, CASE_0001.n
 Writes the consensus labels (uint8, the scan's affine), optionally the uncertainty map and the
 per-step x̂0 labels (4-D, step axis last), and a JSON sidecar with everything needed to reproduce it.
 Existing files are never overwritten unless --overwrite is given; every file is written atomically.
-In a cohort a scan that cannot be read or segmented is reported in one line and the others go on;
-the summary counts done / skipped / failed and the exit status is 1 if any failed.
+In a cohort a scan that cannot be read or segmented is reported in one line (a bug in medconddiff:
+with its traceback) and the others go on; the summary counts done / skipped / failed and the exit
+status is 1 if any failed. --slices takes the slice lists of every command (see its help).
+
+DICOM: a .dcm file (or any file with DICOM's DICM marker) is read as DICOM. A folder with .nii/.nii.gz
+files at its top level is a NIfTI cohort; a folder without them that holds DICOM files (at any depth)
+is read as DICOM series, and a folder with both is refused. A DICOM folder with several series needs
+--series N|UID (the error lists them) or --all-series (outputs named seriesN_DESCRIPTION_seg.nii.gz,
+a series made only of localizers skipped with a note). Localizer (scout) images within a series are
+left out with a note; a series of one image in a folder is refused (give its .dcm file to segment it
+as a 2-D image). Labels are written as NIfTI with the affine read from DICOM, or as a DICOM SEG
+(-o NAME.dcm, or --output-format dicom-seg for folder outputs) that references the source images,
+one segment per class of the checkpoint; a SEG needs a DICOM input. The sidecar records the series
+(UIDs, number, description); no patient name, ID or birth date is printed or recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +46,11 @@ from typing import Optional
 import numpy as np
 
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
+from ..errors import ConfigError, UserInputError
 from ..nifti import NIFTI_SUFFIXES
+from .common import SLICES_HELP, check_device, failure_report, scan_slices
+from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, pick_series, read_pick,
+                            top_level_nifti)
 from ..outputs import default_output, output_paths, segmentation_record, strip_nifti_suffix, trajectory_volume
 
 OPTIONAL_OUTPUTS = ("uncertainty", "trajectory")
@@ -39,17 +58,25 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, nargs="*", help="NIfTI scan(s) or a folder of them (default: the "
-                        "bundled sample scan); for a multi-channel model, one file per channel of one scan")
-    parser.add_argument("-o", "--output", type=Path, help="output .nii.gz (a folder for a cohort); default: "
-                        "<input>_seg.nii.gz next to the input, or ./ for the sample")
+    parser.add_argument("input", type=Path, nargs="*", help="NIfTI scan(s) or a folder of them, or DICOM: a "
+                        "series folder or a .dcm file (default: the bundled sample scan); for a multi-channel "
+                        "model, one file per channel of one scan")
+    parser.add_argument("-o", "--output", type=Path, help="output .nii.gz, or .dcm for a DICOM SEG of a DICOM "
+                        "input (a folder for a cohort or --all-series); default: <input>_seg.nii.gz next to the "
+                        "input, or ./ for the sample")
+    dicom = parser.add_mutually_exclusive_group()
+    dicom.add_argument("--series", help="DICOM folder with several series: the one to segment, by Series Number "
+                       "or Series Instance UID")
+    dicom.add_argument("--all-series", action="store_true", help="DICOM folder: segment every series (except "
+                       "localizer-only ones) into the -o folder, named seriesN_DESCRIPTION_seg.*")
+    parser.add_argument("--output-format", choices=("nifti", "dicom-seg"), help="labels written into an output "
+                        "folder: NIfTI (default) or DICOM SEG (DICOM inputs only); for -o FILE its suffix decides")
     parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
                         "(default), lsegdiff-liver")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--channel", type=int, help="for 4-D scans and a one-channel model: which volume of "
                         "the 4th axis to segment")
-    parser.add_argument("--slices", help="START:STOP range of canonical slices along the model's slicing "
-                        "direction (axial: counted from inferior)")
+    parser.add_argument("--slices", help=f"segment only these {SLICES_HELP} (default: all)")
     parser.add_argument("--save-uncertainty", action="store_true", help="also write <output>_uncertainty.nii.gz")
     parser.add_argument("--save-trajectory", action="store_true",
                         help="also write <output>_trajectory.nii.gz: the x̂0 labels of every step (step axis last)")
@@ -70,25 +97,7 @@ class ScanJob:
     name: str
     files: tuple[Path, ...]
     output: Path
-
-
-def parse_slice_range(text: str | None, length: int) -> range | None:
-    if not text:
-        return None
-    try:
-        start_text, stop_text = text.split(":")
-        start = int(start_text) if start_text else 0
-        stop = int(stop_text) if stop_text else length
-    except ValueError:
-        raise ValueError(f"--slices must look like START:STOP, got {text!r}") from None
-    if not 0 <= start < stop <= length:
-        raise ValueError(f"--slices {text} is outside [0, {length}] or empty")
-    return range(start, stop)
-
-
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
-                  and not p.name.startswith("."))
+    dicom: Optional[DicomPick] = None
 
 
 def group_channel_files(files: list[Path], channels: int) -> list[tuple[str, tuple[Path, ...]]]:
@@ -113,23 +122,50 @@ def group_channel_files(files: list[Path], channels: int) -> list[tuple[str, tup
     return sorted(scans)
 
 
-def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int) -> list[ScanJob]:
-    """The scans to segment (for torchrun, only this rank's share)."""
+class NotePrinter:
+    """Prints each note once, to stderr: a folder's notes (files skipped) would repeat for every series."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, text: str, where: str) -> None:
+        if text not in self.shown:
+            self.shown.add(text)
+            print(f"{where}: note: {text}", file=sys.stderr, flush=True)
+
+
+def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, series: Optional[str] = None,
+              all_series: bool = False, output_format: Optional[str] = None,
+              note: Optional[NotePrinter] = None) -> tuple[list[ScanJob], bool]:
+    """The scans to segment (for torchrun, only this rank's share) and whether they form a cohort (a
+    failure is reported and the others go on)."""
     from ..nifti import sample_scan_path
 
+    suffix = ".dcm" if output_format == "dicom-seg" else ".nii.gz"
+    note = note or NotePrinter()
+    picks_series = series is not None or all_series
+    folder = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
+    cohort = False
     if not inputs:
+        if picks_series:
+            raise ConfigError("--series and --all-series choose DICOM series; give a DICOM folder")
         sample = sample_scan_path()
         jobs = [ScanJob(strip_nifti_suffix(sample), (sample,), output or default_output(sample, Path.cwd()))]
-    elif len(inputs) == 1 and inputs[0].is_dir():
-        folder = inputs[0]
-        files = _nifti_files(folder)
-        if not files:
-            raise ValueError(f"no .nii/.nii.gz files in {folder}")
+    elif folder is not None and folder_kind(folder) == "nifti":
+        if picks_series:
+            raise ConfigError(f"--series and --all-series choose DICOM series; {folder} is a folder of NIfTI files")
         if output is None:
-            raise ValueError("a folder input needs -o OUTPUT_FOLDER")
+            raise ConfigError("a folder input needs -o OUTPUT_FOLDER")
         if output.exists() and not output.is_dir():
-            raise ValueError(f"{output} is a file; a folder input needs an output folder")
-        jobs = [ScanJob(name, group, output / f"{name}_seg.nii.gz") for name, group in group_channel_files(files, channels)]
+            raise ConfigError(f"{output} is a file; a folder input needs an output folder")
+        files = top_level_nifti(folder)
+        jobs = [ScanJob(name, group, output / f"{name}_seg{suffix}")
+                for name, group in group_channel_files(files, channels)]
+        cohort = True
+    elif any(is_dicom_input(path) for path in inputs):
+        jobs, cohort = _dicom_jobs(inputs, output, channels, series, all_series, suffix, note)
+    elif picks_series:
+        raise ConfigError("--series and --all-series choose DICOM series; the input is not DICOM")
     elif channels > 1 and len(inputs) == channels:
         name = strip_nifti_suffix(inputs[0])
         name = _CHANNEL_FILE.match(name)["case"] if _CHANNEL_FILE.match(name) else name
@@ -138,13 +174,60 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int) -> list
         jobs = [ScanJob(strip_nifti_suffix(inputs[0]), (inputs[0],), output or default_output(inputs[0]))]
     else:
         if channels > 1:
-            raise ValueError(f"the model expects {channels} channels: give one file per channel ({channels} files), "
-                             "one 4-D file, or a folder")
-        if output is None or (output.exists() and not output.is_dir()) or output.name.lower().endswith(NIFTI_SUFFIXES):
-            raise ValueError("several scans need -o OUTPUT_FOLDER")
-        jobs = [ScanJob(strip_nifti_suffix(p), (p,), output / f"{strip_nifti_suffix(p)}_seg.nii.gz") for p in inputs]
+            raise UserInputError(f"the model expects {channels} channels: give one file per channel "
+                                 f"({channels} files), one 4-D file, or a folder")
+        _check_output_folder(output, "several scans")
+        jobs = [ScanJob(strip_nifti_suffix(p), (p,), output / f"{strip_nifti_suffix(p)}_seg{suffix}") for p in inputs]
+        cohort = True
+    for job in jobs:
+        # Checked before any work: the writer would refuse the name only after the scan is segmented.
+        _check_output_name(job, output_format)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return jobs[rank::world]
+    return jobs[rank::world], cohort or len(jobs) > 1
+
+
+def _check_output_folder(output: Optional[Path], what: str) -> None:
+    if output is None or (output.exists() and not output.is_dir()) or output.name.lower().endswith(NIFTI_SUFFIXES) \
+            or is_dicom_seg_name(output):
+        raise ConfigError(f"{what} need -o OUTPUT_FOLDER")
+
+
+def _check_output_name(job: ScanJob, output_format: Optional[str]) -> None:
+    seg = is_dicom_seg_name(job.output)
+    if seg and job.dicom is None:
+        raise ConfigError(f"-o {job.output}: a DICOM SEG references the DICOM series it segments, and "
+                          f"{job.name} is not DICOM; write NIfTI (.nii.gz) instead")
+    if not seg and not job.output.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ConfigError(f"-o {job.output}: a labels file name must end with .nii or .nii.gz "
+                          "(or .dcm for a DICOM SEG of a DICOM input)")
+    if output_format is not None and seg != (output_format == "dicom-seg"):
+        raise ConfigError(f"--output-format {output_format} does not match -o {job.output}")
+
+
+def _dicom_jobs(inputs: list[Path], output: Optional[Path], channels: int, series: Optional[str],
+                all_series: bool, suffix: str, note) -> tuple[list[ScanJob], bool]:
+    """Jobs for inputs of which at least one is DICOM (a file, or a folder of one or several series)."""
+    if channels > 1:
+        raise UserInputError(f"the model expects {channels} channels, and a DICOM series is one; convert the "
+                             "channels to one 4-D NIfTI or to one NIfTI file per channel")
+    found: list[tuple[str, Path, Optional[DicomPick]]] = []
+    for path in inputs:
+        if is_dicom_input(path):
+            found += [(pick.name, path, pick) for pick in pick_series(path, series, all_series, note)]
+        elif path.is_dir():
+            raise ConfigError(f"{path}: a folder of NIfTI files is segmented on its own, not with other inputs")
+        else:
+            found.append((strip_nifti_suffix(path), path, None))
+    if len(found) == 1 and not all_series:
+        name, path, pick = found[0]
+        beside = path.resolve().parent
+        return [ScanJob(name, (path,), output or beside / f"{name}_seg{suffix}", pick)], False
+    _check_output_folder(output, "several scans or series")
+    names = [name for name, _, _ in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"several inputs would write {repeated[0]}_seg{suffix}; segment them in separate runs")
+    return [ScanJob(name, (path,), output / f"{name}_seg{suffix}", pick) for name, path, pick in found], True
 
 
 def wanted_outputs(args: argparse.Namespace) -> list[str]:
@@ -156,24 +239,35 @@ def outputs_exist(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
 
 
 def load_scan(job: ScanJob, channels: int, channel: Optional[int]):
-    """(array, meta) of a job: file order, channels last for a multi-channel model."""
+    """(array, meta, DicomSource or None) of a job: file order, channels last for a multi-channel model."""
+    if job.dicom is not None:
+        if channel is not None:
+            raise ConfigError(f"--channel picks a volume of a 4-D NIfTI; {job.name} is a DICOM series")
+        scan = read_pick(job.dicom)
+        return scan.volume, scan.meta, scan.source
+    return (*_load_nifti(job, channels, channel), None)
+
+
+def _load_nifti(job: ScanJob, channels: int, channel: Optional[int]):
     from ..nifti import load_channels, load_volume
 
     if channels == 1:
         if len(job.files) != 1:
-            raise ValueError(f"{job.name}: a one-channel model takes one file per scan, got {len(job.files)}")
+            raise UserInputError(f"{job.name}: a one-channel model takes one file per scan, "
+                                 f"got {len(job.files)}")
         return load_volume(job.files[0], channel=channel)
     if channel is not None:
-        raise ValueError("--channel picks one volume for a one-channel model; this model takes "
-                         f"{channels} channels")
+        raise ConfigError("--channel picks one volume for a one-channel model; this model takes "
+                          f"{channels} channels")
     volume, meta = load_channels(job.files)
     if volume.shape[3] != channels:
-        raise ValueError(f"{job.name}: the model expects {channels} channels, the scan has {volume.shape[3]} "
-                         f"({', '.join(f.name for f in job.files)})")
+        raise UserInputError(f"{job.name}: the model expects {channels} channels, the scan has {volume.shape[3]} "
+                             f"({', '.join(f.name for f in job.files)})")
     return volume, meta
 
 
-def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argparse.Namespace) -> dict:
+def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argparse.Namespace,
+                note: Optional[NotePrinter] = None) -> dict:
     from ..nifti import save_volume, write_json_atomic
 
     wanted = wanted_outputs(args)
@@ -182,13 +276,16 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
         existing = outputs_exist(paths, wanted)
         if existing:
             raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it or --skip-existing")
-    volume, meta = load_scan(job, segmenter.plan.num_channels, args.channel)
+    volume, meta, source = load_scan(job, segmenter.plan.num_channels, args.channel)
+    note = note or NotePrinter()
+    for text in source.notes if source is not None else ():
+        note(text, job.name)
     geometry = segmenter.preprocessor.geometry(volume.shape[:3], meta)
-    slices = parse_slice_range(args.slices, geometry.n_slices)
+    slices = scan_slices(args.slices, geometry.n_slices, where=job.name)
     started = time.perf_counter()
     run = segmenter.run(volume, sampling, slices, meta=meta)
-    for note in run.geometry.notes:
-        print(f"{job.name}: note: {note}", file=sys.stderr)
+    for geometry_note in run.geometry.notes:
+        print(f"{job.name}: note: {geometry_note}", file=sys.stderr)
     bar = None if args.quiet else _progress_bar(len(run), job.name)
     for event in run:
         if bar is not None and hasattr(event, "completed"):
@@ -199,14 +296,19 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
     result = run.result
     seconds = time.perf_counter() - started
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    save_volume(paths["labels"], result.labels, meta, overwrite=args.overwrite, dtype=np.uint8)
+    if is_dicom_seg_name(paths["labels"]):
+        from ..dicom_seg import write_dicom_seg
+
+        write_dicom_seg(paths["labels"], result.labels, source, result.class_names, overwrite=args.overwrite)
+    else:
+        save_volume(paths["labels"], result.labels, meta, overwrite=args.overwrite, dtype=np.uint8)
     if args.save_uncertainty:
         save_volume(paths["uncertainty"], result.uncertainty, meta, overwrite=args.overwrite, dtype=np.float32)
     if args.save_trajectory:
         save_volume(paths["trajectory"], trajectory_volume(result), meta, overwrite=args.overwrite, dtype=np.uint8)
     record = segmentation_record(result, meta, result.labels, source=", ".join(str(f.resolve()) for f in job.files),
                                  outputs={k: str(paths[k].resolve()) for k in wanted if k != "sidecar"},
-                                 seconds=seconds)
+                                 seconds=seconds, dicom_source=source.to_dict() if source is not None else None)
     write_json_atomic(paths["sidecar"], record, overwrite=args.overwrite)
     return record
 
@@ -218,10 +320,10 @@ def _progress_bar(total: int, name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import user_error_types
     from ..segmenter import Segmenter
 
     sampling = override_from_args(SamplingConfig(), args)
+    check_device(args.device)
     if args.threads:
         import torch
 
@@ -234,8 +336,9 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=device)
     segmenter.config.check_sampling(sampling)
-    jobs = plan_jobs(list(args.input), args.output, segmenter.plan.num_channels)
-    cohort = len(jobs) > 1 or (len(args.input) == 1 and args.input[0].is_dir())
+    note = NotePrinter()
+    jobs, cohort = plan_jobs(list(args.input), args.output, segmenter.plan.num_channels, series=args.series,
+                             all_series=args.all_series, output_format=args.output_format, note=note)
     if cohort and not (args.overwrite or args.skip_existing):
         # Checked before any work: a long cohort run must not end in a column of "exists" failures.
         existing = [job for job in jobs if outputs_exist(output_paths(job.output), wanted_outputs(args))]
@@ -250,19 +353,20 @@ def run(args: argparse.Namespace) -> int:
             skipped += 1
             continue
         try:
-            record = segment_one(segmenter, job, sampling, args)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except user_error_types() + (OSError, RuntimeError, MemoryError) as error:
+            record = segment_one(segmenter, job, sampling, args, note)
+        except Exception as error:  # noqa: BLE001 - a cohort reports every failure and goes on
             if not cohort:
                 raise
-            print(f"{job.name}: FAILED: {error}", file=sys.stderr)
+            # A user error is one line; a bug keeps its traceback (failure_report says which).
+            text, _ = failure_report(error, f"{job.name}: FAILED")
+            print(text, file=sys.stderr, flush=True)
             failed += 1
             continue
         done += 1
         names = record["class_names"]
         volumes = ", ".join(f"{name} {v['ml']} ml" for name, v in record["class_volumes"].items() if name != names[0])
-        print(f"{', '.join(str(f) for f in job.files)} -> {job.output} ({record['seconds']:.1f} s; {volumes})")
+        where = f"{job.dicom.label} in {job.files[0]}" if job.dicom else ", ".join(str(f) for f in job.files)
+        print(f"{where} -> {job.output} ({record['seconds']:.1f} s; {volumes})")
     if cohort:
         rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
         print(f"summary{rank}: {done} done, {skipped} skipped, {failed} failed of {len(jobs)} scan(s)")

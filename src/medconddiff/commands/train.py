@@ -2,7 +2,7 @@
 
   medconddiff train DATASET_DIR -o runs/liver          (Decathlon v1, nnU-Net v2, or *_image/_label pairs)
   medconddiff train DATASET_DIR --init default -o runs/ft     (fine-tune the bundled model on your data)
-  medconddiff train --pair img.nii.gz lbl.nii.gz -o runs/x --train-slices 0:40,80:128 --val-slices 48:72
+  medconddiff train --pair img.nii.gz lbl.nii.gz -o runs/x --train-slices 0:40,80:128 --val-slices 48-71
   torchrun --nproc-per-node 2 -m medconddiff train DATASET_DIR -o runs/ddp   (DDP; gloo on CPU, NCCL on CUDA)
   medconddiff train ... --resume runs/liver/last.safetensors   (continue an interrupted run)
 
@@ -10,8 +10,9 @@ What the dataset says (dataset.json: class names, channels and their modality) i
 flags; a flag that contradicts it is an error. Without --init the preprocessing plan (slicing,
 target spacing, intensity per channel) comes from the dataset's fingerprint (see `medconddiff plan`);
 with --init the architecture and geometry come from the start checkpoint, and only class-dependent
-layers are re-initialised when the class list differs. Slice ranges count canonical slices along the
-plan's direction (axial: inferior → superior).
+layers are re-initialised when the class list differs. Slice lists count canonical slices along the
+plan's direction (axial: inferior → superior), written as in every command: A-B inclusive, A:B
+half-open as in Python.
 
 Writes OUTPUT/last.safetensors after every epoch (Ctrl-C saves it too), OUTPUT/final.safetensors at
 the end, OUTPUT/log.jsonl (one JSON record per epoch) and OUTPUT/config.json (config, fingerprint).
@@ -24,6 +25,7 @@ import json
 from pathlib import Path
 
 from ..config import DiffusionConfig, ModelConfig, PreprocessPlan, TrainConfig, add_dataclass_arguments
+from .common import SLICES_HELP, check_device
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "plan": PreprocessPlan, "train": TrainConfig}
 
@@ -33,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", nargs=2, action="append", type=Path, metavar=("IMAGE", "LABEL"),
                         help="an image/label pair (repeatable), instead of or besides a folder")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder for checkpoints and log")
-    parser.add_argument("--train-slices", help="canonical slice ranges used for training, e.g. 0:40,80:128 "
-                        "(default: all)")
-    parser.add_argument("--val-slices", help="canonical slice ranges scored for validation Dice, e.g. 48:72")
+    parser.add_argument("--train-slices", help=f"train on these {SLICES_HELP}, in every case (default: all)")
+    parser.add_argument("--val-slices", help=f"score validation Dice on these {SLICES_HELP}, in every case "
+                        "(default: no validation)")
     parser.add_argument("--resume", type=Path, help="continue from a last.safetensors of an earlier run")
     parser.add_argument("--init", help="start from a checkpoint's weights (fine-tuning): a file, or a bundled "
                         "model: default, medconddiff-liver, lsegdiff-liver")
@@ -49,10 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
-    from ..experiment import given_flags, training_config
+    from ..experiment import ConfigConflict, given_flags, training_config
     from ..train import Trainer, build_datasets
     from ..training_data import TrainingData
 
+    check_device(args.device)
+    train_ranges, val_ranges = (TrainingData.ranges(args.train_slices, "--train-slices"),
+                                TrainingData.ranges(args.val_slices, "--val-slices"))
     data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])])
     final = args.output / "final.safetensors"
     if final.exists() and not (args.overwrite or args.resume):
@@ -64,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
                                  class_names=data.class_names, channel_names=data.channel_names,
                                  dataset_label=data.label)
         if config.model.class_names != start.config.model.class_names or config.plan != start.config.plan:
-            raise ValueError(f"{args.resume} was trained with other classes or another plan; it cannot be resumed "
-                             "on this data")
+            raise ConfigConflict(f"{args.resume} was trained with other classes or another plan; it cannot be resumed "
+                                 "on this data")
         # Resuming continues the same run: its own config (backbone weights source included), new train flags.
         config = type(config)(model=start.config.model, diffusion=start.config.diffusion, plan=start.config.plan,
                               train=_override(start.config.train, flags["train"]))
@@ -80,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
                                  channel_names=data.channel_names, dataset_plan=dataset_plan,
                                  dataset_label=data.label)
     cases = data.load_cases(config.model.num_classes)
-    train_set, validation = build_datasets(config, cases, data.ranges(args.train_slices), data.ranges(args.val_slices))
+    if val_ranges is not None:
+        _check_slices_of_every_case(config.plan, cases, val_ranges)
+    train_set, validation = build_datasets(config, cases, train_ranges, val_ranges)
     args.output.mkdir(parents=True, exist_ok=True)
     log_file = open(args.output / "log.jsonl", "a")
 
@@ -117,6 +124,17 @@ def run(args: argparse.Namespace) -> int:
     if trainer.dist.is_main:
         (args.output / "config.json").write_text(json.dumps({**config.to_dict(), "provenance": provenance}, indent=2))
     return 0 if path else 1
+
+
+def _check_slices_of_every_case(plan: PreprocessPlan, cases, ranges) -> None:
+    """Validation reads its slices only when it first runs, an epoch into training: a --val-slices
+    outside a case must fail now, not after the first epoch (or never, with --val-every 0)."""
+    from ..datasets import range_indices
+    from ..preprocess import ScanPreprocessor
+
+    preprocessor = ScanPreprocessor(plan)
+    for case in cases:
+        range_indices(ranges, preprocessor.geometry(case.image.shape[:3], case.meta).n_slices, case.name)
 
 
 def _override(config, changes: dict):

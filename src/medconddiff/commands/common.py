@@ -1,0 +1,69 @@
+"""What the subcommands share: slice flags, device checks and how a failure is reported.
+
+Every command module may import this one; it imports no command module and not
+:mod:`medconddiff.cli` (which loads the commands), so importing any command alone cannot cycle.
+Light on purpose: ``medconddiff --help`` imports it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Optional
+
+from ..errors import ConfigError, UserInputError, user_error_types
+from ..slice_lists import SLICE_SYNTAX, parse_slices
+
+__all__ = ["SLICES_HELP", "check_device", "failure_report", "is_out_of_memory", "scan_slices",
+           "user_error_types", "UserInputError"]
+
+#: The words every slice flag's help uses (the syntax comes from medconddiff.slice_lists).
+SLICES_HELP = (f"canonical slices along the model's slicing direction (axial: counted from inferior, whatever "
+               f"the file's voxel order), written as {SLICE_SYNTAX}")
+
+
+def scan_slices(text: Optional[str], n_slices: int, flag: str = "--slices",
+                where: str = "the scan") -> Optional[list[int]]:
+    """The slice indices a flag names, checked against the scan's ``n_slices``; None = all slices."""
+    return parse_slices(text, n_slices, what=flag, where=where)
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device this machine cannot run before any file is read (a clear line, not a torch trace)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N ({error})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Host or GPU memory ran out (torch's OutOfMemoryError is a RuntimeError, matched by name to keep
+    this module free of torch)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
+def failure_report(error: BaseException, prefix: str) -> tuple[str, int]:
+    """What to print for ``error`` and the exit status it implies.
+
+    A user error (:func:`medconddiff.errors.user_error_types`) is one line, status 2. Running out of
+    memory is one line saying so, status 1: a traceback would only point at whichever allocation
+    happened to fail. Anything else is a bug: the full traceback, then one line saying so, status 1.
+    """
+    if isinstance(error, user_error_types()):
+        return f"{prefix}: {error}", 2
+    if is_out_of_memory(error):
+        detail = str(error).splitlines()[0] if str(error) else ""
+        return (f"{prefix}: out of memory ({type(error).__name__}{': ' + detail if detail else ''}); "
+                "free memory, use fewer slices, a smaller batch (--batch-size) or another device"), 1
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return (f"{trace}{prefix}: internal error ({type(error).__name__}: {error}); this is a bug in medconddiff, "
+            "not in your input; please report it with the traceback above"), 1

@@ -1,0 +1,161 @@
+"""How the command line tells DICOM from NIfTI inputs and picks the DICOM series to read.
+
+Decisions (the commands' help repeats them):
+
+* **A file** is DICOM when :func:`medconddiff.dicom_series.is_dicom_path` says so (``.dcm`` /
+  ``.dicom``, or DICOM's ``DICM`` marker); anything else goes to the NIfTI reader.
+* **A folder** holding ``.nii``/``.nii.gz`` files at its top level is a NIfTI cohort, one scan per
+  file, as before. A folder without them that holds DICOM anywhere below it is a DICOM folder: one
+  or several series (a PACS export, or a folder of patients' folders). A folder with both is
+  refused: nothing says which one the user meant, and a cohort run must not quietly skip either.
+* **Several series**: one must be chosen with ``--series N|UID``, or all segmented with
+  ``--all-series``; the refusal lists every series, one line each (number, description, modality,
+  images, size, UID). With ``--all-series``, a series whose every image is a localizer (scout) is
+  skipped with a note; localizer images inside a series are left out by the reader, with a note.
+* **One image in a folder** (a series of one slice) is refused: it is not a volume, usually a scout,
+  a dose screen or a key image. Given as a file, one image is segmented as a 2-D image, like a 2-D
+  NIfTI.
+* **Names** of outputs come from the series number and description, reduced to letters, digits,
+  ``.``, ``_`` and ``-``; two series with the same name get a hash of their UID. No patient attribute
+  is ever read for a name or a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import ConfigError, UserInputError
+from .nifti import NIFTI_SUFFIXES
+
+__all__ = ["DicomPick", "folder_kind", "is_dicom_input", "is_dicom_seg_name", "pick_series", "read_pick",
+           "series_file_name", "file_safe", "top_level_nifti"]
+
+DICOM_SEG_SUFFIXES = (".dcm", ".dicom")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class DicomPick:
+    """One DICOM series to read: ``read_dicom_series(path, series)``; ``name`` is file-safe."""
+
+    path: Path
+    series: Optional[str]
+    name: str
+    label: str
+
+
+def is_dicom_seg_name(path: Path) -> bool:
+    """An output name that asks for a DICOM SEG rather than NIfTI."""
+    return Path(path).name.lower().endswith(DICOM_SEG_SUFFIXES)
+
+
+def top_level_nifti(folder: Path) -> list[Path]:
+    """The NIfTI files directly in ``folder`` (a cohort's scans), hidden files left out."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)
+                  and not p.name.startswith("."))
+
+
+def folder_kind(folder: Path) -> str:
+    """``"nifti"`` (a cohort of NIfTI files) or ``"dicom"`` (one or several series); see the module doc."""
+    from .dicom_series import is_dicom_path
+
+    nifti = top_level_nifti(folder)
+    has_dicom = is_dicom_path(folder)
+    if nifti and has_dicom:
+        raise UserInputError(f"{folder} holds both NIfTI files (e.g. {nifti[0].name}) and DICOM files: name the "
+                             "NIfTI files themselves to segment them, or move them out to read the DICOM series")
+    if nifti:
+        return "nifti"
+    if has_dicom:
+        return "dicom"
+    raise UserInputError(f"{folder}: no NIfTI (.nii/.nii.gz) files and no DICOM files in this folder")
+
+
+def is_dicom_input(path: Path) -> bool:
+    """Whether a scan path given on the command line is read as DICOM."""
+    from .dicom_series import is_dicom_path
+
+    path = Path(path)
+    if path.is_dir():
+        return folder_kind(path) == "dicom"
+    return is_dicom_path(path)
+
+
+def file_safe(text: str, limit: int = 64) -> str:
+    return _UNSAFE.sub("_", text).strip("._-")[:limit].rstrip("._-")
+
+
+def series_file_name(info) -> str:
+    """``series3_CT_abdomen`` for series 3 'CT abdomen' (a :class:`~medconddiff.dicom_series.SeriesInfo`)."""
+    number = "" if info.number is None else str(info.number)
+    description = file_safe(info.description, 48)
+    return "_".join(part for part in (f"series{number}", description) if part)
+
+
+def _uid_tag(uid: str) -> str:
+    return hashlib.sha1(uid.encode()).hexdigest()[:8]
+
+
+def _listing(infos) -> str:
+    return "\n".join(f"  {info.line()}" + (f" ({'; '.join(info.notes)})" if info.notes else "") for info in infos)
+
+
+def pick_series(path: Path, series: Optional[str], all_series: bool,
+                note: Callable[[str, str], None]) -> list[DicomPick]:
+    """The series of ``path`` to segment. A single file is itself; a folder gives one series (the only
+    one, or ``series``) or, with ``all_series``, each series that is not only localizer images.
+    ``note(text, where)`` is told what was skipped while looking."""
+    from .dicom_series import DicomError, list_series
+
+    path = Path(path)
+    if all_series and series is not None:
+        raise ConfigError("give --series N|UID or --all-series, not both")
+    base = file_safe(path.resolve().name if path.is_dir() else path.stem) or "dicom"
+    if path.is_file():
+        return [DicomPick(path, series, base, path.name)]
+    infos = list_series(path)
+    for text in infos.notes:
+        note(text, str(path))
+    if all_series:
+        picks, taken = [], {}
+        for info in infos:
+            if info.localizers and info.localizers == info.instances:
+                note("skipped: every image is a localizer (scout)", info.name)
+                continue
+            taken.setdefault(series_file_name(info), []).append(info)
+        for name, group in taken.items():
+            for info in group:
+                unique = name if len(group) == 1 else f"{name}_{_uid_tag(info.uid)}"
+                picks.append(DicomPick(path, info.uid, unique or _uid_tag(info.uid), info.name))
+        if not picks:
+            raise DicomError(f"{path}: no series to segment (only localizers):\n{_listing(infos)}")
+        return picks
+    if series is None:
+        if len(infos) > 1:
+            raise DicomError(f"{path} holds {len(infos)} DICOM series: choose one with --series N|UID, or "
+                             f"segment each with --all-series\n{_listing(infos)}")
+        return [DicomPick(path, None, base, infos[0].name)]
+    text = str(series).strip()
+    matches = [info for info in infos if info.uid == text] or [
+        info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)]
+    if len(matches) != 1:
+        problem = f"{len(matches)} series have number {text}; give the UID" if matches else \
+            f"no series with number or UID {text}"
+        raise DicomError(f"{path}: {problem}; found:\n{_listing(infos)}")
+    return [DicomPick(path, matches[0].uid, f"{base}_{series_file_name(matches[0])}", matches[0].name)]
+
+
+def read_pick(pick: DicomPick):
+    """Read a picked series as a :class:`~medconddiff.dicom_series.DicomScan`; a folder's one-image
+    series is refused (see the module doc)."""
+    from .dicom_series import DicomError, read_dicom_series
+
+    scan = read_dicom_series(pick.path, pick.series)
+    if pick.path.is_dir() and len(scan.source.sop_instance_uids) == 1:
+        raise DicomError(f"{pick.label} in {pick.path} has one image: not a volume (a scout, dose screen or key "
+                         "image?); to segment it as a 2-D image, give its .dcm file")
+    return scan

@@ -1,0 +1,503 @@
+"""A training set that grows scan by scan: an nnU-Net v2 dataset folder holding sparse labels.
+
+    training_set = TrainingSet.create("~/my_set", ("background", "lesion"), ("CT",))
+    training_set.add_scan("lung1", image, meta, labels, ("background", "lesion"),
+                          verified_slices=[40, 52], slicing="axial")
+    training_set.summary().text()    # '1 case, 2 verified slices; labelled voxels: background 1,234, lesion 56'
+
+On disk it is what nnU-Net v2 reads (and its ``verify_dataset_integrity`` accepts):
+``imagesTr/CASE_0000.nii.gz`` (one file per channel), ``labelsTr/CASE.nii.gz`` on the image's own
+voxel grid and affine, and ``dataset.json`` with ``channel_names``, ``labels`` (name → value,
+background 0, ``"ignore"`` the highest value), ``numTraining`` and ``file_ending``. Every voxel nobody
+verified holds the ignore value, so a few corrected slices (or strokes) are valid training data.
+
+Rules of :meth:`TrainingSet.add_scan`:
+
+* Adding a case again merges: voxels verified now take the new labels, voxels verified before keep
+  theirs, nothing is duplicated. The image must be the one stored (same grid, same voxels).
+* Classes merge by name: a new class gets the next value, the ignore value moves above it, and every
+  label file is rewritten to match.
+* Everything is checked before anything is written; new files are written into a staging folder
+  first and moved into place together, ``dataset.json`` last. A failed add leaves the set as it was.
+* Case ids come from the name the caller gives (a file stem), reduced to letters, digits, ``-`` and
+  ``_``; nothing is read from image headers, whose text fields are cleared in what is written.
+
+Verified slices are canonical slices along a slicing direction (:mod:`medconddiff.preprocess`: the
+scan viewed in RAS, cut across the plan's axis), the indices the napari widget and ``--slices`` use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset
+from .datasets import Case
+from .losses import IGNORE_INDEX
+from .nifti import VolumeMeta, load_channels, load_labels, save_volume, write_json_atomic
+
+IGNORE_NAME = "ignore"
+FILE_ENDING = ".nii.gz"
+#: Where an add writes its files before moving them into place (removed afterwards).
+STAGING_FOLDER = ".medconddiff-staging"
+#: dataset.json key with what nnU-Net does not know: per case, the slicing its verified slices count along.
+MANIFEST_KEY = "medconddiff"
+#: Header text fields that can carry free text (names, IDs): cleared in every file written.
+_HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MAX_CASE_ID = 64
+
+
+class TrainingSetError(DatasetError):
+    """A training-set folder, or a scan added to it, that cannot be used; the message names the file."""
+
+
+def case_id_from_name(name: str) -> str:
+    """A case id from a file stem or layer name: NIfTI suffix and an nnU-Net ``_0000`` channel suffix
+    dropped, anything but letters, digits, ``-`` and ``_`` replaced by ``_``."""
+    text = os.path.basename(str(name).strip())
+    for suffix in (".nii.gz", ".nii"):
+        if text.lower().endswith(suffix):
+            text = text[: -len(suffix)]
+    text = re.sub(r"_0000$", "", text)
+    text = _UNSAFE.sub("_", text).strip("_-")[:_MAX_CASE_ID]
+    if not text:
+        raise TrainingSetError(f"{name!r} gives no usable case id (letters, digits, '-' or '_')")
+    return text
+
+
+@dataclass(frozen=True)
+class TrainingSetSummary:
+    """What a set holds: cases, verified slices (along each case's slicing) and labelled voxels per class."""
+
+    cases: int
+    verified_slices: int
+    labelled_voxels: dict[str, int]              # class name → verified voxels with that label
+    slices_by_case: dict[str, int] = field(default_factory=dict)
+
+    def text(self) -> str:
+        voxels = ", ".join(f"{name} {count:,}" for name, count in self.labelled_voxels.items())
+        return (f"{self.cases} case{'s' if self.cases != 1 else ''}, {self.verified_slices} verified "
+                f"slice{'s' if self.verified_slices != 1 else ''}; labelled voxels: {voxels or 'none'}")
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What :meth:`TrainingSet.add_scan` did."""
+
+    case: str
+    new_case: bool
+    verified_slices: int          # verified slices of the case after the add (along its slicing)
+    added_classes: tuple[str, ...]
+    rewritten_labels: int         # label files of other cases rewritten for a moved ignore value
+
+
+class TrainingSet:
+    """An nnU-Net v2 dataset folder with an ``ignore`` label; see the module docstring."""
+
+    def __init__(self, root: Path, class_names: Sequence[str], channel_names: Sequence[str],
+                 slicing_by_case: dict[str, str], stored_ignore: Optional[int], cases: Sequence[str]):
+        self.root = Path(root)
+        self.class_names = tuple(class_names)
+        self.channel_names = tuple(channel_names)
+        self._slicing = dict(slicing_by_case)
+        self._stored_ignore = stored_ignore
+        self._cases = sorted(cases)
+
+    # ----------------------------------------------------------------------------------- opening
+    @property
+    def manifest(self) -> Path:
+        return self.root / "dataset.json"
+
+    @property
+    def ignore_value(self) -> int:
+        """The label value of unverified voxels: one above the last class."""
+        return len(self.class_names)
+
+    @property
+    def cases(self) -> list[str]:
+        return list(self._cases)
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, class_names: Sequence[str],
+               channel_names: Sequence[str] = ("CT",)) -> "TrainingSet":
+        """A new, empty set in ``folder`` (created; an existing folder must be empty)."""
+        root = Path(folder).expanduser()
+        class_names, channel_names = tuple(str(n) for n in class_names), tuple(str(n) for n in channel_names)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            what = "already a training set; open it" if (root / "dataset.json").is_file() else \
+                "not an empty folder; choose a new or empty one"
+            raise TrainingSetError(f"{root}: {what}")
+        _check_names(root / "dataset.json", class_names, channel_names)
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(exist_ok=True)
+        training_set = cls(root, class_names, channel_names, {}, len(class_names), [])
+        write_json_atomic(training_set.manifest, training_set._manifest_data())
+        return training_set
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "TrainingSet":
+        """An existing set; its dataset.json and file names are checked against each other, and every
+        case's label against its image's grid (headers only)."""
+        root = Path(folder).expanduser()
+        manifest = root / "dataset.json"
+        if not root.is_dir():
+            raise TrainingSetError(f"{root}: training-set folder not found")
+        if not manifest.is_file():
+            raise TrainingSetError(f"{root}: not a training set (no dataset.json)")
+        data = _read_manifest(manifest)
+        if "channel_names" not in data or "labels" not in data:
+            raise TrainingSetError(f"{manifest}: not an nnU-Net v2 dataset.json (needs 'channel_names' and "
+                                   "'labels')")
+        channel_names = _indexed_names(manifest, data["channel_names"], "channel_names")
+        class_names, ignore = _nnunet_class_names(manifest, data["labels"])
+        if data.get("file_ending", FILE_ENDING) != FILE_ENDING:
+            raise TrainingSetError(f"{manifest}: file_ending is {data['file_ending']!r}; a training set uses "
+                                   f"{FILE_ENDING}")
+        if data.get("numTraining", 0) == 0 and not _has_files(root):
+            cases: list[str] = []
+        else:
+            description = describe_dataset(root)
+            cases = [case.name for case in description.training]
+            for case in description.training:
+                _check_case_headers(case.images, case.label, len(channel_names))
+        extra = data.get(MANIFEST_KEY, {})
+        slicing = extra.get("slicing", {}) if isinstance(extra, dict) else {}
+        if not isinstance(slicing, dict) or any(name not in cases for name in slicing):
+            unknown = sorted(set(slicing) - set(cases)) if isinstance(slicing, dict) else slicing
+            raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.slicing' names cases without files: {unknown}")
+        return cls(root, class_names, channel_names, slicing, ignore, cases)
+
+    @classmethod
+    def open_or_create(cls, folder: str | os.PathLike, class_names: Sequence[str],
+                       channel_names: Sequence[str] = ("CT",)) -> "TrainingSet":
+        """The set in ``folder``, created (with these names) when the folder is new or empty."""
+        root = Path(folder).expanduser()
+        if (root / "dataset.json").is_file() or (root.is_dir() and any(root.iterdir())):
+            return cls.open(root)
+        return cls.create(root, class_names, channel_names)
+
+    # ------------------------------------------------------------------------------------ adding
+    def add_scan(self, case_id: str, image: np.ndarray, meta: Optional[VolumeMeta], labels: np.ndarray,
+                 class_names: Sequence[str], *, verified_slices: Optional[Sequence[int]] = None,
+                 slicing: str = "axial", verified_mask: Optional[np.ndarray] = None,
+                 channel_names: Optional[Sequence[str]] = None) -> AddResult:
+        """Add (or merge) one scan's verified labels; see the module docstring for the rules.
+
+        ``image`` is in file order, ``(i, j, k)`` or ``(i, j, k, C)`` channels last, with its ``meta``
+        (None: 1 mm voxels in voxel order); ``labels`` ``(i, j, k)`` hold values indexing
+        ``class_names`` (background first). What was verified is either ``verified_slices``
+        (canonical slice indices along ``slicing``) or ``verified_mask`` (a boolean voxel mask in
+        file order, e.g. brush strokes); at least one voxel must be verified.
+        """
+        name = case_id_from_name(case_id)
+        image = np.asarray(image)
+        image = image[..., None] if image.ndim == 3 else image
+        meta = _clean_meta(meta if meta is not None else VolumeMeta.identity(known=False))
+        self._check_scan(name, image, labels, class_names, channel_names)
+        if meta.spatial_shape is not None and tuple(meta.spatial_shape) != image.shape[:3]:
+            raise TrainingSetError(f"{self.root} (case {name}): the scan {image.shape[:3]} is not the volume its "
+                                   f"geometry describes {tuple(meta.spatial_shape)}")
+        verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
+        previous_names = self.class_names
+        merged_names, value_of = _merge_class_names(self.class_names, class_names, self.manifest)
+        ignore = len(merged_names)
+        dtype = _label_dtype(ignore)
+        new_case = name not in self._cases
+        if new_case:
+            label_map = np.full(image.shape[:3], ignore, dtype=dtype)
+        else:
+            label_map = self._stored_labels(name, ignore, image, meta)[0]
+        label_map[verified] = value_of[np.asarray(labels)[verified].astype(np.int64)]
+        # Label files holding the old ignore value (now a class's) are rewritten, one at a time.
+        moved = self._stored_ignore is not None and ignore != self._stored_ignore
+        others = [case for case in self._cases if case != name] if moved else []
+
+        staging = _Staging(self.root)
+        try:
+            if new_case:
+                for channel in range(image.shape[3]):
+                    save_volume(staging.file(self._image_path(name, channel)), image[..., channel], meta,
+                                dtype=_image_dtype(image[..., channel]))
+            save_volume(staging.file(self._label_path(name)), label_map, meta, dtype=dtype)
+            for case in others:
+                case_labels, case_meta = self._stored_labels(case, ignore)
+                save_volume(staging.file(self._label_path(case)), case_labels, case_meta, dtype=dtype)
+            cases = sorted(set(self._cases) | {name})
+            slicing_by_case = {**self._slicing, name: slicing} if verified_slices is not None else dict(self._slicing)
+            manifest = _manifest(self.root, merged_names, self.channel_names, len(cases), slicing_by_case)
+            write_json_atomic(staging.file(self.manifest), manifest)
+            staging.commit()
+        finally:
+            staging.discard()
+        self.class_names, self._stored_ignore, self._cases, self._slicing = merged_names, ignore, cases, slicing_by_case
+        added = tuple(n for n in merged_names if n not in previous_names)
+        return AddResult(name, new_case, self._verified_slice_count(name, label_map, meta), added, len(others))
+
+    # ----------------------------------------------------------------------------------- reading
+    def load_case(self, case: str, class_names: Optional[Sequence[str]] = None) -> Case:
+        """A stored case for training: its image, and labels with each class renumbered to its index in
+        ``class_names`` (default: the set's) and unverified voxels :data:`IGNORE_INDEX`."""
+        if case not in self._cases:
+            raise TrainingSetError(f"{self.manifest}: no case {case!r} (cases: {', '.join(self._cases) or 'none'})")
+        target = tuple(class_names) if class_names is not None else self.class_names
+        missing = [n for n in self.class_names[1:] if n not in target]
+        if missing:
+            raise TrainingSetError(f"{self.manifest}: classes {missing} of the set are not in the class list "
+                                   f"{list(target)}")
+        image, meta = load_channels([self._image_path(case, c) for c in range(len(self.channel_names))])
+        labels, _ = self._read_labels(case, image.shape[:3], meta)
+        lut = np.full(max(self.ignore_value, self._stored_ignore or 0) + 1, IGNORE_INDEX, dtype=np.uint8)
+        for value, name in enumerate(self.class_names):
+            lut[value] = 0 if value == 0 else target.index(name)
+        return Case(case, image, lut[labels], meta)
+
+    def labelled_cases(self, class_names: Optional[Sequence[str]] = None) -> list[Case]:
+        return [self.load_case(case, class_names) for case in self._cases]
+
+    def verified_slices(self, case: str, slicing: Optional[str] = None) -> list[int]:
+        """Canonical slices of ``case`` along ``slicing`` (default: the one it was added with) that
+        hold a verified voxel."""
+        labels, meta = self._read_labels(case)
+        return _verified_slices(labels != self._stored_ignore, meta, slicing or self._slicing.get(case, "axial"))
+
+    def summary(self) -> TrainingSetSummary:
+        """Cases, verified slices and labelled voxels per class (reads every label file)."""
+        voxels = np.zeros(len(self.class_names), dtype=np.int64)
+        slices = {}
+        for case in self._cases:
+            labels, meta = self._read_labels(case)
+            known = labels != self._stored_ignore
+            voxels += np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
+            slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
+        return TrainingSetSummary(len(self._cases), sum(slices.values()),
+                                  {n: int(v) for n, v in zip(self.class_names, voxels)}, slices)
+
+    # --------------------------------------------------------------------------------- internals
+    def _image_path(self, case: str, channel: int) -> Path:
+        return self.root / "imagesTr" / f"{case}_{channel:04d}{FILE_ENDING}"
+
+    def _label_path(self, case: str) -> Path:
+        return self.root / "labelsTr" / f"{case}{FILE_ENDING}"
+
+    def _manifest_data(self) -> dict:
+        return _manifest(self.root, self.class_names, self.channel_names, len(self._cases), self._slicing)
+
+    def _check_scan(self, name: str, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                    channel_names: Optional[Sequence[str]]) -> None:
+        where = f"{self.root} (case {name})"
+        if image.ndim != 4 or min(image.shape) == 0:
+            raise TrainingSetError(f"{where}: expected a 3-D scan (channels last if several), got shape {image.shape}")
+        if image.shape[3] != len(self.channel_names):
+            raise TrainingSetError(f"{self.manifest}: the set holds {len(self.channel_names)} channel(s) "
+                                   f"({', '.join(self.channel_names)}) but case {name} has {image.shape[3]}")
+        if channel_names is not None and tuple(channel_names) != self.channel_names:
+            raise TrainingSetError(f"{self.manifest}: the set's channels are {list(self.channel_names)}, case "
+                                   f"{name}'s are {list(channel_names)}; use a set of that kind of scan")
+        if image.dtype.kind not in "fiub" or not np.isfinite(image).all():
+            raise TrainingSetError(f"{where}: the scan must hold finite numbers")
+        labels = np.asarray(labels)
+        if labels.shape != image.shape[:3]:
+            raise TrainingSetError(f"{where}: labels {labels.shape} are not on the scan's grid {image.shape[:3]}")
+        if labels.dtype.kind not in "iub" or (labels.size and (labels.min() < 0 or labels.max() >= len(class_names))):
+            raise TrainingSetError(f"{where}: labels must be whole numbers 0..{len(class_names) - 1} (one per "
+                                   f"class name: {', '.join(class_names)})")
+
+    def _verified_mask(self, name: str, shape: tuple[int, ...], meta: VolumeMeta,
+                       slices: Optional[Sequence[int]], slicing: str, mask: Optional[np.ndarray]) -> np.ndarray:
+        if (slices is None) == (mask is None):
+            raise ValueError("give either verified_slices or verified_mask")
+        if mask is not None:
+            verified = np.asarray(mask, dtype=bool)
+            if verified.shape != tuple(shape):
+                raise TrainingSetError(f"{self.root} (case {name}): verified mask {verified.shape} is not on the "
+                                       f"scan's grid {tuple(shape)}")
+        else:
+            geometry = _geometry(shape, meta, slicing)
+            indices = sorted({int(i) for i in slices})
+            outside = [i for i in indices if not 0 <= i < geometry.n_slices]
+            if outside:
+                raise TrainingSetError(f"{self.root} (case {name}): slices {outside} are outside its "
+                                       f"{geometry.n_slices} {slicing} slices")
+            verified = np.zeros(shape, dtype=bool)
+            geometry.slice_view(verified)[indices] = True
+        if not verified.any():
+            raise TrainingSetError(f"{self.root} (case {name}): nothing is verified; mark edited or checked slices")
+        return verified
+
+    def _read_labels(self, case: str, shape: Optional[tuple[int, ...]] = None,
+                     image_meta: Optional[VolumeMeta] = None) -> tuple[np.ndarray, VolumeMeta]:
+        path = self._label_path(case)
+        labels, meta = load_labels(path)
+        if shape is not None and labels.shape != tuple(shape):
+            raise TrainingSetError(f"{path}: label map {labels.shape} is not on its image's grid {tuple(shape)}")
+        if image_meta is not None and not np.allclose(meta.affine, image_meta.affine, atol=1e-3):
+            raise TrainingSetError(f"{path}: label map and image have different affines (another grid)")
+        present = np.flatnonzero(np.bincount(labels.ravel())) if labels.size else np.zeros(0, np.int64)
+        stray = [int(v) for v in present if v >= len(self.class_names) and v != self._stored_ignore]
+        if stray:
+            raise TrainingSetError(f"{path}: label value {stray[0]} is neither a class of {self.manifest.name} "
+                                   f"(0..{len(self.class_names) - 1}) nor its ignore value")
+        return labels, meta
+
+    def _stored_labels(self, case: str, ignore: int, image: Optional[np.ndarray] = None,
+                       meta: Optional[VolumeMeta] = None) -> tuple[np.ndarray, VolumeMeta]:
+        """A stored label map with its ignore value moved to ``ignore``, and the label file's meta. With
+        ``image`` (a merge), the stored image must be that image."""
+        if image is not None:
+            stored, stored_meta = load_channels([self._image_path(case, c) for c in range(image.shape[3])])
+            if stored.shape != image.shape or not np.allclose(stored_meta.affine, meta.affine, atol=1e-3) or \
+                    not np.allclose(stored, image, rtol=1e-5, atol=1e-3):
+                raise TrainingSetError(f"{self._image_path(case, 0)}: case {case} holds another image (grid or "
+                                       "voxels differ); add this scan under another name")
+        labels, label_meta = self._read_labels(case, image.shape[:3] if image is not None else None, meta)
+        labels = labels.astype(_label_dtype(ignore))
+        if self._stored_ignore is not None and ignore != self._stored_ignore:
+            labels[labels == self._stored_ignore] = ignore
+        return labels, label_meta
+
+    def _verified_slice_count(self, case: str, label_map: np.ndarray, meta: VolumeMeta) -> int:
+        return len(_verified_slices(label_map != self._stored_ignore, meta, self._slicing.get(case, "axial")))
+
+
+def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manifest: Path
+                       ) -> tuple[tuple[str, ...], np.ndarray]:
+    """(the merged class list, look-up table incoming label value → merged value): by name, new last."""
+    incoming = tuple(str(n) for n in incoming)
+    if len(incoming) < 1:
+        raise TrainingSetError(f"{manifest}: the scan's class names are empty (background first)")
+    if len(set(incoming)) != len(incoming) or IGNORE_NAME in incoming:
+        raise TrainingSetError(f"{manifest}: the scan's class names {list(incoming)} repeat a name or use "
+                               f"{IGNORE_NAME!r}, which the set keeps for unverified voxels")
+    merged = list(current)
+    values = [0]                                     # background is background, whatever it is called
+    for name in incoming[1:]:
+        if name not in merged:
+            merged.append(name)
+        values.append(merged.index(name))
+    return tuple(merged), np.asarray(values, dtype=np.int64)
+
+
+def _manifest(root: Path, class_names: Sequence[str], channel_names: Sequence[str], count: int,
+              slicing_by_case: dict[str, str]) -> dict:
+    labels = {name: value for value, name in enumerate(class_names)}
+    labels[IGNORE_NAME] = len(class_names)
+    return {"name": root.name, "description": "sparse labels added scan by scan (medconddiff training set)",
+            "channel_names": {str(i): name for i, name in enumerate(channel_names)}, "labels": labels,
+            "numTraining": count, "file_ending": FILE_ENDING,
+            MANIFEST_KEY: {"slicing": dict(sorted(slicing_by_case.items()))}}
+
+
+def _check_names(manifest: Path, class_names: tuple[str, ...], channel_names: tuple[str, ...]) -> None:
+    if len(class_names) < 2 or len(set(class_names)) != len(class_names) or IGNORE_NAME in class_names:
+        raise TrainingSetError(f"{manifest}: class names {list(class_names)} must be unique, at least two "
+                               f"(background first) and must not include {IGNORE_NAME!r}")
+    if not channel_names or any(not n.strip() for n in channel_names):
+        raise TrainingSetError(f"{manifest}: give one non-empty name per channel")
+
+
+def _read_manifest(manifest: Path) -> dict:
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TrainingSetError(f"{manifest}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise TrainingSetError(f"{manifest}: expected a JSON object")
+    return data
+
+
+def _has_files(root: Path) -> bool:
+    return any(any(p.name.endswith(FILE_ENDING) for p in (root / sub).iterdir())
+               for sub in ("imagesTr", "labelsTr") if (root / sub).is_dir())
+
+
+def _check_case_headers(images: Sequence[Path], label: Optional[Path], channels: int) -> None:
+    """Label on its image's grid, channel files alike: from the headers, no voxel read."""
+    if len(images) != channels:
+        raise TrainingSetError(f"{images[0]}: {len(images)} channel file(s) but dataset.json names {channels}")
+    first = nib.load(str(images[0]))
+    for path in (*images[1:], label):
+        other = nib.load(str(path))
+        if other.shape[:3] != first.shape[:3] or not np.allclose(other.affine, first.affine, atol=1e-3):
+            raise TrainingSetError(f"{path}: shape {other.shape} / affine differ from {images[0].name}'s "
+                                   f"{first.shape} (not on the image's grid)")
+
+
+def _clean_meta(meta: VolumeMeta) -> VolumeMeta:
+    """The meta with no free-text header field (they may name the patient) and no source path."""
+    header = None
+    if meta.header is not None:
+        header = meta.header.copy()
+        for key in _HEADER_TEXT_FIELDS:
+            header[key] = b""
+    return dataclasses.replace(meta, header=header, source=None)
+
+
+def _geometry(shape: Sequence[int], meta: VolumeMeta, slicing: str):
+    from .config import PreprocessPlan
+    from .preprocess import ScanPreprocessor
+
+    return ScanPreprocessor(PreprocessPlan(slicing=slicing)).geometry(tuple(shape), meta)
+
+
+def _verified_slices(known: np.ndarray, meta: VolumeMeta, slicing: str) -> list[int]:
+    view = _geometry(known.shape, meta, slicing).slice_view(known)
+    return np.flatnonzero(view.reshape(view.shape[0], -1).any(axis=1)).tolist()
+
+
+def _image_dtype(channel: np.ndarray) -> np.dtype:
+    """int16 for whole numbers that fit (CT in HU: a quarter of float32's size), else float32."""
+    info = np.iinfo(np.int16)
+    if channel.dtype.kind in "iub" or (channel.size and np.array_equal(channel, np.round(channel))):
+        if channel.min() >= info.min and channel.max() <= info.max:
+            return np.dtype(np.int16)
+    return np.dtype(np.float32)
+
+
+def _label_dtype(ignore: int) -> np.dtype:
+    return np.dtype(np.uint8) if ignore <= 255 else np.dtype(np.uint16)
+
+
+class _Staging:
+    """Files written beside the set first, then moved into place together; undone if a move fails."""
+
+    def __init__(self, root: Path):
+        self.folder = root / STAGING_FOLDER
+        shutil.rmtree(self.folder, ignore_errors=True)    # left over from a crash: never committed
+        self.folder.mkdir()
+        self.moves: list[tuple[Path, Path]] = []
+
+    def file(self, target: Path) -> Path:
+        staged = self.folder / f"{len(self.moves)}-{target.name}"
+        self.moves.append((staged, target))
+        return staged
+
+    def commit(self) -> None:
+        done: list[tuple[Optional[Path], Path]] = []
+        try:
+            for index, (staged, target) in enumerate(self.moves):
+                backup = None
+                if target.exists():
+                    backup = self.folder / f"{index}-previous-{target.name}"
+                    os.replace(target, backup)
+                done.append((backup, target))
+                os.replace(staged, target)
+        except BaseException:
+            for backup, target in reversed(done):
+                if backup is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(backup, target)
+            raise
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

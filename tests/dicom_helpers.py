@@ -1,0 +1,110 @@
+"""Writing synthetic DICOM series with pydicom, from a volume and a NIfTI-style (RAS+) affine.
+
+A slice ``k`` of ``volume[:, :, k]`` becomes one CT image: its columns run along the affine's first
+axis, its rows along the second, its position is ``affine @ (0, 0, k)`` (or ``positions[k]``), all
+converted to DICOM's LPS. Stored values are ``(HU - intercept) / slope`` as int16, so a reader that
+applies the rescale gets the volume back exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Patient attributes distinctive enough that a test can search every output for them.
+PATIENT = {"PatientName": "Zyxwvut^Qqpatientname", "PatientID": "PID-98765-XQ", "PatientBirthDate": "19230417"}
+
+
+def ds_values(values) -> list[str]:
+    return [format_number_as_ds(float(v)) for v in values]
+
+
+def slice_dataset(image_hu: np.ndarray, *, position_lps, row_dir, col_dir, pixel_spacing, series_uid: str,
+                  study_uid: str, frame_uid: str, series_number: int = 1, description: str = "synthetic CT",
+                  instance_number: int = 1, slope: float = 1.0, intercept: float = -1024.0,
+                  image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"), thickness: float = 1.0,
+                  patient: dict | None = None) -> Dataset:
+    """One CT image of ``image_hu`` (rows, columns) at ``position_lps``."""
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for keyword, value in (patient or PATIENT).items():
+        setattr(ds, keyword, value)
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+    ds.SOPClassUID = CTImageStorage
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "A1"
+    ds.ReferringPhysicianName = ""
+    ds.Manufacturer = "synthetic"
+    ds.Modality = "CT"
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.InstanceNumber = instance_number
+    ds.ImageType = list(image_type)
+    ds.ImagePositionPatient = ds_values(position_lps)
+    ds.ImageOrientationPatient = ds_values(list(row_dir) + list(col_dir))
+    ds.PixelSpacing = ds_values(pixel_spacing)
+    ds.SliceThickness = format_number_as_ds(float(thickness))
+    ds.RescaleSlope = format_number_as_ds(float(slope))
+    ds.RescaleIntercept = format_number_as_ds(float(intercept))
+    ds.RescaleType = "HU"
+    stored = np.rint((np.asarray(image_hu, dtype=np.float64) - intercept) / slope).astype(np.int16)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    return ds
+
+
+def write_series(folder: Path, volume: np.ndarray, affine_ras: np.ndarray, *, positions_lps=None,
+                 series_uid: str | None = None, study_uid: str | None = None, frame_uid: str | None = None,
+                 series_number: int = 1, description: str = "synthetic CT", prefix: str = "img",
+                 skip: Sequence[int] = (), patient: dict | None = None, **slice_kwargs) -> list[Path]:
+    """Write ``volume`` (i, j, k) with ``affine_ras`` as one file per slice; returns the paths in k order.
+
+    File names are shuffled against k (``prefix`` + a scrambled number) so a reader cannot rely on them.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    column_step, row_step = lps[:3, 0], lps[:3, 1]
+    row_dir, col_dir = column_step / np.linalg.norm(column_step), row_step / np.linalg.norm(row_step)
+    pixel_spacing = (np.linalg.norm(row_step), np.linalg.norm(column_step))
+    series_uid, study_uid, frame_uid = series_uid or generate_uid(), study_uid or generate_uid(), frame_uid or generate_uid()
+    n_slices = volume.shape[2]
+    paths = []
+    for k in range(n_slices):
+        if k in skip:
+            continue
+        position = positions_lps[k] if positions_lps is not None else (lps @ np.array([0, 0, k, 1.0]))[:3]
+        ds = slice_dataset(volume[:, :, k].T, position_lps=position, row_dir=row_dir, col_dir=col_dir,
+                           pixel_spacing=pixel_spacing, series_uid=series_uid, study_uid=study_uid,
+                           frame_uid=frame_uid, series_number=series_number, description=description,
+                           instance_number=k + 1, patient=patient, **slice_kwargs)
+        path = folder / f"{prefix}{(k * 7919) % 10007:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def oblique_affine(spacing=(0.8, 0.9, 1.5), origin=(-20.0, 35.0, 12.0)) -> np.ndarray:
+    """A right-handed RAS affine rotated about two axes (no voxel axis along a world axis)."""
+    a, b = np.radians(20.0), np.radians(-12.0)
+    rot_z = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rot_x = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot_z @ rot_x @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine

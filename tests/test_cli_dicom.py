@@ -1,0 +1,230 @@
+"""`medconddiff segment` and `evaluate` on DICOM series: folders, several series, DICOM SEG out, bad input.
+
+Series are written with pydicom (tests/dicom_helpers.py) from a 64x64x6 cut of the bundled liver CT,
+segmented by the bundled model on two slices.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from medconddiff.cli import main
+from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
+from medconddiff.dicom_series import list_series, read_dicom_series
+from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
+from tests.dicom_helpers import PATIENT, write_series
+
+CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
+FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def cut():
+    """(HU volume, labels, RAS affine) of a cut of the bundled scan: stored as DICOM usually is (LPS
+    voxel order, 1 x 1 x 2.5 mm), so rows and columns run against RAS."""
+    volume, _ = load_volume(sample_scan_path())
+    labels, _ = load_labels(sample_label_path())
+    affine = np.diag([-1.0, -1.0, 2.5, 1.0])
+    affine[:3, 3] = [120.0, 95.0, -310.0]
+    return volume[CUT].astype(np.int16).astype(np.float32), labels[CUT].copy(), affine
+
+
+def segment(*args):
+    return main(["segment", *map(str, args), *FAST])
+
+
+def assert_no_patient_data(*texts: str) -> None:
+    for text in texts:
+        for value in PATIENT.values():
+            assert value not in text
+        assert "Zyxwvut" not in text and "Qqpatientname" not in text
+
+
+def one_line_failures(err: str) -> list[str]:
+    lines = [line for line in err.splitlines() if line.strip()]
+    failed = [line for line in lines if ": FAILED: " in line]
+    # Every line is a failure or a note: a failure never spills over onto a second line.
+    assert all(": FAILED: " in line or "note: " in line for line in lines), err
+    return failed
+
+
+def test_a_dicom_folder_segments_like_the_same_scan_as_nifti_and_writes_a_seg(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
+    series = tmp_path / "series"
+    write_series(series, volume, affine, description="CT abdomen")
+    uid = list_series(series)[0].uid
+
+    assert segment(nifti, "-o", tmp_path / "from_nifti.nii.gz", "--slices", "2:4") == 0
+    assert segment(series, "-o", tmp_path / "from_dicom.nii.gz", "--slices", "2:4") == 0
+    assert segment(series, "-o", tmp_path / "seg.dcm", "--slices", "2:4") == 0
+    captured = capsys.readouterr()
+
+    expected = nib.load(str(tmp_path / "from_nifti.nii.gz"))
+    labels = nib.load(str(tmp_path / "from_dicom.nii.gz"))
+    np.testing.assert_allclose(labels.affine, expected.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), np.asarray(expected.dataobj))
+    assert np.asarray(expected.dataobj).max() >= 1                        # the comparison is not of empty masks
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", series), np.asarray(expected.dataobj))
+
+    for name in ("from_dicom.json", "seg.json"):
+        text = (tmp_path / name).read_text()
+        record = json.loads(text)
+        assert record["dicom_source"]["series_instance_uid"] == uid
+        assert record["dicom_source"]["series_description"] == "CT abdomen"
+        assert len(record["dicom_source"]["sop_instance_uids"]) == 6
+        assert_no_patient_data(text)
+    assert "from_nifti" not in json.loads((tmp_path / "from_nifti.json").read_text()).get("dicom_source", "")
+    assert_no_patient_data(captured.out, captured.err)
+
+    # An existing SEG is kept unless --overwrite.
+    before = (tmp_path / "seg.dcm").read_bytes()
+    assert segment(series, "-o", tmp_path / "seg.dcm", "--slices", "2:4") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "seg.dcm").read_bytes() == before
+
+
+def test_a_seg_needs_a_dicom_input(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
+    assert segment(nifti, "-o", tmp_path / "seg.dcm") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a DICOM SEG references the DICOM series it segments" in err
+    assert not (tmp_path / "seg.dcm").exists()
+    assert segment(nifti, "--series", "2", "-o", tmp_path / "seg.nii.gz") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--series and --all-series choose DICOM series" in err
+
+
+def test_several_series_are_listed_and_chosen_or_all_segmented(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    export = tmp_path / "export"
+    write_series(export, volume, affine, series_number=2, description="CT venous", prefix="v")
+    write_series(export, volume[:, :, :4], affine, series_number=5, description="CT/arterial: thin", prefix="a")
+    # A scout series (one image, marked LOCALIZER) and a scout inside series 5, as scanners export them.
+    write_series(export, volume[:, :, :1], affine, series_number=1, description="Scout", prefix="s",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    series5 = next(info for info in list_series(export) if info.number == 5)
+    write_series(export, volume[:, :, :1], affine, series_uid=series5.uid,
+                 series_number=5, description="CT/arterial: thin", prefix="loc",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+
+    assert segment(export, "-o", tmp_path / "x.nii.gz") == 2
+    err = capsys.readouterr().err
+    first, *listing = err.strip().splitlines()
+    assert "holds 3 DICOM series: choose one with --series N|UID, or segment each with --all-series" in first
+    assert [line.split(":")[0].strip() for line in listing] == ["series 1 'Scout'", "series 2 'CT venous'",
+                                                                 "series 5 'CT/arterial"]
+    assert "CT, 6 image(s) 64x64" in listing[1] and "1 localizer image(s)" in listing[2]
+    assert not (tmp_path / "x.nii.gz").exists()
+
+    assert segment(export, "--series", "5", "-o", tmp_path / "five.nii.gz", "--slices", "1:3") == 0
+    captured = capsys.readouterr()
+    assert "left out 1 localizer image(s)" in captured.err                  # the scout note
+    record = json.loads((tmp_path / "five.json").read_text())
+    assert record["dicom_source"]["series_number"] == 5 and record["input_shape"] == [64, 64, 4]
+    assert segment(export, "--series", series5.uid, "-o", tmp_path / "five_by_uid.nii.gz", "--slices", "1:3") == 0
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "five_by_uid.nii.gz")).get_fdata(),
+                                  nib.load(str(tmp_path / "five.nii.gz")).get_fdata())
+
+    results = tmp_path / "results"
+    assert segment(export, "--all-series", "-o", results, "--slices", "1:3", "--output-format", "dicom-seg") == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in results.iterdir()) == [
+        "series2_CT_venous_seg.dcm", "series2_CT_venous_seg.json",
+        "series5_CT_arterial_thin_seg.dcm", "series5_CT_arterial_thin_seg.json"]
+    assert "series 1 'Scout': note: skipped: every image is a localizer (scout)" in captured.err
+    assert "2 done, 0 skipped, 0 failed of 2" in captured.out
+    labels = read_dicom_seg(results / "series5_CT_arterial_thin_seg.dcm", export, series=5)
+    np.testing.assert_array_equal(labels, nib.load(str(tmp_path / "five.nii.gz")).get_fdata())
+    for path in [tmp_path / "five.json", *results.glob("*.json")]:
+        assert_no_patient_data(path.read_text())
+    assert_no_patient_data(err, captured.out, captured.err)
+
+
+def test_bad_series_fail_one_line_each_and_the_others_go_on(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    export = tmp_path / "export"
+    write_series(export / "good", volume, affine, series_number=1, description="good")
+    truncated = write_series(export / "cut", volume, affine, series_number=2, description="cut short")
+    truncated[3].write_bytes(truncated[3].read_bytes()[:-300])
+    write_series(export / "single", volume[:, :, :1], affine, series_number=3, description="one image")
+    uid = generate_uid()
+    write_series(export / "sizes", volume[:, :, :3], affine, series_uid=uid, series_number=4, prefix="a")
+    shifted = affine.copy()
+    shifted[:3, 3] = (affine @ [0, 0, 3, 1])[:3]
+    write_series(export / "sizes", volume[:, :40, 3:], shifted, series_uid=uid, series_number=4, prefix="b")
+    shutil.copy(get_testdata_file("SC_rgb_small_odd.dcm"), export / "capture.dcm")
+    results = tmp_path / "results"
+
+    assert segment(export, "--all-series", "-o", results, "--slices", "0:2") == 1
+    captured = capsys.readouterr()
+    failed = one_line_failures(captured.err)
+    assert len(failed) == 4, captured.err
+    assert any(line.startswith("series2_cut_short: FAILED:") and "truncated" in line for line in failed)
+    assert any(line.startswith("series3_one_image: FAILED:") and "has one image: not a volume" in line
+               for line in failed)
+    assert any(line.startswith("series4_synthetic_CT: FAILED:") and "different sizes" in line for line in failed)
+    assert any("capture.dcm is a colour image (RGB" in line for line in failed)
+    assert "1 done, 0 skipped, 4 failed of 5" in captured.out
+    assert sorted(p.name for p in results.glob("*.nii.gz")) == ["series1_good_seg.nii.gz"]
+    assert_no_patient_data(captured.out, captured.err)
+
+    # One file given alone is a 2-D image, segmented as such.
+    single = next((export / "single").iterdir())
+    assert segment(single, "-o", tmp_path / "single.nii.gz") == 0
+    assert nib.load(str(tmp_path / "single.nii.gz")).shape == (64, 64)
+
+
+def test_folders_without_dicom_or_with_dicom_and_nifti_are_refused_in_one_line(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("export notes")
+    assert segment(empty, "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no NIfTI (.nii/.nii.gz) files and no DICOM files" in err
+
+    both = tmp_path / "both"
+    write_series(both / "dicom", volume, affine)
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(both / "scan.nii.gz"))
+    assert segment(both, "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds both NIfTI files (e.g. scan.nii.gz) and DICOM files" in err
+
+
+def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, capsys):
+    volume, labels, affine = cut
+    series = tmp_path / "series"
+    write_series(series, volume, affine)
+    scan = read_dicom_series(series)
+    nib.save(nib.Nifti1Image(labels, scan.meta.affine), str(tmp_path / "labels.nii.gz"))
+    write_dicom_seg(tmp_path / "reference.dcm", labels, scan.source, ("background", "liver", "tumour"))
+    scores = {}
+    for label in ("labels.nii.gz", "reference.dcm"):
+        json_path = tmp_path / f"{label}.json"
+        code = main(["evaluate", "--image", str(series), "--label", str(tmp_path / label), "--slices", "2:4",
+                     "--steps", "2", "--device", "cpu", "--json", str(json_path)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        report = json.loads(json_path.read_text())
+        assert_no_patient_data(json_path.read_text(), captured.out, captured.err)
+        (case,) = report["volumes"].values()
+        scores[label] = case["consensus"]
+    assert scores["labels.nii.gz"] == scores["reference.dcm"]
+    assert scores["reference.dcm"]["per_class"]["liver"]["dice"] > 0
+
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
+    capsys.readouterr()
+    assert main(["evaluate", "--image", str(nifti), "--label", str(tmp_path / "reference.dcm")]) == 2
+    assert "--image must be that DICOM series" in capsys.readouterr().err

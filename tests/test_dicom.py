@@ -1,0 +1,527 @@
+"""DICOM in (series folders, single files, enhanced multi-frame) and DICOM SEG out.
+
+Series are written in the tests with pydicom from a 32x32x8 cut of the bundled liver CT
+(tests/dicom_helpers.py); pydicom's own test files cover a real CT slice, a truncated file and an
+RGB secondary capture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLossless, generate_uid
+
+from medconddiff.dicom_geometry import LPS_TO_RAS
+from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg, write_dicom_seg
+from medconddiff.dicom_series import (DicomError, dicom_source, is_dicom_path, list_series, load_dicom_series,
+                                      read_dicom_series)
+from medconddiff.errors import UserInputError
+from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path, save_volume
+from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, write_series
+
+CLASSES = ("background", "liver", "tumour")
+CUT = (slice(40, 72), slice(50, 82), slice(60, 68))
+
+
+@pytest.fixture(scope="module")
+def cut() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(volume, labels, RAS affine) of a 32x32x8 cut of the bundled scan, affine moved with the cut."""
+    volume, meta = load_volume(sample_scan_path())
+    labels, _ = load_labels(sample_label_path())
+    affine = meta.affine.copy()
+    affine[:3, 3] = (meta.affine @ np.array([c.start for c in CUT] + [1.0]))[:3]
+    return volume[CUT].copy(), labels[CUT].copy(), affine
+
+
+def ras_position(lps_position) -> np.ndarray:
+    return (LPS_TO_RAS @ np.append(np.asarray(lps_position, dtype=float), 1.0))[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# the same scan as NIfTI and as DICOM
+
+
+@pytest.mark.parametrize("stored_as", ["RAS", "LPS", "oblique"])
+def test_dicom_series_reads_like_the_same_scan_as_nifti(tmp_path, cut, stored_as):
+    volume, _, affine = cut
+    if stored_as == "LPS":
+        volume = volume[::-1, ::-1, :]
+        flip_ij = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip_ij[:2, 3] = 31                                  # new voxel (i, j) is old voxel (31 - i, 31 - j)
+        affine = affine @ flip_ij
+    elif stored_as == "oblique":
+        affine = oblique_affine()
+    nifti_path = save_volume(tmp_path / "scan.nii.gz", volume, _meta(affine))
+    nifti_volume, nifti_meta = load_volume(nifti_path)
+    write_series(tmp_path / "series", nifti_volume, nifti_meta.affine)
+
+    dicom_volume, dicom_meta = load_dicom_series(tmp_path / "series")
+
+    assert dicom_volume.dtype == np.float32
+    np.testing.assert_array_equal(dicom_volume, nifti_volume)
+    np.testing.assert_allclose(dicom_meta.affine, nifti_meta.affine, atol=1e-6)
+    np.testing.assert_allclose(dicom_meta.spacing, nifti_meta.spacing, atol=1e-6)
+    assert dicom_meta.orientation == nifti_meta.orientation
+    assert dicom_meta.affine_known and dicom_meta.original_ndim == 3
+
+
+def test_left_handed_nifti_comes_back_with_slices_sorted_along_the_normal(tmp_path, cut):
+    """DICOM has no slice order of its own: slices ascend along the normal, so a left-handed (LAS)
+    NIfTI comes back with k reversed, and every voxel at the same world position."""
+    volume, _, affine = cut
+    las_volume = volume[::-1]
+    flip_i = np.diag([-1.0, 1, 1, 1])
+    flip_i[0, 3] = 31
+    las_affine = affine @ flip_i
+    write_series(tmp_path, las_volume, las_affine)
+    scan = read_dicom_series(tmp_path)
+    flip_k = np.diag([1.0, 1, -1, 1])
+    flip_k[2, 3] = 7
+    np.testing.assert_array_equal(scan.volume, las_volume[:, :, ::-1])
+    np.testing.assert_allclose(scan.meta.affine, las_affine @ flip_k, atol=1e-6)
+
+
+def test_affine_agrees_with_highdicoms_volume(tmp_path, cut):
+    import highdicom as hd
+
+    volume, _, _ = cut
+    paths = write_series(tmp_path, volume, oblique_affine())
+    reference = hd.get_volume_from_series([pydicom.dcmread(p) for p in paths], dtype=np.float32)
+    reference_ras = hd.volume.convert_affine_to_convention(reference.affine, "LPS", "RAS")
+    scan = read_dicom_series(tmp_path)
+    for corner in np.ndindex(2, 2, 2):
+        index = np.array(corner) * (np.array(reference.array.shape) - 1)          # (slice, row, column)
+        world = reference_ras @ np.append(index, 1.0)
+        ijk = np.linalg.solve(scan.meta.affine, world)[:3]
+        np.testing.assert_allclose(ijk, np.rint(ijk), atol=1e-6)
+        i, j, k = np.rint(ijk).astype(int)
+        assert scan.volume[i, j, k] == reference.array[tuple(index)]
+
+
+def test_rescale_slope_and_intercept_give_hounsfield_units(tmp_path, cut):
+    volume, _, affine = cut
+    write_series(tmp_path, volume, affine, slope=0.5, intercept=-2000.0)
+    np.testing.assert_array_equal(load_dicom_series(tmp_path)[0], volume)
+
+
+def test_pydicoms_ct_slice_reads_as_a_2d_image_in_hu():
+    path = get_testdata_file("CT_small.dcm")
+    dataset = pydicom.dcmread(path)
+    scan = read_dicom_series(path)
+    expected = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    assert is_dicom_path(path) and not is_dicom_path(sample_scan_path())
+    assert scan.volume.shape == (dataset.Columns, dataset.Rows, 1)
+    assert scan.meta.original_ndim == 2
+    np.testing.assert_array_equal(scan.volume[:, :, 0], expected.T)
+    np.testing.assert_allclose(scan.meta.affine[:3, 3], ras_position(dataset.ImagePositionPatient), atol=1e-6)
+    assert any("one slice" in note for note in scan.source.notes)
+
+
+@pytest.mark.parametrize("compressed", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_compressed_files_an_installed_decoder_reads_match_the_uncompressed_one(compressed):
+    from pydicom.pixels import get_decoder
+
+    path = get_testdata_file(compressed)
+    if path is None or not get_decoder(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID).is_available:
+        pytest.skip(f"{compressed} or its decoder is not available here")
+    reference = read_dicom_series(get_testdata_file("MR_small.dcm"))
+    scan = read_dicom_series(path)
+    np.testing.assert_array_equal(scan.volume, reference.volume)
+    np.testing.assert_allclose(scan.meta.affine, reference.meta.affine)
+
+
+def test_enhanced_multiframe_file_reads_like_its_series(tmp_path, cut):
+    import highdicom as hd
+
+    volume, _, _ = cut
+    affine = oblique_affine()
+    paths = write_series(tmp_path / "series", volume, affine)
+    # Frames stored against the slice order: the reader must sort them by position.
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths[::-1]], series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    scan = read_dicom_series(tmp_path / "enhanced.dcm")
+    np.testing.assert_array_equal(scan.volume, volume)
+    np.testing.assert_allclose(scan.meta.affine, affine, atol=1e-6)
+    assert scan.source.frame_numbers == tuple(range(8, 0, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# several series, scouts, gaps, tilt, orientations
+
+
+def test_two_series_need_a_choice_listed_one_line_each(tmp_path, cut):
+    volume, _, affine = cut
+    write_series(tmp_path / "a", volume, affine, series_number=2, description="abdomen")
+    write_series(tmp_path / "b", volume[:, :, :4], affine, series_number=7, description="low dose")
+    infos = list_series(tmp_path)
+    assert [(i.number, i.description, i.instances, i.size) for i in infos] == [
+        (2, "abdomen", 8, (32, 32)), (7, "low dose", 4, (32, 32))]
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path)
+    message = str(error.value)
+    assert isinstance(error.value, UserInputError)
+    assert "2 DICOM series" in message and "--series" in message
+    assert infos[0].line() in message.splitlines() [1] and infos[1].line() in message.splitlines()[2]
+    assert read_dicom_series(tmp_path, series=7).volume.shape == (32, 32, 4)
+    assert read_dicom_series(tmp_path, series="2").volume.shape == (32, 32, 8)
+    assert read_dicom_series(tmp_path, series=infos[1].uid).volume.shape == (32, 32, 4)
+    with pytest.raises(DicomError, match="no series with number or UID 9"):
+        read_dicom_series(tmp_path, series=9)
+
+
+def test_two_series_with_one_number_need_the_uid(tmp_path, cut):
+    volume, _, affine = cut
+    write_series(tmp_path / "a", volume, affine, series_number=3)
+    write_series(tmp_path / "b", volume, affine, series_number=3)
+    with pytest.raises(DicomError, match="2 series have number 3; choose one by UID"):
+        read_dicom_series(tmp_path, series=3)
+
+
+def test_scout_in_another_orientation_in_the_same_series_is_left_out(tmp_path, cut):
+    volume, _, affine = cut
+    uid, frame = generate_uid(), generate_uid()
+    write_series(tmp_path, volume, affine, series_uid=uid, frame_uid=frame)
+    sagittal = slice_dataset(volume[:, 0, :].T, position_lps=(0, 0, 0), row_dir=(0, 1, 0), col_dir=(0, 0, -1),
+                             pixel_spacing=(1, 1), series_uid=uid, study_uid=generate_uid(), frame_uid=frame,
+                             image_type=("ORIGINAL", "PRIMARY", "OTHER"))
+    sagittal.save_as(tmp_path / "scout.dcm", enforce_file_format=True)
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    np.testing.assert_allclose(scan.meta.affine, affine, atol=1e-6)
+    assert any("another orientation" in note and "scout.dcm" in note for note in scan.source.notes)
+    assert len(scan.source.sop_instance_uids) == 8
+
+
+def test_single_off_stack_slice_in_the_same_orientation_is_left_out(tmp_path, cut):
+    """The case that silently changed a CT's spacing from 0.700 to 0.817 mm elsewhere."""
+    volume, _, affine = cut
+    uid, frame = generate_uid(), generate_uid()
+    write_series(tmp_path, volume, affine, series_uid=uid, frame_uid=frame)
+    lps = LPS_TO_RAS @ affine
+    beside = (lps @ [0, 0, 3.4, 1])[:3] + np.array([60.0, -40.0, 0.0])
+    slice_dataset(volume[:, :, 0].T, position_lps=beside, row_dir=lps[:3, 0], col_dir=lps[:3, 1], pixel_spacing=(1, 1),
+                  series_uid=uid, study_uid=generate_uid(), frame_uid=frame).save_as(tmp_path / "extra.dcm",
+                                                                                  enforce_file_format=True)
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    assert scan.meta.spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert any("beside the stack" in note and "extra.dcm" in note for note in scan.source.notes)
+
+
+def test_localizer_image_type_is_left_out(tmp_path, cut):
+    volume, _, affine = cut
+    uid = generate_uid()
+    write_series(tmp_path, volume, affine, series_uid=uid)
+    write_series(tmp_path, volume[:, :, :1], affine, series_uid=uid, prefix="loc",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    assert any("localizer" in note and "loc" in note for note in scan.source.notes)
+
+
+def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):
+    volume, _, affine = cut
+    paths = write_series(tmp_path, volume, affine, skip=(3,))
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path)
+    message = str(error.value)
+    assert "not evenly spaced: 2.000 mm" in message and "expected 1.000 mm" in message
+    assert "about 1 slice(s) missing" in message
+    assert paths[2].name in message and paths[3].name in message      # the slices either side (k=2, k=4)
+    assert "\n" not in message
+
+
+def test_uneven_spacing_is_refused(tmp_path, cut):
+    volume, _, affine = cut
+    steps = [0, 1, 2, 3, 4.3, 5.3, 6.3, 7.3]
+    positions = [(LPS_TO_RAS @ affine @ [0, 0, z, 1])[:3] for z in steps]
+    write_series(tmp_path, volume, affine, positions_lps=positions)
+    with pytest.raises(DicomError, match=r"not evenly spaced: 1\.300 mm .* expected 1\.000 mm"):
+        read_dicom_series(tmp_path)
+
+
+def test_gantry_tilt_is_kept_as_acquired_with_a_sheared_affine(tmp_path, cut):
+    volume, _, affine = cut
+    lps = LPS_TO_RAS @ affine
+    shear = np.array([0.0, 0.268, 0.0])                       # posterior drift per 1 mm slice: 15 degrees
+    positions = [(lps @ [0, 0, k, 1])[:3] + k * shear for k in range(8)]
+    write_series(tmp_path, volume, affine, positions_lps=positions)
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    for k in range(8):                                         # every slice exactly where its file says
+        np.testing.assert_allclose((scan.meta.affine @ [0, 0, k, 1])[:3], ras_position(positions[k]), atol=1e-6)
+    assert any("gantry tilt of 15.00 degrees" in note and "not resampled" in note for note in scan.source.notes)
+
+
+def test_equal_groups_of_orientations_are_refused(tmp_path, cut):
+    volume, _, affine = cut
+    uid = generate_uid()
+    write_series(tmp_path, volume[:, :, :4], affine, series_uid=uid, prefix="ax")
+    sagittal = affine[:, [1, 2, 0, 3]]
+    write_series(tmp_path, volume[:, :, :4], sagittal, series_uid=uid, prefix="sag")
+    with pytest.raises(DicomError, match="2 orientations of equal weight"):
+        read_dicom_series(tmp_path)
+
+
+def test_majority_orientation_is_the_stack(tmp_path, cut):
+    volume, _, affine = cut
+    uid = generate_uid()
+    write_series(tmp_path, volume, affine, series_uid=uid, prefix="ax")
+    write_series(tmp_path, volume[:, :, :3], affine[:, [1, 2, 0, 3]], series_uid=uid, prefix="cor")
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    assert any("left out 3 slice(s) in another orientation" in note for note in scan.source.notes)
+
+
+def test_two_slices_at_one_position_are_refused(tmp_path, cut):
+    volume, _, affine = cut
+    uid = generate_uid()
+    write_series(tmp_path, volume, affine, series_uid=uid, prefix="a")
+    write_series(tmp_path, volume[:, :, :1], affine, series_uid=uid, prefix="echo2")
+    with pytest.raises(DicomError, match="two slices at one position"):
+        read_dicom_series(tmp_path)
+
+
+def test_one_slice_series_is_a_2d_image(tmp_path, cut):
+    volume, _, affine = cut
+    write_series(tmp_path, volume[:, :, :1], affine, thickness=2.5)
+    scan = read_dicom_series(tmp_path)
+    assert scan.volume.shape == (32, 32, 1) and scan.meta.original_ndim == 2
+    assert scan.meta.spacing == pytest.approx((1.0, 1.0, 2.5))
+    assert any("one slice: read as a 2-D image" in note for note in scan.source.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line naming the file or series
+
+
+def test_folder_without_dicom_names_the_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a scan")
+    with pytest.raises(DicomError) as error:
+        list_series(tmp_path)
+    assert str(tmp_path) in str(error.value) and "no DICOM image" in str(error.value)
+    assert "notes.txt" in str(error.value)
+    assert not is_dicom_path(tmp_path)
+
+
+def test_non_dicom_files_beside_a_series_are_skipped_with_a_note(tmp_path, cut):
+    volume, _, affine = cut
+    write_series(tmp_path, volume, affine)
+    (tmp_path / "README.txt").write_text("export notes")
+    infos = list_series(tmp_path)
+    assert len(infos) == 1 and is_dicom_path(tmp_path)
+    assert any("not DICOM" in note and "README.txt" in note for note in infos.notes)
+    assert any("README.txt" in note for note in read_dicom_series(tmp_path).source.notes)
+
+
+def test_truncated_file_is_named(tmp_path, cut):
+    volume, _, affine = cut
+    paths = write_series(tmp_path, volume, affine)
+    data = paths[4].read_bytes()
+    paths[4].write_bytes(data[:-300])
+    with pytest.raises(DicomError, match=f"{paths[4].name}: cannot read its pixel data, the file may be truncated"):
+        read_dicom_series(tmp_path)
+    with pytest.raises(DicomError, match="MR_truncated.dcm: cannot read its pixel data"):
+        read_dicom_series(get_testdata_file("MR_truncated.dcm"))
+
+
+def test_file_cut_inside_its_header_is_named_not_silently_left_out(tmp_path, cut):
+    """pydicom returns what it parsed of a file cut short; the last slice must not just vanish."""
+    volume, _, affine = cut
+    paths = write_series(tmp_path / "scan", volume, affine)
+    paths[7].write_bytes(paths[7].read_bytes()[:700])           # cut before its series UID
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path / "scan")
+    assert f"cannot read 1 DICOM file(s) stored with this series: {paths[7].name} (truncated" in str(error.value)
+    assert any(paths[7].name in note for note in list_series(tmp_path / "scan").notes)
+    # Stored in a folder of its own, it cannot belong to the series: a note only.
+    (tmp_path / "junk").mkdir()
+    paths[7].rename(tmp_path / "junk" / "cut.dcm")
+    write_series(tmp_path / "scan", volume[:, :, 7:], affine @ _shift_k(7),
+                 series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID), prefix="last")
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_array_equal(scan.volume, volume)
+    assert any("junk/cut.dcm (truncated" in note for note in scan.source.notes)
+
+
+def _shift_k(k: int) -> np.ndarray:
+    shift = np.eye(4)
+    shift[2, 3] = k
+    return shift
+
+
+def test_images_of_different_sizes_in_one_series_are_refused(tmp_path, cut):
+    volume, _, affine = cut
+    uid = generate_uid()
+    write_series(tmp_path, volume[:, :, :4], affine, series_uid=uid, prefix="a")
+    shifted = affine.copy()
+    shifted[:3, 3] = (affine @ [0, 0, 4, 1])[:3]
+    write_series(tmp_path, volume[:, :30, 4:], shifted, series_uid=uid, prefix="b")
+    with pytest.raises(DicomError, match=r"images of different sizes in one series: .* is 32x32, .* is 30x32"):
+        read_dicom_series(tmp_path)
+
+
+def test_rgb_secondary_capture_is_refused(tmp_path):
+    shutil.copy(get_testdata_file("SC_rgb_small_odd.dcm"), tmp_path / "capture.dcm")
+    with pytest.raises(DicomError, match=r"capture.dcm is a colour image \(RGB, 3 samples per pixel\)"):
+        read_dicom_series(tmp_path)
+
+
+def test_compressed_transfer_syntax_without_decoder_is_refused(tmp_path, cut):
+    from pydicom.pixels import get_decoder
+
+    if get_decoder(JPEGLossless).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed here")
+    volume, _, affine = cut
+    path = write_series(tmp_path, volume[:, :, :1], affine)[0]
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGLossless
+    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path)
+    assert f"{path.name} is compressed as JPEG Lossless" in str(error.value)
+    assert "no installed decoder reads (install one of:" in str(error.value)
+    assert "pylibjpeg" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM SEG
+
+
+@pytest.mark.parametrize("geometry", ["axial", "oblique", "tilted"])
+def test_seg_round_trip_gives_the_same_labels_at_the_same_voxels(tmp_path, cut, geometry):
+    volume, labels, affine = cut
+    positions = None
+    if geometry == "oblique":
+        affine = oblique_affine()
+    elif geometry == "tilted":
+        positions = [(LPS_TO_RAS @ affine @ [0, 0, k, 1])[:3] + k * np.array([0, 0.268, 0]) for k in range(8)]
+    write_series(tmp_path / "series", volume, affine, positions_lps=positions)
+    scan = read_dicom_series(tmp_path / "series")
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, scan, CLASSES)
+
+    np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "series"), labels)
+    assert dicom_seg_segments(seg_path) == {1: "liver", 2: "tumour"}
+    seg = pydicom.dcmread(seg_path)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scan.source.series_uid
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(scan.source.sop_instance_uids)
+    category = seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0]
+    kind = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert (category.CodeValue, kind.CodeValue, kind.CodingSchemeDesignator) == ("91723000", "85756007", "SCT")
+
+
+def test_seg_of_an_enhanced_multiframe_source_round_trips(tmp_path, cut):
+    import highdicom as hd
+
+    volume, labels, affine = cut
+    paths = write_series(tmp_path / "series", volume, affine)
+    hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths[::-1]], series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1).save_as(tmp_path / "enhanced.dcm")
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "enhanced.dcm", CLASSES)
+    np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "enhanced.dcm"), labels)
+
+
+def test_seg_takes_user_codes_and_labelmap_type(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "series", volume, affine)
+    liver = (("123037004", "SCT", "Anatomical Structure"), ("10200004", "SCT", "Liver"))
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "series", CLASSES,
+                               codes={"liver": liver}, segmentation_type="LABELMAP")
+    seg = pydicom.dcmread(seg_path)
+    types = {item.SegmentNumber: item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning
+             for item in seg.SegmentSequence if item.SegmentNumber > 0}    # a label map adds segment 0
+    assert types == {1: "Liver", 2: "Tissue"}
+    assert dicom_seg_segments(seg_path) == {1: "liver", 2: "tumour"}
+    np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "series"), labels)
+
+
+def test_seg_is_never_overwritten_unless_asked(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "series", volume, affine)
+    source = dicom_source(tmp_path / "series")
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, source, CLASSES)
+    before = seg_path.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_dicom_seg(seg_path, np.zeros_like(labels), source, CLASSES)
+    assert seg_path.read_bytes() == before
+    write_dicom_seg(seg_path, np.zeros_like(labels), source, CLASSES, overwrite=True)
+    assert not read_dicom_seg(seg_path, source).any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm", "series"]      # no temp file left
+
+
+def test_seg_refuses_labels_that_do_not_fit(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "series", volume, affine)
+    with pytest.raises(DicomError, match="only 2 class names"):
+        write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "series", CLASSES[:2])
+    with pytest.raises(DicomError, match=r"labels of shape \(32, 32, 7\) do not fit"):
+        write_dicom_seg(tmp_path / "seg.dcm", labels[:, :, :7], tmp_path / "series", CLASSES)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_seg_read_against_another_series_is_refused(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "a", volume, affine)
+    write_series(tmp_path / "b", volume, affine)
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "a", CLASSES)
+    with pytest.raises(DicomError, match="references none of the images"):
+        read_dicom_seg(seg_path, tmp_path / "b")
+
+
+def test_seg_beside_its_series_does_not_count_as_another_series(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path, volume, affine)
+    write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path, CLASSES)
+    infos = list_series(tmp_path)
+    assert len(infos) == 1 and any("Segmentation Storage" in note for note in infos.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# privacy
+
+
+def test_patient_identifiers_appear_in_nothing_returned(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "one", volume, affine, series_number=1)
+    lps = LPS_TO_RAS @ affine
+    tilted = [(lps @ [0, 0, k, 1])[:3] + k * np.array([0, 0.268, 0]) for k in range(8)]
+    write_series(tmp_path / "one", volume, affine, series_number=2, positions_lps=tilted, prefix="t")
+    write_series(tmp_path / "gap", volume, affine, skip=(4,))
+    (tmp_path / "one" / "junk.bin").write_bytes(b"\x00" * 300)
+    texts = []
+    infos = list_series(tmp_path / "one")
+    texts += [repr(infos), repr(list(infos)), *infos.notes, *(info.line() for info in infos)]
+    for number in (1, 2):
+        scan = read_dicom_series(tmp_path / "one", series=number)
+        texts += [repr(scan.source), json.dumps(scan.source.to_dict()), json.dumps(scan.meta.to_dict()),
+                  repr(scan.meta), *scan.source.notes]
+    for call in (lambda: read_dicom_series(tmp_path / "one"), lambda: read_dicom_series(tmp_path / "gap")):
+        with pytest.raises(DicomError) as error:
+            call()
+        texts.append(str(error.value))
+    corpus = "\n".join(texts)
+    assert "gantry tilt" in corpus and "not evenly spaced" in corpus and "junk.bin" in corpus
+    for value in PATIENT.values():
+        for fragment in value.split("^"):
+            assert fragment not in corpus
+    # The SEG carries the patient module on purpose: DICOM files it under the source's patient.
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "one", CLASSES, series=1)
+    assert str(pydicom.dcmread(seg_path).PatientID) == PATIENT["PatientID"]
+
+
+def _meta(affine):
+    from medconddiff.nifti import VolumeMeta
+
+    return VolumeMeta(affine=affine, spacing=tuple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))

@@ -1,0 +1,303 @@
+"""A training set that grows scan by scan: nnU-Net v2 layout, sparse labels, merges, atomic adds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medconddiff.dataset_layout import describe_dataset
+from medconddiff.losses import IGNORE_INDEX
+from medconddiff.nifti import VolumeMeta, load_labels
+from medconddiff.training_data import TrainingData
+from medconddiff.training_set import STAGING_FOLDER, TrainingSet, TrainingSetError, case_id_from_name
+from tests.conftest import meta_1mm
+
+META = meta_1mm()
+LIVER = ("background", "liver", "tumour")
+
+
+@pytest.fixture
+def scan(liver_volume):
+    image, labels = liver_volume
+    return image, labels
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of a set, by relative path: a failed add must leave this unchanged."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def label_file(root: Path, case: str) -> np.ndarray:
+    return load_labels(root / "labelsTr" / f"{case}.nii.gz")[0]
+
+
+def test_a_new_set_is_an_nnunet_v2_folder_with_an_ignore_label_above_the_classes(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "Dataset001_Mine"
+    training_set = TrainingSet.create(root, LIVER, ("CT",))
+    result = training_set.add_scan("scan-01.nii.gz", image, META, labels, LIVER, verified_slices=[1, 4])
+    assert (result.case, result.new_case, result.verified_slices) == ("scan-01", True, 2)
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["labels"] == {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}
+    assert manifest["channel_names"] == {"0": "CT"} and manifest["numTraining"] == 1
+    assert manifest["file_ending"] == ".nii.gz"
+    assert sorted(os.listdir(root)) == ["dataset.json", "imagesTr", "labelsTr"]    # no staging left behind
+    stored = label_file(root, "scan-01")
+    # Axial slices of an RAS scan are file axis 2: verified slices hold the labels, the rest is ignore.
+    np.testing.assert_array_equal(stored[..., [1, 4]], labels[..., [1, 4]])
+    assert (stored[..., [0, 2, 3, 5]] == 3).all()
+    saved = nib.load(str(root / "imagesTr" / "scan-01_0000.nii.gz"))
+    np.testing.assert_allclose(saved.affine, META.affine)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), image)     # HU kept exactly (as int16)
+    summary = training_set.summary()
+    assert (summary.cases, summary.verified_slices) == (1, 2)
+    assert summary.labelled_voxels == {name: int((labels[..., [1, 4]] == k).sum()) for k, name in enumerate(LIVER)}
+    assert summary.text().startswith("1 case, 2 verified slices; labelled voxels: background ")
+    description = describe_dataset(root)
+    assert (description.class_names, description.ignore_label) == (LIVER, 3)
+
+
+def test_adding_a_scan_again_merges_its_verified_slices(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("scan", image, META, labels, LIVER, verified_slices=[1, 2])
+    corrected = labels.copy()
+    corrected[..., 2] = 0                                   # the user re-checked slice 2: nothing there
+    result = training_set.add_scan("scan", image, META, corrected, LIVER, verified_slices=[2, 5])
+    assert (result.new_case, result.verified_slices) == (False, 3)
+    stored = label_file(root, "scan")
+    np.testing.assert_array_equal(stored[..., 1], labels[..., 1])          # verified earlier: kept
+    assert (stored[..., 2] == 0).all()                                      # verified again: the new labels
+    np.testing.assert_array_equal(stored[..., 5], labels[..., 5])
+    assert (stored[..., [0, 3, 4]] == 3).all()
+    reopened = TrainingSet.open(root)
+    assert reopened.cases == ["scan"] and json.loads((root / "dataset.json").read_text())["numTraining"] == 1
+    assert reopened.verified_slices("scan") == [1, 2, 5]
+
+
+def test_strokes_a_verified_voxel_mask_is_enough(tmp_path, scan):
+    image, labels = scan
+    training_set = TrainingSet.create(tmp_path / "set", LIVER)
+    strokes = np.zeros(labels.shape, bool)
+    strokes[20:30, 20:30, 3] = True
+    training_set.add_scan("scan", image, META, labels, LIVER, verified_mask=strokes)
+    stored = label_file(tmp_path / "set", "scan")
+    np.testing.assert_array_equal(stored[strokes], labels[strokes])
+    assert (stored[~strokes] == 3).all()
+    assert training_set.summary().verified_slices == 1
+
+
+def test_a_new_class_name_gets_the_next_value_and_every_label_file_follows_the_ignore_value(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("a", image, META, labels, LIVER, verified_slices=[0])
+    before = label_file(root, "a")
+    lesion = (labels == 2).astype(np.uint8)
+    result = training_set.add_scan("b", image[::-1].copy(), META, lesion[::-1].copy(), ("background", "lesion"),
+                                   verified_slices=[3])
+    assert result.added_classes == ("lesion",) and result.rewritten_labels == 1
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["labels"] == {"background": 0, "liver": 1, "tumour": 2, "lesion": 3, "ignore": 4}
+    after = label_file(root, "a")
+    np.testing.assert_array_equal(after[before == 3], 4)                   # old ignore → new ignore
+    np.testing.assert_array_equal(after[before != 3], before[before != 3])  # classes untouched
+    stored_b = label_file(root, "b")
+    np.testing.assert_array_equal(np.unique(stored_b[..., 3]), np.unique(np.where(lesion[::-1][..., 3], 3, 0)))
+    # A known name keeps its value, whatever position it has in the scan's own list.
+    training_set.add_scan("c", image, META, np.where(labels == 2, 1, 0).astype(np.uint8), ("bg", "tumour"),
+                          verified_slices=[2])
+    assert set(np.unique(label_file(root, "c"))) <= {0, 2, 4}
+    assert training_set.class_names == ("background", "liver", "tumour", "lesion")
+
+
+def test_a_set_written_here_loads_for_training_with_ignore_voxels_marked(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("scan", image, META, labels, LIVER, verified_slices=[1, 4])
+    data = TrainingData.from_sources(root)
+    assert data.ignore_label == 3 and data.class_names == LIVER
+    (case,) = data.load_cases(3)
+    assert (case.labels[..., [0, 2, 3, 5]] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(case.labels[..., 1], labels[..., 1])
+    fingerprint = data.fingerprint(("CT",))
+    assert fingerprint.class_voxels["liver"] == int((labels[..., [1, 4]] == 1).sum())
+    # Loaded for a longer class list, by name.
+    loaded = training_set.load_case("scan", ("background", "lesion", "liver", "tumour"))
+    np.testing.assert_array_equal(loaded.labels[..., 1], np.select([labels[..., 1] == 1, labels[..., 1] == 2],
+                                                                    [2, 3], 0))
+
+
+def test_a_different_image_under_the_same_name_is_refused_and_nothing_changes(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("scan", image, META, labels, LIVER, verified_slices=[1])
+    before = snapshot(root)
+    with pytest.raises(TrainingSetError, match=r"scan_0000\.nii\.gz: case scan holds another image"):
+        training_set.add_scan("scan", image + 100, META, labels, LIVER, verified_slices=[2])
+    shifted = VolumeMeta(affine=np.diag([1.0, 1.0, 2.0, 1.0]), spacing=(1.0, 1.0, 2.0))
+    with pytest.raises(TrainingSetError, match="holds another image"):
+        training_set.add_scan("scan", image, shifted, labels, LIVER, verified_slices=[2])
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda image, labels: (np.stack([image, image], -1), labels), r"dataset\.json: the set holds 1 channel"),
+    (lambda image, labels: (image, labels[:-1]), r"labels \(63, 64, 6\) are not on the scan's grid"),
+    (lambda image, labels: (image, labels + 3), r"labels must be whole numbers 0\.\.2"),
+])
+def test_bad_scans_are_refused_with_one_line_and_nothing_changes(tmp_path, scan, change, message):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("first", image, META, labels, LIVER, verified_slices=[1])
+    before = snapshot(root)
+    bad_image, bad_labels = change(image, labels)
+    with pytest.raises(TrainingSetError, match=message) as caught:
+        training_set.add_scan("second", bad_image, META, bad_labels, LIVER, verified_slices=[1])
+    assert "\n" not in str(caught.value)
+    for slices, complaint in (([9], r"slices \[9\] are outside its 6 axial slices"), ([], "nothing is verified")):
+        with pytest.raises(TrainingSetError, match=complaint):
+            training_set.add_scan("second", image, META, labels, LIVER, verified_slices=slices)
+    with pytest.raises(TrainingSetError, match="'ignore'"):
+        training_set.add_scan("second", image, META, labels, ("background", "ignore", "x"), verified_slices=[1])
+    assert snapshot(root) == before
+
+
+def test_a_failure_while_moving_files_into_place_restores_the_set(tmp_path, scan, monkeypatch):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("a", image, META, labels, LIVER, verified_slices=[0])
+    before = snapshot(root)
+    real_replace = os.replace
+    moves = []
+
+    def failing_replace(source, target):
+        moves.append(target)
+        if str(target).endswith("dataset.json"):          # the last move of the add
+            raise OSError("disk full")
+        return real_replace(source, target)
+
+    monkeypatch.setattr("medconddiff.training_set.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        training_set.add_scan("b", image, META, (labels == 2).astype(np.uint8), ("background", "lesion"),
+                              verified_slices=[3])
+    monkeypatch.undo()
+    assert len(moves) > 3                                   # images and labels had been moved already
+    assert snapshot(root) == before
+    assert TrainingSet.open(root).cases == ["a"]
+
+
+def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tmp_path, scan):
+    image, labels = scan
+    with pytest.raises(TrainingSetError, match=r"not a training set \(no dataset\.json\)"):
+        TrainingSet.open(tmp_path)
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[0])
+    with pytest.raises(TrainingSetError, match="already a training set"):
+        TrainingSet.create(root, LIVER)
+    manifest = json.loads((root / "dataset.json").read_text())
+
+    def broken(**changes) -> None:
+        (root / "dataset.json").write_text(json.dumps({**manifest, **changes}))
+
+    broken(numTraining=2)
+    with pytest.raises(Exception, match=r"dataset\.json: numTraining is 2 but 1 training cases"):
+        TrainingSet.open(root)
+    broken(labels={"background": 0, "liver": 1, "tumour": 2, "ignore": 2})
+    with pytest.raises(Exception, match=r"dataset\.json: the 'ignore' label's id 2 is also class 'tumour'"):
+        TrainingSet.open(root)
+    broken(channel_names={"0": "CT", "1": "PET"})
+    with pytest.raises(Exception, match=r"a_0001\.nii\.gz: channel file missing for case a"):
+        TrainingSet.open(root)
+    broken()
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 5), np.uint8), np.eye(4)), str(root / "labelsTr" / "a.nii.gz"))
+    with pytest.raises(TrainingSetError, match=r"labelsTr/a\.nii\.gz: shape \(64, 64, 5\).*not on the image's grid"):
+        TrainingSet.open(root)
+
+
+def test_case_ids_are_plain_and_headers_carry_no_free_text(tmp_path, scan):
+    assert case_id_from_name("/data/scan 01 (copy).nii.gz") == "scan_01_copy"
+    assert case_id_from_name("lung1_0000.nii.gz") == "lung1"
+    with pytest.raises(TrainingSetError):
+        case_id_from_name("...")
+    image, labels = scan
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header["descrip"] = b"Jane Doe 1970-01-01"
+    meta = VolumeMeta(affine=np.eye(4), spacing=(1.0, 1.0, 1.0), header=header, source="/scans/Jane Doe.nii.gz")
+    training_set = TrainingSet.create(tmp_path / "set", LIVER)
+    training_set.add_scan("scan", image, meta, labels, LIVER, verified_slices=[0])
+    for path in (tmp_path / "set").rglob("*.nii.gz"):
+        assert b"Jane" not in bytes(nib.load(str(path)).header["descrip"])
+
+
+def test_nnunet_v2_accepts_a_set_written_here(tmp_path, scan, monkeypatch):
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(variable, str(tmp_path))
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    image, labels = scan
+    root = tmp_path / "Dataset001_Sparse"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("a", image, META, labels, LIVER, verified_slices=[1, 4])
+    training_set.add_scan("b", image[::-1].copy(), META, (labels[::-1] == 2).astype(np.uint8),
+                          ("background", "lesion"), verified_slices=[2])
+    verify.verify_dataset_integrity(str(root), num_processes=1)     # raises on any broken rule
+    assert not (root / STAGING_FOLDER).exists()
+
+
+def test_the_finetune_command_takes_a_training_set_folder(tmp_path, tiny_checkpoint, scan, capsys):
+    from medconddiff.checkpoint import load_checkpoint
+    from medconddiff.cli import main
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, ("background", "lesion")).add_scan(
+        "a", image, META, (labels == 2).astype(np.uint8), ("background", "lesion"), verified_slices=[1, 3])
+    out = tmp_path / "tuned.safetensors"
+    args = ["finetune", str(root), "--init", str(tiny_checkpoint), "--steps", "1", "--device", "cpu", "-o", str(out)]
+    assert main(args) == 0
+    assert "1 case, 2 verified slices" in capsys.readouterr().out
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.config.model.class_names == ("background", "lesion")
+    assert checkpoint.extra["training_set"]["verified_slices"] == {"a": 2}
+    assert main([*args[:2], "--slices", "1", *args[2:-1], str(tmp_path / "x.safetensors")]) == 2
+    assert "is a training-set folder" in capsys.readouterr().err
+    assert main(["finetune", str(tmp_path), *args[2:-1], str(tmp_path / "x.safetensors")]) == 2
+    assert "not a training set" in capsys.readouterr().err
+
+
+def test_train_reads_only_the_verified_slices_of_a_set(tmp_path, scan):
+    from medconddiff.train import build_datasets
+    from tests.conftest import tiny_config
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[2, 5])
+    train_set, _ = build_datasets(tiny_config(), TrainingData.from_sources(root).load_cases(3))
+    assert train_set.origin == [("a", 2), ("a", 5)]
+
+
+def test_evaluate_scores_a_set_on_its_verified_voxels_only(tmp_path, tiny_checkpoint, scan, capsys):
+    from medconddiff.cli import main
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[2])
+    report_path = tmp_path / "report.json"
+    code = main(["evaluate", str(root), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--steps", "2",
+                 "--json", str(report_path)])
+    assert code == 0, capsys.readouterr().err
+    (case,) = json.loads(report_path.read_text())["volumes"].values()
+    assert case["ignored_voxels"] == int(labels[..., [0, 1, 3, 4, 5]].size)
+    scored = {name: m["reference_voxels"] for name, m in case["consensus"]["per_class"].items()}
+    assert scored == {"liver": int((labels[..., 2] == 1).sum()), "tumour": int((labels[..., 2] == 2).sum())}
