@@ -131,8 +131,7 @@ def finetune_screenshot(args, folder: Path) -> None:
     print("finetune: model", choose_model(widget, folder))
     # A slab around the lesion (counted from inferior) keeps the first run short.
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
-    widget.first_spin.setValue(args.first_slab[0])
-    widget.last_spin.setValue(args.first_slab[1])
+    widget.range_edit.setText(f"{args.first_slab[0]}-{args.first_slab[1]}")   # inclusive
     widget.steps_spin.setValue(args.steps)
     segment(widget)
 

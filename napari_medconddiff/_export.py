@@ -1,9 +1,13 @@
-"""Export the (possibly hand-edited) consensus as a labels NIfTI plus a JSON sidecar, and where
-the plugin proposes to put files.
+"""Export the (possibly hand-edited) consensus as a labels NIfTI or, for a scan read from DICOM, a
+DICOM SEG, plus a JSON sidecar; and where the plugin proposes to put files.
 
 The files match what ``medconddiff segment`` writes (:mod:`medconddiff.outputs`): ``<name>.nii.gz``
 in the scan's original voxel order with its affine, and ``<name>.json``. Both writes are atomic;
 whether an existing file may be replaced is decided by the caller (the widget asks the user).
+A DICOM SEG (``<name>.dcm``, chosen by its suffix) references the series the scan was read from
+(recorded in the layer metadata, :func:`napari_medconddiff._layers.dicom_source_of`), has one segment
+per class named as the model names it, and is proposed beside the series folder, named by the folder
+and the series; its sidecar records the series (``dicom_source``) as the CLI's does.
 Proposed folders are next to the scan's file, else the user's home: never inside the installed
 packages (the bundled sample scan lives there, and a reinstall would delete what was saved).
 """
@@ -12,16 +16,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from medconddiff.atomic import check_target
+from medconddiff.dicom_inputs import file_safe
+from medconddiff.errors import UserInputError
 from medconddiff.nifti import VolumeMeta, save_volume, smallest_label_dtype, write_json_atomic
 from medconddiff.outputs import output_paths, segmentation_record, strip_nifti_suffix, with_nifti_suffix
 
-__all__ = ["ExportSummary", "export_targets", "default_export_path", "default_finetune_path", "checkpoint_target",
+if TYPE_CHECKING:
+    from medconddiff.dicom_series import DicomSource
+
+__all__ = ["ExportSummary", "export_targets", "is_dicom_seg_path", "DICOM_SEG_SUFFIX", "NIFTI_FILTER",
+           "DICOM_SEG_FILTER", "default_export_path", "default_finetune_path", "checkpoint_target",
            "inside_installed_package", "write_export"]
 
+DICOM_SEG_SUFFIX = ".dcm"
+#: The Export dialog's file types; DICOM SEG is offered only for a scan read from DICOM.
+NIFTI_FILTER = "NIfTI (*.nii.gz *.nii)"
+DICOM_SEG_FILTER = "DICOM SEG (*.dcm)"
 #: Where fine-tuned models go when the scan has no folder of its own (a plain layer, the sample).
 MODELS_FOLDER = Path("~/.medconddiff/models")
 
@@ -65,14 +80,32 @@ def _user_folder(source: Optional[str]) -> Optional[Path]:
     return None if inside_installed_package(folder) else folder
 
 
-def export_targets(path: str | Path) -> tuple[Path, Path]:
-    """(labels NIfTI, JSON sidecar) for a chosen file name."""
-    nifti = with_nifti_suffix(path)
-    return nifti, output_paths(nifti)["sidecar"]
+def is_dicom_seg_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(DICOM_SEG_SUFFIX)
 
 
-def default_export_path(scan_name: str, source: Optional[str]) -> Path:
-    """``<scan>_seg.nii.gz`` next to the scan's file, else in the user's home."""
+def export_targets(path: str | Path, *, dicom_seg: bool = False) -> tuple[Path, Path]:
+    """(labels file, JSON sidecar) for a chosen file name: a ``.dcm`` name, or a name without suffix
+    when ``dicom_seg`` (the DICOM SEG filter was chosen), is a DICOM SEG; anything else NIfTI."""
+    path = Path(path)
+    if is_dicom_seg_path(path):
+        labels = path
+    elif dicom_seg and not path.name.lower().endswith((".nii", ".nii.gz")):
+        labels = path.with_name(path.name + DICOM_SEG_SUFFIX)
+    else:
+        labels = with_nifti_suffix(path)
+    return labels, output_paths(labels)["sidecar"]
+
+
+def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
+    """``<scan>_seg.nii.gz`` next to the scan's file, else in the user's home; for a scan read from
+    DICOM, ``<folder>_series<N>_<description>_seg.dcm`` beside the series folder."""
+    if dicom is not None:
+        series = "_".join(part for part in (f"series{'' if dicom.series_number is None else dicom.series_number}",
+                                            file_safe(dicom.series_description, 48)) if part)
+        folder = Path(source) if source else None
+        stem = "_".join(part for part in (file_safe(folder.name) if folder else "", series) if part)
+        return (_user_folder(source) or Path.home()) / f"{stem}_seg{DICOM_SEG_SUFFIX}"
     stem = strip_nifti_suffix(Path(source)) if source else scan_name
     return (_user_folder(source) or Path.home()) / f"{stem}_seg.nii.gz"
 
@@ -89,24 +122,37 @@ def checkpoint_target(path: str | Path) -> Path:
     if path.suffix.lower() != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     if inside_installed_package(path):
-        raise ValueError(f"{path} is inside the installed package, which a reinstall replaces; "
+        raise UserInputError(f"{path} is inside the installed package, which a reinstall replaces; "
                          "save the fine-tuned model next to your scan or in ~/.medconddiff/models/")
     return path
 
 
 def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary: ExportSummary, *, source: str,
-                 edited_slices: list[int], overwrite: bool) -> tuple[Path, Path]:
-    """Write file-ordered ``labels`` with ``meta`` as NIfTI + sidecar; returns both paths."""
-    nifti, sidecar = export_targets(path)
+                 edited_slices: list[int], overwrite: bool,
+                 dicom: Optional[DicomSource] = None) -> tuple[Path, Path]:
+    """Write file-ordered ``labels`` as NIfTI with ``meta``, or as a DICOM SEG on ``dicom`` for a
+    ``.dcm`` path, plus the sidecar; returns both paths. Neither file is replaced unless ``overwrite``."""
+    target, sidecar = export_targets(path)
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
-        raise ValueError("labels must be non-negative to be saved as a label map")
-    dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
-    save_volume(nifti, labels, meta, overwrite=overwrite, dtype=dtype)
-    record = segmentation_record(summary, meta, labels, source=source, outputs={"labels": str(nifti.resolve())},
-                                 edited=bool(edited_slices))
+        raise UserInputError("labels must be non-negative to be saved as a label map")
+    if is_dicom_seg_path(target) and dicom is None:
+        raise UserInputError(f"{target.name}: a DICOM SEG references the DICOM series it segments, and this "
+                             "scan was not read from DICOM; export it as NIfTI (.nii.gz)")
+    # Both targets are checked before either is written: a refused sidecar must not leave new labels.
+    check_target(sidecar, overwrite, "sidecar")
+    if is_dicom_seg_path(target):
+        from medconddiff.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(target, labels, dicom, summary.class_names, overwrite=overwrite)
+    else:
+        dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
+        save_volume(target, labels, meta, overwrite=overwrite, dtype=dtype)
+    record = segmentation_record(summary, meta, labels, source=source, outputs={"labels": str(target.resolve())},
+                                 edited=bool(edited_slices),
+                                 dicom_source=dicom.to_dict() if dicom is not None else None)
     record["edited_slices"] = [int(s) for s in edited_slices]
     if len(summary.runs) > 1:
         record["runs"] = summary.runs
     write_json_atomic(sidecar, record, overwrite=overwrite)
-    return nifti, sidecar
+    return target, sidecar

@@ -28,9 +28,12 @@ import numpy as np
 
 from medconddiff.config import SamplingConfig
 
-from ._geometry import LayerSpace, ScanSpace
+from medconddiff.errors import SliceSpecError, UserInputError
 
-SLICE_MODES = ("current", "all", "range", "list")
+from ._geometry import LayerSpace, ScanSpace
+from ._layers import full_resolution
+
+SLICE_MODES = ("current", "all", "range", "list", "typed")
 
 # Slices denoised together. On CPU small batches let finished slices appear (and the progress bar
 # move) every few seconds; a GPU wants larger ones. Results do not depend on the batch size: every
@@ -50,13 +53,15 @@ class DefaultModelMissing(FileNotFoundError):
 
 @dataclass(frozen=True)
 class SliceChoice:
-    """Which canonical slices to segment: the one through the dims point, all, first..last, or a list."""
+    """Which canonical slices to segment: the one through the dims point, all, first..last, a list, or
+    a slice list as typed (:mod:`medconddiff.slice_lists`, read against the scan's own slice count)."""
 
     mode: str = "all"
     point: tuple[float, ...] = ()   # the dims position in the scan layer's data coordinates
     first: int = 0
     last: int = 0                   # inclusive
     indices: tuple[int, ...] = ()   # mode "list"
+    text: str = ""                  # mode "typed", e.g. "40-42, 50:55"
 
     def __post_init__(self) -> None:
         if self.mode not in SLICE_MODES:
@@ -68,7 +73,7 @@ class ChannelLayer:
     """A further channel of a multi-channel scan: an Image layer as the worker needs it."""
 
     name: str
-    data: Any                       # layer axis order; numpy or array-like (multiscale: a list)
+    data: Any                       # full resolution, layer axis order: the controller's own copy, or a lazy array
     metadata: dict
     scale: tuple[float, ...]
     view_axes: tuple[int, ...]
@@ -76,7 +81,7 @@ class ChannelLayer:
 
 @dataclass
 class SegmentRequest:
-    data: Any                       # the scan layer's data (layer axis order; numpy or array-like)
+    data: Any                       # the scan at full resolution, layer axis order: a copy of its own, or lazy
     metadata: dict
     scale: tuple[float, ...]
     view_axes: tuple[int, ...]      # (slider, rows, columns) layer axes: how a plain layer is shown
@@ -182,18 +187,24 @@ def resolve_slices(choice: SliceChoice, space: ScanSpace) -> np.ndarray:
         return np.arange(count)
     if choice.mode == "current":
         if space.slice_layer_axis is not None and len(choice.point) < space.layer.layer_ndim:
-            raise ValueError("the current slice position is unknown; choose 'All slices' or a range")
+            raise SliceSpecError("the current slice position is unknown; choose 'All slices' or a range")
         return np.array([space.slice_at(choice.point)])
     if choice.mode == "range":
         if not 0 <= choice.first <= choice.last < count:
-            raise ValueError(f"slice range {choice.first}–{choice.last} is outside this scan's slices "
-                             f"0–{count - 1} ({space.geometry.slicing} slices)")
+            raise SliceSpecError(f"slice range {choice.first}–{choice.last} is outside this scan's slices "
+                                 f"0–{count - 1} ({space.geometry.slicing} slices)")
         return np.arange(choice.first, choice.last + 1)
+    if choice.mode == "typed":
+        from medconddiff.slice_lists import parse_slice_spec
+
+        typed = parse_slice_spec(choice.text, what="Range").indices(count, where=f"this {space.geometry.slicing} scan")
+        choice = dataclasses.replace(choice, indices=tuple(typed))
     indices = np.unique(np.asarray(choice.indices, dtype=np.int64))
     if len(indices) == 0:
-        raise ValueError("no slices to segment")
+        raise SliceSpecError("no slices to segment")
     if indices.min() < 0 or indices.max() >= count:
-        raise ValueError(f"slices {indices.min()}–{indices.max()} are outside this scan's slices 0–{count - 1}")
+        raise SliceSpecError(f"slices {indices.min()}–{indices.max()} are outside this scan's slices "
+                             f"0–{count - 1}")
     return indices
 
 
@@ -247,10 +258,6 @@ def channel_count_problem(names: Sequence[str], given: int) -> Optional[str]:
     return f"{wanted}: tick only {expected - 1} layer{'s' if expected > 2 else ''} under More channels"
 
 
-def _base_level(data: Any) -> np.ndarray:
-    return np.asarray(data[0] if isinstance(data, (list, tuple)) else data)
-
-
 def channel_spaces(scan: LayerSpace, scan_data: np.ndarray, scan_scale: Sequence[float], scan_name: str,
                    channels: Sequence[ChannelLayer], slicing: str) -> list[LayerSpace]:
     """Where each further channel layer's voxels are, checked to be the scan's voxels: the same
@@ -259,7 +266,7 @@ def channel_spaces(scan: LayerSpace, scan_data: np.ndarray, scan_scale: Sequence
     spaces = []
     share = "the channels of a scan must share one grid (resample it onto the scan first)"
     for channel in channels:
-        data = _base_level(channel.data)
+        data = np.asarray(full_resolution(channel.data))
         space = LayerSpace.of_layer(data.ndim, channel.metadata, channel.scale, channel.view_axes, slicing)
         if space.plain != scan.plain:
             # Only one of the two layers knows its anatomy, so their geometries cannot be compared. A layer
@@ -268,17 +275,17 @@ def channel_spaces(scan: LayerSpace, scan_data: np.ndarray, scan_scale: Sequence
             same_size = len(channel.scale) == len(scan_scale) and np.allclose(
                 np.abs(channel.scale), np.abs(scan_scale), atol=CHANNEL_AFFINE_TOLERANCE_MM)
             if data.shape != scan_data.shape or not same_size:
-                raise ValueError(f"'{channel.name}' (shape {data.shape}, voxel size {_sizes(channel.scale)}) is not "
-                                 f"drawn voxel for voxel over '{scan_name}' (shape {scan_data.shape}, voxel size "
-                                 f"{_sizes(scan_scale)}); {share}")
+                raise UserInputError(f"'{channel.name}' (shape {data.shape}, voxel size {_sizes(channel.scale)}) is "
+                                     f"not drawn voxel for voxel over '{scan_name}' (shape {scan_data.shape}, voxel "
+                                     f"size {_sizes(scan_scale)}); {share}")
             space = scan
         if space.file_view(data).shape != scan.file_view(scan_data).shape:
-            raise ValueError(f"'{channel.name}' has shape {data.shape} but '{scan_name}' has {scan_data.shape}; "
-                             f"{share}")
+            raise UserInputError(f"'{channel.name}' has shape {data.shape} but '{scan_name}' has "
+                                 f"{scan_data.shape}; {share}")
         difference = float(np.abs(space.meta.affine - scan.meta.affine).max())
         if difference > CHANNEL_AFFINE_TOLERANCE_MM:
-            raise ValueError(f"'{channel.name}' lies elsewhere than '{scan_name}': their affines differ by up to "
-                             f"{difference:.4g} mm; {share}")
+            raise UserInputError(f"'{channel.name}' lies elsewhere than '{scan_name}': their affines differ by "
+                                 f"up to {difference:.4g} mm; {share}")
         spaces.append(space)
     return spaces
 
@@ -289,8 +296,9 @@ def _sizes(scale: Sequence[float]) -> str:
 
 def stack_channels(volume: np.ndarray, channels: Sequence[np.ndarray]) -> np.ndarray:
     """File-ordered channel 0 and further channels (same shape) → ``(i, j, k, C)`` float32, channels
-    last: what the engine and :class:`~medconddiff.finetune.LabelledScan` take. One copy, made in
-    the worker, so the layers' own data are never touched."""
+    last: what the engine and :class:`~medconddiff.finetune.LabelledScan` take. With no further
+    channels ``volume`` itself is returned: the caller hands in arrays of its own (the controller
+    copies the layers on the GUI thread), never a layer's live buffer."""
     if not channels:
         return volume
     out = np.empty(volume.shape + (1 + len(channels),), np.float32)
@@ -307,13 +315,13 @@ def prepare_run(request: SegmentRequest, cache: SegmenterCache) -> RunStarted:
     # The engine would say "give one file per channel": in the widget, the More channels row is what to change.
     problem = channel_count_problem(segmenter.plan.channel_names, 1 + len(request.channels))
     if problem is not None:
-        raise ValueError(problem)
-    data = _base_level(request.data)
+        raise UserInputError(problem)
+    data = np.asarray(full_resolution(request.data))
     layer_space = LayerSpace.of_layer(data.ndim, request.metadata, request.scale, request.view_axes,
                                       segmenter.plan.slicing)
     spaces = channel_spaces(layer_space, data, request.scale, request.name, request.channels,
                             segmenter.plan.slicing)
-    volume = stack_channels(layer_space.file_view(data), [space.file_view(_base_level(channel.data))
+    volume = stack_channels(layer_space.file_view(data), [space.file_view(np.asarray(full_resolution(channel.data)))
                                                          for space, channel in zip(spaces, request.channels)])
     space = ScanSpace(layer_space, segmenter.preprocessor.geometry(volume.shape[:3], layer_space.meta))
     slices = resolve_slices(request.slices, space)
@@ -386,6 +394,9 @@ class FinetuneJob:
     device: str
     channels: tuple[np.ndarray, ...] = ()   # further channels (file order, the image's shape), stacked here
     scan_kind: str = "model"        # medconddiff.finetune.SCAN_KINDS: what the scan is, if not the model's kind
+    training_set: Optional[Path] = None   # a training-set folder: every verified voxel of its cases too
+    case_name: str = ""             # the scan's case name in that set (file or layer name)
+    replay: bool = False            # mix in the slices the start model was trained on
 
 
 def prepare_finetune(job: FinetuneJob, log: Callable[[str], None]) -> Any:
@@ -398,9 +409,18 @@ def prepare_finetune(job: FinetuneJob, log: Callable[[str], None]) -> Any:
     start = load_checkpoint(job.start, allow_legacy=True)
     channel_names = channel_names_of_kind(job.scan_kind, start.config.plan.channel_names)
     image = stack_channels(job.image, job.channels)     # the scan the model segmented, all its channels
-    return finetune(start, [LabelledScan(job.name, image, job.meta, job.labels, list(job.slices))],
-                    class_names=job.class_names, channel_names=channel_names, steps=job.steps, seed=job.seed,
-                    device=job.device, log=log)
+    slices, training_set = list(job.slices), None
+    if job.training_set is not None:
+        from medconddiff.training_set import TrainingSet, case_id_from_name
+
+        training_set = TrainingSet.open(job.training_set)
+        case = case_id_from_name(job.case_name)
+        if case in training_set.cases:    # slices the set holds of this scan are trained once, from the set
+            held = set(training_set.verified_slices(case, start.config.plan.slicing))
+            slices = [s for s in slices if s not in held]
+    scans = [LabelledScan(job.name, image, job.meta, job.labels, slices)] if slices else []
+    return finetune(start, scans, class_names=job.class_names, channel_names=channel_names, steps=job.steps,
+                    seed=job.seed, device=job.device, log=log, training_set=training_set, replay=job.replay)
 
 
 def iterate_finetune(run: Any) -> Iterator[Any]:
@@ -411,8 +431,9 @@ def iterate_finetune(run: Any) -> Iterator[Any]:
     return run
 
 
-def save_finetuned(run: Any, path: Path, device: str, cache: SegmenterCache) -> Path:
-    """Write the fine-tuned checkpoint (the user confirmed the path) and load it for re-segmenting."""
-    saved = run.save(path, overwrite=True)
+def save_finetuned(run: Any, path: Path, device: str, cache: SegmenterCache, overwrite: bool = False) -> Path:
+    """Write the fine-tuned checkpoint and load it for re-segmenting. An existing file is replaced only
+    with ``overwrite`` (the user's explicit yes)."""
+    saved = run.save(path, overwrite=overwrite)
     cache.get(str(saved), device)
     return Path(saved)

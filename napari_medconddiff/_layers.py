@@ -18,6 +18,11 @@ screen's left, however the file stores its voxels (RAS, LPS, a sagittal stack, .
 * ``metadata[METADATA_KEY]`` holds ``meta.to_dict()`` and ``metadata[TO_LAYER_KEY]`` the
   file → layer reorientation, so :func:`layer_to_volume` restores the file's voxel order, affine
   and header codes exactly.
+* A scan read from **DICOM** also carries ``metadata[METADATA_KEY][DICOM_SOURCE_KEY]``: the series
+  and the SOP instances of its slices in file order (:func:`dicom_record`; UIDs, series number and
+  description, file paths, no patient attribute). It sits inside the meta's dict, so every layer that
+  copies the scan's geometry (the consensus, the uncertainty) also knows which series to reference
+  in a DICOM SEG; it is plain JSON, so napari's copies of metadata keep it intact.
 
 A **plain layer** (an array added without this metadata) has no known anatomy: it is written in
 its own axis order with NIfTI codes 0 ("orientation unknown"), spacing from its ``scale``.
@@ -25,7 +30,8 @@ its own axis order with NIfTI codes 0 ("orientation unknown"), spacing from its 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +43,11 @@ TO_LAYER_KEY = "medconddiff_file_to_layer"
 PLAIN_LAYER_NOTE = ("a napari layer without NIfTI metadata: voxel axes in the layer's order, "
                     "orientation unknown, voxel size from the layer scale")
 
-__all__ = ["METADATA_KEY", "TO_LAYER_KEY", "volume_to_layer", "layer_to_volume", "layer_name",
-           "display_reorientation", "stored_geometry", "file_view", "layer_view", "plain_meta"]
+__all__ = ["METADATA_KEY", "TO_LAYER_KEY", "DICOM_SOURCE_KEY", "dicom_record", "dicom_source_of", "volume_to_layer", "layer_to_volume", "layer_name",
+           "display_reorientation", "stored_geometry", "file_view", "layer_view", "plain_meta", "full_resolution"]
+
+#: Key, inside ``metadata[METADATA_KEY]``, of the DICOM series a scan was read from.
+DICOM_SOURCE_KEY = "dicom_source"
 
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 _PLANE_OF_AXIS = {axis: name for name, axis in SLICE_AXIS.items()}
@@ -119,7 +128,7 @@ def layer_to_volume(
     keeps its own axis order (a 2-D layer gets a singleton third axis) with the layer ``scale``
     as spacing (1 mm when none is given) and an unknown orientation (written with codes 0).
     """
-    data = _base_level(data)
+    data = np.asarray(full_resolution(data))
     if data.ndim not in (2, 3):
         raise ValueError(f"only 2-D and 3-D layers can be written as NIfTI, got shape {data.shape}")
     stored = stored_geometry(metadata)
@@ -147,6 +156,30 @@ def plain_meta(shape: Sequence[int], spacing: Sequence[float]) -> VolumeMeta:
                       affine_known=False, geometry_note=PLAIN_LAYER_NOTE)
 
 
+def dicom_record(source: Any) -> dict[str, Any]:
+    """A :class:`~medconddiff.dicom_series.DicomSource` as layer metadata: its sidecar record plus the
+    files of its slices, which a DICOM SEG needs to copy the study's references from."""
+    return {**source.to_dict(), "files": [str(file) for file in source.files]}
+
+
+def dicom_source_of(metadata: dict[str, Any] | None) -> Any:
+    """The :class:`~medconddiff.dicom_series.DicomSource` a layer's metadata records, or None when the
+    layer was not read from DICOM."""
+    record = ((metadata or {}).get(METADATA_KEY) or {}).get(DICOM_SOURCE_KEY)
+    if not record:
+        return None
+    from medconddiff.dicom_series import DicomSource
+
+    return DicomSource(
+        series_uid=str(record["series_instance_uid"]), series_number=record.get("series_number"),
+        series_description=str(record.get("series_description", "")), modality=str(record.get("modality", "")),
+        frame_of_reference_uid=str(record.get("frame_of_reference_uid", "")),
+        sop_instance_uids=tuple(str(uid) for uid in record["sop_instance_uids"]),
+        files=tuple(str(file) for file in record["files"]),
+        frame_numbers=tuple(None if frame is None else int(frame) for frame in record["frame_numbers"]),
+        notes=tuple(str(note) for note in record.get("notes", ())))
+
+
 def layer_name(path: str) -> str:
     """File name without folder and .nii/.nii.gz suffix, e.g. ``liver117_image``."""
     name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
@@ -156,8 +189,23 @@ def layer_name(path: str) -> str:
     return name
 
 
-def _base_level(data: Any) -> np.ndarray:
-    """Full-resolution array of a (possibly multiscale or lazy) layer."""
-    if isinstance(data, (list, tuple)):
-        data = data[0]
-    return np.asarray(data)
+def full_resolution(layer_or_data: Any) -> Any:
+    """The full-resolution array of a layer, or of a layer's data, possibly multiscale: the one helper for it.
+
+    napari keeps a multiscale layer's levels in a ``MultiScaleData`` (a Sequence, not a list), level 0
+    the full resolution; a layer data tuple or a plugin may hand over a plain list or tuple of levels.
+    The array is returned as it is (numpy, dask, zarr): no copy, nothing computed.
+    """
+    if hasattr(layer_or_data, "multiscale") and hasattr(layer_or_data, "data"):     # a layer
+        return layer_or_data.data[0] if layer_or_data.multiscale else layer_or_data.data
+    if isinstance(layer_or_data, (list, tuple)) or _is_multiscale_data(layer_or_data):
+        return layer_or_data[0]
+    return layer_or_data
+
+
+def _is_multiscale_data(data: Any) -> bool:
+    try:
+        from napari.layers._multiscale_data import MultiScaleData
+    except ImportError:      # another napari layout: a Sequence of levels that is no array
+        return isinstance(data, Sequence) and not hasattr(data, "__array__")
+    return isinstance(data, MultiScaleData)

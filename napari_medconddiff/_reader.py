@@ -1,4 +1,4 @@
-"""npe2 reader for NIfTI volumes (.nii, .nii.gz).
+"""npe2 reader for NIfTI volumes (.nii, .nii.gz) and DICOM series (a folder, or one .dcm file).
 
 Layers follow :mod:`napari_medconddiff._layers`: the data are a view of the file's voxels in the
 radiological convention (slider inferior → superior, anterior up, the patient's right on the
@@ -13,19 +13,31 @@ of a 3-D file: they overlay exactly, each can be saved on its own as a 3-D file,
 :data:`MAX_CHANNEL_LAYERS` is a series (fMRI, DCE, a 4-D CT): it opens as one layer with a volume
 slider in front, in the same radiological view; napari's Layers ▸ Split Stack makes 3-D layers of it
 that keep the file's geometry.
+
+**DICOM** (:mod:`medconddiff.dicom_series` reads it): a folder (searched recursively; files need no
+extension) opens as one grey-scale layer per image series, named by series number and description
+(``series 3 'CT abdomen'``), never by a patient attribute; a single ``.dcm`` file opens alone. Each
+layer gets the radiological view, scale and axis labels of the same scan stored as NIfTI, and
+``metadata`` records the series it came from (:func:`napari_medconddiff._layers.dicom_record`), so
+Export and the labels writer can write a DICOM SEG that references it. A series whose images are all
+localizers (scouts) is left out; what was left out (scouts, files that are not DICOM) is said in a
+warning, which napari shows as a notification. A folder with no DICOM in it is declined (None), so
+napari tries its other readers. A series that cannot be read is named in one line: as a warning when
+other series of the folder open, as the error when none does.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
-from ._layers import display_reorientation, layer_name, volume_to_layer
+from ._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_record, display_reorientation, layer_name, volume_to_layer
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
@@ -44,15 +56,18 @@ CONTRAST_SAMPLE_SIZE = 1_000_000
 
 
 def get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
-    """Return :func:`read_nifti` if every path is an existing .nii/.nii.gz file, else None.
+    """Return :func:`read_nifti` if every path is an existing .nii/.nii.gz file, :func:`read_dicom`
+    if every path is a DICOM file or a folder holding DICOM, else None.
 
-    Whether a file is really readable is only known once it is read; read_nifti then raises a
-    VolumeReadError whose message names the file and the problem, which napari shows.
+    Whether a file is really readable is only known once it is read; the readers then raise a
+    UserInputError whose message names the file or series and the problem, which napari shows.
     """
     paths = path if isinstance(path, (list, tuple)) else [path]
-    if not paths or not all(_is_nifti_file(p) for p in paths):
-        return None
-    return read_nifti
+    if paths and all(_is_nifti_file(p) for p in paths):
+        return read_nifti
+    if paths and all(_is_dicom_input(p) for p in paths):
+        return read_dicom
+    return None
 
 
 def read_nifti(path: PathOrPaths) -> list[LayerData]:
@@ -134,6 +149,69 @@ def contrast_limits(array: np.ndarray) -> tuple[float, float]:
         if not high > low:
             high = low + 1.0
     return float(low), float(high)
+
+
+def read_dicom(path: PathOrPaths) -> list[LayerData]:
+    """Read DICOM folders or files into image layer data tuples (one per series)."""
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    return [layer for p in paths for layer in read_dicom_layers(p)]
+
+
+def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
+    """One folder (every series in it but the scouts) or one DICOM file -> image layer data tuples."""
+    from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
+
+    path = Path(path)
+    if path.is_file():
+        scan = read_dicom_series(path)
+        _warn_notes(path, scan.source.notes)
+        return [dicom_layer(scan, scan.source.name)]
+    infos = list_series(path)
+    notes, failures, layers = list(infos.notes), [], []
+    for info in infos:
+        if info.localizers and info.localizers == info.instances:
+            notes.append(f"{info.name}: left out, every image is a localizer (scout)")
+            continue
+        try:
+            scan = read_dicom_series(path, info.uid)
+        except DicomError as error:
+            message = " ".join(str(error).split())
+            failures.append(message if info.name in message else f"{info.name}: {message}")
+            continue
+        notes.extend(note for note in scan.source.notes if note not in notes)
+        layers.append(dicom_layer(scan, info.name))
+    if not layers:
+        if not failures:
+            raise DicomError(f"{path}: no series to show (only localizer images): "
+                             + "; ".join(info.name for info in infos))
+        raise DicomError("\n".join(failures))
+    _warn_notes(path, notes + [f"not opened: {failure}" for failure in failures])
+    return layers
+
+
+def dicom_layer(scan: Any, name: str) -> LayerData:
+    """A :class:`~medconddiff.dicom_series.DicomScan` -> a grey-scale Image layer in the radiological
+    view, its metadata holding the volume meta and the series it came from."""
+    volume, n_bad = _finite(scan.volume, name)
+    data, kwargs = volume_to_layer(volume, scan.meta)
+    kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
+    kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
+    kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(volume))
+    return data, kwargs, "image"
+
+
+def _warn_notes(path: Path, notes: list[str]) -> None:
+    """What was left out or refused while reading, one warning per note (napari notifies each)."""
+    for note in notes:
+        warnings.warn(f"{path.name}: {note}", stacklevel=3)
+
+
+def _is_dicom_input(path: Any) -> bool:
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    from medconddiff.dicom_series import is_dicom_path
+
+    return is_dicom_path(path)
 
 
 def _is_nifti_file(path: Any) -> bool:

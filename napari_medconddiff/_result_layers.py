@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ._geometry import ScanSpace, same_place_kwargs, stack_overlay_kwargs
-from ._layers import METADATA_KEY, TO_LAYER_KEY
+from ._layers import METADATA_KEY, TO_LAYER_KEY, full_resolution
 
 MARKER_KEY = "medconddiff_result"
 STEP_AXIS_LABEL = "diffusion step"   # the dims slider that scrubs the x̂0 stack
@@ -96,7 +96,7 @@ def set_classes(layer: Any, class_names: Sequence[str]) -> None:
 def make_uncertainty(scan: Any, scan_name: str, scan_id: str) -> Any:
     from napari.layers import Image
 
-    shape = np.shape(scan.data[0] if scan.multiscale else scan.data)[:scan.ndim]
+    shape = np.shape(full_resolution(scan))[:scan.ndim]
     layer = Image(np.zeros(shape, np.float32), name=f"{scan_name} uncertainty", metadata=_scan_metadata(scan),
                   colormap="inferno", blending="additive", contrast_limits=(0.0, 1.0), opacity=0.8,
                   **same_place_kwargs(scan))

@@ -1,4 +1,5 @@
-"""npe2 writers: save an Image or Labels layer as .nii / .nii.gz.
+"""npe2 writers: save an Image or Labels layer as .nii / .nii.gz, and a Labels layer on a scan read
+from DICOM as a DICOM SEG (.dcm).
 
 The layer is turned back into the voxel order, affine and header codes of the file it was read
 from (see :mod:`napari_medconddiff._layers`); a layer that did not come from a NIfTI file is
@@ -10,6 +11,12 @@ these writers, which napari calls only after that, pass ``overwrite=True`` to
 :func:`medconddiff.nifti.save_volume`. The write itself is still atomic (no half-written file).
 Code that saves outside napari's dialog should call ``save_volume`` directly, which refuses to
 overwrite by default.
+
+DICOM SEG: a SEG references the images it segments, so only a labels layer whose metadata records the
+DICOM series of its scan (the consensus of a scan the reader opened from DICOM, see
+:mod:`napari_medconddiff._layers`) can be saved as one; any other layer is refused with a message
+that says to save it as NIfTI. Segment names come from the layer's ``class`` feature (the model's
+class names, which the plugin sets on its result layers), else ``class 1``, ``class 2``, …
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from medconddiff.errors import UserInputError
 from medconddiff.nifti import NIFTI_SUFFIXES, save_volume, smallest_label_dtype
 
-from ._layers import layer_to_volume
+from ._layers import dicom_source_of, layer_to_volume
 
-__all__ = ["write_labels", "write_image"]
+__all__ = ["write_labels", "write_image", "write_dicom_seg_labels"]
+
+DICOM_SEG_SUFFIX = ".dcm"
 
 
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -37,6 +47,32 @@ def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
         raise ValueError("RGB image layers cannot be written as NIfTI volumes")
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
     return [str(save_volume(_with_nifti_suffix(path), array, meta, overwrite=True))]
+
+
+def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """Write a Labels layer on a scan read from DICOM as a DICOM SEG referencing that series."""
+    from medconddiff.dicom_seg import write_dicom_seg
+
+    metadata = attributes.get("metadata")
+    source = dicom_source_of(metadata)
+    if source is None:
+        raise UserInputError(f"{attributes.get('name', 'this layer')}: a DICOM SEG references the DICOM series it "
+                             "segments, and this layer was not made on a scan read from DICOM; save it as NIfTI "
+                             "(.nii.gz) instead")
+    labels, _ = layer_to_volume(data, metadata)
+    target = path if str(path).lower().endswith(DICOM_SEG_SUFFIX) else f"{path}{DICOM_SEG_SUFFIX}"
+    names = segment_names(attributes.get("features"), int(labels.max()) if labels.size else 0)
+    return [str(write_dicom_seg(target, labels, source, names, overwrite=True))]
+
+
+def segment_names(features: Any, max_label: int) -> list[str]:
+    """Class names for labels ``0..max_label``: the layer's ``class`` feature where it names them all."""
+    names = ["background"]
+    if features is not None and "class" in features and len(features["class"]):
+        names = [str(name) for name in list(features["class"])]
+    # Labels painted beyond the named classes (a SEG needs a segment for each) and, for a layer with
+    # no foreground at all, one class so that the SEG has a segment.
+    return names + [f"class {index}" for index in range(len(names), max(max_label, 1) + 1)]
 
 
 def _labels_dtype(array: np.ndarray) -> np.dtype:

@@ -20,7 +20,7 @@ from medconddiff.config import SamplingConfig
 from medconddiff.nifti import VolumeMeta
 from medconddiff.segmenter import Segmenter
 from napari_medconddiff import _controller as controller_module
-from napari_medconddiff import _result_layers
+from napari_medconddiff import _notifications, _result_layers
 from napari_medconddiff._controller import (
     KEEP,
     NEW_LAYER,
@@ -566,7 +566,7 @@ def test_a_channel_count_or_grid_mismatch_is_one_clear_message_and_no_run(liver_
     ras = liver_volume[0]
     viewer, scan, controller = make(ras, "lps")
     told, statuses, finished = [], [], []
-    monkeypatch.setattr(controller_module, "notify", lambda kind, message: told.append((kind, message)))
+    monkeypatch.setattr(_notifications, "notify", lambda kind, message: told.append((kind, message)))
     controller.status.connect(statuses.append)
     controller.run_finished.connect(finished.append)
 
@@ -599,3 +599,193 @@ def test_a_channel_count_or_grid_mismatch_is_one_clear_message_and_no_run(liver_
     assert "'coarse' (shape (6, 64, 64), voxel size 2 × 1 × 1 mm) is not drawn voxel for voxel over 'liver'" in \
         attempt(two_channel_checkpoint, coarse)[1]
     assert finished == ["failed"] * 4 and not controller.busy
+
+
+# ----------------------------------------------------------------------------- issue 19: edits, undo, files, errors
+
+
+def test_one_refusion_over_several_runs_is_one_undo_step(liver_volume, tiny_checkpoint):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=3, seed=7),
+                                       SliceChoice(mode="range", first=3, last=5)))
+    consensus = layer(viewer, "consensus")
+    assert [run.shown_slices.tolist() for run in controller.current.runs] == [[0, 1, 2], [3, 4, 5]]
+    before = consensus.data.copy()
+    controller.set_consensus("last", 0)
+    after = consensus.data.copy()
+    changed = {s for s in range(6) if not np.array_equal(after[s], before[s])}
+    assert changed & {0, 1, 2} and changed & {3, 4, 5}, "the re-fusion must change both runs' slices"
+    consensus.undo()                       # one Ctrl-Z undoes the whole re-fusion
+    np.testing.assert_array_equal(consensus.data, before)
+    consensus.redo()
+    np.testing.assert_array_equal(consensus.data, after)
+
+
+def test_a_run_over_existing_layers_is_one_undo_step(liver_volume, tiny_checkpoint):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=2) == "done"
+    consensus = layer(viewer, "consensus")
+    before = consensus.data.copy()
+    batches = []
+    controller.progress.connect(lambda done, total: done and batches.append(done))
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=7)))
+    assert len(batches) >= 2, "the run must stream its slices in several batches"
+    changed = {s for s in range(6) if not np.array_equal(consensus.data[s], before[s])}
+    assert changed & set(range(batches[0])) and changed - set(range(batches[0]))
+    consensus.undo()
+    np.testing.assert_array_equal(consensus.data, before)
+
+
+def test_replace_overwrites_only_the_edits_it_was_asked_about(liver_volume, tiny_checkpoint):
+    """Strokes painted while a run streams its slices are kept, even after "replace"."""
+    answers = Answers(edits=REPLACE)
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint, steps=2) == "done"
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 1, (int(consensus.data[1, 20, 20]) + 1) % 3)       # an edit made before the question
+    during = {}
+
+    def paint_while_running(done, total):
+        if 0 < done < total and not during:                    # slice 5 is not written yet
+            paint(consensus, 5, (int(consensus.data[5, 20, 20]) + 1) % 3)
+            during[5] = consensus.data[5].copy()
+
+    controller.progress.connect(paint_while_running)
+    statuses = []
+    controller.status.connect(statuses.append)
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=7)))
+    assert answers.asked == [("Segmenting slice(s) 0–5", [1])] and during
+    np.testing.assert_array_equal(consensus.data[5], during[5])
+    np.testing.assert_array_equal(consensus.data[1], controller.current.reference[1])   # replaced, as answered
+    assert "Your edits on slice(s) 5 were kept" in statuses[-1]
+
+
+def test_a_finetuned_model_never_replaces_a_file_without_a_yes_nor_its_start(liver_volume, tiny_checkpoint, tmp_path):
+    import shutil
+
+    viewer, scan, controller = make(liver_volume[0], questions=Questions())    # nobody answers: the defaults
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    paint(layer(viewer, "consensus"), 2, 1)
+    names = ("background", "liver", "tumour")
+    cancel_at_first_step = lambda step, total, loss: step == 1 and controller.cancel()     # noqa: E731
+    controller.finetune_step.connect(cancel_at_first_step)
+    models, messages = [], []
+    controller.model_added.connect(lambda name, path: models.append(path))
+    controller.status.connect(messages.append)
+    unasked = tmp_path / "cut.safetensors"
+    controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=unasked, class_names=names, steps=5,
+                                         device="cpu"))
+    assert models == [] and not unasked.exists()              # no answer, no file
+    controller.finetune_step.disconnect(cancel_at_first_step)
+
+    controller.questions = Answers(save=True)
+    start = tmp_path / "start.safetensors"
+    shutil.copy(tiny_checkpoint, start)
+    original = start.read_bytes()
+    assert not controller.finetune(FinetuneSettings(start=str(start), save_path=start, class_names=names, steps=1,
+                                                    device="cpu", replace_existing=True))
+    assert "is the checkpoint being fine-tuned" in messages[-1] and start.read_bytes() == original
+
+    existing = tmp_path / "mine.safetensors"
+    existing.write_bytes(b"the user's own file")
+    assert not controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=existing,
+                                                    class_names=names, steps=1, device="cpu"))
+    assert "exists" in messages[-1] and existing.read_bytes() == b"the user's own file" and models == []
+    assert controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=existing, class_names=names,
+                                                steps=1, device="cpu", replace_existing=True))
+    assert models == [str(existing)] and existing.read_bytes() != b"the user's own file"
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(liver_volume, tiny_checkpoint, monkeypatch):
+    from napari.utils.notifications import ErrorNotification, notification_manager
+
+    from medconddiff.errors import UserInputError
+    from napari_medconddiff import _segment_flow
+
+    viewer, scan, controller = make(liver_volume[0])
+    bug = ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    def broken(request, cache):
+        raise bug
+
+    monkeypatch.setattr(_segment_flow, "prepare_run", broken)
+    start = len(notification_manager.records)
+    assert segment(controller, scan, tiny_checkpoint) == "failed"
+    (shown,) = notification_manager.records[start:]
+    assert isinstance(shown, ErrorNotification) and shown.exception is bug
+    assert bug.__traceback__ is not None          # what the details button shows
+
+    def mistake(request, cache):
+        raise UserInputError("the scan has no voxels")
+
+    monkeypatch.setattr(_segment_flow, "prepare_run", mistake)
+    start = len(notification_manager.records)
+    assert segment(controller, scan, tiny_checkpoint) == "failed"
+    (shown,) = notification_manager.records[start:]
+    assert not isinstance(shown, ErrorNotification) and str(shown.message) == "MedCondDiff: the scan has no voxels"
+
+
+def test_runs_and_finetuning_work_on_copies_that_are_freed(liver_volume, tiny_checkpoint, tmp_path, monkeypatch):
+    """The worker never reads a layer's live buffer (a float32 scan, no further channels, reached the
+    engine uncopied), and the run's copy is freed when the run ends."""
+    import gc
+    import weakref
+
+    from napari_medconddiff import _finetune_flow, _segment_flow
+
+    viewer, scan, controller = make(liver_volume[0])
+    assert scan.data.dtype == np.float32
+    given = {}
+    prepare_run, prepare_finetune = _segment_flow.prepare_run, _finetune_flow.prepare_finetune
+
+    def spy_run(request, cache):
+        given["shared"] = np.shares_memory(request.data, scan.data)
+        given["copy"] = weakref.ref(request.data)
+        return prepare_run(request, cache)
+
+    def spy_finetune(job, log):
+        given["finetune_shared"] = np.shares_memory(job.image, scan.data)
+        return prepare_finetune(job, log)
+
+    monkeypatch.setattr(_segment_flow, "prepare_run", spy_run)
+    monkeypatch.setattr(_finetune_flow, "prepare_finetune", spy_finetune)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    gc.collect()
+    assert given["shared"] is False and given["copy"]() is None
+    paint(layer(viewer, "consensus"), 2, 1)
+    assert controller.finetune(FinetuneSettings(start=str(tiny_checkpoint), save_path=tmp_path / "ft",
+                                                class_names=("background", "liver", "tumour"), steps=1, device="cpu"))
+    assert given["finetune_shared"] is False
+
+
+def test_a_scan_stored_lps_goes_into_the_training_set_in_its_own_file_order(liver_volume, tiny_checkpoint, tmp_path):
+    from medconddiff.training_set import TrainingSet
+
+    viewer, scan, controller = make(liver_volume[0], "lps")
+    segment(controller, scan, tiny_checkpoint)
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 1, 2)
+    controller.go_to_slice(4)
+    assert controller.mark_checked() == 4
+    assert controller.choose_training_set(tmp_path / "set", str(tiny_checkpoint))
+    assert controller.add_to_training_set(("background", "liver", "tumour"), str(tiny_checkpoint))
+    results = controller.current
+    edited = results.edited_slices()
+    training_set = TrainingSet.open(tmp_path / "set")
+    assert training_set.cases == ["liver"] and training_set.verified_slices("liver") == sorted({*edited, 4})
+    case = training_set.load_case("liver")
+    image, meta = stored(liver_volume[0], "lps")
+    np.testing.assert_array_equal(case.image[..., 0], image)                     # file order, as stored
+    np.testing.assert_allclose(case.meta.affine, meta.affine)
+    shown = results.space.layer.file_view(np.asarray(consensus.data))
+    verified = np.zeros(shown.shape, bool)
+    results.space.geometry.slice_view(verified)[sorted({*edited, 4})] = True
+    np.testing.assert_array_equal(case.labels[verified], shown[verified])
+    assert (case.labels[~verified] == 255).all()                               # the rest is ignore
+    # A folder inside the package is refused before anything is written; the set in use stays.
+    import medconddiff
+
+    inside = Path(medconddiff.__file__).parent / "my_set"
+    assert not controller.choose_training_set(inside) and not inside.exists()
+    assert controller.training_set_folder == (tmp_path / "set").resolve()

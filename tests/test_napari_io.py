@@ -355,10 +355,10 @@ def test_manifest_is_valid_and_declares_every_contribution():
     assert commands["napari-medconddiff.segment_widget"] == "napari_medconddiff._widget:SegmentWidget"
     assert [w.display_name for w in contributions.widgets] == ["MedCondDiff segmentation"]
     (reader,) = contributions.readers
-    assert set(reader.filename_patterns) == {"*.nii", "*.nii.gz"}
-    assert not reader.accepts_directories
-    assert {tuple(w.layer_types) for w in contributions.writers} == {("labels",), ("image",)}
-    assert all(w.filename_extensions == [".nii.gz", ".nii"] for w in contributions.writers)
+    assert set(reader.filename_patterns) == {"*.nii", "*.nii.gz", "*.dcm", "*.dicom"}
+    assert reader.accepts_directories           # DICOM series folders (test_napari_dicom.py)
+    assert sorted((tuple(w.layer_types), tuple(w.filename_extensions)) for w in contributions.writers) == [
+        (("image",), (".nii.gz", ".nii")), (("labels",), (".dcm",)), (("labels",), (".nii.gz", ".nii"))]
     assert "liver_ct" in {s.key for s in contributions.sample_data}
     # Every command the manifest refers to must be declared.
     referenced = [r.command for r in contributions.readers] + [w.command for w in contributions.writers]
@@ -382,3 +382,24 @@ def test_packaged_manifest_has_the_same_bytes_as_the_root_one():
     packaged = importlib.resources.files("napari_medconddiff") / "napari.yaml"
     assert packaged.read_bytes() == ROOT_MANIFEST.read_bytes()
     assert (REPO_ROOT / "napari_medconddiff" / "napari.yaml").read_bytes() == ROOT_MANIFEST.read_bytes()
+
+
+def test_a_multiscale_layer_is_written_at_full_resolution(tmp_path):
+    """napari keeps a multiscale layer's levels in a MultiScaleData (no list): the writer takes level 0."""
+    from napari.layers import Image, Labels
+
+    ((data, kwargs, _),) = read_nifti(str(sample_scan_path()))
+    full = np.asarray(data)
+    image = Image([full, full[::2, ::2, ::2]], multiscale=True, **kwargs)
+    assert type(image.data).__name__ == "MultiScaleData" and not isinstance(image.data, (list, tuple))
+    assert _layers.full_resolution(image) is _layers.full_resolution(image.data) is image.data[0]
+    (path,) = write_image(str(tmp_path / "multiscale.nii.gz"), image.data, kwargs)
+    source_array, _ = load_volume(sample_scan_path())
+    np.testing.assert_array_equal(nib.load(path).get_fdata(dtype=np.float32), source_array)
+
+    labels = (full > 0).astype(np.uint8)
+    placed = {key: kwargs[key] for key in ("scale", "metadata")}
+    layer = Labels([labels, labels[::2, ::2, ::2]], multiscale=True, **placed)
+    (path,) = write_labels(str(tmp_path / "multiscale_labels.nii.gz"), layer.data, kwargs)
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                  _layers.layer_to_volume(labels, kwargs["metadata"])[0])

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 
 from medconddiff.consensus import first_argmax
 from medconddiff.nifti import VolumeMeta
-from napari_medconddiff import _job, _result_layers
+from napari_medconddiff import _dialogs, _job, _result_layers
 from napari_medconddiff import _widget as widget_module
 from napari_medconddiff._controller import KEEP, NEW_LAYER, REPLACE
 from napari_medconddiff._geometry import stack_overlay_kwargs
@@ -70,7 +70,7 @@ def scan_1mm(liver_volume):
 
 
 # The real dialogs, kept before the guard below replaces them.
-ASK_EDIT_CHOICE = widget_module.ask_edit_choice
+ASK_EDIT_CHOICE = _dialogs.ask_edit_choice
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +79,8 @@ def _no_unexpected_question(monkeypatch):
     def unexpected(*args):
         raise AssertionError(f"unexpected question: {args[1:]}")
 
-    monkeypatch.setattr(widget_module, "ask_edit_choice", unexpected)
-    monkeypatch.setattr(widget_module, "ask_save_cancelled_finetune", unexpected)
+    monkeypatch.setattr(_dialogs, "ask_edit_choice", unexpected)
+    monkeypatch.setattr(_dialogs, "ask_save_cancelled_finetune", unexpected)
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +120,7 @@ def choose(widget, checkpoint, steps=3, slices="all", first=0, last=0):
     widget.checkpoint_edit.setText(str(checkpoint))
     widget.steps_spin.setValue(steps)
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData(slices))
-    widget.first_spin.setValue(first)
-    widget.last_spin.setValue(last)
+    widget.range_edit.setText(f"{first}-{last}")
 
 
 def click(qtbot, button):
@@ -156,10 +155,10 @@ def gate_after_first_batch(monkeypatch):
     """Hold the worker after the first finished batch until the test releases it (deterministic timing)."""
     from medconddiff.segmenter import SlicesDone
 
-    from napari_medconddiff import _controller
+    from napari_medconddiff import _segment_flow
 
     release = threading.Event()
-    original = _controller.iterate_run
+    original = _segment_flow.iterate_run
 
     def gated(run):
         for event in original(run):
@@ -168,7 +167,7 @@ def gate_after_first_batch(monkeypatch):
                 release.wait(RUN_TIMEOUT_MS / 1000)
         return run.result
 
-    monkeypatch.setattr(_controller, "iterate_run", gated)
+    monkeypatch.setattr(_segment_flow, "iterate_run", gated)
     return release
 
 
@@ -328,7 +327,7 @@ def test_edited_slices_are_kept_unless_the_user_says_otherwise(make_napari_viewe
     painted = consensus.data[2].copy()
     qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
     answers, asked = [KEEP, NEW_LAYER, REPLACE], []
-    monkeypatch.setattr(widget_module, "ask_edit_choice",
+    monkeypatch.setattr(_dialogs, "ask_edit_choice",
                         lambda parent, action, slices: asked.append((action, slices)) or answers.pop(0))
 
     choose_consensus(qtbot, widget, "last")                      # keep my edits
@@ -384,7 +383,7 @@ def test_rerun_updates_only_its_own_layers_and_only_the_chosen_slice(make_napari
     paint(ours, 1, (int(ours.data[1, 20, 20]) + 1) % 3)
     before = ours.data.copy()
     asked = []
-    monkeypatch.setattr(widget_module, "ask_edit_choice", lambda *a: asked.append(a[2]) or KEEP)
+    monkeypatch.setattr(_dialogs, "ask_edit_choice", lambda *a: asked.append(a[2]) or KEEP)
 
     # Another seed on the current slice (4): only slice 4 of our consensus changes.
     widget.seed_spin.setValue(7)
@@ -402,8 +401,7 @@ def test_rerun_updates_only_its_own_layers_and_only_the_chosen_slice(make_napari
 
     # A run over the edited slice asks; "keep my edits" leaves it as painted.
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
-    widget.first_spin.setValue(0)
-    widget.last_spin.setValue(2)
+    widget.range_edit.setText("0-2")
     assert click_segment(qtbot, widget) == "done"
     assert asked == [[1]]
     np.testing.assert_array_equal(ours.data[1], before[1])
@@ -479,9 +477,9 @@ def test_more_channels_feed_a_multichannel_model(make_napari_viewer, qtbot, scan
     assert listed() == ["negative", "third"] and widget.selected_channels() == (negative,)
     widget.set_channels(["third", "negative"])
     assert listed() == ["third", "negative"] and widget.selected_channels() == (third, negative)
-    widget.layer_combo.setCurrentText("negative")     # another Image: it leaves the list, the old one joins
+    widget.layer_combo.native.setCurrentText("negative")     # another Image: it leaves the list, the old one joins
     assert listed() == ["third", "liver"]
-    widget.layer_combo.setCurrentText("liver")
+    widget.layer_combo.native.setCurrentText("liver")
 
     choose(widget, tiny_checkpoint, steps=2)          # a one-channel model with channels ticked
     assert "This model takes one channel (CT): tick none." in widget.channels_list.toolTip()
@@ -552,7 +550,7 @@ def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_v
     chosen = tmp_path / "stopped.safetensors"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen), ""))
     offered = []
-    monkeypatch.setattr(widget_module, "ask_save_cancelled_finetune",
+    monkeypatch.setattr(_dialogs, "ask_save_cancelled_finetune",
                         lambda parent, done, total, path: offered.append((done, total, path)) or True)
 
     def cancel_once_running(step):
@@ -569,8 +567,7 @@ def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_v
     assert len(widget.controller.current.runs) == 1        # a cancelled fine-tuning re-segments nothing
     assert widget.segment_button.isEnabled() and widget.finetune_button.isEnabled()
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
-    widget.first_spin.setValue(5)
-    widget.last_spin.setValue(5)
+    widget.range_edit.setText("5")
     assert click_segment(qtbot, widget) == "done"          # the saved weights segment
 
 
@@ -618,7 +615,7 @@ def test_removing_the_input_layer_stops_the_run(make_napari_viewer, qtbot, scan,
     qtbot.waitUntil(lambda: any("was removed" in m for m in notifications.messages("warning")), timeout=5000)
     assert notifications.messages("error") == []
     assert len(result_layers(viewer, "consensus")) == 1
-    assert widget.layer_combo.count() == 0
+    assert widget.layer_combo.native.count() == 0
 
 
 def test_closing_the_viewer_mid_run_stops_the_worker_quietly(make_napari_viewer, qtbot, scan, tiny_checkpoint,
@@ -662,19 +659,19 @@ def test_bad_inputs_become_notifications_and_status(make_napari_viewer, qtbot, s
     assert widget.status.text().startswith("Failed: open a scan first")
 
     viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="timeseries")
-    widget.layer_combo.setCurrentText("timeseries")
+    widget.layer_combo.native.setCurrentText("timeseries")
     click(qtbot, widget.segment_button)
     assert "4-D" in notifications.messages("error")[-1] and "4-D" in widget.status.text()
 
     viewer.add_image(np.zeros((16, 16, 3), np.uint8), name="photo", rgb=True)
-    widget.layer_combo.setCurrentText("photo")
+    widget.layer_combo.native.setCurrentText("photo")
     click(qtbot, widget.segment_button)
     assert "RGB" in notifications.messages("error")[-1] and "RGB" in widget.status.text()
     assert widget.runs_started == 0
 
     data, kwargs = scan
     viewer.add_image(data, name="liver", **kwargs)
-    widget.layer_combo.setCurrentText("liver")
+    widget.layer_combo.native.setCurrentText("liver")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     widget.checkpoint_edit.setText(str(garbage))
@@ -689,7 +686,7 @@ def test_bad_inputs_become_notifications_and_status(make_napari_viewer, qtbot, s
 
     choose(widget, tiny_checkpoint, slices="range", first=4, last=9)               # beyond the 6 slices
     assert click_segment(qtbot, widget) == "failed"
-    assert "outside this scan's slices 0–5" in notifications.messages("error")[-1]
+    assert "slice(s) 6–9 are outside the 6 slices of this axial scan (0 to 5)" in notifications.messages("error")[-1]
 
     widget.model_combo.setCurrentText(widget_module.DEFAULT_MODEL)
     if not widget.controller.engine.default_checkpoint_exists:
@@ -719,11 +716,14 @@ def test_every_control_explains_itself_and_nothing_is_clipped(make_napari_viewer
         for row in range(form.rowCount()):
             label = form.itemAt(row, QFormLayout.ItemRole.LabelRole)
             assert label is None or label.widget().text().strip()
+    # The checkpoint-file row shows only while "Checkpoint file…" is the model.
+    assert widget.model_combo.currentText() != widget_module.CHECKPOINT_FILE
+    assert widget.checkpoint_row.isHidden()
     widget.model_combo.setCurrentText(widget_module.CHECKPOINT_FILE)
     assert not widget.checkpoint_row.isHidden()
     # A short dock scrolls: the status wraps inside a scroll area.
     assert widget.status.wordWrap() and isinstance(widget.findChild(QScrollArea), QScrollArea)
-    for control in (widget.slice_combo, widget.first_spin, widget.last_spin, widget.ft_slices_edit):
+    for control in (widget.slice_combo, widget.range_edit, widget.ft_slices_edit):
         assert "canonical slices" in control.toolTip() and "inferior to superior" in control.toolTip()
 
 
@@ -734,9 +734,12 @@ def test_widget_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, napari_medconddiff._widget; "
-            "print(sorted(m for m in ('torch', 'timm', 'triton', 'medconddiff.segmenter', 'medconddiff.commands') "
-            "if m in sys.modules))")
+    # Every module of the plugin: torch only in workers, and never the command line's modules.
+    code = ("import sys, pkgutil, importlib, napari_medconddiff; "
+            "[importlib.import_module('napari_medconddiff.' + m.name) for m in pkgutil.iter_modules("
+            "napari_medconddiff.__path__)]; "
+            "print(sorted(m for m in ('torch', 'timm', 'triton', 'medconddiff.segmenter', 'medconddiff.commands', "
+            "'medconddiff.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -792,3 +795,126 @@ def test_adaptive_steps_show_each_stopped_slice_at_its_last_step(make_napari_vie
     for slice_index, used in zip(run.slice_indices, run.steps_used):
         for later in range(used, 8):
             np.testing.assert_array_equal(steps.data[later, slice_index], steps.data[used - 1, slice_index])
+
+
+# ----------------------------------------------------------------------------- issue 19: what a new user meets
+
+
+def test_the_progress_bar_shows_no_invented_count_before_a_run(make_napari_viewer, qtbot, scan, tiny_checkpoint):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    assert widget.progress.text() == ""          # not "0 / 100 slices" for a 6-slice scan
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    assert widget.progress.text() == "6 / 6 slices"
+
+
+def test_scan_is_defaults_to_mri_for_a_scan_with_no_voxel_below_zero(make_napari_viewer, qtbot, scan_1mm,
+                                                                      tiny_checkpoint):
+    data, kwargs = scan_1mm
+    mri = (data - data.min()) / (data.max() - data.min())          # intensities in [0, 1], as many MRI files hold
+    viewer = make_napari_viewer()
+    ct = viewer.add_image(np.array(data), name="ct", **kwargs)
+    t1 = viewer.add_image(np.array(mri, dtype=np.float32), name="t1",
+                          **{**kwargs, "metadata": dict(kwargs["metadata"])})
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
+    choose(widget, tiny_checkpoint, steps=2)
+    kinds = widget.ft_kind_combo
+    widget.layer_combo.native.setCurrentText("t1")
+    assert widget.selected_layer() is not None and widget.selected_layer().name == "t1"
+    assert kinds.currentData() == "MRI"
+    assert "no voxel below 0" in kinds.toolTip() and "'t1'" in kinds.toolTip()
+    widget.layer_combo.native.setCurrentText("ct")                    # a CT in HU: as the model
+    assert kinds.currentData() == "model" and "no voxel below 0" not in kinds.toolTip()
+    widget.layer_combo.native.setCurrentText("t1")
+    assert click_segment(qtbot, widget) == "done"
+    assert kinds.currentData() == "MRI"                               # what fine-tuning would train on
+    kinds.setCurrentIndex(kinds.findData("other"))
+    kinds.activated.emit(kinds.currentIndex())                        # the user's own choice stays
+    widget.layer_combo.native.setCurrentText("ct")
+    assert kinds.currentData() == "other"
+    assert ct in viewer.layers and t1 in viewer.layers
+
+
+def test_the_slice_range_reads_both_syntaxes_the_command_line_reads(make_napari_viewer, qtbot, scan, tiny_checkpoint,
+                                                                  notifications):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    from medconddiff.slice_lists import SLICE_SYNTAX
+
+    assert SLICE_SYNTAX in widget.range_edit.toolTip() and SLICE_SYNTAX in widget.ft_slices_edit.toolTip()
+    assert "a-b" in widget.range_label.text() and "a:b" in widget.range_label.text()
+    choose(widget, tiny_checkpoint, steps=2, slices="range")
+    widget.range_edit.setText("1-2, 4")                   # inclusive, as a person counts
+    assert click_segment(qtbot, widget) == "done"
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [1, 2, 4]
+    widget.range_edit.setText("3:5")                      # half-open, as in Python: 3 and 4
+    assert click_segment(qtbot, widget) == "done"
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [3, 4]
+    widget.range_edit.setText("4:")                       # to the scan's last slice
+    assert click_segment(qtbot, widget) == "done"
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [4, 5]
+    runs = widget.runs_started
+    for typo, said in (("2 to 4", "cannot read '2 to 4'"), ("5-9", "outside the 6 slices")):
+        widget.range_edit.setText(typo)
+        click(qtbot, widget.segment_button)
+        qtbot.waitUntil(lambda: not widget.controller.busy, timeout=RUN_TIMEOUT_MS)
+        assert said in notifications.messages("error")[-1]             # a user's mistake: one line
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [4, 5]
+
+
+def test_the_image_menu_tracks_the_viewers_layers_by_itself(make_napari_viewer, qtbot, scan):
+    from magicgui.widgets import ComboBox
+
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    assert isinstance(widget.layer_combo, ComboBox)
+    combo = widget.layer_combo.native
+
+    def names():
+        return [combo.itemText(i) for i in range(combo.count())]
+
+    data, kwargs = scan
+    viewer.add_image(np.array(data), name="second")
+    viewer.add_labels(np.zeros(np.shape(data), np.uint8), name="mask")         # no Image: not offered
+    assert names() == ["liver", "second"]
+    viewer.layers["second"].name = "renamed"
+    assert names() == ["liver", "renamed"]
+    viewer.layers.remove("liver")
+    assert names() == ["renamed"] and widget.selected_layer().name == "renamed"
+
+
+CLOSE_RIGHT_AFTER_DOCKING = """
+import faulthandler, sys
+faulthandler.enable()
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+
+viewer = napari.Viewer(show=True)
+viewer.add_image(np.random.default_rng(0).random((4, 64, 64)).astype("float32"), name="scan")
+QApplication.processEvents()
+# The engine probe imports torch and timm for seconds; a probe that takes 3 s without them keeps the
+# same worker in flight when the window closes, at a fraction of the test's time.
+import time
+from napari_medconddiff import _controller
+_controller.probe_engine = lambda: (time.sleep(3), "a slow probe")[1]
+_, widget = viewer.window.add_plugin_dock_widget("napari-medconddiff", "MedCondDiff segmentation")
+QApplication.processEvents()
+assert widget.controller.engine is None, "the engine probe must still be running for this check"
+viewer.close()
+print("closed", flush=True)
+"""
+
+
+def test_closing_napari_right_after_docking_exits_cleanly():
+    """The engine probe is still running (importing torch) when the window closes: the process must exit
+    with 0, not abort on a deleted worker signal. In a subprocess, so an abort fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([sys.executable, "-c", CLOSE_RIGHT_AFTER_DOCKING], capture_output=True, text=True,
+                             timeout=240, env=env)
+    explain = f"exit code {process.returncode}\n{process.stdout[-2000:]}\n{process.stderr[-3000:]}"
+    assert process.returncode == 0 and "closed" in process.stdout, explain
+    assert "has been deleted" not in process.stderr and "Fatal Python error" not in process.stderr, explain

@@ -1,0 +1,80 @@
+"""The questions the plugin asks with dialogs. Closing a dialog (Escape) is the answer that loses
+nothing: edits are kept, no file is written or replaced."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import QMessageBox, QWidget
+
+from medconddiff.slice_lists import slice_list_text
+
+from ._edits import KEEP, NEW_LAYER, REPLACE
+from ._qt_lifetime import alive
+from ._questions import Questions
+
+if TYPE_CHECKING:
+    from ._widget import SegmentWidget
+
+__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "confirm_replace", "DialogQuestions"]
+
+
+def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
+    """Ask what to do with edited slices a result would overwrite: KEEP, NEW_LAYER or REPLACE."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Question)
+    box.setWindowTitle("Edited slices")
+    box.setText(f"{action} would overwrite your edits on slice(s) {slice_list_text(slices)}.")
+    box.setInformativeText("Keep my edits: update only the slices you did not edit.\n"
+                           "New layer: put the result in a new consensus layer; your edited layer stays as it is.\n"
+                           "Replace: overwrite these edits (Edit ▸ Undo in the layer brings them back). "
+                           "Strokes you paint from now on are kept.")
+    keep = box.addButton("Keep my edits", QMessageBox.ButtonRole.AcceptRole)
+    new = box.addButton("New layer", QMessageBox.ButtonRole.ActionRole)
+    box.addButton("Replace", QMessageBox.ButtonRole.DestructiveRole)
+    box.setDefaultButton(keep)
+    box.setEscapeButton(keep)    # closing the question never loses an edit
+    box.exec()
+    clicked = box.clickedButton()
+    return KEEP if clicked is keep else NEW_LAYER if clicked is new else REPLACE
+
+
+def ask_save_cancelled_finetune(parent: QWidget, done: int, total: int, path: Path) -> bool:
+    """Save the weights of a cancelled fine-tuning? Only an explicit Save says yes."""
+    answer = QMessageBox.question(
+        parent, "Fine-tuning cancelled",
+        f"Fine-tuning stopped after {done} of {total} steps. Save the weights of step {done} to\n{path}?",
+        QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Discard)
+    return answer == QMessageBox.StandardButton.Save
+
+
+def confirm_replace(parent: QWidget, paths: list[Path]) -> bool:
+    """Ask before replacing files a save dialog did not ask about; No is the default."""
+    names = "\n".join(str(path) for path in paths)
+    title = "Replace file?" if len(paths) == 1 else "Replace files?"
+    text = f"{names} exists and will be replaced." if len(paths) == 1 else \
+        f"These files exist and will be replaced:\n{names}"
+    answer = QMessageBox.question(parent, title, text,
+                                  QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                  QMessageBox.StandardButton.No)
+    return answer == QMessageBox.StandardButton.Yes
+
+
+class DialogQuestions(Questions):
+    """The controller's questions, asked with dialogs over the widget (looked up here at each call, so a
+    test can answer them)."""
+
+    def __init__(self, widget: "SegmentWidget"):
+        self._widget = weakref.ref(widget)
+
+    def edits(self, action: str, slices: list[int]) -> str:
+        widget = self._widget()
+        return ask_edit_choice(widget, action, slices) if widget is not None and alive(widget) else KEEP
+
+    def save_cancelled_finetune(self, done: int, total: int, path: Path) -> bool:
+        widget = self._widget()
+        if widget is None or not alive(widget):
+            return False
+        return ask_save_cancelled_finetune(widget, done, total, path)

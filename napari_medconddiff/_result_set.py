@@ -1,0 +1,228 @@
+"""One scan's results: its result layers, what the engine last wrote into them, its kept runs, its edits.
+
+**Edits are never lost.** Next to its layers, a :class:`ResultSet` keeps a *reference*: what the
+engine last wrote into each voxel of the consensus. A canonical slice is *edited* when the consensus
+differs from the reference there (:mod:`napari_medconddiff._edits`). Writes that would overwrite an
+edit follow a :class:`~napari_medconddiff._edits.WritePolicy` (the user's answer); writes into an
+existing consensus are undoable, one napari undo step per user action.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from medconddiff.config import SamplingConfig
+
+from ._edits import UndoStep, WritePolicy, differing_slices, touched_slices
+from ._export import ExportSummary
+from ._geometry import LayerSpace, ScanSpace
+
+__all__ = ["KeptRun", "ChannelInput", "ResultSet"]
+
+
+@dataclass
+class KeptRun:
+    """A finished or cancelled run, kept for re-fusion. Only its model-resolution trajectory is kept;
+    its full-volume labels and uncertainty live in the layers."""
+
+    trajectory: np.ndarray
+    slice_indices: np.ndarray
+    completed: np.ndarray
+    shown: np.ndarray                 # per entry of slice_indices: finished and not overwritten by a later run
+    geometry: Any
+    sampling: SamplingConfig
+    postprocess: Any
+    class_names: tuple[str, ...]
+    provenance: dict
+    steps_used: np.ndarray            # per entry of slice_indices: denoising steps the slice took
+
+    @classmethod
+    def of(cls, result: Any) -> "KeptRun":
+        return cls(result.trajectory, result.slice_indices, result.completed.copy(), result.completed.copy(),
+                   result.geometry, result.sampling, result.postprocess, tuple(result.class_names),
+                   dict(result.provenance), result.steps_used.copy())
+
+    @property
+    def shown_slices(self) -> np.ndarray:
+        return self.slice_indices[self.shown]
+
+
+@dataclass
+class ChannelInput:
+    """A further channel layer of a scan's last segmentation, and where its voxels are."""
+
+    name: str
+    layer: Any                        # None once the user removed it
+    space: LayerSpace
+
+
+class ResultSet:
+    """The plugin's result layers of one scan, what the engine last wrote into them, and the kept runs."""
+
+    def __init__(self, scan: Any, scan_id: str, scan_name: str, source: Optional[str], space: ScanSpace,
+                 class_names: tuple[str, ...]):
+        self.scan = scan                  # None once the user removed it
+        self.scan_id = scan_id
+        self.scan_name = scan_name
+        self.source = source
+        self.space = space
+        self.class_names = class_names
+        self.layers: dict[str, Any] = {}
+        self.channels: list[ChannelInput] = []   # the last segmentation's further channels
+        self.reference = np.zeros(space.layer_shape, np.uint8)
+        self.runs: list[KeptRun] = []
+        self.edited: set[int] = set()
+        # A consensus made for the operation in progress has no history worth undoing: written directly.
+        self.fresh = True
+        self.steps_stack: Optional[np.ndarray] = None
+        self.steps_first = 0
+        self.on_edits: Callable[[], None] = lambda: None
+        self._writing = False
+        self._undo_step: Optional[UndoStep] = None
+        self._undo_depth = 0
+
+    @property
+    def consensus(self) -> Any:
+        return self.layers.get("consensus")
+
+    def compatible(self, space: ScanSpace) -> bool:
+        """Whether a run seen through ``space`` can update these layers slice by slice."""
+        old, new = self.space, space
+        return (old.layer_shape == new.layer_shape and old.layer.to_layer == new.layer.to_layer
+                and old.geometry.slice_axis == new.geometry.slice_axis
+                and old.geometry.orientation.to_canonical == new.geometry.orientation.to_canonical)
+
+    # ------------------------------------------------------------ edits
+    def watch(self, layer: Any) -> None:
+        layer.events.paint.connect(self._on_paint)
+
+    def _on_paint(self, event: Any) -> None:
+        # napari emits ``paint`` before it changes the data (outside a mouse stroke), so the slices an
+        # edit touched are marked here and compared with the reference at every decision.
+        if self._writing:       # our own writes are not edits
+            return
+        touched = touched_slices(event, self.space)
+        if not touched <= self.edited:
+            self.edited |= touched
+            self.on_edits()
+
+    def edited_among(self, slices: Sequence[int]) -> list[int]:
+        """Those of ``slices`` whose consensus differs from what the engine wrote there."""
+        layer = self.consensus
+        if layer is None or not len(slices):
+            return []
+        shown, reference = self.space.slices(layer.data), self.space.slices(self.reference)
+        return [int(s) for s in slices if not np.array_equal(shown[s], reference[s])]
+
+    def edited_slices(self) -> list[int]:
+        """Every edited canonical slice, compared afresh (napari's undo emits no event)."""
+        layer = self.consensus
+        if layer is None:
+            return []
+        edited = differing_slices(self.space.slices(layer.data), self.space.slices(self.reference),
+                                  self.space.n_slices)
+        if set(edited) != self.edited:
+            self.edited = set(edited)
+            self.on_edits()
+        return edited
+
+    def policy_replacing(self, slices: Sequence[int]) -> WritePolicy:
+        """The user answered "replace" for the edited ``slices``: they may be overwritten as they are now."""
+        layer = self.consensus
+        return WritePolicy() if layer is None else WritePolicy.replacing(slices, self.space.slices(layer.data))
+
+    @property
+    def shown_slices(self) -> np.ndarray:
+        """Canonical slices the layers show engine results for."""
+        if not self.runs:
+            return np.zeros(0, np.int64)
+        return np.unique(np.concatenate([run.shown_slices for run in self.runs]))
+
+    # ------------------------------------------------------------ one user action, one undo step
+    def begin_undo_step(self) -> None:
+        """Writes from now until :meth:`end_undo_step` are one napari undo step (calls nest)."""
+        self._undo_depth += 1
+        if self._undo_depth == 1 and self.consensus is not None:
+            self._undo_step = UndoStep(self.consensus)
+
+    def end_undo_step(self) -> None:
+        if self._undo_depth == 0:
+            return
+        self._undo_depth -= 1
+        if self._undo_depth == 0:
+            step, self._undo_step = self._undo_step, None
+            if step is not None:
+                with self._own_writes():
+                    step.commit()
+
+    @contextlib.contextmanager
+    def one_undo_step(self) -> Any:
+        self.begin_undo_step()
+        try:
+            yield
+        finally:
+            self.end_undo_step()
+
+    @contextlib.contextmanager
+    def _own_writes(self) -> Any:
+        """Our writes into the consensus: not counted as edits."""
+        before, self._writing = self._writing, True
+        try:
+            yield
+        finally:
+            self._writing = before
+
+    # ------------------------------------------------------------ writing results
+    def write(self, slices: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray, policy: WritePolicy) -> list[int]:
+        """Write engine results for canonical ``slices`` (B, H, W each); returns the edited slices that
+        ``policy`` keeps, which get the new uncertainty but not the new labels."""
+        slices = np.asarray(slices)
+        layer = self.consensus
+        kept = []
+        if layer is not None:
+            shown = self.space.slices(layer.data)
+            kept = [s for s in self.edited_among(slices) if not policy.may_overwrite(s, shown[s])]
+        self.space.slices(self.reference)[slices] = labels
+        if "uncertainty" in self.layers:
+            self.space.slices(self.layers["uncertainty"].data)[slices] = uncertainty
+            self.layers["uncertainty"].refresh()
+        write = np.array([k for k, s in enumerate(slices) if int(s) not in kept], dtype=np.intp)
+        if layer is None or not len(write):
+            return kept
+        target = self.space.slices(layer.data)
+        indices, new = slices[write], labels[write]
+        if self.fresh:
+            target[indices] = new
+            layer.refresh()
+            return kept
+        # Changed voxels only, recorded for undo (edits come back); one step per user action.
+        b, r, c = np.nonzero(target[indices] != new)
+        if b.size:
+            where, values = self.space.layer_indices(indices[b], r, c), new[b, r, c]
+            with self.one_undo_step():
+                step = self._undo_step
+                if step is not None and step.layer is layer:
+                    step.write(where, values)
+                    layer.refresh()
+                else:       # the step began on a consensus the user has since removed: its own undo step
+                    with self._own_writes(), layer.block_history():
+                        layer.data_setitem(where, values)
+        return kept
+
+    def summary(self) -> ExportSummary:
+        latest = self.runs[-1]
+        slices = np.concatenate([run.shown_slices for run in self.runs])
+        steps_used = np.concatenate([run.steps_used[run.shown] for run in self.runs])
+        order = np.argsort(slices)
+        runs = [{"slices": [int(s) for s in run.shown_slices], "checkpoint": run.provenance.get("checkpoint"),
+                 "checkpoint_sha256": run.provenance.get("checkpoint_sha256"),
+                 "sampling": dataclasses.asdict(run.sampling)} for run in self.runs if run.shown.any()]
+        return ExportSummary(slice_indices=slices[order], completed=np.ones(len(slices), bool),
+                             steps_used=steps_used[order], class_names=self.class_names,
+                             provenance={**latest.provenance, "sampling": dataclasses.asdict(latest.sampling)},
+                             runs=runs, complete=all(run.completed.all() for run in self.runs))

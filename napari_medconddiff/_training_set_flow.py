@@ -1,0 +1,326 @@
+"""The Training set flow of the controller: a folder holding an nnU-Net v2 dataset with sparse labels
+(:mod:`medconddiff.training_set`) that grows scan by scan.
+
+The user chooses a folder (remembered for the session; created on the first add; never inside the
+installed packages), marks canonical slices as *checked* (verified without being edited), and adds
+the current scan: its image in file order with the meta an export writes, and the consensus layer's
+labels on the verified slices (edited ∪ checked); every other voxel is the set's ``ignore``. Adding
+the same scan again merges. Fine-tuning (:mod:`._finetune_flow`) then trains on every verified voxel
+of every case in the set as well.
+
+Opening and adding run in a worker: an add writes (and, merging, reads back) gzipped NIfTI volumes,
+seconds for a CT, and the summary reads every label file of the set. What the worker needs is copied
+here on the GUI thread, as fine-tuning does. :mod:`medconddiff.training_set` imports torch, so it is
+imported in the worker only.
+
+A mixin of :class:`~napari_medconddiff._controller.SegmentationController`, which owns the signals,
+the state and the task plumbing used here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from psygnal import Signal
+
+from medconddiff.errors import ConfigError, UserInputError
+from medconddiff.slice_lists import slice_list_text
+
+from ._job import import_engine, stack_channels
+from ._result_set import ResultSet
+from ._segment_flow import own_copy
+
+__all__ = ["TrainingSetFlow", "AddJob", "SetState", "package_folders", "check_set_folder", "case_name_of",
+           "open_set", "add_to_set", "model_class_names"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NEW_SET_TEXT = "new set: created on the first add"
+
+
+@dataclass(frozen=True)
+class SetState:
+    """What the widget shows of the chosen set (None where the folder holds no set yet)."""
+
+    folder: Path
+    summary: str
+    class_names: tuple[str, ...] = ()
+    cases: tuple[str, ...] = ()
+
+
+@dataclass
+class AddJob:
+    """Everything an add needs (plain data, copied on the GUI thread)."""
+
+    folder: Path
+    name: str                            # file name or layer name: the case id comes from it
+    image: np.ndarray                    # channel 0, file order
+    channels: tuple[np.ndarray, ...]     # further channels, file order
+    meta: Any
+    labels: np.ndarray                   # file order; 0 outside the verified slices
+    class_names: tuple[str, ...]
+    start: str                           # the selected model: its channels name the set's
+    scan_kind: str
+    slices: Optional[tuple[int, ...]]    # canonical slices along ``slicing`` …
+    slicing: str
+    mask: Optional[np.ndarray] = None    # … or, for a plain layer, the verified voxels in file order
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    result: Any                          # medconddiff.training_set.AddResult
+    state: SetState
+
+
+def package_folders() -> list[Path]:
+    """Folders of the installed packages: a training set is never written inside them."""
+    import medconddiff
+
+    import napari_medconddiff
+
+    return [Path(module.__file__).resolve().parent for module in (medconddiff, napari_medconddiff)]
+
+
+def check_set_folder(folder: str | Path) -> Path:
+    """The folder as a usable training-set place (not a file, not inside an installed package); a
+    UserInputError saying why not. Whether it holds a set is for :func:`open_set` (a worker)."""
+    text = str(folder).strip()
+    if not text:
+        raise UserInputError("choose a training-set folder")
+    path = Path(text).expanduser().resolve()
+    for package in package_folders():
+        if path == package or package in path.parents:
+            raise UserInputError(f"{path} is inside the installed package {package.name}; choose a folder of "
+                                 "your own for the training set")
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{path} is a file, not a folder; choose a folder for the training set")
+    return path
+
+
+def case_name_of(results: ResultSet) -> str:
+    """What the case id is made from: the scan's NIfTI file name, else its layer name (a DICOM series'
+    folder may be named after the patient; the layer name is what the user sees and chose)."""
+    source = results.source or ""
+    if source.lower().endswith(NIFTI_SUFFIXES):
+        return Path(source).name
+    return results.scan_name
+
+
+def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
+    """The classes a checkpoint's model segments, from the file's metadata without torch; None when the
+    file cannot tell."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from medconddiff.checkpoint import resolve_checkpoint
+
+    try:
+        with safe_open(str(resolve_checkpoint(checkpoint)), framework="np") as reader:
+            names = json.loads((reader.metadata() or {})["config"])["model"]["class_names"]
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return None
+    return tuple(str(n) for n in names) if isinstance(names, list) else None
+
+
+# ----------------------------------------------------------------------------- worker functions
+def _set_state(training_set: Any) -> SetState:
+    return SetState(training_set.root, training_set.summary().text(), training_set.class_names,
+                    tuple(training_set.cases))
+
+
+def open_set(folder: Path, start: Optional[str]) -> SetState:
+    """The set in ``folder`` (worker: reads every label file for the summary). A new or empty folder is
+    a set to be created on the first add. A set whose channel count the selected model cannot take
+    is refused: nothing could be added to it or trained with it."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return SetState(folder, NEW_SET_TEXT)
+    import_engine()
+    from medconddiff.training_set import TrainingSet, TrainingSetError
+
+    from ._job import model_channels
+
+    training_set = TrainingSet.open(folder)
+    wanted = model_channels(start) if start else None
+    if wanted is not None and len(wanted) != len(training_set.channel_names):
+        raise TrainingSetError(f"{training_set.manifest}: the set holds {len(training_set.channel_names)} "
+                               f"channel(s) ({', '.join(training_set.channel_names)}) but the selected model takes "
+                               f"{len(wanted)} ({', '.join(wanted)}); choose a set of that kind of scan")
+    return _set_state(training_set)
+
+
+def add_to_set(job: AddJob) -> AddOutcome:
+    """Open (or create) the set and add the scan (worker); the set is unchanged when this fails."""
+    import_engine()
+    from medconddiff.finetune import channel_names_of_kind
+    from medconddiff.training_set import TrainingSet
+
+    from ._job import model_channels
+
+    start_channels = model_channels(job.start) or ("CT",) * (1 + len(job.channels))
+    channel_names = channel_names_of_kind(job.scan_kind, start_channels) or tuple(start_channels)
+    training_set = TrainingSet.open_or_create(job.folder, job.class_names, channel_names)
+    image = stack_channels(job.image, job.channels)
+    if job.mask is not None:
+        result = training_set.add_scan(job.name, image, job.meta, job.labels, job.class_names,
+                                       verified_mask=job.mask, channel_names=channel_names)
+    else:
+        result = training_set.add_scan(job.name, image, job.meta, job.labels, job.class_names,
+                                       verified_slices=list(job.slices), slicing=job.slicing,
+                                       channel_names=channel_names)
+    return AddOutcome(result, _set_state(training_set))
+
+
+# ----------------------------------------------------------------------------- the mixin
+class TrainingSetFlow:
+    """Choose a set, mark slices checked, add the current scan (a controller mixin)."""
+
+    training_set_changed = Signal(object)      # SetState, or None when no folder is chosen
+    verified_changed = Signal(tuple, tuple)    # edited, checked canonical slices of the current result
+    training_set_finished = Signal(str)        # 'done' or 'failed' (an open or an add)
+
+    def _init_training_set(self) -> None:
+        self.training_set: Optional[SetState] = None
+        self._checked: dict[str, set[int]] = {}     # scan layer id → canonical slices marked as checked
+
+    @property
+    def training_set_folder(self) -> Optional[Path]:
+        return self.training_set.folder if self.training_set is not None else None
+
+    def training_set_in_use(self) -> Optional[Path]:
+        """The folder fine-tuning trains on: the chosen set, once it holds a case."""
+        state = self.training_set
+        return state.folder if state is not None and state.cases else None
+
+    # ------------------------------------------------------------ choose
+    def choose_training_set(self, folder: str | Path, start: Optional[str] = None) -> bool:
+        """Use ``folder`` as the training set (opened in a worker; the summary follows). On failure the
+        set chosen before stays."""
+        if self._refused_while_busy():
+            return False
+        try:
+            path = check_set_folder(folder)
+        except ValueError as error:
+            self.fail(error, "Training set not changed")
+            self.training_set_changed.emit(self.training_set)    # the view shows the set still in use
+            self.training_set_finished.emit("failed")
+            return False
+        self._begin("opening the training set")
+        self.status.emit(f"Opening the training set {path}…")
+        self._start(open_set, path, start, returned=self._on_set_opened, errored=self._on_set_error)
+        return True
+
+    def _on_set_opened(self, state: SetState) -> None:
+        self._detach_task()
+        self.training_set = state
+        self.status.emit(f"Training set {state.folder}: {state.summary}.")
+        self.training_set_changed.emit(state)
+        self._end("done")
+        self.training_set_finished.emit("done")
+
+    def _on_set_error(self, error: BaseException) -> None:
+        self._detach_task()
+        self.fail(error, "Training set not changed")
+        self.training_set_changed.emit(self.training_set)    # the view shows the set still in use
+        self._end("failed")
+        self.training_set_finished.emit("failed")
+
+    # ------------------------------------------------------------ verified slices
+    def checked_slices(self) -> list[int]:
+        results = self.current
+        return sorted(self._checked.get(results.scan_id, ())) if results is not None else []
+
+    def verified_slices(self) -> list[int]:
+        """Canonical slices of the current result the user verified: edited or marked as checked."""
+        return sorted(set(self.edited_slices()) | set(self.checked_slices()))
+
+    def emit_verified(self) -> None:
+        self.verified_changed.emit(tuple(self.edited_slices()), tuple(self.checked_slices()))
+
+    def mark_checked(self) -> Optional[int]:
+        """Mark the canonical slice under napari's slider as checked: its consensus is right as it is."""
+        results = self.current
+        try:
+            if results is None or results.consensus is None:
+                raise UserInputError("segment a scan first, then mark the slices you checked")
+            layer = results.scan if results.scan is not None else results.consensus
+            point = tuple(float(x) for x in layer.world_to_data(self.viewer.dims.point))
+            if results.space.slice_layer_axis is not None and len(point) < results.space.layer.layer_ndim:
+                raise UserInputError("the current slice position is unknown")
+            index = int(results.space.slice_at(point))
+        except ValueError as error:
+            self.fail(error)
+            return None
+        self._checked.setdefault(results.scan_id, set()).add(index)
+        self.status.emit(f"Slice {index} marked as checked.")
+        self.emit_verified()
+        return index
+
+    # ------------------------------------------------------------ add
+    def add_to_training_set(self, class_names: Sequence[str], start: str, scan_kind: str = "model") -> bool:
+        """Add the current scan's verified slices to the chosen set (in a worker); False when it could
+        not start (and why is shown)."""
+        if self._refused_while_busy():
+            return False
+        results = self.current
+        try:
+            job = self._add_job(results, class_names, start, scan_kind)
+        except ValueError as error:
+            self.fail(error, "Not added to the training set")
+            self.training_set_finished.emit("failed")
+            return False
+        self._begin("adding to the training set")
+        self.progress.emit(0, 0)
+        shown = slice_list_text(job.slices) if job.slices is not None else slice_list_text(self.verified_slices())
+        self.status.emit(f"Adding '{results.scan_name}' (slice(s) {shown}) to the training set {job.folder}…")
+        self._start(add_to_set, job, returned=self._on_added, errored=self._on_set_error)
+        return True
+
+    def _add_job(self, results: Optional[ResultSet], class_names: Sequence[str], start: str,
+                 scan_kind: str) -> AddJob:
+        if self.training_set is None:
+            raise UserInputError("choose a training-set folder first")
+        if results is None or results.consensus is None:
+            raise UserInputError("segment a scan first, correct or check some slices, then add it")
+        if results.scan is None:
+            raise UserInputError(f"the scan '{results.scan_name}' was removed; open it again to add it")
+        slices = self.verified_slices()
+        if not slices:
+            raise UserInputError("nothing verified yet: paint corrections in the consensus layer, or mark "
+                                 "slices as checked")
+        names = tuple(name.strip() for name in class_names)
+        if any(not name for name in names) or len(set(names)) != len(names):
+            raise ConfigError("every class needs a name, and names must differ")
+        space = results.space
+        verified = np.zeros(space.geometry.file_shape, dtype=bool)
+        space.geometry.slice_view(verified)[slices] = True
+        # Copies made here, on the GUI thread: the worker writes the scan as it is now. Labels outside
+        # the verified slices are not the user's word: they are not written (the set stores ignore there).
+        labels = np.array(space.layer.file_view(np.asarray(results.consensus.data)), dtype=np.uint8)
+        labels[~verified] = 0
+        top = int(labels.max()) if labels.size else 0
+        if top >= len(names):
+            raise ConfigError(f"label {top} is painted on a verified slice but has no class name")
+        image = space.layer.file_view(np.asarray(own_copy(results.scan)))
+        channels = self._finetune_channels(results, image.shape, start)
+        plain = space.layer.plain
+        # A plain layer's file gets the layer's axis order with an unknown orientation (as an export):
+        # its slices cannot be counted along the model's slicing there, so the voxels themselves are given.
+        return AddJob(folder=self.training_set.folder, name=case_name_of(results), image=image, channels=channels,
+                      meta=space.export_meta(), labels=labels, class_names=names, start=start, scan_kind=scan_kind,
+                      slices=None if plain else tuple(slices), slicing=space.geometry.slicing,
+                      mask=verified if plain else None)
+
+    def _on_added(self, outcome: AddOutcome) -> None:
+        self._detach_task()
+        result, state = outcome.result, outcome.state
+        self.training_set = state
+        how = "added as a new case" if result.new_case else "merged into its case"
+        grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
+        self.status.emit(f"'{result.case}' {how} of the training set ({result.verified_slices} verified "
+                         f"slice(s)){grown}.")
+        self.training_set_changed.emit(state)
+        self._end("done")
+        self.training_set_finished.emit("done")
