@@ -69,6 +69,17 @@ class DatasetDescription:
     ignore_label: Optional[int] = None         # nnU-Net v2 "ignore": the value of unverified voxels
 
 
+def read_manifest(manifest: Path, error: type[DatasetError] = DatasetError) -> dict:
+    """A dataset's ``dataset.json`` as a dict; ``error`` (one line naming the file) if it is none."""
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{manifest}: not a readable JSON file ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(f"{manifest}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def describe_dataset(root: str | Path) -> DatasetDescription:
     """Read a dataset folder's layout (see the module docstring); raises :class:`DatasetError`."""
     root = Path(root)
@@ -77,12 +88,7 @@ def describe_dataset(root: str | Path) -> DatasetDescription:
     manifest = root / "dataset.json"
     if not manifest.is_file():
         return _describe_pairs(root)
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{manifest}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{manifest}: expected a JSON object, got {type(data).__name__}")
+    data = read_manifest(manifest)
     if "channel_names" in data:
         return _describe_nnunet(root, manifest, data)
     if "training" in data or "modality" in data:

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import nibabel as nib
 import numpy as np
 
-from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset
+from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
 from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta, load_channels, load_labels, save_volume, write_json_atomic
@@ -154,7 +154,7 @@ class TrainingSet:
             raise TrainingSetError(f"{root}: training-set folder not found")
         if not manifest.is_file():
             raise TrainingSetError(f"{root}: not a training set (no dataset.json)")
-        data = _read_manifest(manifest)
+        data = read_manifest(manifest, TrainingSetError)
         if "channel_names" not in data or "labels" not in data:
             raise TrainingSetError(f"{manifest}: not an nnU-Net v2 dataset.json (needs 'channel_names' and "
                                    "'labels')")
@@ -403,16 +403,6 @@ def _check_names(manifest: Path, class_names: tuple[str, ...], channel_names: tu
                                f"(background first) and must not include {IGNORE_NAME!r}")
     if not channel_names or any(not n.strip() for n in channel_names):
         raise TrainingSetError(f"{manifest}: give one non-empty name per channel")
-
-
-def _read_manifest(manifest: Path) -> dict:
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TrainingSetError(f"{manifest}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise TrainingSetError(f"{manifest}: expected a JSON object")
-    return data
 
 
 def _has_files(root: Path) -> bool:

@@ -1,0 +1,313 @@
+"""DICOM in napari: opening series folders and files, and saving the consensus as a DICOM SEG.
+
+Series are written with pydicom (tests/dicom_helpers.py) from cuts of the bundled liver CT, with a
+patient name, ID and birth date distinctive enough to search every layer name, metadata and message
+for. The widget test drives the plugin as a user does (open the folder, choose the layer, click
+Segment, Export) with the bundled default model on two slices.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg
+from medconddiff.dicom_series import DicomError, read_dicom_series
+from medconddiff.errors import UserInputError
+from medconddiff.nifti import load_volume, sample_scan_path
+from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume
+from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
+from napari_medconddiff._writer import write_dicom_seg_labels
+from tests.dicom_helpers import PATIENT, oblique_affine, write_series
+
+PLUGIN = "napari-medconddiff"
+WIDGET_NAME = "MedCondDiff segmentation"
+RUN_TIMEOUT_MS = 120_000
+# Anisotropic voxels (0.7 × 0.8 mm pixels, 2.5 mm slices) so that a wrong scale or axis order shows.
+RAS = np.array([[0.7, 0, 0, -20.0], [0, 0.8, 0, 30.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+LPS = np.array([[-0.7, 0, 0, 20.0], [0, -0.8, 0, -30.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+AFFINES = {"RAS": RAS, "LPS": LPS, "oblique": oblique_affine()}
+
+
+@pytest.fixture(scope="module")
+def liver():
+    """(64×64×6 HU cut of the bundled liver CT, its RAS affine moved with the cut)."""
+    volume, meta = load_volume(sample_scan_path())
+    start = (32, 32, 60)
+    affine = meta.affine.copy()
+    affine[:3, 3] = (meta.affine @ np.array([*start, 1.0]))[:3]
+    return volume[32:96, 32:96, 60:66].copy(), affine
+
+
+def export_folder(folder: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """A PACS-like export: series 2 (the whole cut), series 5 (its first four slices), a scout series."""
+    write_series(folder, volume, affine, series_number=2, description="CT venous", prefix="v")
+    write_series(folder, volume[:, :, :4], affine, series_number=5, description="CT arterial", prefix="a")
+    write_series(folder, volume[:, :, :1], affine, series_number=1, description="Scout", prefix="s",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    return folder
+
+
+def assert_no_patient_data(*texts: str) -> None:
+    for text in texts:
+        for value in PATIENT.values():
+            assert value not in text
+        assert "Zyxwvut" not in text and "Qqpatientname" not in text
+
+
+def layer_texts(layers) -> list[str]:
+    return [text for layer in layers for text in (layer.name, json.dumps(layer.metadata, default=str))]
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    class Recorded:
+        def messages(self, severity: str | None = None) -> list[str]:
+            return [str(n.message) for n in notification_manager.records[start:]
+                    if severity is None or str(n.severity) == severity]
+
+    return Recorded()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_a_folder_opens_one_layer_per_series_named_by_series_without_the_scout(make_napari_viewer, tmp_path, liver):
+    volume, _ = liver
+    folder = export_folder(tmp_path / "export", volume, LPS)
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning) as caught:
+        layers = viewer.open(str(folder), plugin=PLUGIN)
+    notes = [str(w.message) for w in caught]
+    assert [layer.name for layer in layers] == ["series 2 'CT venous'", "series 5 'CT arterial'"]
+    assert any("series 1 'Scout'" in note and "localizer" in note for note in notes)
+    for layer, slices in zip(layers, (6, 4)):
+        assert layer.data.shape == (slices, 64, 64)
+        np.testing.assert_allclose(layer.scale, (2.5, 0.8, 0.7))
+        assert layer.axis_labels == ("I→S", "A→P", "R→L")
+    source = dicom_source_of(layers[1].metadata)
+    assert source.series_number == 5 and len(source.sop_instance_uids) == 4
+    assert_no_patient_data(*layer_texts(layers), *notes)
+
+
+@pytest.mark.parametrize("stored", list(AFFINES))
+def test_the_displayed_series_equals_the_same_scan_opened_as_nifti(tmp_path, liver, stored):
+    """Same voxels, scale, axis labels and geometry as the NIfTI reader's layer: the radiological view
+    does not depend on the format the scan came in."""
+    volume, _ = liver
+    affine = AFFINES[stored]
+    write_series(tmp_path / "series", volume, affine, series_number=3, description="CT")
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(nifti))
+    ((dicom_data, dicom_kwargs, dicom_type),) = read_dicom(str(tmp_path / "series"))
+    ((nifti_data, nifti_kwargs, nifti_type),) = read_nifti(str(nifti))
+    assert dicom_type == nifti_type == "image"
+    np.testing.assert_array_equal(dicom_data, nifti_data)
+    np.testing.assert_allclose(dicom_kwargs["scale"], nifti_kwargs["scale"], rtol=1e-5)
+    assert dicom_kwargs["axis_labels"] == nifti_kwargs["axis_labels"]
+    assert dicom_kwargs["contrast_limits"] == pytest.approx(nifti_kwargs["contrast_limits"])
+    # Back in file order the DICOM layer gives the reader's volume and a world geometry equal to the NIfTI's.
+    array, meta = layer_to_volume(dicom_data, dicom_kwargs["metadata"])
+    nifti_array, nifti_meta = layer_to_volume(nifti_data, nifti_kwargs["metadata"])
+    assert_same_world(array, meta.affine, nifti_array, nifti_meta.affine)
+
+
+def assert_same_world(a: np.ndarray, affine_a: np.ndarray, b: np.ndarray, affine_b: np.ndarray) -> None:
+    """Two (array, affine) pairs put the same value at the same place in the world (voxel orders may differ)."""
+    assert a.shape == b.shape
+    index = np.array([[0, 0, 0], [5, 9, 2], [63, 0, 5], [17, 40, 3]], dtype=float)
+    world = (affine_a @ np.c_[index, np.ones(len(index))].T)[:3].T
+    other = np.rint((np.linalg.inv(affine_b) @ np.c_[world, np.ones(len(world))].T)[:3].T).astype(int)
+    for (i, j, k), (p, q, r) in zip(index.astype(int), other):
+        assert a[i, j, k] == b[p, q, r]
+
+
+def test_metadata_survives_napari_copying_it(make_napari_viewer, tmp_path, liver):
+    from napari.layers import Image
+
+    volume, _ = liver
+    write_series(tmp_path / "series", volume, RAS, series_number=3, description="CT")
+    ((data, kwargs, _),) = read_dicom(str(tmp_path / "series"))
+    layer = Image(data, **kwargs)
+    copied = Image.create(*layer.as_layer_data_tuple())
+    assert dicom_source_of(copied.metadata) == read_dicom_series(tmp_path / "series").source
+
+
+def test_a_single_dcm_file_opens_as_a_2d_layer(tmp_path, liver):
+    volume, _ = liver
+    paths = write_series(tmp_path / "series", volume, RAS, series_number=3, description="CT")
+    reader = get_reader(str(paths[2]))
+    ((data, kwargs, layer_type),) = reader(str(paths[2]))
+    assert layer_type == "image" and data.shape == (64, 64) and kwargs["name"] == "series 3 'CT'"
+    np.testing.assert_allclose(kwargs["scale"], (0.8, 0.7))
+
+
+def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    assert get_reader(str(tmp_path)) is None
+    assert get_reader(str(tmp_path / "missing")) is None
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+
+
+def test_a_broken_series_is_named_in_one_line_and_the_others_open(tmp_path, liver):
+    volume, _ = liver
+    write_series(tmp_path / "export" / "good", volume, RAS, series_number=1, description="good")
+    cut = write_series(tmp_path / "export" / "cut", volume, RAS, series_number=2, description="cut short")
+    cut[3].write_bytes(cut[3].read_bytes()[:-300])
+    with pytest.warns(UserWarning) as caught:
+        layers = read_dicom(str(tmp_path / "export"))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["series 1 'good'"]
+    refused = [str(w.message) for w in caught if "not opened" in str(w.message)]
+    assert len(refused) == 1 and "series 2 'cut short'" in refused[0] and "\n" not in refused[0]
+
+    # A folder whose only series is broken: the reader's error (which napari shows) names it in one line.
+    with pytest.raises(DicomError) as raised:
+        read_dicom(str(tmp_path / "export" / "cut"))
+    assert "series 2 'cut short'" in str(raised.value) and "\n" not in str(raised.value)
+    assert_no_patient_data(str(raised.value), *refused)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_labels_on_a_dicom_scan_save_as_a_seg_that_reads_back_to_the_same_voxels(make_napari_viewer, tmp_path,
+                                                                                  liver):
+    volume, _ = liver
+    folder = tmp_path / "series"
+    write_series(folder, volume, LPS, series_number=3, description="CT")
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(folder), plugin=PLUGIN)
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[1:4, 10:30, 5:20] = 1
+    labels[2, 40:50, 40:60] = 2
+    layer = viewer.add_labels(labels, name="painted", metadata=dict(image.metadata), scale=image.scale,
+                              features={"class": ["background", "liver", "tumour"]})
+    target = tmp_path / "painted.dcm"
+    assert layer.save(str(target), plugin=PLUGIN) == [str(target)]
+    np.testing.assert_array_equal(read_dicom_seg(target, folder), layer_to_volume(labels, image.metadata)[0])
+    assert dicom_seg_segments(target) == {1: "liver", 2: "tumour"}
+
+    plain = viewer.add_labels(labels, name="no scan")
+    with pytest.raises(UserInputError, match="not made on a scan read from DICOM; save it as NIfTI"):
+        write_dicom_seg_labels(str(tmp_path / "plain.dcm"), plain.data, {"name": plain.name, "metadata": {}})
+    assert not (tmp_path / "plain.dcm").exists()
+
+
+def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_napari_viewer, qtbot, tmp_path, liver,
+                                                                        monkeypatch, notifications):
+    """Open the folder, choose series 2, segment slices 2–3 with the bundled model, Export as DICOM SEG."""
+    import torch
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    from napari_medconddiff import _widget as widget_module
+    from napari_medconddiff._export import DICOM_SEG_FILTER
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        volume, affine = liver
+        folder = export_folder(tmp_path / "export", volume, affine)
+        viewer = make_napari_viewer()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scan, _ = viewer.open(str(folder), plugin=PLUGIN)
+        _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+        qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
+        widget.layer_combo.native.setCurrentText(scan.name)
+        assert widget.layer_combo.value is scan
+        widget.model_combo.setCurrentText(widget_module.DEFAULT_MODEL)
+        widget.steps_spin.setValue(2)
+        widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
+        widget.range_edit.setText("2-3")
+        with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+            qtbot.mouseClick(widget.segment_button, Qt.MouseButton.LeftButton)
+        assert finished.args[0] == "done", notifications.messages()
+        consensus = viewer.layers[f"{scan.name} consensus"]
+        expected = layer_to_volume(consensus.data, consensus.metadata)[0]
+        assert expected[:, :, 2:4].any() and not expected[:, :, [0, 1, 4, 5]].any()
+
+        target = tmp_path / "venous_seg.dcm"
+        offered = []
+        monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                            lambda *a, **k: offered.append(a[1:]) or (str(target), DICOM_SEG_FILTER))
+        qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
+        title, proposed, filters = offered[0]
+        assert "DICOM SEG" in title and filters.startswith(DICOM_SEG_FILTER) and "NIfTI" in filters
+        assert Path(proposed) == tmp_path / "export_series2_CT_venous_seg.dcm"
+        assert notifications.messages("error") == []
+        np.testing.assert_array_equal(read_dicom_seg(target, folder, series=2), expected)
+        assert dicom_seg_segments(target) == {1: "liver", 2: "tumour"}
+        sidecar = json.loads((tmp_path / "venous_seg.json").read_text())
+        source = dicom_source_of(scan.metadata)
+        assert sidecar["dicom_source"]["series_instance_uid"] == source.series_uid
+        assert sidecar["dicom_source"]["sop_instance_uids"] == list(source.sop_instance_uids)
+
+        # A name typed without suffix under the DICOM SEG filter is the same SEG: replaced only after a yes.
+        stamp = target.stat().st_mtime_ns
+        asked = []
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "venous_seg"),
+                                                                             DICOM_SEG_FILTER))
+        monkeypatch.setattr(QMessageBox, "question",
+                            lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+        qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
+        assert asked and "venous_seg.dcm" in asked[0] and target.stat().st_mtime_ns == stamp
+
+        messages = notifications.messages() + [str(w.message) for w in caught] + [widget.status.text()]
+        assert_no_patient_data(*layer_texts(viewer.layers), *messages, json.dumps(sidecar))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def summary_of(class_names=("background", "liver", "tumour")):
+    from napari_medconddiff._export import ExportSummary
+
+    return ExportSummary(slice_indices=np.array([1, 2]), completed=np.ones(2, bool), steps_used=np.array([2, 2]),
+                         class_names=tuple(class_names), provenance={"checkpoint": "test"}, runs=[], complete=True)
+
+
+def test_export_writes_a_seg_only_for_a_dicom_scan_and_never_replaces_a_file_unasked(tmp_path, liver):
+    from napari_medconddiff._export import export_targets, write_export
+
+    volume, _ = liver
+    folder = tmp_path / "series"
+    write_series(folder, volume, RAS, series_number=3, description="CT")
+    scan = read_dicom_series(folder)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[10:20, 10:20, 1:3] = 1
+    assert export_targets(tmp_path / "a.dcm") == (tmp_path / "a.dcm", tmp_path / "a.json")
+    assert export_targets(tmp_path / "a", dicom_seg=True) == (tmp_path / "a.dcm", tmp_path / "a.json")
+    assert export_targets(tmp_path / "a") == (tmp_path / "a.nii.gz", tmp_path / "a.json")
+
+    target = tmp_path / "seg.dcm"
+    with pytest.raises(UserInputError, match="was not read from DICOM; export it as NIfTI"):
+        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[], overwrite=False)
+    assert not target.exists()
+
+    written = write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[2],
+                           overwrite=False, dicom=scan.source)
+    assert written == (target, tmp_path / "seg.json")
+    np.testing.assert_array_equal(read_dicom_seg(target, folder), labels)
+    stamp = target.stat().st_mtime_ns
+    labels[:] = 0
+    with pytest.raises(FileExistsError):
+        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[],
+                     overwrite=False, dicom=scan.source)
+    assert target.stat().st_mtime_ns == stamp
+    # Only the sidecar exists: refused before the SEG is written, so no SEG without its record appears.
+    target.unlink()
+    with pytest.raises(FileExistsError):
+        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[],
+                     overwrite=False, dicom=scan.source)
+    assert not target.exists()
+    assert_no_patient_data((tmp_path / "seg.json").read_text())

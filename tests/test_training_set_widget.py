@@ -1,0 +1,209 @@
+"""The dock's Training set section, driven as a user drives it: correct scan A, add it to a set, check
+another slice, add again (a merge), correct scan B, add it, fine-tune on the whole set; bad folders.
+
+Runs under pytest-xvfb with the tiny model and 64×64×6 cuts of the real liver CT (see test_widget.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog
+
+import medconddiff
+from medconddiff.checkpoint import load_checkpoint
+from medconddiff.training_set import TrainingSet
+from napari_medconddiff._layers import volume_to_layer
+from napari_medconddiff._model_picker import CHECKPOINT_FILE, DEFAULT_MODEL
+from napari_medconddiff._training_set_flow import NEW_SET_TEXT
+from tests.conftest import meta_1mm
+from tests.test_widget import (  # noqa: F401 (fixtures used by name)
+    RUN_TIMEOUT_MS,
+    _no_unexpected_question,
+    _no_worker_left_running,
+    choose,
+    click,
+    click_segment,
+    notifications,
+    open_viewer,
+    paint,
+    scan_1mm,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def choose_folder(qtbot, widget, folder) -> str:
+    """Type the folder and press Enter, as a user does; the open's outcome ('done' or 'failed')."""
+    panel = widget.training_set_panel
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        panel.folder_edit.setText(str(folder))
+        qtbot.keyClick(panel.folder_edit, Qt.Key.Key_Return)
+    return finished.args[0]
+
+
+def click_add(qtbot, widget) -> str:
+    with qtbot.waitSignal(widget.training_set_panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.training_set_panel.add_button)
+    return finished.args[0]
+
+
+def files_of(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def scan_b(liver_volume):
+    """Another small scan: the liver cut mirrored left-right (other voxels, the same 1 mm RAS grid)."""
+    return volume_to_layer(np.ascontiguousarray(liver_volume[0][::-1]), meta_1mm())
+
+
+def test_a_set_grows_scan_by_scan_and_fine_tuning_learns_from_all_of_it(
+        make_napari_viewer, qtbot, scan_1mm, scan_b, tiny_checkpoint, tmp_path, monkeypatch, notifications):
+    viewer, layer_a, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm, name="liverA")
+    panel = widget.training_set_panel
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus_a = viewer.layers["liverA consensus"]
+    paint(consensus_a, 1, 1)
+    qtbot.waitUntil(lambda: panel.verified_label.text() == "Verified slices: edited 1", timeout=5000)
+
+    folder = tmp_path / "my set"
+    assert choose_folder(qtbot, widget, folder) == "done"
+    assert NEW_SET_TEXT in panel.summary_label.text() and not folder.exists()    # created on the first add
+    assert click_add(qtbot, widget) == "done"
+    training_set = TrainingSet.open(folder)
+    assert training_set.cases == ["liverA"] and training_set.verified_slices("liverA") == [1]
+    assert "1 case, 1 verified slice;" in panel.summary_label.text()
+    assert "'liverA' added as a new case of the training set" in widget.status.text()
+
+    # The user checks slice 3 (right as it is) and adds again: merged into the same case.
+    widget.controller.go_to_slice(3)
+    click(qtbot, panel.mark_button)
+    qtbot.waitUntil(lambda: panel.verified_label.text() == "Verified slices: edited 1; checked 3", timeout=5000)
+    assert click_add(qtbot, widget) == "done"
+    training_set = TrainingSet.open(folder)
+    assert training_set.cases == ["liverA"] and training_set.verified_slices("liverA") == [1, 3]
+    assert "1 case, 2 verified slices;" in panel.summary_label.text()
+    assert "merged into its case" in widget.status.text()
+    case_a = training_set.load_case("liverA")
+    shown_a = widget.controller.current.space.slices(consensus_a.data)
+    verified_a = training_set.verified_slices("liverA")
+    stored = widget.controller.current.space.geometry.slice_view(case_a.labels)
+    np.testing.assert_array_equal(stored[verified_a], shown_a[verified_a])   # the user's labels, slice for slice
+    assert (stored[[0, 2, 4, 5]] == 255).all()                               # the rest is ignore
+    painted_a = consensus_a.data.copy()
+
+    # Scan B: segment, correct one slice with a class the model does not know, name it, add.
+    data, kwargs = scan_b
+    layer_b = viewer.add_image(np.array(data), name="liverB", **kwargs)
+    widget.layer_combo.value = layer_b
+    assert click_segment(qtbot, widget) == "done"
+    consensus_b = viewer.layers["liverB consensus"]
+    paint(consensus_b, 2, 3, size=10)
+    widget.controller.go_to_slice(4)
+    click(qtbot, panel.mark_button)
+    qtbot.waitUntil(lambda: panel.verified_label.text() == "Verified slices: edited 2; checked 4", timeout=5000)
+    widget.class_table.item(3, 1).setText("lesion")
+    assert click_add(qtbot, widget) == "done"
+    training_set = TrainingSet.open(folder)
+    assert training_set.cases == ["liverA", "liverB"]
+    assert training_set.class_names == ("background", "liver", "tumour", "lesion")
+    assert "2 cases, 4 verified slices;" in panel.summary_label.text() and "lesion" in panel.summary_label.text()
+    painted_b = consensus_b.data.copy()
+
+    # Fine-tune: the whole set (A's two slices, B's two), B's edited slice not twice.
+    assert not widget.finetune_panel.ft_replay_check.isChecked()     # not a bundled start model
+    widget.ft_steps_spin.setValue(2)
+    chosen = tmp_path / "from_the_set.safetensors"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen), ""))
+    with qtbot.waitSignals([widget.finetune_finished, widget.run_finished], timeout=RUN_TIMEOUT_MS):
+        click(qtbot, widget.finetune_button)
+    assert notifications.messages("error") == []
+    extra = load_checkpoint(chosen).extra
+    assert extra["trained_on"] == ["liverA", "liverB"]
+    assert extra["finetuned_on"] == []            # B's edited slice is in the set: trained once, from there
+    assert extra["training_set"] == {"path": str(folder), "verified_slices": {"liverA": 2, "liverB": 2}}
+    assert "replay" not in extra
+    # Nothing painted vanished: A untouched; B's corrected slice, and the one checked, kept through the
+    # re-segmentation of the others with the new model.
+    np.testing.assert_array_equal(consensus_a.data, painted_a)
+    space_b = widget.controller.current.space
+    np.testing.assert_array_equal(space_b.slices(consensus_b.data)[[2, 4]], space_b.slices(painted_b)[[2, 4]])
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [0, 1, 3, 5]
+
+
+def test_bad_folders_are_one_line_and_leave_the_set_as_it_was(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint,
+                                                              tmp_path, notifications):
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    panel = widget.training_set_panel
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    paint(viewer.layers["liver consensus"], 2, 1)
+    folder = tmp_path / "set"
+    assert choose_folder(qtbot, widget, folder) == "done"
+    assert click_add(qtbot, widget) == "done"
+    before, summary = files_of(folder), panel.summary_label.text()
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    other = tmp_path / "Dataset001_Prostate"             # an nnU-Net dataset of two-channel MRI
+    (other / "imagesTr").mkdir(parents=True)
+    (other / "labelsTr").mkdir()
+    (other / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"},
+                                                    "labels": {"background": 0, "prostate": 1},
+                                                    "numTraining": 1, "file_ending": ".nii.gz"}))
+    for name in ("prostate_00_0000", "prostate_00_0001"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), other / "imagesTr" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), other / "labelsTr" / "prostate_00.nii.gz")
+    inside_package = Path(medconddiff.__file__).parent / "my_set"
+    expected = {a_file: "is a file, not a folder", other: "the set holds 2 channel(s) (T2, ADC)",
+                inside_package: "inside the installed package medconddiff"}
+    for bad, why in expected.items():
+        start = len(notifications.messages("error"))
+        assert choose_folder(qtbot, widget, bad) == "failed"
+        errors = notifications.messages("error")[start:]
+        assert len(errors) == 1 and why in errors[0] and "\n" not in errors[0], errors
+        assert widget.controller.training_set_folder == folder           # the set in use stays
+        assert panel.folder_edit.text() == str(folder) and panel.summary_label.text() == summary
+    assert not inside_package.exists()
+    assert files_of(folder) == before
+    # Adding again after the refusals still goes to the set in use.
+    assert click_add(qtbot, widget) == "done" and TrainingSet.open(folder).cases == ["liver"]
+
+
+def test_replay_defaults_on_for_a_bundled_model_learning_a_new_class(make_napari_viewer, qtbot, scan_1mm,
+                                                                      tiny_checkpoint, tmp_path, monkeypatch,
+                                                                      notifications):
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    replay = widget.finetune_panel.ft_replay_check
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    paint(viewer.layers["liver consensus"], 2, 3)         # a new class
+    qtbot.waitUntil(lambda: widget.class_table.rowCount() == 4, timeout=5000)
+    assert not replay.isChecked()                         # the start model is not a bundled one
+    widget.model_combo.setCurrentText(DEFAULT_MODEL)
+    assert replay.isChecked()                             # bundled, and the class list grows
+    widget.class_table.item(3, 1).setText("tumour")      # the user says label 3 is a class the model knows
+    assert not replay.isChecked()
+    widget.class_table.item(3, 1).setText("lesion")
+    assert replay.isChecked()
+    # The user's own choice stays; and it reaches the fine-tuning: this start model cannot replay.
+    widget.model_combo.setCurrentText(CHECKPOINT_FILE)
+    assert not replay.isChecked()
+    replay.click()                                       # the user ticks it: their choice from now on
+    widget.model_combo.setCurrentText(DEFAULT_MODEL)
+    widget.model_combo.setCurrentText(CHECKPOINT_FILE)
+    assert replay.isChecked()
+    widget.ft_steps_spin.setValue(2)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "m.safetensors"), ""))
+    with qtbot.waitSignal(widget.finetune_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.finetune_button)
+    assert finished.args == ["failed"]
+    errors = notifications.messages("error")
+    assert len(errors) == 1 and "was not trained on the bundled sample" in errors[0] and "\n" not in errors[0]
