@@ -71,3 +71,18 @@ def two_channel_checkpoint(tmp_path_factory) -> Path:
     """A tiny random model taking two MRI channels (FLAIR, T1; z-scored), as a BraTS model would."""
     plan = PreprocessPlan(channel_names=("FLAIR", "T1"), intensity=("zscore",))
     return save_tiny(tmp_path_factory.mktemp("ckpt") / "two_channels.safetensors", tiny_config(plan=plan))
+
+
+@pytest.fixture
+def notifications():
+    """Notifications dispatched during the test (napari's manager keeps every record)."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    class Recorded:
+        def messages(self, severity: str | None = None) -> list[str]:
+            return [str(n.message) for n in notification_manager.records[start:]
+                    if severity is None or str(n.severity) == severity]
+
+    return Recorded()

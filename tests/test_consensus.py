@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from medconddiff.config import CONSENSUS_METHODS
 from medconddiff.consensus import (first_argmax, fuse, labels_from_probabilities, normalised_entropy, quantize,
                                    select_steps, step_disagreement, uncertainty)
 
@@ -54,7 +55,7 @@ def test_quantised_stack_fuses_like_float():
     probs = raw / raw.sum(axis=1, keepdims=True)
     q = quantize(probs)
     assert q.dtype == np.uint8
-    for method in ("mean", "vote_gated", "uncertainty_weighted", "last"):
+    for method in CONSENSUS_METHODS:
         np.testing.assert_allclose(fuse(q, method), fuse(probs, method), atol=3 / 255)
 
 
@@ -82,6 +83,19 @@ def test_last_step_pools_every_seeds_last_step():
     assert np.array_equal(fuse(stack, "last"), stack[-1] / stack[-1].sum(axis=0, keepdims=True))
     with pytest.raises(ValueError):
         fuse(stack[:5], "last", num_seeds=2)
+
+
+def test_late_mean_averages_the_later_half_of_each_seed():
+    # 2 seeds × 3 steps: the later half is steps 2 and 3 of each seed (⌈3/2⌉ = 2).
+    stack = stack_from([[1.0, 0.0], [0.2, 0.8], [0.4, 0.6],
+                        [1.0, 0.0], [0.6, 0.4], [0.8, 0.2]])
+    np.testing.assert_allclose(fuse(stack, "late_mean", num_seeds=2)[:, 0, 0], [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(fuse(stack[:3], "late_mean")[:, 0, 0], [0.3, 0.7], atol=1e-6)
+    np.testing.assert_allclose(fuse(stack[:1], "late_mean")[:, 0, 0], [1.0, 0.0], atol=1e-6)
+    # skip_first drops steps before the later half is taken of what remains.
+    np.testing.assert_allclose(fuse(stack[:3], "late_mean", skip_first=1)[:, 0, 0], [0.4, 0.6], atol=1e-6)
+    with pytest.raises(ValueError):
+        fuse(stack[:5], "late_mean", num_seeds=2)
 
 
 def test_quantize_keeps_the_arg_max_through_rounding():

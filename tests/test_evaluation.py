@@ -10,8 +10,9 @@ import pytest
 
 from medconddiff.cli import main
 from medconddiff.config import PreprocessPlan, SamplingConfig
-from medconddiff.evaluation import (auroc, class_metrics, dice_score, evaluate_volume, foreground_region, hd95,
-                                    iou_score, json_safe, mean_foreground_dice, summarize_cases)
+from medconddiff.evaluation import (auroc, class_metrics, dice_score, diffusion_check, evaluate_volume,
+                                    foreground_region, hd95, iou_score, json_safe, mean_foreground_dice,
+                                    summarize_cases)
 from medconddiff.geometry import affine_from_codes
 from medconddiff.nifti import VolumeMeta
 from medconddiff.preprocess import ScanPreprocessor
@@ -234,6 +235,21 @@ def test_evaluate_volume_scores_canonical_slices_with_their_spacing():
     assert json.dumps(json_safe(report), allow_nan=False)
 
 
+def test_diffusion_check_compares_the_consensus_with_its_best_rival_and_measures_drift():
+    below = diffusion_check(0.80, 0.82, [0.70, 0.85, 0.75])
+    assert below["consensus_minus_best_of_steps_and_one_shot"] == pytest.approx(-0.05)   # the best step wins
+    assert below["last_step_minus_first_step"] == pytest.approx(0.05)
+    assert below["consensus_at_least_best"] is False
+    above = diffusion_check(0.90, 0.88, [0.85, float("nan"), 0.80])   # a NaN step is skipped, not a rival
+    assert above["consensus_minus_best_of_steps_and_one_shot"] == pytest.approx(0.02)
+    assert above["last_step_minus_first_step"] == pytest.approx(-0.05)
+    assert above["consensus_at_least_best"] is True
+    assert math.isnan(diffusion_check(0.5, 0.6, [0.4])["last_step_minus_first_step"])   # one step: no drift
+    undefined = diffusion_check(float("nan"), float("nan"), [float("nan")])
+    assert undefined["consensus_at_least_best"] is None
+    assert math.isnan(undefined["consensus_minus_best_of_steps_and_one_shot"])
+
+
 def test_step_mean_dice_skips_classes_absent_from_step_and_reference():
     image = np.zeros(SHAPE, np.float32)
     reference = np.zeros(SHAPE, np.uint8)
@@ -321,9 +337,15 @@ def test_evaluate_cli_on_real_scan(tmp_path, tiny_checkpoint, liver_volume, caps
     assert len(volume["step_mean_dice"]) == 3
     for key in ("one_shot", "best_step", "uncertainty_auroc", "uncertainty_auroc_foreground", "error_fraction"):
         assert key in volume
+    check = volume["diffusion_check"]
+    rivals = [*volume["step_mean_dice"], volume["one_shot"]["mean_foreground"]["dice"]]
+    assert check["consensus_minus_best_of_steps_and_one_shot"] == pytest.approx(
+        volume["consensus"]["mean_foreground"]["dice"] - max(rivals))
+    assert check["consensus_at_least_best"] == (check["consensus_minus_best_of_steps_and_one_shot"] >= 0)
     assert report["summary"]["n_cases"] == 1
     out = capsys.readouterr().out
     assert "background excluded" in out and "whole slab" in out and "foreground" in out
+    assert "consensus − max(best step, one-shot)" in out and "last step − first step" in out
     save_case(tmp_path, "short", image, labels[:, :, :3], "", "_lbl")
     assert main(["evaluate", "--image", str(tmp_path / "img.nii.gz"), "--label", str(tmp_path / "short_lbl.nii.gz"),
                  "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--device", "cpu"]) == 2

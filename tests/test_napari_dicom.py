@@ -64,20 +64,6 @@ def layer_texts(layers) -> list[str]:
     return [text for layer in layers for text in (layer.name, json.dumps(layer.metadata, default=str))]
 
 
-@pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-
-    class Recorded:
-        def messages(self, severity: str | None = None) -> list[str]:
-            return [str(n.message) for n in notification_manager.records[start:]
-                    if severity is None or str(n.severity) == severity]
-
-    return Recorded()
-
-
 # ----------------------------------------------------------------------------- reading
 
 

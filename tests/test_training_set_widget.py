@@ -29,7 +29,6 @@ from tests.test_widget import (  # noqa: F401 (fixtures used by name)
     choose,
     click,
     click_segment,
-    notifications,
     open_viewer,
     paint,
     scan_1mm,

@@ -89,21 +89,6 @@ def _no_worker_left_running():
     assert QThreadPool.globalInstance().waitForDone(RUN_TIMEOUT_MS), "a worker thread did not stop"
 
 
-@pytest.fixture
-def notifications():
-    """Notifications dispatched during the test (napari's manager keeps every record)."""
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-
-    class Recorded:
-        def messages(self, severity: str | None = None) -> list[str]:
-            return [str(n.message) for n in notification_manager.records[start:]
-                    if severity is None or str(n.severity) == severity]
-
-    return Recorded()
-
-
 def open_viewer(make_napari_viewer, qtbot, scan, name="liver"):
     viewer = make_napari_viewer()
     data, kwargs = scan
@@ -266,7 +251,7 @@ def test_consensus_switch_export_and_uncertain_slice(make_napari_viewer, qtbot, 
 
     # Readable names on screen, the engine's names underneath; re-fusing runs no diffusion.
     assert [widget.consensus_combo.itemText(i) for i in range(widget.consensus_combo.count())] == \
-        ["mean", "vote-gated mean", "uncertainty-weighted mean", "last step"]
+        ["mean", "vote-gated mean", "uncertainty-weighted mean", "last step", "mean of the later half"]
     choose_consensus(qtbot, widget, "last")
     assert widget.runs_started == runs
     assert widget.controller.current.runs[0].sampling.consensus == "last"

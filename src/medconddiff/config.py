@@ -161,7 +161,7 @@ class DiffusionConfig:
                               f"{self.beta_end}")
 
 
-CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last")
+CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last", "late_mean")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -241,6 +241,10 @@ class TrainConfig:
         "sparse labels: what unverified ('ignore') pixels are in the mask that is noised (they add no loss): "
         "'prediction' (the model's own guess from the image) or 'background'",
         choices=("prediction", "background"), default="prediction")
+    xt_dropout: float = _help(
+        "fraction of training items whose noised mask x_t is replaced by pure noise, so the denoiser must "
+        "read the image instead of copying x_t (fine-tunes use 0.5: it stops later steps from drifting)",
+        default=0.0)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.train_batch_size < 1 or self.iterations_per_epoch < 0:
@@ -257,6 +261,8 @@ class TrainConfig:
             raise ConfigError("val_every and num_workers must be 0 or more, val_steps at least 1")
         if self.ignore_fill not in ("prediction", "background"):
             raise ConfigError(f"ignore_fill must be 'prediction' or 'background', not {self.ignore_fill!r}")
+        if not 0 <= self.xt_dropout < 1:
+            raise ConfigError(f"xt_dropout must be in [0, 1), got {self.xt_dropout}")
 
 
 @dataclass

@@ -177,6 +177,19 @@ def last_step_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
     return _normalise(mean_over_steps(stack[steps - 1::steps]))
 
 
+def late_mean_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
+    """The mean over the later half of each seed's steps (⌈steps/2⌉ of them; of all a slice took).
+
+    Why: on fine-tuned models the first steps, read from nearly pure noise, are the least accurate,
+    and how many steps to skip depends on how many a slice took before adaptive stopping ended it.
+    """
+    if num_seeds < 1 or stack.shape[0] % num_seeds:
+        raise ValueError(f"a stack of {stack.shape[0]} steps does not split into {num_seeds} seeds")
+    steps = stack.shape[0] // num_seeds
+    later = [seed * steps + i for seed in range(num_seeds) for i in range(steps // 2, steps)]
+    return _normalise(mean_over_steps(stack[later]))
+
+
 class Fusion(Protocol):
     """``(num_seeds*steps, K, *spatial)`` seed-major stack → fused probabilities (K, *spatial).
 
@@ -192,6 +205,7 @@ FUSIONS: dict[str, Fusion] = {
     "vote_gated": vote_gated_fusion,
     "uncertainty_weighted": uncertainty_weighted_fusion,
     "last": last_step_fusion,
+    "late_mean": late_mean_fusion,
 }
 assert set(FUSIONS) == set(CONSENSUS_METHODS)
 

@@ -152,6 +152,18 @@ def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Seq
     return {"per_class": per_class, "mean_foreground": mean, "background_excluded": True}
 
 
+def diffusion_check(consensus_dice: float, one_shot_dice: float, step_dice: Sequence[float]) -> dict:
+    """Whether the diffusion earned its cost on this slab: the consensus against the best single step
+    and the one-shot forward (``margin`` < 0 means it did not), and the drift from the first step to
+    the last (< 0: later steps got worse). NaN where a figure is undefined (an empty class set)."""
+    defined = [d for d in step_dice if not math.isnan(d)]
+    rivals = [d for d in (*defined, one_shot_dice) if not math.isnan(d)]
+    margin = consensus_dice - max(rivals) if rivals and not math.isnan(consensus_dice) else float("nan")
+    drift = defined[-1] - defined[0] if len(defined) >= 2 else float("nan")
+    return {"consensus_minus_best_of_steps_and_one_shot": margin, "last_step_minus_first_step": drift,
+            "consensus_at_least_best": bool(margin >= 0) if not math.isnan(margin) else None}
+
+
 def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, sampling,
                     slices: Optional[Iterable[int]] = None, ignore_value: Optional[int] = None) -> dict:
     """Every figure of the evaluation for one labelled volume.
@@ -204,6 +216,8 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     defined = [i for i, d in enumerate(step_dice) if not math.isnan(d)]
     best = max(defined, key=lambda i: step_dice[i]) if defined else None
     report["best_step"] = {"index": best, "mean_dice": step_dice[best] if best is not None else float("nan")}
+    report["diffusion_check"] = diffusion_check(report["consensus"]["mean_foreground"]["dice"],
+                                                report["one_shot"]["mean_foreground"]["dice"], step_dice)
     wrong = consensus != ref
     unc = scored(result.uncertainty)
     report["uncertainty_auroc"] = auroc(unc[known], wrong[known])

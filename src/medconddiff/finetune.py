@@ -43,7 +43,7 @@ from .nifti import VolumeMeta
 
 #: Optimisation defaults for a few slices: short warm-up, EMA that follows a few hundred steps.
 FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_size=4, val_every=0,
-                         foreground_crop_fraction=0.7)
+                         foreground_crop_fraction=0.7, xt_dropout=0.5)
 
 
 @dataclass

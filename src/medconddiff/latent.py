@@ -31,6 +31,7 @@ from .losses import IGNORE_INDEX, fill_ignored, hybrid_loss
 from .model_interface import DiffusionSegmentationModel, Log, count_parameters, expand_channels
 from .morphology import postprocess_labels
 from .schedulers import NoiseSchedule
+from .xt_dropout import drop_noised_state
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -246,13 +247,15 @@ class LatentSegDiff(DiffusionSegmentationModel):
     # ------------------------------------------------------------------------------ training hooks
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
                       generator: Optional[torch.Generator] = None, dice_weight: float = 1.0,
-                      ce_weight: float = 1.0, ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
+                      ce_weight: float = 1.0, ignore_fill: str = "prediction", xt_dropout: float = 0.0
+                      ) -> dict[str, torch.Tensor]:
         """Latent MSE of x̂_0 plus ``decoded_loss_weight`` × (Dice + CE) of its decoded mask.
 
         The decoded term back-propagates through the frozen decoder into the denoiser, so errors are
         weighted by what they do to the mask rather than uniformly over latent channels. Ignored
         pixels (:data:`IGNORE_INDEX`) are filled for the clean latent as ``ignore_fill`` says; they
         add no decoded loss, and each latent cell's MSE is weighted by its share of known pixels.
+        A fraction ``xt_dropout`` of the items sees pure noise as z_t (:mod:`medconddiff.xt_dropout`).
         """
         if not self.vae_trained:
             raise RuntimeError("the mask VAE is not trained yet; call prepare_training first")
@@ -265,7 +268,8 @@ class LatentSegDiff(DiffusionSegmentationModel):
         t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=source)
         noise = torch.randn(x0.shape, generator=generator, device=source)
         t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
-        predicted = self.denoise_latent(schedule.add_noise(x0, noise, t), t, condition)
+        z_t = drop_noised_state(schedule.add_noise(x0, noise, t), xt_dropout, generator)
+        predicted = self.denoise_latent(z_t, t, condition)
         if bool((labels == IGNORE_INDEX).any()):
             known = F.avg_pool2d((labels != IGNORE_INDEX)[:, None].float(), self.config.latent_downsample)
             squared = (predicted.float() - x0.float()) ** 2 * known

@@ -16,6 +16,7 @@ from .denoiser import ConditionalUNet, FeatureAdapter
 from .losses import fill_ignored, hybrid_loss
 from .model_interface import DiffusionSegmentationModel, expand_channels, one_hot_state
 from .schedulers import NoiseSchedule
+from .xt_dropout import drop_noised_state
 
 
 class MedCondDiff(DiffusionSegmentationModel):
@@ -61,11 +62,12 @@ class MedCondDiff(DiffusionSegmentationModel):
 
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
                       generator: Optional[torch.Generator] = None, dice_weight: float = 1.0, ce_weight: float = 1.0,
-                      ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
+                      ignore_fill: str = "prediction", xt_dropout: float = 0.0) -> dict[str, torch.Tensor]:
         """Noise the one-hot mask at a random timestep, predict x̂_0, score it with Dice + CE.
 
         Ignored pixels (:data:`IGNORE_INDEX`) add no loss; the clean mask that is noised needs a
-        class there, which ``ignore_fill`` chooses (see :func:`fill_ignored`)."""
+        class there, which ``ignore_fill`` chooses (see :func:`fill_ignored`). A fraction
+        ``xt_dropout`` of the items sees pure noise as x_t (see :mod:`medconddiff.xt_dropout`)."""
         condition = self.encode_condition(image)
         filled = fill_ignored(labels, ignore_fill, lambda: self._noise_prediction(condition, labels.shape, schedule,
                                                                                 generator))
@@ -73,6 +75,7 @@ class MedCondDiff(DiffusionSegmentationModel):
         timesteps = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = schedule.add_noise(x0, noise.to(x0.device), timesteps.to(x0.device))
+        x_t = drop_noised_state(x_t, xt_dropout, generator)
         logits = self.denoise_logits(x_t, timesteps.to(x0.device), condition)
         return hybrid_loss(logits, labels, dice_weight, ce_weight)
 

@@ -84,11 +84,14 @@ class DiffusionSegmentationModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
                       generator: Optional[torch.Generator] = None, dice_weight: float = 1.0,
-                      ce_weight: float = 1.0, ignore_fill: str = "prediction") -> dict[str, torch.Tensor]:
+                      ce_weight: float = 1.0, ignore_fill: str = "prediction", xt_dropout: float = 0.0
+                      ) -> dict[str, torch.Tensor]:
         """Noise the mask at a random timestep, predict x̂_0, score it; ``loss`` is back-propagated.
 
         Label pixels holding :data:`medconddiff.losses.IGNORE_INDEX` add no loss; ``ignore_fill``
-        (:data:`medconddiff.losses.IGNORE_FILLS`) says what class they take in the noised x_0."""
+        (:data:`medconddiff.losses.IGNORE_FILLS`) says what class they take in the noised x_0.
+        ``xt_dropout``: the fraction of items whose noised state is replaced by pure noise
+        (:func:`medconddiff.xt_dropout.drop_noised_state`)."""
 
     def postprocess(self, labels: np.ndarray, model_pixel_area: float = 1.0) -> np.ndarray:
         """Clean consensus labels (slices, H, W); ``model_pixel_area`` = label pixels per model pixel."""

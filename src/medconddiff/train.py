@@ -217,7 +217,7 @@ class Trainer:
         self.network.train()
         with self._autocast():
             losses = self.network(image, labels, self.schedule, self.generator, self.tc.dice_weight,
-                                  self.tc.ce_weight, self.tc.ignore_fill)
+                                  self.tc.ce_weight, self.tc.ignore_fill, self.tc.xt_dropout)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -310,10 +310,10 @@ class _TrainingLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image, labels, schedule, generator, dice_weight, ce_weight, ignore_fill
+    def forward(self, image, labels, schedule, generator, dice_weight, ce_weight, ignore_fill, xt_dropout
                 ) -> dict[str, torch.Tensor]:
         return self.model.training_loss(image, labels, schedule, generator, dice_weight=dice_weight,
-                                        ce_weight=ce_weight, ignore_fill=ignore_fill)
+                                        ce_weight=ce_weight, ignore_fill=ignore_fill, xt_dropout=xt_dropout)
 
 
 @dataclasses.dataclass

@@ -85,6 +85,12 @@ def print_report(name: str, report: dict) -> None:
     best = report["best_step"]
     print(f"per-step x̂0 mean Dice: [{steps}]; best step {best['index'] if best['index'] is not None else 'n/a'} "
           f"({_fmt(best['mean_dice'])}); consensus {_fmt(mean['dice'])}")
+    check = report["diffusion_check"]
+    margin, drift = (check["consensus_minus_best_of_steps_and_one_shot"], check["last_step_minus_first_step"])
+    verdict = {True: "the consensus is at least as good", False: "BELOW: fewer steps, the one-shot or "
+               "--consensus late_mean may do better here", None: "n/a"}[check["consensus_at_least_best"]]
+    print(f"consensus − max(best step, one-shot): {_fmt(margin).strip()} ({verdict}); "
+          f"last step − first step: {_fmt(drift).strip()}")
     region = report["foreground_region"]
     print("uncertainty AUROC for flagging wrong voxels:")
     print(f"  whole slab  {_fmt(report['uncertainty_auroc'])}  every scored voxel, error fraction "
