@@ -10,6 +10,7 @@ import pytest
 
 from medconddiff import checkpoint as checkpoint_module
 from medconddiff.benchmark import SCHEMA, TARGETS, BenchmarkOptions, format_report, load_bench_model
+from medconddiff.benchmark_report import AT_LEAST
 from medconddiff.cli import main
 from medconddiff.config import ModelConfig
 
@@ -60,6 +61,13 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     finetune = model["finetune"]
     assert finetune["steps"] == 2 and finetune["slices"] == [40, 56, 88] and _positive(finetune["seconds_per_step"])
     assert finetune["seconds"] >= finetune["train_seconds"] > 0
+    in_set = model["set_finetune"]
+    assert in_set["steps"] == 2 and len(in_set["cases"]) == 5 and _positive(in_set["seconds_per_step"])
+    assert all(len(slices) == 3 for slices in in_set["cases"].values())
+    held_out = model["diffusion_check"]
+    assert held_out["slices"] == [48, 50] and len(held_out["step_mean_dice"]) == 2
+    rivals = [d for d in [*held_out["step_mean_dice"], held_out["one_shot"]] if d is not None]
+    assert held_out["consensus_minus_best_of_steps_and_one_shot"] == pytest.approx(held_out["consensus"] - max(rivals))
     assert set(model["targets"]) == set(TARGETS)
 
     throughput = model["throughput"]
@@ -86,8 +94,12 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert end_to_end["seconds"] >= end_to_end["segment_seconds"] > 0
 
     assert set(model["targets"]) == set(TARGETS)
-    for target in model["targets"].values():
-        assert isinstance(target["passed"], bool) and _positive(target["threshold"])
+    for name, target in model["targets"].items():
+        assert isinstance(target["passed"], bool)
+        if name in AT_LEAST:     # lower bounds: the held-out margin and drift must reach 0
+            assert target["threshold"] == 0.0 and target["passed"] == (target["value"] >= 0)
+        else:
+            assert _positive(target["threshold"]) and target["passed"] == (target["value"] <= target["threshold"])
 
 
 def test_table_has_one_column_per_checkpoint_and_verdicts(quick_report):
@@ -101,6 +113,18 @@ def test_table_has_one_column_per_checkpoint_and_verdicts(quick_report):
     assert ("PASS" in text or "MISS" in text) and "torch threads" in text
     ratio_line = next(line for line in text.splitlines() if line.startswith("2-step / one-shot"))
     assert ratio_line.count("PASS") + ratio_line.count("MISS") == 2  # one verdict per column
+    for start in ("  consensus − max(best step, one-shot)", "  last step − first step",
+                  "fine-tune on a set of 5 cases"):
+        line = next(line for line in text.splitlines() if line.startswith(start))
+        assert line.count("PASS") + line.count("MISS") == 2
+
+
+def test_a_model_of_other_classes_skips_the_held_out_check(quick_report):
+    report = copy.deepcopy(quick_report)
+    report["models"][0]["diffusion_check"] = {"skipped": "classes ['background', 'lesion'] are not the sample's"}
+    text = format_report(report)
+    line = next(line for line in text.splitlines() if line.startswith("held-out sample 48:50"))
+    assert "n/a (classes ['background', 'lesion']" in line
 
 
 def test_missing_default_checkpoint_falls_back_to_random_default_config(monkeypatch, tmp_path):
@@ -125,3 +149,5 @@ def test_options_are_validated():
         BenchmarkOptions(steps_list=(0, 10))
     with pytest.raises(ValueError, match="big_volume_shape"):
         BenchmarkOptions.quick(big_volume_shape=(64, 64))
+    with pytest.raises(ValueError, match="heldout_slices"):
+        BenchmarkOptions.quick(heldout_slices=(50, 48))

@@ -61,6 +61,7 @@ class BenchmarkOptions:
     big_volume: Optional[str] = None                   # a NIfTI to use as the big volume (default: synthetic)
     big_volume_adaptive: bool = True                   # sample the big volume with adaptive steps
     finetune_steps: int = 200                          # fine-tuning speed: steps on 3 slices (0 = skip)
+    heldout_slices: Optional[tuple[int, int]] = (48, 72)  # the sample's held-out slab [a, b) (None = skip)
     precision: str = "auto"                            # SamplingConfig.precision of every measurement
 
     @classmethod
@@ -68,7 +69,7 @@ class BenchmarkOptions:
         """Tiny everything: for tests and a first look, not for numbers."""
         values: dict[str, Any] = dict(steps_list=(1, 2), reference_steps=2, latency_batch=2, batch_sizes=(1, 2),
                                       volume_slices=4, repeats=1, warmup=1, big_volume_shape=(64, 64, 4),
-                                      sample_slices=4, finetune_steps=2)
+                                      sample_slices=4, finetune_steps=2, heldout_slices=(48, 50))
         values.update(overrides)
         return cls(**values)
 
@@ -91,6 +92,8 @@ class BenchmarkOptions:
             raise ConfigError(f"sample_slices must be at least 1, got {self.sample_slices}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.heldout_slices is not None and not 0 <= self.heldout_slices[0] < self.heldout_slices[1]:
+            raise ConfigError(f"heldout_slices must be a slab [a, b) with 0 ≤ a < b, got {self.heldout_slices}")
         if self.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be 0 or more, got {self.finetune_steps}")
         from .config import PRECISIONS

@@ -183,10 +183,17 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
 
     log(f"[{bench.label}] end to end on the bundled sample")
     end_to_end = measure_end_to_end(seg, options)
-    finetune = None
+    finetune = set_finetune = None
     if options.finetune_steps:
         log(f"[{bench.label}] fine-tuning {options.finetune_steps} steps on 3 slices of the bundled sample")
         finetune = measure_finetune(bench, options)
+        log(f"[{bench.label}] fine-tuning {options.finetune_steps} steps on a training set of "
+            f"{SET_CASES} cases × {len(FINETUNE_SLICES)} slices")
+        set_finetune = measure_set_finetune(bench, options)
+    diffusion = None
+    if options.heldout_slices:
+        log(f"[{bench.label}] per-step, consensus and one-shot Dice on the sample's held-out slices")
+        diffusion = measure_diffusion_check(seg, options)
 
     return {
         "label": bench.label,
@@ -215,6 +222,8 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
                        "best_batch_size": best["batch_size"], "best_slices_per_second": best["slices_per_second"]},
         "end_to_end": end_to_end,
         "finetune": finetune,
+        "set_finetune": set_finetune,
+        "diffusion_check": diffusion,
     }
 
 
@@ -241,31 +250,101 @@ def measure_end_to_end(segmenter: Any, options: BenchmarkOptions) -> dict:
 FINETUNE_SLICES = (40, 56, 88)
 
 
-def measure_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
-    """Seconds to fine-tune the model (a new two-class list) on 3 slices, set-up included, as the widget does."""
-    from .checkpoint import load_checkpoint
-    from .finetune import LabelledScan, finetune
+#: Cases of the training-set measurement (issue 17: a set of 5 cases × 3 slices fine-tunes in ≤ 2 min).
+SET_CASES = 5
+
+
+def _sample_lesion():
+    """The bundled sample and its tumour relabelled as a new class ``lesion`` (a user's corrections)."""
     from .nifti import load_labels, load_volume, sample_label_path, sample_scan_path
 
-    start = time.perf_counter()
     volume, meta = load_volume(sample_scan_path())
     labels, _ = load_labels(sample_label_path())
-    lesion = (labels == 2).astype(np.uint8)
-    source = load_checkpoint(bench.spec["checkpoint"]) if bench.spec.get("checkpoint") else None
-    if source is None:
+    return volume, meta, (labels == 2).astype(np.uint8)
+
+
+def measure_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
+    """Seconds to fine-tune the model (a new two-class list) on 3 slices, set-up included, as the widget does."""
+    from .finetune import LabelledScan
+
+    start = time.perf_counter()
+    volume, meta, lesion = _sample_lesion()
+    run = _finetune_run(bench, options, scans=[LabelledScan("sample", volume, meta, lesion, FINETUNE_SLICES)],
+                        class_names=("background", "lesion"))
+    if run is None:
         return {"skipped": "no checkpoint to fine-tune (random-weight model)"}
-    run = finetune(source, [LabelledScan("sample", volume, meta, lesion, FINETUNE_SLICES)],
-                   class_names=("background", "lesion"), steps=options.finetune_steps,
-                   device=str(bench.segmenter.device), log=lambda message: None)
+    return _time_training(run, bench, options, start, slices=list(FINETUNE_SLICES))
+
+
+def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
+    """Seconds to fine-tune on a training set of :data:`SET_CASES` cases × 3 verified slices, set-up
+    (reading the set) included. The one shipped scan stands in for every case, each with 3 other slices,
+    so the time per step can be compared with :func:`measure_finetune`'s: the set's size must not grow it."""
+    import tempfile
+
+    from .training_set import TrainingSet
+
+    volume, meta, lesion = _sample_lesion()
+    with tempfile.TemporaryDirectory(prefix="medconddiff-bench-set-") as folder:
+        training_set = TrainingSet.create(Path(folder) / "set", ("background", "lesion"), ("CT",))
+        cases = {}
+        for case in range(SET_CASES):
+            slices = [s + 4 * case for s in FINETUNE_SLICES]
+            training_set.add_scan(f"case{case}", volume, meta, lesion, ("background", "lesion"), verified_slices=slices)
+            cases[f"case{case}"] = slices
+        start = time.perf_counter()
+        run = _finetune_run(bench, options, scans=[], training_set=TrainingSet.open(training_set.root))
+        if run is None:
+            return {"skipped": "no checkpoint to fine-tune (random-weight model)"}
+        return {**_time_training(run, bench, options, start, slices=[]), "cases": cases}
+
+
+def _finetune_run(bench: BenchModel, options: BenchmarkOptions, **kwargs: Any):
+    from .checkpoint import load_checkpoint
+    from .finetune import finetune
+
+    if not bench.spec.get("checkpoint"):
+        return None
+    return finetune(load_checkpoint(bench.spec["checkpoint"]), steps=options.finetune_steps,
+                    device=str(bench.segmenter.device), log=lambda message: None, **kwargs)
+
+
+def _time_training(run: Any, bench: BenchModel, options: BenchmarkOptions, start: float, slices: list) -> dict:
     prepared = time.perf_counter()
     losses = [event.losses["loss"] for event in run]
     synchronize(bench.segmenter.device)
     done = time.perf_counter()
-    return {"steps": options.finetune_steps, "slices": list(FINETUNE_SLICES), "batch": run.config.train.train_batch_size,
+    return {"steps": options.finetune_steps, "slices": slices, "batch": run.config.train.train_batch_size,
             "patch": run.config.train.patch_size, "setup_seconds": prepared - start,
             "train_seconds": done - prepared, "seconds": done - start,
             "seconds_per_step": (done - prepared) / max(1, len(losses)),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+
+
+def measure_diffusion_check(segmenter: Any, options: BenchmarkOptions) -> dict:
+    """Per-step, consensus and one-shot mean Dice on the bundled sample's held-out slices (default
+    sampling at the reference steps), with :func:`~medconddiff.evaluation.diffusion_check`'s drift and margin. A model whose
+    classes are not the sample's (a fine-tune to other classes) is skipped: its held-out scan is not shipped."""
+    from .config import SamplingConfig
+    from .evaluation import evaluate_volume, json_safe
+    from .nifti import load_labels, load_volume, sample_label_path, sample_scan_path
+
+    if tuple(segmenter.class_names) != SAMPLE_CLASSES:
+        return {"skipped": f"classes {list(segmenter.class_names)} are not the sample's {list(SAMPLE_CLASSES)}"}
+    volume, meta = load_volume(sample_scan_path())
+    labels, _ = load_labels(sample_label_path())
+    first, stop = options.heldout_slices
+    sampling = SamplingConfig(steps=options.reference_steps, precision=options.precision)   # else the defaults
+    report = evaluate_volume(segmenter, volume, labels, meta, sampling, slices=range(first, stop))
+    # NaN (a class set absent from the slab) becomes None, as everywhere in the JSON report.
+    return json_safe({"slices": [first, stop], "consensus": report["consensus"]["mean_foreground"]["dice"],
+                      "one_shot": report["one_shot"]["mean_foreground"]["dice"],
+                      "step_mean_dice": report["step_mean_dice"], "steps_used_mean": report["steps_used_mean"],
+                      **report["diffusion_check"]})
+
+
+#: The bundled sample's classes (what its held-out check can score).
+SAMPLE_CLASSES = ("background", "liver", "tumour")
 
 
 def default_batch_size() -> int:

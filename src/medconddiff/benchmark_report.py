@@ -24,7 +24,12 @@ TARGETS = {
                            60.0, 3.0),
     "end_to_end_seconds": ("bundled 128³ sample, load + segment", 60.0, 60.0),
     "finetune_seconds": ("fine-tuning on 3 corrected slices (2 min on 2 CPU cores, 15 s on a GPU)", 120.0, 15.0),
+    "set_finetune_seconds": ("fine-tuning on a training set of 5 cases × 3 slices (2 min on 2 CPU cores)", 120.0, None),
+    "consensus_margin": ("held-out: consensus − max(best step, one-shot) mean Dice (at least 0)", 0.0, 0.0),
+    "step_drift": ("held-out: last step − first step x̂0 mean Dice (at least 0: later steps no worse)", 0.0, 0.0),
 }
+#: Targets that are lower bounds (the value must reach the threshold); every other one is an upper bound.
+AT_LEAST = {"consensus_margin", "step_drift"}
 
 
 def cpu_name() -> str:
@@ -67,6 +72,8 @@ def environment(device: Any) -> dict:
 def evaluate_targets(model_report: dict, device_type: str = "cpu") -> dict:
     memory = model_report["memory"] or {}
     finetune = model_report.get("finetune") or {}
+    set_finetune = model_report.get("set_finetune") or {}
+    held_out = model_report.get("diffusion_check") or {}
     values = {
         "one_shot_ratio": model_report["one_shot"]["ratio"],
         "adaptive_ratio": model_report["adaptive"]["ratio"],
@@ -75,14 +82,23 @@ def evaluate_targets(model_report: dict, device_type: str = "cpu") -> dict:
         "big_volume_seconds": memory.get("seconds"),
         "end_to_end_seconds": model_report["end_to_end"]["seconds"],
         "finetune_seconds": finetune.get("seconds"),
+        "set_finetune_seconds": set_finetune.get("seconds"),
+        "consensus_margin": _defined(held_out.get("consensus_minus_best_of_steps_and_one_shot")),
+        "step_drift": _defined(held_out.get("last_step_minus_first_step")),
     }
     targets = {}
     for name, (description, cpu_bound, cuda_bound) in TARGETS.items():
         value = values[name]
         threshold = cuda_bound if device_type == "cuda" else cpu_bound
-        targets[name] = {"description": description, "value": value, "threshold": threshold,
-                         "passed": None if value is None or threshold is None else bool(value <= threshold)}
+        passed = None
+        if value is not None and threshold is not None:
+            passed = bool(value >= threshold) if name in AT_LEAST else bool(value <= threshold)
+        targets[name] = {"description": description, "value": value, "threshold": threshold, "passed": passed}
     return targets
+
+
+def _defined(value: Optional[float]) -> Optional[float]:
+    return None if value is None or value != value else value      # NaN (nothing to score) → no verdict
 
 
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
@@ -159,8 +175,37 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         lambda m: "n/a" if not (m.get("finetune") or {}).get("seconds") else
         f"{m['finetune']['steps']}, {m['finetune']['seconds']:.1f} ({m['finetune']['seconds_per_step']:.2f})"
         + _verdict(m["targets"]["finetune_seconds"]))
+    row("fine-tune on a set of 5 cases × 3 slices: s (s/step; ÷ 3-slice s/step)",
+        lambda m: "n/a" if not (m.get("set_finetune") or {}).get("seconds") else
+        f"{m['set_finetune']['seconds']:.1f} ({m['set_finetune']['seconds_per_step']:.2f}; "
+        f"{m['set_finetune']['seconds_per_step'] / m['finetune']['seconds_per_step']:.2f}×)"
+        + _verdict(m["targets"]["set_finetune_seconds"]))
+    held = (models[0].get("diffusion_check") or {}).get("slices") or options.get("heldout_slices")
+    if held:
+        slab = f"{held[0]}:{held[1]}"
+        row(f"held-out sample {slab}: consensus / one-shot / best step Dice",
+            lambda m: _held_out(m, lambda c: f"{_fmt(c['consensus'], '.4f')} / {_fmt(c['one_shot'], '.4f')} / "
+                                             f"{_fmt(_best(c['step_mean_dice']), '.4f')} "
+                                             f"({c['steps_used_mean']:.1f} steps)"))
+        row("  consensus − max(best step, one-shot) (target ≥ 0)",
+            lambda m: _held_out(m, lambda c: _fmt(c["consensus_minus_best_of_steps_and_one_shot"], "+.4f"))
+            + _verdict(m["targets"]["consensus_margin"]))
+        row("  last step − first step (target ≥ 0)",
+            lambda m: _held_out(m, lambda c: _fmt(c["last_step_minus_first_step"], "+.4f"))
+            + _verdict(m["targets"]["step_drift"]))
     row("checkpoint load, s", lambda m: _fmt(m["checkpoint_load_seconds"], ".2f"))
     return rows
+
+
+def _best(values: list) -> Optional[float]:
+    return max((v for v in values if v is not None), default=None)
+
+
+def _held_out(model: dict, cell: Callable[[dict], str]) -> str:
+    check = model.get("diffusion_check")
+    if not check:
+        return "n/a"
+    return f"n/a ({check['skipped']})" if "skipped" in check else cell(check)
 
 
 def format_report(report: dict) -> str:

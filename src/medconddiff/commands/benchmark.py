@@ -53,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-steps", action="store_true",
                         help="segment the big volume with all reference steps instead of adaptive steps")
     parser.add_argument("--finetune-steps", type=int, metavar="N",
-                        help="fine-tuning speed: steps on 3 slices of the sample (default: 200; 0 = skip)")
+                        help="fine-tuning speed: steps on 3 slices of the sample, and on a training set of "
+                             "5 cases × 3 slices (default: 200; 0 = skip)")
+    parser.add_argument("--heldout-slices", type=int, nargs=2, metavar=("A", "B"),
+                        help="per-step, consensus and one-shot Dice on the sample's slices A..B-1 (default: 48 72, "
+                             "the bundled models' held-out slab)")
+    parser.add_argument("--no-heldout", action="store_true", help="skip the held-out Dice check")
     parser.add_argument("--sample-slices", type=int, metavar="N",
                         help="end-to-end run on the first N slices of the bundled sample only (default: all)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
@@ -71,7 +76,7 @@ def options_from_args(args: argparse.Namespace):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    for name in ("steps_list", "batch_sizes", "big_volume_shape"):
+    for name in ("steps_list", "batch_sizes", "big_volume_shape", "heldout_slices"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = tuple(value)
@@ -79,6 +84,8 @@ def options_from_args(args: argparse.Namespace):
         overrides["checkpoints"] = tuple(None if c == "default" else c for c in args.checkpoint)
     overrides["device"] = args.device
     overrides["memory"] = not args.no_memory
+    if args.no_heldout:
+        overrides["heldout_slices"] = None
     overrides["big_volume_adaptive"] = not args.fixed_steps
     return BenchmarkOptions.quick(**overrides) if args.quick else BenchmarkOptions(**overrides)
 
