@@ -284,6 +284,8 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
 
     from .training_set import TrainingSet
 
+    if not bench.spec.get("checkpoint"):
+        return {"skipped": "no checkpoint to fine-tune (random-weight model)"}
     volume, meta, lesion = _sample_lesion()
     with tempfile.TemporaryDirectory(prefix="medconddiff-bench-set-") as folder:
         training_set = TrainingSet.create(Path(folder) / "set", ("background", "lesion"), ("CT",))
@@ -294,8 +296,6 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
             cases[f"case{case}"] = slices
         start = time.perf_counter()
         run = _finetune_run(bench, options, scans=[], training_set=TrainingSet.open(training_set.root))
-        if run is None:
-            return {"skipped": "no checkpoint to fine-tune (random-weight model)"}
         return {**_time_training(run, bench, options, start, slices=[]), "cases": cases}
 
 
