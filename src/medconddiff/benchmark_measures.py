@@ -193,7 +193,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
     diffusion = None
     if options.heldout_slices:
         log(f"[{bench.label}] per-step, consensus and one-shot Dice on the sample's held-out slices")
-        diffusion = measure_diffusion_check(seg, options)
+        diffusion = measure_diffusion_check(seg, volume, meta, options)
 
     return {
         "label": bench.label,
@@ -321,17 +321,17 @@ def _time_training(run: Any, bench: BenchModel, options: BenchmarkOptions, start
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
-def measure_diffusion_check(segmenter: Any, options: BenchmarkOptions) -> dict:
+def measure_diffusion_check(segmenter: Any, volume: np.ndarray, meta: Any, options: BenchmarkOptions) -> dict:
     """Per-step, consensus and one-shot mean Dice on the bundled sample's held-out slices (default
     sampling at the reference steps), with :func:`~medconddiff.evaluation.diffusion_check`'s drift and margin. A model whose
-    classes are not the sample's (a fine-tune to other classes) is skipped: its held-out scan is not shipped."""
+    classes are not the sample's (a fine-tune to other classes) is skipped: its held-out scan is not shipped.
+    ``volume``/``meta``: the bundled sample as :func:`sample_volume` loaded it."""
     from .config import SamplingConfig
     from .evaluation import evaluate_volume, json_safe
-    from .nifti import load_labels, load_volume, sample_label_path, sample_scan_path
+    from .nifti import load_labels, sample_label_path
 
     if tuple(segmenter.class_names) != SAMPLE_CLASSES:
         return {"skipped": f"classes {list(segmenter.class_names)} are not the sample's {list(SAMPLE_CLASSES)}"}
-    volume, meta = load_volume(sample_scan_path())
     labels, _ = load_labels(sample_label_path())
     first, stop = options.heldout_slices
     sampling = SamplingConfig(steps=options.reference_steps, precision=options.precision)   # else the defaults
