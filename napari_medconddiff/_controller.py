@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from psygnal import Signal
 
+from medconddiff.consensus_choice import resolved_consensus
 from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
 
@@ -240,7 +241,8 @@ class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
         results = self.current
         if self.busy or results is None or not results.runs or results.consensus is None:
             return            # applied when the operation in progress ends, or to the next run
-        if all((run.sampling.consensus, run.sampling.skip_first) == (method, skip_first) for run in results.runs):
+        if all((run.sampling.consensus, run.sampling.skip_first) == (resolved_consensus(method, run.provenance),
+                                                                     skip_first) for run in results.runs):
             self._wanted_consensus = None
             return
         steps = min(run.sampling.steps for run in results.runs)

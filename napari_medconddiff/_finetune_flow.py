@@ -251,7 +251,8 @@ class FinetuneFlow:
         state, self._finetune = self._finetune, None
         cancelled = state.done < state.total
         self.model_added.emit(path.stem, str(path))
-        self.status.emit(f"Saved the fine-tuned model ({state.done} steps, final loss {state.loss:.4f}) to {path}.")
+        self.status.emit(f"Saved the fine-tuned model ({state.done} steps, final loss {state.loss:.4f}) to {path}; "
+                         f"its {state.run.consensus_choice.describe()}.")
         self._end("cancelled" if cancelled else "done")
         settings = state.settings.resegment
         if not (resegment and settings is not None):

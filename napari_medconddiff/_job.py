@@ -361,12 +361,15 @@ def refuse_runs(runs: Sequence[Any], method: str, skip_first: int) -> list[Refus
     The same fusion as :meth:`SegmentationResult.refuse` (``fuse_slices``), computed only for the
     slices the layers show, so no full-volume arrays are made per run.
     """
+    from medconddiff.consensus_choice import resolved_consensus
     from medconddiff.segmenter import fuse_slices
 
     import_engine()
     out = []
     for run in runs:
-        sampling = dataclasses.replace(run.sampling, consensus=method, skip_first=skip_first)
+        # "auto": each run's own model's choice (runs of several models may share the layers).
+        sampling = dataclasses.replace(run.sampling, consensus=resolved_consensus(method, run.provenance),
+                                       skip_first=skip_first)
         positions = np.flatnonzero(run.shown)
         labels = np.zeros((len(positions),) + tuple(run.geometry.plane_shape), np.uint8)
         unc = np.zeros(labels.shape, np.float32)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout
 
-from medconddiff.config import CONSENSUS_METHODS, SamplingConfig
+from medconddiff.config import CONSENSUS_CHOICES, SamplingConfig
 
 from ._form_controls import spin_box
 from ._segment_flow import CONSENSUS_NAMES
@@ -25,20 +25,24 @@ class SamplingForm:
         self.adaptive_check.setChecked(defaults.adaptive)
         self.adaptive_check.setToolTip("Adaptive steps: a slice stops denoising once fewer than "
                                        f"{defaults.convergence_change:.0%} of its foreground pixels change label "
-                                       f"for {defaults.convergence_patience} steps in a row; Steps is then the most "
-                                       "it takes. The x0 slider repeats a stopped slice's last step.")
+                                       f"for {defaults.convergence_patience} steps in a row, or at the model's own "
+                                       "step cap (recorded in its checkpoint: the step after which its later steps "
+                                       "added nothing on labelled slices); Steps is then the most it takes. The x0 "
+                                       "slider repeats a stopped slice's last step.")
         form.addRow("Adaptive", self.adaptive_check)
         self.seed_spin = spin_box(0, 2**31 - 1, defaults.seed, "Seed of the initial noise")
         form.addRow("Seed", self.seed_spin)
         self.seeds_spin = spin_box(1, 64, defaults.num_seeds, "Independent runs pooled into one consensus")
         form.addRow("Number of seeds", self.seeds_spin)
         self.consensus_combo = QComboBox()
-        for method in CONSENSUS_METHODS:
+        for method in CONSENSUS_CHOICES:
             self.consensus_combo.addItem(CONSENSUS_NAMES[method], method)
         self.consensus_combo.setCurrentIndex(self.consensus_combo.findData(defaults.consensus))
         # Widget texts spell x̂0 as "x0": Qt mis-places the combining hat when it wraps a label.
-        self.consensus_combo.setToolTip("How the predicted x0 of all steps are fused. Changing it re-fuses the "
-                                        "last results at once (no new diffusion); it asks before touching "
+        self.consensus_combo.setToolTip("How the predicted x0 of all steps are fused. 'The model's choice' is the "
+                                        "fusion recorded in the checkpoint (a fine-tune chooses it on a corrected "
+                                        "slice it held back; mean where none is recorded). Changing it re-fuses "
+                                        "the last results at once (no new diffusion); it asks before touching "
                                         "slices you edited")
         self.consensus_combo.currentIndexChanged.connect(on_consensus)
         form.addRow("Consensus", self.consensus_combo)

@@ -45,7 +45,7 @@ from ._result_set import ChannelInput, KeptRun, ResultSet
 __all__ = ["SegmentSettings", "SegmentFlow", "CONSENSUS_NAMES", "own_copy"]
 
 #: What the consensus methods are called on screen; the engine gets the keys.
-CONSENSUS_NAMES = {"mean": "mean", "vote_gated": "vote-gated mean",
+CONSENSUS_NAMES = {"auto": "the model's choice", "mean": "mean", "vote_gated": "vote-gated mean",
                    "uncertainty_weighted": "uncertainty-weighted mean", "last": "last step",
                    "late_mean": "mean of the later half"}
 # The x̂0 layer is redrawn at most this often while steps stream in (every step is still stored).
@@ -377,7 +377,7 @@ class SegmentFlow:
         finished, total = int(result.completed.sum()), len(result.completed)
         done = result.slice_indices[result.completed]
         text = {"done": f"Done: {total} slice(s) in {seconds:.1f} s "
-                        f"({CONSENSUS_NAMES[result.sampling.consensus]} consensus).",
+                        f"({CONSENSUS_NAMES[result.sampling.consensus]} consensus{_choice_note(result)}).",
                 "cancelled": f"Cancelled: kept {finished} of {total} slices."}.get(
             how, f"Stopped ({how}): kept {finished} of {total} slices.")
         if pending.updating and len(done):
@@ -390,3 +390,13 @@ class SegmentFlow:
         self.status.emit(text)
         self.edited_slices()
         self._end(how)
+
+
+def _choice_note(result) -> str:
+    """How the model came to the consensus it used, when it was the model's own recorded choice."""
+    from medconddiff.consensus_choice import ConsensusChoice
+
+    record = result.provenance.get("consensus_choice")
+    if not record or record.get("method") != result.sampling.consensus:
+        return ""
+    return f": the model's own, {ConsensusChoice.from_dict(record).origin()}"

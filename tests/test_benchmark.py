@@ -21,10 +21,19 @@ def _positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def quick_report(tiny_checkpoint, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("bench")
+    path = folder / "bench.json"
+    # A real-size stand-in: a small LPS CT-like scan at 0.8 mm, its own row against the real-size target.
+    scan = folder / "small_ct.nii.gz"
+    volume = np.full((48, 40, 3), -1000, np.int16)
+    volume[10:38, 8:32] = 40
+    nib.save(nib.Nifti1Image(volume, np.diag([-0.8, -0.8, 2.0, 1.0])), str(scan))
     code = main(["benchmark", "--quick", "--quiet", "--device", "cpu", "--checkpoint", str(tiny_checkpoint),
                  "--steps-list", "1", "2", "--batch-sizes", "1", "2", "--volume-slices", "2", "--warmup", "0",
-                 "--json", str(path)])
+                 "--real-size", str(scan), "--json", str(path)])
     assert code == 0
     return json.loads(path.read_text())
 
@@ -89,6 +98,11 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert memory["run_increment_bytes"] == memory["peak_rss_bytes"] - memory["rss_after_model_load_bytes"]
     assert memory["cuda_max_allocated_bytes"] is None
 
+    (real,) = model["real_size"]
+    assert real["source"].endswith("small_ct.nii.gz") and real["shape"] == [48, 40, 3]
+    assert real["spacing"] == pytest.approx([0.8, 0.8, 2.0]) and real["model_plane"] == [38, 32]
+    assert _positive(real["seconds"]) and model["targets"]["real_size_seconds"]["value"] == real["seconds"]
+
     end_to_end = model["end_to_end"]
     assert end_to_end["shape"] == [128, 128, 128] and end_to_end["slices"] == 4
     assert end_to_end["seconds"] >= end_to_end["segment_seconds"] > 0
@@ -114,7 +128,7 @@ def test_table_has_one_column_per_checkpoint_and_verdicts(quick_report):
     ratio_line = next(line for line in text.splitlines() if line.startswith("2-step / one-shot"))
     assert ratio_line.count("PASS") + ratio_line.count("MISS") == 2  # one verdict per column
     for start in ("  consensus − max(best step, one-shot)", "  last step − first step",
-                  "fine-tune on a set of 5 cases"):
+                  "fine-tune on a set of 5 cases", "  end to end, s; peak memory"):
         line = next(line for line in text.splitlines() if line.startswith(start))
         assert line.count("PASS") + line.count("MISS") == 2
 
@@ -151,3 +165,5 @@ def test_options_are_validated():
         BenchmarkOptions.quick(big_volume_shape=(64, 64))
     with pytest.raises(ValueError, match="heldout_slices"):
         BenchmarkOptions.quick(heldout_slices=(50, 48))
+    with pytest.raises(ValueError, match="real-size scan"):
+        BenchmarkOptions.quick(real_size=("/nowhere/ct.nii.gz",))

@@ -9,6 +9,7 @@ import torch
 
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
+from medconddiff.consensus_choice import CANDIDATES
 from medconddiff.finetune import SCAN_KINDS, LabelledScan, channel_names_of_kind, finetune
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
@@ -91,7 +92,18 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     printed = capsys.readouterr().out
     labelled = sorted(int(k) for k in np.flatnonzero(labels.any(axis=(0, 1))))
     assert f"fine-tuning on {len(labelled)} slice(s)" in printed and "saved" in printed
-    assert load_checkpoint(out).extra["finetuned_on"][0]["slices"] == labelled
+    assert "consensus 'late_mean': the fine-tune default" in printed
+    extra = load_checkpoint(out).extra
+    assert extra["finetuned_on"][0]["slices"] == labelled and "held_back" not in extra
+    assert extra["consensus_choice"]["method"] == "late_mean" and extra["consensus_choice"]["slices"] == 0
+    # --hold-back: one corrected slice chooses the consensus and is not trained on.
+    assert main([*args[:-1], str(tmp_path / "held.safetensors"), "--hold-back"]) == 0
+    printed = capsys.readouterr().out
+    held_extra = load_checkpoint(tmp_path / "held.safetensors").extra
+    held = held_extra["held_back"]["slice"]
+    assert held in labelled and held_extra["finetuned_on"][0]["slices"] == [i for i in labelled if i != held]
+    assert f"slice {held} is held back" in printed and "chosen on 1 corrected slice held back" in printed
+    assert held_extra["consensus_choice"]["slices"] == 1 and held_extra["consensus_choice"]["method"] in CANDIDATES
     out.write_bytes(b"the user's file")
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert out.read_bytes() == b"the user's file"

@@ -141,7 +141,7 @@ class _FixedSegmenter:
                                trajectory=np.zeros((1,)), step_labels_on_scan=lambda step: view,
                                uncertainty=np.random.default_rng(0).random(self.predicted.shape),
                                steps_used=np.ones(len(indices)), completed=np.ones(len(indices), bool),
-                               sampling=SamplingConfig())
+                               sampling=SamplingConfig(consensus="mean"), provenance={"consensus_choice": None})
 
     def one_shot(self, image, slices=None, meta=None):
         return self.predicted

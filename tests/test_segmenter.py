@@ -319,7 +319,7 @@ def test_adaptive_steps_stop_converged_slices_and_fuse_only_the_steps_taken(segm
 
     position = int(np.argmin(used))
     expected, _ = fuse_slices(adaptive.trajectory[:used[position], :, [position]],
-                              SamplingConfig(steps=int(used[position])), adaptive.geometry)
+                              SamplingConfig(steps=int(used[position]), consensus="mean"), adaptive.geometry)
     np.testing.assert_array_equal(adaptive.slice_view(adaptive.labels)[[position]], expected)
     refused = adaptive.refuse("vote_gated", skip_first=7)       # skip-first never empties a slice
     assert refused.steps_used is adaptive.steps_used and refused.labels.shape == image.shape

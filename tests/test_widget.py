@@ -251,12 +251,18 @@ def test_consensus_switch_export_and_uncertain_slice(make_napari_viewer, qtbot, 
 
     # Readable names on screen, the engine's names underneath; re-fusing runs no diffusion.
     assert [widget.consensus_combo.itemText(i) for i in range(widget.consensus_combo.count())] == \
-        ["mean", "vote-gated mean", "uncertainty-weighted mean", "last step", "mean of the later half"]
+        ["the model's choice", "mean", "vote-gated mean", "uncertainty-weighted mean", "last step",
+         "mean of the later half"]
     choose_consensus(qtbot, widget, "last")
     assert widget.runs_started == runs
     assert widget.controller.current.runs[0].sampling.consensus == "last"
     assert not (np.array_equal(consensus.data, before[0]) and np.array_equal(uncertainty.data, before[1]))
     assert "last step" in widget.status.text()
+    # Back to the model's choice: this model records none, so it is the mean the run started with.
+    choose_consensus(qtbot, widget, "auto")
+    assert widget.controller.current.runs[0].sampling.consensus == "mean"
+    assert np.array_equal(consensus.data, before[0]) and np.array_equal(uncertainty.data, before[1])
+    choose_consensus(qtbot, widget, "last")
     with qtbot.waitSignal(widget.consensus_updated, timeout=RUN_TIMEOUT_MS):
         widget.skip_spin.setValue(1)
     assert widget.controller.current.runs[0].sampling.skip_first == 1 and widget.runs_started == runs

@@ -1,8 +1,10 @@
-"""Adaptive steps: a slice stops denoising once its x̂0 labels stop changing.
+"""Adaptive steps: a slice stops denoising once its x̂0 labels stop changing, or at the step cap.
 
 The first seed decides, per slice, when its labels have converged (``convergence_patience`` steps
-in a row with fewer than ``convergence_change`` of its foreground pixels changing label) and
-records that step count; further seeds take the same number of steps per slice, so seeds stay
+in a row with fewer than ``convergence_change`` of its foreground pixels changing label) or reached
+``step_cap`` steps (a model's measured cap: content whose labels keep changing, such as noise, is
+uncertain rather than unconverged, and further steps of that model add nothing), and records that
+step count; further seeds take the same number of steps per slice, so seeds stay
 comparable. A slice's stop never depends on the other slices of its batch.
 """
 
@@ -38,6 +40,8 @@ def keep_sampling(sampling: SamplingConfig, seed_index: int, steps_used: torch.T
         if "labels" in state:
             streak = torch.where(converged(state["labels"], labels, sampling.convergence_change), streak + 1, 0)
         go_on = streak < sampling.convergence_patience
+        if 0 < sampling.step_cap <= step.index + 1:
+            go_on = torch.zeros_like(go_on)
         steps_used[step.active[~go_on]] = step.index + 1
         state["labels"], state["streak"] = labels[go_on], streak[go_on]
         return go_on

@@ -60,6 +60,7 @@ class BenchmarkOptions:
     threads: Optional[int] = None                      # torch.set_num_threads (None = leave torch's default)
     big_volume: Optional[str] = None                   # a NIfTI to use as the big volume (default: synthetic)
     big_volume_adaptive: bool = True                   # sample the big volume with adaptive steps
+    real_size: tuple[str, ...] = ()                    # further real-size NIfTIs, each end to end (memory on)
     finetune_steps: int = 200                          # fine-tuning speed: steps on 3 slices (0 = skip)
     heldout_slices: Optional[tuple[int, int]] = (48, 72)  # the sample's held-out slab [a, b) (None = skip)
     precision: str = "auto"                            # SamplingConfig.precision of every measurement
@@ -94,6 +95,9 @@ class BenchmarkOptions:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.heldout_slices is not None and not 0 <= self.heldout_slices[0] < self.heldout_slices[1]:
             raise ConfigError(f"heldout_slices must be a slab [a, b) with 0 ≤ a < b, got {self.heldout_slices}")
+        missing = [path for path in self.real_size if not os.path.isfile(path)]
+        if missing:
+            raise ConfigError(f"real-size scan(s) not found: {', '.join(missing)}")
         if self.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be 0 or more, got {self.finetune_steps}")
         from .config import PRECISIONS
@@ -130,6 +134,12 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
                                                 options.reference_steps, torch.get_num_threads(),
                                                 options.big_volume_adaptive, options.big_volume,
                                                 options.precision)
+        report["real_size"] = []
+        for path in options.real_size if options.memory else ():
+            log(f"[{bench.label}] real-size scan {os.path.basename(path)} in a fresh process")
+            report["real_size"].append(run_memory_probe(bench.spec, str(device), options.big_volume_shape,
+                                                        options.reference_steps, torch.get_num_threads(),
+                                                        options.big_volume_adaptive, path, options.precision))
         report["targets"] = evaluate_targets(report, device.type)
         models.append(report)
         del bench

@@ -22,6 +22,8 @@ TARGETS = {
     "big_volume_peak_bytes": ("peak memory for the big volume (host RSS; CUDA: reserved)", 4 * GB, 1.5 * GB),
     "big_volume_seconds": ("big volume end to end (512²×300 at 0.7 mm: 60 s on 2 CPU cores, 3 s on a GPU)",
                            60.0, 3.0),
+    "real_size_seconds": ("slowest of the further real-size scans end to end (--real-size; 60 s on 2 CPU cores, "
+                          "3 s on a GPU)", 60.0, 3.0),
     "end_to_end_seconds": ("bundled 128³ sample, load + segment", 60.0, 60.0),
     "finetune_seconds": ("fine-tuning on 3 corrected slices (2 min on 2 CPU cores, 15 s on a GPU)", 120.0, 15.0),
     "set_finetune_seconds": ("fine-tuning on a training set of 5 cases × 3 slices (2 min on 2 CPU cores)", 120.0, None),
@@ -80,6 +82,7 @@ def evaluate_targets(model_report: dict, device_type: str = "cpu") -> dict:
         "overhead_fraction": model_report["overhead_fraction"],
         "big_volume_peak_bytes": memory.get("peak_bytes"),
         "big_volume_seconds": memory.get("seconds"),
+        "real_size_seconds": max((r["seconds"] for r in model_report.get("real_size") or ()), default=None),
         "end_to_end_seconds": model_report["end_to_end"]["seconds"],
         "finetune_seconds": finetune.get("seconds"),
         "set_finetune_seconds": set_finetune.get("seconds"),
@@ -164,6 +167,13 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     row("  added by the run (host RSS)",
         lambda m: _fmt(_gb((m["memory"] or {}).get("run_increment_bytes")), ".2f", " GB"))
     row("  of which trajectory kept", lambda m: _fmt(_gb((m["memory"] or {}).get("trajectory_bytes")), ".3f", " GB"))
+    for i, scan in enumerate((models[0].get("real_size") or [])):
+        row(f"real-size {os.path.basename(scan['source'])} → model plane, mean steps",
+            lambda m, i=i: "×".join(map(str, m["real_size"][i]["model_plane"]))
+            + f", {m['real_size'][i]['mean_steps']:.1f}")
+        row("  end to end, s; peak memory",
+            lambda m, i=i: _fmt(m["real_size"][i]["seconds"], ".1f") + _seconds_verdict(m, m["real_size"][i])
+            + f"; {_fmt(_gb(m['real_size'][i]['peak_bytes']), '.2f', ' GB')}")
     row("end to end bundled sample, s (target ≤ 60 s)",
         lambda m: _fmt(m["end_to_end"]["seconds"], ".1f") + f" ({m['end_to_end']['slices']} sl)"
         + _verdict(m["targets"]["end_to_end_seconds"]))
@@ -191,6 +201,12 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
             + _verdict(m["targets"]["step_drift"]))
     row("checkpoint load, s", lambda m: _fmt(m["checkpoint_load_seconds"], ".2f"))
     return rows
+
+
+def _seconds_verdict(model: dict, scan: dict) -> str:
+    """PASS/MISS of one real-size scan against the real-size time target."""
+    threshold = model["targets"]["real_size_seconds"]["threshold"]
+    return "" if threshold is None else (" PASS" if scan["seconds"] <= threshold else " MISS")
 
 
 def _best(values: list) -> Optional[float]:

@@ -142,6 +142,23 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
     return Checkpoint(config=config, state_dict=state, path=path, sha256=file_sha256(path), extra=extra)
 
 
+def with_extra(source: str | Path | None, target: str | Path, updates: dict, *, overwrite: bool = False) -> Path:
+    """Copy the checkpoint ``source`` to ``target`` with ``updates`` merged into its ``extra`` record:
+    the tensors (dtypes included) and the config are kept bit for bit; written atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    checkpoint = load_checkpoint(source)          # refuses anything that is not a current checkpoint
+    with safe_open(str(checkpoint.path), framework="pt", device="cpu") as reader:
+        metadata = dict(reader.metadata())
+        state = {key: reader.get_tensor(key) for key in reader.keys()}
+    metadata["extra"] = json.dumps({**checkpoint.extra, **updates})
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite=overwrite)
+    return target
+
+
 def _upgrade_legacy_config(raw: dict) -> dict:
     """A format-1 config as a planned one: what its training effectively was (axial, 1 mm, one channel)."""
     raw = dict(raw)

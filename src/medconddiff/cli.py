@@ -1,4 +1,4 @@
-"""``medconddiff`` command line: segment, train, finetune, evaluate, plan, benchmark.
+"""``medconddiff`` command line: segment, train, finetune, evaluate, choose-consensus, plan, benchmark.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 helpers they share live in :mod:`medconddiff.commands.common`, never here (this module loads the
@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
     "finetune": ("medconddiff.commands.finetune", "fine-tune a model on a few labelled slices of a scan"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
+    "choose-consensus": ("medconddiff.commands.choose_consensus",
+                         "choose and record a model's consensus and step cap on labelled slices"),
     "benchmark": ("medconddiff.commands.benchmark", "measure speed and memory on this device"),
     "plan": ("medconddiff.commands.plan", "print a dataset's fingerprint and the preprocessing plan it implies"),
 }

@@ -162,6 +162,9 @@ class DiffusionConfig:
 
 
 CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last", "late_mean")
+#: What ``SamplingConfig.consensus`` accepts: a fusion, or "auto" (the model's own choice, recorded in its
+#: checkpoint by :mod:`medconddiff.consensus_choice`; "mean" for a model without one).
+CONSENSUS_CHOICES = ("auto",) + CONSENSUS_METHODS
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -172,7 +175,9 @@ class SamplingConfig:
     steps: int = _help("number of denoising steps", default=10)
     scheduler: str = _help("'ddim' (deterministic with eta=0) or 'ddpm'", choices=("ddim", "ddpm"), default="ddim")
     eta: float = _help("DDIM noise scale (0 = deterministic, 1 = DDPM-like)", default=0.0)
-    consensus: str = _help("how the x̂0 of all steps are fused", choices=CONSENSUS_METHODS, default="mean")
+    consensus: str = _help("how the x̂0 of all steps are fused: 'auto' is the model's own choice (recorded in its "
+                           "checkpoint when it was fine-tuned or checked; otherwise mean)",
+                           choices=CONSENSUS_CHOICES, default="auto")
     skip_first: int = _help("leave the first (noisiest) k steps out of the consensus", default=0)
     seed: int = _help("random seed of the initial noise", default=0)
     num_seeds: int = _help("independent runs (seed, seed+1, ...) pooled into one consensus", default=1)
@@ -188,6 +193,9 @@ class SamplingConfig:
         "adaptive: a step has converged when fewer than this fraction of the slice's foreground pixels "
         "change label", default=0.02)
     convergence_patience: int = _help("adaptive: converged steps in a row before a slice stops", default=2)
+    step_cap: int = _help(
+        "adaptive: the most steps any slice takes; 0 = the model's own cap, measured as the step after which its "
+        "later steps added nothing on labelled slices (recorded in its checkpoint; none recorded: steps)", default=0)
     precision: str = _help(
         "network arithmetic: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', or 'bf16' (on a CPU with AVX-512 BF16 "
         "or AMX about 1.5x faster; slower on CPUs without them)", choices=PRECISIONS, default="auto")
@@ -199,8 +207,8 @@ class SamplingConfig:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if self.scheduler not in ("ddim", "ddpm"):
             raise ConfigError(f"scheduler must be 'ddim' or 'ddpm', not {self.scheduler!r}")
-        if self.consensus not in CONSENSUS_METHODS:
-            raise ConfigError(f"consensus must be one of {CONSENSUS_METHODS}, not {self.consensus!r}")
+        if self.consensus not in CONSENSUS_CHOICES:
+            raise ConfigError(f"consensus must be one of {CONSENSUS_CHOICES}, not {self.consensus!r}")
         if not 0 <= self.skip_first < self.steps:
             raise ConfigError(f"skip_first must be in [0, steps), got {self.skip_first} with {self.steps} steps")
         if self.num_seeds < 1 or self.batch_size < 1 or self.max_batch_pixels < 1:
@@ -211,6 +219,8 @@ class SamplingConfig:
             raise ConfigError("eta applies to the DDIM scheduler only; drop it or use --scheduler ddim")
         if not 0 <= self.convergence_change < 1 or self.convergence_patience < 1:
             raise ConfigError("convergence_change must be in [0, 1) and convergence_patience at least 1")
+        if self.step_cap < 0:
+            raise ConfigError(f"step_cap must be 0 (the model's own) or a number of steps, got {self.step_cap}")
 
 
 @dataclass

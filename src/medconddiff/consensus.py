@@ -223,6 +223,9 @@ def select_steps(stack: np.ndarray, skip_first: int = 0, num_seeds: int = 1) -> 
 
 def fuse(stack: np.ndarray, method: str = "mean", skip_first: int = 0, num_seeds: int = 1) -> np.ndarray:
     """Fused class probabilities (K, *spatial) of a per-step stack (seeds*steps, K, *spatial)."""
+    if method == "auto":
+        raise ValueError("consensus 'auto' stands for a model's own choice: resolve it first "
+                         "(Segmenter.resolve_sampling, or consensus_choice.resolved_consensus)")
     if method not in FUSIONS:
         raise ValueError(f"unknown consensus {method!r}; choose one of {list(FUSIONS)}")
     return FUSIONS[method](select_steps(stack, skip_first, num_seeds), num_seeds=num_seeds)

@@ -232,6 +232,7 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     report["slicing"] = geometry.slicing
     report["spacing_mm"] = [float(s) for s in spacing]
     report["sampling"] = dataclasses.asdict(result.sampling)
+    report["consensus_choice"] = result.provenance.get("consensus_choice")
     return report
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import SamplingConfig
 from .consensus import first_argmax
+from .consensus_choice import resolved_consensus
 from .fusion import Postprocess, fuse_slices, scan_labels
 from .preprocess import ScanGeometry
 
@@ -107,8 +108,10 @@ class SegmentationResult:
         return self.geometry.slice_view(array)
 
     def refuse(self, method: str, skip_first: int = 0, chunk: int = 32) -> "SegmentationResult":
-        """A new result with another consensus over the kept trajectory (no diffusion re-run)."""
-        sampling = dataclasses.replace(self.sampling, consensus=method, skip_first=skip_first)
+        """A new result with another consensus over the kept trajectory (no diffusion re-run); ``"auto"``
+        is the model's recorded choice (the provenance says which)."""
+        sampling = dataclasses.replace(self.sampling, consensus=resolved_consensus(method, self.provenance),
+                                       skip_first=skip_first)
         labels = np.zeros_like(self.labels)
         unc = np.zeros_like(self.uncertainty)
         labels_sf, unc_sf = self.geometry.slice_view(labels), self.geometry.slice_view(unc)

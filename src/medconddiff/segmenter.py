@@ -36,6 +36,8 @@ from .adaptive import converged, keep_sampling
 from .checkpoint import Checkpoint, load_checkpoint, load_model_weights
 from .config import ExperimentConfig, SamplingConfig
 from .consensus import quantize
+from .consensus_choice import FALLBACK as CONSENSUS_FALLBACK
+from .consensus_choice import ConsensusChoice, recorded_choice
 from .devices import available_devices, resolve_device
 from .errors import SliceSpecError
 from .families import build_model
@@ -96,6 +98,7 @@ class SegmentationRun:
     def __init__(self, segmenter: "Segmenter", volume: np.ndarray, sampling: SamplingConfig,
                  slices: Optional[Iterable[int]] = None, meta: Optional[VolumeMeta] = None):
         segmenter.config.check_sampling(sampling)
+        sampling = segmenter.resolve_sampling(sampling)
         self.segmenter = segmenter
         self.sampling = sampling
         self.scan: PreparedScan = segmenter.preprocessor.prepare(volume, meta)
@@ -156,7 +159,8 @@ class Segmenter:
     """A trained model plus its preprocessing plan, on a device; turns scans into segmentations."""
 
     def __init__(self, model: DiffusionSegmentationModel, config: ExperimentConfig,
-                 device: str | torch.device = "auto", checkpoint: Optional[Checkpoint] = None):
+                 device: str | torch.device = "auto", checkpoint: Optional[Checkpoint] = None,
+                 consensus_choice: Optional[ConsensusChoice] = None):
         self.config = config
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -169,6 +173,8 @@ class Segmenter:
         self.checkpoint_path: Optional[Path] = checkpoint.path if checkpoint else None
         self.checkpoint_sha256 = checkpoint.sha256 if checkpoint else ""
         self.checkpoint_extra = checkpoint.extra if checkpoint else {}
+        #: The consensus this model uses under ``consensus="auto"`` and why (None: no choice recorded → mean).
+        self.consensus_choice: Optional[ConsensusChoice] = consensus_choice or recorded_choice(self.checkpoint_extra)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str | torch.device = "auto") -> "Segmenter":
@@ -204,6 +210,17 @@ class Segmenter:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def resolve_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        """``sampling`` with the model's own choices filled in: ``consensus="auto"`` → its recorded
+        consensus (``mean`` without one); ``step_cap=0`` → its measured step cap (``steps`` without one)."""
+        choice = self.consensus_choice
+        if sampling.consensus == "auto":
+            sampling = dataclasses.replace(sampling, consensus=choice.method if choice else CONSENSUS_FALLBACK)
+        if sampling.step_cap == 0:
+            cap = choice.step_cap if choice is not None and choice.step_cap else sampling.steps
+            sampling = dataclasses.replace(sampling, step_cap=min(cap, sampling.steps))
+        return sampling
+
     def provenance(self, sampling: SamplingConfig, scan: Optional[PreparedScan] = None) -> dict:
         record = {
             "medconddiff_version": __version__,
@@ -213,6 +230,7 @@ class Segmenter:
             "plan": dataclasses.asdict(self.config.plan),
             "diffusion": dataclasses.asdict(self.config.diffusion),
             "sampling": dataclasses.asdict(sampling),
+            "consensus_choice": self.consensus_choice.to_dict() if self.consensus_choice is not None else None,
             "device": str(self.device),
             "arithmetic": self.arithmetic(sampling.precision),
             "torch": torch.__version__,

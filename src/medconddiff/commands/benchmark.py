@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the big-volume peak-memory probe")
     parser.add_argument("--big-volume", metavar="NIFTI", help="a real scan as the big volume (default: synthetic "
                         "512×512×300 CT-like noise at 0.7 mm in-plane, stored LPS)")
+    parser.add_argument("--real-size", action="append", metavar="NIFTI", default=[],
+                        help="a further real-size scan segmented end to end in a fresh process, with its own "
+                        "row against the 60 s target (repeatable; docs/make_real_size_volumes.py writes two)")
     parser.add_argument("--fixed-steps", action="store_true",
                         help="segment the big volume with all reference steps instead of adaptive steps")
     parser.add_argument("--finetune-steps", type=int, metavar="N",
@@ -86,6 +89,8 @@ def options_from_args(args: argparse.Namespace):
     overrides["memory"] = not args.no_memory
     if args.no_heldout:
         overrides["heldout_slices"] = None
+    if args.real_size:
+        overrides["real_size"] = tuple(args.real_size)
     overrides["big_volume_adaptive"] = not args.fixed_steps
     return BenchmarkOptions.quick(**overrides) if args.quick else BenchmarkOptions(**overrides)
 

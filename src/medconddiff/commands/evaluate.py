@@ -67,12 +67,23 @@ def _mean_note(mean: dict, total: int) -> str:
     return note
 
 
+def _choice_note(report: dict) -> str:
+    """' (the model's own, chosen on …)' when the consensus used is the checkpoint's recorded choice."""
+    from ..consensus_choice import ConsensusChoice
+
+    record = report.get("consensus_choice")
+    if not record or record.get("method") != report["sampling"]["consensus"]:
+        return ""
+    return f" (the model's own, {ConsensusChoice.from_dict(record).origin()})"
+
+
 def print_report(name: str, report: dict) -> None:
     consensus, one_shot = report["consensus"], report["one_shot"]
     steps = (f"adaptive ≤ {report['sampling']['steps']} steps (mean {report['steps_used_mean']:.1f})"
              if report["sampling"].get("adaptive") else f"{report['sampling']['steps']} steps")
     print(f"\n{name}: {report['n_slices']} {report.get('slicing', '')} slices, {steps}, "
-          f"consensus={report['sampling']['consensus']} (means over foreground classes; background excluded)")
+          f"consensus={report['sampling']['consensus']}{_choice_note(report)} "
+          "(means over foreground classes; background excluded)")
     print(f"{'class':<14}{'Dice':>8}{'IoU':>8}{'HD95 mm':>9}{'1-shot Dice':>13}")
     for cls, m in consensus["per_class"].items():
         print(f"{cls:<14}{_dice_cell(m):>8}{_fmt(m['iou']):>8}{_fmt(m['hd95_mm']):>9}"
@@ -88,7 +99,7 @@ def print_report(name: str, report: dict) -> None:
     check = report["diffusion_check"]
     margin, drift = (check["consensus_minus_best_of_steps_and_one_shot"], check["last_step_minus_first_step"])
     verdict = {True: "the consensus is at least as good", False: "BELOW: fewer steps, the one-shot or "
-               "--consensus late_mean may do better here", None: "n/a"}[check["consensus_at_least_best"]]
+               "another --consensus may do better here", None: "n/a"}[check["consensus_at_least_best"]]
     print(f"consensus − max(best step, one-shot): {_fmt(margin).strip()} ({verdict}); "
           f"last step − first step: {_fmt(drift).strip()}")
     region = report["foreground_region"]

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay", type=float, nargs="?", const=0.25, metavar="FRACTION",
                         help="also train on the slices the (bundled) start model was trained on, this share of "
                         "every batch (default 0.25), and keep its classes, so it forgets less")
+    parser.add_argument("--hold-back", action="store_true",
+                        help="keep one corrected slice out of training and choose the model's consensus on it "
+                        "(default: train on every slice; the model then uses the mean of the later half of "
+                        "the steps)")
     parser.add_argument("--init", default="default", help="start checkpoint: a file or a bundled model "
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
@@ -109,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
-                    lr=args.lr, device=args.device, replay=args.replay or False)
-    print(f"fine-tuning on {len(slices)} slice(s) of {name}: {', '.join(map(str, slices))}")
+                    lr=args.lr, device=args.device, replay=args.replay or False, hold_back=args.hold_back)
+    trained = [i for i in slices if run_.held_back is None or i != run_.held_back[1]]
+    print(f"fine-tuning on {len(trained)} slice(s) of {name}: {', '.join(map(str, trained))}")
+    if run_.held_back is not None:
+        print(f"slice {run_.held_back[1]} is held back: it chooses the consensus and is not trained on")
     return _train_and_save(args, run_)
 
 
@@ -124,7 +131,8 @@ def _finetune_on_training_set(args: argparse.Namespace, start) -> int:
     training_set = TrainingSet.open(args.image)
     run_ = finetune(start, [], class_names=args.class_names, channel_names=args.channel_names,
                     training_set=training_set, steps=args.steps, seed=args.seed, augment=not args.no_augment,
-                    batch_size=args.batch_size, lr=args.lr, device=args.device, replay=args.replay or False)
+                    batch_size=args.batch_size, lr=args.lr, device=args.device, replay=args.replay or False,
+                    hold_back=args.hold_back)
     print(f"fine-tuning on the training set {args.image}: {training_set.summary().text()}")
     return _train_and_save(args, run_)
 
@@ -146,7 +154,8 @@ def _train_and_save(args: argparse.Namespace, run_) -> int:
             return 130
         raise RuntimeError("fine-tuning ended without a single step")   # a bug: steps >= 1 is validated
     path = run_.save(args.output, overwrite=args.overwrite)
-    print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s)")
+    print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s); its "
+          f"{run_.consensus_choice.describe()}")
     return 130 if interrupted else 0
 
 

@@ -1,0 +1,77 @@
+"""Choose a model's consensus and step cap on labelled slices it was not trained on, and record them.
+
+  medconddiff choose-consensus scan.nii.gz labels.nii.gz --slices 40:48,72:80 --checkpoint model.safetensors \\
+      -o model_chosen.safetensors
+
+One sampling run (default settings: adaptive steps, seed 0) over the slices keeps every step's x̂0;
+the per-step Dice sets the step cap (the first step that no later one beats by more than 0.001), and
+every candidate fusion is scored on the trajectories cut there, beside each step and the one-shot
+forward. ``mean`` stays unless another fusion beats it by more than 0.005. The output is the same
+checkpoint (weights and config unchanged) with the choice in its record: ``--consensus auto``, the
+default of `segment`, `evaluate` and the napari widget, then uses it, and every sidecar says so.
+Use slices the model was not trained on (the scores are meant to predict other scans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ConfigError, UserInputError
+from .common import SLICES_HELP, check_device, scan_slices
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", type=Path, help="a labelled scan (NIfTI) the model was not trained on")
+    parser.add_argument("labels", type=Path, help="its labels, on the scan's grid")
+    parser.add_argument("--channel-file", type=Path, action="append", default=[],
+                        help="further channel files of a multi-channel scan, in the model's channel order")
+    parser.add_argument("--slices", required=True, help=f"the labelled slices to choose on: {SLICES_HELP}")
+    parser.add_argument("--checkpoint", default="default", help="the model: a file or a bundled model's name")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="checkpoint to write: the model with its choice recorded (.safetensors)")
+    parser.add_argument("--basis", help="what the slices are, in words recorded with the choice (default: "
+                        "'N labelled slice(s) of a scan'); no patient identifiers: sidecars repeat it")
+    parser.add_argument("--no-step-cap", action="store_true", help="record no step cap, only the consensus")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--json", type=Path, help="also write the choice and its scores as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import with_extra
+    from ..consensus_choice import EXTRA_KEY, ChoosingSlices, choose_consensus
+    from ..evaluation import json_safe
+    from ..nifti import load_channels, load_labels, load_volume
+    from ..segmenter import Segmenter
+
+    if not args.output.name.endswith(".safetensors"):
+        raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    check_device(args.device)
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    files = [args.image, *args.channel_file]
+    image, meta = load_volume(args.image) if len(files) == 1 else load_channels(files)
+    labels, label_meta = load_labels(args.labels)
+    if labels.shape != image.shape[:3]:
+        raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
+    geometry = segmenter.preprocessor.geometry(image.shape[:3], meta)
+    slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
+    if not slices:
+        raise ConfigError("--slices is empty: name the labelled slices to choose on")
+    basis = args.basis or f"{len(slices)} labelled slice(s) of a scan"
+    choice = choose_consensus(segmenter, [ChoosingSlices(image, labels, meta, slices)], basis,
+                              cap_steps=not args.no_step_cap)
+    print(choice.describe())
+    dice = ", ".join(f"{method} {value:.4f}" for method, value in choice.candidate_dice.items())
+    steps = ", ".join(f"{value:.4f}" for value in choice.step_dice)
+    print(f"candidates: {dice}\nper-step x̂0 Dice: [{steps}]; one-shot {choice.one_shot_dice:.4f}")
+    print(f"consensus − max(best step, one-shot) on these slices: {choice.margin:+.4f}")
+    path = with_extra(args.checkpoint, args.output, {EXTRA_KEY: choice.to_dict()}, overwrite=args.overwrite)
+    print(f"saved {path}: `--consensus auto` (the default) now uses '{choice.method}'"
+          + (f" with at most {choice.step_cap} adaptive steps" if choice.step_cap else ""))
+    if args.json:
+        args.json.write_text(json.dumps(json_safe(choice.to_dict()), indent=2, allow_nan=False))
+    return 0

@@ -1,0 +1,258 @@
+"""Which consensus a model should use, chosen on labelled slices, and the record of that choice.
+
+No fixed consensus wins on every model: on the bundled models the steps converge within three and
+every fusion scores alike; on a fine-tune whose trajectory still rises (lung2), the later steps are
+the better ones and the mean of all lags behind the last. So each model carries its own choice: one
+sampling run over labelled slices keeps every step's x̂0, each candidate fusion re-fuses that
+trajectory (no new diffusion), and the candidates are scored beside every single step and the
+one-shot forward. The record goes into the checkpoint (``extra["consensus_choice"]``), and
+``SamplingConfig(consensus="auto")`` (the default) uses it; the sidecar and the widget show it.
+
+A candidate replaces ``mean`` (the paper's consensus) only when it beats it by more than
+:data:`SWITCH_MARGIN` on those slices: smaller differences are what the sampling seed alone moves
+(measured: 0.0002–0.002 between fusions on the bundled sample's slabs), and chasing them would swap
+consensus on noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .config import SamplingConfig
+from .errors import UserInputError
+
+#: The fusions a model may choose from (every method of :data:`~medconddiff.config.CONSENSUS_METHODS`).
+CANDIDATES = ("mean", "late_mean", "last", "uncertainty_weighted", "vote_gated")
+#: Dice a candidate must gain over ``mean`` on the choosing slices before it replaces it.
+SWITCH_MARGIN = 0.005
+#: Where the choice of a model without a record comes from.
+FALLBACK = "mean"
+#: The key of the record in a checkpoint's ``extra``.
+EXTRA_KEY = "consensus_choice"
+#: Dice a later step must add over an earlier one on the choosing slices to be worth its cost.
+STEP_GAIN = 0.001
+#: The fewest steps a cap leaves: the uncertainty map is (half) the steps' disagreement, which needs two.
+MIN_STEP_CAP = 2
+
+
+@dataclass(frozen=True)
+class ChoosingSlices:
+    """Labelled slices one model's consensus is chosen on: ``image`` ((i, j, k) or (i, j, k, C)) and
+    ``labels`` ((i, j, k)) in the file's voxel order with ``meta``; ``slices`` are canonical slice
+    indices along the model plan's slicing direction."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    meta: Any
+    slices: Sequence[int]
+    ignore_value: Optional[int] = None   # reference voxels nobody checked: scored in no figure
+
+
+@dataclass(frozen=True)
+class ConsensusChoice:
+    """The consensus a model uses under ``consensus="auto"``, and the evidence it was chosen on.
+
+    Dice figures are mean foreground Dice over the choosing slices (pooled over their scans);
+    ``basis`` says which slices those were in words without any patient identifier
+    (e.g. "1 corrected slice held back from training").
+    """
+
+    method: str
+    basis: str
+    scans: int
+    slices: int
+    candidate_dice: Mapping[str, float] = field(default_factory=dict)
+    step_dice: Sequence[float] = ()
+    one_shot_dice: float = float("nan")
+    step_cap: Optional[int] = None     # adaptive runs stop every slice here (None: no cap)
+
+    def __post_init__(self) -> None:
+        if self.method not in CANDIDATES:
+            raise UserInputError(f"a consensus choice names an unknown fusion {self.method!r}")
+        if self.step_cap is not None and self.step_cap < 1:
+            raise UserInputError(f"a consensus choice's step cap must be a number of steps, not {self.step_cap}")
+
+    @property
+    def best_rival(self) -> float:
+        """max(best single step, one-shot) on the choosing slices (NaN if undefined)."""
+        rivals = [d for d in (*self.step_dice, self.one_shot_dice) if not math.isnan(d)]
+        return max(rivals) if rivals else float("nan")
+
+    @property
+    def margin(self) -> float:
+        """The chosen consensus minus max(best step, one-shot) on the choosing slices (≥ 0: it earns its cost)."""
+        return float(self.candidate_dice.get(self.method, float("nan")) - self.best_rival)
+
+    @property
+    def one_shot_better(self) -> bool:
+        """The one-shot forward beat every candidate fusion on the choosing slices."""
+        scores = [d for d in self.candidate_dice.values() if not math.isnan(d)]
+        return bool(scores) and not math.isnan(self.one_shot_dice) and self.one_shot_dice > max(scores)
+
+    def origin(self) -> str:
+        """Where the choice came from, in a few words."""
+        return f"chosen on {self.basis}" if self.slices else self.basis
+
+    def describe(self) -> str:
+        """One line for a log, the widget or a sidecar reader."""
+        if not self.slices:
+            return f"consensus '{self.method}': {self.basis}"
+        chosen = self.candidate_dice.get(self.method, float("nan"))
+        text = (f"consensus '{self.method}', {self.origin()}: Dice {chosen:.3f} "
+                f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, best step {_max(self.step_dice):.3f}, "
+                f"one-shot {self.one_shot_dice:.3f})")
+        if self.step_cap is not None:
+            text += f"; at most {self.step_cap} steps (later ones added under {STEP_GAIN} Dice)"
+        if self.one_shot_better:
+            text += "; the one-shot forward was better there"
+        return text
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record["candidate_dice"] = {k: _json_float(v) for k, v in self.candidate_dice.items()}
+        record["step_dice"] = [_json_float(v) for v in self.step_dice]
+        record["one_shot_dice"] = _json_float(self.one_shot_dice)
+        record["margin"] = _json_float(self.margin)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "ConsensusChoice":
+        try:
+            return cls(method=str(record["method"]), basis=str(record.get("basis", "")),
+                       scans=int(record.get("scans", 0)), slices=int(record.get("slices", 0)),
+                       candidate_dice={str(k): _float(v) for k, v in dict(record.get("candidate_dice", {})).items()},
+                       step_dice=tuple(_float(v) for v in record.get("step_dice", ())),
+                       one_shot_dice=_float(record.get("one_shot_dice")),
+                       step_cap=None if record.get("step_cap") is None else int(record["step_cap"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserInputError(f"the checkpoint's consensus choice is unreadable: {error}") from error
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _json_float(value: float) -> Optional[float]:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _max(values: Sequence[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return max(defined) if defined else float("nan")
+
+
+def pick(candidate_dice: Mapping[str, float], prior: str = "mean") -> str:
+    """The candidate to use: ``prior`` unless another beats it by more than :data:`SWITCH_MARGIN`
+    (then the best; ties go to the earlier entry of :data:`CANDIDATES`)."""
+    base = candidate_dice.get(prior, float("nan"))
+    scored = [(candidate_dice[m], -i, m) for i, m in enumerate(CANDIDATES)
+              if m in candidate_dice and not math.isnan(candidate_dice[m])]
+    if not scored:
+        return FALLBACK
+    best_dice, _, best = max(scored)
+    if math.isnan(base) or best_dice > base + SWITCH_MARGIN:
+        return best
+    return prior
+
+
+def useful_steps(step_dice: Sequence[float], gain: float = STEP_GAIN) -> Optional[int]:
+    """The step cap the per-step Dice of an adaptive run support: the first step k (1-based, at least
+    :data:`MIN_STEP_CAP`) that no later step beats by more than ``gain``; None when only the last does."""
+    for k in range(MIN_STEP_CAP, len(step_dice)):
+        reference = step_dice[k - 1]
+        later = [d for d in step_dice[k:] if not math.isnan(d)]
+        if not math.isnan(reference) and all(d <= reference + gain for d in later):
+            return k
+    return None
+
+
+def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
+                     sampling: Optional[SamplingConfig] = None, prior: str = "mean",
+                     cap_steps: bool = True) -> ConsensusChoice:
+    """Score every candidate fusion, each step and the one-shot on ``scans`` and pick (see :func:`pick`:
+    ``prior`` stays unless another candidate beats it by more than :data:`SWITCH_MARGIN`).
+
+    With ``cap_steps`` the step cap comes first (:func:`useful_steps` on the pooled per-step Dice),
+    and the candidates are scored on the trajectories cut there, as a capped run would fuse them
+    (a prefix of the same deterministic trajectory). The sampling must be adaptive and uncapped.
+
+    One sampling run per scan (``sampling``, default: the default settings, adaptive steps); Dice is
+    pooled over all scans' slices per class (intersections and sizes summed), then averaged over the
+    foreground classes present, so a one-slice scan weighs by its voxels, not as a whole scan.
+    """
+    if not scans or not any(len(s.slices) for s in scans):
+        raise UserInputError("choosing a consensus needs labelled slices")
+    sampling = sampling or SamplingConfig()
+    sampling = dataclasses.replace(sampling, step_cap=sampling.step_cap or sampling.steps)   # never the model's own
+    runs = []
+    num_classes = segmenter.num_classes
+    tallies: dict[str, np.ndarray] = {}
+
+    def tally(key: str, predicted: np.ndarray, reference: np.ndarray, known: Optional[np.ndarray]) -> None:
+        if known is not None:
+            predicted = np.where(known, predicted, 0)
+        counts = tallies.setdefault(key, np.zeros((num_classes, 3), np.int64))
+        for k in range(1, num_classes):
+            p, r = predicted == k, reference == k
+            counts[k] += (int(np.count_nonzero(p & r)), int(np.count_nonzero(p)), int(np.count_nonzero(r)))
+
+    slices_total = 0
+    steps_seen = 0
+    for scan in scans:
+        if not len(scan.slices):
+            continue
+        result = segmenter.segment(scan.image, sampling, slices=scan.slices, meta=scan.meta)
+        geometry, indices = result.geometry, np.asarray(result.slice_indices)
+        reference = np.ascontiguousarray(geometry.slice_view(np.asarray(scan.labels))[indices])
+        known = None
+        if scan.ignore_value is not None:
+            known = reference != scan.ignore_value
+            reference = np.where(known, reference, 0)
+        if reference.size and int(reference.max()) >= num_classes:
+            raise UserInputError(f"label value {int(reference.max())} is outside the model's {num_classes} classes")
+        slices_total += len(indices)
+        steps_seen = max(steps_seen, result.trajectory.shape[0])
+        for step in range(result.trajectory.shape[0]):
+            tally(f"step{step}", result.step_labels_on_scan(step), reference, known)
+        one_shot = segmenter.one_shot(scan.image, slices=indices, meta=scan.meta, precision=sampling.precision)
+        tally("one_shot", geometry.slice_view(one_shot)[indices], reference, known)
+        runs.append((result, reference, known))
+    step_dice = tuple(_pooled_dice(tallies[f"step{i}"]) for i in range(steps_seen))
+    cap = useful_steps(step_dice) if cap_steps and sampling.adaptive else None
+    for result, reference, known in runs:
+        if cap is not None:
+            result = dataclasses.replace(result, steps_used=np.minimum(result.steps_used, cap))
+        indices = np.asarray(result.slice_indices)
+        for method in CANDIDATES:
+            fused = result.refuse(method, skip_first=0)
+            tally(method, result.geometry.slice_view(fused.labels)[indices], reference, known)
+    candidate_dice = {m: _pooled_dice(tallies[m]) for m in CANDIDATES}
+    return ConsensusChoice(method=pick(candidate_dice, prior), basis=basis, scans=len(runs),
+                           slices=slices_total, candidate_dice=candidate_dice, step_dice=step_dice,
+                           one_shot_dice=_pooled_dice(tallies["one_shot"]), step_cap=cap)
+
+
+def _pooled_dice(counts: np.ndarray) -> float:
+    """Mean over the foreground classes present (in prediction or reference) of the pooled Dice."""
+    scores = [2 * inter / (pred + ref) for inter, pred, ref in counts[1:] if pred + ref > 0]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def resolved_consensus(method: str, provenance: Optional[Mapping[str, Any]]) -> str:
+    """The fusion ``method`` stands for in a run whose provenance (sidecar record) is ``provenance``:
+    itself, or for ``"auto"`` the model's recorded choice (``mean`` without one)."""
+    if method != "auto":
+        return method
+    record = (provenance or {}).get(EXTRA_KEY)
+    return ConsensusChoice.from_dict(record).method if record else FALLBACK
+
+
+def recorded_choice(extra: Mapping[str, Any]) -> Optional[ConsensusChoice]:
+    """The choice a checkpoint's ``extra`` records, or None."""
+    record = extra.get(EXTRA_KEY) if extra else None
+    return ConsensusChoice.from_dict(record) if record else None

@@ -1,0 +1,193 @@
+"""Each model's own consensus: chosen on labelled slices, recorded in the checkpoint, used by "auto"."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from medconddiff.checkpoint import load_checkpoint
+from medconddiff.config import SamplingConfig
+from medconddiff.consensus_choice import (CANDIDATES, MIN_STEP_CAP, SWITCH_MARGIN, ChoosingSlices,
+                                          ConsensusChoice, choose_consensus, pick, useful_steps)
+from medconddiff.errors import UserInputError
+from medconddiff.evaluation import evaluate_volume
+from medconddiff.finetune import FINETUNE_CONSENSUS, LabelledScan, finetune, held_back_slice
+from medconddiff.segmenter import Segmenter
+from tests.conftest import meta_1mm
+
+META = meta_1mm()
+QUIET = dict(steps=2, device="cpu", log=lambda message: None)
+
+
+def test_the_prior_stays_unless_another_fusion_beats_it_by_more_than_the_switch_margin():
+    scores = {"mean": 0.80, "late_mean": 0.80 + SWITCH_MARGIN / 2, "last": 0.79}
+    assert pick(scores) == "mean"                                  # within what the seed alone moves
+    assert pick({**scores, "last": 0.80 + 2 * SWITCH_MARGIN}) == "last"
+    assert pick(scores, prior="late_mean") == "late_mean"
+    assert pick({"mean": float("nan"), "vote_gated": 0.5}) == "vote_gated"   # an undefined prior cannot stay
+    assert pick({"mean": 0.7, "late_mean": 0.7 + 2 * SWITCH_MARGIN, "last": 0.7 + 2 * SWITCH_MARGIN}) == "late_mean"
+
+
+def test_the_held_back_slice_is_the_corrected_slice_farthest_from_the_others():
+    def scan(slices):
+        return LabelledScan("s", np.zeros((4, 4, 40), np.float32), None, np.zeros((4, 4, 40), np.uint8), slices)
+
+    assert held_back_slice([scan([2, 5, 6, 7])]) is None                       # off unless asked for
+    assert held_back_slice([scan([2, 5, 6, 7])], hold_back=True) == (0, 2)
+    assert held_back_slice([scan([5, 6]), scan([10, 11, 12, 14])], hold_back=True) == (1, 14)
+    assert held_back_slice([scan([3, 4])], hold_back=True) == (0, 4)         # one is left to train on
+    for too_few in ([scan([3])], []):
+        with pytest.raises(UserInputError, match="at least 2 corrected slices"):
+            held_back_slice(too_few, hold_back=True)
+
+
+def test_a_recorded_choice_is_what_auto_means_and_the_sidecar_says_why(tiny_checkpoint, liver_volume):
+    image, _ = liver_volume
+    plain = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert plain.consensus_choice is None
+    result = plain.segment(image, SamplingConfig(steps=2), slices=[1], meta=META)
+    assert result.sampling.consensus == "mean" and result.provenance["consensus_choice"] is None
+    choice = ConsensusChoice("last", "a test", scans=1, slices=2, candidate_dice={m: 0.5 for m in CANDIDATES},
+                             step_dice=(0.4, 0.5), one_shot_dice=0.45)
+    chosen = Segmenter(plain.model, plain.config, device="cpu", consensus_choice=choice)
+    result = chosen.segment(image, SamplingConfig(steps=2), slices=[1], meta=META)
+    assert result.sampling.consensus == "last"
+    assert result.provenance["consensus_choice"]["method"] == "last"
+    assert result.provenance["consensus_choice"]["basis"] == "a test"
+    # An explicit consensus overrides the model's choice.
+    assert chosen.segment(image, SamplingConfig(steps=2, consensus="vote_gated"), slices=[1],
+                          meta=META).sampling.consensus == "vote_gated"
+    # "last" without fusion is exactly the final step's x̂0.
+    last = result.step_labels_on_scan(result.trajectory.shape[0] - 1)
+    assert np.array_equal(result.geometry.slice_view(result.labels)[[1]], last)
+
+
+def test_choosing_scores_each_candidate_as_evaluate_does(tiny_checkpoint, liver_volume):
+    image, labels = liver_volume
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    sampling = SamplingConfig(steps=3, adaptive=False)
+    choice = choose_consensus(segmenter, [ChoosingSlices(image, labels, META, [2])], "slice 2", sampling=sampling)
+    assert set(choice.candidate_dice) == set(CANDIDATES) and len(choice.step_dice) == 3
+    assert choice.method == pick(choice.candidate_dice)
+    for method in ("mean", "last"):
+        report = evaluate_volume(segmenter, image, labels, META, dataclasses.replace(sampling, consensus=method),
+                                 slices=[2])
+        assert math.isclose(choice.candidate_dice[method], report["consensus"]["mean_foreground"]["dice"],
+                            abs_tol=1e-9)
+        assert math.isclose(choice.one_shot_dice, report["one_shot"]["mean_foreground"]["dice"], abs_tol=1e-9)
+        assert np.allclose(choice.step_dice, report["step_mean_dice"])
+    assert math.isclose(choice.margin, choice.candidate_dice[choice.method] - max(*choice.step_dice,
+                                                                                   choice.one_shot_dice))
+    # Unchecked voxels count in no figure: ignoring every voxel but slice 2's own leaves the figures unchanged.
+    sparse = np.where(np.arange(labels.shape[2])[None, None] == 2, labels, 9).astype(np.uint8)
+    again = choose_consensus(segmenter, [ChoosingSlices(image, sparse, META, [2], ignore_value=9)], "slice 2",
+                             sampling=sampling)
+    assert again.candidate_dice == choice.candidate_dice
+    with pytest.raises(UserInputError, match="needs labelled slices"):
+        choose_consensus(segmenter, [ChoosingSlices(image, labels, META, [])], "none")
+
+
+def test_a_fine_tune_records_its_choice_in_the_checkpoint(tmp_path, tiny_checkpoint, liver_volume):
+    image, labels = liver_volume
+    scans = [LabelledScan("cut", image, META, (labels == 2).astype(np.uint8), slices=[0, 1, 2, 5])]
+    run = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), hold_back=True, **QUIET)
+    assert run.held_back == (0, 5) and run.consensus_choice.method == FINETUNE_CONSENSUS
+    list(run)
+    assert run.consensus_choice.slices == 1 and run.consensus_choice.method in CANDIDATES
+    path = run.save(tmp_path / "tuned.safetensors")
+    extra = load_checkpoint(path).extra
+    assert extra["held_back"]["slice"] == 5 and extra["finetuned_on"][0]["slices"] == [0, 1, 2]
+    loaded = Segmenter.from_checkpoint(path, device="cpu")
+    assert loaded.consensus_choice == run.consensus_choice
+    assert run.segmenter("cpu").consensus_choice == run.consensus_choice
+    # Without holding back, every slice is trained on and the fine-tune default is the choice.
+    every = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), **QUIET)
+    list(every)
+    assert every.held_back is None and every.consensus_choice.method == FINETUNE_CONSENSUS
+    assert "fine-tune default" in every.consensus_choice.describe()
+    saved = load_checkpoint(every.save(tmp_path / "every.safetensors")).extra
+    assert saved["consensus_choice"]["method"] == FINETUNE_CONSENSUS and "held_back" not in saved
+    assert saved["finetuned_on"][0]["slices"] == [0, 1, 2, 5]
+
+
+def test_an_unreadable_choice_in_a_checkpoint_is_a_clear_error():
+    with pytest.raises(UserInputError, match="consensus choice"):
+        ConsensusChoice.from_dict({"basis": "no method"})
+    with pytest.raises(UserInputError, match="unknown fusion"):
+        ConsensusChoice.from_dict({"method": "median"})
+    record = ConsensusChoice("mean", "x", 1, 1, {"mean": float("nan")}, (0.5,), float("nan")).to_dict()
+    assert record["candidate_dice"]["mean"] is None and record["one_shot_dice"] is None
+    assert math.isnan(ConsensusChoice.from_dict(record).candidate_dice["mean"])
+
+
+def test_the_step_cap_is_where_later_steps_stop_adding_dice():
+    assert useful_steps([0.80, 0.85, 0.8505, 0.8502, 0.8509]) == 2        # later steps add < STEP_GAIN
+    assert useful_steps([0.80, 0.82, 0.84, 0.86]) is None                  # still rising: no cap
+    assert useful_steps([0.88, 0.87, 0.86]) == MIN_STEP_CAP               # falling: never below two steps
+    assert useful_steps([0.7, float("nan"), 0.7, 0.7]) == 3
+    assert useful_steps([0.5]) is None
+
+
+def test_a_capped_model_stops_every_slice_at_its_cap_and_the_choice_scores_what_a_capped_run_fuses(
+        tiny_checkpoint, liver_volume):
+    image, labels = liver_volume
+    plain = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    sampling = SamplingConfig(steps=5, convergence_change=0.0)          # nothing converges: only a cap stops
+    uncapped = plain.segment(image, sampling, slices=[1, 2], meta=META)
+    assert uncapped.sampling.step_cap == 5 and (uncapped.steps_used == 5).all()
+    capped_choice = ConsensusChoice("mean", "a test", 1, 2, {"mean": 0.5}, (0.5,) * 5, 0.5, step_cap=2)
+    capped = Segmenter(plain.model, plain.config, device="cpu", consensus_choice=capped_choice)
+    run = capped.segment(image, sampling, slices=[1, 2], meta=META)
+    assert run.sampling.step_cap == 2 and (run.steps_used == 2).all()
+    assert run.provenance["consensus_choice"]["step_cap"] == 2
+    # A cap is a prefix of the same trajectory; fixed steps are never capped; an explicit cap wins.
+    np.testing.assert_array_equal(run.trajectory[:2], uncapped.trajectory[:2])
+    assert (capped.segment(image, dataclasses.replace(sampling, adaptive=False), slices=[1],
+                           meta=META).steps_used == 5).all()
+    assert (capped.segment(image, dataclasses.replace(sampling, step_cap=4), slices=[1],
+                           meta=META).steps_used == 4).all()
+    # choose_consensus scores candidates on the cut trajectories exactly as a capped run fuses them.
+    choice = choose_consensus(plain, [ChoosingSlices(image, labels, META, [1, 2])], "test", sampling=sampling)
+    report = evaluate_volume(plain, image, labels, META,
+                             dataclasses.replace(sampling, step_cap=choice.step_cap or 0, consensus="late_mean"),
+                             slices=[1, 2])
+    assert math.isclose(choice.candidate_dice["late_mean"], report["consensus"]["mean_foreground"]["dice"],
+                        abs_tol=1e-9)
+    assert ConsensusChoice.from_dict(choice.to_dict()) == choice
+
+
+def test_the_command_records_the_choice_in_a_copy_of_the_checkpoint(tmp_path, tiny_checkpoint, liver_volume, capsys):
+    import nibabel as nib
+
+    from medconddiff.cli import main
+
+    image, labels = liver_volume
+    affine = np.diag([-0.8, -0.8, 2.0, 1.0])          # LPS, as scanners store it
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "labels.nii.gz"))
+    out, report = tmp_path / "chosen.safetensors", tmp_path / "choice.json"
+    args = ["choose-consensus", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices", "1:4",
+            "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "-o", str(out), "--json", str(report)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    start, chosen = load_checkpoint(tiny_checkpoint), load_checkpoint(out)
+    record = chosen.extra["consensus_choice"]
+    assert record["slices"] == 3 and record["method"] in CANDIDATES and f"'{record['method']}'" in printed
+    assert {k: v for k, v in chosen.extra.items() if k != "consensus_choice"} == start.extra
+    assert chosen.config == start.config and chosen.state_dict.keys() == start.state_dict.keys()
+    assert all(chosen.state_dict[k].dtype == v.dtype and bool((chosen.state_dict[k] == v).all())
+               for k, v in start.state_dict.items())
+    assert Segmenter.from_checkpoint(out, device="cpu").consensus_choice == ConsensusChoice.from_dict(record)
+    assert json.loads(report.read_text())["method"] == record["method"]
+    # The output is never overwritten without --overwrite; a pickle is refused before anything runs.
+    out.write_bytes(b"the user's file")
+    assert main(args) == 2 and "exists" in capsys.readouterr().err and out.read_bytes() == b"the user's file"
+    pickle = tmp_path / "model.pt"
+    pickle.write_bytes(b"\x80\x04junk")
+    assert main(["choose-consensus", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices",
+                 "1:4", "--checkpoint", str(pickle), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "pickle" in capsys.readouterr().err
