@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from medconddiff.errors import UserInputError
+from medconddiff.hounsfield import looks_like_hounsfield
 from medconddiff.slice_lists import SLICE_SYNTAX, parse_slices, slice_list_text
 
 from . import _dialogs
@@ -55,11 +56,11 @@ CANONICAL_TIP = ("Slices are canonical slices: counted along the model's slicing
 
 
 def not_hounsfield(scan: Any) -> bool:
-    """Whether ``scan`` (a layer) has no voxel below 0, so it is no CT in Hounsfield units (the rule of
-    :func:`medconddiff.preprocess.looks_like_hounsfield`, which imports torch). A lazy array is not read
-    on the GUI thread: False."""
+    """Whether ``scan`` (a layer) does not look like CT in Hounsfield units
+    (:func:`medconddiff.hounsfield.looks_like_hounsfield`). A lazy array is not read on the GUI thread:
+    False."""
     data = full_resolution(scan)
-    return isinstance(data, np.ndarray) and data.size > 0 and not bool(data.min() < 0)
+    return isinstance(data, np.ndarray) and data.size > 0 and not looks_like_hounsfield(data)
 
 
 class FinetunePanel(QGroupBox):

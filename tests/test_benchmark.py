@@ -167,3 +167,68 @@ def test_options_are_validated():
         BenchmarkOptions.quick(heldout_slices=(50, 48))
     with pytest.raises(ValueError, match="real-size scan"):
         BenchmarkOptions.quick(real_size=("/nowhere/ct.nii.gz",))
+
+
+def _write_scan(folder, name, volume, labels):
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])          # LPS at 1 mm
+    image_path, label_path = folder / f"{name}.nii.gz", folder / f"{name}_labels.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(image_path))
+    nib.save(nib.Nifti1Image(labels, affine), str(label_path))
+    return image_path, label_path
+
+
+def test_a_named_held_out_scan_is_scored_instead_of_the_sample(tiny_checkpoint, liver_volume, tmp_path):
+    """A fine-tune's own held-out slices: the check runs on the user's scan and the table names it."""
+    import numpy as np
+
+    image, labels = liver_volume
+    image_path, label_path = _write_scan(tmp_path, "held", image.astype(np.int16), labels.astype(np.uint8))
+    path = tmp_path / "bench.json"
+    code = main(["benchmark", "--quick", "--quiet", "--no-memory", "--device", "cpu", "--checkpoint",
+                 str(tiny_checkpoint), "--finetune-steps", "0", "--heldout-scan", str(image_path), str(label_path),
+                 "--heldout-slices", "1", "4", "--json", str(path)])
+    assert code == 0
+    report = json.loads(path.read_text())
+    check = report["models"][0]["diffusion_check"]
+    assert check["scan"] == "held.nii.gz" and check["slices"] == [1, 4]
+    assert 0.0 <= check["consensus"] <= 1.0 and 0.0 <= check["one_shot"] <= 1.0
+    assert 1 <= len(check["step_mean_dice"]) <= 2
+    assert report["options"]["heldout_scan"] == [str(image_path), str(label_path)]
+    line = next(line for line in format_report(report).splitlines() if line.startswith("held-out held.nii.gz 1:4"))
+    assert "n/a" not in line
+
+
+def test_a_held_out_scan_the_model_cannot_score_is_reported_not_fatal(tiny_checkpoint, liver_volume, tmp_path):
+    import numpy as np
+
+    from medconddiff.benchmark import held_out_scan
+    from medconddiff.benchmark_measures import measure_diffusion_check, sample_volume
+
+    image, labels = liver_volume
+    many = labels.astype(np.uint8).copy()
+    many[0, 0, :] = 5                                   # a class the 3-class model does not have
+    image_path, label_path = _write_scan(tmp_path, "other", image.astype(np.int16), many)
+    options = BenchmarkOptions.quick(heldout_scan=(str(image_path), str(label_path)), heldout_slices=(0, 2))
+    held = held_out_scan(options, *sample_volume())
+    assert held.name == "other.nii.gz" and not held.bundled
+    bench = load_bench_model(str(tiny_checkpoint), "cpu")
+    check = measure_diffusion_check(bench.segmenter, held, options)
+    assert check["scan"] == "other.nii.gz" and "label value 5" in check["skipped"]
+
+
+def test_a_wrong_held_out_pair_fails_before_anything_is_measured(tiny_checkpoint, liver_volume, tmp_path, capsys):
+    import numpy as np
+
+    image, labels = liver_volume
+    image_path, _ = _write_scan(tmp_path, "scan", image.astype(np.int16), labels.astype(np.uint8))
+    _, label_path = _write_scan(tmp_path, "cut", image[:, :, :3].astype(np.int16), labels[:, :, :3].astype(np.uint8))
+    common = ["benchmark", "--quick", "--quiet", "--no-memory", "--device", "cpu", "--checkpoint", str(tiny_checkpoint)]
+    assert main([*common, "--heldout-scan", str(image_path), str(label_path), "--heldout-slices", "0", "2"]) == 2
+    assert "held-out labels cut_labels.nii.gz have shape (64, 64, 3)" in capsys.readouterr().err
+    assert main([*common, "--heldout-scan", str(image_path), str(label_path)]) == 2
+    assert "--heldout-slices" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="held-out scan file"):
+        BenchmarkOptions.quick(heldout_scan=(str(image_path), str(tmp_path / "absent.nii.gz")))

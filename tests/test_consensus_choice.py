@@ -191,3 +191,31 @@ def test_the_command_records_the_choice_in_a_copy_of_the_checkpoint(tmp_path, ti
     assert main(["choose-consensus", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices",
                  "1:4", "--checkpoint", str(pickle), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_segment_says_once_how_it_samples_and_whose_choice_that_is(tmp_path, tiny_checkpoint, liver_volume, capsys):
+    import nibabel as nib
+
+    from medconddiff.checkpoint import with_extra
+    from medconddiff.cli import main
+
+    image, _ = liver_volume
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([0.8, 0.8, 2.0, 1.0])), str(scan))
+    choice = ConsensusChoice(method="late_mean", basis="3 test slices", scans=1, slices=3,
+                             candidate_dice={name: 0.5 for name in CANDIDATES}, step_dice=[0.4, 0.5, 0.5],
+                             one_shot_dice=0.45, step_cap=2)
+    chosen = tmp_path / "chosen.safetensors"
+    with_extra(tiny_checkpoint, chosen, {"consensus_choice": choice.to_dict()})
+
+    def first_line(*flags):
+        assert main(["segment", str(scan), "-o", str(tmp_path / "seg.nii.gz"), "--overwrite", "--quiet",
+                     "--device", "cpu", "--checkpoint", str(chosen), "--steps", "3", *flags]) == 0
+        return capsys.readouterr().out.splitlines()[0]
+
+    assert first_line() == ("sampling: adaptive, at most 2 of 3 steps, consensus late_mean "
+                            f"(the model's own: {choice.origin()})")
+    # The user's own settings are theirs: no claim that the model chose them.
+    assert first_line("--consensus", "vote_gated", "--step-cap", "3") == (
+        "sampling: adaptive, at most 3 of 3 steps, consensus vote_gated")
+    assert first_line("--no-adaptive", "--consensus", "mean") == "sampling: 3 fixed steps, consensus mean"

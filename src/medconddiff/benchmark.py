@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .benchmark_measures import (DEFAULT_LABEL, FINETUNE_SLICES, BenchModel, build_segmenter, load_bench_model,
-                                 measure_end_to_end, measure_finetune, measure_model, network_parts,
-                                 parameter_counts, sample_volume, slab)
+from .benchmark_measures import (DEFAULT_LABEL, FINETUNE_SLICES, BenchModel, HeldOutScan, build_segmenter,
+                                 held_out_scan, load_bench_model, measure_end_to_end, measure_finetune,
+                                 measure_model, network_parts, parameter_counts, sample_volume, slab)
 from .benchmark_memory import (BIG_VOLUME_SPACING, big_volume_meta, current_rss_bytes, memory_probe,
                                memory_probe_main, peak_rss_bytes, run_memory_probe)
 from .benchmark_report import GB, TARGETS, cpu_name, environment, evaluate_targets, format_report, table_rows
@@ -32,7 +32,7 @@ from .errors import ConfigError
 # The benchmark's parts live in benchmark_timing, benchmark_measures, benchmark_memory and
 # benchmark_report; these names stay importable from here, where callers have always found them.
 __all__ = ["SCHEMA", "BenchmarkOptions", "run_benchmark", "TARGETS", "GB", "DEFAULT_LABEL", "FINETUNE_SLICES",
-           "BIG_VOLUME_SPACING", "BenchModel", "EngineProfile", "build_segmenter", "load_bench_model",
+           "BIG_VOLUME_SPACING", "BenchModel", "HeldOutScan", "held_out_scan", "EngineProfile", "build_segmenter", "load_bench_model",
            "measure_model", "measure_end_to_end", "measure_finetune", "network_parts", "parameter_counts",
            "sample_volume", "slab", "big_volume_meta", "current_rss_bytes", "peak_rss_bytes", "memory_probe",
            "memory_probe_main", "run_memory_probe", "cpu_name", "environment", "evaluate_targets",
@@ -62,7 +62,8 @@ class BenchmarkOptions:
     big_volume_adaptive: bool = True                   # sample the big volume with adaptive steps
     real_size: tuple[str, ...] = ()                    # further real-size NIfTIs, each end to end (memory on)
     finetune_steps: int = 200                          # fine-tuning speed: steps on 3 slices (0 = skip)
-    heldout_slices: Optional[tuple[int, int]] = (48, 72)  # the sample's held-out slab [a, b) (None = skip)
+    heldout_slices: Optional[tuple[int, int]] = (48, 72)  # the held-out slab [a, b) (None = skip)
+    heldout_scan: Optional[tuple[str, str]] = None     # (image, labels) NIfTIs scored there instead of the sample
     precision: str = "auto"                            # SamplingConfig.precision of every measurement
 
     @classmethod
@@ -98,6 +99,14 @@ class BenchmarkOptions:
         missing = [path for path in self.real_size if not os.path.isfile(path)]
         if missing:
             raise ConfigError(f"real-size scan(s) not found: {', '.join(missing)}")
+        if self.heldout_scan is not None:
+            if len(self.heldout_scan) != 2:
+                raise ConfigError(f"heldout_scan is an image and its labels, got {self.heldout_scan}")
+            if self.heldout_slices is None:
+                raise ConfigError("a held-out scan needs the slab to score (heldout_slices)")
+            missing = [path for path in self.heldout_scan if not os.path.isfile(path)]
+            if missing:
+                raise ConfigError(f"held-out scan file(s) not found: {', '.join(missing)}")
         if self.finetune_steps < 0:
             raise ConfigError(f"finetune_steps must be 0 or more, got {self.finetune_steps}")
         from .config import PRECISIONS
@@ -117,6 +126,7 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
     device = resolve_device(options.device)
     env = environment(device)
     volume, meta = sample_volume()
+    held_out = held_out_scan(options, volume, meta)
     models = []
     labels_seen: dict[str, int] = {}
     for checkpoint in options.checkpoints:
@@ -125,7 +135,7 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
         labels_seen[bench.label] = count + 1
         if count:  # the same file name twice: keep columns apart
             bench = dataclasses.replace(bench, label=f"{bench.label}#{count + 1}")
-        report = measure_model(bench, volume, meta, options, log)
+        report = measure_model(bench, volume, meta, options, log, held_out)
         report["memory"] = None
         if options.memory:
             log(f"[{bench.label}] peak memory, {'×'.join(map(str, options.big_volume_shape))} volume "

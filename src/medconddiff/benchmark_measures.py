@@ -127,8 +127,9 @@ def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any, precision
 
 
 def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: BenchmarkOptions,
-                  log: Callable[[str], None]) -> dict:
-    """All in-process measurements of one model (the memory probe runs separately)."""
+                  log: Callable[[str], None], held_out: Optional["HeldOutScan"] = None) -> dict:
+    """All in-process measurements of one model (the memory probe runs separately); ``held_out`` is
+    the labelled scan of the per-step / consensus / one-shot check (:func:`held_out_scan`; None: none)."""
     seg = bench.segmenter
     device = seg.device
     ref = options.reference_steps
@@ -191,9 +192,9 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
             f"{SET_CASES} cases × {len(FINETUNE_SLICES)} slices")
         set_finetune = measure_set_finetune(bench, options)
     diffusion = None
-    if options.heldout_slices:
-        log(f"[{bench.label}] per-step, consensus and one-shot Dice on the sample's held-out slices")
-        diffusion = measure_diffusion_check(seg, volume, meta, options)
+    if held_out is not None:
+        log(f"[{bench.label}] per-step, consensus and one-shot Dice on {held_out.name} {held_out.slab_text}")
+        diffusion = measure_diffusion_check(seg, held_out, options)
 
     return {
         "label": bench.label,
@@ -321,23 +322,68 @@ def _time_training(run: Any, bench: BenchModel, options: BenchmarkOptions, start
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
-def measure_diffusion_check(segmenter: Any, volume: np.ndarray, meta: Any, options: BenchmarkOptions) -> dict:
-    """Per-step, consensus and one-shot mean Dice on the bundled sample's held-out slices (default
-    sampling at the reference steps), with :func:`~medconddiff.evaluation.diffusion_check`'s drift and margin. A model whose
-    classes are not the sample's (a fine-tune to other classes) is skipped: its held-out scan is not shipped.
-    ``volume``/``meta``: the bundled sample as :func:`sample_volume` loaded it."""
-    from .config import SamplingConfig
-    from .evaluation import evaluate_volume, json_safe
-    from .nifti import load_labels, sample_label_path
+@dataclass(frozen=True)
+class HeldOutScan:
+    """The labelled scan the per-step / consensus / one-shot check scores, on canonical slices
+    ``slices`` [a, b): the bundled sample (its held-out slab) unless the user names another scan."""
 
-    if tuple(segmenter.class_names) != SAMPLE_CLASSES:
+    name: str                      # the file name, for the table (never a patient identifier)
+    image: np.ndarray              # file voxel order, as loaded
+    meta: Any                      # medconddiff.nifti.VolumeMeta of the image
+    labels: np.ndarray             # (i, j, k), the image's voxel order
+    slices: tuple[int, int]
+    bundled: bool                  # the bundled sample: only models with its classes are scored
+
+    @property
+    def slab_text(self) -> str:
+        return f"{self.slices[0]}:{self.slices[1]}"
+
+
+def held_out_scan(options: BenchmarkOptions, volume: np.ndarray, meta: Any) -> Optional[HeldOutScan]:
+    """The scan of the held-out check (None when it is skipped). A named scan is read and its labels
+    checked against it before anything is measured, so a wrong pair fails in seconds, not after the
+    timings; ``volume``/``meta`` are the bundled sample as :func:`sample_volume` loaded it."""
+    from .errors import UserInputError
+    from .nifti import load_labels, load_volume, sample_label_path
+
+    if not options.heldout_slices:
+        return None
+    slices = (int(options.heldout_slices[0]), int(options.heldout_slices[1]))
+    if options.heldout_scan is None:
+        labels, _ = load_labels(sample_label_path())
+        return HeldOutScan("sample", volume, meta, labels, slices, bundled=True)
+    image_path, label_path = options.heldout_scan
+    image, image_meta = load_volume(image_path)
+    labels, _ = load_labels(label_path)
+    if tuple(labels.shape) != tuple(image.shape[:3]):
+        raise UserInputError(f"held-out labels {Path(label_path).name} have shape {tuple(labels.shape)}, "
+                             f"the image {Path(image_path).name} {tuple(image.shape[:3])}")
+    return HeldOutScan(Path(image_path).name, image, image_meta, labels, slices, bundled=False)
+
+
+def measure_diffusion_check(segmenter: Any, held_out: HeldOutScan, options: BenchmarkOptions) -> dict:
+    """Per-step, consensus and one-shot mean Dice on ``held_out``'s slab (default sampling at the
+    reference steps), with :func:`~medconddiff.evaluation.diffusion_check`'s drift and margin.
+
+    Skipped, with the reason in the report, where the scan cannot score the model: the bundled sample
+    for a model whose classes are not the sample's (a fine-tune to other classes: its own held-out scan
+    is not shipped; name it with ``heldout_scan``), or labels or slices the model cannot take."""
+    from .config import SamplingConfig
+    from .errors import UserInputError
+    from .evaluation import evaluate_volume, json_safe
+
+    if held_out.bundled and tuple(segmenter.class_names) != SAMPLE_CLASSES:
         return {"skipped": f"classes {list(segmenter.class_names)} are not the sample's {list(SAMPLE_CLASSES)}"}
-    labels, _ = load_labels(sample_label_path())
-    first, stop = options.heldout_slices
+    first, stop = held_out.slices
     sampling = SamplingConfig(steps=options.reference_steps, precision=options.precision)   # else the defaults
-    report = evaluate_volume(segmenter, volume, labels, meta, sampling, slices=range(first, stop))
+    try:
+        report = evaluate_volume(segmenter, held_out.image, held_out.labels, held_out.meta, sampling,
+                                 slices=range(first, stop))
+    except UserInputError as error:   # e.g. a label value beyond this model's classes, a slab past the scan
+        return {"skipped": str(error), "scan": held_out.name}
     # NaN (a class set absent from the slab) becomes None, as everywhere in the JSON report.
-    return json_safe({"slices": [first, stop], "consensus": report["consensus"]["mean_foreground"]["dice"],
+    return json_safe({"scan": held_out.name, "slices": [first, stop],
+                      "consensus": report["consensus"]["mean_foreground"]["dice"],
                       "one_shot": report["one_shot"]["mean_foreground"]["dice"],
                       "step_mean_dice": report["step_mean_dice"], "steps_used_mean": report["steps_used_mean"],
                       **report["diffusion_check"]})

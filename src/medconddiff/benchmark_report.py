@@ -189,7 +189,8 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     held = (models[0].get("diffusion_check") or {}).get("slices") or options.get("heldout_slices")
     if held:
         slab = f"{held[0]}:{held[1]}"
-        row(f"held-out sample {slab}: consensus / one-shot / best step Dice",
+        scan = os.path.basename((options.get("heldout_scan") or ["sample"])[0])
+        row(f"held-out {scan} {slab}: consensus / one-shot / best step Dice",
             lambda m: _held_out(m, lambda c: f"{_fmt(c['consensus'], '.4f')} / {_fmt(c['one_shot'], '.4f')} / "
                                              f"{_fmt(_best(c['step_mean_dice']), '.4f')} "
                                              f"({c['steps_used_mean']:.1f} steps)"))

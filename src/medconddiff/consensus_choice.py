@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .config import SamplingConfig
+from .defined_values import defined, max_defined
 from .errors import UserInputError
 
 #: The fusions a model may choose from (every method of :data:`~medconddiff.config.CONSENSUS_METHODS`).
@@ -80,8 +81,7 @@ class ConsensusChoice:
     @property
     def best_rival(self) -> float:
         """max(best single step, one-shot) on the choosing slices (NaN if undefined)."""
-        rivals = [d for d in (*self.step_dice, self.one_shot_dice) if not math.isnan(d)]
-        return max(rivals) if rivals else float("nan")
+        return max_defined((*self.step_dice, self.one_shot_dice))
 
     @property
     def margin(self) -> float:
@@ -91,8 +91,7 @@ class ConsensusChoice:
     @property
     def one_shot_better(self) -> bool:
         """The one-shot forward beat every candidate fusion on the choosing slices."""
-        scores = [d for d in self.candidate_dice.values() if not math.isnan(d)]
-        return bool(scores) and not math.isnan(self.one_shot_dice) and self.one_shot_dice > max(scores)
+        return self.one_shot_dice > max_defined(self.candidate_dice.values())   # False where either is NaN
 
     def origin(self) -> str:
         """Where the choice came from, in a few words."""
@@ -104,7 +103,7 @@ class ConsensusChoice:
             return f"consensus '{self.method}': {self.basis}"
         chosen = self.candidate_dice.get(self.method, float("nan"))
         text = (f"consensus '{self.method}', {self.origin()}: Dice {chosen:.3f} "
-                f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, best step {_max(self.step_dice):.3f}, "
+                f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, best step {max_defined(self.step_dice):.3f}, "
                 f"one-shot {self.one_shot_dice:.3f})")
         if self.step_cap is not None:
             text += f"; at most {self.step_cap} steps (later ones added under {STEP_GAIN} Dice)"
@@ -141,11 +140,6 @@ def _json_float(value: float) -> Optional[float]:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def _max(values: Sequence[float]) -> float:
-    defined = [v for v in values if not math.isnan(v)]
-    return max(defined) if defined else float("nan")
-
-
 def pick(candidate_dice: Mapping[str, float], prior: str = "mean") -> str:
     """The candidate to use: ``prior`` unless another beats it by more than :data:`SWITCH_MARGIN`
     (then the best; ties go to the earlier entry of :data:`CANDIDATES`)."""
@@ -165,7 +159,7 @@ def useful_steps(step_dice: Sequence[float], gain: float = STEP_GAIN) -> Optiona
     :data:`MIN_STEP_CAP`) that no later step beats by more than ``gain``; None when only the last does."""
     for k in range(MIN_STEP_CAP, len(step_dice)):
         reference = step_dice[k - 1]
-        later = [d for d in step_dice[k:] if not math.isnan(d)]
+        later = defined(step_dice[k:])
         if not math.isnan(reference) and all(d <= reference + gain for d in later):
             return k
     return None

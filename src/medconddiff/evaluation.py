@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from .defined_values import defined, max_defined
 from .errors import UserInputError
 
 #: In-plane dilation (voxels, per slice) of reference ∪ prediction foreground for the foreground AUROC.
@@ -120,8 +121,8 @@ def foreground_region(predicted: np.ndarray, reference: np.ndarray, margin: int 
 
 def _nanmean(values: Iterable[Optional[float]]) -> float:
     """Mean of the defined values; NaN when none is (e.g. HD95 with every class empty)."""
-    defined = [float(v) for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(defined)) if defined else float("nan")
+    kept = defined(values)
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Sequence[str],
@@ -156,10 +157,9 @@ def diffusion_check(consensus_dice: float, one_shot_dice: float, step_dice: Sequ
     """Whether the diffusion earned its cost on this slab: the consensus against the best single step
     and the one-shot forward (``margin`` < 0 means it did not), and the drift from the first step to
     the last (< 0: later steps got worse). NaN where a figure is undefined (an empty class set)."""
-    defined = [d for d in step_dice if not math.isnan(d)]
-    rivals = [d for d in (*defined, one_shot_dice) if not math.isnan(d)]
-    margin = consensus_dice - max(rivals) if rivals and not math.isnan(consensus_dice) else float("nan")
-    drift = defined[-1] - defined[0] if len(defined) >= 2 else float("nan")
+    steps = defined(step_dice)
+    margin = consensus_dice - max_defined((*steps, one_shot_dice))   # NaN when either side is undefined
+    drift = steps[-1] - steps[0] if len(steps) >= 2 else float("nan")
     return {"consensus_minus_best_of_steps_and_one_shot": margin, "last_step_minus_first_step": drift,
             "consensus_at_least_best": bool(margin >= 0) if not math.isnan(margin) else None}
 

@@ -37,6 +37,7 @@ from torch.profiler import record_function
 from .config import NETWORK_STRIDE, PreprocessPlan
 from .errors import UserInputError
 from .geometry import SLICE_AXIS, Orientation
+from .hounsfield import looks_like_hounsfield  # noqa: F401  (re-exported: finetune and callers use it from here)
 from .nifti_read import sanitize_nonfinite
 from .profiling import PREPROCESS
 from .volume_meta import VolumeMeta
@@ -131,15 +132,6 @@ def channel_intensity(channel: np.ndarray, scheme: str, plan: PreprocessPlan) ->
     body = body if body.size >= 16 else sample
     mean, std = float(body.mean()), float(body.std())
     return ChannelIntensity(low, high, mean, std if std > 1e-6 else 1.0)
-
-
-def looks_like_hounsfield(channel: np.ndarray) -> bool:
-    """Whether a channel can be CT in Hounsfield units: some voxel below 0 HU (fat, lung, air).
-
-    Any CT field of view that holds more than one organ has them; MRI, PET and CT stored without
-    its rescale intercept have none, and a fixed HU window would flatten them into a few grey levels.
-    """
-    return bool(channel.min() < 0)
 
 
 def hounsfield_note(plan: PreprocessPlan, channels: Sequence[int]) -> str:

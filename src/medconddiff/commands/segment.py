@@ -319,6 +319,19 @@ def _progress_bar(total: int, name: str):
     return tqdm(total=total, desc=f"segmenting {name}", unit="slice", file=sys.stderr)
 
 
+def sampling_line(segmenter, sampling: SamplingConfig) -> str:
+    """One line on how every scan will be sampled, the model's own choices resolved and explained."""
+    used = segmenter.resolve_sampling(sampling)
+    steps = (f"adaptive, at most {used.step_cap} of {used.steps} steps" if used.adaptive
+             else f"{used.steps} fixed steps")
+    text = f"sampling: {steps}, consensus {used.consensus}"
+    choice = segmenter.consensus_choice
+    model_cap = sampling.adaptive and sampling.step_cap == 0
+    if choice is not None and (sampling.consensus == "auto" or model_cap):
+        text += f" (the model's own: {choice.origin()})"
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
     from ..segmenter import Segmenter
 
@@ -336,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=device)
     segmenter.config.check_sampling(sampling)
+    print(sampling_line(segmenter, sampling))
     note = NotePrinter()
     jobs, cohort = plan_jobs(list(args.input), args.output, segmenter.plan.num_channels, series=args.series,
                              all_series=args.all_series, output_format=args.output_format, note=note)
