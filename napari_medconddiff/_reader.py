@@ -173,7 +173,7 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
             notes.append(f"{info.name}: left out, every image is a localizer (scout)")
             continue
         try:
-            scan = read_dicom_series(path, info.uid)
+            scan = read_dicom_series(path, info.uid, listed=infos)
         except DicomError as error:
             message = " ".join(str(error).split())
             failures.append(message if info.name in message else f"{info.name}: {message}")

@@ -246,3 +246,40 @@ def test_a_resumed_trainer_continues_the_learning_rate_where_it_stopped(tmp_path
     trainer._follow_lr_schedule(total_steps=6)
     expected = _warmup_then_cosine(4, 6, config.train.lr, 3)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_training_with_validation_slices_records_the_consensus_they_support(tmp_path, liver_case):
+    """The final checkpoint carries a consensus choice and step cap measured on the validation slices
+    (never trained on); per-epoch checkpoints do not; --consensus auto then uses it."""
+    from medconddiff.consensus_choice import EXTRA_KEY, recorded_choice
+    from medconddiff.segmenter import Segmenter
+    from medconddiff.train import Validation
+
+    config = tiny_config()
+    config.train.epochs = 1
+    config.train.iterations_per_epoch = 2
+    config.train.val_every = 0
+    train_set = TrainingSlices([liver_case], config.plan, config.train.patch_size, [(0, 3)])
+    messages = []
+    trainer = Trainer(config, train_set, tmp_path, device="cpu", validation=Validation([liver_case], [(3, 6)]),
+                      log=messages.append)
+    trainer.fit()
+    assert EXTRA_KEY not in load_checkpoint(tmp_path / "last.safetensors").extra
+    choice = recorded_choice(load_checkpoint(tmp_path / "final.safetensors").extra)
+    assert choice is not None and choice.slices == 3 and choice.scans == 1
+    assert choice.basis == "3 validation slice(s) of 1 case(s), not trained on"
+    assert set(choice.candidate_dice) >= {"mean", "late_mean", "last"} and len(choice.step_dice) >= 1
+    assert any(message.startswith(f"consensus '{choice.method}', chosen on 3 validation") for message in messages)
+    assert Segmenter.from_checkpoint(tmp_path / "final.safetensors", device="cpu").consensus_choice == choice
+
+
+def test_training_without_validation_slices_records_no_consensus_choice(tmp_path, liver_case):
+    from medconddiff.consensus_choice import EXTRA_KEY
+
+    config = tiny_config()
+    config.train.epochs = 1
+    config.train.iterations_per_epoch = 1
+    trainer = Trainer(config, TrainingSlices([liver_case], config.plan, config.train.patch_size), tmp_path,
+                      device="cpu")
+    trainer.fit()
+    assert EXTRA_KEY not in load_checkpoint(tmp_path / "final.safetensors").extra

@@ -14,7 +14,7 @@ from medconddiff.dataset_layout import describe_dataset
 from medconddiff.losses import IGNORE_INDEX
 from medconddiff.nifti import VolumeMeta, load_labels
 from medconddiff.training_data import TrainingData
-from medconddiff.training_set import STAGING_FOLDER, TrainingSet, TrainingSetError, case_id_from_name
+from medconddiff.training_set import LOCK_FILE, STAGING_FOLDER, TrainingSet, TrainingSetError, case_id_from_name
 from tests.conftest import meta_1mm
 
 META = meta_1mm()
@@ -46,7 +46,8 @@ def test_a_new_set_is_an_nnunet_v2_folder_with_an_ignore_label_above_the_classes
     assert manifest["labels"] == {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}
     assert manifest["channel_names"] == {"0": "CT"} and manifest["numTraining"] == 1
     assert manifest["file_ending"] == ".nii.gz"
-    assert sorted(os.listdir(root)) == ["dataset.json", "imagesTr", "labelsTr"]    # no staging left behind
+    # No staging left behind; the (released) lock of one add at a time stays, hidden.
+    assert sorted(os.listdir(root)) == [LOCK_FILE, "dataset.json", "imagesTr", "labelsTr"]
     stored = label_file(root, "scan-01")
     # Axial slices of an RAS scan are file axis 2: verified slices hold the labels, the rest is ignore.
     np.testing.assert_array_equal(stored[..., [1, 4]], labels[..., [1, 4]])
@@ -301,3 +302,35 @@ def test_evaluate_scores_a_set_on_its_verified_voxels_only(tmp_path, tiny_checkp
     assert case["ignored_voxels"] == int(labels[..., [0, 1, 3, 4, 5]].size)
     scored = {name: m["reference_voxels"] for name, m in case["consensus"]["per_class"].items()}
     assert scored == {"liver": int((labels[..., 2] == 1).sum()), "tumour": int((labels[..., 2] == 2).sum())}
+
+
+def test_two_programs_adding_to_one_set_keep_each_others_cases(tmp_path, scan):
+    """Two napari windows (or napari and a script) opened the same set; each adds a scan."""
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER)
+    first, second = TrainingSet.open(root), TrainingSet.open(root)
+    first.add_scan("scan-a", image, META, labels, LIVER, verified_slices=[1])
+    second.add_scan("scan-b", image, META, labels, LIVER, verified_slices=[2], slicing="coronal")
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["numTraining"] == 2 and manifest["medconddiff"]["slicing"] == {"scan-a": "axial",
+                                                                                     "scan-b": "coronal"}
+    assert TrainingSet.open(root).cases == ["scan-a", "scan-b"] == second.cases
+    assert first.add_scan("scan-a", image, META, labels, LIVER, verified_slices=[3]).verified_slices == 2
+
+
+def test_an_add_while_another_program_holds_the_set_waits_then_says_so_and_changes_nothing(tmp_path, scan,
+                                                                                        monkeypatch):
+    from filelock import FileLock
+
+    from medconddiff import training_set as module
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("scan", image, META, labels, LIVER, verified_slices=[1])
+    before = snapshot(root)
+    monkeypatch.setattr(module, "LOCK_WAIT_SECONDS", 0.2)
+    with FileLock(str(root / LOCK_FILE)):           # another program in the middle of an add
+        with pytest.raises(TrainingSetError, match="another program has been adding to this training set"):
+            TrainingSet.open(root).add_scan("other", image, META, labels, LIVER, verified_slices=[2])
+    assert snapshot(root) == before

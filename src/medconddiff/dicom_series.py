@@ -98,11 +98,16 @@ class SeriesInfo:
 
 
 class SeriesList(list):
-    """``list[SeriesInfo]`` plus ``notes``: files skipped while looking (not DICOM, unreadable)."""
+    """``list[SeriesInfo]`` plus ``notes``: files skipped while looking (not DICOM, unreadable).
 
-    def __init__(self, items: Sequence[SeriesInfo] = (), notes: Sequence[str] = ()):
+    It keeps the headers read while looking, so :func:`read_dicom_series` given it (``listed=``) reads
+    each series without reading every header of the folder again.
+    """
+
+    def __init__(self, items: Sequence[SeriesInfo] = (), notes: Sequence[str] = (), scanned: Any = None):
         super().__init__(items)
         self.notes = list(notes)
+        self.scanned = scanned      # the _Folder of the headers read (None: read them again)
 
 
 @dataclass(frozen=True)
@@ -180,7 +185,7 @@ def list_series(path: str | os.PathLike) -> SeriesList:
     Raises :class:`DicomError` when there is no DICOM image under ``path``.
     """
     folder = _scan(Path(path))
-    return SeriesList([_series_info(instances) for instances in _sorted_series(folder)], folder.notes)
+    return SeriesList([_series_info(instances) for instances in _sorted_series(folder)], folder.notes, folder)
 
 
 def _scan(path: Path) -> _Folder:
@@ -301,15 +306,19 @@ def _choose_series(path: Path, folder: _Folder, series: int | str | None) -> lis
 # reading a series
 
 
-def read_dicom_series(path: str | os.PathLike, series: int | str | None = None) -> DicomScan:
+def read_dicom_series(path: str | os.PathLike, series: int | str | None = None, *,
+                      listed: SeriesList | None = None) -> DicomScan:
     """Read one series under ``path`` as ``(volume, meta, source)``; see the module docstring.
+
+    ``listed``: what :func:`list_series` returned for the same ``path`` a moment ago; its headers are
+    used instead of reading the folder's again (opening every series of a folder reads it once).
 
     ``volume`` is float32 ``(columns, rows, slices)`` in modality units (HU for CT); ``meta.affine``
     maps it to RAS+ mm; ``source`` names the series and the SOP instances of its slices in order.
     A single slice comes back as ``(columns, rows, 1)`` with ``meta.original_ndim == 2``.
     """
     path = Path(path)
-    instances, layout, ordered, notes = _locate(path, series)
+    instances, layout, ordered, notes = _locate(path, series, listed.scanned if listed is not None else None)
     if layout is None:
         return _read_without_geometry(instances, ordered, notes)
     volume = _read_pixels(ordered, layout.rows, layout.columns)
@@ -325,9 +334,9 @@ def dicom_source(path: str | os.PathLike, series: int | str | None = None) -> Di
     return _source(instances[0].header, ordered, notes)
 
 
-def _locate(path: Path, series: int | str | None):
+def _locate(path: Path, series: int | str | None, scanned: _Folder | None = None):
     """Choose the series and sort its images: (instances, layout or None, [(instance, frame)] by k, notes)."""
-    folder = _scan(path)
+    folder = scanned if scanned is not None else _scan(path)
     instances = _choose_series(path, folder, series)
     where = _series_info(instances).name
     broken = list(folder.broken.get(str(instances[0].header.SeriesInstanceUID), []))

@@ -122,6 +122,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(output_dir) if output_dir is not None else None   # None: save() is not used
         self.provenance = dict(provenance or {})
+        self.final_records: dict = {}   # what fit() adds to the final checkpoint (its consensus choice)
         self.log = log if self.dist.is_main else (lambda message: None)
         torch.manual_seed(self.tc.train_seed)  # same initial weights on every rank
         self.model = build_model(config.model, in_channels=config.plan.input_channels).to(self.device)
@@ -165,7 +166,9 @@ class Trainer:
     def weights_to_save(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def save(self, name: str, *, metrics: Optional[dict] = None, half: bool = False) -> Optional[Path]:
+    def save(self, name: str, *, metrics: Optional[dict] = None, half: bool = False,
+             records: Optional[dict] = None) -> Optional[Path]:
+        """Write the weights (EMA if kept), config and training state; ``records`` go into ``extra`` too."""
         if not self.dist.is_main:
             return None
         if self.output_dir is None:
@@ -174,7 +177,7 @@ class Trainer:
         aux.update(_optimizer_tensors(self.optimizer))
         extra = {**self.provenance, "epoch": self.epoch, "step": self.step, "history": self.history[-200:],
                  "metrics": metrics or {}, "world_size": self.dist.world_size,
-                 "reinitialised": sorted({k.rsplit(".", 1)[0] for k in self.reinitialised})}
+                 "reinitialised": sorted({k.rsplit(".", 1)[0] for k in self.reinitialised}), **(records or {})}
         return save_checkpoint(self.output_dir / name, self.weights_to_save(), self.config, extra=extra,
                                half=half, tensors=None if half else aux)
 
@@ -234,6 +237,23 @@ class Trainer:
         dice = self.validation.dice(segmenter, SamplingConfig(steps=self.tc.val_steps))
         return {f"val_dice_{name}": round(d, 4) for name, d in dice.items()}
 
+    def consensus_record(self) -> dict:
+        """The trained weights' consensus choice and step cap, measured on the validation slices
+        (:func:`~medconddiff.consensus_choice.choose_consensus`): ``{EXTRA_KEY: record}`` for the final
+        checkpoint's ``extra``, so ``consensus="auto"`` uses what this model's own held-out slices
+        support. Empty without validation slices, and on every rank but the first."""
+        if self.validation is None or not self.dist.is_main:
+            return {}
+        from .consensus_choice import EXTRA_KEY, choose_consensus
+
+        segmenter = Segmenter(self.weights_to_save(), self.config, device=self.device)
+        scans = self.validation.choosing_slices(segmenter)
+        count = sum(len(scan.slices) for scan in scans)
+        choice = choose_consensus(segmenter, scans, f"{count} validation slice(s) of {len(scans)} case(s), "
+                                                    "not trained on")
+        self.log(choice.describe())
+        return {EXTRA_KEY: choice.to_dict()}
+
     def iterate(self) -> Iterator["TrainStep | EpochDone"]:
         """Train until ``epochs`` are done, yielding after every optimizer step and every epoch.
 
@@ -281,7 +301,9 @@ class Trainer:
             self.save("last.safetensors")
             self.log(f"interrupted: saved {self.output_dir / 'last.safetensors'} (resume with --resume)")
             raise
-        final = self.save("final.safetensors", metrics=self.history[-1] if self.history else {})
+        self.final_records = self.consensus_record()
+        final = self.save("final.safetensors", metrics=self.history[-1] if self.history else {},
+                          records=self.final_records)
         self.log(f"saved {final}")
         return self.output_dir / "final.safetensors"
 
@@ -322,6 +344,18 @@ class Validation:
 
     cases: Sequence[Case]
     ranges: SliceRanges
+
+    def choosing_slices(self, segmenter: Segmenter) -> list:
+        """Every case's validation slices as :class:`~medconddiff.consensus_choice.ChoosingSlices`
+        (voxels nobody checked are scored in no figure)."""
+        from .consensus_choice import ChoosingSlices
+
+        scans = []
+        for case in self.cases:
+            geometry = segmenter.preprocessor.geometry(case.image.shape, case.meta)
+            slices = range_indices(self.ranges, geometry.n_slices, case.name)
+            scans.append(ChoosingSlices(case.image, case.labels, case.meta, slices, ignore_value=IGNORE_INDEX))
+        return scans
 
     def dice(self, segmenter: Segmenter, sampling: SamplingConfig) -> dict[str, float]:
         """Dice per foreground class over all held-out slices (NaN for a class absent from both)."""

@@ -21,6 +21,9 @@ Rules of :meth:`TrainingSet.add_scan`:
   first and moved into place together, ``dataset.json`` last. A failed add leaves the set as it was.
 * Case ids come from the name the caller gives (a file stem), reduced to letters, digits, ``-`` and
   ``_``; nothing is read from image headers, whose text fields are cleared in what is written.
+* One add at a time: an add holds a lock file in the set's folder (two napari windows, or napari and a
+  script, adding to one set) and starts from what is on disk then, so an add made by another program
+  since this one opened the set is kept, never overwritten.
 
 Verified slices are canonical slices along a slicing direction (:mod:`medconddiff.preprocess`: the
 scan viewed in RAS, cut across the plan's axis), the indices the napari widget and ``--slices`` use.
@@ -28,6 +31,7 @@ scan viewed in RAS, cut across the plan's axis), the indices the napari widget a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,10 +39,11 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
+from filelock import FileLock, Timeout
 
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
@@ -49,6 +54,10 @@ IGNORE_NAME = "ignore"
 FILE_ENDING = ".nii.gz"
 #: Where an add writes its files before moving them into place (removed afterwards).
 STAGING_FOLDER = ".medconddiff-staging"
+#: The lock an add holds (a file in the set's folder; the operating system releases it if the program dies).
+LOCK_FILE = ".medconddiff.lock"
+#: Seconds an add waits for another program's add to finish.
+LOCK_WAIT_SECONDS = 30.0
 #: dataset.json key with what nnU-Net does not know: per case, the slicing its verified slices count along.
 MANIFEST_KEY = "medconddiff"
 #: Header text fields that can carry free text (names, IDs): cleared in every file written.
@@ -199,6 +208,32 @@ class TrainingSet:
         (canonical slice indices along ``slicing``) or ``verified_mask`` (a boolean voxel mask in
         file order, e.g. brush strokes); at least one voxel must be verified.
         """
+        with self._locked():
+            self._reload()
+            return self._add_scan(case_id, image, meta, labels, class_names, verified_slices, slicing,
+                                  verified_mask, channel_names)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = FileLock(str(self.root / LOCK_FILE), timeout=LOCK_WAIT_SECONDS)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise TrainingSetError(f"{self.root}: another program has been adding to this training set for "
+                                   f"{LOCK_WAIT_SECONDS:g} s; try again when it has finished") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _reload(self) -> None:
+        """Take what is on disk now: another program may have added to the set since it was opened."""
+        current = TrainingSet.open(self.root)
+        self.class_names, self.channel_names = current.class_names, current.channel_names
+        self._slicing, self._stored_ignore, self._cases = current._slicing, current._stored_ignore, current._cases
+
+    def _add_scan(self, case_id, image, meta, labels, class_names, verified_slices, slicing, verified_mask,
+                  channel_names) -> AddResult:
         name = case_id_from_name(case_id)
         image = np.asarray(image)
         image = image[..., None] if image.ndim == 3 else image

@@ -16,6 +16,8 @@ half-open as in Python.
 
 Writes OUTPUT/last.safetensors after every epoch (Ctrl-C saves it too), OUTPUT/final.safetensors at
 the end, OUTPUT/log.jsonl (one JSON record per epoch) and OUTPUT/config.json (config, fingerprint).
+With --val-slices, final.safetensors also records the consensus fusion and step cap that those slices
+(never trained on) support, which `--consensus auto` (the default) then uses.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder for checkpoints and log")
     parser.add_argument("--train-slices", help=f"train on these {SLICES_HELP}, in every case (default: all)")
     parser.add_argument("--val-slices", help=f"score validation Dice on these {SLICES_HELP}, in every case "
-                        "(default: no validation)")
+                        "(default: no validation); after training, the final checkpoint's consensus and step cap "
+                        "are chosen on them (as choose-consensus does)")
     parser.add_argument("--resume", type=Path, help="continue from a last.safetensors of an earlier run")
     parser.add_argument("--init", help="start from a checkpoint's weights (fine-tuning): a file, or a bundled "
                         "model: default, medconddiff-liver, lsegdiff-liver")
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(args.export_half, trainer.weights_to_save(), config,
-                        extra={**provenance, "history": trainer.history[-1:]}, half=True, overwrite=args.overwrite)
+                        extra={**provenance, "history": trainer.history[-1:], **trainer.final_records}, half=True,
+                        overwrite=args.overwrite)
         print(f"exported fp16 weights to {args.export_half}")
     if trainer.dist.is_main:
         (args.output / "config.json").write_text(json.dumps({**config.to_dict(), "provenance": provenance}, indent=2))
