@@ -32,10 +32,10 @@ from .errors import ConfigError
 # The benchmark's parts live in benchmark_timing, benchmark_measures, benchmark_memory and
 # benchmark_report; these names stay importable from here, where callers have always found them.
 __all__ = ["SCHEMA", "BenchmarkOptions", "run_benchmark", "TARGETS", "GB", "DEFAULT_LABEL", "FINETUNE_SLICES",
-           "BIG_VOLUME_SPACING", "BenchModel", "HeldOutScan", "held_out_scan", "EngineProfile", "build_segmenter", "load_bench_model",
-           "measure_model", "measure_end_to_end", "measure_finetune", "network_parts", "parameter_counts",
-           "sample_volume", "slab", "big_volume_meta", "current_rss_bytes", "peak_rss_bytes", "memory_probe",
-           "memory_probe_main", "run_memory_probe", "cpu_name", "environment", "evaluate_targets",
+           "BIG_VOLUME_SPACING", "BenchModel", "HeldOutScan", "held_out_scan", "EngineProfile", "build_segmenter",
+           "load_bench_model", "measure_model", "measure_end_to_end", "measure_finetune", "network_parts",
+           "parameter_counts", "sample_volume", "slab", "big_volume_meta", "current_rss_bytes", "peak_rss_bytes",
+           "memory_probe", "memory_probe_main", "run_memory_probe", "cpu_name", "environment", "evaluate_targets",
            "format_report", "table_rows", "median", "synchronize", "time_interleaved"]
 
 SCHEMA = "medconddiff-benchmark/1"

@@ -103,8 +103,8 @@ class ConsensusChoice:
             return f"consensus '{self.method}': {self.basis}"
         chosen = self.candidate_dice.get(self.method, float("nan"))
         text = (f"consensus '{self.method}', {self.origin()}: Dice {chosen:.3f} "
-                f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, best step {max_defined(self.step_dice):.3f}, "
-                f"one-shot {self.one_shot_dice:.3f})")
+                f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, "
+                f"best step {max_defined(self.step_dice):.3f}, one-shot {self.one_shot_dice:.3f})")
         if self.step_cap is not None:
             text += f"; at most {self.step_cap} steps (later ones added under {STEP_GAIN} Dice)"
         if self.one_shot_better:

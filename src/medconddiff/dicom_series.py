@@ -104,10 +104,10 @@ class SeriesList(list):
     each series without reading every header of the folder again.
     """
 
-    def __init__(self, items: Sequence[SeriesInfo] = (), notes: Sequence[str] = (), scanned: Any = None):
+    def __init__(self, items: Sequence[SeriesInfo] = (), notes: Sequence[str] = (), scanned: _Folder | None = None):
         super().__init__(items)
         self.notes = list(notes)
-        self.scanned = scanned      # the _Folder of the headers read (None: read them again)
+        self.scanned = scanned      # the headers read while looking (None: read them again)
 
 
 @dataclass(frozen=True)

@@ -346,8 +346,9 @@ class Validation:
     ranges: SliceRanges
 
     def choosing_slices(self, segmenter: Segmenter) -> list:
-        """Every case's validation slices as :class:`~medconddiff.consensus_choice.ChoosingSlices`
-        (voxels nobody checked are scored in no figure)."""
+        """Every case's validation slices (canonical indices along ``segmenter``'s plan) as
+        :class:`~medconddiff.consensus_choice.ChoosingSlices`, voxels nobody checked marked
+        :data:`IGNORE_INDEX` (scored in no figure): what :meth:`dice` and the consensus choice score."""
         from .consensus_choice import ChoosingSlices
 
         scans = []
@@ -362,13 +363,12 @@ class Validation:
         names = segmenter.class_names
         hits = np.zeros(len(names))
         totals = np.zeros(len(names))
-        for case in self.cases:
-            geometry = segmenter.preprocessor.geometry(case.image.shape, case.meta)
-            slices = range_indices(self.ranges, geometry.n_slices, case.name)
-            result = segmenter.segment(case.image, sampling, slices=slices, meta=case.meta)
+        for scan in self.choosing_slices(segmenter):
+            slices = scan.slices
+            result = segmenter.segment(scan.image, sampling, slices=slices, meta=scan.meta)
             predicted = result.slice_view(result.labels)[slices]
-            reference = result.slice_view(case.labels)[slices]
-            predicted = np.where(reference == IGNORE_INDEX, 0, predicted)   # unverified voxels count nowhere
+            reference = result.slice_view(scan.labels)[slices]
+            predicted = np.where(reference == scan.ignore_value, 0, predicted)   # unverified voxels count nowhere
             for k in range(1, len(names)):
                 p, r = predicted == k, reference == k
                 hits[k] += 2 * np.logical_and(p, r).sum()
