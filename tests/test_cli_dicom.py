@@ -137,7 +137,13 @@ def test_several_series_are_listed_and_chosen_or_all_segmented(tmp_path, cut, ca
                                   nib.load(str(tmp_path / "five.nii.gz")).get_fdata())
 
     results = tmp_path / "results"
-    assert segment(export, "--all-series", "-o", results, "--slices", "1:3", "--output-format", "dicom-seg") == 0
+    from medconddiff import dicom_series
+    scans = []
+    original = dicom_series._scan
+    with pytest.MonkeyPatch.context() as patch:   # the folder's headers are read once, not once per series
+        patch.setattr(dicom_series, "_scan", lambda path: scans.append(path) or original(path))
+        assert segment(export, "--all-series", "-o", results, "--slices", "1:3", "--output-format", "dicom-seg") == 0
+    assert len(scans) == 1
     captured = capsys.readouterr()
     assert sorted(p.name for p in results.iterdir()) == [
         "series2_CT_venous_seg.dcm", "series2_CT_venous_seg.json",

@@ -10,7 +10,7 @@ import torch
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
 from medconddiff.consensus_choice import CANDIDATES
-from medconddiff.finetune import SCAN_KINDS, LabelledScan, channel_names_of_kind, finetune
+from medconddiff.finetune import FINETUNE_CONSENSUS, SCAN_KINDS, LabelledScan, channel_names_of_kind, finetune
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
 
@@ -92,10 +92,10 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     printed = capsys.readouterr().out
     labelled = sorted(int(k) for k in np.flatnonzero(labels.any(axis=(0, 1))))
     assert f"fine-tuning on {len(labelled)} slice(s)" in printed and "saved" in printed
-    assert "consensus 'late_mean': the fine-tune default" in printed
+    assert "consensus 'last': the fine-tune default" in printed
     extra = load_checkpoint(out).extra
     assert extra["finetuned_on"][0]["slices"] == labelled and "held_back" not in extra
-    assert extra["consensus_choice"]["method"] == "late_mean" and extra["consensus_choice"]["slices"] == 0
+    assert extra["consensus_choice"]["method"] == FINETUNE_CONSENSUS == "last" and extra["consensus_choice"]["slices"] == 0
     # --hold-back: one corrected slice chooses the consensus and is not trained on.
     assert main([*args[:-1], str(tmp_path / "held.safetensors"), "--hold-back"]) == 0
     printed = capsys.readouterr().out

@@ -8,7 +8,7 @@ from medconddiff.checkpoint import load_checkpoint
 from medconddiff.config import TrainConfig
 from medconddiff.errors import ConfigError
 from medconddiff.families import build_model
-from medconddiff.finetune import finetune_config
+from medconddiff.finetune import FINETUNE_DEFAULTS, finetune_config
 from medconddiff.schedulers import NoiseSchedule
 from medconddiff.xt_dropout import drop_noised_state
 from tests.conftest import tiny_config
@@ -63,4 +63,4 @@ def test_the_setting_is_validated_and_fine_tunes_use_it(tiny_checkpoint):
         TrainConfig(xt_dropout=-0.1)
     assert TrainConfig().xt_dropout == 0.0
     config = finetune_config(load_checkpoint(tiny_checkpoint), steps=5, log=lambda *_: None)
-    assert config.train.xt_dropout == 0.5
+    assert config.train.xt_dropout == FINETUNE_DEFAULTS["xt_dropout"] == 0.8

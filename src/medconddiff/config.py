@@ -253,7 +253,7 @@ class TrainConfig:
         choices=("prediction", "background"), default="prediction")
     xt_dropout: float = _help(
         "fraction of training items whose noised mask x_t is replaced by pure noise, so the denoiser must "
-        "read the image instead of copying x_t (fine-tunes use 0.5: it stops later steps from drifting)",
+        "read the image instead of copying x_t (fine-tunes use 0.8: it stops later steps from drifting)",
         default=0.0)
 
     def __post_init__(self) -> None:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .errors import ConfigError, UserInputError
 from .nifti import NIFTI_SUFFIXES
@@ -40,12 +40,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 @dataclass(frozen=True)
 class DicomPick:
-    """One DICOM series to read: ``read_dicom_series(path, series)``; ``name`` is file-safe."""
+    """One DICOM series to read: ``read_dicom_series(path, series)``; ``name`` is file-safe.
+    ``listed`` is the folder's listing the pick was made from: its headers are not read again."""
 
     path: Path
     series: Optional[str]
     name: str
     label: str
+    listed: Any = field(default=None, repr=False, compare=False)   # a dicom_series.SeriesList
 
 
 def is_dicom_seg_name(path: Path) -> bool:
@@ -130,7 +132,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         for name, group in taken.items():
             for info in group:
                 unique = name if len(group) == 1 else f"{name}_{_uid_tag(info.uid)}"
-                picks.append(DicomPick(path, info.uid, unique or _uid_tag(info.uid), info.name))
+                picks.append(DicomPick(path, info.uid, unique or _uid_tag(info.uid), info.name, infos))
         if not picks:
             raise DicomError(f"{path}: no series to segment (only localizers):\n{_listing(infos)}")
         return picks
@@ -138,7 +140,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         if len(infos) > 1:
             raise DicomError(f"{path} holds {len(infos)} DICOM series: choose one with --series N|UID, or "
                              f"segment each with --all-series\n{_listing(infos)}")
-        return [DicomPick(path, None, base, infos[0].name)]
+        return [DicomPick(path, None, base, infos[0].name, infos)]
     text = str(series).strip()
     matches = [info for info in infos if info.uid == text] or [
         info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)]
@@ -146,7 +148,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         problem = f"{len(matches)} series have number {text}; give the UID" if matches else \
             f"no series with number or UID {text}"
         raise DicomError(f"{path}: {problem}; found:\n{_listing(infos)}")
-    return [DicomPick(path, matches[0].uid, f"{base}_{series_file_name(matches[0])}", matches[0].name)]
+    return [DicomPick(path, matches[0].uid, f"{base}_{series_file_name(matches[0])}", matches[0].name, infos)]
 
 
 def read_pick(pick: DicomPick):
@@ -154,7 +156,7 @@ def read_pick(pick: DicomPick):
     series is refused (see the module doc)."""
     from .dicom_series import DicomError, read_dicom_series
 
-    scan = read_dicom_series(pick.path, pick.series)
+    scan = read_dicom_series(pick.path, pick.series, listed=pick.listed if pick.path.is_dir() else None)
     if pick.path.is_dir() and len(scan.source.sop_instance_uids) == 1:
         raise DicomError(f"{pick.label} in {pick.path} has one image: not a volume (a scout, dose screen or key "
                          "image?); to segment it as a 2-D image, give its .dcm file")

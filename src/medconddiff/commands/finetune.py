@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "every batch (default 0.25), and keep its classes, so it forgets less")
     parser.add_argument("--hold-back", action="store_true",
                         help="keep one corrected slice out of training and choose the model's consensus on it "
-                        "(default: train on every slice; the model then uses the mean of the later half of "
-                        "the steps)")
+                        "(default: train on every slice; the model then uses its last step, which a "
+                        "fine-tune's rising steps make its best)")
     parser.add_argument("--init", default="default", help="start checkpoint: a file or a bundled model "
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
