@@ -8,13 +8,17 @@ applies the rescale gets the volume back exactly.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
+
+from medconddiff import dicom_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Patient attributes distinctive enough that a test can search every output for them.
@@ -108,3 +112,14 @@ def oblique_affine(spacing=(0.8, 0.9, 1.5), origin=(-20.0, 35.0, 12.0)) -> np.nd
     affine[:3, :3] = rot_z @ rot_x @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
+
+
+@contextlib.contextmanager
+def counted_folder_scans() -> Iterator[list]:
+    """Within the block, every scan of a folder's DICOM headers (``dicom_series._scan``) is appended to
+    the list yielded: reading several series of one folder should scan it once."""
+    scans: list = []
+    original = dicom_series._scan
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom_series, "_scan", lambda path: scans.append(path) or original(path))
+        yield scans

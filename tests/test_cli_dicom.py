@@ -19,7 +19,7 @@ from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
 from medconddiff.dicom_series import list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
-from tests.dicom_helpers import PATIENT, write_series
+from tests.dicom_helpers import PATIENT, counted_folder_scans, write_series
 
 CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
 FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
@@ -137,13 +137,9 @@ def test_several_series_are_listed_and_chosen_or_all_segmented(tmp_path, cut, ca
                                   nib.load(str(tmp_path / "five.nii.gz")).get_fdata())
 
     results = tmp_path / "results"
-    from medconddiff import dicom_series
-    scans = []
-    original = dicom_series._scan
-    with pytest.MonkeyPatch.context() as patch:   # the folder's headers are read once, not once per series
-        patch.setattr(dicom_series, "_scan", lambda path: scans.append(path) or original(path))
+    with counted_folder_scans() as scans:
         assert segment(export, "--all-series", "-o", results, "--slices", "1:3", "--output-format", "dicom-seg") == 0
-    assert len(scans) == 1
+    assert len(scans) == 1        # the folder's headers are read once, not once per series
     captured = capsys.readouterr()
     assert sorted(p.name for p in results.iterdir()) == [
         "series2_CT_venous_seg.dcm", "series2_CT_venous_seg.json",

@@ -95,7 +95,8 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     assert "consensus 'last': the fine-tune default" in printed
     extra = load_checkpoint(out).extra
     assert extra["finetuned_on"][0]["slices"] == labelled and "held_back" not in extra
-    assert extra["consensus_choice"]["method"] == FINETUNE_CONSENSUS == "last" and extra["consensus_choice"]["slices"] == 0
+    choice = extra["consensus_choice"]
+    assert choice["method"] == FINETUNE_CONSENSUS == "last" and choice["slices"] == 0
     # --hold-back: one corrected slice chooses the consensus and is not trained on.
     assert main([*args[:-1], str(tmp_path / "held.safetensors"), "--hold-back"]) == 0
     printed = capsys.readouterr().out

@@ -23,7 +23,7 @@ from medconddiff.nifti import load_volume, sample_scan_path
 from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume, volume_to_layer
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
-from tests.dicom_helpers import PATIENT, oblique_affine, write_series
+from tests.dicom_helpers import PATIENT, counted_folder_scans, oblique_affine, write_series
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
@@ -86,19 +86,13 @@ def test_a_folder_opens_one_layer_per_series_named_by_series_without_the_scout(m
 
 
 def test_a_folder_of_several_series_is_read_once_and_gives_what_each_series_read_alone_gives(
-        tmp_path, liver, monkeypatch):
+        tmp_path, liver):
     """Opening a PACS export reads every header once (not once per series), with the same result."""
-    from medconddiff import dicom_series
-
     volume, _ = liver
     folder = export_folder(tmp_path / "export", volume, LPS)
-    scans = []
-    original = dicom_series._scan
-    monkeypatch.setattr(dicom_series, "_scan", lambda path: scans.append(path) or original(path))
-    with pytest.warns(UserWarning):
+    with counted_folder_scans() as scans, pytest.warns(UserWarning):
         layers = read_dicom(str(folder))
     assert len(scans) == 1 and len(layers) == 2
-    monkeypatch.setattr(dicom_series, "_scan", original)
     for (data, kwargs, _), number in zip(layers, (2, 5)):
         alone = read_dicom_series(folder, number)
         assert dicom_source_of(kwargs["metadata"]) == alone.source

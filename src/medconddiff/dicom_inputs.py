@@ -26,10 +26,13 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .errors import ConfigError, UserInputError
 from .nifti import NIFTI_SUFFIXES
+
+if TYPE_CHECKING:   # pydicom is imported only when a DICOM input is read
+    from .dicom_series import SeriesList
 
 __all__ = ["DicomPick", "folder_kind", "is_dicom_input", "is_dicom_seg_name", "pick_series", "read_pick",
            "series_file_name", "file_safe", "top_level_nifti"]
@@ -47,7 +50,7 @@ class DicomPick:
     series: Optional[str]
     name: str
     label: str
-    listed: Any = field(default=None, repr=False, compare=False)   # a dicom_series.SeriesList
+    listed: Optional[SeriesList] = field(default=None, repr=False, compare=False)
 
 
 def is_dicom_seg_name(path: Path) -> bool:
@@ -156,7 +159,7 @@ def read_pick(pick: DicomPick):
     series is refused (see the module doc)."""
     from .dicom_series import DicomError, read_dicom_series
 
-    scan = read_dicom_series(pick.path, pick.series, listed=pick.listed if pick.path.is_dir() else None)
+    scan = read_dicom_series(pick.path, pick.series, listed=pick.listed)
     if pick.path.is_dir() and len(scan.source.sop_instance_uids) == 1:
         raise DicomError(f"{pick.label} in {pick.path} has one image: not a volume (a scout, dose screen or key "
                          "image?); to segment it as a 2-D image, give its .dcm file")

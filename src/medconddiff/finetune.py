@@ -45,8 +45,8 @@ from .nifti import VolumeMeta
 
 #: Optimisation defaults for a few slices: short warm-up, EMA that follows a few hundred steps, and x_t
 #: dropout 0.8 (see :mod:`~medconddiff.xt_dropout`): at 0.5 one lung2 fine-tune's last three steps still
-#: fell (0.567 → 0.517); at 0.8 every step of all four fine-tunes measured (lung2, MNI152; 2 seeds each)
-#: was at least as good as the one before it, and their held-out Dice rose or held (README).
+#: fell (0.567 → 0.517); at 0.8 no step of the four fine-tunes measured (lung2, MNI152; 2 seeds each) fell
+#: more than 0.0011 below the one before it, and their held-out Dice rose (README).
 FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_size=4, val_every=0,
                          foreground_crop_fraction=0.7, xt_dropout=0.8)
 
@@ -64,9 +64,9 @@ class LabelledScan:
 
 
 #: The consensus of a fine-tuned model unless a held-back slice chooses another: trained with x_t dropout
-#: 0.8, a fine-tune's trajectory rises step after step until it settles, so its last step is its best and
-#: any mean of earlier steps lags it (late_mean by 0.000–0.023 on the 6 held-out fine-tune figures; "last"
-#: was the best step on 5 and 0.0006 below the one-shot on the sixth; README: "Do the diffusion steps earn
+#: 0.8, a fine-tune's trajectory rises until it settles, so its last step is its best (on 5 of the 6 held-out
+#: fine-tune figures measured; 0.0002 below its best step and 0.0007 below the one-shot on the sixth), and
+#: means of earlier steps lag it (``mean`` by 0.001–0.073 on those 5; README: "Do the diffusion steps earn
 #: their cost?").
 FINETUNE_CONSENSUS = "last"
 
