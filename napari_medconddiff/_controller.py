@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from psygnal import Signal
 
+from medconddiff.config import ONE_SHOT
 from medconddiff.consensus_choice import resolved_consensus
 from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
@@ -241,14 +242,20 @@ class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
         results = self.current
         if self.busy or results is None or not results.runs or results.consensus is None:
             return            # applied when the operation in progress ends, or to the next run
-        if all((run.sampling.consensus, run.sampling.skip_first) == (resolved_consensus(method, run.provenance),
-                                                                     skip_first) for run in results.runs):
+        resolved = [resolved_consensus(method, run.provenance, run.sampling) for run in results.runs]
+        if all((run.sampling.consensus, run.sampling.skip_first) == (used, skip_first)
+               for run, used in zip(results.runs, resolved)):
             self._wanted_consensus = None
             return
         steps = min(run.sampling.steps for run in results.runs)
         if skip_first >= steps:
             self._wanted_consensus = None
             notify("warning", f"MedCondDiff: skip-first must be below the run's {steps} steps")
+            return
+        if any(used == ONE_SHOT and run.one_shot is None for run, used in zip(results.runs, resolved)):
+            self._wanted_consensus = None     # the form keeps the choice: the next run computes what it needs
+            notify("warning", "MedCondDiff: the shown result did not keep the one-shot forward; click Segment to "
+                              "segment with it")
             return
         self._wanted_consensus = None
         self._refuse_policy = self._ask_about_edits(

@@ -368,15 +368,16 @@ def refuse_runs(runs: Sequence[Any], method: str, skip_first: int) -> list[Refus
     out = []
     for run in runs:
         # "auto": each run's own model's choice (runs of several models may share the layers).
-        sampling = dataclasses.replace(run.sampling, consensus=resolved_consensus(method, run.provenance),
-                                       skip_first=skip_first)
+        used = resolved_consensus(method, run.provenance, run.sampling)
+        sampling = dataclasses.replace(run.sampling, consensus=used, skip_first=skip_first)
         positions = np.flatnonzero(run.shown)
         labels = np.zeros((len(positions),) + tuple(run.geometry.plane_shape), np.uint8)
         unc = np.zeros(labels.shape, np.float32)
         for start in range(0, len(positions), REFUSE_CHUNK):
             chunk = positions[start:start + REFUSE_CHUNK]
+            one_shot = None if run.one_shot is None else run.one_shot[:, chunk]
             labels[start:start + len(chunk)], unc[start:start + len(chunk)] = fuse_slices(
-                run.trajectory[:, :, chunk], sampling, run.geometry, run.postprocess, run.steps_used[chunk])
+                run.trajectory[:, :, chunk], sampling, run.geometry, run.postprocess, run.steps_used[chunk], one_shot)
         out.append(Refused(run, sampling, run.slice_indices[positions], labels, unc))
     return out
 

@@ -106,8 +106,9 @@ def make_uncertainty(scan: Any, scan_name: str, scan_id: str) -> Any:
 def steps_name(scan_name: str, steps: int, num_seeds: int, steps_used: Optional[np.ndarray] = None) -> str:
     """``<scan> x̂0 (10 steps)``; after an adaptive run, the steps its slices took."""
     if steps_used is not None and len(steps_used) and int(np.min(steps_used)) < steps:
-        taken = f"adaptive: {int(np.min(steps_used))}–{int(np.max(steps_used))} of {steps} steps, " \
-                f"mean {float(np.mean(steps_used)):.1f}"
+        low, high = int(np.min(steps_used)), int(np.max(steps_used))
+        taken = (f"adaptive: {low} of {steps} steps" if low == high else
+                 f"adaptive: {low}–{high} of {steps} steps, mean {float(np.mean(steps_used)):.1f}")
         count = f"{num_seeds} seeds × {taken}" if num_seeds > 1 else taken
     else:
         count = f"{num_seeds} seeds × {steps} steps" if num_seeds > 1 else f"{steps} steps"

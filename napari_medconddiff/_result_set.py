@@ -40,12 +40,13 @@ class KeptRun:
     class_names: tuple[str, ...]
     provenance: dict
     steps_used: np.ndarray            # per entry of slice_indices: denoising steps the slice took
+    one_shot: Optional[np.ndarray] = None   # the one-shot forward, kept by a run with that consensus
 
     @classmethod
     def of(cls, result: Any) -> "KeptRun":
         return cls(result.trajectory, result.slice_indices, result.completed.copy(), result.completed.copy(),
                    result.geometry, result.sampling, result.postprocess, tuple(result.class_names),
-                   dict(result.provenance), result.steps_used.copy())
+                   dict(result.provenance), result.steps_used.copy(), result.one_shot)
 
     @property
     def shown_slices(self) -> np.ndarray:

@@ -47,7 +47,7 @@ __all__ = ["SegmentSettings", "SegmentFlow", "CONSENSUS_NAMES", "own_copy"]
 #: What the consensus methods are called on screen; the engine gets the keys.
 CONSENSUS_NAMES = {"auto": "the model's choice", "mean": "mean", "vote_gated": "vote-gated mean",
                    "uncertainty_weighted": "uncertainty-weighted mean", "last": "last step",
-                   "late_mean": "mean of the later half"}
+                   "late_mean": "mean of the later half", "one_shot": "one-shot forward"}
 # The x̂0 layer is redrawn at most this often while steps stream in (every step is still stored).
 STEP_REDRAW_INTERVAL_S = 0.1
 # Step-by-step status text and fine-tuning progress are shown at most this often (the last step always).

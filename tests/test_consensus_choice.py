@@ -11,8 +11,9 @@ import pytest
 
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.config import SamplingConfig
-from medconddiff.consensus_choice import (CANDIDATES, MIN_STEP_CAP, SWITCH_MARGIN, ChoosingSlices,
-                                          ConsensusChoice, choose_consensus, pick, useful_steps)
+from medconddiff.consensus_choice import (CANDIDATES, MIN_STEP_CAP, ONE_SHOT_STEP_CAP, SWITCH_MARGIN,
+                                          ChoosingSlices, ConsensusChoice, choose_consensus, pick, resolved_consensus,
+                                          useful_steps)
 from medconddiff.errors import UserInputError
 from medconddiff.evaluation import evaluate_volume
 from medconddiff.finetune import FINETUNE_CONSENSUS, LabelledScan, finetune, held_back_slice
@@ -30,6 +31,20 @@ def test_the_prior_stays_unless_another_fusion_beats_it_by_more_than_the_switch_
     assert pick(scores, prior="late_mean") == "late_mean"
     assert pick({"mean": float("nan"), "vote_gated": 0.5}) == "vote_gated"   # an undefined prior cannot stay
     assert pick({"mean": 0.7, "late_mean": 0.7 + 2 * SWITCH_MARGIN, "last": 0.7 + 2 * SWITCH_MARGIN}) == "late_mean"
+
+
+def test_steps_that_rise_to_the_last_make_last_the_choice_without_a_margin():
+    scores = {"mean": 0.8999, "late_mean": 0.9004, "last": 0.9004}       # the bundled default's choosing slices
+    assert pick(scores) == "mean"
+    assert pick(scores, steps_taken=(0.8985, 0.9004)) == "last"
+    assert pick(scores, steps_taken=(0.8985, 0.9004, 0.9004)) == "last"   # a level step still rises overall
+    for not_rising in ((0.8833, 0.8829), (0.88, 0.88), (0.88, 0.90, 0.89), (0.9,), (float("nan"), 0.9)):
+        assert pick(scores, steps_taken=not_rising) == "mean"
+    assert pick({**scores, "vote_gated": 0.9004 + 2 * SWITCH_MARGIN}, steps_taken=(0.8, 0.9)) == "vote_gated"
+    choice = ConsensusChoice("last", "x", 1, 4, scores, step_dice=(0.8985, 0.9004, 0.9008, 0.9), one_shot_dice=0.888,
+                             step_cap=2)
+    assert choice.steps_taken == (0.8985, 0.9004) and "rise to the last" in choice.describe()
+    assert "rise" not in dataclasses.replace(choice, method="mean").describe()
 
 
 def test_the_held_back_slice_is_the_corrected_slice_farthest_from_the_others():
@@ -72,7 +87,7 @@ def test_choosing_scores_each_candidate_as_evaluate_does(tiny_checkpoint, liver_
     sampling = SamplingConfig(steps=3, adaptive=False)
     choice = choose_consensus(segmenter, [ChoosingSlices(image, labels, META, [2])], "slice 2", sampling=sampling)
     assert set(choice.candidate_dice) == set(CANDIDATES) and len(choice.step_dice) == 3
-    assert choice.method == pick(choice.candidate_dice)
+    assert choice.method == pick(choice.candidate_dice, steps_taken=choice.step_dice)
     for method in ("mean", "last"):
         report = evaluate_volume(segmenter, image, labels, META, dataclasses.replace(sampling, consensus=method),
                                  slices=[2])
@@ -219,3 +234,70 @@ def test_segment_says_once_how_it_samples_and_whose_choice_that_is(tmp_path, tin
     assert first_line("--consensus", "vote_gated", "--step-cap", "3") == (
         "sampling: adaptive, at most 3 of 3 steps, consensus vote_gated")
     assert first_line("--no-adaptive", "--consensus", "mean") == "sampling: 3 fixed steps, consensus mean"
+
+
+def test_the_one_shot_consensus_takes_the_one_shot_labels_and_keeps_the_steps(tiny_checkpoint, liver_volume):
+    image, labels = liver_volume
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    sampling = SamplingConfig(steps=3, adaptive=False, consensus="one_shot")
+    result = segmenter.segment(image, sampling, slices=[1, 4], meta=META)
+    one_shot = segmenter.one_shot(image, slices=[1, 4], meta=META)
+    view = result.geometry.slice_view
+    assert np.array_equal(view(result.labels)[[1, 4]], view(one_shot)[[1, 4]])
+    assert result.one_shot.shape == (segmenter.num_classes, 2) + result.trajectory.shape[-2:]
+    assert result.trajectory.shape[0] == 3 and result.uncertainty.any()     # the steps still ran
+    # Re-fusing moves between the steps' fusions and the kept one-shot without running anything again.
+    assert np.array_equal(result.refuse("mean").refuse("one_shot").labels, result.labels)
+    plain = segmenter.segment(image, dataclasses.replace(sampling, consensus="mean"), slices=[1, 4], meta=META)
+    assert plain.one_shot is None
+    with pytest.raises(UserInputError, match="only a run with that consensus keeps"):
+        plain.refuse("one_shot")
+
+
+def test_a_model_whose_steps_never_beat_its_one_shot_may_choose_it(tiny_checkpoint, liver_volume):
+    scores = {"mean": 0.8833, "late_mean": 0.8830, "last": 0.8830, "one_shot": 0.8891}   # LSegDiff's choosing slices
+    assert pick(scores, steps_taken=(0.8832, 0.8829)) == "one_shot"
+    assert pick({**scores, "one_shot": 0.8833 + SWITCH_MARGIN / 2}) == "mean"
+    choice = ConsensusChoice("one_shot", "x", 1, 16, scores, (0.8832, 0.8829), 0.8891, step_cap=ONE_SHOT_STEP_CAP)
+    assert choice.margin == 0.0 and choice.one_shot_better
+    assert "one-shot forward's" in choice.describe() and "was better" not in choice.describe()
+    assert "1 diffusion step beside it" in choice.describe()
+    assert ConsensusChoice.from_dict(choice.to_dict()) == choice
+    image, labels = liver_volume
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    chosen = choose_consensus(segmenter, [ChoosingSlices(image, labels, META, [2, 3])], "slices 2-3",
+                              sampling=SamplingConfig(steps=2, adaptive=False))
+    assert chosen.candidate_dice["one_shot"] == chosen.one_shot_dice
+    auto = Segmenter(segmenter.model, segmenter.config, device="cpu", consensus_choice=choice)
+    result = auto.segment(image, SamplingConfig(steps=2), slices=[2, 3], meta=META)
+    assert result.sampling.consensus == "one_shot" and result.one_shot is not None
+    # One step beside the one-shot: the uncertainty still has a disagreement to show, at a 2-step run's cost.
+    assert result.sampling.step_cap == 1 and np.all(result.steps_used == 1)
+    assert np.array_equal(result.labels, segmenter.one_shot(image, slices=[2, 3], meta=META))
+
+
+def test_a_choice_measured_at_a_step_cap_holds_for_runs_that_stop_there(tiny_checkpoint):
+    """The default records `last` of its 2 capped steps; on 10 fixed steps `last` would be its 10th step, which
+    the choosing slices never scored, so such a run fuses with `mean` as a model without a record does."""
+    choice = ConsensusChoice("last", "x", 1, 16, {m: 0.9 for m in CANDIDATES}, (0.8985, 0.9004, 0.9008), 0.888,
+                             step_cap=2)
+    assert choice.method_for(SamplingConfig(step_cap=2)) == "last"
+    assert choice.method_for(None) == "last"
+    assert choice.method_for(SamplingConfig(adaptive=False)) == "mean"            # 10 fixed steps
+    assert choice.method_for(SamplingConfig(steps=2, adaptive=False)) == "last"
+    assert choice.method_for(SamplingConfig(step_cap=5)) == "mean"                # a larger cap asked for
+    assert dataclasses.replace(choice, method="one_shot").method_for(SamplingConfig(adaptive=False)) == "one_shot"
+    assert dataclasses.replace(choice, step_cap=None).method_for(SamplingConfig(adaptive=False)) == "last"
+    plain = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    chosen = Segmenter(plain.model, plain.config, device="cpu", consensus_choice=choice)
+    assert chosen.resolve_sampling(SamplingConfig()).consensus == "last"
+    assert chosen.resolve_sampling(SamplingConfig()).step_cap == 2
+    assert chosen.resolve_sampling(SamplingConfig(adaptive=False)).consensus == "mean"
+    provenance = {"consensus_choice": choice.to_dict()}
+    assert resolved_consensus("auto", provenance, SamplingConfig(adaptive=False)) == "mean"
+    assert resolved_consensus("auto", provenance, SamplingConfig(step_cap=2)) == "last"
+    from medconddiff.commands.segment import sampling_line
+
+    assert "consensus last (the model's own" in sampling_line(chosen, SamplingConfig())
+    assert "consensus mean (the model's choice 'last' holds for runs of at most 2 steps" in \
+        sampling_line(chosen, SamplingConfig(adaptive=False))

@@ -221,7 +221,8 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoint):
     checkpoint = load_checkpoint(tiny_checkpoint)
     assert checkpoint.config == tiny_config()
     half = tmp_path / "half.safetensors"
-    save_checkpoint(half, build_model(checkpoint.config.model), checkpoint.config, half=True)
+    channels_last = build_model(checkpoint.config.model).to(memory_format=torch.channels_last)   # as CPU training
+    save_checkpoint(half, channels_last, checkpoint.config, half=True)
     assert Segmenter.from_checkpoint(half, device="cpu").model.denoiser.head[2].weight.dtype == torch.float32
 
     pickle_file = tmp_path / "model.pt"

@@ -252,7 +252,11 @@ def test_consensus_switch_export_and_uncertain_slice(make_napari_viewer, qtbot, 
     # Readable names on screen, the engine's names underneath; re-fusing runs no diffusion.
     assert [widget.consensus_combo.itemText(i) for i in range(widget.consensus_combo.count())] == \
         ["the model's choice", "mean", "vote-gated mean", "uncertainty-weighted mean", "last step",
-         "mean of the later half"]
+         "mean of the later half", "one-shot forward"]
+    # The one-shot forward is only kept by a run that uses it: choosing it afterwards asks for a new run.
+    widget.consensus_combo.setCurrentIndex(widget.consensus_combo.findData("one_shot"))
+    assert any("click Segment" in m for m in notifications.messages())
+    assert widget.runs_started == runs and np.array_equal(consensus.data, before[0])
     choose_consensus(qtbot, widget, "last")
     assert widget.runs_started == runs
     assert widget.controller.current.runs[0].sampling.consensus == "last"
@@ -764,7 +768,10 @@ def test_the_bundled_lsegdiff_model_runs_from_the_model_menu(make_napari_viewer,
     assert run.provenance["model"]["family"] == "latent"
     consensus = viewer.layers["liver consensus"]
     assert consensus.data.shape == layer.data.shape and consensus.data.max() < 3
-    assert viewer.layers["liver x̂0 (2 steps)"].data.shape == (2, 6, 64, 64)   # 1 mm scan, 1 mm plan
+    # Its recorded consensus is the one-shot forward, with one diffusion step beside it for the uncertainty.
+    assert run.sampling.consensus == "one_shot" and run.one_shot is not None and set(run.steps_used) == {1}
+    assert viewer.layers["liver x̂0 (adaptive: 1 of 2 steps)"].data.shape == (2, 6, 64, 64)   # 1 mm scan and plan
+    assert "one-shot forward" in widget.status.text()
     # On this real liver cut, the trained model finds liver.
     assert (consensus.data == 1).mean() > 0.2
 
@@ -781,7 +788,9 @@ def test_adaptive_steps_show_each_stopped_slice_at_its_last_step(make_napari_vie
     assert run.sampling.adaptive and (run.steps_used < 8).any() and run.steps_used.min() >= 3
     assert run.sampling.precision == "bf16" and run.provenance["arithmetic"] == "bf16"
     steps = next(candidate for candidate in viewer.layers if "x̂0" in candidate.name)
-    assert "adaptive" in steps.name and f"of 8 steps, mean {run.steps_used.mean():.1f}" in steps.name
+    low, high = int(run.steps_used.min()), int(run.steps_used.max())
+    said = f"{low} of 8 steps" if low == high else f"{low}–{high} of 8 steps, mean {run.steps_used.mean():.1f}"
+    assert f"adaptive: {said}" in steps.name
     # A 1 mm RAS scan is shown (S, P, L): the x̂0 stack's second axis is the canonical slice.
     for slice_index, used in zip(run.slice_indices, run.steps_used):
         for later in range(used, 8):

@@ -85,7 +85,8 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
-        state[key] = value.half() if half and value.is_floating_point() else value.contiguous()
+        # A model trained channels-last holds strided 4-D weights; safetensors stores packed ones only.
+        state[key] = (value.half() if half and value.is_floating_point() else value).contiguous()
     for key, value in (tensors or {}).items():
         state[key] = value.detach().cpu().contiguous()
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,

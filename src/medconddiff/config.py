@@ -162,9 +162,13 @@ class DiffusionConfig:
 
 
 CONSENSUS_METHODS = ("mean", "vote_gated", "uncertainty_weighted", "last", "late_mean")
-#: What ``SamplingConfig.consensus`` accepts: a fusion, or "auto" (the model's own choice, recorded in its
-#: checkpoint by :mod:`medconddiff.consensus_choice`; "mean" for a model without one).
-CONSENSUS_CHOICES = ("auto",) + CONSENSUS_METHODS
+#: Not a fusion of the steps: the labels of the one deterministic forward pass (x_T = 0 at the last
+#: timestep, the "one-shot"), for a model whose steps never beat it on labelled slices. The steps still
+#: run and give the trajectory and the uncertainty; the run keeps that pass to fuse from.
+ONE_SHOT = "one_shot"
+#: What ``SamplingConfig.consensus`` accepts: a fusion, the one-shot forward, or "auto" (the model's own
+#: choice, recorded in its checkpoint by :mod:`medconddiff.consensus_choice`; "mean" for a model without one).
+CONSENSUS_CHOICES = ("auto",) + CONSENSUS_METHODS + (ONE_SHOT,)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -176,7 +180,9 @@ class SamplingConfig:
     scheduler: str = _help("'ddim' (deterministic with eta=0) or 'ddpm'", choices=("ddim", "ddpm"), default="ddim")
     eta: float = _help("DDIM noise scale (0 = deterministic, 1 = DDPM-like)", default=0.0)
     consensus: str = _help("how the x̂0 of all steps are fused: 'auto' is the model's own choice (recorded in its "
-                           "checkpoint when it was fine-tuned or checked; otherwise mean)",
+                           "checkpoint when it was fine-tuned or checked; otherwise mean); 'one_shot' takes the "
+                           "labels of one deterministic forward pass (x_T = 0) and keeps the steps for the "
+                           "trajectory and the uncertainty",
                            choices=CONSENSUS_CHOICES, default="auto")
     skip_first: int = _help("leave the first (noisiest) k steps out of the consensus", default=0)
     seed: int = _help("random seed of the initial noise", default=0)

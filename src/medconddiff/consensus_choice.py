@@ -5,13 +5,16 @@ every fusion scores alike; on a fine-tune whose trajectory still rises (lung2), 
 the better ones and the mean of all lags behind the last. So each model carries its own choice: one
 sampling run over labelled slices keeps every step's x̂0, each candidate fusion re-fuses that
 trajectory (no new diffusion), and the candidates are scored beside every single step and the
-one-shot forward. The record goes into the checkpoint (``extra["consensus_choice"]``), and
+one-shot forward, which is a candidate too (``one_shot``: for a model whose steps never beat it). The record goes into the checkpoint (``extra["consensus_choice"]``), and
 ``SamplingConfig(consensus="auto")`` (the default) uses it; the sidecar and the widget show it.
 
 A candidate replaces ``mean`` (the paper's consensus) only when it beats it by more than
 :data:`SWITCH_MARGIN` on those slices: smaller differences are what the sampling seed alone moves
 (measured: 0.0002–0.002 between fusions on the bundled sample's slabs), and chasing them would swap
-consensus on noise.
+consensus on noise. One exception needs no margin: when the steps a (capped) run takes rise on those
+slices, each at least as good as the one before, the last step is the best of them there, and a mean
+can only pull it back towards the worse earlier ones, so ``last`` is the choice (what fine-tunes,
+whose steps rise, record by default).
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import SamplingConfig
+from .config import ONE_SHOT, SamplingConfig
 from .defined_values import defined, max_defined
 from .errors import UserInputError
 
-#: The fusions a model may choose from (every method of :data:`~medconddiff.config.CONSENSUS_METHODS`).
-CANDIDATES = ("mean", "late_mean", "last", "uncertainty_weighted", "vote_gated")
+#: The fusions of the steps a model may choose from (every method of :data:`~medconddiff.config.CONSENSUS_METHODS`).
+FUSION_CANDIDATES = ("mean", "late_mean", "last", "uncertainty_weighted", "vote_gated")
+#: Everything a model may choose: the fusions, and last the one-shot forward, for a model whose steps
+#: never beat it (its diffusion then only gives the trajectory and the uncertainty).
+CANDIDATES = FUSION_CANDIDATES + (ONE_SHOT,)
 #: Dice a candidate must gain over ``mean`` on the choosing slices before it replaces it.
 SWITCH_MARGIN = 0.005
 #: Where the choice of a model without a record comes from.
@@ -39,6 +45,9 @@ EXTRA_KEY = "consensus_choice"
 STEP_GAIN = 0.001
 #: The fewest steps a cap leaves: the uncertainty map is (half) the steps' disagreement, which needs two.
 MIN_STEP_CAP = 2
+#: The cap of a model whose consensus is the one-shot forward: its labels come from that pass, and one step
+#: beside it gives the uncertainty its disagreement (with the one-shot's labels), at a 2-step run's cost.
+ONE_SHOT_STEP_CAP = 1
 
 
 @dataclass(frozen=True)
@@ -84,14 +93,32 @@ class ConsensusChoice:
         return max_defined((*self.step_dice, self.one_shot_dice))
 
     @property
+    def steps_taken(self) -> Sequence[float]:
+        """Per-step Dice of the steps a run under this choice takes (up to the cap)."""
+        return tuple(self.step_dice[:self.step_cap]) if self.step_cap is not None else tuple(self.step_dice)
+
+    @property
     def margin(self) -> float:
         """The chosen consensus minus max(best step, one-shot) on the choosing slices (≥ 0: it earns its cost)."""
         return float(self.candidate_dice.get(self.method, float("nan")) - self.best_rival)
 
     @property
     def one_shot_better(self) -> bool:
-        """The one-shot forward beat every candidate fusion on the choosing slices."""
-        return self.one_shot_dice > max_defined(self.candidate_dice.values())   # False where either is NaN
+        """The one-shot forward beat every candidate fusion of the steps on the choosing slices."""
+        fusions = [d for m, d in self.candidate_dice.items() if m != ONE_SHOT]
+        return self.one_shot_dice > max_defined(fusions)   # False where either is NaN
+
+    def method_for(self, sampling: Optional[SamplingConfig] = None) -> str:
+        """The consensus for a run of ``sampling`` (its step cap resolved; None: a run as chosen): the
+        recorded one, unless it is a fusion chosen on trajectories cut at the step cap and the run takes
+        more steps than that (fixed steps, or a larger cap) — such a choice says nothing about the later
+        steps (the default's ``last`` would be its 10th step there: 0.868 against ``mean``'s 0.870), so the
+        run fuses with :data:`FALLBACK`, as a model without a record does. The one-shot does not depend
+        on the steps and holds for any run."""
+        if sampling is None or self.step_cap is None or self.method == ONE_SHOT:
+            return self.method
+        most = sampling.step_cap if sampling.adaptive and sampling.step_cap else sampling.steps
+        return self.method if most <= self.step_cap else FALLBACK
 
     def origin(self) -> str:
         """Where the choice came from, in a few words."""
@@ -105,9 +132,15 @@ class ConsensusChoice:
         text = (f"consensus '{self.method}', {self.origin()}: Dice {chosen:.3f} "
                 f"(mean {self.candidate_dice.get('mean', float('nan')):.3f}, "
                 f"best step {max_defined(self.step_dice):.3f}, one-shot {self.one_shot_dice:.3f})")
-        if self.step_cap is not None:
+        if self.method == ONE_SHOT and self.step_cap == ONE_SHOT_STEP_CAP:
+            text += f"; {ONE_SHOT_STEP_CAP} diffusion step beside it, for the uncertainty"
+        elif self.step_cap is not None:
             text += f"; at most {self.step_cap} steps (later ones added under {STEP_GAIN} Dice)"
-        if self.one_shot_better:
+        if self.method == "last" and rises(self.steps_taken):
+            text += "; its steps rise to the last there"
+        if self.method == ONE_SHOT:
+            text += "; its labels are the one-shot forward's, which beat every fusion of the steps there"
+        elif self.one_shot_better:
             text += "; the one-shot forward was better there"
         return text
 
@@ -140,9 +173,20 @@ def _json_float(value: float) -> Optional[float]:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def pick(candidate_dice: Mapping[str, float], prior: str = "mean") -> str:
+def rises(step_dice: Sequence[float]) -> bool:
+    """Whether per-step Dice climbs to its last step: two or more defined figures, none below the one
+    before, the last above the first."""
+    if len(step_dice) < 2 or any(math.isnan(d) for d in step_dice):
+        return False
+    return all(b >= a for a, b in zip(step_dice, step_dice[1:])) and step_dice[-1] > step_dice[0]
+
+
+def pick(candidate_dice: Mapping[str, float], prior: str = "mean", steps_taken: Sequence[float] = ()) -> str:
     """The candidate to use: ``prior`` unless another beats it by more than :data:`SWITCH_MARGIN`
-    (then the best; ties go to the earlier entry of :data:`CANDIDATES`)."""
+    (then the best; ties go to the earlier entry of :data:`CANDIDATES`). ``steps_taken``, the
+    per-step Dice of the steps a run takes (up to its cap): when they rise, ``last`` is the prior."""
+    if rises(steps_taken) and "last" in candidate_dice:
+        prior = "last"
     base = candidate_dice.get(prior, float("nan"))
     scored = [(candidate_dice[m], -i, m) for i, m in enumerate(CANDIDATES)
               if m in candidate_dice and not math.isnan(candidate_dice[m])]
@@ -169,7 +213,8 @@ def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
                      sampling: Optional[SamplingConfig] = None, prior: str = "mean",
                      cap_steps: bool = True) -> ConsensusChoice:
     """Score every candidate fusion, each step and the one-shot on ``scans`` and pick (see :func:`pick`:
-    ``prior`` stays unless another candidate beats it by more than :data:`SWITCH_MARGIN`).
+    ``prior`` stays unless another candidate beats it by more than :data:`SWITCH_MARGIN`; ``last`` is the
+    prior when the steps a capped run takes rise).
 
     With ``cap_steps`` the step cap comes first (:func:`useful_steps` on the pooled per-step Dice),
     and the candidates are scored on the trajectories cut there, as a capped run would fuse them
@@ -222,13 +267,19 @@ def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
         if cap is not None:
             result = dataclasses.replace(result, steps_used=np.minimum(result.steps_used, cap))
         indices = np.asarray(result.slice_indices)
-        for method in CANDIDATES:
+        for method in FUSION_CANDIDATES:
             fused = result.refuse(method, skip_first=0)
             tally(method, result.geometry.slice_view(fused.labels)[indices], reference, known)
-    candidate_dice = {m: _pooled_dice(tallies[m]) for m in CANDIDATES}
-    return ConsensusChoice(method=pick(candidate_dice, prior), basis=basis, scans=len(runs),
-                           slices=slices_total, candidate_dice=candidate_dice, step_dice=step_dice,
-                           one_shot_dice=_pooled_dice(tallies["one_shot"]), step_cap=cap)
+    # The one-shot candidate's labels are the one-shot forward's (the same quantised labels a run makes).
+    candidate_dice = {m: _pooled_dice(tallies[m]) for m in FUSION_CANDIDATES}
+    candidate_dice[ONE_SHOT] = _pooled_dice(tallies["one_shot"])
+    evidence = ConsensusChoice(method=prior, basis=basis, scans=len(runs), slices=slices_total,
+                               candidate_dice=candidate_dice, step_dice=step_dice,
+                               one_shot_dice=_pooled_dice(tallies["one_shot"]), step_cap=cap)
+    method = pick(candidate_dice, prior, evidence.steps_taken)
+    if method == ONE_SHOT and cap is not None:
+        cap = ONE_SHOT_STEP_CAP     # the steps no longer make the labels: one is enough for the uncertainty
+    return dataclasses.replace(evidence, method=method, step_cap=cap)
 
 
 def _pooled_dice(counts: np.ndarray) -> float:
@@ -237,13 +288,15 @@ def _pooled_dice(counts: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def resolved_consensus(method: str, provenance: Optional[Mapping[str, Any]]) -> str:
-    """The fusion ``method`` stands for in a run whose provenance (sidecar record) is ``provenance``:
-    itself, or for ``"auto"`` the model's recorded choice (``mean`` without one)."""
+def resolved_consensus(method: str, provenance: Optional[Mapping[str, Any]],
+                       sampling: Optional[SamplingConfig] = None) -> str:
+    """The fusion ``method`` stands for in a run of ``sampling`` whose provenance (sidecar record) is
+    ``provenance``: itself, or for ``"auto"`` the model's recorded choice for such a run (``mean``
+    without one; see :meth:`ConsensusChoice.method_for`)."""
     if method != "auto":
         return method
     record = (provenance or {}).get(EXTRA_KEY)
-    return ConsensusChoice.from_dict(record).method if record else FALLBACK
+    return ConsensusChoice.from_dict(record).method_for(sampling) if record else FALLBACK
 
 
 def recorded_choice(extra: Mapping[str, Any]) -> Optional[ConsensusChoice]:

@@ -67,7 +67,8 @@ class LabelledScan:
 #: 0.8, a fine-tune's trajectory rises until it settles, so its last step is its best (on 5 of the 6 held-out
 #: fine-tune figures measured; 0.0002 below its best step and 0.0007 below the one-shot on the sixth), and
 #: means of earlier steps lag it (``mean`` by 0.001–0.073 on those 5; README: "Do the diffusion steps earn
-#: their cost?").
+#: their cost?"). Not on a fine-tune from a two-scan training set, whose steps peaked at step 2–3 and then
+#: fell (README: "Corrections that add up"), where ``mean`` was the better fusion.
 FINETUNE_CONSENSUS = "last"
 
 #: Share of every batch drawn from replayed start-model slices, when replay is asked for.

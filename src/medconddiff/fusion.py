@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from .config import SamplingConfig
-from .consensus import first_argmax, fuse, labels_from_probabilities, select_steps, uncertainty
+from .config import ONE_SHOT, SamplingConfig
+from .consensus import as_probabilities, first_argmax, fuse, labels_from_probabilities, select_steps, uncertainty
+from .errors import UserInputError
 from .preprocess import ScanGeometry
 from .profiling import FUSE
 
@@ -49,21 +50,29 @@ def model_pixel_area(geometry: ScanGeometry) -> float:
 
 
 def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                postprocess: Optional[Postprocess] = None, steps_used: Optional[np.ndarray] = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                postprocess: Optional[Postprocess] = None, steps_used: Optional[np.ndarray] = None,
+                one_shot: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(S, K, B, h, w) quantised trajectory → labels (B, H, W) uint8 and uncertainty (B, H, W) float32
     on the scan's grid. ``postprocess`` cleans the labels (not the uncertainty, which describes the
     raw trajectory). ``steps_used`` (B,): slices that stopped early fuse only the steps they took
-    (skip-first then leaves at least their last step)."""
+    (skip-first then leaves at least their last step). ``one_shot`` (K, B, h, w), quantised like a
+    step: the one-shot forward's probabilities, which the ``one_shot`` consensus takes as its own."""
+    if sampling.consensus == ONE_SHOT and one_shot is None:
+        raise UserInputError("the one-shot consensus needs the one-shot forward, which only a run with that "
+                             "consensus keeps: segment again with it")
     with record_function(FUSE):
-        return _fuse_slices(stack_uint8, sampling, geometry, postprocess, steps_used)
+        return _fuse_slices(stack_uint8, sampling, geometry, postprocess, steps_used, one_shot)
 
 
 def _fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                 postprocess: Optional[Postprocess], steps_used: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+                 postprocess: Optional[Postprocess], steps_used: Optional[np.ndarray],
+                 one_shot: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     if steps_used is not None and (np.asarray(steps_used) < sampling.steps).any():
-        return _fuse_ragged(stack_uint8, sampling, geometry, postprocess, np.asarray(steps_used))
-    fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
+        return _fuse_ragged(stack_uint8, sampling, geometry, postprocess, np.asarray(steps_used), one_shot)
+    if sampling.consensus == ONE_SHOT:
+        fused = as_probabilities(one_shot)                                                  # (K, B, h, w)
+    else:
+        fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), fused, labels_small)
     labels = scan_labels(fused.transpose(1, 0, 2, 3), geometry)
@@ -74,7 +83,8 @@ def _fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: Sc
 
 
 def _fuse_ragged(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: ScanGeometry,
-                 postprocess: Optional[Postprocess], steps_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 postprocess: Optional[Postprocess], steps_used: np.ndarray,
+                 one_shot: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """fuse_slices for slices that took different numbers of steps: one fusion per step count."""
     H, W = geometry.plane_shape
     labels = np.zeros((len(steps_used), H, W), np.uint8)
@@ -84,6 +94,7 @@ def _fuse_ragged(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: Sc
         positions = np.flatnonzero(steps_used == used)
         entries = [seed * sampling.steps + i for seed in range(sampling.num_seeds) for i in range(used)]
         taken = dataclasses.replace(sampling, steps=used, skip_first=min(sampling.skip_first, used - 1))
-        labels[positions], unc[positions] = _fuse_slices(stack_uint8[entries][:, :, positions], taken, geometry,
-                                                         postprocess, None)
+        labels[positions], unc[positions] = _fuse_slices(
+            stack_uint8[entries][:, :, positions], taken, geometry, postprocess, None,
+            None if one_shot is None else one_shot[:, positions])
     return labels, unc

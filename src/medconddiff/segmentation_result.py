@@ -51,6 +51,15 @@ SegmentationEvent = Union[StepUpdate, SlicesDone]
 
 
 @dataclass
+class OneShotPass:
+    """The one-shot forward of a batch of slices, computed by a run whose consensus takes it (kept by
+    the run, not passed on as an event)."""
+
+    slice_indices: np.ndarray
+    probabilities: np.ndarray  # (B, K, h, w) float32, like a StepUpdate's
+
+
+@dataclass
 class SegmentationResult:
     """Consensus labels, uncertainty and the kept trajectory of one run.
 
@@ -74,6 +83,9 @@ class SegmentationResult:
     #: denoising steps each slice took (per seed); below ``sampling.steps`` where adaptive sampling
     #: stopped a converged slice early. None means every slice took every step.
     steps_used: Optional[np.ndarray] = None
+    #: the one-shot forward's quantised probabilities (K, n_slices, h, w), kept by a run whose consensus
+    #: is ``one_shot`` (None otherwise: that consensus cannot be re-fused from this result)
+    one_shot: Optional[np.ndarray] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.steps_used is None:
@@ -110,7 +122,8 @@ class SegmentationResult:
     def refuse(self, method: str, skip_first: int = 0, chunk: int = 32) -> "SegmentationResult":
         """A new result with another consensus over the kept trajectory (no diffusion re-run); ``"auto"``
         is the model's recorded choice (the provenance says which)."""
-        sampling = dataclasses.replace(self.sampling, consensus=resolved_consensus(method, self.provenance),
+        sampling = dataclasses.replace(self.sampling, consensus=resolved_consensus(method, self.provenance,
+                                                                                   self.sampling),
                                        skip_first=skip_first)
         labels = np.zeros_like(self.labels)
         unc = np.zeros_like(self.uncertainty)
@@ -118,8 +131,9 @@ class SegmentationResult:
         done = np.flatnonzero(self.completed)
         for start in range(0, len(done), chunk):
             positions = done[start:start + chunk]
+            one_shot = None if self.one_shot is None else self.one_shot[:, positions]
             fused_labels, fused_unc = fuse_slices(self.trajectory[:, :, positions], sampling, self.geometry,
-                                                  self.postprocess, self.steps_used[positions])
+                                                  self.postprocess, self.steps_used[positions], one_shot)
             labels_sf[self.slice_indices[positions]] = fused_labels
             unc_sf[self.slice_indices[positions]] = fused_unc
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)

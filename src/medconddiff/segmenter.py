@@ -34,7 +34,7 @@ from torch.profiler import record_function
 from . import __version__
 from .adaptive import converged, keep_sampling
 from .checkpoint import Checkpoint, load_checkpoint, load_model_weights
-from .config import ExperimentConfig, SamplingConfig
+from .config import ONE_SHOT, ExperimentConfig, SamplingConfig
 from .consensus import quantize
 from .consensus_choice import FALLBACK as CONSENSUS_FALLBACK
 from .consensus_choice import ConsensusChoice, recorded_choice
@@ -48,7 +48,7 @@ from .preprocess import PreparedScan, ScanGeometry, ScanPreprocessor
 from .profiling import DENOISE, ENCODE_CONDITION, QUANTIZE
 from .sampling import initial_noise, sample_progressive
 from .schedulers import NoiseSchedule, make_scheduler
-from .segmentation_result import SegmentationEvent, SegmentationResult, SlicesDone, StepUpdate
+from .segmentation_result import OneShotPass, SegmentationEvent, SegmentationResult, SlicesDone, StepUpdate
 
 # Names that lived here before the split, imported from here by the CLI, the plugin and the tests.
 __all__ = ["Segmenter", "SegmentationRun", "SegmentationResult", "SegmentationEvent", "SlicesDone", "StepUpdate",
@@ -114,7 +114,9 @@ class SegmentationRun:
             slice_indices=indices, completed=np.zeros(len(indices), bool), geometry=geometry,
             sampling=sampling, class_names=segmenter.class_names,
             provenance=segmenter.provenance(sampling, self.scan), postprocess=segmenter.model.postprocess,
-            steps_used=np.zeros(len(indices), np.int16))
+            steps_used=np.zeros(len(indices), np.int16),
+            one_shot=(np.zeros((segmenter.num_classes, len(indices), h, w), np.uint8)
+                      if sampling.consensus == ONE_SHOT else None))
         self._iterator: Optional[Iterator[SegmentationEvent]] = None
 
     @property
@@ -137,8 +139,13 @@ class SegmentationRun:
         for positions in batches(self.slice_indices, sampling, geometry):
             indices = self.slice_indices[positions]
             image = self.scan.forward(indices, seg.device)
-            for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape):
+            one_shot = result.one_shot is not None
+            for update in seg.denoise_slices(image, indices, sampling, geometry.model_shape, one_shot=one_shot):
                 where = np.searchsorted(self.slice_indices, update.slice_indices)
+                if isinstance(update, OneShotPass):
+                    for position, probabilities in zip(where, quantize(update.probabilities)):
+                        result.one_shot[:, position] = probabilities
+                    continue
                 kept = result.trajectory[update.seed_index * sampling.steps + update.step_index]
                 with record_function(QUANTIZE):
                     quantized = quantize(update.probabilities)
@@ -148,7 +155,8 @@ class SegmentationRun:
                     result.steps_used[where] = update.step_index + 1
                 yield update
             labels, unc = fuse_slices(result.trajectory[:, :, positions], sampling, geometry, result.postprocess,
-                                      result.steps_used[positions])
+                                      result.steps_used[positions],
+                                      None if result.one_shot is None else result.one_shot[:, positions])
             labels_sf[indices] = labels
             unc_sf[indices] = unc
             result.completed[positions] = True
@@ -211,14 +219,16 @@ class Segmenter:
         return contextlib.nullcontext()
 
     def resolve_sampling(self, sampling: SamplingConfig) -> SamplingConfig:
-        """``sampling`` with the model's own choices filled in: ``consensus="auto"`` → its recorded
-        consensus (``mean`` without one); ``step_cap=0`` → its measured step cap (``steps`` without one)."""
+        """``sampling`` with the model's own choices filled in: ``step_cap=0`` → its measured step cap
+        (``steps`` without one); ``consensus="auto"`` → its recorded consensus for such a run (``mean``
+        without one, or for a run past the cap the choice was measured at: ConsensusChoice.method_for)."""
         choice = self.consensus_choice
-        if sampling.consensus == "auto":
-            sampling = dataclasses.replace(sampling, consensus=choice.method if choice else CONSENSUS_FALLBACK)
         if sampling.step_cap == 0:
             cap = choice.step_cap if choice is not None and choice.step_cap else sampling.steps
             sampling = dataclasses.replace(sampling, step_cap=min(cap, sampling.steps))
+        if sampling.consensus == "auto":
+            method = choice.method_for(sampling) if choice else CONSENSUS_FALLBACK
+            sampling = dataclasses.replace(sampling, consensus=method)
         return sampling
 
     def provenance(self, sampling: SamplingConfig, scan: Optional[PreparedScan] = None) -> dict:
@@ -263,14 +273,19 @@ class Segmenter:
 
     @torch.inference_mode()
     def denoise_slices(self, image: torch.Tensor, slice_indices: Sequence[int], sampling: SamplingConfig,
-                       model_shape: Optional[tuple[int, int]] = None) -> Iterator[StepUpdate]:
+                       model_shape: Optional[tuple[int, int]] = None, *, one_shot: bool = False
+                       ) -> Iterator[StepUpdate | OneShotPass]:
         """Diffusion for a batch of model inputs (B, C_in, Hp, Wp); one StepUpdate per step and seed,
-        its probabilities cropped to ``model_shape`` (h, w) (default: uncropped)."""
+        its probabilities cropped to ``model_shape`` (h, w) (default: uncropped). With ``one_shot``, a
+        OneShotPass comes first: the one-shot forward on the same backbone features."""
         image = image.to(self.device).contiguous(memory_format=self.memory_format)
         batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
         h, w = model_shape or (height, width)
         with self.autocast(sampling.precision), record_function(ENCODE_CONDITION):
             condition = self.model.encode_condition(image)
+        if one_shot:
+            probabilities = self._one_shot_pass(condition, height, width, sampling.precision)
+            yield OneShotPass(np.asarray(slice_indices), probabilities[..., :h, :w].contiguous().cpu().numpy())
         steps_used = torch.full((batch,), sampling.steps, dtype=torch.long)   # set by the first seed
         for seed_index in range(sampling.num_seeds):
             scheduler = make_scheduler(sampling.scheduler, self.schedule, sampling.steps, eta=sampling.eta,
@@ -321,19 +336,26 @@ class Segmenter:
         labels = np.zeros(geometry.file_shape, np.uint8)
         labels_sf = geometry.slice_view(labels)
         indices = selected_slices(slices, geometry)
-        last = self.schedule.num_train_timesteps - 1
         sampling = SamplingConfig(batch_size=batch_size, precision=precision)
         for positions in batches(indices, sampling, geometry):
             chunk = indices[positions]
             image = scan.forward(chunk, self.device).contiguous(memory_format=self.memory_format)
-            x_t = torch.zeros(self.model.state_shape(len(chunk), *image.shape[-2:]), device=self.device)
-            x_t = x_t.contiguous(memory_format=self.memory_format)
-            t = torch.full((len(chunk),), last, device=self.device, dtype=torch.long)
-            with self.autocast(precision):
-                with record_function(ENCODE_CONDITION):
-                    condition = self.model.encode_condition(image)
-                with record_function(DENOISE):
-                    _, probs = self.model.denoise(x_t, t, condition)
-            chunk_labels = scan_labels(geometry.crop(probs.float()).cpu(), geometry)
+            with self.autocast(precision), record_function(ENCODE_CONDITION):
+                condition = self.model.encode_condition(image)
+            probs = self._one_shot_pass(condition, *image.shape[-2:], precision)
+            # Quantised as a run keeps its steps and a one-shot consensus: the same labels either way.
+            quantized = quantize(geometry.crop(probs).cpu().numpy())
+            chunk_labels = scan_labels(quantized, geometry)
             labels_sf[chunk] = self.model.postprocess(chunk_labels, model_pixel_area(geometry))
         return labels
+
+    def _one_shot_pass(self, condition: Sequence[torch.Tensor], height: int, width: int, precision: str
+                       ) -> torch.Tensor:
+        """Class probabilities (B, K, height, width) of x̂0 from x_T = 0 at the last timestep, float32."""
+        batch = condition[0].shape[0]
+        x_t = torch.zeros(self.model.state_shape(batch, height, width), device=self.device)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        t = torch.full((batch,), self.schedule.num_train_timesteps - 1, device=self.device, dtype=torch.long)
+        with self.autocast(precision), record_function(DENOISE):
+            _, probs = self.model.denoise(x_t, t, condition)
+        return probs.float()

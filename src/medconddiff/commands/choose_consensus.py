@@ -6,7 +6,8 @@
 One sampling run (default settings: adaptive steps, seed 0) over the slices keeps every step's x̂0;
 the per-step Dice sets the step cap (the first step that no later one beats by more than 0.001), and
 every candidate fusion is scored on the trajectories cut there, beside each step and the one-shot
-forward. ``mean`` stays unless another fusion beats it by more than 0.005. The output is the same
+forward (itself a candidate, ``one_shot``). ``mean`` stays unless another candidate beats it by more than
+0.005, or the steps a capped run takes rise (then ``last``). The output is the same
 checkpoint (weights and config unchanged) with the choice in its record: ``--consensus auto``, the
 default of `segment`, `evaluate` and the napari widget, then uses it, and every sidecar says so.
 Use slices the model was not trained on (the scores are meant to predict other scans).
@@ -70,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"candidates: {dice}\nper-step x̂0 Dice: [{steps}]; one-shot {choice.one_shot_dice:.4f}")
     print(f"consensus − max(best step, one-shot) on these slices: {choice.margin:+.4f}")
     path = with_extra(args.checkpoint, args.output, {EXTRA_KEY: choice.to_dict()}, overwrite=args.overwrite)
+    steps = f" with at most {choice.step_cap} adaptive step{'' if choice.step_cap == 1 else 's'}"
     print(f"saved {path}: `--consensus auto` (the default) now uses '{choice.method}'"
-          + (f" with at most {choice.step_cap} adaptive steps" if choice.step_cap else ""))
+          + (steps if choice.step_cap else ""))
     if args.json:
         args.json.write_text(json.dumps(json_safe(choice.to_dict()), indent=2, allow_nan=False))
     return 0

@@ -327,7 +327,10 @@ def sampling_line(segmenter, sampling: SamplingConfig) -> str:
     text = f"sampling: {steps}, consensus {used.consensus}"
     choice = segmenter.consensus_choice
     model_cap = sampling.adaptive and sampling.step_cap == 0
-    if choice is not None and (sampling.consensus == "auto" or model_cap):
+    if choice is not None and sampling.consensus == "auto" and used.consensus != choice.method:
+        text += (f" (the model's choice '{choice.method}' holds for runs of at most {choice.step_cap} steps, where it "
+                 "was measured; longer runs fuse with mean)")
+    elif choice is not None and (sampling.consensus == "auto" or model_cap):
         text += f" (the model's own: {choice.origin()})"
     return text
 
