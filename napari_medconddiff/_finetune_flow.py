@@ -37,7 +37,7 @@ class FinetuneSettings:
     class_names: tuple[str, ...]
     slices: Optional[list[int]] = None   # None: the edited slices
     scan_kind: str = "model"          # what the scan is: "model" (as the start model), "CT", "MRI", "other"
-    steps: int = 200
+    steps: Optional[int] = None       # None: the engine's default for the scans learned from
     seed: int = 0
     device: str = "auto"
     resegment: Optional[SegmentSettings] = None   # re-segment the remaining slices with the new model
@@ -149,7 +149,7 @@ class FinetuneFlow:
                           steps=settings.steps,
                           seed=settings.seed, device=settings.device, channels=channels,
                           training_set=training_set, case_name=case_name_of(results), replay=settings.replay)
-        self._finetune = state = _Finetune(settings, results, slices, path, total=settings.steps)
+        self._finetune = state = _Finetune(settings, results, slices, path, total=settings.steps or 0)
         self._begin("fine-tuning")
         self.progress.emit(0, 0)
         what = f"slice(s) {slice_list_text(slices)}" if slices else "no slice of this scan"

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FinetunePanel", "SCAN_KIND_CHOICES", "FINETUNE_STEPS", "CANONICAL_TIP"]
 
-FINETUNE_STEPS = 200
+FINETUNE_STEPS = 0      # "auto": the engine's default for the scans learned from
 #: The Fine-tune section's "Scan is" menu: medconddiff.finetune.SCAN_KINDS and what the user reads.
 SCAN_KIND_CHOICES = (("model", "as the model"), ("CT", "CT (Hounsfield units)"), ("MRI", "MRI (z-scored per scan)"),
                      ("other", "other (z-scored per scan)"))
@@ -102,7 +102,10 @@ class FinetunePanel(QGroupBox):
         self.ft_kind_combo.setToolTip(SCAN_KIND_TIP)
         self.ft_kind_combo.activated.connect(self._on_kind_chosen)     # the user's own choice, not ours
         form.addRow("Scan is", self.ft_kind_combo)
-        self.ft_steps_spin = spin_box(1, 100_000, FINETUNE_STEPS, "Optimizer steps (4 slice crops each)")
+        self.ft_steps_spin = spin_box(0, 100_000, FINETUNE_STEPS, "Optimizer steps (4 slice crops each); auto: "
+                                      "200 per scan learned from (this one and each case of the training set), "
+                                      "at most 400")
+        self.ft_steps_spin.setSpecialValueText("auto")     # shown at the minimum, 0
         form.addRow("Steps", self.ft_steps_spin)
         self.ft_seed_spin = spin_box(0, 2**31 - 1, 0, "Seed of sampling, augmentation and new layers: the same "
                                   "seed and inputs give the same model")
@@ -256,7 +259,8 @@ class FinetunePanel(QGroupBox):
         self.ft_progress.setFormat("%v / %m steps")
         controller.finetune(FinetuneSettings(start=start, save_path=target, class_names=self.class_names(),
                                              slices=slices, scan_kind=self.ft_kind_combo.currentData(),
-                                             steps=self.ft_steps_spin.value(), seed=self.ft_seed_spin.value(),
+                                             steps=self.ft_steps_spin.value() or None,
+                                             seed=self.ft_seed_spin.value(),
                                              device=owner.device_combo.currentText(), resegment=resegment,
                                              replace_existing=target.exists(),
                                              replay=self.ft_replay_check.isChecked()))

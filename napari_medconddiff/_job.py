@@ -393,7 +393,7 @@ class FinetuneJob:
     labels: np.ndarray
     slices: tuple[int, ...]
     class_names: tuple[str, ...]
-    steps: int
+    steps: Optional[int]              # None: the engine's default for the scans learned from
     seed: int
     device: str
     channels: tuple[np.ndarray, ...] = ()   # further channels (file order, the image's shape), stacked here

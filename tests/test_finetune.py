@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import torch
 from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
 from medconddiff.consensus_choice import CANDIDATES
-from medconddiff.finetune import FINETUNE_CONSENSUS, SCAN_KINDS, LabelledScan, channel_names_of_kind, finetune
+from medconddiff.finetune import (FINETUNE_CONSENSUS, SCAN_KINDS, LabelledScan, channel_names_of_kind,
+                                  default_finetune_steps, finetune)
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
 
@@ -63,6 +66,23 @@ def test_stopping_early_keeps_the_completed_steps_and_the_segmenter_works(tmp_pa
     result = segmenter.segment(image, slices=[0], meta=META)
     assert result.class_names == ("background", "lesion") and result.labels.max() <= 1
     assert Segmenter.from_checkpoint(path, device="cpu").class_names == ("background", "lesion")
+
+
+def test_without_a_number_of_steps_a_fine_tune_trains_200_per_scan_and_at_most_400(tmp_path, tiny_checkpoint,
+                                                                                   liver_volume):
+    """A set of two scans trained for 200 steps was under-trained (README: "Corrections that add up")."""
+    from medconddiff.training_set import TrainingSet
+
+    assert [default_finetune_steps(n) for n in (0, 1, 2, 5)] == [200, 200, 400, 400]
+    image, labels = liver_volume
+    scan = LabelledScan("a", image, META, labels, slices=[1, 2])
+    quiet = dict(device="cpu", log=lambda message: None)
+    assert finetune(tiny_checkpoint, [scan], **quiet).total_steps == 200
+    assert finetune(tiny_checkpoint, [scan, dataclasses.replace(scan, name="b")], **quiet).total_steps == 400
+    assert finetune(tiny_checkpoint, [scan], steps=7, **quiet).total_steps == 7
+    training_set = TrainingSet.create(tmp_path / "set", ("background", "liver", "tumour"))
+    training_set.add_scan("c", image, META, labels, ("background", "liver", "tumour"), verified_slices=[3])
+    assert finetune(tiny_checkpoint, [scan], training_set=training_set, **quiet).total_steps == 400
 
 
 def test_unnamed_label_values_and_empty_slice_lists_are_refused(tiny_checkpoint, liver_volume):

@@ -280,9 +280,12 @@ def measure_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
 def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
     """Seconds to fine-tune on a training set of :data:`SET_CASES` cases × 3 verified slices, set-up
     (reading the set) included. The one shipped scan stands in for every case, each with 3 other slices,
-    so the time per step can be compared with :func:`measure_finetune`'s: the set's size must not grow it."""
+    so the time per step can be compared with :func:`measure_finetune`'s: the set's size must not grow it.
+    It trains as many steps as a user's fine-tune on such a set does by default, relative to one scan
+    (:func:`~medconddiff.finetune.default_finetune_steps`: 2× the 3-slice run's)."""
     import tempfile
 
+    from .finetune import FINETUNE_STEPS_PER_SCAN, default_finetune_steps
     from .training_set import TrainingSet
 
     if not bench.spec.get("checkpoint"):
@@ -295,18 +298,19 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
             slices = [s + 4 * case for s in FINETUNE_SLICES]
             training_set.add_scan(f"case{case}", volume, meta, lesion, ("background", "lesion"), verified_slices=slices)
             cases[f"case{case}"] = slices
+        steps = options.finetune_steps * default_finetune_steps(SET_CASES) // FINETUNE_STEPS_PER_SCAN
         start = time.perf_counter()
-        run = _finetune_run(bench, options, scans=[], training_set=TrainingSet.open(training_set.root))
+        run = _finetune_run(bench, options, steps=steps, scans=[], training_set=TrainingSet.open(training_set.root))
         return {**_time_training(run, bench, options, start, slices=[]), "cases": cases}
 
 
-def _finetune_run(bench: BenchModel, options: BenchmarkOptions, **kwargs: Any):
+def _finetune_run(bench: BenchModel, options: BenchmarkOptions, steps: Optional[int] = None, **kwargs: Any):
     from .checkpoint import load_checkpoint
     from .finetune import finetune
 
     if not bench.spec.get("checkpoint"):
         return None
-    return finetune(load_checkpoint(bench.spec["checkpoint"]), steps=options.finetune_steps,
+    return finetune(load_checkpoint(bench.spec["checkpoint"]), steps=steps or options.finetune_steps,
                     device=str(bench.segmenter.device), log=lambda message: None, **kwargs)
 
 
@@ -315,7 +319,7 @@ def _time_training(run: Any, bench: BenchModel, options: BenchmarkOptions, start
     losses = [event.losses["loss"] for event in run]
     synchronize(bench.segmenter.device)
     done = time.perf_counter()
-    return {"steps": options.finetune_steps, "slices": slices, "batch": run.config.train.train_batch_size,
+    return {"steps": run.total_steps, "slices": slices, "batch": run.config.train.train_batch_size,
             "patch": run.config.train.patch_size, "setup_seconds": prepared - start,
             "train_seconds": done - prepared, "seconds": done - start,
             "seconds_per_step": (done - prepared) / max(1, len(losses)),
