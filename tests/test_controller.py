@@ -759,6 +759,31 @@ def test_runs_and_finetuning_work_on_copies_that_are_freed(liver_volume, tiny_ch
     assert given["finetune_shared"] is False
 
 
+def test_auto_steps_count_the_scan_once_when_the_training_set_holds_it_too(liver_volume, tiny_checkpoint, tmp_path):
+    """Steps 'auto' trains 200 steps a scan learned from: the scan in the viewer is one scan whether its
+    slices come from the layers, from the training set, or both; another case of the set is a second."""
+    from medconddiff.training_set import TrainingSet
+    from napari_medconddiff._job import FinetuneJob, prepare_finetune
+    from tests.conftest import meta_1mm
+
+    image, labels = liver_volume
+    names = ("background", "liver", "tumour")
+    training_set = TrainingSet.create(tmp_path / "set", names)
+    training_set.add_scan("liver", image, meta_1mm(), labels, names, verified_slices=[1])
+
+    def steps(case_name: str, slices=(1, 2)) -> int:
+        job = FinetuneJob(start=str(tiny_checkpoint), name="liver", image=image, meta=meta_1mm(), labels=labels,
+                          slices=slices, class_names=names, steps=None, seed=0, device="cpu",
+                          training_set=tmp_path / "set", case_name=case_name)
+        return prepare_finetune(job, log=lambda message: None).total_steps
+
+    assert steps("liver") == 200                  # this scan, in the set and on screen: one scan
+    assert steps("liver", slices=(1,)) == 200     # all its slices already in the set
+    assert steps("other scan") == 400             # the set's case and this scan: two
+    training_set.add_scan("other scan", image, meta_1mm(), labels, names, verified_slices=[3])
+    assert steps("liver") == 400
+
+
 def test_a_scan_stored_lps_goes_into_the_training_set_in_its_own_file_order(liver_volume, tiny_checkpoint, tmp_path):
     from medconddiff.training_set import TrainingSet
 
