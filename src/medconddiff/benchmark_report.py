@@ -183,7 +183,8 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
         + _verdict(m["targets"]["finetune_seconds"]))
     row("fine-tune on a set of 5 cases × 3 slices: steps, s (s/step; ÷ 3-slice s/step)",
         lambda m: "n/a" if not (m.get("set_finetune") or {}).get("seconds") else
-        f"{m['set_finetune']['steps']}, {m['set_finetune']['seconds']:.1f} ({m['set_finetune']['seconds_per_step']:.2f}; "
+        f"{m['set_finetune']['steps']}, {m['set_finetune']['seconds']:.1f} "
+        f"({m['set_finetune']['seconds_per_step']:.2f}; "
         f"{m['set_finetune']['seconds_per_step'] / m['finetune']['seconds_per_step']:.2f}×)"
         + _verdict(m["targets"]["set_finetune_seconds"]))
     held = (models[0].get("diffusion_check") or {}).get("slices") or options.get("heldout_slices")

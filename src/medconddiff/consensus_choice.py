@@ -5,8 +5,9 @@ every fusion scores alike; on a fine-tune whose trajectory still rises (lung2), 
 the better ones and the mean of all lags behind the last. So each model carries its own choice: one
 sampling run over labelled slices keeps every step's x̂0, each candidate fusion re-fuses that
 trajectory (no new diffusion), and the candidates are scored beside every single step and the
-one-shot forward, which is a candidate too (``one_shot``: for a model whose steps never beat it). The record goes into the checkpoint (``extra["consensus_choice"]``), and
-``SamplingConfig(consensus="auto")`` (the default) uses it; the sidecar and the widget show it.
+one-shot forward, which is a candidate too (``one_shot``: for a model whose steps never beat it). The
+record goes into the checkpoint (``extra["consensus_choice"]``), and ``SamplingConfig(consensus="auto")``
+(the default) uses it; the sidecar and the widget show it.
 
 A candidate replaces ``mean`` (the paper's consensus) only when it beats it by more than
 :data:`SWITCH_MARGIN` on those slices: smaller differences are what the sampling seed alone moves
@@ -271,11 +272,11 @@ def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
             fused = result.refuse(method, skip_first=0)
             tally(method, result.geometry.slice_view(fused.labels)[indices], reference, known)
     # The one-shot candidate's labels are the one-shot forward's (the same quantised labels a run makes).
-    candidate_dice = {m: _pooled_dice(tallies[m]) for m in FUSION_CANDIDATES}
-    candidate_dice[ONE_SHOT] = _pooled_dice(tallies["one_shot"])
+    one_shot_dice = _pooled_dice(tallies["one_shot"])
+    candidate_dice = {**{m: _pooled_dice(tallies[m]) for m in FUSION_CANDIDATES}, ONE_SHOT: one_shot_dice}
     evidence = ConsensusChoice(method=prior, basis=basis, scans=len(runs), slices=slices_total,
-                               candidate_dice=candidate_dice, step_dice=step_dice,
-                               one_shot_dice=_pooled_dice(tallies["one_shot"]), step_cap=cap)
+                               candidate_dice=candidate_dice, step_dice=step_dice, one_shot_dice=one_shot_dice,
+                               step_cap=cap)
     method = pick(candidate_dice, prior, evidence.steps_taken)
     if method == ONE_SHOT and cap is not None:
         cap = ONE_SHOT_STEP_CAP     # the steps no longer make the labels: one is enough for the uncertainty

@@ -329,7 +329,7 @@ def sampling_line(segmenter, sampling: SamplingConfig) -> str:
     model_cap = sampling.adaptive and sampling.step_cap == 0
     if choice is not None and sampling.consensus == "auto" and used.consensus != choice.method:
         text += (f" (the model's choice '{choice.method}' holds for runs of at most {choice.step_cap} steps, where it "
-                 "was measured; longer runs fuse with mean)")
+                 f"was measured; longer runs fuse with {used.consensus})")
     elif choice is not None and (sampling.consensus == "auto" or model_cap):
         text += f" (the model's own: {choice.origin()})"
     return text
