@@ -408,27 +408,23 @@ def prepare_finetune(job: FinetuneJob, log: Callable[[str], None]) -> Any:
     through :func:`medconddiff.finetune.finetune`, the path the command line takes."""
     import_engine()
     from medconddiff.checkpoint import load_checkpoint
-    from medconddiff.finetune import LabelledScan, channel_names_of_kind, default_finetune_steps, finetune
+    from medconddiff.finetune import LabelledScan, channel_names_of_kind, finetune
 
     start = load_checkpoint(job.start, allow_legacy=True)
     channel_names = channel_names_of_kind(job.scan_kind, start.config.plan.channel_names)
     image = stack_channels(job.image, job.channels)     # the scan the model segmented, all its channels
-    slices, training_set, in_set = list(job.slices), None, False
+    slices, training_set, case = list(job.slices), None, None
     if job.training_set is not None:
         from medconddiff.training_set import TrainingSet, case_id_from_name
 
         training_set = TrainingSet.open(job.training_set)
         case = case_id_from_name(job.case_name)
-        in_set = case in training_set.cases
-        if in_set:    # slices the set holds of this scan are trained once, from the set
+        if case in training_set.cases:    # slices the set holds of this scan are trained once, from the set
             held = set(training_set.verified_slices(case, start.config.plan.slicing))
             slices = [s for s in slices if s not in held]
-    scans = [LabelledScan(job.name, image, job.meta, job.labels, slices)] if slices else []
-    steps = job.steps
-    if steps is None:   # this scan counts once, whether its slices come from the layers, the set or both
-        this_scan = 1 if scans and not in_set else 0
-        steps = default_finetune_steps(len(training_set.cases if training_set else []) + this_scan)
-    return finetune(start, scans, class_names=job.class_names, channel_names=channel_names, steps=steps,
+    # The scan names its case, so that the default steps count it once (layers, set or both).
+    scans = [LabelledScan(job.name, image, job.meta, job.labels, slices, case=case)] if slices else []
+    return finetune(start, scans, class_names=job.class_names, channel_names=channel_names, steps=job.steps,
                     seed=job.seed, device=job.device, log=log, training_set=training_set, replay=job.replay)
 
 

@@ -13,7 +13,7 @@ from medconddiff.checkpoint import load_checkpoint
 from medconddiff.cli import main
 from medconddiff.consensus_choice import CANDIDATES
 from medconddiff.finetune import (FINETUNE_CONSENSUS, SCAN_KINDS, LabelledScan, channel_names_of_kind,
-                                  default_finetune_steps, finetune)
+                                  default_finetune_steps, finetune, scans_learned_from)
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
 
@@ -83,6 +83,12 @@ def test_without_a_number_of_steps_a_fine_tune_trains_200_per_scan_and_at_most_4
     training_set = TrainingSet.create(tmp_path / "set", ("background", "liver", "tumour"))
     training_set.add_scan("c", image, META, labels, ("background", "liver", "tumour"), verified_slices=[3])
     assert finetune(tiny_checkpoint, [scan], training_set=training_set, **quiet).total_steps == 400
+    # The set's own case, with slices the set does not hold yet, is one scan, not two.
+    assert scans_learned_from([dataclasses.replace(scan, case="c")], training_set) == 1
+    assert scans_learned_from([scan], training_set) == 2
+    assert scans_learned_from([dataclasses.replace(scan, slices=[])], training_set) == 1
+    assert finetune(tiny_checkpoint, [dataclasses.replace(scan, case="c")], training_set=training_set,
+                    **quiet).total_steps == 200
 
 
 def test_unnamed_label_values_and_empty_slice_lists_are_refused(tiny_checkpoint, liver_volume):

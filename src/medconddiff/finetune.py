@@ -64,6 +64,14 @@ def default_finetune_steps(scans: int) -> int:
     return min(FINETUNE_STEPS_PER_SCAN * max(1, int(scans)), MAX_DEFAULT_FINETUNE_STEPS)
 
 
+def scans_learned_from(scans: Sequence["LabelledScan"], training_set=None) -> int:
+    """How many scans a fine-tune learns from: every case of ``training_set`` (a
+    :class:`~medconddiff.training_set.TrainingSet`), and every scan with slices to learn that is not one
+    of them (a scan whose ``case`` the set holds is the same scan, and counts once)."""
+    cases = set(training_set.cases) if training_set is not None else set()
+    return len(cases) + sum(1 for scan in scans if len(scan.slices) and scan.case not in cases)
+
+
 @dataclass
 class LabelledScan:
     """A scan (file order, channels last if several), its labels (file order) and the canonical
@@ -74,6 +82,8 @@ class LabelledScan:
     meta: Optional[VolumeMeta]
     labels: np.ndarray
     slices: Sequence[int]
+    #: The training-set case this scan is, if the set a fine-tune learns from holds it (None: not in a set).
+    case: Optional[str] = None
 
 
 #: The consensus of a fine-tuned model unless a held-back slice chooses another: trained with x_t dropout
@@ -345,7 +355,7 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
     ``keep_known_classes`` starts the class-dependent layers' entries of classes the start model
     knows (by name) from its weights instead of fresh (pixel family; meant with replay).
 
-    ``steps`` (None: :func:`default_finetune_steps` of the scans and set cases learned from) are optimizer
+    ``steps`` (None: :func:`default_finetune_steps` of :func:`scans_learned_from`) are optimizer
     steps of :data:`FINETUNE_DEFAULTS`' batch of crops.
 
     ``hold_back`` keeps one corrected slice out of training (:func:`held_back_slice`) and chooses the
@@ -366,9 +376,7 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
     if channel_names is None and training_set is not None:
         channel_names = training_set.channel_names
     if steps is None:
-        learned_from = len([s for s in scans if len(s.slices)])
-        learned_from += len(training_set.cases) if training_set is not None else 0
-        steps = default_finetune_steps(learned_from)
+        steps = default_finetune_steps(scans_learned_from(scans, training_set))
     config = finetune_config(checkpoint, class_names=classes, channel_names=channel_names, steps=steps,
                              seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log)
     if scan_classes and scan_classes != classes:
