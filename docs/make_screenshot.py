@@ -6,7 +6,7 @@
   bundled default model; consensus, uncertainty and the widget, in the radiological convention.
 * ``docs/finetune_loop.png``: the fine-tuning loop on a chest CT the liver model never saw (a
   lung CT of ../shared/data, stored LPS): segment, correct three slices of its lung lesion as a new
-  class, fine-tune (200 steps, the default), re-segment the other slices, and show a lesion slice
+  class, fine-tune (Steps left at *auto*: 200 for one scan), re-segment the other slices, and show a lesion slice
   that was not corrected. One run, one picture: the accuracy of the loop is measured in the README.
 
 Uses the bundled default model when it is installed; otherwise a tiny randomly initialised model
@@ -148,7 +148,8 @@ def finetune_screenshot(args, folder: Path) -> None:
                                wanted[rows, columns])
     wait_for(lambda: widget.class_table.rowCount() == 4, 30, "the class table")
     widget.class_table.item(3, 1).setText("lesion")
-    widget.ft_steps_spin.setValue(args.finetune_steps)
+    if args.finetune_steps:          # 0: leave Steps at 'auto', as a user who does not touch it
+        widget.ft_steps_spin.setValue(args.finetune_steps)
 
     target = folder / f"{args.case}_image_finetuned.safetensors"
     QFileDialog.getSaveFileName = staticmethod(lambda *a, **k: (str(target), ""))   # the user's answer
@@ -196,7 +197,7 @@ def main() -> int:
     parser.add_argument("--first-slab", type=int, nargs=2, default=[10, 24], help="slices of the first run")
     parser.add_argument("--show-slice", type=int, default=21, help="lung slice shown (21: a lesion slice not "
                         "corrected)")
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps (0: the widget's auto)")
     parser.add_argument("--zoom", type=float, default=2.0, help="zoom of the lung picture around the lesion")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
