@@ -577,3 +577,39 @@ def test_spacing_falls_back_to_the_affine_where_pixdim_is_unusable(tmp_path, ram
     nib.save(image, str(path))
     _, meta = load_volume(path)
     np.testing.assert_allclose(meta.spacing, np.sqrt((OBLIQUE_AFFINE[:3, :3] ** 2).sum(axis=0)), rtol=1e-6)
+
+
+def test_staged_files_replace_their_targets_together_or_not_at_all(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from medconddiff.atomic import StagedFiles
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("old a")
+    with StagedFiles(tmp_path / ".staging") as staging:
+        staging.file(first).write_text("new a")
+        staging.file(second).write_text("new b")
+        staging.commit()
+    assert (first.read_text(), second.read_text()) == ("new a", "new b")
+    assert not (tmp_path / ".staging").exists()
+
+    # Stopped before commit: nothing changes.
+    with StagedFiles(tmp_path / ".staging") as staging:
+        staging.file(first).write_text("never")
+    assert first.read_text() == "new a"
+
+    # The second move fails: the first target is put back as it was, the second stays as it was.
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(source).name == "1-b.txt":
+            raise OSError("disk gone")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        with StagedFiles(tmp_path / ".staging") as staging:
+            staging.file(first).write_text("newer a")
+            staging.file(second).write_text("newer b")
+            staging.commit()
+    assert (first.read_text(), second.read_text()) == ("new a", "new b")

@@ -1,16 +1,18 @@
 """Atomic file writes: a temp file beside the target, renamed over it only once it is complete.
 
 A crash, a full disk or a cancelled run therefore never leaves a partial output, and an existing
-file is only ever replaced when the caller said so.
+file is only ever replaced when the caller said so. :class:`StagedFiles` does the same for several
+files that belong together (a training set's images, labels and ``dataset.json``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -91,3 +93,54 @@ def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+class StagedFiles:
+    """Files written into a staging ``folder`` first, then moved over their targets together.
+
+        with StagedFiles(root / ".staging") as staging:
+            save(staging.file(target_a)); save(staging.file(target_b))
+            staging.commit()            # in the order given; a failed move undoes the ones made
+
+    The folder is emptied on entry (what a crash left there was never committed) and removed on exit,
+    so a run that stops before :meth:`commit` changes no target. Targets must be on the folder's file
+    system (moves are renames).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.moves: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> "StagedFiles":
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def file(self, target: str | os.PathLike) -> Path:
+        """Where to write the file that is to replace ``target``."""
+        target = Path(target)
+        staged = self.folder / f"{len(self.moves)}-{target.name}"
+        self.moves.append((staged, target))
+        return staged
+
+    def commit(self) -> None:
+        """Move every staged file over its target; if one move fails, put back what was moved and raise."""
+        done: list[tuple[Optional[Path], Path]] = []
+        try:
+            for index, (staged, target) in enumerate(self.moves):
+                backup = None
+                if target.exists():
+                    backup = self.folder / f"{index}-previous-{target.name}"
+                    os.replace(target, backup)
+                done.append((backup, target))
+                os.replace(staged, target)
+        except BaseException:
+            for backup, target in reversed(done):
+                if backup is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(backup, target)
+            raise

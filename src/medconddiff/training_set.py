@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -45,6 +44,7 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock, Timeout
 
+from .atomic import StagedFiles
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
 from .losses import IGNORE_INDEX
@@ -257,8 +257,7 @@ class TrainingSet:
         moved = self._stored_ignore is not None and ignore != self._stored_ignore
         others = [case for case in self._cases if case != name] if moved else []
 
-        staging = _Staging(self.root)
-        try:
+        with StagedFiles(self.root / STAGING_FOLDER) as staging:
             if new_case:
                 for channel in range(image.shape[3]):
                     save_volume(staging.file(self._image_path(name, channel)), image[..., channel], meta,
@@ -272,8 +271,6 @@ class TrainingSet:
             manifest = _manifest(self.root, merged_names, self.channel_names, len(cases), slicing_by_case)
             write_json_atomic(staging.file(self.manifest), manifest)
             staging.commit()
-        finally:
-            staging.discard()
         self.class_names, self._stored_ignore, self._cases, self._slicing = merged_names, ignore, cases, slicing_by_case
         added = tuple(n for n in merged_names if n not in previous_names)
         return AddResult(name, new_case, self._verified_slice_count(name, label_map, meta), added, len(others))
@@ -490,39 +487,3 @@ def _image_dtype(channel: np.ndarray) -> np.dtype:
 
 def _label_dtype(ignore: int) -> np.dtype:
     return np.dtype(np.uint8) if ignore <= 255 else np.dtype(np.uint16)
-
-
-class _Staging:
-    """Files written beside the set first, then moved into place together; undone if a move fails."""
-
-    def __init__(self, root: Path):
-        self.folder = root / STAGING_FOLDER
-        shutil.rmtree(self.folder, ignore_errors=True)    # left over from a crash: never committed
-        self.folder.mkdir()
-        self.moves: list[tuple[Path, Path]] = []
-
-    def file(self, target: Path) -> Path:
-        staged = self.folder / f"{len(self.moves)}-{target.name}"
-        self.moves.append((staged, target))
-        return staged
-
-    def commit(self) -> None:
-        done: list[tuple[Optional[Path], Path]] = []
-        try:
-            for index, (staged, target) in enumerate(self.moves):
-                backup = None
-                if target.exists():
-                    backup = self.folder / f"{index}-previous-{target.name}"
-                    os.replace(target, backup)
-                done.append((backup, target))
-                os.replace(staged, target)
-        except BaseException:
-            for backup, target in reversed(done):
-                if backup is None:
-                    target.unlink(missing_ok=True)
-                else:
-                    os.replace(backup, target)
-            raise
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
