@@ -233,3 +233,28 @@ def test_a_wrong_held_out_pair_fails_before_anything_is_measured(tiny_checkpoint
     assert "--heldout-slices" in capsys.readouterr().err
     with pytest.raises(ValueError, match="held-out scan file"):
         BenchmarkOptions.quick(heldout_scan=(str(image_path), str(tmp_path / "absent.nii.gz")))
+
+
+def test_host_part_timer_splits_the_run_it_watches(tiny_checkpoint, liver_volume):
+    """The CPU benchmark splits the measured run itself (a scaled-up sample overstated its fixed costs)."""
+    from medconddiff.config import SamplingConfig
+    from medconddiff.profiling import ENGINE_PARTS, HostPartTimer, engine_part
+    from medconddiff.segmenter import Segmenter
+    from tests.conftest import meta_1mm
+
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    image, _ = liver_volume
+    with HostPartTimer() as timer:
+        segmenter.segment(image, SamplingConfig(steps=3, adaptive=False), meta=meta_1mm())
+        with pytest.raises(RuntimeError, match="already active"):
+            HostPartTimer().__enter__()
+    seconds = timer.seconds()
+    assert set(seconds) == set(ENGINE_PARTS.values())
+    for part in ("encode_condition (backbone + adapter)", "denoise (denoiser passes)", "scheduler steps",
+                 "quantise kept steps", "fuse, resample to the scan, uncertainty"):
+        assert _positive(seconds[part]), part
+    assert sum(seconds.values()) <= timer.wall_seconds
+    # Outside a timer a mark adds to nothing; a timer ends with its block.
+    with engine_part("medconddiff.denoise"):
+        pass
+    assert timer.seconds() == seconds

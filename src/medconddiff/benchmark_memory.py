@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .benchmark_measures import build_segmenter, default_batch_size, sampling_config
-from .benchmark_timing import EngineProfile, synchronize
+from .benchmark_timing import OTHER_PART, EngineProfile, synchronize
+from .profiling import HostPartTimer
 
 
 def peak_rss_bytes() -> Optional[int]:
@@ -82,8 +83,9 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
         torch.cuda.reset_peak_memory_stats(segmenter.device)
     sampling = sampling_config(steps, default_batch_size(), adaptive=adaptive, precision=precision)
     start = time.perf_counter()
-    result = segmenter.segment(volume, sampling, meta=meta)
-    synchronize(segmenter.device)
+    with HostPartTimer() as host_parts:
+        result = segmenter.segment(volume, sampling, meta=meta)
+        synchronize(segmenter.device)
     seconds = time.perf_counter() - start
     geometry = result.geometry
     report = {"shape": list(volume.shape), "source": path or "synthetic CT-like noise, LPS",
@@ -101,13 +103,20 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
         report["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(segmenter.device))
         report["cuda_max_reserved_bytes"] = int(torch.cuda.max_memory_reserved(segmenter.device))
     del result
-    # torch.profiler records every operator: over the thousands of network calls of a big volume its
-    # trace would take gigabytes and minutes to read back, distorting the very peak and time measured
-    # above. So the measured run is not profiled; a profiled sample of its batches (after the peak was
-    # read) says which share of the time each engine part takes.
-    sample = profile_sample(segmenter, volume, meta, sampling)
-    report["profile_seconds"] = sample.scaled_to(seconds)
-    report["profile_sample_slices"] = sample.slices
+    if cuda:
+        # Kernels run on after the host returns, so host timers say little here, and torch.profiler
+        # records every operator: over the thousands of network calls of a big volume its trace would
+        # take gigabytes and minutes to read back, distorting the very peak and time measured above. So
+        # a profiled sample of the run's batches (after the peak was read) gives each part's share.
+        sample = profile_sample(segmenter, volume, meta, sampling)
+        report["profile_seconds"] = sample.scaled_to(seconds)
+        report["profile_sample_slices"] = sample.slices
+    else:
+        # The measured run's own split. (A profiled sample of 2 slices, scaled up to the run, multiplied
+        # its fixed costs, set-up and provenance, by the run's length: "other" came out twice too big.)
+        report["profile_seconds"] = {**host_parts.seconds(),
+                                     OTHER_PART: max(0.0, seconds - sum(host_parts.seconds().values()))}
+        report["profile_sample_slices"] = None
     if report["peak_rss_bytes"] is not None and rss_model is not None:
         # What the run adds on top of the process (Python, torch, timm, the model): ~1 GB of the peak
         # is the price of importing a CUDA build of torch at all.

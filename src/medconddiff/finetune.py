@@ -53,7 +53,7 @@ FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_s
 #: Optimizer steps per scan learned from, when a fine-tune is not told how many, and the most that gives:
 #: a set of two scans trained for the one-scan default of 200 was under-trained (lung2's held-out lesion Dice
 #: 0.171 / 0.000 / 0.100 for 3 training seeds, its steps falling after a peak); at 400 it scored 0.505 / 0.480 /
-#: 0.223 (README: "Corrections that add up"). 400 steps on a 5-case set took 75 s on this project's 2-core
+#: 0.223 (README: "Corrections that add up"). 400 steps on a 5-case set took 67–75 s on this project's 2-core
 #: CPU, within the 2-minute target; more scans than two are not measured, so the rule stops there.
 FINETUNE_STEPS_PER_SCAN = 200
 MAX_DEFAULT_FINETUNE_STEPS = 400

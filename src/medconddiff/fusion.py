@@ -12,13 +12,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from .config import ONE_SHOT, SamplingConfig
 from .consensus import as_probabilities, first_argmax, fuse, labels_from_probabilities, select_steps, uncertainty
 from .errors import UserInputError
 from .preprocess import ScanGeometry
-from .profiling import FUSE
+from .profiling import FUSE, engine_part
 
 #: ``postprocess(labels (B, H, W), model_pixel_area) -> labels``: a family's clean-up of consensus labels.
 Postprocess = Callable[[np.ndarray, float], np.ndarray]
@@ -60,7 +59,7 @@ def fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: Sca
     if sampling.consensus == ONE_SHOT and one_shot is None:
         raise UserInputError("the one-shot consensus needs the one-shot forward, which only a run with that "
                              "consensus keeps: segment again with it")
-    with record_function(FUSE):
+    with engine_part(FUSE):
         return _fuse_slices(stack_uint8, sampling, geometry, postprocess, steps_used, one_shot)
 
 

@@ -32,14 +32,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from .config import NETWORK_STRIDE, PreprocessPlan
 from .errors import UserInputError
 from .geometry import SLICE_AXIS, Orientation
 from .hounsfield import looks_like_hounsfield  # noqa: F401  (re-exported: finetune and callers use it from here)
 from .nifti_read import sanitize_nonfinite
-from .profiling import PREPROCESS
+from .profiling import PREPROCESS, engine_part
 from .volume_meta import VolumeMeta
 
 #: Voxels used to estimate a scan's intensity percentiles (a regular subsample: same result,
@@ -355,7 +354,7 @@ class PreparedScan:
 
     def forward(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, C_in, Hp, Wp) model input for canonical slices ``indices``."""
-        with record_function(PREPROCESS):
+        with engine_part(PREPROCESS):
             slices = torch.from_numpy(self.normalised_slices(indices)).to(device)
             return self.geometry.to_model_grid(slices, self.pad_values)
 

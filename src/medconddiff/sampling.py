@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
-from torch.profiler import record_function
 
-from .profiling import SCHEDULER_STEP
+from .profiling import SCHEDULER_STEP, engine_part
 from .schedulers import StepGenerator, _SchedulerBase
 
 #: ``denoise(x_t, timesteps, active) -> (x0_state, class_probabilities)`` for the items ``active``
@@ -59,7 +58,7 @@ def sample_progressive(denoise: DenoiseFn, scheduler: _SchedulerBase, x_t: torch
     for index, timestep in enumerate(timesteps.tolist()):
         t_batch = torch.full((x_t.shape[0],), timestep, device=x_t.device, dtype=torch.long)
         x0_state, probabilities = denoise(x_t, t_batch, active)
-        with record_function(SCHEDULER_STEP):
+        with engine_part(SCHEDULER_STEP):
             x_t = scheduler.step(x0_state, timestep, x_t, generator=generator).prev_sample
         step = SamplingStep(index, timestep, len(timesteps), x_t, probabilities, active)
         yield step

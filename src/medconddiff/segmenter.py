@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from . import __version__
 from .adaptive import converged, keep_sampling
@@ -45,7 +44,7 @@ from .fusion import Postprocess, argmax_labels, fuse_slices, model_pixel_area, s
 from .model_interface import DiffusionSegmentationModel
 from .nifti import VolumeMeta
 from .preprocess import PreparedScan, ScanGeometry, ScanPreprocessor
-from .profiling import DENOISE, ENCODE_CONDITION, QUANTIZE
+from .profiling import DENOISE, ENCODE_CONDITION, QUANTIZE, engine_part
 from .sampling import initial_noise, sample_progressive
 from .schedulers import NoiseSchedule, make_scheduler
 from .segmentation_result import OneShotPass, SegmentationEvent, SegmentationResult, SlicesDone, StepUpdate
@@ -147,7 +146,7 @@ class SegmentationRun:
                         result.one_shot[:, position] = probabilities
                     continue
                 kept = result.trajectory[update.seed_index * sampling.steps + update.step_index]
-                with record_function(QUANTIZE):
+                with engine_part(QUANTIZE):
                     quantized = quantize(update.probabilities)
                 for position, probabilities in zip(where, quantized):
                     kept[:, position] = probabilities   # basic indexing: a plain copy (fancy indexing was 10× slower)
@@ -281,7 +280,7 @@ class Segmenter:
         image = image.to(self.device).contiguous(memory_format=self.memory_format)
         batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
         h, w = model_shape or (height, width)
-        with self.autocast(sampling.precision), record_function(ENCODE_CONDITION):
+        with self.autocast(sampling.precision), engine_part(ENCODE_CONDITION):
             condition = self.model.encode_condition(image)
         if one_shot:
             probabilities = self._one_shot_pass(condition, height, width, sampling.precision)
@@ -305,9 +304,9 @@ class Segmenter:
                 cond = subsets[key]
                 with self.autocast(sampling.precision):
                     if sampling.reextract_features:  # the reference code's behaviour, for benchmarks
-                        with record_function(ENCODE_CONDITION):
+                        with engine_part(ENCODE_CONDITION):
                             cond = self.model.encode_condition(image[active.to(image.device)])
-                    with record_function(DENOISE):
+                    with engine_part(DENOISE):
                         x0, probs = self.model.denoise(x, t, cond)
                 return x0.float(), probs.float()
 
@@ -340,7 +339,7 @@ class Segmenter:
         for positions in batches(indices, sampling, geometry):
             chunk = indices[positions]
             image = scan.forward(chunk, self.device).contiguous(memory_format=self.memory_format)
-            with self.autocast(precision), record_function(ENCODE_CONDITION):
+            with self.autocast(precision), engine_part(ENCODE_CONDITION):
                 condition = self.model.encode_condition(image)
             probs = self._one_shot_pass(condition, *image.shape[-2:], precision)
             # Quantised as a run keeps its steps and a one-shot consensus: the same labels either way.
@@ -356,6 +355,6 @@ class Segmenter:
         x_t = torch.zeros(self.model.state_shape(batch, height, width), device=self.device)
         x_t = x_t.contiguous(memory_format=self.memory_format)
         t = torch.full((batch,), self.schedule.num_train_timesteps - 1, device=self.device, dtype=torch.long)
-        with self.autocast(precision), record_function(DENOISE):
+        with self.autocast(precision), engine_part(DENOISE):
             _, probs = self.model.denoise(x_t, t, condition)
         return probs.float()
