@@ -132,7 +132,9 @@ def probe_engine() -> EngineInfo:
     napari needs for a Labels layer with features (pandas, scipy).
     """
     segmenter = import_engine()
-    import timm  # noqa: F401
+    from medconddiff.backbone import import_timm
+
+    import_timm()
 
     from napari.layers import Labels
 

@@ -430,3 +430,26 @@ def test_train_reads_slice_lists_like_every_other_command(tmp_path, liver_volume
         assert message in err and len(err.splitlines()) == 1, err
     assert main(["train", *tiny, "-o", str(tmp_path / "run"), "--train-slices", "0-1, 4:6"]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["provenance"]["train_slices"] == "0-1, 4:6"
+
+
+def test_the_command_line_prints_this_packages_warnings_as_one_plain_line():
+    import warnings
+
+    from medconddiff import cli, preprocess
+
+    with cli._plain_warnings():
+        ours = warnings.formatwarning("1 NaN/Inf voxels were replaced", UserWarning, preprocess.__file__, 291)
+        theirs = warnings.formatwarning("old API", FutureWarning, warnings.__file__, 7)
+    assert ours == "medconddiff: warning: 1 NaN/Inf voxels were replaced\n"
+    assert "FutureWarning: old API" in theirs and warnings.__file__ in theirs
+    assert warnings.formatwarning("x", UserWarning, preprocess.__file__, 1) != ours   # restored afterwards
+
+
+def test_importing_timm_prints_no_deprecation_a_user_cannot_act_on():
+    """timm's import raises torch's torch.jit.interface FutureWarning; every run printed it at the top."""
+    import subprocess
+    import sys
+
+    code = "from medconddiff.backbone import import_timm; import_timm()"
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -7,6 +7,8 @@ own trained backbone weights anyway).
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +24,22 @@ class WeightsFileError(UserInputError):
 
 
 
+def import_timm():
+    """``import timm``, without the FutureWarning its import raises on current torch (timm's HRNet
+    declares a ``torch.jit.interface``): printed at the top of every run, it tells a user nothing they
+    can act on. Any other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
+        import timm
+    return timm
+
+
 class FeatureBackbone(nn.Module):
     """Multi-scale features of a 1-channel slice; ``channels``/``reductions`` describe each stage."""
 
     def __init__(self, model_name: str = "pvt_v2_b1", in_chans: int = 1, weights: Optional[str] = None):
         super().__init__()
-        import timm  # imported here so `import medconddiff` stays light
+        timm = import_timm()  # imported here so `import medconddiff` stays light
 
         try:
             self.body = timm.create_model(model_name, pretrained=False, features_only=True, in_chans=in_chans)

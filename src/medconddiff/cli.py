@@ -10,9 +10,12 @@ a bug and prints its traceback, exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Iterator, Optional, Sequence
 
 from . import __version__
 from .commands.common import failure_report
@@ -51,12 +54,35 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@contextlib.contextmanager
+def _plain_warnings() -> Iterator[None]:
+    """This package's warnings (a NaN voxel replaced, a scan read without orientation, …) print as one
+    ``medconddiff: warning: …`` line, without the source line a Python warning shows; other libraries'
+    warnings keep Python's format, which says where they come from."""
+    python_format = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+            return f"medconddiff: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(only=command if command in SUBCOMMANDS else None).parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with _plain_warnings():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("medconddiff: interrupted", file=sys.stderr)
         return 130

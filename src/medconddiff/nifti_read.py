@@ -269,7 +269,7 @@ def _select_volume(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...], cha
     if channel is None:
         raise VolumeReadError(
             f"{path}: 4-D image {shape} has {n_channels} volumes along axis 3 (time/channel); "
-            f"choose one with channel=0..{n_channels - 1}"
+            f"choose one with channel=0..{n_channels - 1} (`--channel N` on the command line)"
         )
     if not 0 <= channel < n_channels:
         raise VolumeReadError(f"{path}: channel={channel} is out of range; axis 3 has size {n_channels}")
