@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from medconddiff.config import CONSENSUS_METHODS
-from medconddiff.consensus import (first_argmax, fuse, labels_from_probabilities, normalised_entropy, quantize,
-                                   select_steps, step_disagreement, uncertainty)
+from medconddiff.consensus import (first_argmax, fuse, labels_from_probabilities, mean_over_steps, normalised_entropy,
+                                   quantize, select_steps, step_disagreement, uncertainty)
 
 
 def stack_from(per_step_probs):
@@ -163,3 +163,18 @@ def test_normalised_entropy_is_shannon_entropy_over_log_k_without_renormalising(
     assert normalised_entropy(np.array([1.0, 0.0], np.float32)) < 1e-6
     unnormalised = np.array([0.5, 0.4], np.float32)            # as a quantised step may be
     assert normalised_entropy(unnormalised) == pytest.approx(-(0.5 * np.log(0.5) + 0.4 * np.log(0.4)) / np.log(2))
+
+
+def test_the_mean_of_quantised_steps_is_their_exact_mean_rounded_once():
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 256, size=(10, 3, 4, 5), dtype=np.uint8)
+    exact = stack.astype(np.float64).sum(axis=0) / (255.0 * 10)
+    np.testing.assert_array_equal(mean_over_steps(stack), exact.astype(np.float32))
+    many = np.full((300, 2, 1, 1), 255, np.uint8)        # more steps than a uint16 sum holds
+    np.testing.assert_array_equal(mean_over_steps(many), np.ones((2, 1, 1), np.float32))
+    floats = stack.astype(np.float32) / 255
+    np.testing.assert_array_equal(mean_over_steps(floats), floats.mean(axis=0))
+    # The mean fusion and the uncertainty's pooled prediction are one computation.
+    fused = fuse(stack, "mean")
+    labels = labels_from_probabilities(fused)
+    np.testing.assert_array_equal(uncertainty(stack, labels), uncertainty(stack, labels, pooled=fused))

@@ -105,10 +105,12 @@ def network_parts(segmenter: Any, image_slices: np.ndarray, meta: Any, precision
 
     seg, model = segmenter, segmenter.model
     scan = seg.preprocessor.prepare(image_slices, meta)
-    image = scan.forward(np.arange(scan.n_slices), seg.device)
+    # In the memory format a run gives the network (channels-last on the CPU), so the parts cost what they
+    # cost inside a run.
+    image = scan.forward(np.arange(scan.n_slices), seg.device).contiguous(memory_format=seg.memory_format)
     batch, height, width = image.shape[0], image.shape[-2], image.shape[-1]
     x_t = torch.randn(model.state_shape(batch, height, width), generator=torch.Generator().manual_seed(0))
-    x_t = x_t.to(seg.device)
+    x_t = x_t.to(seg.device).contiguous(memory_format=seg.memory_format)
     t = torch.full((batch,), seg.schedule.num_train_timesteps // 2, device=seg.device, dtype=torch.long)
     with torch.inference_mode(), seg.autocast(precision):  # exactly as Segmenter.denoise_slices runs them
         condition = model.encode_condition(image)

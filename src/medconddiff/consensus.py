@@ -110,12 +110,18 @@ def _normalise(probabilities: np.ndarray) -> np.ndarray:
 
 
 def mean_over_steps(stack: np.ndarray) -> np.ndarray:
-    """``as_probabilities(stack).mean(axis=0)``, bit for bit, one step at a time.
+    """The mean over the first axis (steps) as float32 probabilities, shaped like one step.
 
-    The same float32 additions in the same order, without a float32 copy of the whole stack
-    (4× the uint8 trajectory): about 3× faster for a batch of slices.
+    A uint8-quantised stack (the kept trajectory) is summed exactly in integers and divided once: the
+    exact mean of the quantised values, rounded once to float32 (6× faster than adding float32 steps
+    for 10 steps of a batch, and no float copy of the whole stack). Float stacks are added one step at
+    a time, as ``as_probabilities(stack).mean(axis=0)`` does, bit for bit.
     """
     stack = np.asarray(stack)
+    if stack.dtype == np.uint8:
+        count = stack.shape[0]
+        total = stack.sum(axis=0, dtype=np.uint16 if count <= 257 else np.uint32)   # 257 × 255 < 2¹⁶
+        return np.divide(total, np.float32(QUANT_SCALE * count), dtype=np.float32)
     total = np.array(as_probabilities(stack[0]), dtype=np.float32)  # a copy: it is accumulated into
     for step in range(1, stack.shape[0]):
         total += as_probabilities(stack[step])
@@ -145,16 +151,17 @@ def vote_gated_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
 def normalised_entropy(probabilities: np.ndarray, axis: int = 0) -> np.ndarray:
     """Shannon entropy over the class axis divided by log K: 0 = certain, 1 = uniform.
 
-    Built on ``scipy.special.entr`` (``-p log p``), the kernel of ``scipy.stats.entropy``, which itself
-    does not fit: it rescales each distribution to sum to 1, and the uint8-quantised steps that
-    uncertainty-weighted fusion weighs sum to 1 only within a few 1/255; on the bundled sample that
-    moved labels and uncertainty (up to 0.25). Importing ``scipy.stats`` also costs over a second.
+    ``-Σ p log p`` as given, in the input's precision: not ``scipy.stats.entropy``, which rescales each
+    distribution to sum to 1, where the uint8-quantised steps that uncertainty-weighted fusion weighs
+    sum to 1 only within a few 1/255 (on the bundled sample that moved labels and uncertainty by up to
+    0.25). numpy's vectorised ``log`` rather than ``scipy.special.entr``: the same values to float32
+    rounding (2e-7), in about half the time (it runs for every batch of slices).
     """
-    from scipy import special   # here, not at the top: the plugin imports this module before any scan is open
-
     probs = np.clip(probabilities, 1e-8, 1.0)
     num_classes = probabilities.shape[axis]
-    return (special.entr(probs).sum(axis=axis) / np.log(num_classes)).astype(np.float32)
+    terms = np.log(probs)
+    terms *= probs
+    return (terms.sum(axis=axis) * (-1.0 / np.log(num_classes))).astype(np.float32, copy=False)
 
 
 def uncertainty_weighted_fusion(stack: np.ndarray, num_seeds: int = 1) -> np.ndarray:
@@ -255,7 +262,7 @@ def pooled_prediction(stack: np.ndarray, one_shot: Optional[np.ndarray] = None) 
 
 
 def uncertainty(stack: np.ndarray, labels: np.ndarray, kind: str = "combined",
-                one_shot: Optional[np.ndarray] = None) -> np.ndarray:
+                one_shot: Optional[np.ndarray] = None, pooled: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-voxel uncertainty in [0, 1] of a run's steps ``stack`` (S, K, *spatial) and its consensus
     ``labels``: 'entropy' of :func:`pooled_prediction` (the steps, and ``one_shot`` if kept),
     'disagreement' of the steps with the labels, or 'combined' (their mean: entropy alone is blind where
@@ -264,11 +271,13 @@ def uncertainty(stack: np.ndarray, labels: np.ndarray, kind: str = "combined",
     The entropy is the run's, not the fusion's: a fusion that takes one prediction ('last', 'one_shot')
     would otherwise report that prediction's own confidence, higher where it is wrong (held-out slab of
     the bundled sample, default model, `last` of 2 steps: AUROC for wrong voxels 0.849 with the fused
-    entropy, 0.862 with the pooled one)."""
-    if kind == "entropy":
-        return normalised_entropy(pooled_prediction(stack, one_shot))
+    entropy, 0.862 with the pooled one). ``pooled``: :func:`pooled_prediction` of these arguments, where
+    the caller has it already (the ``mean`` fusion is that)."""
+    if kind not in ("entropy", "disagreement", "combined"):
+        raise ValueError(f"unknown uncertainty kind {kind!r}")
     if kind == "disagreement":
         return step_disagreement(stack, labels)
-    if kind == "combined":
-        return 0.5 * (normalised_entropy(pooled_prediction(stack, one_shot)) + step_disagreement(stack, labels))
-    raise ValueError(f"unknown uncertainty kind {kind!r}")
+    entropy = normalised_entropy(pooled if pooled is not None else pooled_prediction(stack, one_shot))
+    if kind == "entropy":
+        return entropy
+    return 0.5 * (entropy + step_disagreement(stack, labels))

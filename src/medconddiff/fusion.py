@@ -73,8 +73,10 @@ def _fuse_slices(stack_uint8: np.ndarray, sampling: SamplingConfig, geometry: Sc
     else:
         fused = fuse(stack_uint8, sampling.consensus, sampling.skip_first, sampling.num_seeds)   # (K, B, h, w)
     labels_small = labels_from_probabilities(fused)
+    # The mean fusion is the steps' pooled prediction: not computed twice.
+    pooled = fused if sampling.consensus == "mean" and one_shot is None else None
     unc_small = uncertainty(select_steps(stack_uint8, sampling.skip_first, sampling.num_seeds), labels_small,
-                            one_shot=one_shot)
+                            one_shot=one_shot, pooled=pooled)
     labels = scan_labels(fused.transpose(1, 0, 2, 3), geometry)
     if postprocess is not None:
         labels = postprocess(labels, model_pixel_area(geometry))
