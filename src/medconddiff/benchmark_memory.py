@@ -113,7 +113,7 @@ def memory_probe(spec: dict, device: str, shape: Sequence[int], steps: int, thre
         report["profile_sample_slices"] = sample.slices
     else:
         # The measured run's own split. (A profiled sample of 2 slices, scaled up to the run, multiplied
-        # its fixed costs, set-up and provenance, by the run's length: "other" came out twice too big.)
+        # its fixed costs, set-up and provenance, by the run's length: "other" came out 2-3 times too big.)
         report["profile_seconds"] = {**host_parts.seconds(),
                                      OTHER_PART: max(0.0, seconds - sum(host_parts.seconds().values()))}
         report["profile_sample_slices"] = None
