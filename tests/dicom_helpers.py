@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from medconddiff import dicom_series
+from medconddiff import dicom_folder, dicom_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Patient attributes distinctive enough that a test can search every output for them.
@@ -116,10 +116,12 @@ def oblique_affine(spacing=(0.8, 0.9, 1.5), origin=(-20.0, 35.0, 12.0)) -> np.nd
 
 @contextlib.contextmanager
 def counted_folder_scans() -> Iterator[list]:
-    """Within the block, every scan of a folder's DICOM headers (``dicom_series._scan``) is appended to
-    the list yielded: reading several series of one folder should scan it once."""
+    """Within the block, every scan of a folder's DICOM headers (``dicom_folder.scan_folder``, whether
+    listing or reading calls it) is appended to the list yielded: reading several series of one folder
+    should scan it once."""
     scans: list = []
-    original = dicom_series._scan
+    original = dicom_folder.scan_folder
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dicom_series, "_scan", lambda path: scans.append(path) or original(path))
+        for module in (dicom_folder, dicom_series):
+            patch.setattr(module, "scan_folder", lambda path: scans.append(path) or original(path))
         yield scans

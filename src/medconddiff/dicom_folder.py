@@ -1,0 +1,274 @@
+"""Finding the DICOM image series in a folder (a scanner's or a PACS export, searched recursively) or
+in one file: what :func:`medconddiff.dicom_series.read_dicom_series` then reads.
+
+Every header is read once, without pixel data (values over a few KB are deferred), and kept
+(:class:`ScannedFolder`), so listing a folder and then reading each of its series costs one pass.
+
+* Files that are not DICOM, or cannot be parsed, are skipped with a note; non-image objects (SEG,
+  structured reports, RT structures) are skipped with a note, so that a segmentation written beside a
+  scan is not offered as a series of its own.
+* A DICOM file cut short (pydicom returns what it parsed: no pixel data) is recorded as broken under
+  its series, or, when it was cut before its series UID, under its folder: reading refuses that series
+  (or every series stored in that folder), since a slice missing at the end of a stack would leave no gap
+  to detect.
+* **Several series**: :func:`choose_series` refuses to guess and lists them, one line each, unless
+  a Series Number or Series Instance UID picks one.
+* **Privacy**: no patient attribute goes into a note, an error or a :class:`SeriesInfo`; series are
+  named by number and description, files by their path relative to the folder given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from .errors import UserInputError
+
+__all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
+           "scan_folder", "choose_series"]
+
+# Objects with Rows and Columns that are not images of the patient: listing them as series would only
+# make users choose between their scan and a segmentation written beside it.
+_NON_VOLUME_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage",
+}
+# What pydicom raises on files it cannot parse or decode; anything else is a bug and keeps its traceback.
+READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
+                IndexError, NotImplementedError, RuntimeError, OverflowError)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEFER_BYTES = 4096
+
+
+class DicomError(UserInputError):
+    """A DICOM path, file or series that cannot be read as a volume; the message names which."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One image series found under a path: what a user needs to choose it, and no patient data."""
+
+    number: int | None
+    description: str
+    modality: str
+    uid: str
+    instances: int
+    frames: int
+    size: tuple[int, int] | None  # (rows, columns) of most of its images
+    notes: tuple[str, ...] = ()
+    localizers: int = 0  # images whose Image Type says LOCALIZER (all of them: a scout series)
+
+    @property
+    def name(self) -> str:
+        """``series 3 'CT abdomen'``: how messages and layer names refer to the series."""
+        number = "?" if self.number is None else str(self.number)
+        return f"series {number} '{self.description}'" if self.description else f"series {number}"
+
+    def line(self) -> str:
+        """One line for a listing: name, modality, images and size, UID."""
+        size = f" {self.size[0]}x{self.size[1]}" if self.size else ""
+        frames = f", {self.frames} frames" if self.frames != self.instances else ""
+        return f"{self.name}: {self.modality or '?'}, {self.instances} image(s){frames}{size}, uid {self.uid}"
+
+
+class SeriesList(list):
+    """``list[SeriesInfo]`` plus ``notes``: files skipped while looking (not DICOM, unreadable).
+
+    It keeps the headers read while looking, so :func:`~medconddiff.dicom_series.read_dicom_series` given it (``listed=``) reads
+    each series without reading every header of the folder again.
+    """
+
+    def __init__(self, items: Sequence[SeriesInfo] = (), notes: Sequence[str] = (), scanned: ScannedFolder | None = None):
+        super().__init__(items)
+        self.notes = list(notes)
+        self.scanned = scanned      # the headers read while looking (None: read them again)
+
+
+@dataclass
+class Instance:
+    path: Path
+    label: str
+    header: pydicom.Dataset
+    frames: int = 1
+
+
+@dataclass
+class ScannedFolder:
+    series: dict[str, list[Instance]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    broken: dict[str, list[str]] = field(default_factory=dict)   # series UID (or folder) -> unreadable files
+
+
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """A ``.dcm`` file, a file with DICOM's ``DICM`` marker, or a folder holding one: what the CLI and
+    the napari reader send here rather than to the NIfTI reader."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() in (".dcm", ".dicom") or _has_dicom_marker(path)
+    if path.is_dir():
+        return any(_has_dicom_marker(file) or file.suffix.lower() == ".dcm" for file in _files_under(path))
+    return False
+
+
+def list_series(path: str | os.PathLike) -> SeriesList:
+    """The image series in a folder (searched recursively) or a single file, sorted by number.
+
+    Raises :class:`DicomError` when there is no DICOM image under ``path``.
+    """
+    folder = scan_folder(Path(path))
+    return SeriesList([series_info(instances) for instances in sorted_series(folder)], folder.notes, folder)
+
+
+def scan_folder(path: Path) -> ScannedFolder:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    files = [path] if path.is_file() else list(_files_under(path))
+    root = path.parent if path.is_file() else path
+    found = ScannedFolder()
+    not_dicom, unreadable, non_image = [], [], Counter()
+    for file in files:
+        label = str(file.relative_to(root))
+        try:
+            # Deferred values: every element is parsed (so a file cut short shows as missing pixel
+            # data) without loading pixel data into memory.
+            header = pydicom.dcmread(file, defer_size=_DEFER_BYTES)
+        except InvalidDicomError:
+            not_dicom.append(label)
+            continue
+        except READ_ERRORS as exc:
+            unreadable.append(f"{label} ({one_line(exc)})")
+            continue
+        sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
+        uid = str(header.get("SeriesInstanceUID", "") or "")
+        has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
+        if sop_class in _NON_VOLUME_SOP_CLASSES or not (has_pixels or _is_image_class(header, sop_class)):
+            non_image[_NON_VOLUME_SOP_CLASSES.get(sop_class) or _sop_class_name(sop_class)] += 1
+            continue
+        problem = ("truncated or incomplete: no pixel data" if not has_pixels
+                   else "no Rows/Columns" if "Rows" not in header or "Columns" not in header
+                   else "no Series Instance UID" if not uid else "")
+        if problem:
+            unreadable.append(f"{label} ({problem})")
+            # A file cut short before its series UID is filed under its folder: it may be a slice of
+            # any series stored there.
+            found.broken.setdefault(uid or str(file.parent), []).append(f"{label} ({problem})")
+            continue
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        found.series.setdefault(uid, []).append(Instance(file, label, header, frames))
+    if not_dicom:
+        found.notes.append(f"skipped {len(not_dicom)} file(s) that are not DICOM: {some_of(not_dicom)}")
+    if unreadable:
+        found.notes.append(f"skipped {len(unreadable)} unreadable DICOM file(s): {some_of(unreadable)}")
+    if non_image:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in non_image.items())
+        found.notes.append(f"skipped DICOM objects that are not images: {kinds}")
+    if not found.series:
+        what = "file" if path.is_file() else "folder"
+        detail = f" ({'; '.join(found.notes)})" if found.notes else ""
+        raise DicomError(f"{path}: no DICOM image in this {what}{detail}")
+    return found
+
+
+def _files_under(folder: Path):
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith("."):
+                yield Path(root) / name
+
+
+def _is_image_class(header: pydicom.Dataset, sop_class: str) -> bool:
+    return "Rows" in header or (bool(sop_class) and "Image Storage" in UID(sop_class).name)
+
+
+def _has_dicom_marker(file: Path) -> bool:
+    try:
+        with open(file, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def sorted_series(folder: ScannedFolder) -> list[list[Instance]]:
+    def key(instances: list[Instance]):
+        number = series_number(instances[0].header)
+        return (number is None, number or 0, str(instances[0].header.SeriesInstanceUID))
+    return sorted(folder.series.values(), key=key)
+
+
+def series_info(instances: list[Instance]) -> SeriesInfo:
+    header = instances[0].header
+    sizes = Counter((int(i.header.Rows), int(i.header.Columns)) for i in instances)
+    notes = []
+    if len(sizes) > 1:
+        notes.append("images of " + ", ".join(f"{r}x{c}" for r, c in sizes) + " in one series")
+    localizers = sum(is_localizer(i.header) for i in instances)
+    if localizers:
+        notes.append(f"{localizers} localizer image(s)")
+    return SeriesInfo(number=series_number(header), description=header_text(header, "SeriesDescription"),
+                      modality=header_text(header, "Modality"), uid=str(header.SeriesInstanceUID),
+                      instances=len(instances), frames=sum(i.frames for i in instances),
+                      size=sizes.most_common(1)[0][0], notes=tuple(notes), localizers=localizers)
+
+
+def choose_series(path: Path, folder: ScannedFolder, series: int | str | None) -> list[Instance]:
+    ordered = sorted_series(folder)
+    listing = "\n".join("  " + series_info(instances).line() for instances in ordered)
+    if series is None:
+        if len(ordered) == 1:
+            return ordered[0]
+        raise DicomError(f"{path} holds {len(ordered)} DICOM series; choose one by number or UID "
+                         f"(--series N|UID):\n{listing}")
+    text = str(series).strip()
+    if text in folder.series:
+        return folder.series[text]
+    matches = []
+    if text.lstrip("-").isdigit():
+        matches = [instances for instances in ordered if series_number(instances[0].header) == int(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise DicomError(f"{path}: {len(matches)} series have number {text}; choose one by UID:\n{listing}")
+    raise DicomError(f"{path}: no series with number or UID {text}; found:\n{listing}")
+
+
+def is_localizer(header: pydicom.Dataset) -> bool:
+    image_type = header.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = [image_type]
+    return any(str(value).upper() == "LOCALIZER" for value in image_type)
+
+
+def series_number(header: pydicom.Dataset) -> int | None:
+    value = header.get("SeriesNumber")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def header_text(header: pydicom.Dataset, keyword: str) -> str:
+    return " ".join(str(header.get(keyword, "") or "").split())
+
+
+def _sop_class_name(uid: str) -> str:
+    return UID(uid).name if uid else "objects without SOP class"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def some_of(labels: list[str], limit: int = 3) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
