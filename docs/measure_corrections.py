@@ -3,12 +3,12 @@
     python docs/measure_corrections.py ../shared/data [--json corrections.json]
 
 Needs the real scans of ``../shared/data`` (liver117, lung1, lung2). Every fine-tune starts from the
-bundled default model with this release's fine-tune defaults (200 steps a scan learned from, at most 400;
+bundled default model with this release's fine-tune defaults (200 steps for one scan, 600 for a set of two or more;
 training seed 0); every score is per-class Dice of the model's own consensus under default sampling
 (adaptive, sampling seed 0), from
 :func:`medconddiff.evaluation.evaluate_volume`. Three patients: liver117 (the bundled sample), lung2
 (scan A: lesion slices 15-17 corrected, 19-60 scored) and lung1 (scan B: slice 33 corrected, its other
-47 slices scored). Takes about 5 minutes on a 2-core CPU.
+47 slices scored). Takes about 9 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     liver, scan_a, scan_b = (read(args.data, n) for n in ("liver117", "lung2", "lung1"))
     b_scored = [k for k in range(scan_b[0].shape[2]) if k not in SCAN_B_CORRECTED]
-    quiet = dict(seed=0, device="cpu", log=lambda message: None)     # the default steps: 200 a scan, at most 400
+    quiet = dict(seed=0, device="cpu", log=lambda message: None)     # the default steps: 200 for one scan, 600 for more
     rows = {}
 
     def score(name, segmenter, with_liver):

@@ -71,8 +71,8 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert finetune["steps"] == 2 and finetune["slices"] == [40, 56, 88] and _positive(finetune["seconds_per_step"])
     assert finetune["seconds"] >= finetune["train_seconds"] > 0
     in_set = model["set_finetune"]
-    # A set of 5 trains 2× the 3-slice steps, as a user's fine-tune on such a set does by default.
-    assert in_set["steps"] == 4 and len(in_set["cases"]) == 5 and _positive(in_set["seconds_per_step"])
+    # A set of 5 trains 3× the 3-slice steps, as a user's fine-tune on such a set does by default.
+    assert in_set["steps"] == 6 and len(in_set["cases"]) == 5 and _positive(in_set["seconds_per_step"])
     assert all(len(slices) == 3 for slices in in_set["cases"].values())
     held_out = model["diffusion_check"]
     assert held_out["slices"] == [48, 50] and len(held_out["step_mean_dice"]) == 2

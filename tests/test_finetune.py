@@ -68,21 +68,21 @@ def test_stopping_early_keeps_the_completed_steps_and_the_segmenter_works(tmp_pa
     assert Segmenter.from_checkpoint(path, device="cpu").class_names == ("background", "lesion")
 
 
-def test_without_a_number_of_steps_a_fine_tune_trains_200_per_scan_and_at_most_400(tmp_path, tiny_checkpoint,
-                                                                                   liver_volume):
+def test_without_a_number_of_steps_a_fine_tune_trains_200_for_one_scan_and_600_for_more(tmp_path, tiny_checkpoint,
+                                                                                        liver_volume):
     """A set of two scans trained for 200 steps was under-trained (README: "Corrections that add up")."""
     from medconddiff.training_set import TrainingSet
 
-    assert [default_finetune_steps(n) for n in (0, 1, 2, 5)] == [200, 200, 400, 400]
+    assert [default_finetune_steps(n) for n in (0, 1, 2, 5)] == [200, 200, 600, 600]
     image, labels = liver_volume
     scan = LabelledScan("a", image, META, labels, slices=[1, 2])
     quiet = dict(device="cpu", log=lambda message: None)
     assert finetune(tiny_checkpoint, [scan], **quiet).total_steps == 200
-    assert finetune(tiny_checkpoint, [scan, dataclasses.replace(scan, name="b")], **quiet).total_steps == 400
+    assert finetune(tiny_checkpoint, [scan, dataclasses.replace(scan, name="b")], **quiet).total_steps == 600
     assert finetune(tiny_checkpoint, [scan], steps=7, **quiet).total_steps == 7
     training_set = TrainingSet.create(tmp_path / "set", ("background", "liver", "tumour"))
     training_set.add_scan("c", image, META, labels, ("background", "liver", "tumour"), verified_slices=[3])
-    assert finetune(tiny_checkpoint, [scan], training_set=training_set, **quiet).total_steps == 400
+    assert finetune(tiny_checkpoint, [scan], training_set=training_set, **quiet).total_steps == 600
     # The set's own case, with slices the set does not hold yet, is one scan, not two.
     assert scans_learned_from([dataclasses.replace(scan, case="c")], training_set) == 1
     assert scans_learned_from([scan], training_set) == 2

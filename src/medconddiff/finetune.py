@@ -50,18 +50,19 @@ from .nifti import VolumeMeta
 FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_size=4, val_every=0,
                          foreground_crop_fraction=0.7, xt_dropout=0.8)
 
-#: Optimizer steps per scan learned from, when a fine-tune is not told how many, and the most that gives:
-#: a set of two scans trained for the one-scan default of 200 was under-trained (lung2's held-out lesion Dice
-#: 0.171 / 0.000 / 0.100 for 3 training seeds, its steps falling after a peak); at 400 it scored 0.505 / 0.480 /
-#: 0.223 (README: "Corrections that add up"). 400 steps on a 5-case set took 67–75 s on this project's 2-core
-#: CPU, within the 2-minute target; more scans than two are not measured, so the rule stops there.
+#: Optimizer steps of a fine-tune that is not told how many: 200 for one scan, 600 for a set of two or more.
+#: One scan at 200 rises step after step (README: "Do the diffusion steps earn their cost?"). A set of two scans
+#: needs more: lung2's held-out lesion Dice for training seeds 0 / 1 / 2 was 0.171 / 0.000 / 0.100 at 200 steps
+#: (its steps falling after a peak), 0.532 / 0.463 / 0.206 at 400, and 0.607 / 0.507 / 0.605 at 600 (the same
+#: day; README: "Corrections that add up"). More scans than two are not measured, and 600 steps on a 5-case
+#: set are what the 2-minute target leaves room for on this project's 2-core CPU, so the rule stops there.
 FINETUNE_STEPS_PER_SCAN = 200
-MAX_DEFAULT_FINETUNE_STEPS = 400
+SET_FINETUNE_STEPS = 600
 
 
 def default_finetune_steps(scans: int) -> int:
     """Optimizer steps for a fine-tune on ``scans`` scans (corrected scans plus training-set cases)."""
-    return min(FINETUNE_STEPS_PER_SCAN * max(1, int(scans)), MAX_DEFAULT_FINETUNE_STEPS)
+    return FINETUNE_STEPS_PER_SCAN if int(scans) <= 1 else SET_FINETUNE_STEPS
 
 
 def scans_learned_from(scans: Sequence["LabelledScan"], training_set=None) -> int:
@@ -91,8 +92,8 @@ class LabelledScan:
 #: fine-tune figures measured; 0.0002 below its best step and 0.0007 below the one-shot on the sixth), and
 #: means of earlier steps lag it (``mean`` by 0.001–0.073 on those 5; README: "Do the diffusion steps earn
 #: their cost?"). A two-scan training set trained for only 200 steps peaked at step 2–3 and then fell, where
-#: ``mean`` was the better fusion; at :func:`default_finetune_steps`' 400 its steps rise (README: "Corrections
-#: that add up").
+#: ``mean`` was the better fusion; at :func:`default_finetune_steps`' 600 its steps rise to the last or near it
+#: (README: "Corrections that add up").
 FINETUNE_CONSENSUS = "last"
 
 #: Share of every batch drawn from replayed start-model slices, when replay is asked for.

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="segment the big volume with all reference steps instead of adaptive steps")
     parser.add_argument("--finetune-steps", type=int, metavar="N",
                         help="fine-tuning speed: steps on 3 slices of the sample, and on a training set of "
-                             "5 cases × 3 slices (default: 200; 0 = skip)")
+                             "5 cases × 3 slices, N and 3 N (default: 200; 0 = skip)")
     parser.add_argument("--heldout-slices", type=int, nargs=2, metavar=("A", "B"),
                         help="per-step, consensus and one-shot Dice on canonical slices A..B-1 of the held-out scan "
                              "(default: 48 72, the bundled models' held-out slab of the sample)")
