@@ -287,7 +287,7 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
     (:func:`~medconddiff.finetune.default_finetune_steps`: 3× the 3-slice run's)."""
     import tempfile
 
-    from .finetune import FINETUNE_STEPS_PER_SCAN, default_finetune_steps
+    from .finetune import ONE_SCAN_FINETUNE_STEPS, default_finetune_steps
     from .training_set import TrainingSet
 
     if not bench.spec.get("checkpoint"):
@@ -300,7 +300,7 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
             slices = [s + 4 * case for s in FINETUNE_SLICES]
             training_set.add_scan(f"case{case}", volume, meta, lesion, ("background", "lesion"), verified_slices=slices)
             cases[f"case{case}"] = slices
-        steps = options.finetune_steps * default_finetune_steps(SET_CASES) // FINETUNE_STEPS_PER_SCAN
+        steps = options.finetune_steps * default_finetune_steps(SET_CASES) // ONE_SCAN_FINETUNE_STEPS
         start = time.perf_counter()
         run = _finetune_run(bench, options, steps=steps, scans=[], training_set=TrainingSet.open(training_set.root))
         return {**_time_training(run, bench, options, start, slices=[]), "cases": cases}

@@ -56,13 +56,13 @@ FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_s
 #: (its steps falling after a peak), 0.532 / 0.463 / 0.206 at 400, and 0.607 / 0.507 / 0.605 at 600 (the same
 #: day; README: "Corrections that add up"). More scans than two are not measured, and 600 steps on a 5-case
 #: set are what the 2-minute target leaves room for on this project's 2-core CPU, so the rule stops there.
-FINETUNE_STEPS_PER_SCAN = 200
+ONE_SCAN_FINETUNE_STEPS = 200
 SET_FINETUNE_STEPS = 600
 
 
 def default_finetune_steps(scans: int) -> int:
     """Optimizer steps for a fine-tune on ``scans`` scans (corrected scans plus training-set cases)."""
-    return FINETUNE_STEPS_PER_SCAN if int(scans) <= 1 else SET_FINETUNE_STEPS
+    return ONE_SCAN_FINETUNE_STEPS if int(scans) <= 1 else SET_FINETUNE_STEPS
 
 
 def scans_learned_from(scans: Sequence["LabelledScan"], training_set=None) -> int:
@@ -313,7 +313,7 @@ def channels_not_in_hounsfield(plan: PreprocessPlan, image: np.ndarray) -> list[
 
 
 def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None,
-                    channel_names: Optional[Sequence[str]] = None, steps: int = FINETUNE_STEPS_PER_SCAN,
+                    channel_names: Optional[Sequence[str]] = None, steps: int = ONE_SCAN_FINETUNE_STEPS,
                     seed: int = 0, augment: bool = True, batch_size: Optional[int] = None,
                     lr: Optional[float] = None, log: Callable[[str], None] = print) -> ExperimentConfig:
     """The start checkpoint's architecture and plan, the new class list, and a short schedule.
