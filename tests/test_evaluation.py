@@ -346,6 +346,8 @@ def test_evaluate_cli_on_real_scan(tmp_path, tiny_checkpoint, liver_volume, caps
     out = capsys.readouterr().out
     assert "background excluded" in out and "whole slab" in out and "foreground" in out
     assert "consensus − max(best step, one-shot)" in out and "last step − first step" in out
+    best = volume["best_step"]     # the JSON keeps the list index; the text counts steps from 1
+    assert "(steps 1 → 3)" in out and f"best step {best['index'] + 1} (" in out
     save_case(tmp_path, "short", image, labels[:, :, :3], "", "_lbl")
     assert main(["evaluate", "--image", str(tmp_path / "img.nii.gz"), "--label", str(tmp_path / "short_lbl.nii.gz"),
                  "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--device", "cpu"]) == 2

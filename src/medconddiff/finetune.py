@@ -88,10 +88,10 @@ class LabelledScan:
 
 
 #: The consensus of a fine-tuned model unless a held-back slice chooses another: trained with x_t dropout
-#: 0.8, a fine-tune's trajectory rises until it settles, so its last step is its best (on 5 of the 6 held-out
-#: fine-tune figures measured; 0.0002 below its best step and 0.0007 below the one-shot on the sixth), and
-#: means of earlier steps lag it (``mean`` by 0.001–0.073 on those 5; README: "Do the diffusion steps earn
-#: their cost?"). A two-scan training set trained for only 200 steps peaked at step 2–3 and then fell, where
+#: 0.8, a fine-tune's trajectory rises until it settles, so its last step is its best (on all 6 held-out
+#: fine-tune figures of the README, re-trained in this release's installation; the one-shot is 0.0001 above it
+#: on one MNI152 slab), and means of earlier steps lag it (``mean`` by up to 0.063; README: "Do the diffusion
+#: steps earn their cost?"). A two-scan training set trained for only 200 steps peaked at step 2–3 and then fell, where
 #: ``mean`` was the better fusion; at :func:`default_finetune_steps`' 600 its steps rise to the last or near it
 #: (README: "Corrections that add up").
 FINETUNE_CONSENSUS = "last"

@@ -94,7 +94,10 @@ def print_report(name: str, report: dict) -> None:
     print(f"  ({_mean_note(mean, len(consensus['per_class']))}; HD95 n/a where a mask is empty)")
     steps = ", ".join(_fmt(d).strip() for d in report["step_mean_dice"])
     best = report["best_step"]
-    print(f"per-step x̂0 mean Dice: [{steps}]; best step {best['index'] if best['index'] is not None else 'n/a'} "
+    # Steps are counted from 1 here, as in the README; the JSON keeps
+    # the list index (``best_step.index``) for code that indexes ``step_mean_dice``.
+    best_text = f"step {best['index'] + 1}" if best["index"] is not None else "n/a"
+    print(f"per-step x̂0 mean Dice (steps 1 → {len(report['step_mean_dice'])}): [{steps}]; best {best_text} "
           f"({_fmt(best['mean_dice'])}); consensus {_fmt(mean['dice'])}")
     check = report["diffusion_check"]
     margin, drift = (check["consensus_minus_best_of_steps_and_one_shot"], check["last_step_minus_first_step"])
