@@ -103,6 +103,31 @@ def write_series(folder: Path, volume: np.ndarray, affine_ras: np.ndarray, *, po
     return paths
 
 
+def transcode(paths: Sequence[Path], folder: Path, syntax: str) -> list[Path]:
+    """Copies of ``paths`` in ``folder`` with their pixel data re-encoded by GDCM as ``syntax`` (a name of
+    ``gdcm.TransferSyntax``, e.g. ``"JPEGLosslessProcess14_1"``): the compressed files a PACS sends."""
+    import gdcm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in paths:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(path))
+        assert reader.Read(), path
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change(), f"GDCM could not encode {path.name} as {syntax}"
+        writer = gdcm.ImageWriter()
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        writer.SetFileName(str(folder / path.name))
+        assert writer.Write(), path
+        copies.append(folder / path.name)
+    return copies
+
+
 def oblique_affine(spacing=(0.8, 0.9, 1.5), origin=(-20.0, 35.0, 12.0)) -> np.ndarray:
     """A right-handed RAS affine rotated about two axes (no voxel axis along a world axis)."""
     a, b = np.radians(20.0), np.radians(-12.0)

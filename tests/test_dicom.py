@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLossless, generate_uid
+from pydicom.uid import HTJ2K, HTJ2KLossless, generate_uid
 
 from medconddiff.dicom_geometry import LPS_TO_RAS
 from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg, write_dicom_seg
@@ -23,7 +23,7 @@ from medconddiff.dicom_series import (DicomError, dicom_source, is_dicom_path, l
                                       read_dicom_series)
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path, save_volume
-from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, write_series
+from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, transcode, write_series
 
 CLASSES = ("background", "liver", "tumour")
 CUT = (slice(40, 72), slice(50, 82), slice(60, 68))
@@ -133,6 +133,26 @@ def test_compressed_files_an_installed_decoder_reads_match_the_uncompressed_one(
     reference = read_dicom_series(get_testdata_file("MR_small.dcm"))
     scan = read_dicom_series(path)
     np.testing.assert_array_equal(scan.volume, reference.volume)
+    np.testing.assert_allclose(scan.meta.affine, reference.meta.affine)
+
+
+@pytest.mark.parametrize("syntax, uid", [
+    ("JPEGLosslessProcess14_1", "1.2.840.10008.1.2.4.70"),     # what most PACS exports hold
+    ("JPEGLosslessProcess14", "1.2.840.10008.1.2.4.57"),
+    ("JPEGLSLossless", "1.2.840.10008.1.2.4.80"),
+    ("JPEG2000Lossless", "1.2.840.10008.1.2.4.90"),
+    ("RLELossless", "1.2.840.10008.1.2.5"),
+])
+def test_compressed_series_reads_exactly_like_the_uncompressed_one(tmp_path, cut, syntax, uid):
+    volume, _, _ = cut
+    affine = oblique_affine()
+    plain = write_series(tmp_path / "plain", volume, affine, slope=0.5, intercept=-1024.0)
+    compressed = transcode(plain, tmp_path / "compressed", syntax)
+    header = pydicom.dcmread(compressed[0], stop_before_pixels=True)
+    assert header.file_meta.TransferSyntaxUID == uid and header.file_meta.TransferSyntaxUID.is_compressed
+    reference, scan = read_dicom_series(tmp_path / "plain"), read_dicom_series(tmp_path / "compressed")
+    np.testing.assert_array_equal(scan.volume, reference.volume)
+    np.testing.assert_allclose(scan.volume, volume, atol=0.25)     # stored at slope 0.5: rounding only
     np.testing.assert_allclose(scan.meta.affine, reference.meta.affine)
 
 
@@ -378,20 +398,22 @@ def test_rgb_secondary_capture_is_refused(tmp_path):
 def test_compressed_transfer_syntax_without_decoder_is_refused(tmp_path, cut):
     from pydicom.pixels import get_decoder
 
-    if get_decoder(JPEGLossless).is_available:
-        pytest.skip("a JPEG Lossless decoder is installed here")
+    # HTJ2K: only pylibjpeg-openjpeg decodes it, and it is no dependency (GDCM reads the usual syntaxes).
+    missing = [syntax for syntax in (HTJ2KLossless, HTJ2K) if not get_decoder(syntax).is_available]
+    if not missing:
+        pytest.skip("an HTJ2K decoder is installed here")
     volume, _, affine = cut
     path = write_series(tmp_path, volume[:, :, :1], affine)[0]
     dataset = pydicom.dcmread(path)
-    dataset.file_meta.TransferSyntaxUID = JPEGLossless
-    dataset.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
+    dataset.file_meta.TransferSyntaxUID = missing[0]
+    dataset.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(64) + b"\xff\xd9"])
     dataset["PixelData"].VR = "OB"
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(DicomError) as error:
         read_dicom_series(tmp_path)
-    assert f"{path.name} is compressed as JPEG Lossless" in str(error.value)
+    assert f"{path.name} is compressed as {missing[0].name}" in str(error.value)
     assert "no installed decoder reads (install one of:" in str(error.value)
-    assert "pylibjpeg" in str(error.value)
+    assert "pylibjpeg-openjpeg" in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------

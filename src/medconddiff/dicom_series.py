@@ -21,7 +21,8 @@ Decisions made here:
 * **Refused**, with one line naming the file or series (:class:`DicomError`): a path with no DICOM
   images, a truncated or corrupt file in the chosen series, colour images (RGB secondary captures,
   screenshots), pixel data in a compressed transfer syntax no installed decoder reads (the message
-  names the package that would), images of different sizes in one series.
+  names the package that would; GDCM, a dependency, reads JPEG Lossless, JPEG-LS, JPEG 2000 and RLE),
+  images of different sizes in one series.
 * Files that are not DICOM, or cannot be parsed, are skipped while listing, with a note;
   non-image objects (SEG, structured reports, RT structures) are skipped with a note. A DICOM file
   cut short (pydicom returns what it parsed: no pixel data) refuses the series it belongs to, or,
