@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from medconddiff.errors import UserInputError
+from medconddiff.finetune_steps import finetune_steps_rule
 from medconddiff.hounsfield import looks_like_hounsfield
 from medconddiff.slice_lists import SLICE_SYNTAX, parse_slices, slice_list_text
 
@@ -103,8 +104,7 @@ class FinetunePanel(QGroupBox):
         self.ft_kind_combo.activated.connect(self._on_kind_chosen)     # the user's own choice, not ours
         form.addRow("Scan is", self.ft_kind_combo)
         self.ft_steps_spin = spin_box(0, 100_000, FINETUNE_STEPS, "Optimizer steps (4 slice crops each); auto: "
-                                      "200 for one scan, 600 when it learns from more (this one and each "
-                                      "case of the training set)")
+                                      f"{finetune_steps_rule()} (this one and each case of the training set)")
         self.ft_steps_spin.setSpecialValueText("auto")     # shown at the minimum, 0
         form.addRow("Steps", self.ft_steps_spin)
         self.ft_seed_spin = spin_box(0, 2**31 - 1, 0, "Seed of sampling, augmentation and new layers: the same "

@@ -215,3 +215,14 @@ def test_finetune_slices_are_checked_against_the_scan(tmp_path, tiny_checkpoint,
     err = capsys.readouterr().err.strip()
     assert "--slices '4:9'" in err and "outside the 6 slices of scan.nii.gz" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+
+def test_finetune_help_states_the_rule_the_fine_tune_runs_with(capsys):
+    from medconddiff.finetune_steps import finetune_steps_rule
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {finetune_steps_rule()}" in help_text
+    assert finetune_steps_rule().startswith(f"{default_finetune_steps(1)} for one scan, {default_finetune_steps(2)} ")

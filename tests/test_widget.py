@@ -498,7 +498,9 @@ def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, 
     table = widget.class_table
     assert [table.item(r, 1).text() for r in range(table.rowCount())] == ["background", "liver", "tumour", "class_3"]
     table.item(3, 1).setText("lesion")            # the user names the new class
-    assert widget.ft_steps_spin.text() == "auto"   # the engine's default: 200 per scan learned from
+    assert widget.ft_steps_spin.text() == "auto"   # the engine's default, which the tooltip states
+    from medconddiff.finetune_steps import finetune_steps_rule
+    assert f"auto: {finetune_steps_rule()}" in widget.ft_steps_spin.toolTip()
     widget.ft_steps_spin.setValue(2)
     kinds = widget.ft_kind_combo
     assert [kinds.itemData(i) for i in range(kinds.count())] == ["model", "CT", "MRI", "other"]

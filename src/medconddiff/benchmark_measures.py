@@ -284,10 +284,10 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
     (reading the set) included. The one shipped scan stands in for every case, each with 3 other slices,
     so the time per step can be compared with :func:`measure_finetune`'s: the set's size must not grow it.
     It trains as many steps as a user's fine-tune on such a set does by default, relative to one scan
-    (:func:`~medconddiff.finetune.default_finetune_steps`: 3× the 3-slice run's)."""
+    (:func:`~medconddiff.finetune_steps.default_finetune_steps`: 3× the 3-slice run's)."""
     import tempfile
 
-    from .finetune import ONE_SCAN_FINETUNE_STEPS, default_finetune_steps
+    from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, default_finetune_steps
     from .training_set import TrainingSet
 
     if not bench.spec.get("checkpoint"):

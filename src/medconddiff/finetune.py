@@ -41,6 +41,7 @@ from .consensus_choice import ChoosingSlices, ConsensusChoice, choose_consensus
 from .datasets import Case, TrainingSlices
 from .errors import ConfigError, UserInputError
 from .experiment import training_config
+from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, SET_FINETUNE_STEPS, default_finetune_steps  # noqa: F401
 from .nifti import VolumeMeta
 
 #: Optimisation defaults for a few slices: short warm-up, EMA that follows a few hundred steps, and x_t
@@ -49,21 +50,6 @@ from .nifti import VolumeMeta
 #: more than 0.0011 below the one before it, and their held-out Dice rose (README).
 FINETUNE_DEFAULTS = dict(lr=3e-4, warmup_steps=20, ema_decay=0.98, train_batch_size=4, val_every=0,
                          foreground_crop_fraction=0.7, xt_dropout=0.8)
-
-#: Optimizer steps of a fine-tune that is not told how many: 200 for one scan, 600 for a set of two or more.
-#: One scan at 200 rises step after step (README: "Do the diffusion steps earn their cost?"). A set of two scans
-#: needs more: lung2's held-out lesion Dice for training seeds 0 / 1 / 2 was 0.171 / 0.000 / 0.100 at 200 steps
-#: (its steps falling after a peak), 0.532 / 0.463 / 0.206 at 400, and 0.607 / 0.507 / 0.605 at 600 (the same
-#: day; README: "Corrections that add up"). More scans than two are not measured, and 600 steps on a 5-case
-#: set are what the 2-minute target leaves room for on this project's 2-core CPU, so the rule stops there.
-ONE_SCAN_FINETUNE_STEPS = 200
-SET_FINETUNE_STEPS = 600
-
-
-def default_finetune_steps(scans: int) -> int:
-    """Optimizer steps for a fine-tune on ``scans`` scans (corrected scans plus training-set cases)."""
-    return ONE_SCAN_FINETUNE_STEPS if int(scans) <= 1 else SET_FINETUNE_STEPS
-
 
 def scans_learned_from(scans: Sequence["LabelledScan"], training_set=None) -> int:
     """How many scans a fine-tune learns from: every case of ``training_set`` (a

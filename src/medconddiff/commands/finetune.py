@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, UserInputError
+from ..finetune_steps import SET_FINETUNE_STEPS, finetune_steps_rule
 from .common import SLICES_HELP, check_device, scan_slices
 
 
@@ -57,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel-names", nargs="+", help="what the scan's channels are when not what the start "
                         "model took, e.g. T1 for an MRI and a CT model: a channel of another kind (CT or not) "
                         "gets its kind's intensity scheme (CT: the HU window; others: per-scan z-scores)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: 200 for one scan, 600 when it learns "
-                        "from more: a training set of two scans needed 600)")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps (default: {finetune_steps_rule()}: a training "
+                        f"set of two scans needed {SET_FINETUNE_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, crops and augmentation (default: 0)")
     parser.add_argument("--batch-size", type=int, help="crops per step (default: 4)")
     parser.add_argument("--lr", type=float, help="learning rate (default: 3e-4)")
