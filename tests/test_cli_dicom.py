@@ -1,4 +1,5 @@
-"""`medconddiff segment` and `evaluate` on DICOM series: folders, several series, DICOM SEG out, bad input.
+"""`medconddiff segment`, `evaluate`, `finetune` and `choose-consensus` on DICOM series: folders, several
+series, DICOM SEG in and out, bad input.
 
 Series are written with pydicom (tests/dicom_helpers.py) from a 64x64x6 cut of the bundled liver CT,
 segmented by the bundled model on two slices.
@@ -204,13 +205,21 @@ def test_folders_without_dicom_or_with_dicom_and_nifti_are_refused_in_one_line(t
     assert len(err.splitlines()) == 1 and "holds both NIfTI files (e.g. scan.nii.gz) and DICOM files" in err
 
 
-def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, capsys):
+def series_with_labels(folder, cut, seg_name: str):
+    """``folder/series`` (the cut as DICOM), ``folder/labels.nii.gz`` on its voxels and ``folder/seg_name``, a
+    DICOM SEG of the same labels; returns the series folder."""
     volume, labels, affine = cut
-    series = tmp_path / "series"
+    series = folder / "series"
     write_series(series, volume, affine)
     scan = read_dicom_series(series)
-    nib.save(nib.Nifti1Image(labels, scan.meta.affine), str(tmp_path / "labels.nii.gz"))
-    write_dicom_seg(tmp_path / "reference.dcm", labels, scan.source, ("background", "liver", "tumour"))
+    nib.save(nib.Nifti1Image(labels, scan.meta.affine), str(folder / "labels.nii.gz"))
+    write_dicom_seg(folder / seg_name, labels, scan.source, ("background", "liver", "tumour"))
+    return series
+
+
+def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, capsys):
+    volume, labels, affine = cut
+    series = series_with_labels(tmp_path, cut, "reference.dcm")
     scores = {}
     for label in ("labels.nii.gz", "reference.dcm"):
         json_path = tmp_path / f"{label}.json"
@@ -230,3 +239,43 @@ def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, ca
     capsys.readouterr()
     assert main(["evaluate", "--image", str(nifti), "--label", str(tmp_path / "reference.dcm")]) == 2
     assert "--image must be that DICOM series" in capsys.readouterr().err
+
+
+def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_labels(tmp_path, cut, capsys,
+                                                                                      tiny_checkpoint):
+    from medconddiff.checkpoint import load_checkpoint
+
+    volume, _, affine = cut
+    series = series_with_labels(tmp_path, cut, "corrections.dcm")
+    tuned = {}
+    for label in ("corrections.dcm", "labels.nii.gz"):
+        out = tmp_path / f"{label}.safetensors"
+        code = main(["finetune", str(series), str(tmp_path / label), "--slices", "labelled", "--init",
+                     str(tiny_checkpoint), "--steps", "2", "--device", "cpu", "--quiet", "-o", str(out)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert_no_patient_data(captured.out, captured.err, json.dumps(load_checkpoint(out).extra))
+        assert "of series 1 'synthetic CT':" in captured.out      # named by the series, never the patient
+        assert load_checkpoint(out).extra["finetuned_on"][0]["scan"] == "series 1 'synthetic CT'"
+        tuned[label] = load_checkpoint(out).state_dict
+    # The SEG is read onto the series' voxels: the same labels, so the same seeded weights.
+    assert all(bool((tuned["corrections.dcm"][k] == v).all()) for k, v in tuned["labels.nii.gz"].items())
+
+    chosen = tmp_path / "chosen.safetensors"
+    code = main(["choose-consensus", str(series), str(tmp_path / "corrections.dcm"), "--slices", "2:4",
+                 "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "-o", str(chosen)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert load_checkpoint(chosen).extra["consensus_choice"]["slices"] == 2
+    assert_no_patient_data(captured.out, captured.err)
+
+    # A SEG belongs to a DICOM series; channel files to NIfTI scans.
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
+    assert main(["finetune", str(nifti), str(tmp_path / "corrections.dcm"), "--slices", "labelled",
+                 "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "the scan must be that DICOM series" in capsys.readouterr().err
+    assert main(["finetune", str(series), str(tmp_path / "labels.nii.gz"), "--slices", "labelled", "--channel-file",
+                 str(nifti), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "a DICOM series is one channel" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -201,6 +201,11 @@ def test_the_command_records_the_choice_in_a_copy_of_the_checkpoint(tmp_path, ti
     # The output is never overwritten without --overwrite; a pickle is refused before anything runs.
     out.write_bytes(b"the user's file")
     assert main(args) == 2 and "exists" in capsys.readouterr().err and out.read_bytes() == b"the user's file"
+    # Nor an existing --json report: refused before any sampling, and no checkpoint written either.
+    report.write_text("the user's notes")
+    again = [*args[:-4], "-o", str(tmp_path / "other.safetensors"), "--json", str(report)]
+    assert main(again) == 2 and "exists" in capsys.readouterr().err
+    assert report.read_text() == "the user's notes" and not (tmp_path / "other.safetensors").exists()
     pickle = tmp_path / "model.pt"
     pickle.write_bytes(b"\x80\x04junk")
     assert main(["choose-consensus", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices",

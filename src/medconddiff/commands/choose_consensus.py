@@ -16,7 +16,6 @@ Use slices the model was not trained on (the scores are meant to predict other s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..errors import ConfigError, UserInputError
@@ -24,8 +23,12 @@ from .common import SLICES_HELP, check_device, scan_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", type=Path, help="a labelled scan (NIfTI) the model was not trained on")
-    parser.add_argument("labels", type=Path, help="its labels, on the scan's grid")
+    parser.add_argument("image", type=Path, help="a labelled scan the model was not trained on: NIfTI, or DICOM "
+                        "(a series folder or a .dcm file)")
+    parser.add_argument("labels", type=Path, help="its labels: a NIfTI on the scan's grid, or for a DICOM scan a "
+                        "DICOM SEG that references it")
+    parser.add_argument("--series", help="the scan is a DICOM folder with several series: which one, by Series "
+                        "Number or Series Instance UID")
     parser.add_argument("--channel-file", type=Path, action="append", default=[],
                         help="further channel files of a multi-channel scan, in the model's channel order")
     parser.add_argument("--slices", required=True, help=f"the labelled slices to choose on: {SLICES_HELP}")
@@ -36,28 +39,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'N labelled slice(s) of a scan'); no patient identifiers: sidecars repeat it")
     parser.add_argument("--no-step-cap", action="store_true", help="record no step cap, only the consensus")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--json", type=Path, help="also write the choice and its scores as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import with_extra
     from ..consensus_choice import EXTRA_KEY, ChoosingSlices, choose_consensus
+    from ..atomic import check_target, write_json_atomic
     from ..evaluation import json_safe
-    from ..nifti import load_channels, load_labels, load_volume
+    from ..nifti import load_channels
     from ..segmenter import Segmenter
+    from .labelled_input import labelled_input
 
     if not args.output.name.endswith(".safetensors"):
         raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    if args.json:
+        check_target(args.json, args.overwrite, "--json")
     check_device(args.device)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
-    files = [args.image, *args.channel_file]
-    image, meta = load_volume(args.image) if len(files) == 1 else load_channels(files)
-    labels, label_meta = load_labels(args.labels)
+    given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
+    if given.is_dicom and args.channel_file:
+        raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
+    image, meta = given.load_image() if not args.channel_file else load_channels([args.image, *args.channel_file])
+    labels, label_meta = given.load_labels()
     if labels.shape != image.shape[:3]:
         raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
+    import numpy as np
+
+    # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
+    if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+        raise UserInputError(f"{args.labels} does not lie on the scan's grid (another affine)")
     geometry = segmenter.preprocessor.geometry(image.shape[:3], meta)
     slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
     if not slices:
@@ -75,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved {path}: `--consensus auto` (the default) now uses '{choice.method}'"
           + (steps if choice.step_cap else ""))
     if args.json:
-        args.json.write_text(json.dumps(json_safe(choice.to_dict()), indent=2, allow_nan=False))
+        write_json_atomic(args.json, json_safe(choice.to_dict()), overwrite=args.overwrite)
     return 0

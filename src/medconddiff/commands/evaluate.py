@@ -171,40 +171,10 @@ def _cases(args: argparse.Namespace) -> tuple[list[EvalCase], Optional[tuple[str
 
 def _image_case(image: Path, label: Path, series: Optional[str]) -> EvalCase:
     """The case of --image/--label: NIfTI or DICOM scan, NIfTI labels or a DICOM SEG."""
-    from ..dicom_series import is_dicom_path
-    from ..nifti import load_volume
-    from ..dicom_inputs import is_dicom_input, is_dicom_seg_name, pick_series, read_pick
+    from .labelled_input import labelled_input
 
-    label_is_seg = (label.is_file() and is_dicom_path(label)) or is_dicom_seg_name(label)
-    if not is_dicom_input(image):
-        if series is not None:
-            raise ConfigError(f"--series chooses a DICOM series; {image} is not DICOM")
-        if label_is_seg:
-            raise ConfigError(f"--label {label} is DICOM: a DICOM SEG is read onto the series it references, so "
-                              "--image must be that DICOM series")
-        return EvalCase(image.name, lambda: load_volume(image), label, str(image))
-
-    shown: set[str] = set()
-
-    def note(text: str, where: str) -> None:
-        if text not in shown:   # the folder's notes come again with the series read from it
-            shown.add(text)
-            print(f"{where}: note: {text}", file=sys.stderr)
-
-    pick = pick_series(image, series, False, note)[0]
-
-    def load_dicom():
-        scan = read_pick(pick)
-        for text in scan.source.notes:
-            note(text, pick.label)
-        return scan.volume, scan.meta
-
-    def load_seg():
-        from ..dicom_seg import read_dicom_seg
-
-        return read_dicom_seg(label, pick.path, series=pick.series), None
-
-    return EvalCase(pick.name, load_dicom, label, f"{pick.label} in {image}", load_seg if label_is_seg else None)
+    given = labelled_input(image, label, series)
+    return EvalCase(given.name, given.load_image, label, given.description, given.load_labels)
 
 
 def _check_json_target(path: Path, overwrite: bool) -> None:

@@ -5,6 +5,8 @@
   medconddiff finetune scan.nii.gz labels.nii.gz --slices labelled --init lsegdiff-liver --class-names background lesion
   medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 \
       --class-names background "grey matter" "white matter" -o t1.safetensors
+  medconddiff finetune SERIES_DIR corrections.dcm --slices labelled -o ct_finetuned.safetensors
+      (a DICOM series and a DICOM SEG of it, e.g. the plugin's export; or NIfTI labels on its voxels)
   medconddiff finetune my_training_set/ -o model.safetensors --init default --replay
       (a training-set folder: every verified voxel of every case; --replay also trains on the bundled
       model's own slices, a quarter of every batch, and keeps its classes)
@@ -34,11 +36,13 @@ from .common import SLICES_HELP, check_device, scan_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", type=Path, help="the scan (NIfTI; 4-D or one file per channel: see --channel-file), "
-                        "or a training-set folder (nnU-Net v2 with an 'ignore' label): every verified voxel of "
-                        "every case is learned")
-    parser.add_argument("labels", type=Path, nargs="?", help="its labels (corrected slices), on the scan's grid "
-                        "(not with a training-set folder)")
+    parser.add_argument("image", type=Path, help="the scan: NIfTI (4-D or one file per channel: see --channel-file) "
+                        "or DICOM (a series folder or a .dcm file); or a training-set folder (nnU-Net v2 with an "
+                        "'ignore' label, a dataset.json at its top): every verified voxel of every case is learned")
+    parser.add_argument("labels", type=Path, nargs="?", help="its labels (corrected slices): a NIfTI on the scan's "
+                        "grid, or for a DICOM scan a DICOM SEG that references it (not with a training-set folder)")
+    parser.add_argument("--series", help="the scan is a DICOM folder with several series: which one, by Series "
+                        "Number or Series Instance UID")
     parser.add_argument("--channel-file", type=Path, action="append", default=[],
                         help="further channel files of a multi-channel scan, in the model's channel order")
     parser.add_argument("--slices", help="(required with a scan) " f"learn from these {SLICES_HELP}; or 'labelled': "
@@ -72,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..finetune import LabelledScan, finetune
-    from ..nifti import load_channels, load_labels, load_volume
+    from ..nifti import load_channels
+    from .labelled_input import labelled_input
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
@@ -80,22 +85,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
     check_device(args.device)
     start = load_checkpoint(args.init, allow_legacy=True)
-    if args.image.is_dir():
+    if _is_training_set_folder(args.image):
+        if args.series is not None:
+            raise ConfigError(f"--series chooses a DICOM series; {args.image} is a training-set folder")
         return _finetune_on_training_set(args, start)
     if args.labels is None or not args.slices:
         raise ConfigError("give the scan's LABELS and --slices (or a training-set folder instead of the scan)")
+    given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
     files = [args.image, *args.channel_file]
     channels = len(args.channel_names) if args.channel_names else start.config.plan.num_channels
-    if channels == 1 and len(files) == 1:
-        image, meta = load_volume(args.image)
+    if given.is_dicom and args.channel_file:
+        raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
+    if given.is_dicom or (channels == 1 and len(files) == 1):
+        image, meta = given.load_image()
     else:
         image, meta = load_channels(files)
-    labels, label_meta = load_labels(args.labels)
+    labels, label_meta = given.load_labels()
     if labels.shape != image.shape[:3]:
         raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
     import numpy as np
 
-    if not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+    # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
+    if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
         raise UserInputError(f"{args.labels} does not lie on the scan's grid (another affine)")
     if not args.channel_names:
         _refuse_ct_window_on_non_hounsfield(args, start.config.plan, image)
@@ -111,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
         if not slices:
             raise ConfigError("--slices is empty: name the slices to learn from, or 'labelled'")
-    name = args.image.name.split(".")[0]
+    name = given.label
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
@@ -121,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     if run_.held_back is not None:
         print(f"slice {run_.held_back[1]} is held back: it chooses the consensus and is not trained on")
     return _train_and_save(args, run_)
+
+
+def _is_training_set_folder(path: Path) -> bool:
+    """A folder with a dataset.json, or without DICOM below it (the training set's own error then says
+    what it lacks); a folder of DICOM files is a scan."""
+    from ..dicom_series import is_dicom_path
+
+    return path.is_dir() and ((path / "dataset.json").is_file() or not is_dicom_path(path))
 
 
 def _finetune_on_training_set(args: argparse.Namespace, start) -> int:

@@ -126,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
         print(f"exported fp16 weights to {args.export_half}")
     if trainer.dist.is_main:
-        (args.output / "config.json").write_text(json.dumps({**config.to_dict(), "provenance": provenance}, indent=2))
+        from ..atomic import atomic_write
+
+        # The run's own record, replaced with its checkpoint (a run refused over another's final checkpoint
+        # never gets here); atomic, so an interrupted write leaves the previous record whole. Serialised
+        # first, as the checkpoint's record is (NaN allowed), so a failure cannot touch the file.
+        text = json.dumps({**config.to_dict(), "provenance": provenance}, indent=2)
+        atomic_write(args.output / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"),
+                     overwrite=True, suffix=".json")
     return 0 if path else 1
 
 

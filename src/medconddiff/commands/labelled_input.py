@@ -1,0 +1,68 @@
+"""A scan and its labels named on the command line (``evaluate --image/--label``, ``finetune IMAGE
+LABELS``): the scan is NIfTI or DICOM (a series folder or a .dcm file, told apart as ``segment``
+does; a folder of several series needs ``--series``); its labels are a NIfTI on the scan's voxels, or
+for a DICOM scan a DICOM SEG that references the series (read onto its voxels by the images it
+references). Nothing is read until a loader is called; no patient attribute names anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+from ..errors import ConfigError
+
+
+class LabelledInput(NamedTuple):
+    name: str                          # file-safe: the scan file's name, or the DICOM file's or folder's
+    label: str                         # what the scan is called in a record: the file's stem, or the series
+                                       # by number and description (no patient attribute)
+    description: str                   # for messages: the path, or the series and its folder
+    load_image: Callable[[], tuple]    # () -> (array in file order, VolumeMeta)
+    load_labels: Callable[[], tuple]   # () -> (labels in file order, VolumeMeta; None for a DICOM SEG)
+    is_dicom: bool
+
+
+def labelled_input(image: Path, label: Path, series: Optional[str] = None,
+                   series_flag: str = "--series", label_flag: str = "--label",
+                   image_flag: str = "--image") -> LabelledInput:
+    """Loaders for ``image`` and its ``label`` (see the module doc); notes about skipped files go to
+    stderr, once each. ``*_flag`` name the arguments in error messages."""
+    from ..dicom_inputs import is_dicom_input, is_dicom_seg_name, pick_series, read_pick
+    from ..dicom_series import is_dicom_path
+    from ..nifti import load_labels, load_volume
+
+    image, label = Path(image), Path(label)
+    label_is_seg = (label.is_file() and is_dicom_path(label)) or is_dicom_seg_name(label)
+    if not is_dicom_input(image):
+        if series is not None:
+            raise ConfigError(f"{series_flag} chooses a DICOM series; {image} is not DICOM")
+        if label_is_seg:
+            raise ConfigError(f"{label_flag} {label} is DICOM: a DICOM SEG is read onto the series it references, "
+                              f"so {image_flag} must be that DICOM series")
+        return LabelledInput(image.name, image.name.split(".")[0], str(image), lambda: load_volume(image),
+                             lambda: load_labels(label), False)
+
+    shown: set[str] = set()
+
+    def note(text: str, where: str) -> None:
+        if text not in shown:   # the folder's notes come again with the series read from it
+            shown.add(text)
+            print(f"{where}: note: {text}", file=sys.stderr)
+
+    pick = pick_series(image, series, False, note)[0]
+
+    def load_dicom():
+        scan = read_pick(pick)
+        for text in scan.source.notes:
+            note(text, pick.label)
+        return scan.volume, scan.meta
+
+    def load_seg():
+        from ..dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(label, pick.path, series=pick.series), None
+
+    return LabelledInput(pick.name, pick.label, f"{pick.label} in {image}", load_dicom,
+                         load_seg if label_is_seg else (lambda: load_labels(label)), True)
