@@ -21,7 +21,11 @@ layer gets the radiological view, scale and axis labels of the same scan stored 
 ``metadata`` records the series it came from (:func:`napari_medconddiff._layers.dicom_record`), so
 Export and the labels writer can write a DICOM SEG that references it. A series whose images are all
 localizers (scouts) is left out; what was left out (scouts, files that are not DICOM) is said in a
-warning, which napari shows as a notification. A folder with no DICOM in it is declined (None), so
+warning, which napari shows as a notification. A **DICOM SEG** in the folder (the plugin's own export,
+or another tool's) opens as a Labels layer over the series it references, named after it, with one
+class per segment (the status bar names the segment under the cursor); a SEG file opened alone is
+placed by its series, looked for in the SEG's own folder. A SEG whose series is not there, or that
+cannot be mapped onto it, is named in a warning and the rest opens. A folder with no DICOM in it is declined (None), so
 napari tries its other readers. A series that cannot be read is named in one line: as a warning when
 other series of the folder open, as the error when none does.
 """
@@ -163,11 +167,13 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
 
     path = Path(path)
     if path.is_file():
+        if _is_segmentation_file(path):
+            return [_segmentation_beside_its_series(path)]
         scan = read_dicom_series(path)
         _warn_notes(path, scan.source.notes)
         return [dicom_layer(scan, scan.source.name)]
     infos = list_series(path)
-    notes, failures, layers = list(infos.notes), [], []
+    notes, failures, layers, opened = list(infos.notes), [], [], {}
     for info in infos:
         if info.localizers and info.localizers == info.instances:
             notes.append(f"{info.name}: left out, every image is a localizer (scout)")
@@ -180,6 +186,11 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
             continue
         notes.extend(note for note in scan.source.notes if note not in notes)
         layers.append(dicom_layer(scan, info.name))
+        opened[info.uid] = (scan, info.name)
+    if infos.scanned is not None and infos.scanned.segmentations:
+        seg_layers, seg_notes = segmentation_layers(infos.scanned.segmentations, opened)
+        layers.extend(seg_layers)
+        notes = [note for note in notes if note != infos.scanned.segmentation_note] + seg_notes
     if not layers:
         if not failures:
             raise DicomError(f"{path}: no series to show (only localizer images): "
@@ -198,6 +209,86 @@ def dicom_layer(scan: Any, name: str) -> LayerData:
     kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
     kwargs.update(name=name, colormap="gray", contrast_limits=contrast_limits(volume))
     return data, kwargs, "image"
+
+
+def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, str]]
+                        ) -> tuple[list[LayerData], list[str]]:
+    """Labels layers for the DICOM SEG files found in a folder (``dicom_folder.Instance``, headers only)
+    whose series was opened (``opened``: series UID -> (scan, layer name)), and a note for each that
+    was not."""
+    from medconddiff.dicom_series import DicomError
+
+    layers, notes = [], []
+    for seg in segmentations:
+        referenced = _referenced_series(seg.header)
+        target = next((uid for uid in opened if uid in referenced), None)
+        if target is None:
+            notes.append(f"not opened: {seg.label}, a DICOM SEG of a series that is not opened here")
+            continue
+        scan, name = opened[target]
+        try:
+            layers.append(segmentation_layer(seg.path, seg.header, scan, name))
+        except DicomError as error:
+            notes.append(f"not opened: {seg.label}: {' '.join(str(error).split())}")
+    return layers, notes
+
+
+def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> LayerData:
+    """A DICOM SEG read onto its series' voxels -> a Labels layer placed exactly over the series' image
+    layer (same view, scale and metadata, so it saves back as a SEG of that series), one class per
+    segment, named by the segments' labels."""
+    from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg
+
+    from ._result_layers import class_colormap, class_features
+
+    labels = read_dicom_seg(path, scan)
+    segments = dicom_seg_segments(path)
+    top = max([int(labels.max()) if labels.size else 0, *segments])
+    class_names = ["background", *(segments.get(k, f"segment {k}") for k in range(1, top + 1))]
+    data, kwargs = volume_to_layer(labels, scan.meta)
+    kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
+    description = str(header.get("SeriesDescription", "") or "").strip()
+    kwargs.update(name=f"{series_name} SEG" + (f" {description!r}" if description else ""),
+                  colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5)
+    return data, kwargs, "labels"
+
+
+def _referenced_series(header: Any) -> set[str]:
+    return {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
+
+
+def _is_segmentation_file(path: Path) -> bool:
+    import pydicom
+
+    from medconddiff.dicom_folder import READ_ERRORS, SEGMENTATION_SOP_CLASSES
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except READ_ERRORS:
+        return False      # the series reader says what is wrong with it
+    sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
+    return sop_class in SEGMENTATION_SOP_CLASSES
+
+
+def _segmentation_beside_its_series(path: Path) -> LayerData:
+    """A SEG file opened alone: its series is looked for in the SEG's folder (where Export puts the SEG:
+    beside the series folder), read for its geometry, and the SEG placed over it."""
+    import pydicom
+
+    from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
+
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    referenced = _referenced_series(header)
+    try:
+        infos = list_series(path.parent)
+    except DicomError:
+        infos = []
+    matches = [info for info in infos if info.uid in referenced]
+    if not matches:
+        raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in {path.parent.name or path.parent}: "
+                         "open the series folder (with the SEG in it) or put the SEG beside it")
+    scan = read_dicom_series(path.parent, matches[0].uid, listed=infos)
+    return segmentation_layer(path, header, scan, matches[0].name)
 
 
 def _warn_notes(path: Path, notes: list[str]) -> None:

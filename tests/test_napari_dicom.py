@@ -203,6 +203,61 @@ def test_labels_on_a_dicom_scan_save_as_a_seg_that_reads_back_to_the_same_voxels
     assert not (tmp_path / "plain.dcm").exists()
 
 
+def test_a_seg_opens_as_labels_over_its_series_in_a_folder_or_alone_and_saves_back(make_napari_viewer, tmp_path,
+                                                                                    liver):
+    from medconddiff.dicom_seg import write_dicom_seg
+
+    volume, _ = liver
+    export = tmp_path / "export"
+    write_series(export / "ct", volume, LPS, series_number=3, description="CT")
+    write_series(export / "other", volume[:, :, :4], LPS, series_number=4, description="CT arterial", prefix="a")
+    scan = read_dicom_series(export / "ct")
+    truth = np.zeros(volume.shape, np.uint8)       # file order (i, j, k), as a SEG reads back
+    truth[10:30, 5:20, 1:4] = 1
+    truth[40:50, 40:60, 2] = 2
+    write_dicom_seg(export / "ct_seg.dcm", truth, scan.source, ("background", "liver", "tumour"))
+    # A SEG of a series that is not in the folder: named, and the rest opens.
+    elsewhere = tmp_path / "elsewhere"
+    write_series(elsewhere, volume[:, :, :3], LPS, series_number=9, description="CT late", prefix="l")
+    write_dicom_seg(export / "orphan_seg.dcm", truth[:, :, :3], read_dicom_series(elsewhere).source,
+                    ("background", "liver", "tumour"))
+
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning) as caught:
+        layers = viewer.open(str(export), plugin=PLUGIN)
+    messages = [str(w.message) for w in caught]
+    assert [layer.name for layer in layers] == ["series 3 'CT'", "series 4 'CT arterial'",
+                                                "series 3 'CT' SEG 'medconddiff segmentation'"]
+    image, _, seg = layers
+    assert seg.__class__.__name__ == "Labels"
+    assert any("orphan_seg.dcm, a DICOM SEG of a series that is not opened here" in m for m in messages)
+    assert not any("skipped DICOM segmentations" in m for m in messages)
+    # Placed exactly over its series: the same view of the same voxels, scale and file geometry.
+    np.testing.assert_array_equal(layer_to_volume(np.asarray(seg.data), image.metadata)[0], truth)
+    assert tuple(seg.scale) == tuple(image.scale) and seg.data.shape == image.data.shape
+    assert seg.metadata[METADATA_KEY][DICOM_SOURCE_KEY] == image.metadata[METADATA_KEY][DICOM_SOURCE_KEY]
+    assert list(seg.features["class"]) == ["background", "liver", "tumour"]
+    assert_no_patient_data(*(layer.name for layer in layers), json.dumps(seg.metadata, default=str), *messages)
+
+    # Opened alone, the SEG finds its series in its own folder and lands on the same place.
+    (alone,) = viewer.open(str(export / "ct_seg.dcm"), plugin=PLUGIN)
+    np.testing.assert_array_equal(np.asarray(alone.data), np.asarray(seg.data))
+    assert tuple(alone.scale) == tuple(seg.scale)
+    # Saved again as a SEG (the user's edits included), it reads back to the same voxels and names.
+    alone.data[3, 5:9, 5:9] = 2
+    target = tmp_path / "edited.dcm"
+    assert alone.save(str(target), plugin=PLUGIN) == [str(target)]
+    np.testing.assert_array_equal(read_dicom_seg(target, export / "ct"),
+                                  layer_to_volume(np.asarray(alone.data), image.metadata)[0])
+    assert dicom_seg_segments(target) == {1: "liver", 2: "tumour"}
+    # A SEG whose series is nowhere near: one clear error.
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "seg.dcm").write_bytes((export / "ct_seg.dcm").read_bytes())
+    with pytest.raises(DicomError, match="seg.dcm is a DICOM SEG; the series it segments is not in lonely"):
+        read_dicom(str(lonely / "seg.dcm"))
+
+
 def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_napari_viewer, qtbot, tmp_path, liver,
                                                                         monkeypatch, notifications):
     """Open the folder, choose series 2, segment slices 2–3 with the bundled model, Export as DICOM SEG."""

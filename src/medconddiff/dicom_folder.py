@@ -6,7 +6,9 @@ Every header is read once, without pixel data (values over a few KB are deferred
 
 * Files that are not DICOM, or cannot be parsed, are skipped with a note; non-image objects (SEG,
   structured reports, RT structures) are skipped with a note, so that a segmentation written beside a
-  scan is not offered as a series of its own.
+  scan is not offered as a series of its own. DICOM SEG files are kept aside
+  (:attr:`ScannedFolder.segmentations`, with their own note) for the napari reader, which opens each as
+  labels over the series it references.
 * A DICOM file cut short (pydicom returns what it parsed: no pixel data) is recorded as broken under
   its series, or, when it was cut before its series UID, under its folder: reading refuses that series
   (or every series stored in that folder), since a slice missing at the end of a stack would leave no gap
@@ -41,6 +43,9 @@ _NON_VOLUME_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set Storage",
 }
+#: DICOM SEG classes: skipped as images, kept in :attr:`ScannedFolder.segmentations` (napari opens them as
+#: labels over the series they reference).
+SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 # What pydicom raises on files it cannot parse or decode; anything else is a bug and keeps its traceback.
 READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
                 IndexError, NotImplementedError, RuntimeError, OverflowError)
@@ -105,6 +110,8 @@ class ScannedFolder:
     series: dict[str, list[Instance]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     broken: dict[str, list[str]] = field(default_factory=dict)   # series UID (or folder) -> unreadable files
+    segmentations: list[Instance] = field(default_factory=list)  # DICOM SEG files (headers only), in file order
+    segmentation_note: str = ""                                  # the note that says they were skipped as images
 
 
 def is_dicom_path(path: str | os.PathLike) -> bool:
@@ -133,7 +140,7 @@ def scan_folder(path: Path) -> ScannedFolder:
     files = [path] if path.is_file() else list(_files_under(path))
     root = path.parent if path.is_file() else path
     found = ScannedFolder()
-    not_dicom, unreadable, non_image = [], [], Counter()
+    not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
     for file in files:
         label = str(file.relative_to(root))
         try:
@@ -149,6 +156,10 @@ def scan_folder(path: Path) -> ScannedFolder:
         sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
         uid = str(header.get("SeriesInstanceUID", "") or "")
         has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
+        if sop_class in SEGMENTATION_SOP_CLASSES:
+            found.segmentations.append(Instance(file, label, header))
+            segmentation_kinds[_NON_VOLUME_SOP_CLASSES[sop_class]] += 1
+            continue
         if sop_class in _NON_VOLUME_SOP_CLASSES or not (has_pixels or _is_image_class(header, sop_class)):
             non_image[_NON_VOLUME_SOP_CLASSES.get(sop_class) or _sop_class_name(sop_class)] += 1
             continue
@@ -170,6 +181,10 @@ def scan_folder(path: Path) -> ScannedFolder:
     if non_image:
         kinds = ", ".join(f"{count} {kind}" for kind, count in non_image.items())
         found.notes.append(f"skipped DICOM objects that are not images: {kinds}")
+    if found.segmentations:
+        found.segmentation_note = ("skipped DICOM segmentations, which are not images: "
+                                   + ", ".join(f"{count} {kind}" for kind, count in segmentation_kinds.items()))
+        found.notes.append(found.segmentation_note)
     if not found.series:
         what = "file" if path.is_file() else "folder"
         detail = f" ({'; '.join(found.notes)})" if found.notes else ""
