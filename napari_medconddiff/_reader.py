@@ -221,15 +221,21 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
     layers, notes = [], []
     for seg in segmentations:
         referenced = _referenced_series(seg.header)
-        target = next((uid for uid in opened if uid in referenced), None)
-        if target is None:
+        # A series split into echoes or phases is opened as parts ("UID#echo_2"): the SEG's images say which.
+        targets = [key for key in opened if key.split("#", 1)[0] in referenced]
+        if not targets:
             notes.append(f"not opened: {seg.label}, a DICOM SEG of a series that is not opened here")
             continue
-        scan, name = opened[target]
-        try:
-            layers.append(segmentation_layer(seg.path, seg.header, scan, name))
-        except DicomError as error:
-            notes.append(f"not opened: {seg.label}: {' '.join(str(error).split())}")
+        problems = []
+        for key in targets:
+            scan, name = opened[key]
+            try:
+                layers.append(segmentation_layer(seg.path, seg.header, scan, name))
+                break
+            except DicomError as error:
+                problems.append(" ".join(str(error).split()))
+        else:
+            notes.append(f"not opened: {seg.label}: {'; '.join(problems)}")
     return layers, notes
 
 
@@ -283,12 +289,18 @@ def _segmentation_beside_its_series(path: Path) -> LayerData:
         infos = list_series(path.parent)
     except DicomError:
         infos = []
-    matches = [info for info in infos if info.uid in referenced]
+    matches = [info for info in infos if info.uid.split("#", 1)[0] in referenced]
     if not matches:
         raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in {path.parent.name or path.parent}: "
                          "open the series folder (with the SEG in it) or put the SEG beside it")
-    scan = read_dicom_series(path.parent, matches[0].uid, listed=infos)
-    return segmentation_layer(path, header, scan, matches[0].name)
+    problems = []
+    for info in matches:      # the parts of a split series: the SEG's images say which it segments
+        scan = read_dicom_series(path.parent, info.uid, listed=infos)
+        try:
+            return segmentation_layer(path, header, scan, info.name)
+        except DicomError as error:
+            problems.append(" ".join(str(error).split()))
+    raise DicomError("; ".join(problems))
 
 
 def _warn_notes(path: Path, notes: list[str]) -> None:

@@ -128,6 +128,22 @@ def transcode(paths: Sequence[Path], folder: Path, syntax: str) -> list[Path]:
     return copies
 
 
+def write_echoes(folder: Path, echoes: Sequence[np.ndarray], affine_ras: np.ndarray, *, tag: str = "EchoNumbers",
+                 **series_kwargs) -> str:
+    """One series holding ``echoes`` (volumes of one shape) at the same positions, told apart by ``tag``
+    (1, 2, … per volume), as a multi-echo MRI or a multi-phase series is stored; returns its UID."""
+    import pydicom
+
+    uid = generate_uid()
+    for number, volume in enumerate(echoes, start=1):
+        for path in write_series(folder, volume, affine_ras, series_uid=uid, prefix=f"e{number}_", **series_kwargs):
+            dataset = pydicom.dcmread(path)
+            if tag:
+                setattr(dataset, tag, number)
+            dataset.save_as(path, enforce_file_format=True)
+    return uid
+
+
 def oblique_affine(spacing=(0.8, 0.9, 1.5), origin=(-20.0, 35.0, 12.0)) -> np.ndarray:
     """A right-handed RAS affine rotated about two axes (no voxel axis along a world axis)."""
     a, b = np.radians(20.0), np.radians(-12.0)

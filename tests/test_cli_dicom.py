@@ -20,7 +20,7 @@ from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
 from medconddiff.dicom_series import list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
-from tests.dicom_helpers import PATIENT, counted_folder_scans, write_series
+from tests.dicom_helpers import PATIENT, counted_folder_scans, write_echoes, write_series
 
 CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
 FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
@@ -279,3 +279,16 @@ def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_lab
                  str(nifti), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "a DICOM series is one channel" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_multi_echo_series_segments_echo_by_echo(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    mri = tmp_path / "mri"
+    write_echoes(mri, [volume, volume * 0.5], affine, description="T2 dual echo")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert segment(mri, "--all-series", "-o", out) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert names == ["series1_T2_dual_echo_echo_1_seg.nii.gz", "series1_T2_dual_echo_echo_2_seg.nii.gz"]
+    assert segment(mri, "-o", tmp_path / "x.nii.gz") == 2
+    assert "(echo 2)" in capsys.readouterr().err

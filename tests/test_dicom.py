@@ -23,7 +23,7 @@ from medconddiff.dicom_series import (DicomError, dicom_source, is_dicom_path, l
                                       read_dicom_series)
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path, save_volume
-from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, transcode, write_series
+from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, transcode, write_echoes, write_series
 
 CLASSES = ("background", "liver", "tumour")
 CUT = (slice(40, 72), slice(50, 82), slice(60, 68))
@@ -245,6 +245,34 @@ def test_localizer_image_type_is_left_out(tmp_path, cut):
     scan = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(scan.volume, volume)
     assert any("localizer" in note and "loc" in note for note in scan.source.notes)
+
+
+@pytest.mark.parametrize("tag, word", [("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase")])
+def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_path, cut, tag, word):
+    volume, _, affine = cut
+    second = volume * 0.5 + 100.0
+    uid = write_echoes(tmp_path, [volume, second], oblique_affine(), tag=tag)
+    infos = list_series(tmp_path)
+    assert [info.name for info in infos] == [f"series 1 'synthetic CT' ({word} 1)", f"series 1 'synthetic CT' ({word} 2)"]
+    assert [info.uid for info in infos] == [f"{uid}#{word}_1", f"{uid}#{word}_2"]
+    for info, expected in zip(infos, (volume, second)):
+        scan = read_dicom_series(tmp_path, info.uid)
+        np.testing.assert_allclose(scan.volume, expected, atol=0.5)
+        assert scan.source.series_uid == uid and len(scan.source.sop_instance_uids) == volume.shape[2]
+    with pytest.raises(DicomError, match="holds 2 DICOM series"):
+        read_dicom_series(tmp_path)
+    with pytest.raises(DicomError, match=f"2 series have number 1; choose one by UID") as error:
+        read_dicom_series(tmp_path, 1)
+    assert f"{uid}#{word}_2" in str(error.value)
+
+
+def test_two_images_at_one_position_with_nothing_to_tell_them_apart_are_refused(tmp_path, cut):
+    volume, _, affine = cut
+    write_echoes(tmp_path, [volume, volume + 1.0], affine, tag="")
+    (info,) = list_series(tmp_path)
+    assert not info.part
+    with pytest.raises(DicomError, match="two slices at one position"):
+        read_dicom_series(tmp_path)
 
 
 def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):

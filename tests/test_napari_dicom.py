@@ -23,7 +23,7 @@ from medconddiff.nifti import load_volume, sample_scan_path
 from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume, volume_to_layer
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
-from tests.dicom_helpers import PATIENT, counted_folder_scans, oblique_affine, write_series
+from tests.dicom_helpers import PATIENT, counted_folder_scans, oblique_affine, write_echoes, write_series
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
@@ -256,6 +256,27 @@ def test_a_seg_opens_as_labels_over_its_series_in_a_folder_or_alone_and_saves_ba
     (lonely / "seg.dcm").write_bytes((export / "ct_seg.dcm").read_bytes())
     with pytest.raises(DicomError, match="seg.dcm is a DICOM SEG; the series it segments is not in lonely"):
         read_dicom(str(lonely / "seg.dcm"))
+
+
+def test_a_multi_echo_series_opens_one_layer_per_echo_in_the_same_place(tmp_path, liver):
+    volume, _ = liver
+    write_echoes(tmp_path / "mri", [volume, volume * 0.5], LPS, description="T2 dual echo")
+    first, second = read_dicom(str(tmp_path / "mri"))
+    assert [first[1]["name"], second[1]["name"]] == ["series 1 'T2 dual echo' (echo 1)",
+                                                     "series 1 'T2 dual echo' (echo 2)"]
+    assert first[1]["scale"] == second[1]["scale"] and first[0].shape == second[0].shape
+    np.testing.assert_allclose(second[0], first[0] * 0.5, atol=0.5)
+    # A SEG of the second echo opens over that echo (the parts share the series UID; its images tell).
+    from medconddiff.dicom_series import list_series
+    from medconddiff.dicom_seg import write_dicom_seg
+
+    echo2 = read_dicom_series(tmp_path / "mri", list_series(tmp_path / "mri")[1].uid)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[5:20, 5:20, 1:3] = 1
+    write_dicom_seg(tmp_path / "mri" / "echo2_seg.dcm", truth, echo2.source, ("background", "lesion"))
+    *_, seg = read_dicom(str(tmp_path / "mri"))
+    assert seg[1]["name"].startswith("series 1 'T2 dual echo' (echo 2) SEG")
+    np.testing.assert_array_equal(layer_to_volume(np.asarray(seg[0]), seg[1]["metadata"])[0], truth)
 
 
 def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_napari_viewer, qtbot, tmp_path, liver,

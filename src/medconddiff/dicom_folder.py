@@ -9,6 +9,11 @@ Every header is read once, without pixel data (values over a few KB are deferred
   scan is not offered as a series of its own. DICOM SEG files are kept aside
   (:attr:`ScannedFolder.segmentations`, with their own note) for the napari reader, which opens each as
   labels over the series it references.
+* **Several images at each position** (multi-echo MRI, cardiac or DCE phases, Dixon images):
+  :func:`split_by_part` splits the series into one part per echo / phase / trigger time / acquisition /
+  image type, the first of :data:`PART_TAGS` that leaves one image per position in every part; each
+  part is listed as its own series (``series 5 'T2' (echo 2)``) under the key ``UID#echo_2``, which
+  ``--series`` and the readers take like a UID.
 * A DICOM file cut short (pydicom returns what it parsed: no pixel data) is recorded as broken under
   its series, or, when it was cut before its series UID, under its folder: reading refuses that series
   (or every series stored in that folder), since a slice missing at the end of a stack would leave no gap
@@ -21,7 +26,9 @@ Every header is read once, without pixel data (values over a few KB are deferred
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +77,15 @@ class SeriesInfo:
     size: tuple[int, int] | None  # (rows, columns) of most of its images
     notes: tuple[str, ...] = ()
     localizers: int = 0  # images whose Image Type says LOCALIZER (all of them: a scout series)
+    part: str = ""       # one echo/phase/... of a series split by it ("echo 2"); ``uid`` is then its key
 
     @property
     def name(self) -> str:
-        """``series 3 'CT abdomen'``: how messages and layer names refer to the series."""
+        """``series 3 'CT abdomen'`` (``series 5 'Dixon' (echo 2)`` for one part of a split series): how
+        messages and layer names refer to the series."""
         number = "?" if self.number is None else str(self.number)
-        return f"series {number} '{self.description}'" if self.description else f"series {number}"
+        name = f"series {number} '{self.description}'" if self.description else f"series {number}"
+        return f"{name} ({self.part})" if self.part else name
 
     def line(self) -> str:
         """One line for a listing: name, modality, images and size, UID."""
@@ -103,6 +113,7 @@ class Instance:
     label: str
     header: pydicom.Dataset
     frames: int = 1
+    part: str = ""      # which echo/phase/... of a series that holds several at each position ("echo 2")
 
 
 @dataclass
@@ -174,6 +185,12 @@ def scan_folder(path: Path) -> ScannedFolder:
             continue
         frames = int(header.get("NumberOfFrames", 1) or 1)
         found.series.setdefault(uid, []).append(Instance(file, label, header, frames))
+    for uid in list(found.series):
+        parts = split_by_part(found.series[uid])
+        if parts:
+            del found.series[uid]
+            for part, instances in parts:
+                found.series[part_key(uid, part)] = instances
     if not_dicom:
         found.notes.append(f"skipped {len(not_dicom)} file(s) that are not DICOM: {some_of(not_dicom)}")
     if unreadable:
@@ -214,10 +231,78 @@ def _has_dicom_marker(file: Path) -> bool:
 
 
 def sorted_series(folder: ScannedFolder) -> list[list[Instance]]:
+    order = {id(instances): i for i, instances in enumerate(folder.series.values())}   # parts in split order
+
     def key(instances: list[Instance]):
         number = series_number(instances[0].header)
-        return (number is None, number or 0, str(instances[0].header.SeriesInstanceUID))
+        return (number is None, number or 0, str(instances[0].header.SeriesInstanceUID), order[id(instances)])
     return sorted(folder.series.values(), key=key)
+
+
+#: Tags that tell apart the images a series holds at each position (multi-echo MRI, cardiac or DCE
+#: phases, repeated acquisitions, Dixon's in/opposed/water/fat images), tried in this order, and
+#: how a part is called.
+PART_TAGS = (("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase"), ("TriggerTime", "trigger time"),
+             ("AcquisitionNumber", "acquisition"), ("ImageType", "image type"))
+_POSITION_DECIMALS = 2     # positions equal to 0.01 mm are the same position
+
+
+def part_key(uid: str, part: str) -> str:
+    """How ``--series`` and the readers name one part of a split series: ``UID#echo_2``."""
+    return f"{uid}#{re.sub(r'[^A-Za-z0-9.-]+', '_', part)}"
+
+
+def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]:
+    """A series of single-frame images that holds several images at one position, split by the first of
+    :data:`PART_TAGS` that gives two or more parts, each with one image per position; ``[]`` when the
+    series needs no split or no tag splits it (the reader then refuses it, naming two such images)."""
+    if len(instances) < 2 or any(i.frames != 1 for i in instances):
+        return []
+    # Scouts inside a series are the reader's to leave out: they neither need a split nor make one.
+    images = [i for i in instances if not is_localizer(i.header)]
+    scouts = [i for i in instances if is_localizer(i.header)]
+    positions = [_position(i.header) for i in images]
+    if None in positions or len(set(positions)) == len(positions):
+        return []
+    for keyword, word in PART_TAGS:
+        values = [_tag_text(i.header, keyword) for i in images]
+        if any(value is None for value in values) or len(set(values)) < 2:
+            continue
+        groups: dict[str, list[int]] = {}
+        for index, value in enumerate(values):
+            groups.setdefault(value, []).append(index)
+        if all(len({positions[i] for i in members}) == len(members) for members in groups.values()):
+            ordered = sorted(groups.items(), key=lambda item: _natural(item[0]))
+            parts = []
+            for n, (value, members) in enumerate(ordered):
+                part = f"{word} {value}"
+                kept = [images[i] for i in members] + (scouts if n == 0 else [])
+                parts.append((part, [dataclasses.replace(instance, part=part) for instance in kept]))
+            return parts
+    return []
+
+
+def _position(header: pydicom.Dataset) -> tuple[float, ...] | None:
+    try:
+        return tuple(round(float(v), _POSITION_DECIMALS) for v in header.ImagePositionPatient)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _tag_text(header: pydicom.Dataset, keyword: str) -> str | None:
+    value = header.get(keyword)
+    if value is None or value == "":
+        return None
+    if keyword == "ImageType":
+        return "/".join(str(v) for v in (value if not isinstance(value, str) else [value]))
+    return str(value).strip()
+
+
+def _natural(text: str):
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def series_info(instances: list[Instance]) -> SeriesInfo:
@@ -229,10 +314,12 @@ def series_info(instances: list[Instance]) -> SeriesInfo:
     localizers = sum(is_localizer(i.header) for i in instances)
     if localizers:
         notes.append(f"{localizers} localizer image(s)")
+    part = instances[0].part
+    uid = str(header.SeriesInstanceUID)
     return SeriesInfo(number=series_number(header), description=header_text(header, "SeriesDescription"),
-                      modality=header_text(header, "Modality"), uid=str(header.SeriesInstanceUID),
+                      modality=header_text(header, "Modality"), uid=part_key(uid, part) if part else uid,
                       instances=len(instances), frames=sum(i.frames for i in instances),
-                      size=sizes.most_common(1)[0][0], notes=tuple(notes), localizers=localizers)
+                      size=sizes.most_common(1)[0][0], notes=tuple(notes), localizers=localizers, part=part)
 
 
 def choose_series(path: Path, folder: ScannedFolder, series: int | str | None) -> list[Instance]:

@@ -22,7 +22,9 @@ like a NIfTI written by dcm2niix (without its row flip). The decisions it makes,
   to slice, a sheared affine, which NIfTI's sform stores exactly. No voxel is interpolated, so each
   slice of the array is one acquired image, and a DICOM SEG references it one to one.
 * **Different image sizes or pixel spacings** within the stack: refused, naming one file of each.
-* **Two slices at one position** (echoes, phases, repeated acquisitions): refused.
+* **Two slices at one position**: refused. (A series of several echoes or phases reaches this module
+  split into one stack each by :func:`medconddiff.dicom_folder.split_by_part`; what is left has nothing
+  that tells the two images apart.)
 * **One slice**: a 2-D image, returned with a last axis of 1 whose step is the slice thickness.
 """
 

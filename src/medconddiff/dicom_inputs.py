@@ -95,10 +95,12 @@ def file_safe(text: str, limit: int = 64) -> str:
 
 
 def series_file_name(info) -> str:
-    """``series3_CT_abdomen`` for series 3 'CT abdomen' (a :class:`~medconddiff.dicom_series.SeriesInfo`)."""
+    """``series3_CT_abdomen`` for series 3 'CT abdomen' (a :class:`~medconddiff.dicom_series.SeriesInfo`);
+    ``series5_Dixon_echo_2`` for one part of a split series."""
     number = "" if info.number is None else str(info.number)
     description = file_safe(info.description, 48)
-    return "_".join(part for part in (f"series{number}", description) if part)
+    part = file_safe(info.part, 24)
+    return "_".join(piece for piece in (f"series{number}", description, part) if piece)
 
 
 def _uid_tag(uid: str) -> str:
