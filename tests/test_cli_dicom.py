@@ -292,3 +292,7 @@ def test_a_multi_echo_series_segments_echo_by_echo(tmp_path, cut, capsys):
     assert names == ["series1_T2_dual_echo_echo_1_seg.nii.gz", "series1_T2_dual_echo_echo_2_seg.nii.gz"]
     assert segment(mri, "-o", tmp_path / "x.nii.gz") == 2
     assert "(echo 2)" in capsys.readouterr().err
+    uid = list_series(mri)[0].uid.split("#")[0]
+    assert segment(mri, "--series", uid, "-o", tmp_path / "x.nii.gz") == 2
+    assert "2 series have number or UID" in capsys.readouterr().err
+    assert segment(mri, "--series", f"{uid}#echo_2", "-o", tmp_path / "echo2.nii.gz") == 0

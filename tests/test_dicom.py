@@ -201,7 +201,7 @@ def test_two_series_with_one_number_need_the_uid(tmp_path, cut):
     volume, _, affine = cut
     write_series(tmp_path / "a", volume, affine, series_number=3)
     write_series(tmp_path / "b", volume, affine, series_number=3)
-    with pytest.raises(DicomError, match="2 series have number 3; choose one by UID"):
+    with pytest.raises(DicomError, match="2 series have number or UID 3; choose one by the UID shown"):
         read_dicom_series(tmp_path, series=3)
 
 
@@ -261,9 +261,11 @@ def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_pa
         assert scan.source.series_uid == uid and len(scan.source.sop_instance_uids) == volume.shape[2]
     with pytest.raises(DicomError, match="holds 2 DICOM series"):
         read_dicom_series(tmp_path)
-    with pytest.raises(DicomError, match=f"2 series have number 1; choose one by UID") as error:
-        read_dicom_series(tmp_path, 1)
-    assert f"{uid}#{word}_2" in str(error.value)
+    for chosen in (1, uid):      # its number and its own UID name both parts
+        with pytest.raises(DicomError, match=f"2 series have number or UID {chosen}; choose one by the UID shown") \
+                as error:
+            read_dicom_series(tmp_path, chosen)
+        assert f"{uid}#{word}_2" in str(error.value)
 
 
 def test_two_images_at_one_position_with_nothing_to_tell_them_apart_are_refused(tmp_path, cut):

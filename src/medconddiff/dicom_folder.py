@@ -333,13 +333,15 @@ def choose_series(path: Path, folder: ScannedFolder, series: int | str | None) -
     text = str(series).strip()
     if text in folder.series:
         return folder.series[text]
-    matches = []
-    if text.lstrip("-").isdigit():
+    # The UID of a series split into echoes or phases names all its parts.
+    matches = [instances for instances in ordered if str(instances[0].header.SeriesInstanceUID) == text]
+    if not matches and text.lstrip("-").isdigit():
         matches = [instances for instances in ordered if series_number(instances[0].header) == int(text)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise DicomError(f"{path}: {len(matches)} series have number {text}; choose one by UID:\n{listing}")
+        raise DicomError(f"{path}: {len(matches)} series have number or UID {text}; choose one by the UID "
+                         f"shown (a part of a split series: UID#part):\n{listing}")
     raise DicomError(f"{path}: no series with number or UID {text}; found:\n{listing}")
 
 

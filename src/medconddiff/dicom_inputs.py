@@ -147,10 +147,11 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
                              f"segment each with --all-series\n{_listing(infos)}")
         return [DicomPick(path, None, base, infos[0].name, infos)]
     text = str(series).strip()
-    matches = [info for info in infos if info.uid == text] or [
-        info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)]
+    matches = ([info for info in infos if info.uid == text]
+               or [info for info in infos if info.uid.split("#", 1)[0] == text]      # all parts of a split series
+               or [info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)])
     if len(matches) != 1:
-        problem = f"{len(matches)} series have number {text}; give the UID" if matches else \
+        problem = f"{len(matches)} series have number or UID {text}; give the UID shown" if matches else \
             f"no series with number or UID {text}"
         raise DicomError(f"{path}: {problem}; found:\n{_listing(infos)}")
     return [DicomPick(path, matches[0].uid, f"{base}_{series_file_name(matches[0])}", matches[0].name, infos)]
