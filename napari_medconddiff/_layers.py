@@ -177,7 +177,7 @@ def dicom_source_of(metadata: dict[str, Any] | None) -> Any:
         sop_instance_uids=tuple(str(uid) for uid in record["sop_instance_uids"]),
         files=tuple(str(file) for file in record["files"]),
         frame_numbers=tuple(None if frame is None else int(frame) for frame in record["frame_numbers"]),
-        notes=tuple(str(note) for note in record.get("notes", ())))
+        notes=tuple(str(note) for note in record.get("notes", ())), part=str(record.get("part", "")))
 
 
 def layer_name(path: str) -> str:

@@ -259,6 +259,7 @@ def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_pa
         scan = read_dicom_series(tmp_path, info.uid)
         np.testing.assert_allclose(scan.volume, expected, atol=0.5)
         assert scan.source.series_uid == uid and len(scan.source.sop_instance_uids) == volume.shape[2]
+        assert scan.source.name == info.name and scan.source.to_dict()["part"] == info.part   # sidecars say which
     with pytest.raises(DicomError, match="holds 2 DICOM series"):
         read_dicom_series(tmp_path)
     for chosen in (1, uid):      # its number and its own UID name both parts

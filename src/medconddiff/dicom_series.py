@@ -73,12 +73,13 @@ class DicomSource:
     files: tuple[str, ...]
     frame_numbers: tuple[int | None, ...]
     notes: tuple[str, ...] = ()
+    part: str = ""      # the echo/phase/... of a series split into several ("echo 2"); "" for a whole series
 
     @property
     def name(self) -> str:
         number = "?" if self.series_number is None else str(self.series_number)
-        return (f"series {number} '{self.series_description}'" if self.series_description
-                else f"series {number}")
+        name = f"series {number} '{self.series_description}'" if self.series_description else f"series {number}"
+        return f"{name} ({self.part})" if self.part else name
 
     def to_dict(self) -> dict[str, Any]:
         """What a sidecar records: the series, its slices' instance UIDs in order, the notes."""
@@ -86,7 +87,8 @@ class DicomSource:
                 "series_description": self.series_description, "modality": self.modality,
                 "frame_of_reference_uid": self.frame_of_reference_uid,
                 "sop_instance_uids": list(self.sop_instance_uids),
-                "frame_numbers": list(self.frame_numbers), "notes": list(self.notes)}
+                "frame_numbers": list(self.frame_numbers), "notes": list(self.notes),
+                **({"part": self.part} if self.part else {})}
 
 
 class DicomScan(NamedTuple):
@@ -271,4 +273,5 @@ def _source(header: pydicom.Dataset, frames: list, notes: list[str]) -> DicomSou
                        frame_of_reference_uid=header_text(header, "FrameOfReferenceUID"),
                        sop_instance_uids=tuple(str(i.header.SOPInstanceUID) for i, _ in frames),
                        files=tuple(os.path.abspath(i.path) for i, _ in frames),
-                       frame_numbers=tuple(frame for _, frame in frames), notes=tuple(notes))
+                       frame_numbers=tuple(frame for _, frame in frames), notes=tuple(notes),
+                       part=frames[0][0].part if frames else "")
