@@ -25,8 +25,8 @@ warning, which napari shows as a notification. A **DICOM SEG** in the folder (th
 or another tool's) opens as a Labels layer over the series it references, named after it, with one
 class per segment (the status bar names the segment under the cursor); a SEG file opened alone is
 placed by its series, looked for in the SEG's own folder. A SEG whose series is not there, or that
-cannot be mapped onto it, is named in a warning and the rest opens. A folder with no DICOM in it is declined (None), so
-napari tries its other readers. A series that cannot be read is named in one line: as a warning when
+cannot be mapped onto it, is named in a warning and the rest opens. A folder with no DICOM in it is
+declined (None), so napari tries its other readers. A series that cannot be read is named in one line: as a warning when
 other series of the folder open, as the error when none does.
 """
 
@@ -216,13 +216,14 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
     """Labels layers for the DICOM SEG files found in a folder (``dicom_folder.Instance``, headers only)
     whose series was opened (``opened``: series UID -> (scan, layer name)), and a note for each that
     was not."""
+    from medconddiff.dicom_folder import series_uid_of
     from medconddiff.dicom_series import DicomError
 
     layers, notes = [], []
     for seg in segmentations:
         referenced = _referenced_series(seg.header)
         # A series split into echoes or phases is opened as parts ("UID#echo_2"): the SEG's images say which.
-        targets = [key for key in opened if key.split("#", 1)[0] in referenced]
+        targets = [key for key in opened if series_uid_of(key) in referenced]
         if not targets:
             notes.append(f"not opened: {seg.label}, a DICOM SEG of a series that is not opened here")
             continue
@@ -281,6 +282,7 @@ def _segmentation_beside_its_series(path: Path) -> LayerData:
     beside the series folder), read for its geometry, and the SEG placed over it."""
     import pydicom
 
+    from medconddiff.dicom_folder import series_uid_of
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
     header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -289,10 +291,11 @@ def _segmentation_beside_its_series(path: Path) -> LayerData:
         infos = list_series(path.parent)
     except DicomError:
         infos = []
-    matches = [info for info in infos if info.uid.split("#", 1)[0] in referenced]
+    matches = [info for info in infos if series_uid_of(info.uid) in referenced]
     if not matches:
-        raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in {path.parent.name or path.parent}: "
-                         "open the series folder (with the SEG in it) or put the SEG beside it")
+        raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in "
+                         f"{path.parent.name or path.parent}: open the series folder (with the SEG in it) or put "
+                         "the SEG beside it")
     problems = []
     for info in matches:      # the parts of a split series: the SEG's images say which it segments
         scan = read_dicom_series(path.parent, info.uid, listed=infos)

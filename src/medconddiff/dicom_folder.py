@@ -252,6 +252,11 @@ def part_key(uid: str, part: str) -> str:
     return f"{uid}#{re.sub(r'[^A-Za-z0-9.-]+', '_', part)}"
 
 
+def series_uid_of(key: str) -> str:
+    """The Series Instance UID behind a series key (a UID, or ``UID#echo_2`` for one part of a split series)."""
+    return key.split("#", 1)[0]
+
+
 def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]:
     """A series of single-frame images that holds several images at one position, split by the first of
     :data:`PART_TAGS` that gives two or more parts, each with one image per position; ``[]`` when the

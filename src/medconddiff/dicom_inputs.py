@@ -116,6 +116,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
     """The series of ``path`` to segment. A single file is itself; a folder gives one series (the only
     one, or ``series``) or, with ``all_series``, each series that is not only localizer images.
     ``note(text, where)`` is told what was skipped while looking."""
+    from .dicom_folder import series_uid_of
     from .dicom_series import DicomError, list_series
 
     path = Path(path)
@@ -148,7 +149,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         return [DicomPick(path, None, base, infos[0].name, infos)]
     text = str(series).strip()
     matches = ([info for info in infos if info.uid == text]
-               or [info for info in infos if info.uid.split("#", 1)[0] == text]      # all parts of a split series
+               or [info for info in infos if series_uid_of(info.uid) == text]      # all parts of a split series
                or [info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)])
     if len(matches) != 1:
         problem = f"{len(matches)} series have number or UID {text}; give the UID shown" if matches else \
