@@ -2,6 +2,8 @@
 
   medconddiff choose-consensus scan.nii.gz labels.nii.gz --slices 40:48,72:80 --checkpoint model.safetensors \\
       -o model_chosen.safetensors
+  medconddiff choose-consensus SERIES_DIR reference.dcm --slices 40:48 --checkpoint model.safetensors -o ...
+      (a DICOM series and a DICOM SEG of it; --series N|UID for a folder of several series)
 
 One sampling run (default settings: adaptive steps, seed 0) over the slices keeps every step's x̂0;
 the per-step Dice sets the step cap (the first step that no later one beats by more than 0.001), and

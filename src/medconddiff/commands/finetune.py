@@ -3,7 +3,7 @@
   medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40-42 -o scan_finetuned.safetensors
   medconddiff finetune scan.nii.gz corrected_labels.nii.gz --slices 31,33,40:43 -o ...   (the same slices)
   medconddiff finetune scan.nii.gz labels.nii.gz --slices labelled --init lsegdiff-liver --class-names background lesion
-  medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 \
+  medconddiff finetune brain_t1.nii.gz labels.nii.gz --slices 60,90,120 --channel-names T1 \\
       --class-names background "grey matter" "white matter" -o t1.safetensors
   medconddiff finetune SERIES_DIR corrections.dcm --slices labelled -o ct_finetuned.safetensors
       (a DICOM series and a DICOM SEG of it, e.g. the plugin's export; or NIfTI labels on its voxels)
