@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError, UserInputError
+from ..errors import ConfigError
 from .common import SLICES_HELP, check_device, scan_slices
 
 
@@ -50,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from ..consensus_choice import EXTRA_KEY, ChoosingSlices, choose_consensus
     from ..atomic import check_target, write_json_atomic
     from ..evaluation import json_safe
-    from ..nifti import load_channels
     from ..segmenter import Segmenter
     from .labelled_input import labelled_input
 
@@ -63,17 +62,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
     given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
-    if given.is_dicom and args.channel_file:
-        raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
-    image, meta = given.load_image() if not args.channel_file else load_channels([args.image, *args.channel_file])
-    labels, label_meta = given.load_labels()
-    if labels.shape != image.shape[:3]:
-        raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
-    import numpy as np
-
-    # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
-    if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
-        raise UserInputError(f"{args.labels} does not lie on the scan's grid (another affine)")
+    image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file)
     geometry = segmenter.preprocessor.geometry(image.shape[:3], meta)
     slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
     if not slices:

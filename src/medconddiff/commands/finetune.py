@@ -76,7 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..finetune import LabelledScan, finetune
-    from ..nifti import load_channels
     from .labelled_input import labelled_input
 
     if args.output.exists() and not args.overwrite:
@@ -92,22 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is None or not args.slices:
         raise ConfigError("give the scan's LABELS and --slices (or a training-set folder instead of the scan)")
     given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
-    files = [args.image, *args.channel_file]
     channels = len(args.channel_names) if args.channel_names else start.config.plan.num_channels
-    if given.is_dicom and args.channel_file:
-        raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
-    if given.is_dicom or (channels == 1 and len(files) == 1):
-        image, meta = given.load_image()
-    else:
-        image, meta = load_channels(files)
-    labels, label_meta = given.load_labels()
-    if labels.shape != image.shape[:3]:
-        raise UserInputError(f"{args.labels} has shape {labels.shape}, the scan {image.shape[:3]}")
-    import numpy as np
-
-    # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
-    if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
-        raise UserInputError(f"{args.labels} does not lie on the scan's grid (another affine)")
+    image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file, several_channels=channels > 1)
     if not args.channel_names:
         _refuse_ct_window_on_non_hounsfield(args, start.config.plan, image)
     from ..preprocess import ScanPreprocessor

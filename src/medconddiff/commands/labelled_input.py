@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserInputError
 
 
 class LabelledInput(NamedTuple):
+    path: Path                         # the scan as given
     name: str                          # file-safe: the scan file's name, or the DICOM file's or folder's
     label: str                         # what the scan is called in a record: the file's stem, or the series
                                        # by number and description (no patient attribute)
@@ -22,6 +23,28 @@ class LabelledInput(NamedTuple):
     load_image: Callable[[], tuple]    # () -> (array in file order, VolumeMeta)
     load_labels: Callable[[], tuple]   # () -> (labels in file order, VolumeMeta; None for a DICOM SEG)
     is_dicom: bool
+
+    def load_on_one_grid(self, label_path: Path, channel_files: Sequence[Path] = (), several_channels: bool = False):
+        """``(image, meta, labels)``, the labels checked to lie on the image's voxels (shape, and affine where
+        the labels have one). ``several_channels`` (or ``channel_files``) reads a NIfTI scan as channels
+        (a 4-D file, or one file per channel); a DICOM series is one channel and takes no channel file."""
+        import numpy as np
+
+        from ..nifti import load_channels
+
+        if self.is_dicom and channel_files:
+            raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
+        if self.is_dicom or not (several_channels or channel_files):
+            image, meta = self.load_image()
+        else:
+            image, meta = load_channels([self.path, *channel_files])
+        labels, label_meta = self.load_labels()
+        if labels.shape != image.shape[:3]:
+            raise UserInputError(f"{label_path} has shape {labels.shape}, the scan {image.shape[:3]}")
+        # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
+        if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+            raise UserInputError(f"{label_path} does not lie on the scan's grid (another affine)")
+        return image, meta, labels
 
 
 def labelled_input(image: Path, label: Path, series: Optional[str] = None,
@@ -41,7 +64,7 @@ def labelled_input(image: Path, label: Path, series: Optional[str] = None,
         if label_is_seg:
             raise ConfigError(f"{label_flag} {label} is DICOM: a DICOM SEG is read onto the series it references, "
                               f"so {image_flag} must be that DICOM series")
-        return LabelledInput(image.name, image.name.split(".")[0], str(image), lambda: load_volume(image),
+        return LabelledInput(image, image.name, image.name.split(".")[0], str(image), lambda: load_volume(image),
                              lambda: load_labels(label), False)
 
     shown: set[str] = set()
@@ -64,5 +87,5 @@ def labelled_input(image: Path, label: Path, series: Optional[str] = None,
 
         return read_dicom_seg(label, pick.path, series=pick.series), None
 
-    return LabelledInput(pick.name, pick.label, f"{pick.label} in {image}", load_dicom,
+    return LabelledInput(image, pick.name, pick.label, f"{pick.label} in {image}", load_dicom,
                          load_seg if label_is_seg else (lambda: load_labels(label)), True)
