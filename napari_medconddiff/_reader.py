@@ -167,8 +167,9 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
 
     path = Path(path)
     if path.is_file():
-        if _is_segmentation_file(path):
-            return [_segmentation_beside_its_series(path)]
+        seg_header = _segmentation_header(path)
+        if seg_header is not None:
+            return [_segmentation_beside_its_series(path, seg_header)]
         scan = read_dicom_series(path)
         _warn_notes(path, scan.source.notes)
         return [dicom_layer(scan, scan.source.name)]
@@ -222,22 +223,30 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
     layers, notes = [], []
     for seg in segmentations:
         referenced = _referenced_series(seg.header)
-        # A series split into echoes or phases is opened as parts ("UID#echo_2"): the SEG's images say which.
-        targets = [key for key in opened if series_uid_of(key) in referenced]
+        targets = [opened[key] for key in opened if series_uid_of(key) in referenced]
         if not targets:
             notes.append(f"not opened: {seg.label}, a DICOM SEG of a series that is not opened here")
             continue
-        problems = []
-        for key in targets:
-            scan, name = opened[key]
-            try:
-                layers.append(segmentation_layer(seg.path, seg.header, scan, name))
-                break
-            except DicomError as error:
-                problems.append(" ".join(str(error).split()))
-        else:
-            notes.append(f"not opened: {seg.label}: {'; '.join(problems)}")
+        try:
+            layers.append(_segmentation_over_one_of(seg.path, seg.header, iter(targets)))
+        except DicomError as error:
+            notes.append(f"not opened: {seg.label}: {error}")
     return layers, notes
+
+
+def _segmentation_over_one_of(path: Path, header: Any, candidates: Any) -> LayerData:
+    """The SEG's layer over the first of ``candidates`` ((scan, layer name) pairs; an iterator, so that
+    scans can be read one by one) it maps onto: a series split into echoes or phases has one candidate
+    per part, all with the UID the SEG references, and only the SEG's images say which part it is."""
+    from medconddiff.dicom_series import DicomError
+
+    problems = []
+    for scan, name in candidates:
+        try:
+            return segmentation_layer(path, header, scan, name)
+        except DicomError as error:
+            problems.append(" ".join(str(error).split()))
+    raise DicomError("; ".join(problems))
 
 
 def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> LayerData:
@@ -264,28 +273,25 @@ def _referenced_series(header: Any) -> set[str]:
     return {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
 
 
-def _is_segmentation_file(path: Path) -> bool:
+def _segmentation_header(path: Path) -> Any:
+    """The header of a DICOM SEG file (no pixel data), or None for any other file."""
     import pydicom
 
-    from medconddiff.dicom_folder import READ_ERRORS, SEGMENTATION_SOP_CLASSES
+    from medconddiff.dicom_folder import READ_ERRORS, SEGMENTATION_SOP_CLASSES, sop_class_of
 
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except READ_ERRORS:
-        return False      # the series reader says what is wrong with it
-    sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
-    return sop_class in SEGMENTATION_SOP_CLASSES
+        return None      # the series reader says what is wrong with it
+    return header if sop_class_of(header) in SEGMENTATION_SOP_CLASSES else None
 
 
-def _segmentation_beside_its_series(path: Path) -> LayerData:
-    """A SEG file opened alone: its series is looked for in the SEG's folder (where Export puts the SEG:
-    beside the series folder), read for its geometry, and the SEG placed over it."""
-    import pydicom
-
+def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
+    """A SEG file opened alone (``header``: its header): its series is looked for in the SEG's folder
+    (where Export puts the SEG: beside the series folder), read for its geometry, and the SEG placed over it."""
     from medconddiff.dicom_folder import series_uid_of
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
-    header = pydicom.dcmread(path, stop_before_pixels=True)
     referenced = _referenced_series(header)
     try:
         infos = list_series(path.parent)
@@ -296,14 +302,8 @@ def _segmentation_beside_its_series(path: Path) -> LayerData:
         raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in "
                          f"{path.parent.name or path.parent}: open the series folder (with the SEG in it) or put "
                          "the SEG beside it")
-    problems = []
-    for info in matches:      # the parts of a split series: the SEG's images say which it segments
-        scan = read_dicom_series(path.parent, info.uid, listed=infos)
-        try:
-            return segmentation_layer(path, header, scan, info.name)
-        except DicomError as error:
-            problems.append(" ".join(str(error).split()))
-    raise DicomError("; ".join(problems))
+    parts = ((read_dicom_series(path.parent, info.uid, listed=infos), info.name) for info in matches)
+    return _segmentation_over_one_of(path, header, parts)
 
 
 def _warn_notes(path: Path, notes: list[str]) -> None:

@@ -164,7 +164,7 @@ def scan_folder(path: Path) -> ScannedFolder:
         except READ_ERRORS as exc:
             unreadable.append(f"{label} ({one_line(exc)})")
             continue
-        sop_class = str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
+        sop_class = sop_class_of(header)
         uid = str(header.get("SeriesInstanceUID", "") or "")
         has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
         if sop_class in SEGMENTATION_SOP_CLASSES:
@@ -207,6 +207,11 @@ def scan_folder(path: Path) -> ScannedFolder:
         detail = f" ({'; '.join(found.notes)})" if found.notes else ""
         raise DicomError(f"{path}: no DICOM image in this {what}{detail}")
     return found
+
+
+def sop_class_of(header: pydicom.Dataset) -> str:
+    """The SOP Class UID of a file: its own, else its file meta's."""
+    return str(header.get("SOPClassUID", "") or header.file_meta.get("MediaStorageSOPClassUID", ""))
 
 
 def _files_under(folder: Path):
@@ -264,8 +269,9 @@ def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]
     if len(instances) < 2 or any(i.frames != 1 for i in instances):
         return []
     # Scouts inside a series are the reader's to leave out: they neither need a split nor make one.
-    images = [i for i in instances if not is_localizer(i.header)]
-    scouts = [i for i in instances if is_localizer(i.header)]
+    images, scouts = [], []
+    for instance in instances:
+        (scouts if is_localizer(instance.header) else images).append(instance)
     positions = [_position(i.header) for i in images]
     if None in positions or len(set(positions)) == len(positions):
         return []

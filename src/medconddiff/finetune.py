@@ -77,9 +77,9 @@ class LabelledScan:
 #: 0.8, a fine-tune's trajectory rises until it settles, so its last step is its best (on all 6 held-out
 #: fine-tune figures of the README, re-trained in this release's installation; the one-shot is 0.0001 above it
 #: on one MNI152 slab), and means of earlier steps lag it (``mean`` by up to 0.063; README: "Do the diffusion
-#: steps earn their cost?"). A two-scan training set trained for only 200 steps peaked at step 2–3 and then fell, where
-#: ``mean`` was the better fusion; at :func:`default_finetune_steps`' 600 its steps rise to the last or near it
-#: (README: "Corrections that add up").
+#: steps earn their cost?"). A two-scan training set trained for only 200 steps peaked at step 2–3 and then
+#: fell, where ``mean`` was the better fusion; at :func:`default_finetune_steps`' 600 its steps rise to the
+#: last or near it (README: "Corrections that add up").
 FINETUNE_CONSENSUS = "last"
 
 #: Share of every batch drawn from replayed start-model slices, when replay is asked for.
