@@ -127,11 +127,12 @@ def checkpoint_target(path: str | Path) -> Path:
     return path
 
 
-def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary: ExportSummary, *, source: str,
-                 edited_slices: list[int], overwrite: bool,
+def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary: ExportSummary, *,
+                 source: Optional[str], scan_name: str, edited_slices: list[int], overwrite: bool,
                  dicom: Optional[DicomSource] = None) -> tuple[Path, Path]:
     """Write file-ordered ``labels`` as NIfTI with ``meta``, or as a DICOM SEG on ``dicom`` for a
-    ``.dcm`` path, plus the sidecar; returns both paths. Neither file is replaced unless ``overwrite``."""
+    ``.dcm`` path, plus the sidecar; returns both paths. Neither file is replaced unless ``overwrite``.
+    ``source`` is the scan's file (None for a layer from no file, recorded as ``scan_name``)."""
     target, sidecar = export_targets(path)
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
@@ -148,9 +149,8 @@ def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary
     else:
         dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
         save_volume(target, labels, meta, overwrite=overwrite, dtype=dtype)
-    record = segmentation_record(summary, meta, labels, source=source, outputs={"labels": str(target.resolve())},
-                                 edited=bool(edited_slices),
-                                 dicom_source=dicom.to_dict() if dicom is not None else None)
+    record = segmentation_record(summary, meta, labels, inputs=[source] if source else [], scan_name=scan_name,
+                                 outputs={"labels": target}, edited=bool(edited_slices), dicom_source=dicom)
     record["edited_slices"] = [int(s) for s in edited_slices]
     if len(summary.runs) > 1:
         record["runs"] = summary.runs

@@ -253,14 +253,12 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
     """A DICOM SEG read onto its series' voxels -> a Labels layer placed exactly over the series' image
     layer (same view, scale and metadata, so it saves back as a SEG of that series), one class per
     segment, named by the segments' labels."""
-    from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg
+    from medconddiff.dicom_seg import read_dicom_seg, segment_class_names
 
     from ._result_layers import class_colormap, class_features
 
     labels = read_dicom_seg(path, scan)
-    segments = dicom_seg_segments(path)
-    top = max([int(labels.max()) if labels.size else 0, *segments])
-    class_names = ["background", *(segments.get(k, f"segment {k}") for k in range(1, top + 1))]
+    class_names = segment_class_names(path, labels)
     data, kwargs = volume_to_layer(labels, scan.meta)
     kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
     description = str(header.get("SeriesDescription", "") or "").strip()

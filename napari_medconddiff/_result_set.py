@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from medconddiff.config import SamplingConfig
+from medconddiff.outputs import recorded_name
 
 from ._edits import UndoStep, WritePolicy, differing_slices, touched_slices
 from ._export import ExportSummary
@@ -220,7 +221,7 @@ class ResultSet:
         slices = np.concatenate([run.shown_slices for run in self.runs])
         steps_used = np.concatenate([run.steps_used[run.shown] for run in self.runs])
         order = np.argsort(slices)
-        runs = [{"slices": [int(s) for s in run.shown_slices], "checkpoint": run.provenance.get("checkpoint"),
+        runs = [{"slices": [int(s) for s in run.shown_slices], "checkpoint": recorded_name(run.provenance.get("checkpoint")),
                  "checkpoint_sha256": run.provenance.get("checkpoint_sha256"),
                  "sampling": dataclasses.asdict(run.sampling)} for run in self.runs if run.shown.any()]
         return ExportSummary(slice_indices=slices[order], completed=np.ones(len(slices), bool),

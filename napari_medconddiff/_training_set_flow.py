@@ -30,6 +30,7 @@ from medconddiff.errors import ConfigError, UserInputError
 from medconddiff.slice_lists import slice_list_text
 
 from ._job import import_engine, stack_channels
+from ._layers import dicom_source_of
 from ._result_set import ResultSet
 from ._segment_flow import own_copy
 
@@ -100,8 +101,15 @@ def check_set_folder(folder: str | Path) -> Path:
 
 
 def case_name_of(results: ResultSet) -> str:
-    """What the case id is made from: the scan's NIfTI file name, else its layer name (a DICOM series'
-    folder may be named after the patient; the layer name is what the user sees and chose)."""
+    """What the case id is made from: for a scan read from DICOM, its series and a hash of the series' UID
+    (two patients' "series 2 'CT venous'" are two cases; a series' folder may be named after the patient,
+    so never the folder); else the scan's NIfTI file name, else its layer name."""
+    for layer in (results.scan, results.consensus):
+        dicom = dicom_source_of(getattr(layer, "metadata", None))
+        if dicom is not None:
+            from medconddiff.dicom_inputs import series_case_name
+
+            return series_case_name(dicom)
     source = results.source or ""
     if source.lower().endswith(NIFTI_SUFFIXES):
         return Path(source).name

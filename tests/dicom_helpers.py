@@ -23,6 +23,9 @@ from medconddiff import dicom_folder, dicom_series
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Patient attributes distinctive enough that a test can search every output for them.
 PATIENT = {"PatientName": "Zyxwvut^Qqpatientname", "PatientID": "PID-98765-XQ", "PatientBirthDate": "19230417"}
+#: Exported DICOM is usually filed in a folder named after the patient: tests put series in one, so that a
+#: path that reached a record or a name would be found by the same search.
+PATIENT_FOLDER = "Zyxwvut_Qqpatientname_PID-98765-XQ"
 
 
 def ds_values(values) -> list[str]:

@@ -45,6 +45,11 @@ def test_segment_writes_labels_uncertainty_trajectory_and_sidecar(scan, tmp_path
     assert set(sidecar["class_volumes"]) == {"background", "liver", "tumour"}
     assert sidecar["geometry"]["file_axis_codes"] == ["L", "A", "S"] and sidecar["geometry"]["slicing"] == "axial"
     assert sidecar["plan"]["target_spacing"] == [1.0, 1.0]
+    # Files by name, never by folder (a folder may be named after the patient).
+    assert sidecar["input"] == scan.name and sidecar["checkpoint"] == tiny_checkpoint.name
+    assert sidecar["outputs"] == {"labels": "seg.nii.gz", "uncertainty": "seg_uncertainty.nii.gz",
+                                  "trajectory": "seg_trajectory.nii.gz"}
+    assert str(tmp_path) not in json.dumps(sidecar)
 
     # The files hold what the Python API computes for the same scan and settings.
     from medconddiff.config import SamplingConfig

@@ -20,7 +20,7 @@ from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
 from medconddiff.dicom_series import list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
-from tests.dicom_helpers import PATIENT, counted_folder_scans, write_echoes, write_series
+from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_series
 
 CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
 FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
@@ -48,6 +48,14 @@ def assert_no_patient_data(*texts: str) -> None:
         assert "Zyxwvut" not in text and "Qqpatientname" not in text
 
 
+def without_paths_given(text: str, *paths) -> str:
+    """The terminal text with the paths the user typed taken out: the terminal repeats them as given,
+    folder names included; anything else naming the patient is a leak."""
+    for path in sorted(map(str, paths), key=len, reverse=True):
+        text = text.replace(path, "<given>")
+    return text
+
+
 def one_line_failures(err: str) -> list[str]:
     lines = [line for line in err.splitlines() if line.strip()]
     failed = [line for line in lines if ": FAILED: " in line]
@@ -60,7 +68,7 @@ def test_a_dicom_folder_segments_like_the_same_scan_as_nifti_and_writes_a_seg(tm
     volume, _, affine = cut
     nifti = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
-    series = tmp_path / "series"
+    series = tmp_path / PATIENT_FOLDER / "CT_ABDOMEN"
     write_series(series, volume, affine, description="CT abdomen")
     uid = list_series(series)[0].uid
 
@@ -84,7 +92,10 @@ def test_a_dicom_folder_segments_like_the_same_scan_as_nifti_and_writes_a_seg(tm
         assert len(record["dicom_source"]["sop_instance_uids"]) == 6
         assert_no_patient_data(text)
     assert "from_nifti" not in json.loads((tmp_path / "from_nifti.json").read_text()).get("dicom_source", "")
-    assert_no_patient_data(captured.out, captured.err)
+    # Records name the series and their own files, never the patient's folder.
+    assert json.loads((tmp_path / "seg.json").read_text())["input"] == "series 1 'CT abdomen'"
+    assert json.loads((tmp_path / "seg.json").read_text())["outputs"] == {"labels": "seg.dcm"}
+    assert_no_patient_data(without_paths_given(captured.out, series), without_paths_given(captured.err, series))
 
     # An existing SEG is kept unless --overwrite.
     before = (tmp_path / "seg.dcm").read_bytes()
@@ -206,10 +217,11 @@ def test_folders_without_dicom_or_with_dicom_and_nifti_are_refused_in_one_line(t
 
 
 def series_with_labels(folder, cut, seg_name: str):
-    """``folder/series`` (the cut as DICOM), ``folder/labels.nii.gz`` on its voxels and ``folder/seg_name``, a
-    DICOM SEG of the same labels; returns the series folder."""
+    """``folder/PATIENT_FOLDER`` (the cut as DICOM, in a folder named after the patient),
+    ``folder/labels.nii.gz`` on its voxels and ``folder/seg_name``, a DICOM SEG of the same labels;
+    returns the series folder."""
     volume, labels, affine = cut
-    series = folder / "series"
+    series = folder / PATIENT_FOLDER
     write_series(series, volume, affine)
     scan = read_dicom_series(series)
     nib.save(nib.Nifti1Image(labels, scan.meta.affine), str(folder / "labels.nii.gz"))
@@ -228,7 +240,8 @@ def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, ca
         captured = capsys.readouterr()
         assert code == 0, captured.err
         report = json.loads(json_path.read_text())
-        assert_no_patient_data(json_path.read_text(), captured.out, captured.err)
+        assert_no_patient_data(json_path.read_text(), without_paths_given(captured.out, series),
+                               without_paths_given(captured.err, series))
         (case,) = report["volumes"].values()
         scores[label] = case["consensus"]
     assert scores["labels.nii.gz"] == scores["reference.dcm"]
@@ -254,7 +267,8 @@ def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_lab
                      str(tiny_checkpoint), "--steps", "2", "--device", "cpu", "--quiet", "-o", str(out)])
         captured = capsys.readouterr()
         assert code == 0, captured.err
-        assert_no_patient_data(captured.out, captured.err, json.dumps(load_checkpoint(out).extra))
+        assert_no_patient_data(without_paths_given(captured.out, series), without_paths_given(captured.err, series),
+                               json.dumps(load_checkpoint(out).extra))
         assert "of series 1 'synthetic CT':" in captured.out      # named by the series, never the patient
         assert load_checkpoint(out).extra["finetuned_on"][0]["scan"] == "series 1 'synthetic CT'"
         tuned[label] = load_checkpoint(out).state_dict
@@ -267,7 +281,8 @@ def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_lab
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert load_checkpoint(chosen).extra["consensus_choice"]["slices"] == 2
-    assert_no_patient_data(captured.out, captured.err)
+    assert_no_patient_data(without_paths_given(captured.out, series), without_paths_given(captured.err, series),
+                           json.dumps(load_checkpoint(chosen).extra))
 
     # A SEG belongs to a DICOM series; channel files to NIfTI scans.
     nifti = tmp_path / "scan.nii.gz"
@@ -296,3 +311,46 @@ def test_a_multi_echo_series_segments_echo_by_echo(tmp_path, cut, capsys):
     assert segment(mri, "--series", uid, "-o", tmp_path / "x.nii.gz") == 2
     assert "2 series have number or UID" in capsys.readouterr().err
     assert segment(mri, "--series", f"{uid}#echo_2", "-o", tmp_path / "echo2.nii.gz") == 0
+
+
+def test_add_to_set_takes_a_dicom_series_and_its_seg_and_keeps_two_patients_apart(tmp_path, cut, capsys,
+                                                                                   tiny_checkpoint):
+    """The clinical loop from the command line: a SEG sent back for a series becomes a case of a training set,
+    named by the series and its UID (two patients' "series 1 'synthetic CT'" are two cases), never by the
+    patient or their folder."""
+    from medconddiff.training_set import TrainingSet
+
+    volume, labels, affine = cut
+    labelled, unlabelled = [2, 4], [0, 1, 3, 5]
+    checked = labels.copy()
+    checked[..., unlabelled] = 0                                     # the user corrected slices 2 and 4
+    other = tmp_path / "other patient"
+    series = series_with_labels(tmp_path, cut, "corrections.dcm")
+    series_b = series_with_labels(other, cut, "corrections.dcm")     # same number and description, another UID
+    for folder, given in ((tmp_path, series), (other, series_b)):
+        write_dicom_seg(folder / "checked.dcm", checked, read_dicom_series(given).source,
+                        ("background", "liver", "tumour"))
+    root = tmp_path / "set"
+    for folder, given in ((tmp_path, series), (other, series_b), (tmp_path, series)):
+        code = main(["add-to-set", str(root), str(given), str(folder / "checked.dcm"), "--slices", "labelled",
+                     "--checkpoint", str(tiny_checkpoint)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert_no_patient_data(without_paths_given(captured.out, given, root), captured.err)
+    training_set = TrainingSet.open(root)
+    assert len(training_set.cases) == 2 and all(c.startswith("series1_synthetic_CT_") for c in training_set.cases)
+    assert training_set.class_names == ("background", "liver", "tumour")        # the SEG's segment labels
+    # The SEG's labels on the slices that hold any, the set's ignore (3) on the rest (both patients' SEGs
+    # hold the same labels on the same cut).
+    assert all(labels[..., k].any() for k in labelled)
+    for case in training_set.cases:
+        stored = np.asarray(nib.load(str(root / "labelsTr" / f"{case}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(stored[..., labelled], labels[..., labelled])
+        assert (stored[..., unlabelled] == 3).all()
+    files = [str(p.relative_to(root)) for p in root.rglob("*")]
+    assert_no_patient_data(*files, (root / "dataset.json").read_text(), *[
+        str(nib.load(str(p)).header["descrip"]) for p in root.rglob("*.nii.gz")])
+    # The set is what finetune learns from.
+    assert main(["finetune", str(root), "--init", str(tiny_checkpoint), "--steps", "1", "--device", "cpu",
+                 "--quiet", "-o", str(tmp_path / "from_set.safetensors")]) == 0
+    assert "2 cases" in capsys.readouterr().out

@@ -41,9 +41,10 @@ def test_same_seed_same_weights_and_the_checkpoint_records_its_origin(tmp_path, 
         torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=0, atol=0)
     assert a.config.model.class_names == ("background", "lesion")
     start = load_checkpoint(tiny_checkpoint)
-    assert a.extra["finetuned_from"] == {"path": str(tiny_checkpoint), "sha256": start.sha256,
+    # By file name and hash: the folder above a file may be named after a patient.
+    assert a.extra["finetuned_from"] == {"path": tiny_checkpoint.name, "sha256": start.sha256,
                                          "classes": ["background", "liver", "tumour"]}
-    assert a.extra["finetuned_on"] == [{"scan": "cut", "source": None, "slices": [1, 3]}]
+    assert a.extra["finetuned_on"] == [{"scan": "cut", "slices": [1, 3]}]
     assert a.extra["steps"] == 3 and "denoiser.stem" in a.extra["reinitialised"]
     other = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), steps=3, seed=8, device="cpu",
                      log=lambda message: None)

@@ -23,7 +23,7 @@ from medconddiff.nifti import load_volume, sample_scan_path
 from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume, volume_to_layer
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
-from tests.dicom_helpers import PATIENT, counted_folder_scans, oblique_affine, write_echoes, write_series
+from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes, write_series
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
@@ -356,9 +356,10 @@ def test_export_writes_a_seg_only_for_a_dicom_scan_and_never_replaces_a_file_una
     from napari_medconddiff._export import export_targets, write_export
 
     volume, _ = liver
-    folder = tmp_path / "series"
+    folder = tmp_path / PATIENT_FOLDER
     write_series(folder, volume, RAS, series_number=3, description="CT")
     scan = read_dicom_series(folder)
+    named = {"source": str(folder), "scan_name": "series 3 'CT'"}
     labels = np.zeros(volume.shape, np.uint8)
     labels[10:20, 10:20, 1:3] = 1
     assert export_targets(tmp_path / "a.dcm") == (tmp_path / "a.dcm", tmp_path / "a.json")
@@ -367,23 +368,51 @@ def test_export_writes_a_seg_only_for_a_dicom_scan_and_never_replaces_a_file_una
 
     target = tmp_path / "seg.dcm"
     with pytest.raises(UserInputError, match="was not read from DICOM; export it as NIfTI"):
-        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[], overwrite=False)
+        write_export(target, labels, scan.meta, summary_of(), **named, edited_slices=[], overwrite=False)
     assert not target.exists()
 
-    written = write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[2],
+    written = write_export(target, labels, scan.meta, summary_of(), **named, edited_slices=[2],
                            overwrite=False, dicom=scan.source)
     assert written == (target, tmp_path / "seg.json")
     np.testing.assert_array_equal(read_dicom_seg(target, folder), labels)
     stamp = target.stat().st_mtime_ns
     labels[:] = 0
     with pytest.raises(FileExistsError):
-        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[],
+        write_export(target, labels, scan.meta, summary_of(), **named, edited_slices=[],
                      overwrite=False, dicom=scan.source)
     assert target.stat().st_mtime_ns == stamp
     # Only the sidecar exists: refused before the SEG is written, so no SEG without its record appears.
     target.unlink()
     with pytest.raises(FileExistsError):
-        write_export(target, labels, scan.meta, summary_of(), source=str(folder), edited_slices=[],
+        write_export(target, labels, scan.meta, summary_of(), **named, edited_slices=[],
                      overwrite=False, dicom=scan.source)
     assert not target.exists()
     assert_no_patient_data((tmp_path / "seg.json").read_text())
+    assert json.loads((tmp_path / "seg.json").read_text())["input"] == "series 3 'CT'"
+
+
+def test_a_dicom_scan_enters_a_training_set_as_its_series_and_uid_never_its_folder(tmp_path, liver):
+    """The case a scan becomes in the widget's training set: two patients' "series 3 'CT'" are two cases
+    (one name would merge the second patient into the first's case, or refuse the add), the same series
+    opened again is the same case, and the patient's folder names none of them."""
+    from types import SimpleNamespace
+
+    from medconddiff.training_set import case_id_from_name
+    from napari_medconddiff._training_set_flow import case_name_of
+
+    volume, _ = liver
+    names = []
+    for folder in (tmp_path / PATIENT_FOLDER, tmp_path / "another patient", tmp_path / PATIENT_FOLDER):
+        if not folder.exists():
+            write_series(folder, volume, RAS, series_number=3, description="CT")
+        ((_, kwargs, _),) = get_reader(str(folder))(str(folder))
+        results = SimpleNamespace(scan=SimpleNamespace(metadata=kwargs["metadata"]), consensus=None,
+                                  source=str(folder), scan_name=kwargs["name"])
+        names.append(case_id_from_name(case_name_of(results)))
+    assert names[0] != names[1] and names[0] == names[2]
+    assert all(name.startswith("series3_CT_") for name in names)
+    assert_no_patient_data(*names)
+    # A NIfTI scan is its file's name, as before.
+    nifti = SimpleNamespace(scan=SimpleNamespace(metadata={}), consensus=None,
+                            source=str(tmp_path / PATIENT_FOLDER / "liver-07.nii.gz"), scan_name="liver-07")
+    assert case_name_of(nifti) == "liver-07.nii.gz"

@@ -334,3 +334,42 @@ def test_an_add_while_another_program_holds_the_set_waits_then_says_so_and_chang
         with pytest.raises(TrainingSetError, match="another program has been adding to this training set"):
             TrainingSet.open(root).add_scan("other", image, META, labels, LIVER, verified_slices=[2])
     assert snapshot(root) == before
+
+
+def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_writing(tmp_path, tiny_checkpoint,
+                                                                                      scan, capsys):
+    """`medconddiff add-to-set`: the widget's Add to training set, from the command line."""
+    from medconddiff.cli import main
+
+    image, labels = scan
+    nib.save(nib.Nifti1Image(image.astype(np.int16), META.affine), str(tmp_path / "scan-01.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, META.affine), str(tmp_path / "corrected.nii.gz"))
+    root = tmp_path / "set"
+
+    def add(*extra: str) -> int:
+        return main(["add-to-set", str(root), str(tmp_path / "scan-01.nii.gz"), str(tmp_path / "corrected.nii.gz"),
+                     "--checkpoint", str(tiny_checkpoint), *extra])
+
+    assert add("--slices", "1,4") == 0
+    assert "added as a new case 'scan-01' (2 verified slice(s))" in capsys.readouterr().out
+    training_set = TrainingSet.open(root)
+    assert training_set.class_names == LIVER and training_set.channel_names == ("CT",)   # the checkpoint's
+    stored = label_file(root, "scan-01")
+    np.testing.assert_array_equal(stored[..., [1, 4]], labels[..., [1, 4]])
+    assert (stored[..., [0, 2, 3, 5]] == 3).all()                  # nobody checked those: ignore
+
+    assert add("--slices", "2") == 0                               # the same scan again: merged
+    assert "merged into its case 'scan-01' (3 verified slice(s))" in capsys.readouterr().out
+    np.testing.assert_array_equal(label_file(root, "scan-01")[..., [1, 2, 4]], labels[..., [1, 2, 4]])
+
+    before = snapshot(root)
+    assert add("--slices", "0", "--class-names", "background", "liver") == 2     # label 2 has no name
+    assert "holds label 2 but 2 class names are known" in capsys.readouterr().err
+    assert add("--slices", "0", "--channel-names", "T1", "T2") == 2
+    assert "the scan has 1 channel(s), the set holds 2 (T1, T2)" in capsys.readouterr().err
+    assert add("--slices", "9") == 2                                # there are 6 slices
+    capsys.readouterr()
+    assert snapshot(root) == before
+    with pytest.raises(SystemExit):
+        add()                                                       # what was checked must be said
+    assert "--slices" in capsys.readouterr().err

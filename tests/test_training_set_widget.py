@@ -127,7 +127,7 @@ def test_a_set_grows_scan_by_scan_and_fine_tuning_learns_from_all_of_it(
     extra = load_checkpoint(chosen).extra
     assert extra["trained_on"] == ["liverA", "liverB"]
     assert extra["finetuned_on"] == []            # B's edited slice is in the set: trained once, from there
-    assert extra["training_set"] == {"path": str(folder), "verified_slices": {"liverA": 2, "liverB": 2}}
+    assert extra["training_set"] == {"path": folder.name, "verified_slices": {"liverA": 2, "liverB": 2}}
     assert "replay" not in extra
     # Nothing painted vanished: A untouched; B's corrected slice, and the one checked, kept through the
     # re-segmentation of the others with the new model.

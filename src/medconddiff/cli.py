@@ -1,4 +1,4 @@
-"""``medconddiff`` command line: segment, train, finetune, evaluate, choose-consensus, plan, benchmark.
+"""``medconddiff`` command line: segment, train, finetune, add-to-set, evaluate, choose-consensus, plan, benchmark.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 helpers they share live in :mod:`medconddiff.commands.common`, never here (this module loads the
@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "segment": ("medconddiff.commands.segment", "segment NIfTI scans or DICOM series (a file or a folder)"),
     "train": ("medconddiff.commands.train", "train a model on labelled scans (torchrun for DDP)"),
     "finetune": ("medconddiff.commands.finetune", "fine-tune a model on a few labelled slices of a scan"),
+    "add-to-set": ("medconddiff.commands.add_to_set",
+                   "add a scan's checked slices to a training set (nnU-Net v2, 'ignore' elsewhere)"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
     "choose-consensus": ("medconddiff.commands.choose_consensus",
                          "choose and record a model's consensus and step cap on labelled slices"),

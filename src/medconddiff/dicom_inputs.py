@@ -35,7 +35,7 @@ if TYPE_CHECKING:   # pydicom is imported only when a DICOM input is read
     from .dicom_series import SeriesList
 
 __all__ = ["DicomPick", "folder_kind", "is_dicom_input", "is_dicom_seg_name", "pick_series", "read_pick",
-           "series_file_name", "file_safe", "top_level_nifti"]
+           "series_file_name", "series_case_name", "file_safe", "top_level_nifti"]
 
 DICOM_SEG_SUFFIXES = (".dcm", ".dicom")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -101,6 +101,17 @@ def series_file_name(info) -> str:
     description = file_safe(info.description, 48)
     part = file_safe(info.part, 24)
     return "_".join(piece for piece in (f"series{number}", description, part) if piece)
+
+
+def series_case_name(source) -> str:
+    """A training-set case name for a scan read from DICOM (a :class:`~medconddiff.dicom_series.DicomSource`):
+    ``series2_CT_venous_1a2b3c4d``, the series by number, description and part, and a hash of its UID,
+    so that two patients' "series 2 'CT venous'" are two cases while the same series added again merges
+    into its own. No patient attribute, no folder name."""
+    number = "" if source.series_number is None else str(source.series_number)
+    pieces = (f"series{number}", file_safe(source.series_description, 24), file_safe(source.part, 12),
+              _uid_tag(f"{source.series_uid}#{source.part}"))
+    return "_".join(piece for piece in pieces if piece)
 
 
 def _uid_tag(uid: str) -> str:

@@ -140,6 +140,14 @@ def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
             for number in segmentation.segment_numbers if int(number) > 0}
 
 
+def segment_class_names(path: str | os.PathLike, labels: np.ndarray) -> tuple[str, ...]:
+    """The class names of a SEG read back as ``labels`` (:func:`read_dicom_seg`): background, then each
+    segment's label by number (``segment N`` for a number the SEG does not describe)."""
+    segments = dicom_seg_segments(path)
+    top = max([int(labels.max()) if labels.size else 0, *segments])
+    return ("background", *(segments.get(k, f"segment {k}") for k in range(1, top + 1)))
+
+
 def _read_seg(path: Path):
     import highdicom as hd
 

@@ -43,6 +43,7 @@ from .errors import ConfigError, UserInputError
 from .experiment import training_config
 from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, SET_FINETUNE_STEPS, default_finetune_steps  # noqa: F401
 from .nifti import VolumeMeta
+from .outputs import recorded_name
 
 #: Optimisation defaults for a few slices: short warm-up, EMA that follows a few hundred steps, and x_t
 #: dropout 0.8 (see :mod:`~medconddiff.xt_dropout`): at 0.5 one lung2 fine-tune's last three steps still
@@ -202,17 +203,18 @@ class FinetuneRun:
 
     def provenance(self) -> dict:
         record = {
-            "finetuned_from": {"path": str(self.start.path) if self.start.path else None, "sha256": self.start.sha256,
+            # Files by name, scans by their name, never a folder: scans are filed in folders named after
+            # the patient, and a checkpoint is shared (medconddiff.outputs.recorded_name).
+            "finetuned_from": {"path": recorded_name(self.start.path), "sha256": self.start.sha256,
                                "classes": list(self.start.config.model.class_names)},
-            "finetuned_on": [{"scan": s.name, "source": (s.meta.source if s.meta is not None else None),
-                              "slices": sorted(int(i) for i in s.slices)} for s in self.scans],
+            "finetuned_on": [{"scan": s.name, "slices": sorted(int(i) for i in s.slices)} for s in self.scans],
             "trained_on": [s.name for s in self.scans] + sorted(n for n, v in self.set_slices.items() if v),
         }
         if self.held_back is not None:
             record["held_back"] = {"scan": self.scans[self.held_back[0]].name, "slice": self.held_back[1],
                                    "why": "chooses the consensus; not trained on"}
         if self.training_set is not None:
-            record["training_set"] = {"path": str(self.training_set.root),
+            record["training_set"] = {"path": recorded_name(self.training_set.root),
                                       "verified_slices": {n: len(v) for n, v in self.set_slices.items()}}
         if self.replay is not None:
             record["replay"] = {"fraction": self.replay.fraction,

@@ -6,12 +6,18 @@ The labels file may be NIfTI or, for a scan read from DICOM, a DICOM SEG (``seg.
 uncertainty and trajectory volumes are NIfTI either way, and its sidecar is ``seg.json``. A
 sidecar records the DICOM series a scan came from by its UIDs, number and description, never by a
 patient attribute.
+
+**Records name files, never folders** (:func:`recorded_name`): exported DICOM is usually filed in
+folders named after the patient (``DOE_JOHN_12345/CT_ABDOMEN/``), and converters carry those names
+into their paths. So a sidecar names its inputs by file name, or a DICOM series by number and
+description, and its outputs by file name (they lie next to it); a fine-tuned checkpoint and an
+``evaluate`` report name their scans the same way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +36,11 @@ def strip_nifti_suffix(path: Path | str) -> str:
 def with_nifti_suffix(path: str | Path) -> Path:
     path = Path(path)
     return path if path.name.lower().endswith(NIFTI_SUFFIXES) else path.with_name(path.name + ".nii.gz")
+
+
+def recorded_name(path: Optional[str | Path]) -> Optional[str]:
+    """How a record names a file: its name, without the folders above it (see the module doc)."""
+    return None if path is None else Path(path).name
 
 
 def output_paths(output: Path) -> dict[str, Path]:
@@ -68,18 +79,21 @@ def trajectory_volume(result: Any) -> np.ndarray:
     return out
 
 
-def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, source: str,
-                        outputs: dict[str, str], seconds: Optional[float] = None, edited: Optional[bool] = None,
-                        dicom_source: Optional[dict] = None) -> dict:
+def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, inputs: Sequence[str | Path],
+                        outputs: dict[str, str | Path], scan_name: str = "", seconds: Optional[float] = None,
+                        edited: Optional[bool] = None, dicom_source: Any = None) -> dict:
     """The JSON sidecar of a segmentation: inputs, outputs, provenance, geometry, class volumes.
 
-    ``dicom_source`` is :meth:`medconddiff.dicom_series.DicomSource.to_dict` of a scan read from DICOM
-    (series and instance UIDs, no patient attribute), recorded as ``"dicom_source"``.
+    ``inputs`` are the scan's files (one per channel); a scan with none (an array in napari) is
+    recorded by ``scan_name``. ``dicom_source`` is the :class:`medconddiff.dicom_series.DicomSource` of a scan read from DICOM,
+    recorded as ``"dicom_source"`` (series and instance UIDs, no patient attribute), and the input is
+    then the series by number and description. Inputs and outputs are named by file name only.
     """
     done = result.slice_indices[result.completed]
     record: dict[str, Any] = {
-        "input": source,
-        "outputs": outputs,
+        "input": (dicom_source.name if dicom_source is not None
+                  else ", ".join(map(recorded_name, inputs)) if inputs else scan_name),
+        "outputs": {kind: recorded_name(path) for kind, path in outputs.items()},
         "input_shape": list(labels.shape),
         "slices": [int(i) for i in done],
         # Steps each of those slices took (fewer than sampling.steps where adaptive sampling stopped it).
@@ -91,7 +105,7 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, so
         "affine_known": bool(meta.affine_known),
     }
     if dicom_source is not None:
-        record["dicom_source"] = dict(dicom_source)
+        record["dicom_source"] = dicom_source.to_dict()
     if not meta.affine_known:
         record["affine_note"] = meta.geometry_note or "the scan's affine is unknown"
     if seconds is not None:
@@ -99,4 +113,7 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, so
     if edited is not None:
         record["edited_in_napari"] = bool(edited)
     record.update(result.provenance)
+    # The model by file name and SHA-256: a fine-tuned model is saved next to the scan by default.
+    if "checkpoint" in record:
+        record["checkpoint"] = recorded_name(record["checkpoint"])
     return record

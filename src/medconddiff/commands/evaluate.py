@@ -137,7 +137,7 @@ class EvalCase(NamedTuple):
     name: str
     load_image: Callable[[], tuple]     # () -> (array in file order, VolumeMeta)
     label: Path
-    image_description: str
+    image_record: str                   # the report's "image": file names, or the series (never a folder)
     # () -> (labels, VolumeMeta or None); None: read ``label`` as NIfTI.
     load_label: Optional[Callable[[], tuple]] = None
     ignore_value: Optional[int] = None  # a dataset's "ignore" label: those voxels count in no metric
@@ -148,11 +148,12 @@ def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]
     :func:`medconddiff.dataset_layout.describe_dataset` reads (multi-channel cases load channels
     last), and the class names the folder gives (None if it gives none)."""
     from ..dataset_layout import DatasetError, describe_dataset, load_case_image
+    from ..outputs import recorded_name
 
     description = describe_dataset(root)
     channels = len(description.channel_names) if description.channel_names else None
     cases = [EvalCase(case.name, lambda c=case: load_case_image(c, channels), Path(case.label),
-                      ", ".join(str(p) for p in case.images), ignore_value=description.ignore_label)
+                      ", ".join(recorded_name(p) for p in case.images), ignore_value=description.ignore_label)
              for case in description.training if case.label is not None]
     if not cases:
         raise DatasetError(f"{root}: no labelled cases to evaluate")
@@ -174,7 +175,9 @@ def _image_case(image: Path, label: Path, series: Optional[str]) -> EvalCase:
     from .labelled_input import labelled_input
 
     given = labelled_input(image, label, series)
-    return EvalCase(given.name, given.load_image, label, given.description, given.load_labels)
+    # A DICOM series by number and description: its folder may be named after the patient.
+    name = given.label if given.is_dicom else given.name
+    return EvalCase(name, given.load_image, label, name, given.load_labels)
 
 
 def _check_json_target(path: Path, overwrite: bool) -> None:
@@ -187,6 +190,7 @@ def _check_json_target(path: Path, overwrite: bool) -> None:
 def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> Iterator[tuple[EvalCase, dict]]:
     from ..evaluation import evaluate_volume
     from ..nifti import load_labels
+    from ..outputs import recorded_name
 
     for case in cases:
         try:
@@ -205,7 +209,7 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> 
                 raise
             # Named for the case; any other exception is a bug and keeps its own type and traceback.
             raise UserInputError(f"{case.name}: {error}") from error
-        report["image"], report["label"] = case.image_description, str(case.label)
+        report["image"], report["label"] = case.image_record, recorded_name(case.label)
         report["slices"] = slices_text or "all"
         yield case, report
 
@@ -213,6 +217,7 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import json_safe, summarize_cases
     from ..nifti import write_json_atomic
+    from ..outputs import recorded_name
     from ..segmenter import Segmenter
 
     check_device(args.device)
@@ -237,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize_cases(reports, segmenter.class_names)
     if table:
         print_summary_row(summary)
-    output = {"checkpoint": str(segmenter.checkpoint_path), "checkpoint_sha256": segmenter.checkpoint_sha256,
-              "dataset": str(args.dataset) if args.dataset else None, "volumes": reports, "summary": summary}
+    output = {"checkpoint": recorded_name(segmenter.checkpoint_path), "checkpoint_sha256": segmenter.checkpoint_sha256,
+              "dataset": recorded_name(args.dataset), "volumes": reports, "summary": summary}
     if args.json:
         write_json_atomic(args.json, json_safe(output), overwrite=args.overwrite)
         print(f"wrote {args.json}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..errors import ConfigError, UserInputError
 
@@ -23,6 +23,9 @@ class LabelledInput(NamedTuple):
     load_image: Callable[[], tuple]    # () -> (array in file order, VolumeMeta)
     load_labels: Callable[[], tuple]   # () -> (labels in file order, VolumeMeta; None for a DICOM SEG)
     is_dicom: bool
+    label_is_seg: bool = False         # the labels are a DICOM SEG
+    # () -> the DicomSource of the series, once load_image has read it (None for NIfTI)
+    dicom_source: Callable[[], Any] = lambda: None
 
     def load_on_one_grid(self, label_path: Path, channel_files: Sequence[Path] = (), several_channels: bool = False):
         """``(image, meta, labels)``, the labels checked to lie on the image's voxels (shape, and affine where
@@ -75,9 +78,11 @@ def labelled_input(image: Path, label: Path, series: Optional[str] = None,
             print(f"{where}: note: {text}", file=sys.stderr)
 
     pick = pick_series(image, series, False, note)[0]
+    read: dict[str, Any] = {}
 
     def load_dicom():
         scan = read_pick(pick)
+        read["source"] = scan.source
         for text in scan.source.notes:
             note(text, pick.label)
         return scan.volume, scan.meta
@@ -88,4 +93,5 @@ def labelled_input(image: Path, label: Path, series: Optional[str] = None,
         return read_dicom_seg(label, pick.path, series=pick.series), None
 
     return LabelledInput(image, pick.name, pick.label, f"{pick.label} in {image}", load_dicom,
-                         load_seg if label_is_seg else (lambda: load_labels(label)), True)
+                         load_seg if label_is_seg else (lambda: load_labels(label)), True, label_is_seg,
+                         lambda: read.get("source"))

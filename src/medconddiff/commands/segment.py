@@ -306,9 +306,9 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
         save_volume(paths["uncertainty"], result.uncertainty, meta, overwrite=args.overwrite, dtype=np.float32)
     if args.save_trajectory:
         save_volume(paths["trajectory"], trajectory_volume(result), meta, overwrite=args.overwrite, dtype=np.uint8)
-    record = segmentation_record(result, meta, result.labels, source=", ".join(str(f.resolve()) for f in job.files),
-                                 outputs={k: str(paths[k].resolve()) for k in wanted if k != "sidecar"},
-                                 seconds=seconds, dicom_source=source.to_dict() if source is not None else None)
+    record = segmentation_record(result, meta, result.labels, inputs=job.files,
+                                 outputs={k: paths[k] for k in wanted if k != "sidecar"},
+                                 seconds=seconds, dicom_source=source)
     write_json_atomic(paths["sidecar"], record, overwrite=args.overwrite)
     return record
 

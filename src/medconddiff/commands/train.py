@@ -161,4 +161,7 @@ def _plan_record(plan: PreprocessPlan) -> dict:
 
 
 def _start_record(start) -> dict:
-    return {"path": str(start.path), "sha256": start.sha256, "classes": list(start.config.model.class_names)}
+    from ..outputs import recorded_name
+
+    # By file name: the checkpoint may lie in a folder named after a patient (see recorded_name).
+    return {"path": recorded_name(start.path), "sha256": start.sha256, "classes": list(start.config.model.class_names)}

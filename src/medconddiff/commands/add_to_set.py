@@ -1,0 +1,114 @@
+"""Add a scan's checked slices to a training set (the napari "Add to training set" button's path).
+
+  medconddiff add-to-set my_set/ scan.nii.gz corrected.nii.gz --slices 31,33,40-42
+  medconddiff add-to-set my_set/ SERIES_DIR corrections.dcm --slices labelled
+      (a DICOM series and a DICOM SEG of it, e.g. the plugin's export; or NIfTI labels on its voxels)
+  medconddiff add-to-set my_set/ brain_t1.nii.gz labels.nii.gz --slices 60,90 --channel-names T1 \\
+      --class-names background "grey matter" "white matter"
+  medconddiff finetune my_set/ -o model.safetensors          (then learn from every case in the set)
+
+The set is an nnU-Net v2 dataset folder (created by the first add): the scan's image, and its labels
+on the slices you name; every other voxel is the set's 'ignore' label, so nothing you did not check
+is learned as truth. Slices are canonical slices along the slicing of --checkpoint's plan (the
+indices the napari widget shows and `finetune --slices` takes); 'labelled' = every slice holding a
+non-zero label (a slice checked and found empty must be named). Adding the same scan again merges:
+newly named slices take the new labels, the others keep theirs. Label values are named by
+--class-names, else by a DICOM SEG's segment labels, else by --checkpoint's classes; classes merge
+into the set's by name. The case is named after the scan's file, or for DICOM after the series and
+a hash of its UID (two patients' "series 2 'CT'" are two cases), never after a folder or a patient
+attribute; --case names it yourself. Everything is checked before anything is written: a failed
+add leaves the set as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError, UserInputError
+from .common import SLICES_HELP, scan_slices
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("set", type=Path, help="the training-set folder (created if it does not exist)")
+    parser.add_argument("image", type=Path, help="the scan: NIfTI (4-D or one file per channel: see "
+                        "--channel-file) or DICOM (a series folder or a .dcm file)")
+    parser.add_argument("labels", type=Path, help="its labels: a NIfTI on the scan's grid, or for a DICOM scan a "
+                        "DICOM SEG that references it")
+    parser.add_argument("--slices", required=True, help=f"the checked {SLICES_HELP}; or 'labelled': every slice "
+                        "with a non-zero label")
+    parser.add_argument("--series", help="the scan is a DICOM folder with several series: which one, by Series "
+                        "Number or Series Instance UID")
+    parser.add_argument("--channel-file", type=Path, action="append", default=[],
+                        help="further channel files of a multi-channel scan, in the set's channel order")
+    parser.add_argument("--checkpoint", default="default", help="the model whose slicing counts the slices and "
+                        "whose classes and channels are the defaults (default: the bundled default model)")
+    parser.add_argument("--class-names", nargs="+", help="what the label values are, background first (default: "
+                        "a DICOM SEG's segment labels, else the checkpoint's classes)")
+    parser.add_argument("--channel-names", nargs="+", help="what the scan's channels are (default: the set's, or "
+                        "for a new set the checkpoint's), e.g. T1 for an MRI")
+    parser.add_argument("--case", help="the case's name in the set (default: the scan's file name, or the DICOM "
+                        "series and a hash of its UID)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..checkpoint import load_checkpoint
+    from ..dicom_inputs import series_case_name
+    from ..preprocess import ScanPreprocessor
+    from ..slice_lists import slice_list_text
+    from ..training_set import TrainingSet, case_id_from_name
+    from .labelled_input import labelled_input
+
+    start = load_checkpoint(args.checkpoint, allow_legacy=True)
+    plan = start.config.plan
+    existing = TrainingSet.open(args.set) if (args.set / "dataset.json").is_file() else None
+    channel_names = tuple(args.channel_names or (existing.channel_names if existing else plan.channel_names))
+    given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
+    image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file,
+                                                 several_channels=len(channel_names) > 1)
+    channels = image.shape[3] if image.ndim == 4 else 1
+    if channels != len(channel_names):
+        raise ConfigError(f"the scan has {channels} channel(s), the set {'holds' if existing else 'would hold'} "
+                          f"{len(channel_names)} ({', '.join(channel_names)}); name them with --channel-names")
+    class_names = _class_names(args, given, labels, start.config.model.class_names)
+    top = int(labels.max()) if labels.size else 0
+    if top >= len(class_names):
+        raise ConfigError(f"{args.labels} holds label {top} but {len(class_names)} class names are known "
+                          f"({', '.join(class_names)}); name every value with --class-names, background first")
+
+    geometry = ScanPreprocessor(plan).geometry(image.shape[:3], meta)
+    if args.slices.strip().lower() == "labelled":
+        view = geometry.slice_view(labels)
+        slices = [i for i in range(geometry.n_slices) if view[i].any()]
+        if not slices:
+            raise UserInputError(f"{args.labels} has no labelled slice; name the checked slices with --slices")
+    else:
+        slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
+        if not slices:
+            raise ConfigError("--slices is empty: name the slices you checked, or 'labelled'")
+
+    case = args.case or (series_case_name(given.dicom_source()) if given.is_dicom else given.name)
+    training_set = existing or TrainingSet.create(args.set, class_names, channel_names)
+    result = training_set.add_scan(case_id_from_name(case), image, meta, np.asarray(labels), class_names,
+                                   verified_slices=slices, slicing=geometry.slicing, channel_names=channel_names)
+    how = "added as a new case" if result.new_case else "merged into its case"
+    grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
+    print(f"{given.label}: slice(s) {slice_list_text(slices)} ({geometry.slicing}) {how} '{result.case}' "
+          f"({result.verified_slices} verified slice(s)){grown}")
+    print(f"training set {args.set}: {training_set.summary().text()}")
+    return 0
+
+
+def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tuple[str, ...]:
+    if args.class_names:
+        names = tuple(name.strip() for name in args.class_names)
+        if any(not name for name in names) or len(set(names)) != len(names):
+            raise ConfigError("every class needs a name, and names must differ")
+        return names
+    if given.is_dicom and given.label_is_seg:
+        from ..dicom_seg import segment_class_names
+
+        return segment_class_names(args.labels, labels)
+    return tuple(model_classes)
