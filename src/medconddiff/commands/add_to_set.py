@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError, UserInputError
-from .common import SLICES_HELP, scan_slices
+from ..errors import ConfigError
+from .common import SLICES_HELP, labelled_or_named_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,15 +79,7 @@ def run(args: argparse.Namespace) -> int:
                           f"({', '.join(class_names)}); name every value with --class-names, background first")
 
     geometry = ScanPreprocessor(plan).geometry(image.shape[:3], meta)
-    if args.slices.strip().lower() == "labelled":
-        view = geometry.slice_view(labels)
-        slices = [i for i in range(geometry.n_slices) if view[i].any()]
-        if not slices:
-            raise UserInputError(f"{args.labels} has no labelled slice; name the checked slices with --slices")
-    else:
-        slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
-        if not slices:
-            raise ConfigError("--slices is empty: name the slices you checked, or 'labelled'")
+    slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "you checked")
 
     case = args.case or (series_case_name(given.dicom_source()) if given.is_dicom else given.name)
     training_set = existing or TrainingSet.create(args.set, class_names, channel_names)

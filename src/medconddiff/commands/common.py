@@ -27,6 +27,22 @@ def scan_slices(text: Optional[str], n_slices: int, flag: str = "--slices",
     return parse_slices(text, n_slices, what=flag, where=where)
 
 
+def labelled_or_named_slices(text: str, geometry, labels, labels_path, where: str, purpose: str) -> list[int]:
+    """The canonical slices a ``--slices`` of ``finetune`` / ``add-to-set`` names along ``geometry``'s
+    slicing: a slice list, or ``labelled`` (every slice of ``labels``, file order, with a non-zero
+    label). Neither may come out empty; ``purpose`` says what the slices are for in that message."""
+    if text.strip().lower() == "labelled":
+        view = geometry.slice_view(labels)
+        slices = [i for i in range(geometry.n_slices) if view[i].any()]
+        if not slices:
+            raise UserInputError(f"{labels_path} has no labelled slice")
+        return slices
+    slices = scan_slices(text, geometry.n_slices, where=where)
+    if not slices:
+        raise ConfigError(f"--slices is empty: name the slices {purpose}, or 'labelled'")
+    return slices
+
+
 def check_device(device: str) -> None:
     """Refuse a --device this machine cannot run before any file is read (a clear line, not a torch trace)."""
     if device == "auto":

@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, UserInputError
+from ..errors import ConfigError
 from ..finetune_steps import SET_FINETUNE_STEPS, finetune_steps_rule
-from .common import SLICES_HELP, check_device, scan_slices
+from .common import SLICES_HELP, check_device, labelled_or_named_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,15 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from ..preprocess import ScanPreprocessor
 
     geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
-    if args.slices.strip().lower() == "labelled":
-        view = geometry.slice_view(labels)
-        slices = [i for i in range(geometry.n_slices) if view[i].any()]
-        if not slices:
-            raise UserInputError(f"{args.labels} has no labelled slice")
-    else:
-        slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
-        if not slices:
-            raise ConfigError("--slices is empty: name the slices to learn from, or 'labelled'")
+    slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "to learn from")
     name = given.label
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
