@@ -366,7 +366,7 @@ def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_w
     assert add("--slices", "0", "--class-names", "background", "liver") == 2     # label 2 has no name
     assert "holds label 2 but 2 class names are known" in capsys.readouterr().err
     assert add("--slices", "0", "--channel-names", "T1", "T2") == 2
-    assert "the scan has 1 channel(s), the set holds 2 (T1, T2)" in capsys.readouterr().err
+    assert "the scan has 1 channel(s), the set holds 2 (T1, T2): name the scan's channels" in capsys.readouterr().err
     assert add("--slices", "9") == 2                                # there are 6 slices
     capsys.readouterr()
     assert snapshot(root) == before

@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
                                                  several_channels=len(channel_names) > 1)
     channels = image.shape[3] if image.ndim == 4 else 1
     if channels != len(channel_names):
+        fix = ("give its further channel files with --channel-file, in the set's order" if existing and
+               not args.channel_names else "name the scan's channels with --channel-names")
         raise ConfigError(f"the scan has {channels} channel(s), the set {'holds' if existing else 'would hold'} "
-                          f"{len(channel_names)} ({', '.join(channel_names)}); name them with --channel-names")
+                          f"{len(channel_names)} ({', '.join(channel_names)}): {fix}")
     class_names = _class_names(args, given, labels, start.config.model.class_names)
     top = int(labels.max()) if labels.size else 0
     if top >= len(class_names):
