@@ -7,6 +7,7 @@ RGB secondary capture.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -267,6 +268,25 @@ def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_pa
                 as error:
             read_dicom_series(tmp_path, chosen)
         assert f"{uid}#{word}_2" in str(error.value)
+
+
+def test_a_series_of_several_echoes_at_several_phases_splits_by_both(tmp_path, cut):
+    """Echo alone or phase alone leaves two images at each position; the pair of them does not."""
+    volume, _, affine = cut
+    uid, expected = generate_uid(), {}
+    for echo, phase in itertools.product((1, 2), (1, 2, 10)):
+        part = volume * (1.0 + 0.1 * echo) + 7.0 * phase
+        for path in write_series(tmp_path, part, affine, series_uid=uid, prefix=f"e{echo}p{phase}_"):
+            dataset = pydicom.dcmread(path)
+            dataset.EchoNumbers, dataset.TemporalPositionIdentifier = echo, phase
+            dataset.save_as(path, enforce_file_format=True)
+        expected[f"echo {echo}, phase {phase}"] = part
+    infos = list_series(tmp_path)
+    # Phase 10 after phase 2: numbers in their natural order.
+    assert [info.part for info in infos] == list(expected)
+    assert infos[5].uid == f"{uid}#echo_2_phase_10" and infos[5].name == "series 1 'synthetic CT' (echo 2, phase 10)"
+    for info in infos:
+        np.testing.assert_allclose(read_dicom_series(tmp_path, info.uid).volume, expected[info.part], atol=0.5)
 
 
 def test_two_images_at_one_position_with_nothing_to_tell_them_apart_are_refused(tmp_path, cut):

@@ -11,9 +11,10 @@ Every header is read once, without pixel data (values over a few KB are deferred
   labels over the series it references.
 * **Several images at each position** (multi-echo MRI, cardiac or DCE phases, Dixon images):
   :func:`split_by_part` splits the series into one part per echo / phase / trigger time / acquisition /
-  image type, the first of :data:`PART_TAGS` that leaves one image per position in every part; each
-  part is listed as its own series (``series 5 'T2' (echo 2)``) under the key ``UID#echo_2``, which
-  ``--series`` and the readers take like a UID.
+  image type, the first of :data:`PART_TAGS` that leaves one image per position in every part, else
+  the first pair of them that does (``echo 2, phase 3``); each part is listed as its own series
+  (``series 5 'T2' (echo 2)``) under the key ``UID#echo_2``, which ``--series`` and the readers take
+  like a UID.
 * A DICOM file cut short (pydicom returns what it parsed: no pixel data) is recorded as broken under
   its series, or, when it was cut before its series UID, under its folder: reading refuses that series
   (or every series stored in that folder), since a slice missing at the end of a stack would leave no gap
@@ -27,6 +28,7 @@ Every header is read once, without pixel data (values over a few KB are deferred
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 from collections import Counter
@@ -264,8 +266,9 @@ def series_uid_of(key: str) -> str:
 
 def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]:
     """A series of single-frame images that holds several images at one position, split by the first of
-    :data:`PART_TAGS` that gives two or more parts, each with one image per position; ``[]`` when the
-    series needs no split or no tag splits it (the reader then refuses it, naming two such images)."""
+    :data:`PART_TAGS` that gives two or more parts, each with one image per position, else by the first
+    pair of them that does (a multi-echo series of several phases: ``echo 2, phase 3``); ``[]`` when the
+    series needs no split or nothing splits it (the reader then refuses it, naming two such images)."""
     if len(instances) < 2 or any(i.frames != 1 for i in instances):
         return []
     # Scouts inside a series are the reader's to leave out: they neither need a split nor make one.
@@ -275,18 +278,19 @@ def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]
     positions = [_position(i.header) for i in images]
     if None in positions or len(set(positions)) == len(positions):
         return []
-    for keyword, word in PART_TAGS:
-        values = [_tag_text(i.header, keyword) for i in images]
-        if any(value is None for value in values) or len(set(values)) < 2:
-            continue
-        groups: dict[str, list[int]] = {}
-        for index, value in enumerate(values):
-            groups.setdefault(value, []).append(index)
+    values = {keyword: [_tag_text(i.header, keyword) for i in images] for keyword, _ in PART_TAGS}
+    usable = [(keyword, word) for keyword, word in PART_TAGS
+              if None not in values[keyword] and len(set(values[keyword])) > 1]
+    for tags in [*([tag] for tag in usable), *itertools.combinations(usable, 2)]:
+        keys = list(zip(*(values[keyword] for keyword, _ in tags)))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key, []).append(index)
         if all(len({positions[i] for i in members}) == len(members) for members in groups.values()):
-            ordered = sorted(groups.items(), key=lambda item: _natural(item[0]))
+            ordered = sorted(groups.items(), key=lambda item: [_natural(value) for value in item[0]])
             parts = []
-            for n, (value, members) in enumerate(ordered):
-                part = f"{word} {value}"
+            for n, (key, members) in enumerate(ordered):
+                part = ", ".join(f"{word} {value}" for (_, word), value in zip(tags, key))
                 kept = [images[i] for i in members] + (scouts if n == 0 else [])
                 parts.append((part, [dataclasses.replace(instance, part=part) for instance in kept]))
             return parts
