@@ -120,12 +120,20 @@ def series_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> L
 
 
 def volume_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> LayerData:
-    """One file-ordered ``(i, j, k)`` volume -> a Labels layer (a label-named file of small
-    integers) or a grey-scale Image layer."""
-    if _looks_like_labels(name, array):
+    """One file-ordered ``(i, j, k)`` volume -> a Labels layer (a label-named file, or a file in a
+    dataset's ``labelsTr``, of small integers) or a grey-scale Image layer. A dataset's label file gets
+    the classes its ``dataset.json`` names, and its ``ignore`` value (voxels nobody verified, in a
+    training set) shows nothing, so the verified slices stand out."""
+    from medconddiff.dataset_layout import label_file_classes
+
+    classes = label_file_classes(path)
+    if _looks_like_labels(name, array, in_dataset=classes is not None):
         labels = array.astype(smallest_label_dtype(int(array.max())))
         data, kwargs = volume_to_layer(labels, meta)
-        return data, {**kwargs, "name": name}, "labels"
+        kwargs["name"] = name
+        if classes is not None:
+            kwargs.update(_dataset_label_style(*classes))
+        return data, kwargs, "labels"
     array, n_bad = _finite(array, path)
     data, kwargs = volume_to_layer(array, meta)
     kwargs["metadata"]["nonfinite_voxels_replaced"] = n_bad
@@ -325,9 +333,23 @@ def _is_nifti_file(path: Any) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES) and os.path.isfile(path)
 
 
-def _looks_like_labels(name: str, array: np.ndarray) -> bool:
-    """Name hints at a segmentation and the voxels are few small non-negative integers."""
-    if not any(hint in name.lower() for hint in LABEL_NAME_HINTS):
+def _dataset_label_style(class_names: tuple[str, ...], ignore: int | None) -> dict[str, Any]:
+    """Labels kwargs naming a dataset's classes (the status bar shows the class under the cursor), with
+    its ignore value transparent."""
+    from ._result_layers import class_colormap, class_features
+
+    names = list(class_names)
+    colormap = class_colormap(len(names))
+    if ignore is not None:
+        names += [f"label {value}" for value in range(len(names), ignore)] + ["ignore (not verified)"]
+        colormap[ignore] = (0.0, 0.0, 0.0, 0.0)
+    return {"features": class_features(names), "colormap": colormap, "opacity": 0.5}
+
+
+def _looks_like_labels(name: str, array: np.ndarray, in_dataset: bool = False) -> bool:
+    """Name (or a dataset's label folder) hints at a segmentation and the voxels are few small
+    non-negative integers."""
+    if not in_dataset and not any(hint in name.lower() for hint in LABEL_NAME_HINTS):
         return False
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > MAX_LABEL_VALUE:
         return False

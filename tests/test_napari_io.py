@@ -403,3 +403,31 @@ def test_a_multiscale_layer_is_written_at_full_resolution(tmp_path):
     (path,) = write_labels(str(tmp_path / "multiscale_labels.nii.gz"), layer.data, kwargs)
     np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
                                   _layers.layer_to_volume(labels, kwargs["metadata"])[0])
+
+
+def test_a_training_set_case_opens_as_its_image_and_labels_named_by_the_set(tmp_path):
+    """A training set (nnU-Net v2) reviewed in napari: labelsTr/CASE.nii.gz, whose name does not say
+    "label", opens as Labels with the set's classes, its ignore value (the slices nobody verified)
+    transparent; imagesTr/CASE_0000.nii.gz as the image."""
+    from medconddiff.training_set import TrainingSet
+
+    image, _ = load_volume(sample_scan_path())
+    labels, _ = load_volume(sample_label_path())
+    image, labels = image[32:96, 32:96, 60:64], labels[32:96, 32:96, 60:64].astype(np.uint8)
+    root = tmp_path / "Dataset001_Mine"
+    TrainingSet.create(root, ("background", "liver", "tumour")).add_scan(
+        "case1", image, VolumeMeta(affine=np.eye(4), spacing=(1.0, 1.0, 1.0)), labels,
+        ("background", "liver", "tumour"), verified_slices=[1])
+    label_path = str(root / "labelsTr" / "case1.nii.gz")
+    ((data, kwargs, layer_type),) = get_reader(label_path)(label_path)
+    assert layer_type == "labels"
+    assert list(kwargs["features"]["class"]) == ["background", "liver", "tumour", "ignore (not verified)"]
+    assert kwargs["colormap"][3][3] == 0.0 and kwargs["colormap"][1][3] > 0      # ignore shows nothing
+    assert set(np.unique(data)) >= {1, 3}
+    image_path = str(root / "imagesTr" / "case1_0000.nii.gz")
+    ((_, _, layer_type),) = get_reader(image_path)(image_path)
+    assert layer_type == "image"
+    # Outside a dataset, the same file is an image unless its name says otherwise, as before.
+    shutil.copy(label_path, tmp_path / "case1.nii.gz")
+    ((_, _, layer_type),) = get_reader(str(tmp_path / "case1.nii.gz"))(str(tmp_path / "case1.nii.gz"))
+    assert layer_type == "image"

@@ -80,6 +80,24 @@ def read_manifest(manifest: Path, error: type[DatasetError] = DatasetError) -> d
     return data
 
 
+def label_file_classes(label_file: str | Path) -> Optional[tuple[tuple[str, ...], Optional[int]]]:
+    """``(class names by value, ignore value or None)`` of a label file in a dataset folder
+    (``ROOT/labelsTr/CASE.nii.gz`` or ``labelsTs``, with ``ROOT/dataset.json`` in nnU-Net v2 or Decathlon
+    form); None when the file lies in none, or its dataset.json does not say (a problem is the
+    dataset's to report when it is used, not the viewer's)."""
+    folder = Path(label_file).parent
+    manifest = folder.parent / "dataset.json"
+    if folder.name not in ("labelsTr", "labelsTs") or not manifest.is_file():
+        return None
+    try:
+        data = read_manifest(manifest)
+        if "channel_names" in data:
+            return _nnunet_class_names(manifest, data.get("labels"))
+        return _indexed_names(manifest, data.get("labels"), "labels"), None
+    except DatasetError:
+        return None
+
+
 def describe_dataset(root: str | Path) -> DatasetDescription:
     """Read a dataset folder's layout (see the module docstring); raises :class:`DatasetError`."""
     root = Path(root)
