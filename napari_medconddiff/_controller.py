@@ -351,7 +351,8 @@ class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
         labels = space.layer.file_view(np.asarray(results.consensus.data))
         meta = space.export_meta()
         written = write_export(path, labels, meta, results.summary(),
-                               source=results.source, scan_name=results.scan_name, edited_slices=results.edited_slices(),
+                               source=results.source, scan_name=results.scan_name,
+                               edited_slices=results.edited_slices(),
                                overwrite=overwrite, dicom=self.export_dicom_source())
         unknown = "" if meta.affine_known else \
             " The scan's orientation is unknown: written in the layer's axis order with NIfTI codes 0."

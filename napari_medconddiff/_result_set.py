@@ -221,7 +221,8 @@ class ResultSet:
         slices = np.concatenate([run.shown_slices for run in self.runs])
         steps_used = np.concatenate([run.steps_used[run.shown] for run in self.runs])
         order = np.argsort(slices)
-        runs = [{"slices": [int(s) for s in run.shown_slices], "checkpoint": recorded_name(run.provenance.get("checkpoint")),
+        runs = [{"slices": [int(s) for s in run.shown_slices],
+                 "checkpoint": recorded_name(run.provenance.get("checkpoint")),
                  "checkpoint_sha256": run.provenance.get("checkpoint_sha256"),
                  "sampling": dataclasses.asdict(run.sampling)} for run in self.runs if run.shown.any()]
         return ExportSummary(slice_indices=slices[order], completed=np.ones(len(slices), bool),

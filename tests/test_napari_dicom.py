@@ -23,7 +23,8 @@ from medconddiff.nifti import load_volume, sample_scan_path
 from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume, volume_to_layer
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
-from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes, write_series
+from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes,
+                                 write_series)
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"

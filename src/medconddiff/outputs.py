@@ -85,9 +85,10 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, in
     """The JSON sidecar of a segmentation: inputs, outputs, provenance, geometry, class volumes.
 
     ``inputs`` are the scan's files (one per channel); a scan with none (an array in napari) is
-    recorded by ``scan_name``. ``dicom_source`` is the :class:`medconddiff.dicom_series.DicomSource` of a scan read from DICOM,
-    recorded as ``"dicom_source"`` (series and instance UIDs, no patient attribute), and the input is
-    then the series by number and description. Inputs and outputs are named by file name only.
+    recorded by ``scan_name``. ``dicom_source`` is the :class:`medconddiff.dicom_series.DicomSource`
+    of a scan read from DICOM, recorded as ``"dicom_source"`` (series and instance UIDs, no patient
+    attribute), and the input is then the series by number and description. Inputs, outputs and the
+    checkpoint are named by file name only.
     """
     done = result.slice_indices[result.completed]
     record: dict[str, Any] = {
