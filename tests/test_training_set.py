@@ -367,6 +367,12 @@ def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_w
     assert "holds label 2 but 2 class names are known" in capsys.readouterr().err
     assert add("--slices", "0", "--channel-names", "T1", "T2") == 2
     assert "the scan has 1 channel(s), the set holds 2 (T1, T2): name the scan's channels" in capsys.readouterr().err
+    nib.save(nib.Nifti1Image(np.stack([image, image], -1).astype(np.int16), META.affine),
+             str(tmp_path / "two-channels.nii.gz"))
+    assert main(["add-to-set", str(root), str(tmp_path / "two-channels.nii.gz"), str(tmp_path / "corrected.nii.gz"),
+                 "--checkpoint", str(tiny_checkpoint), "--slices", "0"]) == 2
+    assert "the scan has 2 channel(s), the set holds 1 (CT): add it to a set of 2-channel scans" in \
+        capsys.readouterr().err
     assert add("--slices", "9") == 2                                # there are 6 slices
     capsys.readouterr()
     assert snapshot(root) == before

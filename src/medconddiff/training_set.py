@@ -142,7 +142,9 @@ class TrainingSet:
         """A new, empty set in ``folder`` (created; an existing folder must be empty)."""
         root = Path(folder).expanduser()
         class_names, channel_names = tuple(str(n) for n in class_names), tuple(str(n) for n in channel_names)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and not root.is_dir():
+            raise TrainingSetError(f"{root} is a file; choose a folder for the training set")
+        if root.exists() and any(root.iterdir()):
             what = "already a training set; open it" if (root / "dataset.json").is_file() else \
                 "not an empty folder; choose a new or empty one"
             raise TrainingSetError(f"{root}: {what}")

@@ -66,12 +66,18 @@ def run(args: argparse.Namespace) -> int:
     existing = TrainingSet.open(args.set) if (args.set / "dataset.json").is_file() else None
     channel_names = tuple(args.channel_names or (existing.channel_names if existing else plan.channel_names))
     given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
-    image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file,
-                                                 several_channels=len(channel_names) > 1)
+    # Every volume of a 4-D file is read, so that a channel count that does not match is told as such.
+    image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file, several_channels=True)
     channels = image.shape[3] if image.ndim == 4 else 1
+    if channels == 1 and image.ndim == 4:
+        image = image[..., 0]
     if channels != len(channel_names):
-        fix = ("give its further channel files with --channel-file, in the set's order" if existing and
-               not args.channel_names else "name the scan's channels with --channel-names")
+        if args.channel_names or not existing:
+            fix = "name the scan's channels with --channel-names"
+        elif channels < len(channel_names):
+            fix = "give its further channel files with --channel-file, in the set's order"
+        else:
+            fix = f"add it to a set of {channels}-channel scans"
         raise ConfigError(f"the scan has {channels} channel(s), the set {'holds' if existing else 'would hold'} "
                           f"{len(channel_names)} ({', '.join(channel_names)}): {fix}")
     class_names = _class_names(args, given, labels, start.config.model.class_names)
