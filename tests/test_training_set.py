@@ -206,6 +206,13 @@ def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tm
     TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[0])
     with pytest.raises(TrainingSetError, match="already a training set"):
         TrainingSet.create(root, LIVER)
+    (tmp_path / "a file").write_text("x")
+    with pytest.raises(TrainingSetError, match="is a file; choose a folder"):
+        TrainingSet.create(tmp_path / "a file", LIVER)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(TrainingSetError, match="not an empty folder"):
+        TrainingSet.create(tmp_path / "other", LIVER)
     manifest = json.loads((root / "dataset.json").read_text())
 
     def broken(**changes) -> None:
