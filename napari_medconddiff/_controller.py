@@ -6,10 +6,11 @@ it. Slow work (loading a model, diffusion, re-fusion, fine-tuning, saving) runs 
 *runner* (:mod:`._runners`). Questions to the user (what to do with edited slices, whether to save a
 cancelled fine-tuning) go through an injected :class:`~._questions.Questions`.
 
-Where each part lives: the Segment flow in :mod:`._segment_flow`, the Fine-tune flow in
-:mod:`._finetune_flow`, the Training set flow in :mod:`._training_set_flow`, one scan's layers,
-runs and edits in :mod:`._result_set` and :mod:`._edits`; this module holds the state, the signals,
-the task plumbing, re-fusion, inspection and export.
+Where each part lives: the Segment flow in :mod:`._segment_flow`, carrying on from saved labels in
+:mod:`._continue_flow`, the Fine-tune flow in :mod:`._finetune_flow`, the Training set flow in
+:mod:`._training_set_flow`, one scan's layers, runs and edits in :mod:`._result_set` and
+:mod:`._edits`; this module holds the state, the signals, the task plumbing, re-fusion, inspection
+and export.
 
 **Edits are never lost.** A re-fusion or a run that would overwrite edited slices asks first: keep
 the edits (update only unedited slices), put the result in a new layer (the edited layer is kept
@@ -34,6 +35,7 @@ from medconddiff.slice_lists import slice_list_text
 from . import _result_layers as results_layers
 from ._edits import KEEP, NEW_LAYER, REPLACE, WritePolicy
 from ._export import ExportSummary, default_export_path, write_export
+from ._continue_flow import ContinueFlow
 from ._finetune_flow import FinetuneFlow, FinetuneSettings, _Finetune
 from ._job import EngineInfo, SegmenterCache, SliceChoice, probe_engine, refuse_runs
 from ._layers import dicom_source_of
@@ -49,7 +51,7 @@ __all__ = ["SegmentationController", "SegmentSettings", "FinetuneSettings", "Que
            "KEEP", "NEW_LAYER", "REPLACE", "notify"]
 
 
-class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
+class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSetFlow):
     """Runs segmentations, re-fusions and fine-tuning for a viewer; see the module docstring."""
 
     status = Signal(str)
@@ -82,6 +84,7 @@ class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
         self._stop_reason: Optional[str] = None
         self._pending: Optional[_Pending] = None
         self._finetune: Optional[_Finetune] = None
+        self._continuing = None            # saved labels waiting for the model (ContinueFlow)
         self._wanted_consensus: Optional[tuple[str, int]] = None
         self._refuse_policy = WritePolicy()
         self._refusing: Optional[ResultSet] = None
@@ -322,7 +325,7 @@ class SegmentationController(SegmentFlow, FinetuneFlow, TrainingSetFlow):
     def can_export(self) -> bool:
         results = self.current
         return (not self.busy and results is not None and results.consensus is not None
-                and len(results.shown_slices) > 0)
+                and (len(results.shown_slices) > 0 or bool(results.edited)))
 
     def export_default_path(self) -> Path:
         results = self.current

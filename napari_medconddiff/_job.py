@@ -319,13 +319,12 @@ def prepare_run(request: SegmentRequest, cache: SegmenterCache) -> RunStarted:
     if problem is not None:
         raise UserInputError(problem)
     data = np.asarray(full_resolution(request.data))
-    layer_space = LayerSpace.of_layer(data.ndim, request.metadata, request.scale, request.view_axes,
-                                      segmenter.plan.slicing)
+    space = scan_space(segmenter, data.shape, request.metadata, request.scale, request.view_axes)
+    layer_space = space.layer
     spaces = channel_spaces(layer_space, data, request.scale, request.name, request.channels,
                             segmenter.plan.slicing)
     volume = stack_channels(layer_space.file_view(data), [space.file_view(np.asarray(full_resolution(channel.data)))
                                                          for space, channel in zip(spaces, request.channels)])
-    space = ScanSpace(layer_space, segmenter.preprocessor.geometry(volume.shape[:3], layer_space.meta))
     slices = resolve_slices(request.slices, space)
     batch = GPU_BATCH_SIZE if segmenter.device.type == "cuda" else CPU_BATCH_SIZE
     sampling = dataclasses.replace(request.sampling, batch_size=batch)
@@ -333,6 +332,35 @@ def prepare_run(request: SegmentRequest, cache: SegmenterCache) -> RunStarted:
     return RunStarted(run=run, space=space, class_names=segmenter.class_names, sampling=sampling,
                       slice_indices=run.slice_indices, device=str(segmenter.device),
                       checkpoint=str(segmenter.checkpoint_path), channel_spaces=tuple(spaces))
+
+
+def scan_space(segmenter: Any, shape: tuple[int, ...], metadata: dict, scale: tuple[float, ...],
+               view_axes: tuple[int, ...]) -> ScanSpace:
+    """How a scan layer of ``shape`` maps onto ``segmenter``'s canonical slices."""
+    layer_space = LayerSpace.of_layer(len(shape), metadata, scale, view_axes, segmenter.plan.slicing)
+    file_shape = layer_space.file_view(np.broadcast_to(np.uint8(0), shape)).shape[:3]
+    return ScanSpace(layer_space, segmenter.preprocessor.geometry(file_shape, layer_space.meta))
+
+
+@dataclass(frozen=True)
+class SpaceRequest:
+    """What :func:`prepare_space` needs of a scan layer (no voxels: the geometry is all it reads)."""
+
+    shape: tuple[int, ...]
+    metadata: dict
+    scale: tuple[float, ...]
+    view_axes: tuple[int, ...]
+    checkpoint: str
+    device: str
+
+
+def prepare_space(request: SpaceRequest, cache: SegmenterCache) -> tuple[ScanSpace, tuple[str, ...]]:
+    """Load the model (or reuse it) for its slicing and classes (worker thread): the scan's space and the
+    model's class names."""
+    check_checkpoint(request.checkpoint)
+    segmenter = cache.get(request.checkpoint, request.device)
+    space = scan_space(segmenter, request.shape, request.metadata, request.scale, request.view_axes)
+    return space, tuple(segmenter.class_names)
 
 
 def iterate_run(run: Any) -> Iterator[Any]:

@@ -216,7 +216,33 @@ class ResultSet:
                         layer.data_setitem(where, values)
         return kept
 
+    def load(self, labels: np.ndarray) -> tuple[list[int], list[int]]:
+        """Put layer-shaped ``labels`` (saved in an earlier session) into the consensus as the user's own,
+        slice by slice: every canonical slice that holds a label replaces the consensus there. A slice the
+        saved labels leave empty is not taken (nothing says anyone checked it; an export holds every
+        slice). The reference keeps what the engine wrote, so a taken slice that differs from it is an
+        edit, kept by later runs unless the user says otherwise. One napari undo step; returns (the slices
+        taken, every edited slice)."""
+        layer = self.consensus
+        labels = np.asarray(labels, dtype=layer.data.dtype)
+        taken = [int(s) for s in np.flatnonzero(self.space.slices(labels).any(axis=(1, 2)))]
+        mask = np.zeros(labels.shape, bool)
+        self.space.slices(mask)[taken] = True
+        where = np.nonzero((layer.data != labels) & mask)
+        if where[0].size:
+            with self.one_undo_step():
+                step = self._undo_step
+                if step is not None and step.layer is layer:
+                    step.write(where, labels[where])
+            layer.refresh()
+        self.fresh = False
+        return taken, self.edited_slices()
+
     def summary(self) -> ExportSummary:
+        if not self.runs:       # labels loaded from an earlier session, nothing segmented since
+            empty = np.zeros(0, np.int64)
+            return ExportSummary(slice_indices=empty, completed=np.zeros(0, bool), steps_used=empty,
+                                 class_names=self.class_names, provenance={}, runs=[], complete=True)
         latest = self.runs[-1]
         slices = np.concatenate([run.shown_slices for run in self.runs])
         steps_used = np.concatenate([run.steps_used[run.shown] for run in self.runs])

@@ -56,6 +56,7 @@ from ._model_picker import BUNDLED, CHECKPOINT_FILE, DEFAULT_MODEL, LATENT_MODEL
 from ._notifications import notify
 from ._qt_lifetime import CloseWatcher, alive, connect_weakly
 from ._qt_worker import QtWorkers
+from ._saved_labels_row import SavedLabelsRow
 from ._sampling_form import SamplingForm
 from ._scroll_area import VerticalScrollArea
 from ._training_set_panel import TrainingSetPanel
@@ -116,6 +117,7 @@ class SegmentWidget(QWidget):
         self.layer_combo.tooltip = "The scan to segment: a 2-D or 3-D grey-scale Image layer (CT or MRI)"
         self.layer_combo.changed.connect(self._on_scan_choice)
         form.addRow("Image", self.layer_combo.native)
+        self.saved_labels = SavedLabelsRow(form, self.continue_from_saved)
 
         self.model_picker = ModelPicker(form, self, self._on_model_choice)
         picker = self.model_picker
@@ -256,6 +258,7 @@ class SegmentWidget(QWidget):
     def _on_busy(self, operation: str) -> None:
         idle = not operation
         self.segment_button.setEnabled(idle)
+        self.saved_labels.set_idle(idle)
         self.finetune_button.setEnabled(idle)
         self.cancel_button.setEnabled(operation == "segmenting")
         self.ft_cancel_button.setEnabled(operation == "fine-tuning")
@@ -272,9 +275,10 @@ class SegmentWidget(QWidget):
             self._suggest_scan_kind(results.scan)
 
     def _update_buttons(self) -> None:
-        # Export and Most uncertain slice need at least one kept slice.
+        # Export needs a kept slice or an edit (saved labels continued from); Most uncertain slice a kept slice.
         can = self.controller.can_export
-        self.uncertain_button.setEnabled(can)
+        results = self.controller.current
+        self.uncertain_button.setEnabled(can and results is not None and len(results.shown_slices) > 0)
         self.export_button.setEnabled(can)
 
     def _show_legend(self, class_names: tuple[str, ...]) -> None:
@@ -344,6 +348,7 @@ class SegmentWidget(QWidget):
             self._on_scan_choice()
         else:
             self._refresh_channel_choices()
+            self.saved_labels.refresh(self.viewer.layers, after)
 
     def _refresh_channel_choices(self) -> None:
         """The More channels list: every other Image layer that is no result of ours."""
@@ -374,6 +379,7 @@ class SegmentWidget(QWidget):
 
     def _on_scan_choice(self, *_: Any) -> None:
         self._refresh_channel_choices()      # the scan itself is no further channel
+        self.saved_labels.refresh(self.viewer.layers, self.selected_layer())
         scan = self.selected_layer()
         self.controller.focus(scan)
         self._suggest_scan_kind(scan)
@@ -445,6 +451,16 @@ class SegmentWidget(QWidget):
             self.controller.fail(error)
             return
         self.controller.segment(settings)
+
+    def continue_from_saved(self) -> None:
+        """Make the chosen saved labels the chosen scan's consensus (the Continue button)."""
+        try:      # the model counts the slices and names the classes; the slice and sampling settings play no part
+            settings = SegmentSettings(scan=self.selected_layer(), checkpoint=self.checkpoint(),
+                                       device=self.device_combo.currentText())
+        except ValueError as error:
+            self.controller.fail(error)
+            return
+        self.controller.continue_from(settings, self.saved_labels.chosen())
 
     def _on_consensus_settings(self, *_: Any) -> None:
         self.controller.set_consensus(*self.sampling_form.consensus())

@@ -814,3 +814,81 @@ def test_a_scan_stored_lps_goes_into_the_training_set_in_its_own_file_order(live
     inside = Path(medconddiff.__file__).parent / "my_set"
     assert not controller.choose_training_set(inside) and not inside.exists()
     assert controller.training_set_folder == (tmp_path / "set").resolve()
+
+
+# ----------------------------------------------------------------------------- saved labels
+
+
+def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_volume, tiny_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """Yesterday's labels (a SEG or a mask opened over the scan, LPS as DICOM stores it) continue as today's
+    consensus: the slices they label are edits (verified), Segment keeps them, Export writes them, the saved
+    layer is untouched, Ctrl+Z undoes the load; labels on another grid are refused."""
+    ras, ras_labels = liver_volume
+    checked = ras_labels.copy()
+    checked[..., [0, 2, 4, 5]] = 0                       # corrected and saved: axial slices 1 and 3
+    viewer, scan, controller = make(ras, "lps", questions=Answers(edits=KEEP))
+    data, kwargs = volume_to_layer(*stored(checked, "lps"))
+    saved = viewer.add_labels(data, name="liver SEG", **kwargs)
+    before = np.array(saved.data, copy=True)
+    settings = SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2))
+
+    said = []
+    controller.status.connect(said.append)
+    assert controller.continue_from(settings, saved)
+    consensus = layer(viewer, "consensus")
+    np.testing.assert_array_equal(consensus.data, saved.data)
+    assert controller.edited_slices() == [1, 3]
+    assert "their slice(s) 1, 3 are in the consensus now" in said[-1] and "(edited: 1, 3)" in said[-1]
+    nifti, sidecar = controller.export(tmp_path / "continued.nii.gz", overwrite=False)
+    np.testing.assert_array_equal(np.asarray(nib.load(nifti).dataobj), stored(checked, "lps")[0])
+    assert json.loads(Path(sidecar).read_text())["edited_slices"] == [1, 3]
+
+    assert segment(controller, scan, tiny_checkpoint) == "done"        # every slice; the edits asked about, kept
+    assert controller.questions.asked and controller.questions.asked[0][1] == [1, 3]
+    space = controller.current.space
+    shown, expected = space.slices(consensus.data), space.slices(saved.data)
+    np.testing.assert_array_equal(shown[[1, 3]], expected[[1, 3]])
+    np.testing.assert_array_equal(saved.data, before)
+
+    # Undo (the segmentation, then the load) goes back to nothing.
+    consensus.undo()
+    consensus.undo()
+    assert not np.asarray(consensus.data).any()
+
+    # Over a segmented scan, only the slices the saved labels label are taken: the others keep the model's
+    # result and stay unedited (an export holds every slice; an empty one says nothing about a check).
+    viewer2, scan2, controller2 = make(ras, "lps", questions=Answers(edits=KEEP))
+    assert segment(controller2, scan2, tiny_checkpoint) == "done"
+    consensus2 = layer(viewer2, "consensus")
+    model_result = np.array(consensus2.data, copy=True)
+    saved2 = viewer2.add_labels(data, name="liver SEG", **kwargs)
+    assert controller2.continue_from(SegmentSettings(scan2, str(tiny_checkpoint), "cpu"), saved2)
+    space2 = controller2.current.space
+    shown2 = space2.slices(consensus2.data)
+    np.testing.assert_array_equal(shown2[[1, 3]], space2.slices(saved2.data)[[1, 3]])
+    assert space2.slices(model_result)[[0, 2, 4, 5]].any()            # the model labelled something there
+    np.testing.assert_array_equal(shown2[[0, 2, 4, 5]], space2.slices(model_result)[[0, 2, 4, 5]])
+    assert set(controller2.edited_slices()) <= {1, 3}
+
+    # Fine-tuning learns the continued slices and re-segments the others, the continued ones untouched.
+    edited2, before2 = controller2.edited_slices(), np.array(consensus2.data, copy=True)
+    finished = []
+    controller2.finetune_finished.connect(finished.append)
+    assert controller2.finetune(FinetuneSettings(
+        start=str(tiny_checkpoint), save_path=tmp_path / "continued_finetuned",
+        class_names=("background", "liver", "tumour"), steps=2, device="cpu",
+        resegment=SegmentSettings(scan2, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2))))
+    assert finished == ["done"]
+    from medconddiff.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "continued_finetuned.safetensors").extra["finetuned_on"][0]["slices"] == edited2
+    np.testing.assert_array_equal(space2.slices(consensus2.data)[edited2], space2.slices(before2)[edited2])
+
+    errors = []
+    monkeypatch.setattr(controller_module, "report_error", lambda error: errors.append(str(error)))
+    other = viewer.add_labels(np.zeros((3, 8, 8), np.uint8), name="other scan's labels")
+    assert not controller.continue_from(settings, other)
+    assert "does not lie on the voxels of 'liver'" in errors[-1]
+    assert not controller.continue_from(settings, consensus)
+    assert "already this plugin's consensus" in errors[-1]

@@ -206,3 +206,65 @@ def test_replay_defaults_on_for_a_bundled_model_learning_a_new_class(make_napari
     assert finished.args == ["failed"]
     errors = notifications.messages("error")
     assert len(errors) == 1 and "was not trained on the bundled sample" in errors[0] and "\n" not in errors[0]
+
+
+def test_yesterdays_seg_continues_as_todays_consensus_and_joins_the_set(make_napari_viewer, qtbot, liver_volume,
+                                                                        tiny_checkpoint, tmp_path, monkeypatch,
+                                                                        notifications):
+    """Open a series folder with the SEG saved in an earlier session, choose it under Saved labels, Continue:
+    it becomes the consensus (its labelled slices the user's edits), joins the training set as the user's
+    verified slices, and exports as a SEG that reads back to the same voxels."""
+    import warnings
+
+    from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
+    from medconddiff.dicom_series import read_dicom_series
+    from napari_medconddiff._export import DICOM_SEG_FILTER
+    from napari_medconddiff._layers import layer_to_volume
+    from tests.dicom_helpers import write_series
+
+    volume, labels = liver_volume
+    saved = labels.copy()
+    saved[..., [0, 2, 3, 5]] = 0                       # yesterday's corrections: file slices 1 and 4
+    folder = tmp_path / "export"
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])           # stored as DICOM usually is (LPS), 2 mm slices
+    write_series(folder / "CT", volume.astype(np.int16).astype(np.float32), affine)
+    write_dicom_seg(folder / "yesterday_seg.dcm", saved, read_dicom_series(folder / "CT").source,
+                    ("background", "liver", "tumour"))
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan, seg = viewer.open(str(folder), plugin="napari-medconddiff")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medconddiff", "MedCondDiff segmentation")
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
+    choose(widget, tiny_checkpoint, steps=2)
+    widget.layer_combo.value = scan
+    row = widget.saved_labels
+    assert row.container.isVisibleTo(widget) and row.chosen() is seg        # the SEG is offered for this series
+    click(qtbot, row.button)
+    qtbot.waitUntil(lambda: not widget.controller.busy and widget.controller.current is not None,
+                    timeout=RUN_TIMEOUT_MS)
+    assert notifications.messages("error") == []
+    consensus = viewer.layers[f"{scan.name} consensus"]
+    np.testing.assert_array_equal(consensus.data, seg.data)
+    space = widget.controller.current.space
+    labelled = [int(s) for s in np.flatnonzero(space.slices(np.asarray(seg.data)).any(axis=(1, 2)))]
+    assert len(labelled) == 2 and widget.controller.edited_slices() == labelled
+    panel = widget.training_set_panel
+    qtbot.waitUntil(lambda: panel.verified_label.text().startswith("Verified slices: edited"), timeout=5000)
+
+    set_folder = tmp_path / "my set"
+    assert choose_folder(qtbot, widget, set_folder) == "done"
+    assert click_add(qtbot, widget) == "done"
+    training_set = TrainingSet.open(set_folder)
+    (case,) = training_set.cases
+    assert case.startswith("series1_synthetic_CT_") and training_set.verified_slices(case) == labelled
+    stored = space.geometry.slice_view(training_set.load_case(case).labels)
+    np.testing.assert_array_equal(stored[labelled], space.slices(np.asarray(seg.data))[labelled])
+
+    target = tmp_path / "today_seg.dcm"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), DICOM_SEG_FILTER))
+    click(qtbot, widget.export_button)
+    assert notifications.messages("error") == []
+    np.testing.assert_array_equal(read_dicom_seg(target, folder / "CT"),
+                                  layer_to_volume(consensus.data, consensus.metadata)[0])
+    np.testing.assert_array_equal(read_dicom_seg(target, folder / "CT"), saved)
