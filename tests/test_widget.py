@@ -862,6 +862,8 @@ def test_the_slice_range_reads_both_syntaxes_the_command_line_reads(make_napari_
         click(qtbot, widget.segment_button)
         qtbot.waitUntil(lambda: not widget.controller.busy, timeout=RUN_TIMEOUT_MS)
         assert said in notifications.messages("error")[-1]             # a user's mistake: one line
+    # A typo is caught before any run; slices beyond the scan once the model's slicing counts them.
+    assert widget.runs_started == runs + 1
     assert widget.controller.current.runs[-1].slice_indices.tolist() == [4, 5]
 
 
