@@ -93,7 +93,9 @@ class ContinueFlow:
             raise UserInputError(f"'{saved.name}' does not lie on the voxels of '{scan.name}' (another shape, voxel "
                                  "size or position); open the labels saved for this scan")
         labels = np.array(full_resolution(saved), copy=True)
-        if labels.size and labels.min() < 0:
+        if not labels.any():
+            raise UserInputError(f"'{saved.name}' holds no label: there is nothing to continue from")
+        if labels.min() < 0:
             raise UserInputError(f"'{saved.name}' holds negative labels")
         return labels
 
@@ -131,14 +133,16 @@ class ContinueFlow:
         self._update_classes(results, tuple(names))
         taken, edited = results.load(job.labels)
         self._edits_changed(results)
-        if not taken:
-            self.status.emit("The saved labels hold no label: nothing was taken.")
-        else:
-            self.status.emit(f"Continuing from the saved labels: their slice(s) {slice_list_text(taken)} are in the "
-                             f"consensus now, and count as your edits where they differ from what the model wrote "
-                             f"(edited: {slice_list_text(edited) or 'none'}): verified for the training set and "
-                             "fine-tuning, kept when you segment again. Slices they leave empty were not taken. The "
-                             "saved layer is left as it is; Ctrl+Z in the consensus layer undoes this.")
+        # A value named otherwise by the model would be renamed by its next run: say so now.
+        shared = min(len(names), len(model_classes))
+        renamed = "" if tuple(names[:shared]) == tuple(model_classes[:shared]) else (
+            f" Their classes ({', '.join(names[1:])}) are not the model's ({', '.join(model_classes[1:])}): "
+            "fine-tune on them before segmenting, or the model's names replace theirs.")
+        self.status.emit(f"Continuing from the saved labels: their slice(s) {slice_list_text(taken)} are in the "
+                         f"consensus now, and count as your edits where they differ from what the model wrote "
+                         f"(edited: {slice_list_text(edited) or 'none'}): verified for the training set and "
+                         "fine-tuning, kept when you segment again. Slices they leave empty were not taken. The "
+                         "saved layer is left as it is; Ctrl+Z in the consensus layer undoes this." + renamed)
         self._end("done")
 
     def _on_continue_error(self, error: BaseException) -> None:

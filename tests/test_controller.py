@@ -892,3 +892,18 @@ def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_v
     assert "does not lie on the voxels of 'liver'" in errors[-1]
     assert not controller.continue_from(settings, consensus)
     assert "already this plugin's consensus" in errors[-1]
+    empty = viewer.add_labels(np.zeros_like(saved.data), name="empty", **kwargs)
+    assert not controller.continue_from(settings, empty)
+    assert "holds no label" in errors[-1]
+
+    # Saved labels that name their classes otherwise than the model: taken with their names, and the user told
+    # that segmenting with the model before fine-tuning would rename them.
+    viewer3, scan3, controller3 = make(ras, "lps")
+    lesion = (np.asarray(saved.data) == 2).astype(np.uint8)
+    saved3 = viewer3.add_labels(lesion, name="lesion mask",
+                                features={"index": [0, 1], "class": ["background", "lesion"]}, **kwargs)
+    said3 = []
+    controller3.status.connect(said3.append)
+    assert controller3.continue_from(SegmentSettings(scan3, str(tiny_checkpoint), "cpu"), saved3)
+    assert controller3.current.class_names == ("background", "lesion")
+    assert "Their classes (lesion) are not the model's (liver, tumour)" in said3[-1]
