@@ -458,3 +458,23 @@ def test_importing_timm_prints_no_deprecation_a_user_cannot_act_on():
     code = "from medconddiff.backbone import import_timm; import_timm()"
     done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_outputs_keep_the_scans_geometry_but_not_its_header_text(tmp_path, liver_volume, tiny_checkpoint, capsys):
+    """Converters write what they like into a NIfTI's free-text fields (acquisition times, at times a
+    name): the labels and maps made from a scan carry its geometry and codes, not that text."""
+    image, _ = liver_volume
+    affine = np.diag([-0.8, 0.8, 2.5, 1.0])
+    scan_image = nib.Nifti1Image(image.astype(np.int16), affine)
+    scan_image.header["descrip"] = b"Zyxwvut^Qqpatientname 19230417 TE=2.5"
+    scan_image.header["aux_file"] = b"PID-98765-XQ"
+    scan_image.header.set_qform(affine, code=1)
+    nib.save(scan_image, str(tmp_path / "scan.nii.gz"))
+    out = tmp_path / "seg.nii.gz"
+    assert segment(tmp_path / "scan.nii.gz", "-o", out, "--checkpoint", tiny_checkpoint, "--slices", "1:3",
+                   "--save-uncertainty", "--save-trajectory") == 0, capsys.readouterr().err
+    for name in ("seg.nii.gz", "seg_uncertainty.nii.gz", "seg_trajectory.nii.gz"):
+        header = nib.load(str(tmp_path / name)).header
+        assert header["descrip"].tobytes().strip(b"\0") == b"" and header["aux_file"].tobytes().strip(b"\0") == b""
+        np.testing.assert_allclose(header.get_best_affine(), affine)
+        assert int(header["qform_code"]) == 1

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -60,8 +59,6 @@ LOCK_FILE = ".medconddiff.lock"
 LOCK_WAIT_SECONDS = 30.0
 #: dataset.json key with what nnU-Net does not know: per case, the slicing its verified slices count along.
 MANIFEST_KEY = "medconddiff"
-#: Header text fields that can carry free text (names, IDs): cleared in every file written.
-_HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_CASE_ID = 64
 
@@ -458,12 +455,7 @@ def _check_case_headers(images: Sequence[Path], label: Optional[Path], channels:
 
 def _clean_meta(meta: VolumeMeta) -> VolumeMeta:
     """The meta with no free-text header field (they may name the patient) and no source path."""
-    header = None
-    if meta.header is not None:
-        header = meta.header.copy()
-        for key in _HEADER_TEXT_FIELDS:
-            header[key] = b""
-    return dataclasses.replace(meta, header=header, source=None)
+    return dataclasses.replace(meta.without_header_text(), source=None)
 
 
 def _geometry(shape: Sequence[int], meta: VolumeMeta, slicing: str):

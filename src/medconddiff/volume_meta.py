@@ -8,6 +8,7 @@ matrices and its units.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,11 @@ import numpy as np
 
 from .geometry import affine_is_usable
 
-__all__ = ["VolumeMeta", "ALIGNED_FORM_CODE", "spatial_shape_3d"]
+__all__ = ["VolumeMeta", "ALIGNED_FORM_CODE", "HEADER_TEXT_FIELDS", "spatial_shape_3d"]
+
+#: NIfTI header fields of free text. Converters fill them with what they like (series descriptions,
+#: acquisition times, at times a name): files derived from a scan are written without them.
+HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
 
 # NIfTI form codes (see nibabel.nifti1.xform_codes): 1 = scanner, 2 = aligned.
 ALIGNED_FORM_CODE = 2
@@ -159,6 +164,16 @@ class VolumeMeta:
         note = note or ("" if known else "the array came without a NIfTI affine")
         return cls(affine=affine, spacing=spacing_3d, original_ndim=shape_ndim, affine_known=known,
                    geometry_note=note)
+
+    def without_header_text(self) -> VolumeMeta:
+        """This meta with its header's free-text fields (:data:`HEADER_TEXT_FIELDS`) empty: what a file
+        made from the scan (labels, maps, a training set's copy) is written with, geometry unchanged."""
+        if self.header is None:
+            return self
+        header = self.header.copy()
+        for key in HEADER_TEXT_FIELDS:
+            header[key] = b""
+        return dataclasses.replace(self, header=header)
 
 
 def spatial_shape_3d(shape: tuple[int, ...]) -> tuple[int, ...]:

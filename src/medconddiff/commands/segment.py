@@ -296,6 +296,7 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
     result = run.result
     seconds = time.perf_counter() - started
     job.output.parent.mkdir(parents=True, exist_ok=True)
+    meta = meta.without_header_text()      # the scan's geometry, not its header's free text
     if is_dicom_seg_name(paths["labels"]):
         from ..dicom_seg import write_dicom_seg
 
