@@ -7,8 +7,9 @@ the user's own edits, slice by slice: each slice that holds a label replaces the
 and, where it differs from what the engine wrote (on a scan not segmented yet: wherever it holds a
 label), is edited, hence verified, and kept by later runs unless the user says otherwise. A slice the
 saved labels leave empty is not taken: nothing says anyone checked it (an export holds every slice),
-and taking it would teach the model that the slice is empty. The saved layer itself is left as it
-is; the load is one napari undo step.
+and taking it would teach the model that the slice is empty. Slices the user has edited in this
+session are replaced only after the same question a run asks (keep them, put them aside in a layer of
+their own, or replace them). The saved layer itself is left as it is; the load is one napari undo step.
 
 The model is loaded first (in a worker): its slicing is what counts the slices, and its classes
 name the values where the saved layer names none.
@@ -131,18 +132,22 @@ class ContinueFlow:
             self._add_layers(results)
         self.current = results
         self._update_classes(results, tuple(names))
-        taken, edited = results.load(job.labels)
+        # Today's edits on the slices the saved labels would replace: the user says (keep, new layer, replace).
+        policy = self._ask_about_edits(results, f"Continuing from '{saved.name}'", results.labelled_slices(job.labels))
+        taken, kept, edited = results.load(job.labels, policy)
         self._edits_changed(results)
         # A value named otherwise by the model would be renamed by its next run: say so now.
         shared = min(len(names), len(model_classes))
         renamed = "" if tuple(names[:shared]) == tuple(model_classes[:shared]) else (
             f" Their classes ({', '.join(names[1:])}) are not the model's ({', '.join(model_classes[1:])}): "
             "fine-tune on them before segmenting, or the model's names replace theirs.")
-        self.status.emit(f"Continuing from the saved labels: their slice(s) {slice_list_text(taken)} are in the "
-                         f"consensus now, and count as your edits where they differ from what the model wrote "
+        kept_text = f" Your edits on slice(s) {slice_list_text(kept)} were kept." if kept else ""
+        self.status.emit(f"Continuing from the saved labels: their slice(s) {slice_list_text(taken) or 'none'} are "
+                         f"in the consensus now, and count as your edits where they differ from what the model wrote "
                          f"(edited: {slice_list_text(edited) or 'none'}): verified for the training set and "
                          "fine-tuning, kept when you segment again. Slices they leave empty were not taken. The "
-                         "saved layer is left as it is; Ctrl+Z in the consensus layer undoes this." + renamed)
+                         "saved layer is left as it is; Ctrl+Z in the consensus layer undoes this."
+                         + kept_text + renamed)
         self._end("done")
 
     def _on_continue_error(self, error: BaseException) -> None:

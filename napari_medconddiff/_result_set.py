@@ -216,16 +216,23 @@ class ResultSet:
                         layer.data_setitem(where, values)
         return kept
 
-    def load(self, labels: np.ndarray) -> tuple[list[int], list[int]]:
+    def labelled_slices(self, labels: np.ndarray) -> list[int]:
+        """The canonical slices of layer-shaped ``labels`` that hold a label."""
+        return [int(s) for s in np.flatnonzero(self.space.slices(np.asarray(labels)).any(axis=(1, 2)))]
+
+    def load(self, labels: np.ndarray, policy: WritePolicy) -> tuple[list[int], list[int], list[int]]:
         """Put layer-shaped ``labels`` (saved in an earlier session) into the consensus as the user's own,
-        slice by slice: every canonical slice that holds a label replaces the consensus there. A slice the
-        saved labels leave empty is not taken (nothing says anyone checked it; an export holds every
-        slice). The reference keeps what the engine wrote, so a taken slice that differs from it is an
-        edit, kept by later runs unless the user says otherwise. One napari undo step; returns (the slices
-        taken, every edited slice)."""
+        slice by slice: every canonical slice that holds a label replaces the consensus there, except an
+        edited slice that ``policy`` keeps. A slice the saved labels leave empty is not taken (nothing says
+        anyone checked it; an export holds every slice). The reference keeps what the engine wrote, so a
+        taken slice that differs from it is an edit, kept by later runs unless the user says otherwise.
+        One napari undo step; returns (the slices taken, the edited slices kept, every edited slice)."""
         layer = self.consensus
         labels = np.asarray(labels, dtype=layer.data.dtype)
-        taken = [int(s) for s in np.flatnonzero(self.space.slices(labels).any(axis=(1, 2)))]
+        wanted = self.labelled_slices(labels)
+        shown = self.space.slices(layer.data)
+        kept = [s for s in self.edited_among(wanted) if not policy.may_overwrite(s, shown[s])]
+        taken = [s for s in wanted if s not in kept]
         mask = np.zeros(labels.shape, bool)
         self.space.slices(mask)[taken] = True
         where = np.nonzero((layer.data != labels) & mask)
@@ -236,7 +243,7 @@ class ResultSet:
                     step.write(where, labels[where])
             layer.refresh()
         self.fresh = False
-        return taken, self.edited_slices()
+        return taken, kept, self.edited_slices()
 
     def summary(self) -> ExportSummary:
         if not self.runs:       # labels loaded from an earlier session, nothing segmented since

@@ -858,15 +858,24 @@ def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_v
 
     # Over a segmented scan, only the slices the saved labels label are taken: the others keep the model's
     # result and stay unedited (an export holds every slice; an empty one says nothing about a check).
+    # Today's edit on a slice the saved labels also label is the user's to keep or replace: asked, kept here.
     viewer2, scan2, controller2 = make(ras, "lps", questions=Answers(edits=KEEP))
     assert segment(controller2, scan2, tiny_checkpoint) == "done"
     consensus2 = layer(viewer2, "consensus")
     model_result = np.array(consensus2.data, copy=True)
+    space2 = controller2.current.space
+    edited_today = int(space2.slice_of_layer_index(1))                 # where the stroke below lands
+    assert edited_today in (1, 3)
+    paint(consensus2, 1, 2, size=8)
+    assert controller2.edited_slices() == [edited_today]
+    painted = np.array(space2.slices(consensus2.data)[edited_today], copy=True)
     saved2 = viewer2.add_labels(data, name="liver SEG", **kwargs)
     assert controller2.continue_from(SegmentSettings(scan2, str(tiny_checkpoint), "cpu"), saved2)
-    space2 = controller2.current.space
+    assert controller2.questions.asked[-1] == ("Continuing from 'liver SEG'", [edited_today])
     shown2 = space2.slices(consensus2.data)
-    np.testing.assert_array_equal(shown2[[1, 3]], space2.slices(saved2.data)[[1, 3]])
+    other = 4 - edited_today                                            # the other saved slice: taken
+    np.testing.assert_array_equal(shown2[edited_today], painted)
+    np.testing.assert_array_equal(shown2[other], space2.slices(saved2.data)[other])
     assert space2.slices(model_result)[[0, 2, 4, 5]].any()            # the model labelled something there
     np.testing.assert_array_equal(shown2[[0, 2, 4, 5]], space2.slices(model_result)[[0, 2, 4, 5]])
     assert set(controller2.edited_slices()) <= {1, 3}
