@@ -880,6 +880,19 @@ def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_v
     np.testing.assert_array_equal(shown2[[0, 2, 4, 5]], space2.slices(model_result)[[0, 2, 4, 5]])
     assert set(controller2.edited_slices()) <= {1, 3}
 
+    # Answered "new layer": today's edited consensus is put aside under its own name; the saved labels go
+    # into a new one.
+    viewer4, scan4, controller4 = make(ras, "lps", questions=Answers(edits=NEW_LAYER))
+    assert segment(controller4, scan4, tiny_checkpoint) == "done"
+    paint(layer(viewer4, "consensus"), 1, 2, size=8)
+    today = np.array(layer(viewer4, "consensus").data, copy=True)
+    saved4 = viewer4.add_labels(data, name="liver SEG", **kwargs)
+    assert controller4.continue_from(SegmentSettings(scan4, str(tiny_checkpoint), "cpu"), saved4)
+    np.testing.assert_array_equal(viewer4.layers["liver consensus (your edits)"].data, today)
+    space4 = controller4.current.space
+    np.testing.assert_array_equal(space4.slices(layer(viewer4, "consensus").data)[[1, 3]],
+                                  space4.slices(saved4.data)[[1, 3]])
+
     # Fine-tuning learns the continued slices and re-segments the others, the continued ones untouched.
     edited2, before2 = controller2.edited_slices(), np.array(consensus2.data, copy=True)
     finished = []
