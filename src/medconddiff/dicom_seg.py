@@ -134,10 +134,15 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
 
 def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
     """Segment number -> segment label of a SEG file (for naming the classes of a SEG read back); the
-    background segment 0 that a label-map SEG carries is left out."""
-    segmentation = _read_seg(Path(path))
-    return {int(number): str(segmentation.get_segment_description(number).segment_label)
-            for number in segmentation.segment_numbers if int(number) > 0}
+    background segment 0 that a label-map SEG carries is left out. Only the header is read (its
+    Segment Sequence): the frames were read already, by :func:`read_dicom_seg`."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        segments = pydicom.dcmread(path, stop_before_pixels=True).SegmentSequence
+        return {int(item.SegmentNumber): str(item.SegmentLabel) for item in segments if int(item.SegmentNumber) > 0}
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def segment_class_names(path: str | os.PathLike, labels: np.ndarray) -> tuple[str, ...]:
@@ -148,15 +153,26 @@ def segment_class_names(path: str | os.PathLike, labels: np.ndarray) -> tuple[st
     return ("background", *(segments.get(k, f"segment {k}") for k in range(1, top + 1)))
 
 
+_READ_ERRORS = (pydicom.errors.InvalidDicomError, ValueError, AttributeError, KeyError, EOFError, OSError)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: DICOM SEG file does not exist")
+
+
+def _unreadable(path: Path, exc: BaseException) -> DicomError:
+    return DicomError(f"{path}: not a readable DICOM Segmentation ({' '.join(str(exc).split())})")
+
+
 def _read_seg(path: Path):
     import highdicom as hd
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: DICOM SEG file does not exist")
+    _check_exists(path)
     try:
         return hd.seg.segread(path)
-    except (pydicom.errors.InvalidDicomError, ValueError, AttributeError, KeyError, EOFError, OSError) as exc:
-        raise DicomError(f"{path}: not a readable DICOM Segmentation ({' '.join(str(exc).split())})") from exc
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def _source_of(reference: Reference, series: int | str | None) -> DicomSource:
