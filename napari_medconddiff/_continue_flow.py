@@ -30,9 +30,8 @@ from medconddiff.slice_lists import slice_list_text
 
 from . import _result_layers as results_layers
 from ._job import SpaceRequest, prepare_space
-from ._layers import METADATA_KEY, full_resolution
-from ._result_set import ResultSet
-from ._segment_flow import SegmentSettings
+from ._layers import full_resolution
+from ._segment_flow import SegmentSettings, scan_source
 
 __all__ = ["ContinueFlow", "saved_label_names"]
 
@@ -56,6 +55,12 @@ def saved_label_names(layer: Any) -> Optional[tuple[str, ...]]:
     return names or None
 
 
+def _classes_agree(names: tuple[str, ...], others: tuple[str, ...]) -> bool:
+    """Whether two class lists give the values they share the same names (one may be longer)."""
+    shared = min(len(names), len(others))
+    return tuple(names[:shared]) == tuple(others[:shared])
+
+
 class ContinueFlow:
     """Saved labels → the scan's consensus, as the user's edits (a controller mixin)."""
 
@@ -71,8 +76,7 @@ class ContinueFlow:
         except ValueError as error:
             self.fail(error, "Not loaded")
             return False
-        source = (scan.metadata.get(METADATA_KEY) or {}).get("source") or getattr(scan.source, "path", None)
-        self._continuing = _Continue(settings, saved, labels, str(scan.unique_id), str(source) if source else None)
+        self._continuing = _Continue(settings, saved, labels, str(scan.unique_id), scan_source(scan))
         request = SpaceRequest(shape=tuple(np.shape(full_resolution(scan))), metadata=dict(scan.metadata),
                                scale=tuple(scan.scale), view_axes=self.view_axes(scan),
                                checkpoint=settings.checkpoint, device=settings.device)
@@ -115,7 +119,7 @@ class ContinueFlow:
             if results is not None and (results.consensus is None or not results.compatible(space)):
                 raise UserInputError(f"'{scan.name}' has result layers this plugin no longer updates; remove them, "
                                      "or open the scan again, to continue from saved labels")
-            if results is not None and names[:len(results.class_names)] != results.class_names[:len(names)]:
+            if results is not None and not _classes_agree(names, results.class_names):
                 raise UserInputError(f"'{saved.name}' names its classes {list(names)}, this scan's consensus "
                                      f"{list(results.class_names)}: label values would change meaning")
             top = int(job.labels.max()) if job.labels.size else 0
@@ -126,10 +130,7 @@ class ContinueFlow:
             self._end("failed")
             return
         if results is None:
-            results = ResultSet(scan, job.scan_id, scan.name, job.source, space, tuple(names))
-            results.on_edits = lambda: self._edits_changed(results)
-            self.results[job.scan_id] = results
-            self._add_layers(results)
+            results = self._new_results(scan, job.scan_id, scan.name, job.source, space, tuple(names))
         self.current = results
         self._update_classes(results, tuple(names))
         # Today's edits on the slices the saved labels would replace: the user says (keep, new layer, replace).
@@ -137,8 +138,7 @@ class ContinueFlow:
         taken, kept, edited = results.load(job.labels, policy)
         self._edits_changed(results)
         # A value named otherwise by the model would be renamed by its next run: say so now.
-        shared = min(len(names), len(model_classes))
-        renamed = "" if tuple(names[:shared]) == tuple(model_classes[:shared]) else (
+        renamed = "" if _classes_agree(names, model_classes) else (
             f" Their classes ({', '.join(names[1:])}) are not the model's ({', '.join(model_classes[1:])}): "
             "fine-tune on them before segmenting, or the model's names replace theirs.")
         kept_text = f" Your edits on slice(s) {slice_list_text(kept)} were kept." if kept else ""

@@ -205,16 +205,20 @@ class ResultSet:
         # Changed voxels only, recorded for undo (edits come back); one step per user action.
         b, r, c = np.nonzero(target[indices] != new)
         if b.size:
-            where, values = self.space.layer_indices(indices[b], r, c), new[b, r, c]
-            with self.one_undo_step():
-                step = self._undo_step
-                if step is not None and step.layer is layer:
-                    step.write(where, values)
-                    layer.refresh()
-                else:       # the step began on a consensus the user has since removed: its own undo step
-                    with self._own_writes(), layer.block_history():
-                        layer.data_setitem(where, values)
+            self._write_undoable(layer, self.space.layer_indices(indices[b], r, c), new[b, r, c])
         return kept
+
+    def _write_undoable(self, layer: Any, where: tuple[np.ndarray, ...], values: np.ndarray) -> None:
+        """Write ``values`` at layer indices ``where`` of the consensus ``layer``, in the user action's
+        undo step."""
+        with self.one_undo_step():
+            step = self._undo_step
+            if step is not None and step.layer is layer:
+                step.write(where, values)
+                layer.refresh()
+            else:       # the step began on a consensus the user has since removed: its own undo step
+                with self._own_writes(), layer.block_history():
+                    layer.data_setitem(where, values)
 
     def labelled_slices(self, labels: np.ndarray) -> list[int]:
         """The canonical slices of layer-shaped ``labels`` that hold a label."""
@@ -237,11 +241,7 @@ class ResultSet:
         self.space.slices(mask)[taken] = True
         where = np.nonzero((layer.data != labels) & mask)
         if where[0].size:
-            with self.one_undo_step():
-                step = self._undo_step
-                if step is not None and step.layer is layer:
-                    step.write(where, labels[where])
-            layer.refresh()
+            self._write_undoable(layer, where, labels[where])
         self.fresh = False
         return taken, kept, self.edited_slices()
 

@@ -66,10 +66,6 @@ class SavedLabelsRow:
         index = self.combo.currentIndex()
         return self._layers[index] if 0 <= index < len(self._layers) else None
 
-    def choose(self, name: str) -> None:
-        """Choose the saved layer called ``name`` (as a user picking it in the combo)."""
-        self.combo.setCurrentIndex(self.combo.findText(name))
-
     def set_idle(self, idle: bool) -> None:
         self._idle = idle
         self.button.setEnabled(idle and bool(self._layers))

@@ -42,7 +42,7 @@ from ._job import (
 from ._layers import METADATA_KEY, full_resolution
 from ._result_set import ChannelInput, KeptRun, ResultSet
 
-__all__ = ["SegmentSettings", "SegmentFlow", "CONSENSUS_NAMES", "own_copy"]
+__all__ = ["SegmentSettings", "SegmentFlow", "CONSENSUS_NAMES", "own_copy", "scan_source"]
 
 #: What the consensus methods are called on screen; the engine gets the keys.
 CONSENSUS_NAMES = {"auto": "the model's choice", "mean": "mean", "vote_gated": "vote-gated mean",
@@ -84,6 +84,12 @@ class _Pending:
     last_redraw: float = 0.0
     last_status: float = float("-inf")
     updating: bool = False            # the run updates layers that already held results
+
+
+def scan_source(layer: Any) -> Optional[str]:
+    """The file a scan layer was read from (this plugin's record, else napari's), or None."""
+    source = (layer.metadata.get(METADATA_KEY) or {}).get("source") or getattr(layer.source, "path", None)
+    return str(source) if source else None
 
 
 def own_copy(layer_or_data: Any) -> Any:
@@ -179,8 +185,7 @@ class SegmentFlow:
         except ValueError as error:
             self.fail(error)
             return False
-        source = (layer.metadata.get(METADATA_KEY) or {}).get("source") or getattr(layer.source, "path", None)
-        self._pending = _Pending(settings, str(layer.unique_id), layer.name, str(source) if source else None)
+        self._pending = _Pending(settings, str(layer.unique_id), layer.name, scan_source(layer))
         self._begin("segmenting")
         self.runs_started += 1
         self.progress.emit(0, 0)
@@ -225,14 +230,21 @@ class SegmentFlow:
                 results_layers.detach(layer)
             results = None
         if results is None:
-            results = ResultSet(pending.settings.scan, pending.scan_id, pending.scan_name, pending.source,
-                                info.space, info.class_names)
-            results.on_edits = lambda: self._edits_changed(results)
-            self.results[pending.scan_id] = results
-        if results.consensus is None:
+            results = self._new_results(pending.settings.scan, pending.scan_id, pending.scan_name, pending.source,
+                                        info.space, info.class_names)
+        elif results.consensus is None:
             self._add_layers(results)
         else:
             results.fresh = False
+        return results
+
+    def _new_results(self, scan: Any, scan_id: str, scan_name: str, source: Optional[str], space: Any,
+                     class_names: tuple[str, ...]) -> ResultSet:
+        """A new result set for ``scan``, with its uncertainty and consensus layers."""
+        results = ResultSet(scan, scan_id, scan_name, source, space, class_names)
+        results.on_edits = lambda: self._edits_changed(results)
+        self.results[scan_id] = results
+        self._add_layers(results)
         return results
 
     def _add_layers(self, results: ResultSet) -> None:

@@ -379,8 +379,8 @@ class SegmentWidget(QWidget):
 
     def _on_scan_choice(self, *_: Any) -> None:
         self._refresh_channel_choices()      # the scan itself is no further channel
-        self.saved_labels.refresh(self.viewer.layers, self.selected_layer())
         scan = self.selected_layer()
+        self.saved_labels.refresh(self.viewer.layers, scan)
         self.controller.focus(scan)
         self._suggest_scan_kind(scan)
 
