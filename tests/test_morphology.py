@@ -106,3 +106,16 @@ def test_disk_is_every_pixel_within_the_radius():
         footprint = disk(radius)
         assert footprint.dtype == bool
         np.testing.assert_array_equal(footprint, expected)
+
+
+def test_threads_clean_the_same_as_one():
+    rng = np.random.default_rng(3)
+    noise = rng.random((6, 48, 48))
+    labels = (noise > 0.55).astype(np.uint8) + (noise > 0.85)   # specks and holes on every slice
+    options = dict(min_size=4, opening_radius=1, closing_radius=1, keep_largest=[2])
+    one = postprocess_labels(labels, 3, workers=1, **options)
+    assert not np.array_equal(one, labels)                       # there was something to clean
+    for workers in (2, 3, None):
+        assert np.array_equal(postprocess_labels(labels, 3, workers=workers, **options), one)
+    with pytest.raises(ValueError, match="workers"):
+        postprocess_labels(labels, 3, workers=0)

@@ -50,15 +50,13 @@ def environment(device: Any) -> dict:
 
     from . import __version__
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from .devices import usable_cpus
+
     info = {
         "medconddiff": __version__, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
         "device": str(device), "device_name": cpu_name(), "cpu_name": cpu_name(),
-        "cpu_count": os.cpu_count(), "cpus_usable": usable,
+        "cpu_count": os.cpu_count(), "cpus_usable": usable_cpus(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -22,3 +24,11 @@ def available_devices() -> list[str]:
     devices = ["auto", "cpu"]
     devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return devices
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else all of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)

@@ -241,8 +241,9 @@ class LatentSegDiff(DiffusionSegmentationModel):
         labels = np.asarray(labels)
         d = self.config.latent_downsample
         cell = d * d * model_pixel_area  # one latent cell, in pixels of these labels
+        # As many threads as torch may use (segment --threads caps both): the network waits meanwhile.
         return postprocess_labels(labels, self.num_classes, min_size=int(round(self.postprocess_min_cells * cell)),
-                                  fill_holes=True)
+                                  fill_holes=True, workers=torch.get_num_threads())
 
     # ------------------------------------------------------------------------------ training hooks
     def training_loss(self, image: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule,
