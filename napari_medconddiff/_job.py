@@ -448,10 +448,14 @@ def prepare_finetune(job: FinetuneJob, log: Callable[[str], None]) -> Any:
         from medconddiff.training_set import TrainingSet, case_id_from_name
 
         training_set = TrainingSet.open(job.training_set)
-        case = case_id_from_name(job.case_name)
-        if case in training_set.cases:    # slices the set holds of this scan are trained once, from the set
+        # The set's case of this scan, whatever name it was added under (found by its voxels).
+        case = training_set.case_holding(image, job.meta)
+        if case is not None:    # slices the set holds of this scan are trained once, from the set
             held = set(training_set.verified_slices(case, start.config.plan.slicing))
             slices = [s for s in slices if s not in held]
+        else:                   # not in the set: a scan of its own, even if a case has its name
+            case = case_id_from_name(job.case_name)
+            case = case if case not in training_set.cases else f"{case} (not in the set)"
     # The scan names its case, so that the default steps count it once (layers, set or both).
     scans = [LabelledScan(job.name, image, job.meta, job.labels, slices, case=case)] if slices else []
     return finetune(start, scans, class_names=job.class_names, channel_names=channel_names, steps=job.steps,

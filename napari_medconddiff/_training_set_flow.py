@@ -325,9 +325,8 @@ class TrainingSetFlow:
         self._detach_task()
         result, state = outcome.result, outcome.state
         self.training_set = state
-        how = "added as a new case" if result.new_case else "merged into its case"
         grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
-        self.status.emit(f"'{result.case}' {how} of the training set ({result.verified_slices} verified "
+        self.status.emit(f"Training set: {result.description()} ({result.verified_slices} verified "
                          f"slice(s)){grown}.")
         self.training_set_changed.emit(state)
         self._end("done")

@@ -326,19 +326,27 @@ def test_add_to_set_takes_a_dicom_series_and_its_seg_and_keeps_two_patients_apar
     checked[..., unlabelled] = 0                                     # the user corrected slices 2 and 4
     other = tmp_path / "other patient"
     series = series_with_labels(tmp_path, cut, "corrections.dcm")
-    series_b = series_with_labels(other, cut, "corrections.dcm")     # same number and description, another UID
-    for folder, given in ((tmp_path, series), (other, series_b)):
+    # Another patient: same series number and description, another UID, other voxels.
+    series_b = series_with_labels(other, (volume + 7, labels, affine), "corrections.dcm")
+    # The first patient's series exported again (an anonymiser gives it new UIDs): the same voxels.
+    again = tmp_path / "re-export"
+    series_again = series_with_labels(again, cut, "corrections.dcm")
+    for folder, given in ((tmp_path, series), (other, series_b), (again, series_again)):
         write_dicom_seg(folder / "checked.dcm", checked, read_dicom_series(given).source,
                         ("background", "liver", "tumour"))
     root = tmp_path / "set"
-    for folder, given in ((tmp_path, series), (other, series_b), (tmp_path, series)):
+    outputs = []
+    for folder, given in ((tmp_path, series), (other, series_b), (tmp_path, series), (again, series_again)):
         code = main(["add-to-set", str(root), str(given), str(folder / "checked.dcm"), "--slices", "labelled",
                      "--checkpoint", str(tiny_checkpoint)])
         captured = capsys.readouterr()
         assert code == 0, captured.err
         assert_no_patient_data(without_paths_given(captured.out, given, root), captured.err)
+        outputs.append(captured.out)
     training_set = TrainingSet.open(root)
     assert len(training_set.cases) == 2 and all(c.startswith("series1_synthetic_CT_") for c in training_set.cases)
+    assert "added as a new case" in outputs[1] and "merged into its case" in outputs[2]
+    assert "which holds the same scan" in outputs[3]                  # the re-export is not a third case
     assert training_set.class_names == ("background", "liver", "tumour")        # the SEG's segment labels
     # The SEG's labels on the slices that hold any, the set's ignore (3) on the rest (both patients' SEGs
     # hold the same labels on the same cut).

@@ -82,6 +82,54 @@ def test_adding_a_scan_again_merges_its_verified_slices(tmp_path, scan):
     assert reopened.verified_slices("scan") == [1, 2, 5]
 
 
+def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("CT venous", image, META, labels, LIVER, verified_slices=[1])
+    # The same series again under this release's DICOM case name (or a renamed layer): one case, merged.
+    result = training_set.add_scan("series2_CT_venous_3ab8c05f", image, META, labels, LIVER, verified_slices=[4])
+    assert (result.case, result.new_case, result.requested, result.verified_slices) == \
+        ("CT_venous", False, "series2_CT_venous_3ab8c05f", 2)
+    assert "merged into case 'CT_venous', which holds the same scan" in result.description()
+    assert TrainingSet.open(root).cases == ["CT_venous"] and TrainingSet.open(root).verified_slices("CT_venous") == [1, 4]
+    # The same scan in another voxel order (its DICOM series read back, a converter's LPS file with swapped
+    # axes): found by its voxels in canonical order, its labels land on the stored case's voxels.
+    swap = lambda a: np.ascontiguousarray(np.transpose(a[::-1], (1, 0, 2)))
+    n0 = image.shape[0]
+    lps = VolumeMeta(affine=np.array([[0., -1, 0, n0 - 1], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+                     spacing=(1.0, 1.0, 1.0))
+    result = training_set.add_scan("from_dicom", swap(image), lps, swap(labels), LIVER, verified_slices=[3])
+    assert (result.case, result.new_case, result.verified_slices) == ("CT_venous", False, 3)
+    stored = label_file(root, "CT_venous")
+    np.testing.assert_array_equal(stored[..., [1, 3, 4]], labels[..., [1, 3, 4]])
+    assert (stored[..., [0, 2, 5]] == 3).all()
+    assert TrainingSet.open(root).case_holding(swap(image), lps) == "CT_venous"
+    assert TrainingSet.open(root).case_holding(swap(image), None) is None     # voxel order unknown: not matched
+    # Another scan (one voxel differs) is a new case.
+    other = image.copy()
+    other[0, 0, 0] += 1
+    assert training_set.add_scan("other", other, META, labels, LIVER, verified_slices=[0]).new_case
+    # A set written before digests were kept: the stored images are read once, then recorded.
+    manifest = json.loads((root / "dataset.json").read_text())
+    recorded = manifest["medconddiff"].pop("image_sha256")
+    assert sorted(recorded) == ["CT_venous", "other"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    result = TrainingSet.open(root).add_scan("renamed", other, META, labels, LIVER, verified_slices=[5])
+    assert (result.case, result.new_case) == ("other", False)
+    assert json.loads((root / "dataset.json").read_text())["medconddiff"]["image_sha256"] == recorded
+    # Float voxels (MRI) are stored as float32 and found again the same way.
+    mri = image.astype(np.float64) * 0.37 + 0.1
+    first = training_set.add_scan("t1", mri, META, labels, LIVER, verified_slices=[0])
+    again = TrainingSet.open(root).add_scan("t1_again", mri, META, labels, LIVER, verified_slices=[2])
+    assert (first.new_case, again.case, again.new_case) == (True, "t1", False)
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["medconddiff"]["image_sha256"]["gone"] = "0" * 64
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainingSetError, match=r"image_sha256' names cases without files: \['gone'\]"):
+        TrainingSet.open(root)
+
+
 def test_strokes_a_verified_voxel_mask_is_enough(tmp_path, scan):
     image, labels = scan
     training_set = TrainingSet.create(tmp_path / "set", LIVER)
@@ -112,8 +160,8 @@ def test_a_new_class_name_gets_the_next_value_and_every_label_file_follows_the_i
     stored_b = label_file(root, "b")
     np.testing.assert_array_equal(np.unique(stored_b[..., 3]), np.unique(np.where(lesion[::-1][..., 3], 3, 0)))
     # A known name keeps its value, whatever position it has in the scan's own list.
-    training_set.add_scan("c", image, META, np.where(labels == 2, 1, 0).astype(np.uint8), ("bg", "tumour"),
-                          verified_slices=[2])
+    training_set.add_scan("c", image[:, ::-1].copy(), META, np.where(labels == 2, 1, 0)[:, ::-1].astype(np.uint8),
+                          ("bg", "tumour"), verified_slices=[2])
     assert set(np.unique(label_file(root, "c"))) <= {0, 2, 4}
     assert training_set.class_names == ("background", "liver", "tumour", "lesion")
 
@@ -190,7 +238,7 @@ def test_a_failure_while_moving_files_into_place_restores_the_set(tmp_path, scan
 
     monkeypatch.setattr("medconddiff.training_set.os.replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        training_set.add_scan("b", image, META, (labels == 2).astype(np.uint8), ("background", "lesion"),
+        training_set.add_scan("b", image + 1, META, (labels == 2).astype(np.uint8), ("background", "lesion"),
                               verified_slices=[3])
     monkeypatch.undo()
     assert len(moves) > 3                                   # images and labels had been moved already
@@ -318,7 +366,7 @@ def test_two_programs_adding_to_one_set_keep_each_others_cases(tmp_path, scan):
     TrainingSet.create(root, LIVER)
     first, second = TrainingSet.open(root), TrainingSet.open(root)
     first.add_scan("scan-a", image, META, labels, LIVER, verified_slices=[1])
-    second.add_scan("scan-b", image, META, labels, LIVER, verified_slices=[2], slicing="coronal")
+    second.add_scan("scan-b", image + 1, META, labels, LIVER, verified_slices=[2], slicing="coronal")
     manifest = json.loads((root / "dataset.json").read_text())
     assert manifest["numTraining"] == 2 and manifest["medconddiff"]["slicing"] == {"scan-a": "axial",
                                                                                      "scan-b": "coronal"}

@@ -79,7 +79,7 @@ def test_a_set_grows_scan_by_scan_and_fine_tuning_learns_from_all_of_it(
     training_set = TrainingSet.open(folder)
     assert training_set.cases == ["liverA"] and training_set.verified_slices("liverA") == [1]
     assert "1 case, 1 verified slice;" in panel.summary_label.text()
-    assert "'liverA' added as a new case of the training set" in widget.status.text()
+    assert "Training set: added as a new case 'liverA'" in widget.status.text()
 
     # The user checks slice 3 (right as it is) and adds again: merged into the same case.
     widget.controller.go_to_slice(3)

@@ -15,6 +15,11 @@ Rules of :meth:`TrainingSet.add_scan`:
 
 * Adding a case again merges: voxels verified now take the new labels, voxels verified before keep
   theirs, nothing is duplicated. The image must be the one stored (same grid, same voxels).
+* A scan the set holds already is the same case whatever name it comes under (a DICOM series named
+  differently by an older release, a renamed layer, a file added from napari and from the command
+  line): its voxels' digest, kept per case in ``dataset.json``, finds the case, and the add merges
+  there. A patient counted twice would weigh double in training and could sit on both sides of a
+  split by case.
 * Classes merge by name: a new class gets the next value, the ignore value moves above it, and every
   label file is rewritten to match.
 * Everything is checked before anything is written; new files are written into a staging folder
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,6 +65,8 @@ LOCK_FILE = ".medconddiff.lock"
 LOCK_WAIT_SECONDS = 30.0
 #: dataset.json key with what nnU-Net does not know: per case, the slicing its verified slices count along.
 MANIFEST_KEY = "medconddiff"
+#: Key under MANIFEST_KEY: per case, :func:`image_digest` of its image (finds a scan added under another name).
+DIGEST_KEY = "image_sha256"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_CASE_ID = 64
 
@@ -105,19 +113,31 @@ class AddResult:
     verified_slices: int          # verified slices of the case after the add (along its slicing)
     added_classes: tuple[str, ...]
     rewritten_labels: int         # label files of other cases rewritten for a moved ignore value
+    requested: str = ""           # the case id asked for, where the set held the scan under another one
+
+    def description(self) -> str:
+        """What happened, for a status line: 'added as a new case 'x'' / 'merged into its case 'x''."""
+        if self.new_case:
+            return f"added as a new case '{self.case}'"
+        if self.requested and self.requested != self.case:
+            return f"merged into case '{self.case}', which holds the same scan (not a new case '{self.requested}')"
+        return f"merged into its case '{self.case}'"
 
 
 class TrainingSet:
     """An nnU-Net v2 dataset folder with an ``ignore`` label; see the module docstring."""
 
     def __init__(self, root: Path, class_names: Sequence[str], channel_names: Sequence[str],
-                 slicing_by_case: dict[str, str], stored_ignore: Optional[int], cases: Sequence[str]):
+                 slicing_by_case: dict[str, str], stored_ignore: Optional[int], cases: Sequence[str],
+                 digests: Optional[dict[str, str]] = None):
         self.root = Path(root)
         self.class_names = tuple(class_names)
         self.channel_names = tuple(channel_names)
         self._slicing = dict(slicing_by_case)
         self._stored_ignore = stored_ignore
         self._cases = sorted(cases)
+        #: case → digest of its image (:func:`image_digest`); sets written before digests lack some.
+        self._digests = dict(digests or {})
 
     # ----------------------------------------------------------------------------------- opening
     @property
@@ -179,11 +199,10 @@ class TrainingSet:
             for case in description.training:
                 _check_case_headers(case.images, case.label, len(channel_names))
         extra = data.get(MANIFEST_KEY, {})
-        slicing = extra.get("slicing", {}) if isinstance(extra, dict) else {}
-        if not isinstance(slicing, dict) or any(name not in cases for name in slicing):
-            unknown = sorted(set(slicing) - set(cases)) if isinstance(slicing, dict) else slicing
-            raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.slicing' names cases without files: {unknown}")
-        return cls(root, class_names, channel_names, slicing, ignore, cases)
+        extra = extra if isinstance(extra, dict) else {}
+        slicing = _per_case(manifest, extra, "slicing", cases)
+        digests = _per_case(manifest, extra, DIGEST_KEY, cases)
+        return cls(root, class_names, channel_names, slicing, ignore, cases, digests)
 
     @classmethod
     def open_or_create(cls, folder: str | os.PathLike, class_names: Sequence[str],
@@ -230,18 +249,26 @@ class TrainingSet:
         current = TrainingSet.open(self.root)
         self.class_names, self.channel_names = current.class_names, current.channel_names
         self._slicing, self._stored_ignore, self._cases = current._slicing, current._stored_ignore, current._cases
+        self._digests = current._digests
 
     def _add_scan(self, case_id, image, meta, labels, class_names, verified_slices, slicing, verified_mask,
                   channel_names) -> AddResult:
-        name = case_id_from_name(case_id)
+        requested = case_id_from_name(case_id)
         image = np.asarray(image)
         image = image[..., None] if image.ndim == 3 else image
         meta = _clean_meta(meta if meta is not None else VolumeMeta.identity(known=False))
-        self._check_scan(name, image, labels, class_names, channel_names)
+        self._check_scan(requested, image, labels, class_names, channel_names)
         if meta.spatial_shape is not None and tuple(meta.spatial_shape) != image.shape[:3]:
-            raise TrainingSetError(f"{self.root} (case {name}): the scan {image.shape[:3]} is not the volume its "
-                                   f"geometry describes {tuple(meta.spatial_shape)}")
+            raise TrainingSetError(f"{self.root} (case {requested}): the scan {image.shape[:3]} is not the volume "
+                                   f"its geometry describes {tuple(meta.spatial_shape)}")
+        digest = image_digest(image, meta)
+        digests = self._case_digests() if requested not in self._cases else dict(self._digests)
+        name = requested if requested in self._cases else _case_with(digests, digest) or requested
+        digests[name] = digest
         verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
+        labels = np.asarray(labels)
+        if name != requested:   # the set's file of this scan may hold it in another voxel order
+            image, labels, verified, meta = self._in_stored_order(name, meta, image, labels, verified)
         previous_names = self.class_names
         merged_names, value_of = _merge_class_names(self.class_names, class_names, self.manifest)
         ignore = len(merged_names)
@@ -251,7 +278,7 @@ class TrainingSet:
             label_map = np.full(image.shape[:3], ignore, dtype=dtype)
         else:
             label_map = self._stored_labels(name, ignore, image, meta)[0]
-        label_map[verified] = value_of[np.asarray(labels)[verified].astype(np.int64)]
+        label_map[verified] = value_of[labels[verified].astype(np.int64)]
         # Label files holding the old ignore value (now a class's) are rewritten, one at a time.
         moved = self._stored_ignore is not None and ignore != self._stored_ignore
         others = [case for case in self._cases if case != name] if moved else []
@@ -267,12 +294,44 @@ class TrainingSet:
                 save_volume(staging.file(self._label_path(case)), case_labels, case_meta, dtype=dtype)
             cases = sorted(set(self._cases) | {name})
             slicing_by_case = {**self._slicing, name: slicing} if verified_slices is not None else dict(self._slicing)
-            manifest = _manifest(self.root, merged_names, self.channel_names, len(cases), slicing_by_case)
+            manifest = _manifest(self.root, merged_names, self.channel_names, len(cases), slicing_by_case, digests)
             write_json_atomic(staging.file(self.manifest), manifest)
             staging.commit()
         self.class_names, self._stored_ignore, self._cases, self._slicing = merged_names, ignore, cases, slicing_by_case
+        self._digests = digests
         added = tuple(n for n in merged_names if n not in previous_names)
-        return AddResult(name, new_case, self._verified_slice_count(name, label_map, meta), added, len(others))
+        return AddResult(name, new_case, self._verified_slice_count(name, label_map, meta), added, len(others),
+                         requested)
+
+    def case_holding(self, image: np.ndarray, meta: Optional[VolumeMeta]) -> Optional[str]:
+        """The case whose image is ``image`` (file order, ``(i, j, k)`` or channels last, with its
+        ``meta``; in any voxel order), whatever name it was added under; None if the set does not hold it."""
+        image = np.asarray(image)
+        image = image[..., None] if image.ndim == 3 else image
+        return _case_with(self._case_digests(), image_digest(image, meta or VolumeMeta.identity(known=False)))
+
+    def _in_stored_order(self, case: str, meta: VolumeMeta, *arrays: np.ndarray) -> tuple:
+        """``arrays`` (file order of ``meta``, extra axes last) in the voxel order of ``case``'s files, and
+        their meta: the same scan stored as a NIfTI and read from its DICOM series differ in voxel order."""
+        stored_labels, stored_meta = self._read_labels(case)
+        shape = stored_labels.shape
+        given, stored = _geometry(arrays[0].shape[:3], meta, "axial"), _geometry(shape, stored_meta, "axial")
+        moved = []
+        for array in arrays:
+            out = np.empty(shape + array.shape[3:], dtype=array.dtype)
+            stored.slice_view(out)[...] = given.slice_view(array)
+            moved.append(out)
+        return (*moved, _clean_meta(stored_meta))
+
+    def _case_digests(self) -> dict[str, str]:
+        """Every case's image digest: the recorded ones, and those of cases added before digests were
+        kept, read from their files (once: the add records them)."""
+        digests = dict(self._digests)
+        for case in self._cases:
+            if case not in digests:
+                stored, stored_meta = load_channels([self._image_path(case, c) for c in range(len(self.channel_names))])
+                digests[case] = image_digest(stored, stored_meta)
+        return digests
 
     # ----------------------------------------------------------------------------------- reading
     def load_case(self, case: str, class_names: Optional[Sequence[str]] = None) -> Case:
@@ -321,7 +380,8 @@ class TrainingSet:
         return self.root / "labelsTr" / f"{case}{FILE_ENDING}"
 
     def _manifest_data(self) -> dict:
-        return _manifest(self.root, self.class_names, self.channel_names, len(self._cases), self._slicing)
+        return _manifest(self.root, self.class_names, self.channel_names, len(self._cases), self._slicing,
+                         self._digests)
 
     def _check_scan(self, name: str, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                     channel_names: Optional[Sequence[str]]) -> None:
@@ -419,13 +479,43 @@ def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manife
 
 
 def _manifest(root: Path, class_names: Sequence[str], channel_names: Sequence[str], count: int,
-              slicing_by_case: dict[str, str]) -> dict:
+              slicing_by_case: dict[str, str], digests: dict[str, str]) -> dict:
     labels = {name: value for value, name in enumerate(class_names)}
     labels[IGNORE_NAME] = len(class_names)
     return {"name": root.name, "description": "sparse labels added scan by scan (medconddiff training set)",
             "channel_names": {str(i): name for i, name in enumerate(channel_names)}, "labels": labels,
             "numTraining": count, "file_ending": FILE_ENDING,
-            MANIFEST_KEY: {"slicing": dict(sorted(slicing_by_case.items()))}}
+            MANIFEST_KEY: {"slicing": dict(sorted(slicing_by_case.items())),
+                           DIGEST_KEY: dict(sorted(digests.items()))}}
+
+
+def _per_case(manifest: Path, extra: dict, key: str, cases: Sequence[str]) -> dict[str, str]:
+    """The ``medconddiff.<key>`` mapping case → text of dataset.json; every case named must have files."""
+    values = extra.get(key, {})
+    if not isinstance(values, dict) or any(not isinstance(v, str) for v in values.values()):
+        raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' must map case names to text")
+    unknown = sorted(set(values) - set(cases))
+    if unknown:
+        raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' names cases without files: {unknown}")
+    return dict(values)
+
+
+def _case_with(digests: dict[str, str], digest: str) -> Optional[str]:
+    return min((case for case, known in digests.items() if known == digest), default=None)
+
+
+def image_digest(image: np.ndarray, meta: VolumeMeta) -> str:
+    """sha256 of a scan ``(i, j, k, C)`` (file order of ``meta``) as a set stores it, read in canonical
+    order (RAS, axial slices first): the canonical shape, then each channel's voxels in their stored type
+    (:func:`_image_dtype`, little-endian). The scan handed to :meth:`TrainingSet.add_scan`, read back
+    from the set, or stored in another voxel order (a NIfTI and its DICOM series) gives the same digest."""
+    canonical = _geometry(image.shape[:3], meta, "axial").slice_view(image)
+    digest = hashlib.sha256(repr(tuple(int(n) for n in canonical.shape)).encode())
+    for channel in range(image.shape[3]):
+        voxels = canonical[..., channel]
+        stored = np.ascontiguousarray(voxels, dtype=_image_dtype(voxels).newbyteorder("<"))
+        digest.update(memoryview(stored).cast("B"))
+    return digest.hexdigest()
 
 
 def _check_names(manifest: Path, class_names: tuple[str, ...], channel_names: tuple[str, ...]) -> None:

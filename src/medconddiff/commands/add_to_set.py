@@ -93,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
     training_set = existing or TrainingSet.create(args.set, class_names, channel_names)
     result = training_set.add_scan(case_id_from_name(case), image, meta, np.asarray(labels), class_names,
                                    verified_slices=slices, slicing=geometry.slicing, channel_names=channel_names)
-    how = "added as a new case" if result.new_case else "merged into its case"
     grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
-    print(f"{given.label}: slice(s) {slice_list_text(slices)} ({geometry.slicing}) {how} '{result.case}' "
+    print(f"{given.label}: slice(s) {slice_list_text(slices)} ({geometry.slicing}) {result.description()} "
           f"({result.verified_slices} verified slice(s)){grown}")
     print(f"training set {args.set}: {training_set.summary().text()}")
     return 0
