@@ -118,6 +118,20 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
     result = TrainingSet.open(root).add_scan("renamed", other, META, labels, LIVER, verified_slices=[5])
     assert (result.case, result.new_case) == ("other", False)
     assert json.loads((root / "dataset.json").read_text())["medconddiff"]["image_sha256"] == recorded
+    # An older set holding one scan twice (two names): the summary says so, wherever it is shown.
+    for folder, suffix in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+        (root / folder / f"dup{suffix}").write_bytes((root / folder / f"other{suffix}").read_bytes())
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["numTraining"] = 3
+    manifest["medconddiff"].pop("image_sha256")
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    summary = TrainingSet.open(root).summary()
+    assert summary.same_scan == (("dup", "other"),) and "cases dup and other hold the same scan" in summary.text()
+    for suffix, folder in (("_0000.nii.gz", "imagesTr"), (".nii.gz", "labelsTr")):
+        (root / folder / f"dup{suffix}").unlink()
+    manifest["numTraining"] = 2
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    assert TrainingSet.open(root).summary().same_scan == ()
     # Float voxels (MRI) are stored as float32 and found again the same way.
     mri = image.astype(np.float64) * 0.37 + 0.1
     first = training_set.add_scan("t1", mri, META, labels, LIVER, verified_slices=[0])

@@ -97,11 +97,17 @@ class TrainingSetSummary:
     verified_slices: int
     labelled_voxels: dict[str, int]              # class name → verified voxels with that label
     slices_by_case: dict[str, int] = field(default_factory=dict)
+    #: groups of cases holding one scan (added under several names before the set kept digests)
+    same_scan: tuple[tuple[str, ...], ...] = ()
 
     def text(self) -> str:
         voxels = ", ".join(f"{name} {count:,}" for name, count in self.labelled_voxels.items())
-        return (f"{self.cases} case{'s' if self.cases != 1 else ''}, {self.verified_slices} verified "
+        text = (f"{self.cases} case{'s' if self.cases != 1 else ''}, {self.verified_slices} verified "
                 f"slice{'s' if self.verified_slices != 1 else ''}; labelled voxels: {voxels or 'none'}")
+        for group in self.same_scan:
+            text += (f"; cases {' and '.join(group)} hold the same scan (added under {len(group)} names by an "
+                     "earlier release): slices verified in both count twice in training")
+        return text
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class TrainingSet:
             raise TrainingSetError(f"{self.root} (case {requested}): the scan {image.shape[:3]} is not the volume "
                                    f"its geometry describes {tuple(meta.spatial_shape)}")
         digest = image_digest(image, meta)
-        digests = self._case_digests() if requested not in self._cases else dict(self._digests)
+        digests = self._case_digests()   # once for an older set's cases: recorded by this add
         name = requested if requested in self._cases else _case_with(digests, digest) or requested
         digests[name] = digest
         verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
@@ -361,7 +367,8 @@ class TrainingSet:
         return _verified_slices(labels != self._stored_ignore, meta, slicing or self._slicing.get(case, "axial"))
 
     def summary(self) -> TrainingSetSummary:
-        """Cases, verified slices and labelled voxels per class (reads every label file)."""
+        """Cases, verified slices and labelled voxels per class, and cases holding one scan (reads every
+        label file, and the images of cases added before the set kept digests)."""
         voxels = np.zeros(len(self.class_names), dtype=np.int64)
         slices = {}
         for case in self._cases:
@@ -369,8 +376,12 @@ class TrainingSet:
             known = labels != self._stored_ignore
             voxels += np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
             slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
+        by_digest: dict[str, list[str]] = {}
+        for case, digest in sorted(self._case_digests().items()):
+            by_digest.setdefault(digest, []).append(case)
+        same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
-                                  {n: int(v) for n, v in zip(self.class_names, voxels)}, slices)
+                                  {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan)
 
     # --------------------------------------------------------------------------------- internals
     def _image_path(self, case: str, channel: int) -> Path:
