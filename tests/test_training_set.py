@@ -105,6 +105,9 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
     np.testing.assert_array_equal(stored[..., [1, 3, 4]], labels[..., [1, 3, 4]])
     assert (stored[..., [0, 2, 5]] == 3).all()
     assert TrainingSet.open(root).case_holding(swap(image), lps) == "CT_venous"
+    # Under its own name in the other voxel order too (the DICOM series of a case added as NIfTI).
+    result = training_set.add_scan("CT_venous", swap(image), lps, swap(labels), LIVER, verified_slices=[5])
+    assert (result.case, result.new_case, result.verified_slices) == ("CT_venous", False, 4)
     assert TrainingSet.open(root).case_holding(swap(image), None) is None     # voxel order unknown: not matched
     # Another scan (one voxel differs) is a new case.
     other = image.copy()
@@ -132,6 +135,10 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
     manifest["numTraining"] = 2
     (root / "dataset.json").write_text(json.dumps(manifest))
     assert TrainingSet.open(root).summary().same_scan == ()
+    # The same voxels said to be 2 mm slices are another scan: a case of their own.
+    thick = VolumeMeta(affine=np.diag([1.0, 1.0, 2.0, 1.0]), spacing=(1.0, 1.0, 2.0))
+    assert training_set.add_scan("thick", image, thick, labels, LIVER, verified_slices=[0]).new_case
+    assert training_set.case_holding(image, thick) == "thick" and training_set.case_holding(image, META) == "CT_venous"
     # Float voxels (MRI) are stored as float32 and found again the same way.
     mri = image.astype(np.float64) * 0.37 + 0.1
     first = training_set.add_scan("t1", mri, META, labels, LIVER, verified_slices=[0])

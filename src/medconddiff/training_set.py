@@ -17,8 +17,9 @@ Rules of :meth:`TrainingSet.add_scan`:
   theirs, nothing is duplicated. The image must be the one stored (same grid, same voxels).
 * A scan the set holds already is the same case whatever name it comes under (a DICOM series named
   differently by an older release, a renamed layer, a file added from napari and from the command
-  line): its voxels' digest, kept per case in ``dataset.json``, finds the case, and the add merges
-  there. A patient counted twice would weigh double in training and could sit on both sides of a
+  line, its NIfTI and its DICOM series in another voxel order): its voxels' digest in canonical order,
+  kept per case in ``dataset.json``, and its voxel spacing find the case, and the add merges there,
+  moved into that case's voxel order. A patient counted twice would weigh double in training and could sit on both sides of a
   split by case.
 * Classes merge by name: a new class gets the next value, the ignore value moves above it, and every
   label file is rewritten to match.
@@ -269,12 +270,14 @@ class TrainingSet:
                                    f"its geometry describes {tuple(meta.spatial_shape)}")
         digest = image_digest(image, meta)
         digests = self._case_digests()   # once for an older set's cases: recorded by this add
-        name = requested if requested in self._cases else _case_with(digests, digest) or requested
-        digests[name] = digest
+        name = requested if requested in self._cases else \
+            self._holder(digests, digest, image.shape[:3], meta) or requested
         verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
         labels = np.asarray(labels)
-        if name != requested:   # the set's file of this scan may hold it in another voxel order
+        if digests.get(name) == digest and self._on_grid_of(name, image.shape[:3], meta):
+            # This scan, which the set may store in another voxel order (its NIfTI, its DICOM series).
             image, labels, verified, meta = self._in_stored_order(name, meta, image, labels, verified)
+        digests[name] = digest
         previous_names = self.class_names
         merged_names, value_of = _merge_class_names(self.class_names, class_names, self.manifest)
         ignore = len(merged_names)
@@ -314,7 +317,21 @@ class TrainingSet:
         ``meta``; in any voxel order), whatever name it was added under; None if the set does not hold it."""
         image = np.asarray(image)
         image = image[..., None] if image.ndim == 3 else image
-        return _case_with(self._case_digests(), image_digest(image, meta or VolumeMeta.identity(known=False)))
+        meta = meta or VolumeMeta.identity(known=False)
+        return self._holder(self._case_digests(), image_digest(image, meta), image.shape[:3], meta)
+
+    def _holder(self, digests: dict[str, str], digest: str, shape: Sequence[int], meta: VolumeMeta
+                ) -> Optional[str]:
+        """The first case (by name) holding these voxels on this grid."""
+        return next((case for case in sorted(digests) if digests[case] == digest and
+                     self._on_grid_of(case, shape, meta)), None)
+
+    def _on_grid_of(self, case: str, shape: Sequence[int], meta: VolumeMeta) -> bool:
+        """Whether a scan of ``shape`` and ``meta`` has ``case``'s voxel spacing in canonical order (the
+        same voxels said to be another size are another scan)."""
+        stored_labels, stored_meta = self._read_labels(case)
+        given, stored = _geometry(shape, meta, "axial"), _geometry(stored_labels.shape, stored_meta, "axial")
+        return np.allclose(given.canonical_spacing, stored.canonical_spacing, rtol=1e-4, atol=1e-3)
 
     def _in_stored_order(self, case: str, meta: VolumeMeta, *arrays: np.ndarray) -> tuple:
         """``arrays`` (file order of ``meta``, extra axes last) in the voxel order of ``case``'s files, and
@@ -509,10 +526,6 @@ def _per_case(manifest: Path, extra: dict, key: str, cases: Sequence[str]) -> di
     if unknown:
         raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' names cases without files: {unknown}")
     return dict(values)
-
-
-def _case_with(digests: dict[str, str], digest: str) -> Optional[str]:
-    return min((case for case, known in digests.items() if known == digest), default=None)
 
 
 def image_digest(image: np.ndarray, meta: VolumeMeta) -> str:
