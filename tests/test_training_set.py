@@ -151,6 +151,20 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
         TrainingSet.open(root)
 
 
+def test_a_two_channel_scan_is_found_by_both_channels(tmp_path, scan):
+    image, labels = scan
+    t1, t2 = image * 0.5 + 3.25, image * -0.25                 # MRI-like float channels
+    root = tmp_path / "mri"
+    training_set = TrainingSet.create(root, LIVER, ("T1", "T2"))
+    training_set.add_scan("patient_a", np.stack([t1, t2], -1), META, labels, LIVER, verified_slices=[1])
+    again = training_set.add_scan("a_renamed", np.stack([t1, t2], -1), META, labels, LIVER, verified_slices=[2])
+    assert (again.case, again.new_case) == ("patient_a", False)
+    other_t2 = t2.copy()
+    other_t2[3, 3, 3] += 1.0                                   # one voxel of the second channel differs
+    assert training_set.add_scan("b", np.stack([t1, other_t2], -1), META, labels, LIVER, verified_slices=[0]).new_case
+    assert TrainingSet.open(root).cases == ["b", "patient_a"]
+
+
 def test_strokes_a_verified_voxel_mask_is_enough(tmp_path, scan):
     image, labels = scan
     training_set = TrainingSet.create(tmp_path / "set", LIVER)
