@@ -82,7 +82,7 @@ def test_adding_a_scan_again_merges_its_verified_slices(tmp_path, scan):
     assert reopened.verified_slices("scan") == [1, 2, 5]
 
 
-def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
+def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan, monkeypatch):
     image, labels = scan
     root = tmp_path / "set"
     training_set = TrainingSet.create(root, LIVER)
@@ -128,8 +128,20 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
     manifest["numTraining"] = 3
     manifest["medconddiff"].pop("image_sha256")
     (root / "dataset.json").write_text(json.dumps(manifest))
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError("read-only medium")
+
+    monkeypatch.setattr("medconddiff.training_set.write_json_atomic", unwritable)
+    assert TrainingSet.open(root).summary().same_scan == (("dup", "other"),)    # a read-only set: still told
+    monkeypatch.undo()
+    assert "image_sha256" not in json.loads((root / "dataset.json").read_text())["medconddiff"]
     summary = TrainingSet.open(root).summary()
     assert summary.same_scan == (("dup", "other"),) and "cases dup and other hold the same scan" in summary.text()
+    # The digests read from its files are recorded at once: the next summary reads no image.
+    assert sorted(json.loads((root / "dataset.json").read_text())["medconddiff"]["image_sha256"]) == \
+        ["CT_venous", "dup", "other"]
+    manifest = json.loads((root / "dataset.json").read_text())
     for suffix, folder in (("_0000.nii.gz", "imagesTr"), (".nii.gz", "labelsTr")):
         (root / folder / f"dup{suffix}").unlink()
     manifest["numTraining"] = 2
@@ -145,9 +157,12 @@ def test_the_same_scan_under_another_name_merges_into_its_case(tmp_path, scan):
     again = TrainingSet.open(root).add_scan("t1_again", mri, META, labels, LIVER, verified_slices=[2])
     assert (first.new_case, again.case, again.new_case) == (True, "t1", False)
     manifest = json.loads((root / "dataset.json").read_text())
-    manifest["medconddiff"]["image_sha256"]["gone"] = "0" * 64
+    manifest["medconddiff"]["image_sha256"]["gone"] = "0" * 64     # a case removed by hand: its digest is moot
     (root / "dataset.json").write_text(json.dumps(manifest))
-    with pytest.raises(TrainingSetError, match=r"image_sha256' names cases without files: \['gone'\]"):
+    assert TrainingSet.open(root).case_holding(mri, META) == "t1"
+    manifest["medconddiff"]["image_sha256"] = ["not", "a", "mapping"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainingSetError, match=r"image_sha256' must map case names to text"):
         TrainingSet.open(root)
 
 

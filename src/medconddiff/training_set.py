@@ -208,7 +208,8 @@ class TrainingSet:
         extra = data.get(MANIFEST_KEY, {})
         extra = extra if isinstance(extra, dict) else {}
         slicing = _per_case(manifest, extra, "slicing", cases)
-        digests = _per_case(manifest, extra, DIGEST_KEY, cases)
+        # Digests are a cache of what the files hold: one of a case removed by hand is dropped, not an error.
+        digests = _per_case(manifest, extra, DIGEST_KEY, cases, drop_unknown=True)
         return cls(root, class_names, channel_names, slicing, ignore, cases, digests)
 
     @classmethod
@@ -318,7 +319,7 @@ class TrainingSet:
         image = np.asarray(image)
         image = image[..., None] if image.ndim == 3 else image
         meta = meta or VolumeMeta.identity(known=False)
-        return self._holder(self._case_digests(), image_digest(image, meta), image.shape[:3], meta)
+        return self._holder(self._case_digests(record=True), image_digest(image, meta), image.shape[:3], meta)
 
     def _holder(self, digests: dict[str, str], digest: str, shape: Sequence[int], meta: VolumeMeta
                 ) -> Optional[str]:
@@ -346,15 +347,29 @@ class TrainingSet:
             moved.append(out)
         return (*moved, _clean_meta(stored_meta))
 
-    def _case_digests(self) -> dict[str, str]:
+    def _case_digests(self, record: bool = False) -> dict[str, str]:
         """Every case's image digest: the recorded ones, and those of cases added before digests were
-        kept, read from their files (once: the add records them)."""
+        kept, read from their files once: an add records them with its own write, ``record`` at once."""
         digests = dict(self._digests)
-        for case in self._cases:
-            if case not in digests:
-                stored, stored_meta = load_channels([self._image_path(case, c) for c in range(len(self.channel_names))])
-                digests[case] = image_digest(stored, stored_meta)
+        missing = [case for case in self._cases if case not in digests]
+        for case in missing:
+            stored, stored_meta = load_channels([self._image_path(case, c) for c in range(len(self.channel_names))])
+            digests[case] = image_digest(stored, stored_meta)
+        if missing and record:
+            self._record_digests({case: digests[case] for case in missing})
         return digests
+
+    def _record_digests(self, found: dict[str, str]) -> None:
+        """Write digests read from an older set's files into its dataset.json, so that they are read once;
+        a set that cannot be written to (read-only, or busy with another program's add) keeps working
+        without them."""
+        try:
+            with self._locked():
+                self._reload()
+                self._digests.update({case: digest for case, digest in found.items() if case in self._cases})
+                write_json_atomic(self.manifest, self._manifest_data(), overwrite=True)
+        except (OSError, TrainingSetError):
+            self._digests.update(found)
 
     # ----------------------------------------------------------------------------------- reading
     def load_case(self, case: str, class_names: Optional[Sequence[str]] = None) -> Case:
@@ -394,7 +409,7 @@ class TrainingSet:
             voxels += np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
             slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
         by_digest: dict[str, list[str]] = {}
-        for case, digest in sorted(self._case_digests().items()):
+        for case, digest in sorted(self._case_digests(record=True).items()):
             by_digest.setdefault(digest, []).append(case)
         same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
@@ -517,12 +532,16 @@ def _manifest(root: Path, class_names: Sequence[str], channel_names: Sequence[st
                            DIGEST_KEY: dict(sorted(digests.items()))}}
 
 
-def _per_case(manifest: Path, extra: dict, key: str, cases: Sequence[str]) -> dict[str, str]:
-    """The ``medconddiff.<key>`` mapping case → text of dataset.json; every case named must have files."""
+def _per_case(manifest: Path, extra: dict, key: str, cases: Sequence[str], drop_unknown: bool = False
+              ) -> dict[str, str]:
+    """The ``medconddiff.<key>`` mapping case → text of dataset.json; every case named must have files
+    (or, ``drop_unknown``, the others are left out)."""
     values = extra.get(key, {})
     if not isinstance(values, dict) or any(not isinstance(v, str) for v in values.values()):
         raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' must map case names to text")
     unknown = sorted(set(values) - set(cases))
+    if drop_unknown:
+        return {case: value for case, value in values.items() if case in cases}
     if unknown:
         raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' names cases without files: {unknown}")
     return dict(values)
