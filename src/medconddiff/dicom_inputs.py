@@ -97,10 +97,7 @@ def file_safe(text: str, limit: int = 64) -> str:
 def series_file_name(info) -> str:
     """``series3_CT_abdomen`` for series 3 'CT abdomen' (a :class:`~medconddiff.dicom_series.SeriesInfo`);
     ``series5_Dixon_echo_2`` for one part of a split series."""
-    number = "" if info.number is None else str(info.number)
-    description = file_safe(info.description, 48)
-    part = file_safe(info.part, 24)
-    return "_".join(piece for piece in (f"series{number}", description, part) if piece)
+    return _joined(_series_pieces(info.number, info.description, info.part, 48, 24))
 
 
 def series_case_name(source) -> str:
@@ -108,9 +105,17 @@ def series_case_name(source) -> str:
     ``series2_CT_venous_1a2b3c4d``, the series by number, description and part, and a hash of its UID,
     so that two patients' "series 2 'CT venous'" are two cases while the same series added again merges
     into its own. No patient attribute, no folder name."""
-    number = "" if source.series_number is None else str(source.series_number)
-    pieces = (f"series{number}", file_safe(source.series_description, 24), file_safe(source.part, 12),
-              _uid_tag(f"{source.series_uid}#{source.part}"))
+    pieces = _series_pieces(source.series_number, source.series_description, source.part, 24, 12)
+    return _joined([*pieces, _uid_tag(f"{source.series_uid}#{source.part}")])
+
+
+def _series_pieces(number, description: str, part: str, description_limit: int, part_limit: int) -> list[str]:
+    """``series<N>``, the description and the part, each made file-safe (an empty one is left out later)."""
+    return [f"series{'' if number is None else number}", file_safe(description, description_limit),
+            file_safe(part, part_limit)]
+
+
+def _joined(pieces) -> str:
     return "_".join(piece for piece in pieces if piece)
 
 
