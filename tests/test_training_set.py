@@ -180,6 +180,25 @@ def test_a_two_channel_scan_is_found_by_both_channels(tmp_path, scan):
     assert TrainingSet.open(root).cases == ["b", "patient_a"]
 
 
+def test_what_a_user_wrote_into_dataset_json_is_kept(tmp_path, scan):
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[1])
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["name"] == "set" and manifest["description"].startswith("sparse labels")
+    manifest.update(name="Dataset042_Liver", description="our liver corrections", licence="CC-BY-4.0",
+                    reference="ward 3 study")
+    manifest["medconddiff"].pop("image_sha256")          # as an older release wrote it
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    TrainingSet.open(root).summary()                      # records the digest it read
+    TrainingSet.open(root).add_scan("b", image + 1, META, labels, LIVER, verified_slices=[2])
+    after = json.loads((root / "dataset.json").read_text())
+    assert {key: after[key] for key in ("name", "description", "licence", "reference")} == {
+        "name": "Dataset042_Liver", "description": "our liver corrections", "licence": "CC-BY-4.0",
+        "reference": "ward 3 study"}
+    assert after["numTraining"] == 2 and sorted(after["medconddiff"]["image_sha256"]) == ["a", "b"]
+
+
 def test_strokes_a_verified_voxel_mask_is_enough(tmp_path, scan):
     image, labels = scan
     training_set = TrainingSet.create(tmp_path / "set", LIVER)

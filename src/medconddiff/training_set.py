@@ -68,6 +68,8 @@ LOCK_WAIT_SECONDS = 30.0
 MANIFEST_KEY = "medconddiff"
 #: Key under MANIFEST_KEY: per case, :func:`image_digest` of its image (finds a scan added under another name).
 DIGEST_KEY = "image_sha256"
+#: dataset.json keys a set writes; any other (the name and description a user gave it, a licence) is kept.
+_OWN_KEYS = ("channel_names", "labels", "numTraining", "file_ending", MANIFEST_KEY)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_CASE_ID = 64
 
@@ -136,7 +138,7 @@ class TrainingSet:
 
     def __init__(self, root: Path, class_names: Sequence[str], channel_names: Sequence[str],
                  slicing_by_case: dict[str, str], stored_ignore: Optional[int], cases: Sequence[str],
-                 digests: Optional[dict[str, str]] = None):
+                 digests: Optional[dict[str, str]] = None, kept: Optional[dict] = None):
         self.root = Path(root)
         self.class_names = tuple(class_names)
         self.channel_names = tuple(channel_names)
@@ -145,6 +147,9 @@ class TrainingSet:
         self._cases = sorted(cases)
         #: case → digest of its image (:func:`image_digest`); sets written before digests lack some.
         self._digests = dict(digests or {})
+        #: dataset.json's other keys (its name and description, a licence, a reference): written back as read.
+        self._kept = dict(kept) if kept is not None else {
+            "name": self.root.name, "description": "sparse labels added scan by scan (medconddiff training set)"}
 
     # ----------------------------------------------------------------------------------- opening
     @property
@@ -210,7 +215,8 @@ class TrainingSet:
         slicing = _per_case(manifest, extra, "slicing", cases)
         # Digests are a cache of what the files hold: one of a case removed by hand is dropped, not an error.
         digests = _per_case(manifest, extra, DIGEST_KEY, cases, drop_unknown=True)
-        return cls(root, class_names, channel_names, slicing, ignore, cases, digests)
+        kept = {key: value for key, value in data.items() if key not in _OWN_KEYS}
+        return cls(root, class_names, channel_names, slicing, ignore, cases, digests, kept)
 
     @classmethod
     def open_or_create(cls, folder: str | os.PathLike, class_names: Sequence[str],
@@ -257,7 +263,7 @@ class TrainingSet:
         current = TrainingSet.open(self.root)
         self.class_names, self.channel_names = current.class_names, current.channel_names
         self._slicing, self._stored_ignore, self._cases = current._slicing, current._stored_ignore, current._cases
-        self._digests = current._digests
+        self._digests, self._kept = current._digests, current._kept
 
     def _add_scan(self, case_id, image, meta, labels, class_names, verified_slices, slicing, verified_mask,
                   channel_names) -> AddResult:
@@ -304,7 +310,7 @@ class TrainingSet:
                 save_volume(staging.file(self._label_path(case)), case_labels, case_meta, dtype=dtype)
             cases = sorted(set(self._cases) | {name})
             slicing_by_case = {**self._slicing, name: slicing} if verified_slices is not None else dict(self._slicing)
-            manifest = _manifest(self.root, merged_names, self.channel_names, len(cases), slicing_by_case, digests)
+            manifest = _manifest(self._kept, merged_names, self.channel_names, len(cases), slicing_by_case, digests)
             write_json_atomic(staging.file(self.manifest), manifest)
             staging.commit()
         self.class_names, self._stored_ignore, self._cases, self._slicing = merged_names, ignore, cases, slicing_by_case
@@ -423,7 +429,7 @@ class TrainingSet:
         return self.root / "labelsTr" / f"{case}{FILE_ENDING}"
 
     def _manifest_data(self) -> dict:
-        return _manifest(self.root, self.class_names, self.channel_names, len(self._cases), self._slicing,
+        return _manifest(self._kept, self.class_names, self.channel_names, len(self._cases), self._slicing,
                          self._digests)
 
     def _check_scan(self, name: str, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -521,11 +527,11 @@ def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manife
     return tuple(merged), np.asarray(values, dtype=np.int64)
 
 
-def _manifest(root: Path, class_names: Sequence[str], channel_names: Sequence[str], count: int,
+def _manifest(kept: dict, class_names: Sequence[str], channel_names: Sequence[str], count: int,
               slicing_by_case: dict[str, str], digests: dict[str, str]) -> dict:
     labels = {name: value for value, name in enumerate(class_names)}
     labels[IGNORE_NAME] = len(class_names)
-    return {"name": root.name, "description": "sparse labels added scan by scan (medconddiff training set)",
+    return {**kept,
             "channel_names": {str(i): name for i, name in enumerate(channel_names)}, "labels": labels,
             "numTraining": count, "file_ending": FILE_ENDING,
             MANIFEST_KEY: {"slicing": dict(sorted(slicing_by_case.items())),
