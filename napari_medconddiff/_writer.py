@@ -4,7 +4,9 @@ from DICOM as a DICOM SEG (.dcm).
 The layer is turned back into the voxel order, affine and header codes of the file it was read
 from (see :mod:`napari_medconddiff._layers`); a layer that did not come from a NIfTI file is
 written in its own axis order with its napari ``scale`` as voxel spacing and NIfTI codes 0
-(orientation unknown: no orientation is invented).
+(orientation unknown: no orientation is invented). Layer metadata keeps a file's geometry, never
+its header text (``descrip``, ``aux_file``, where converters put acquisition times and at times a
+name), so neither writer writes any.
 
 Overwriting: napari's save dialog already asks the user before replacing an existing file, so
 these writers, which napari calls only after that, pass ``overwrite=True`` to

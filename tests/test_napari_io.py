@@ -233,6 +233,26 @@ def test_labels_round_trip_through_reader_and_writer(tmp_path):
     assert int(written.header["sform_code"]) == 1
 
 
+def test_layers_saved_from_napari_carry_no_header_text(tmp_path):
+    """File > Save of a consensus (whose metadata is its scan's) or of the scan itself writes no header free
+    text: a converter may have put a name there. The geometry is kept."""
+    image = nib.Nifti1Image(np.arange(7 * 8 * 9, dtype=np.int16).reshape(7, 8, 9), np.diag([0.8, 0.8, 2.5, 1.0]))
+    image.header["descrip"] = b"Doe^John 1965-02-03"
+    image.header["aux_file"] = b"PID-98765"
+    nib.save(image, str(tmp_path / "scan.nii.gz"))
+    ((data, kwargs, layer_type),) = read_nifti(str(tmp_path / "scan.nii.gz"))
+    assert layer_type == "image"
+    (labels_path,) = write_labels(str(tmp_path / "consensus.nii.gz"), (np.asarray(data) > 100).astype(np.uint8),
+                                  kwargs)
+    written = nib.load(labels_path)
+    np.testing.assert_allclose(written.affine, image.affine)
+    (image_path,) = write_image(str(tmp_path / "scan_again.nii.gz"), data, kwargs)
+    again = nib.load(image_path)
+    assert b"Doe" not in again.header.binaryblock and b"PID" not in again.header.binaryblock
+    assert b"Doe" not in written.header.binaryblock and b"PID" not in written.header.binaryblock
+    np.testing.assert_allclose(again.affine, image.affine)
+
+
 def test_bundled_label_round_trip_keeps_every_voxel(tmp_path):
     ((data, kwargs, _),) = read_nifti(str(sample_label_path()))
     (written_path,) = write_labels(str(tmp_path / "liver_label"), data, kwargs)
