@@ -71,6 +71,18 @@ def test_load_volume_keeps_file_axis_order_affine_and_spacing(tmp_path, ramp):
     assert meta.affine.dtype == np.float64
 
 
+def test_read_meta_gives_load_volumes_meta_from_the_header_alone(tmp_path, ramp):
+    path = _write_nifti(tmp_path / "ramp.nii.gz", ramp)
+    _, loaded = load_volume(path)
+    meta = nifti.read_meta(path)
+    np.testing.assert_array_equal(meta.affine, loaded.affine)
+    assert (meta.spacing, meta.orientation, meta.original_ndim, meta.spatial_shape, meta.source) == \
+        (loaded.spacing, loaded.orientation, loaded.original_ndim, (5, 6, 7), str(path))
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(nifti.VolumeReadError, match="junk.nii.gz"):
+        nifti.read_meta(tmp_path / "junk.nii.gz")
+
+
 def test_load_volume_applies_intensity_scaling(tmp_path, ramp):
     img = nib.Nifti1Image(ramp, np.eye(4))
     img.header.set_slope_inter(0.5, -10)

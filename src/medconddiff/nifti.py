@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib  # noqa: F401  (tests replace nib.save through this module)
 
 from .atomic import write_json_atomic
-from .nifti_read import (VolumeReadError, load_channels, load_labels, load_volume, sanitize_nonfinite,
+from .nifti_read import (VolumeReadError, load_channels, load_labels, load_volume, read_meta, sanitize_nonfinite,
                          smallest_label_dtype)
 from .nifti_write import NIFTI_SUFFIXES, VolumeWriteError, save_volume
 from .volume_meta import VolumeMeta
@@ -37,6 +37,7 @@ __all__ = [
     "load_volume",
     "load_labels",
     "load_channels",
+    "read_meta",
     "save_volume",
     "sanitize_nonfinite",
     "smallest_label_dtype",

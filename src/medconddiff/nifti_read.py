@@ -26,7 +26,7 @@ from nibabel.spatialimages import HeaderDataError
 from .errors import UserInputError
 from .volume_meta import VolumeMeta, spatial_shape_3d
 
-__all__ = ["VolumeReadError", "load_volume", "load_labels", "load_channels", "smallest_label_dtype",
+__all__ = ["VolumeReadError", "load_volume", "load_labels", "load_channels", "read_meta", "smallest_label_dtype",
            "sanitize_nonfinite"]
 
 # Errors nibabel, gzip and numpy raise on unreadable, truncated or corrupt files. They are
@@ -202,11 +202,28 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, VolumeMeta
                           "with more") from exc
     except _READ_ERRORS as exc:
         raise VolumeReadError(f"{path}: {_read_problem(exc)} ({_one_line(exc)})") from exc
+    return data.reshape(spatial_shape_3d(data.shape)), _meta_of(path, img, shape)
+
+
+def read_meta(path: str | os.PathLike) -> VolumeMeta:
+    """The meta :func:`load_volume` would return for ``path``, from its header alone (no voxel is read,
+    so a damaged data stream goes unnoticed here); its spatial shape is ``meta.spatial_shape``."""
+    path = Path(path)
+    _check_readable_file(path)
+    try:
+        img = nib.load(str(path))
+    except _READ_ERRORS as exc:
+        raise VolumeReadError(f"{path}: {_read_problem(exc)} ({_one_line(exc)})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti1Pair)):
+        raise VolumeReadError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    return _meta_of(path, img, _drop_trailing_singletons(img.shape))
+
+
+def _meta_of(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> VolumeMeta:
     # (X, Y, 1) files and 2-D slices of (X, Y, 1, C) files are 2-D images.
     original_ndim = 2 if len(shape) == 2 or shape[2] == 1 else 3
-    data = data.reshape(spatial_shape_3d(data.shape))
     has_orientation = int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
-    meta = VolumeMeta(
+    return VolumeMeta(
         affine=img.affine,
         spacing=_spacing_from_header(img.header, img.affine),
         header=img.header,
@@ -215,7 +232,6 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, VolumeMeta
         affine_known=has_orientation,
         geometry_note="" if has_orientation else f"{path.name} has no orientation (qform and sform codes are 0)",
     )
-    return data, meta
 
 
 def _check_readable_file(path: Path) -> None:

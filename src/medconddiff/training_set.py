@@ -19,8 +19,8 @@ Rules of :meth:`TrainingSet.add_scan`:
   differently by an older release, a renamed layer, a file added from napari and from the command
   line, its NIfTI and its DICOM series in another voxel order): its voxels' digest in canonical order,
   kept per case in ``dataset.json``, and its voxel spacing find the case, and the add merges there,
-  moved into that case's voxel order. A patient counted twice would weigh double in training and could sit on both sides of a
-  split by case.
+  moved into that case's voxel order. A patient counted twice would weigh double in training and
+  could sit on both sides of a split by case.
 * Classes merge by name: a new class gets the next value, the ignore value moves above it, and every
   label file is rewritten to match.
 * Everything is checked before anything is written; new files are written into a staging folder
@@ -54,7 +54,7 @@ from .atomic import StagedFiles
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
 from .losses import IGNORE_INDEX
-from .nifti import VolumeMeta, load_channels, load_labels, save_volume, write_json_atomic
+from .nifti import VolumeMeta, load_channels, load_labels, read_meta, save_volume, write_json_atomic
 
 IGNORE_NAME = "ignore"
 FILE_ENDING = ".nii.gz"
@@ -336,15 +336,15 @@ class TrainingSet:
     def _on_grid_of(self, case: str, shape: Sequence[int], meta: VolumeMeta) -> bool:
         """Whether a scan of ``shape`` and ``meta`` has ``case``'s voxel spacing in canonical order (the
         same voxels said to be another size are another scan)."""
-        stored_labels, stored_meta = self._read_labels(case)
-        given, stored = _geometry(shape, meta, "axial"), _geometry(stored_labels.shape, stored_meta, "axial")
+        stored_meta = self._stored_meta(case)
+        given, stored = _geometry(shape, meta, "axial"), _geometry(stored_meta.spatial_shape, stored_meta, "axial")
         return np.allclose(given.canonical_spacing, stored.canonical_spacing, rtol=1e-4, atol=1e-3)
 
     def _in_stored_order(self, case: str, meta: VolumeMeta, *arrays: np.ndarray) -> tuple:
         """``arrays`` (file order of ``meta``, extra axes last) in the voxel order of ``case``'s files, and
         their meta: the same scan stored as a NIfTI and read from its DICOM series differ in voxel order."""
-        stored_labels, stored_meta = self._read_labels(case)
-        shape = stored_labels.shape
+        stored_meta = self._stored_meta(case)
+        shape = tuple(stored_meta.spatial_shape)
         given, stored = _geometry(arrays[0].shape[:3], meta, "axial"), _geometry(shape, stored_meta, "axial")
         moved = []
         for array in arrays:
@@ -352,6 +352,10 @@ class TrainingSet:
             stored.slice_view(out)[...] = given.slice_view(array)
             moved.append(out)
         return (*moved, _clean_meta(stored_meta))
+
+    def _stored_meta(self, case: str) -> VolumeMeta:
+        """The grid of ``case``'s files, from its label file's header (no voxel read)."""
+        return read_meta(self._label_path(case))
 
     def _case_digests(self, record: bool = False) -> dict[str, str]:
         """Every case's image digest: the recorded ones, and those of cases added before digests were
@@ -545,9 +549,9 @@ def _per_case(manifest: Path, extra: dict, key: str, cases: Sequence[str], drop_
     values = extra.get(key, {})
     if not isinstance(values, dict) or any(not isinstance(v, str) for v in values.values()):
         raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' must map case names to text")
-    unknown = sorted(set(values) - set(cases))
     if drop_unknown:
         return {case: value for case, value in values.items() if case in cases}
+    unknown = sorted(set(values) - set(cases))
     if unknown:
         raise TrainingSetError(f"{manifest}: '{MANIFEST_KEY}.{key}' names cases without files: {unknown}")
     return dict(values)
