@@ -104,12 +104,13 @@ class StagedFiles:
 
     The folder is emptied on entry (what a crash left there was never committed) and removed on exit,
     so a run that stops before :meth:`commit` changes no target. Targets must be on the folder's file
-    system (moves are renames).
+    system (moves are renames). :meth:`remove` stages a deletion: the target is moved into the folder
+    at commit (undone with the rest if a later move fails) and deleted with it on exit.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.moves: list[tuple[Path, Path]] = []
+        self.moves: list[tuple[Optional[Path], Path]] = []
 
     def __enter__(self) -> "StagedFiles":
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -126,8 +127,13 @@ class StagedFiles:
         self.moves.append((staged, target))
         return staged
 
+    def remove(self, target: str | os.PathLike) -> None:
+        """Delete ``target`` at :meth:`commit`, in its turn among the moves (a missing target is no error)."""
+        self.moves.append((None, Path(target)))
+
     def commit(self) -> None:
-        """Move every staged file over its target; if one move fails, put back what was moved and raise."""
+        """Move every staged file over its target (and out of the way, a removed one); if one move fails,
+        put back what was moved and raise."""
         done: list[tuple[Optional[Path], Path]] = []
         try:
             for index, (staged, target) in enumerate(self.moves):
@@ -136,7 +142,8 @@ class StagedFiles:
                     backup = self.folder / f"{index}-previous-{target.name}"
                     os.replace(target, backup)
                 done.append((backup, target))
-                os.replace(staged, target)
+                if staged is not None:
+                    os.replace(staged, target)
         except BaseException:
             for backup, target in reversed(done):
                 if backup is None:

@@ -1,4 +1,4 @@
-"""``medconddiff`` command line: segment, train, finetune, add-to-set, evaluate, choose-consensus, plan, benchmark.
+"""``medconddiff`` command line: segment, train, fine-tune, keep a training set, evaluate, plan, benchmark.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 helpers they share live in :mod:`medconddiff.commands.common`, never here (this module loads the
@@ -27,6 +27,10 @@ SUBCOMMANDS = {
     "finetune": ("medconddiff.commands.finetune", "fine-tune a model on a few labelled slices of a scan"),
     "add-to-set": ("medconddiff.commands.add_to_set",
                    "add a scan's checked slices to a training set (nnU-Net v2, 'ignore' elsewhere)"),
+    "remove-from-set": ("medconddiff.commands.remove_from_set",
+                        "take a case, or some of its verified slices, out of a training set"),
+    "merge-cases": ("medconddiff.commands.merge_cases",
+                    "merge two cases of a training set that hold the same scan"),
     "evaluate": ("medconddiff.commands.evaluate", "score a checkpoint on labelled scans"),
     "choose-consensus": ("medconddiff.commands.choose_consensus",
                          "choose and record a model's consensus and step cap on labelled slices"),

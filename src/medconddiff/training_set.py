@@ -27,7 +27,12 @@ Rules of :meth:`TrainingSet.add_scan`:
   first and moved into place together, ``dataset.json`` last. A failed add leaves the set as it was.
 * Case ids come from the name the caller gives (a file stem), reduced to letters, digits, ``-`` and
   ``_``; nothing is read from image headers, whose text fields are cleared in what is written.
-* One add at a time: an add holds a lock file in the set's folder (two napari windows, or napari and a
+* Only the user removes: :meth:`TrainingSet.remove_case` (a scan added by mistake),
+  :meth:`TrainingSet.unverify_slices` (slices checked by mistake: their voxels become unverified again)
+  and :meth:`TrainingSet.merge_cases` (one scan held under two names by a set an earlier release built)
+  are the only ways anything leaves a set (``medconddiff remove-from-set``, ``medconddiff merge-cases``);
+  they write as an add does, all or nothing, dataset.json last.
+* One add (or removal) at a time: an add holds a lock file in the set's folder (two napari windows, or napari and a
   script, adding to one set) and starts from what is on disk then, so an add made by another program
   since this one opened the set is kept, never overwritten.
 
@@ -109,7 +114,8 @@ class TrainingSetSummary:
                 f"slice{'s' if self.verified_slices != 1 else ''}; labelled voxels: {voxels or 'none'}")
         for group in self.same_scan:
             text += (f"; cases {' and '.join(group)} hold the same scan (added under {len(group)} names by an "
-                     "earlier release): slices verified in both count twice in training")
+                     "earlier release): slices verified in both count twice in training (`medconddiff "
+                     "merge-cases` merges them)")
         return text
 
 
@@ -131,6 +137,24 @@ class AddResult:
         if self.requested and self.requested != self.case:
             return f"merged into case '{self.case}', which holds the same scan (not a new case '{self.requested}')"
         return f"merged into its case '{self.case}'"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`TrainingSet.merge_cases` did."""
+
+    case: str                     # the case kept
+    removed: str                  # the case merged into it and removed
+    copied_voxels: int            # verified voxels of the removed case that the kept one had not verified
+    disagreeing_voxels: int       # voxels verified in both with different labels
+    preferred: Optional[str]      # whose labels those voxels took (None: there were none)
+    verified_slices: int          # verified slices of the kept case after the merge
+
+    def description(self) -> str:
+        settled = (f"; {self.disagreeing_voxels:,} voxel(s) verified in both with different labels took "
+                   f"{self.preferred}'s" if self.disagreeing_voxels else "")
+        return (f"case '{self.removed}' merged into '{self.case}' ({self.copied_voxels:,} verified voxel(s) "
+                f"copied{settled}; {self.verified_slices} verified slice(s)) and removed")
 
 
 class TrainingSet:
@@ -381,6 +405,110 @@ class TrainingSet:
         except (OSError, TrainingSetError):
             self._digests.update(found)
 
+    # ------------------------------------------------------------------ removing (the user's own act)
+    def remove_case(self, case: str) -> None:
+        """Delete ``case``: its image and label files and its entries in dataset.json (a scan added by
+        mistake). The set's class list stays as it is."""
+        with self._locked():
+            self._reload()
+            self._require(case)
+            self._commit(removed=case)
+
+    def unverify_slices(self, case: str, slices: Sequence[int], slicing: Optional[str] = None) -> int:
+        """Make canonical ``slices`` of ``case`` (along ``slicing``, default the one it was added with)
+        unverified again: their voxels take the ignore label, so training no longer learns them. Each
+        slice must hold a verified voxel; a case left with none is refused (remove the case instead).
+        Returns the verified slices the case keeps."""
+        with self._locked():
+            self._reload()
+            self._require(case)
+            slicing = slicing or self._slicing.get(case, "axial")
+            labels, meta = self._read_labels(case)
+            labels = labels.astype(_label_dtype(self._stored_ignore))
+            geometry = _geometry(labels.shape, meta, slicing)
+            indices = sorted({int(i) for i in slices})
+            outside = [i for i in indices if not 0 <= i < geometry.n_slices]
+            if outside:
+                raise TrainingSetError(f"{self.root} (case {case}): slices {outside} are outside its "
+                                       f"{geometry.n_slices} {slicing} slices")
+            verified = _verified_slices(labels != self._stored_ignore, meta, slicing)
+            unchecked = [i for i in indices if i not in set(verified)]
+            if unchecked or not indices:
+                raise TrainingSetError(f"{self.root} (case {case}): slice(s) {unchecked or indices} hold no verified "
+                                       f"voxel ({slicing}); its verified slices are {_listed(verified)}")
+            if len(indices) == len(verified):
+                raise TrainingSetError(f"{self.root} (case {case}): that is every verified slice of the case; "
+                                       "remove the case instead")
+            geometry.slice_view(labels)[indices] = self._stored_ignore
+            self._commit(rewritten={case: (labels, meta)})
+            return len(verified) - len(indices)
+
+    def merge_cases(self, case: str, other: str, prefer: Optional[str] = None) -> MergeResult:
+        """Merge case ``other`` into ``case`` and remove it: for a set in which one scan was added under two
+        names (a set an earlier release built; :meth:`summary` names such cases). Both must hold the same
+        voxels on the same grid, in any voxel order. Voxels verified in ``other`` alone are copied; voxels
+        verified in both with different labels need ``prefer`` (``case`` or ``other``: whose labels win),
+        else nothing is written and the error says how many there are."""
+        with self._locked():
+            self._reload()
+            self._require(case)
+            self._require(other)
+            if case == other:
+                raise TrainingSetError(f"{self.root}: a case cannot be merged into itself ({case})")
+            if prefer not in (None, case, other):
+                raise TrainingSetError(f"{self.root}: prefer names one of the two cases ({case}, {other}), "
+                                       f"not {prefer!r}")
+            digests = self._case_digests()
+            other_labels, other_meta = self._read_labels(other)
+            if digests[case] != digests[other] or not self._on_grid_of(case, other_labels.shape, other_meta):
+                raise TrainingSetError(f"{self.root}: cases {case} and {other} hold different scans (voxels or "
+                                       "spacing differ); only one scan held under two names can be merged")
+            labels, meta = self._read_labels(case)
+            labels = labels.astype(_label_dtype(self._stored_ignore))
+            moved, _ = self._in_stored_order(case, other_meta, other_labels)
+            known, known_other = labels != self._stored_ignore, moved != self._stored_ignore
+            disagree = known & known_other & (labels != moved)
+            disagreeing = int(np.count_nonzero(disagree))
+            if disagreeing and prefer is None:
+                where = _verified_slices(disagree, meta, self._slicing.get(case, "axial"))
+                raise TrainingSetError(f"{self.root}: cases {case} and {other} disagree on {disagreeing:,} voxel(s) "
+                                       f"verified in both (slices {_listed(where)} of {case}); say whose labels "
+                                       "win (--prefer CASE); nothing was changed")
+            take = known_other & ~known
+            copied = int(np.count_nonzero(take))
+            if prefer == other:
+                take |= disagree
+            labels[take] = moved[take]
+            slicing = {} if case in self._slicing or other not in self._slicing else {case: self._slicing[other]}
+            self._digests.update({c: digests[c] for c in (case, other)})   # an older set's, read above
+            self._commit(rewritten={case: (labels, meta)}, removed=other, slicing=slicing)
+            return MergeResult(case, other, copied, disagreeing, prefer if disagreeing else None,
+                               self._verified_slice_count(case, labels, meta))
+
+    def _require(self, case: str) -> None:
+        if case not in self._cases:
+            raise TrainingSetError(f"{self.root}: no case {case!r} (cases: {', '.join(self._cases) or 'none'})")
+
+    def _commit(self, rewritten: Optional[dict] = None, removed: Optional[str] = None,
+                slicing: Optional[dict[str, str]] = None) -> None:
+        """Write ``rewritten`` label maps (case → (labels, meta)), delete case ``removed``'s files and write
+        dataset.json to match, all or nothing (dataset.json last)."""
+        cases = [c for c in self._cases if c != removed]
+        slicing_by_case = {c: v for c, v in {**self._slicing, **(slicing or {})}.items() if c != removed}
+        digests = {c: v for c, v in self._digests.items() if c != removed}
+        with StagedFiles(self.root / STAGING_FOLDER) as staging:
+            for case, (labels, meta) in (rewritten or {}).items():
+                save_volume(staging.file(self._label_path(case)), labels, meta, dtype=_label_dtype(self._stored_ignore))
+            if removed is not None:
+                for channel in range(len(self.channel_names)):
+                    staging.remove(self._image_path(removed, channel))
+                staging.remove(self._label_path(removed))
+            manifest = _manifest(self._kept, self.class_names, self.channel_names, len(cases), slicing_by_case,
+                                 digests)
+            write_json_atomic(staging.file(self.manifest), manifest)
+            staging.commit()
+        self._cases, self._slicing, self._digests = cases, slicing_by_case, digests
+
     # ----------------------------------------------------------------------------------- reading
     def load_case(self, case: str, class_names: Optional[Sequence[str]] = None) -> Case:
         """A stored case for training: its image, and labels with each class renumbered to its index in
@@ -611,6 +739,12 @@ def _geometry(shape: Sequence[int], meta: VolumeMeta, slicing: str):
 def _verified_slices(known: np.ndarray, meta: VolumeMeta, slicing: str) -> list[int]:
     view = _geometry(known.shape, meta, slicing).slice_view(known)
     return np.flatnonzero(view.reshape(view.shape[0], -1).any(axis=1)).tolist()
+
+
+def _listed(slices: Sequence[int]) -> str:
+    from .slice_lists import slice_list_text
+
+    return slice_list_text(slices) if len(slices) else "none"
 
 
 def _image_dtype(channel: np.ndarray) -> np.dtype:
