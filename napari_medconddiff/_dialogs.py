@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from qtpy.QtWidgets import QMessageBox, QWidget
 
@@ -13,12 +13,13 @@ from medconddiff.slice_lists import slice_list_text
 
 from ._edits import KEEP, NEW_LAYER, REPLACE
 from ._qt_lifetime import alive
-from ._questions import Questions
+from ._questions import REMOVE_CASE, REMOVE_SLICE, Questions
 
 if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
-__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "confirm_replace", "DialogQuestions"]
+__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_remove_from_set", "confirm_replace",
+           "DialogQuestions"]
 
 
 def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
@@ -50,6 +51,27 @@ def ask_save_cancelled_finetune(parent: QWidget, done: int, total: int, path: Pa
     return answer == QMessageBox.StandardButton.Save
 
 
+def ask_remove_from_set(parent: QWidget, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
+    """What to take out of the training set: REMOVE_SLICE, REMOVE_CASE or "" (Cancel, the default)."""
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle("Remove from the training set")
+    box.setText(f"Take '{scan_name}' out of the training set {folder}?")
+    box.setInformativeText(("Slice only: slice " + str(slice_index) + " is no longer verified in the set (its voxels "
+                            "become 'ignore'); its other slices stay.\n" if slice_index is not None else "") +
+                           "Whole scan: the set's copy of this scan and all its verified slices are deleted.\n"
+                           "Your layers here are not changed.")
+    only = box.addButton(f"Slice {slice_index} only", QMessageBox.ButtonRole.ActionRole) \
+        if slice_index is not None else None
+    whole = box.addButton("Whole scan", QMessageBox.ButtonRole.DestructiveRole)
+    cancel = box.addButton(QMessageBox.StandardButton.Cancel)
+    box.setDefaultButton(cancel)
+    box.setEscapeButton(cancel)      # closing the question removes nothing
+    box.exec()
+    clicked = box.clickedButton()
+    return REMOVE_SLICE if only is not None and clicked is only else REMOVE_CASE if clicked is whole else ""
+
+
 def confirm_replace(parent: QWidget, paths: list[Path]) -> bool:
     """Ask before replacing files a save dialog did not ask about; No is the default."""
     names = "\n".join(str(path) for path in paths)
@@ -78,3 +100,9 @@ class DialogQuestions(Questions):
         if widget is None or not alive(widget):
             return False
         return ask_save_cancelled_finetune(widget, done, total, path)
+
+    def remove_from_set(self, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
+        widget = self._widget()
+        if widget is None or not alive(widget):
+            return ""
+        return ask_remove_from_set(widget, scan_name, slice_index, folder)

@@ -4,10 +4,14 @@ tests get these defaults, which never lose an edit and never write a file nobody
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ._edits import KEEP
 
-__all__ = ["Questions"]
+__all__ = ["Questions", "REMOVE_SLICE", "REMOVE_CASE"]
+
+#: Answers to :meth:`Questions.remove_from_set` ("" is the third: nothing is removed).
+REMOVE_SLICE, REMOVE_CASE = "slice", "case"
 
 
 class Questions:
@@ -19,3 +23,9 @@ class Questions:
         """Fine-tuning was cancelled after ``done`` of ``total`` steps: save those weights to ``path``?
         Without an explicit yes nothing is saved."""
         return False
+
+    def remove_from_set(self, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
+        """Take ``scan_name`` out of the training set in ``folder``: REMOVE_SLICE (only the slice under the
+        slider, ``slice_index``; None where it cannot be told), REMOVE_CASE (the whole scan) or "" (nothing,
+        the default: a set loses nothing without an explicit answer)."""
+        return ""

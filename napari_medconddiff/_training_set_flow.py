@@ -31,11 +31,12 @@ from medconddiff.slice_lists import slice_list_text
 
 from ._job import import_engine, stack_channels
 from ._layers import dicom_source_of
+from ._questions import REMOVE_CASE, REMOVE_SLICE
 from ._result_set import ResultSet
 from ._segment_flow import own_copy
 
-__all__ = ["TrainingSetFlow", "AddJob", "SetState", "package_folders", "check_set_folder", "case_name_of",
-           "open_set", "add_to_set", "model_class_names"]
+__all__ = ["TrainingSetFlow", "AddJob", "RemoveJob", "SetState", "package_folders", "check_set_folder",
+           "case_name_of", "open_set", "add_to_set", "remove_from_set", "model_class_names"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NEW_SET_TEXT = "new set: created on the first add"
@@ -67,6 +68,19 @@ class AddJob:
     slices: Optional[tuple[int, ...]]    # canonical slices along ``slicing`` …
     slicing: str
     mask: Optional[np.ndarray] = None    # … or, for a plain layer, the verified voxels in file order
+
+
+@dataclass
+class RemoveJob:
+    """What taking the current scan (or one slice of it) out of the set needs (plain data, GUI-thread copies)."""
+
+    folder: Path
+    scan_name: str
+    image: np.ndarray                    # channel 0, file order: the set's case is found by its voxels
+    channels: tuple[np.ndarray, ...]
+    meta: Any
+    slice_index: Optional[int]           # canonical slice along ``slicing`` to unverify; None: the whole case
+    slicing: str
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,26 @@ def add_to_set(job: AddJob) -> AddOutcome:
     return AddOutcome(result, _set_state(training_set))
 
 
+def remove_from_set(job: RemoveJob) -> tuple[str, SetState]:
+    """Take the scan's case (found by its voxels, whatever name it was added under), or one of its slices,
+    out of the set (worker); (what was done, the set now). The set is unchanged when this fails."""
+    import_engine()
+    from medconddiff.training_set import TrainingSet
+
+    training_set = TrainingSet.open(job.folder)
+    case = training_set.case_holding(stack_channels(job.image, job.channels), job.meta)
+    if case is None:
+        raise UserInputError(f"the training set {job.folder.name} does not hold the scan '{job.scan_name}'; "
+                             "nothing was removed")
+    if job.slice_index is None:
+        training_set.remove_case(case)
+        done = f"case '{case}' removed (its copy of the scan and its verified slices)"
+    else:
+        left = training_set.unverify_slices(case, [job.slice_index], slicing=job.slicing)
+        done = f"slice {job.slice_index} of case '{case}' is no longer verified ({left} verified slice(s) left)"
+    return done, _set_state(training_set)
+
+
 # ----------------------------------------------------------------------------- the mixin
 class TrainingSetFlow:
     """Choose a set, mark slices checked, add the current scan (a controller mixin)."""
@@ -247,17 +281,21 @@ class TrainingSetFlow:
     def emit_verified(self) -> None:
         self.verified_changed.emit(tuple(self.edited_slices()), tuple(self.checked_slices()))
 
+    def _slice_under_slider(self, results: ResultSet) -> int:
+        """The canonical slice of ``results`` under napari's slider."""
+        layer = results.scan if results.scan is not None else results.consensus
+        point = tuple(float(x) for x in layer.world_to_data(self.viewer.dims.point))
+        if results.space.slice_layer_axis is not None and len(point) < results.space.layer.layer_ndim:
+            raise UserInputError("the current slice position is unknown")
+        return int(results.space.slice_at(point))
+
     def mark_checked(self) -> Optional[int]:
         """Mark the canonical slice under napari's slider as checked: its consensus is right as it is."""
         results = self.current
         try:
             if results is None or results.consensus is None:
                 raise UserInputError("segment a scan first, then mark the slices you checked")
-            layer = results.scan if results.scan is not None else results.consensus
-            point = tuple(float(x) for x in layer.world_to_data(self.viewer.dims.point))
-            if results.space.slice_layer_axis is not None and len(point) < results.space.layer.layer_ndim:
-                raise UserInputError("the current slice position is unknown")
-            index = int(results.space.slice_at(point))
+            index = self._slice_under_slider(results)
         except ValueError as error:
             self.fail(error)
             return None
@@ -328,6 +366,56 @@ class TrainingSetFlow:
         grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
         self.status.emit(f"Training set: {result.description()} ({result.verified_slices} verified "
                          f"slice(s)){grown}.")
+        self.training_set_changed.emit(state)
+        self._end("done")
+        self.training_set_finished.emit("done")
+
+    # ------------------------------------------------------------ remove (only when the user says so)
+    def remove_from_training_set(self, start: str) -> bool:
+        """Ask, then take the current scan, or the slice under the slider, out of the chosen set (in a
+        worker). False when nothing was started: refused (and why is shown) or the user said no."""
+        if self._refused_while_busy():
+            return False
+        results = self.current
+        try:
+            if self.training_set is None or not self.training_set.cases:
+                raise UserInputError("the training set holds no scan to remove")
+            if results is None or results.consensus is None or results.scan is None:
+                raise UserInputError("open and segment (or continue) the scan to take out of the set first")
+            space = results.space
+            # A plain layer's slices are not counted along the model's slicing in the set: whole scan only.
+            index = None if space.layer.plain else self._slice_under_slider(results)
+            image = space.layer.file_view(np.asarray(own_copy(results.scan)))
+            channels = self._finetune_channels(results, image.shape, start)
+        except ValueError as error:
+            self.fail(error, "Nothing removed from the training set")
+            return False
+        folder = self.training_set.folder
+        answer = self.questions.remove_from_set(results.scan_name, index, folder)
+        if answer not in (REMOVE_SLICE, REMOVE_CASE):
+            self.status.emit("Nothing removed from the training set.")
+            return False
+        job = RemoveJob(folder, results.scan_name, image, channels, space.export_meta(),
+                        index if answer == REMOVE_SLICE else None, space.geometry.slicing)
+        self._begin("removing from the training set")
+        self.progress.emit(0, 0)
+        self.status.emit(f"Taking '{results.scan_name}' out of the training set {folder}…")
+        self._start(remove_from_set, job, returned=lambda outcome: self._on_removed(results, job, outcome),
+                    errored=self._on_set_error)
+        return True
+
+    def _on_removed(self, results: ResultSet, job: RemoveJob, outcome: tuple[str, SetState]) -> None:
+        self._detach_task()
+        done, state = outcome
+        self.training_set = state
+        note = ""
+        if job.slice_index is not None:
+            # The user said this slice is not right: its mark goes, so the next Add does not bring it back.
+            self._checked.get(results.scan_id, set()).discard(job.slice_index)
+            if results is self.current and job.slice_index in self.edited_slices():
+                note = " It is still edited here: the next Add puts it back."
+            self.emit_verified()
+        self.status.emit(f"Training set: {done}.{note}")
         self.training_set_changed.emit(state)
         self._end("done")
         self.training_set_finished.emit("done")

@@ -1,5 +1,5 @@
 """The dock's Training set section: the set's folder, which slices of the scan are verified (edited or
-marked as checked), Mark slice as checked, Add to training set, and what the set holds.
+marked as checked), Mark slice as checked, Add to training set, Remove from set…, and what the set holds.
 
 The logic is the controller's (:mod:`._training_set_flow`); this is its view.
 """
@@ -70,6 +70,11 @@ class TrainingSetPanel(QGroupBox):
         buttons.addWidget(self.mark_button)
         buttons.addWidget(self.add_button)
         form.addRow(buttons)
+        self.remove_button = QPushButton("Remove from set…")
+        self.remove_button.setToolTip("Take this scan out of the set, or only the slice under the slider (a slice "
+                                      "added by mistake); asks first. Your layers are not changed")
+        self.remove_button.clicked.connect(self.remove)
+        form.addRow(self.remove_button)
         self.summary_label = QLabel(NO_SET_TEXT)
         self.summary_label.setWordWrap(True)
         self.summary_label.setToolTip("What the set holds: cases, verified slices, and labelled voxels per class")
@@ -118,7 +123,7 @@ class TrainingSetPanel(QGroupBox):
 
     def _on_busy(self, operation: str) -> None:
         idle = not operation
-        for control in (self.add_button, self.mark_button, self.browse_button, self.folder_edit):
+        for control in (self.add_button, self.mark_button, self.remove_button, self.browse_button, self.folder_edit):
             control.setEnabled(idle)
         if idle:
             self.show_verified()
@@ -140,6 +145,14 @@ class TrainingSetPanel(QGroupBox):
         except ValueError:
             start = None            # no usable model chosen yet: the set's channels are checked on adding
         self.controller.choose_training_set(folder, start)
+
+    def remove(self) -> None:
+        try:
+            start = self.owner.checkpoint()
+        except ValueError as error:
+            self.controller.fail(error, "Nothing removed from the training set")
+            return
+        self.controller.remove_from_training_set(start)
 
     def add(self) -> None:
         try:

@@ -137,6 +137,81 @@ def test_a_set_grows_scan_by_scan_and_fine_tuning_learns_from_all_of_it(
     assert widget.controller.current.runs[-1].slice_indices.tolist() == [0, 1, 3, 5]
 
 
+def test_remove_from_set_asks_then_takes_out_the_slice_or_the_scan_and_never_the_layers(
+        make_napari_viewer, qtbot, scan_1mm, scan_b, tiny_checkpoint, tmp_path, monkeypatch, notifications):
+    from napari_medconddiff import _dialogs
+    from napari_medconddiff._questions import REMOVE_CASE, REMOVE_SLICE
+
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm, name="liverA")
+    panel = widget.training_set_panel
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["liverA consensus"]
+    paint(consensus, 1, 1)
+    widget.controller.go_to_slice(3)
+    click(qtbot, panel.mark_button)
+    folder = tmp_path / "set"
+    assert choose_folder(qtbot, widget, folder) == "done"
+    assert click_add(qtbot, widget) == "done"
+    assert TrainingSet.open(folder).verified_slices("liverA") == [1, 3]
+    painted = consensus.data.copy()
+    asked = []
+
+    def answer(reply):
+        def ask(parent, scan_name, slice_index, where):
+            asked.append((scan_name, slice_index, Path(where)))
+            return reply
+        monkeypatch.setattr(_dialogs, "ask_remove_from_set", ask)
+
+    # Closing the question removes nothing.
+    answer("")
+    before = files_of(folder)
+    click(qtbot, panel.remove_button)
+    assert asked == [("liverA", 3, folder)] and "Nothing removed from the training set" in widget.status.text()
+    assert files_of(folder) == before
+
+    # Slice 3 was checked by mistake: only it leaves the set, and its mark goes (the next Add keeps it out).
+    answer(REMOVE_SLICE)
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "done"
+    assert TrainingSet.open(folder).verified_slices("liverA") == [1]
+    assert "slice 3 of case 'liverA' is no longer verified (1 verified slice(s) left)" in widget.status.text()
+    assert "1 case, 1 verified slice;" in panel.summary_label.text()
+    qtbot.waitUntil(lambda: panel.verified_label.text() == "Verified slices: edited 1", timeout=5000)
+
+    # Its last verified slice cannot go alone (the message says what can); nothing changes.
+    widget.controller.go_to_slice(1)
+    before = files_of(folder)
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "failed" and "remove the case instead" in widget.status.text()
+    assert files_of(folder) == before
+    assert any("remove the case instead" in m for m in notifications.messages("error"))
+
+    # A scan the set does not hold is told so.
+    data, kwargs = scan_b
+    layer_b = viewer.add_image(np.array(data), name="liverB", **kwargs)
+    widget.layer_combo.value = layer_b
+    assert click_segment(qtbot, widget) == "done"
+    answer(REMOVE_CASE)
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "failed" and "does not hold the scan 'liverB'" in widget.status.text()
+    assert files_of(folder) == before
+    assert any("does not hold the scan 'liverB'" in m for m in notifications.messages("error"))
+
+    # The whole scan: the set's copy goes, the layers stay as they were.
+    widget.layer_combo.value = viewer.layers["liverA"]
+    qtbot.waitUntil(lambda: widget.controller.current.scan_name == "liverA", timeout=5000)
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "done"
+    assert TrainingSet.open(folder).cases == [] and not any((folder / "imagesTr").iterdir())
+    assert "case 'liverA' removed" in widget.status.text() and "0 cases" in panel.summary_label.text()
+    np.testing.assert_array_equal(consensus.data, painted)
+
+
 def test_bad_folders_are_one_line_and_leave_the_set_as_it_was(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint,
                                                               tmp_path, notifications):
     viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)

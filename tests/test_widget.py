@@ -81,6 +81,7 @@ def _no_unexpected_question(monkeypatch):
 
     monkeypatch.setattr(_dialogs, "ask_edit_choice", unexpected)
     monkeypatch.setattr(_dialogs, "ask_save_cancelled_finetune", unexpected)
+    monkeypatch.setattr(_dialogs, "ask_remove_from_set", unexpected)
 
 
 @pytest.fixture(autouse=True)
