@@ -21,6 +21,7 @@ from medconddiff.slice_lists import slice_list_text
 
 from ._export import checkpoint_target, default_finetune_path
 from ._job import FinetuneJob, SliceChoice, channel_count_problem, iterate_finetune, prepare_finetune, save_finetuned
+from ._notifications import notify
 from ._result_set import ResultSet
 from ._segment_flow import STATUS_INTERVAL_S, SegmentSettings, own_copy
 from ._training_set_flow import case_name_of
@@ -197,6 +198,8 @@ class FinetuneFlow:
         # What the weight transfer said (e.g. "initialised from …: 310 of 318 tensors copied"): why a new
         # class starts from scratch.
         said = f" {state.log[0].strip()}." if state.log else ""
+        for warning in run.warnings:
+            notify("warning", f"MedCondDiff: {warning}")
         self.status.emit(f"Fine-tuning: {state.total} steps on {trained_on(run, len(state.slices))}…{said}")
         self._start(iterate_finetune, run, yielded=self._on_train_step, returned=self._on_finetune_trained,
                     aborted=self._on_finetune_aborted, errored=self._on_finetune_error)

@@ -69,6 +69,19 @@ def test_stopping_early_keeps_the_completed_steps_and_the_segmenter_works(tmp_pa
     assert Segmenter.from_checkpoint(path, device="cpu").class_names == ("background", "lesion")
 
 
+def test_a_class_no_training_slice_shows_is_named_in_a_warning(tiny_checkpoint, liver_volume):
+    image, labels = liver_volume
+    liver_only = np.where(labels == 2, 1, labels)          # a user who painted the tumour as liver
+    said = []
+    run = finetune(tiny_checkpoint, [LabelledScan("cut", image, META, liver_only, slices=[2])],
+                   class_names=("background", "liver", "tumour", "lesion"), steps=1, device="cpu", log=said.append)
+    assert len(run.warnings) == 1 and "'tumour', 'lesion' appear on no training slice" in run.warnings[0]
+    assert f"warning: {run.warnings[0]}" in said
+    shown = finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=range(labels.shape[2]))],
+                     class_names=("background", "liver", "tumour"), steps=1, device="cpu", log=said.append)
+    assert shown.warnings == []
+
+
 def test_without_a_number_of_steps_a_fine_tune_trains_200_for_one_scan_and_600_for_more(tmp_path, tiny_checkpoint,
                                                                                         liver_volume):
     """A set of two scans trained for 200 steps was under-trained (README: "Corrections that add up")."""

@@ -515,6 +515,11 @@ def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, 
     with qtbot.waitSignals([widget.finetune_finished, widget.run_finished], timeout=RUN_TIMEOUT_MS):
         click(qtbot, widget.finetune_button)
     assert notifications.messages("error") == []
+    # A class the trained slices do not show is named in a warning (the model would stop predicting it).
+    shown = set(np.unique(before[1:3]).tolist())
+    absent = [name for k, name in enumerate(("liver", "tumour", "lesion"), 1) if k not in shown]
+    warned = [m for m in notifications.messages("warning") if "on no training slice" in m]
+    assert len(warned) == (1 if absent else 0) and all(repr(name) in warned[0] for name in absent)
     assert widget.ft_progress.value() == widget.ft_progress.maximum() == 2
     # The model is saved where the user chose, added to the model menu under its name, and selected.
     assert chosen.is_file() and widget.model_combo.currentText() == "liver_finetuned"
@@ -536,6 +541,22 @@ def test_correct_finetune_resegment_export(make_napari_viewer, qtbot, scan_1mm, 
     sidecar = json.loads((tmp_path / "liver_seg.json").read_text())
     assert sidecar["class_names"][-1] == "lesion" and sidecar["class_volumes"]["lesion"]["voxels"] > 0
     assert sidecar["edited_slices"] == [1, 2]
+
+
+def test_fine_tuning_on_slices_that_show_no_tumour_warns_that_the_model_will_forget_it(
+        make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, tmp_path, monkeypatch, notifications):
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["liver consensus"]
+    paint(consensus, 1, 1, size=400, at=(32, 32))        # the whole slice painted liver: no tumour on it
+    assert set(np.unique(consensus.data[1]).tolist()) == {1}
+    widget.ft_steps_spin.setValue(1)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "ft.safetensors"), ""))
+    with qtbot.waitSignals([widget.finetune_finished, widget.run_finished], timeout=RUN_TIMEOUT_MS):
+        click(qtbot, widget.finetune_button)
+    warned = [m for m in notifications.messages("warning") if "on no training slice" in m]
+    assert len(warned) == 1 and "'tumour'" in warned[0] and "'liver'" not in warned[0]
 
 
 def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_viewer, qtbot, scan_1mm,

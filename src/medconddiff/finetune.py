@@ -179,6 +179,10 @@ class FinetuneRun:
         # No output folder: the run only writes where save() is told to.
         self.trainer = Trainer(config, train_set, None, device=device, log=log, init_from=start,
                                provenance=self.provenance())
+        #: What the user should know before trying the model (the CLI prints them, napari notifies).
+        self.warnings = untaught_class_warnings(train_set, config.model.class_names)
+        for warning in self.warnings:
+            log(f"warning: {warning}")
         self.carried: list[str] = []
         if keep_known_classes and self.trainer.reinitialised:
             from .transfer import carry_known_classes
@@ -374,6 +378,25 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
         scans = [dataclasses.replace(s, labels=lut[_checked_labels(s, scan_classes)]) for s in scans]
     return FinetuneRun(checkpoint, config, scans, device=device, log=log, training_set=training_set, replay=replay,
                        keep_known_classes=keep_known_classes, hold_back=hold_back)
+
+
+def untaught_class_warnings(train_set: TrainingSlices, class_names: Sequence[str]) -> list[str]:
+    """A warning naming the classes of ``class_names`` that no training slice shows (a class named but never
+    painted, or whose only case left the set): fine-tuning teaches that they are nowhere, so the model
+    stops predicting them."""
+    present = np.zeros(len(class_names), dtype=bool)
+    for index in range(len(train_set)):
+        values = np.unique(np.asarray(train_set.slice_labels(index)))
+        present[values[values < len(class_names)]] = True
+    absent = [name for name, shown in zip(class_names[1:], present[1:]) if not shown]
+    if not absent:
+        return []
+    one = len(absent) == 1
+    names = ", ".join(repr(n) for n in absent)
+    return [f"{'class' if one else 'classes'} {names} {'appears' if one else 'appear'} on no training slice: "
+            f"fine-tuning teaches the model {'it is' if one else 'they are'} nowhere, so it will stop predicting "
+            f"{'it' if one else 'them'}. Paint {'it' if one else 'them'} on a slice you train on, replay the start "
+            "model's slices (for its own classes), or leave it out of the class list"]
 
 
 def held_back_slice(scans: Sequence[LabelledScan], hold_back: bool = False) -> Optional[tuple[int, int]]:
