@@ -174,3 +174,22 @@ def test_the_commands_remove_and_merge_by_the_users_word(two_cases, capsys):
     assert main(["remove-from-set", str(root), "b"]) == 0
     assert "case 'b' removed" in capsys.readouterr().out
     assert TrainingSet.open(root).cases == ["a"]
+
+
+def test_a_set_whose_cases_label_disjoint_classes_says_so(tmp_path, liver_volume):
+    image, labels = liver_volume
+    training_set = TrainingSet.create(tmp_path / "set", LIVER)
+    training_set.add_scan("liver_case", image, META, labels, LIVER, verified_slices=[1])
+    lesion = (labels == 2).astype(np.uint8)
+    assert lesion[..., 2].any(), "slice 2 of the cut shows the tumour, here called lesion"
+    training_set.add_scan("lesion_case", image + 1, META, lesion, ("background", "lesion"), verified_slices=[2])
+    # A case verified as background only labels nothing to mix.
+    training_set.add_scan("empty_case", image + 2, META, np.zeros_like(labels), LIVER, verified_slices=[0])
+    summary = TrainingSet.open(tmp_path / "set").summary()
+    assert summary.mixed_labelling == ((("lesion",), ("lesion_case",)), (("liver", "tumour"), ("liver_case",)))
+    assert "its cases label different classes (lesion: lesion_case; liver, tumour: liver_case)" in summary.text()
+    # Cases that share a class are one kind of labelling.
+    shared = TrainingSet.create(tmp_path / "shared", LIVER)
+    shared.add_scan("a", image, META, labels, LIVER, verified_slices=[1])
+    shared.add_scan("b", image + 1, META, (labels > 0).astype(np.uint8), LIVER, verified_slices=[2])
+    assert shared.summary().mixed_labelling == () and "different classes" not in shared.summary().text()

@@ -107,6 +107,8 @@ class TrainingSetSummary:
     slices_by_case: dict[str, int] = field(default_factory=dict)
     #: groups of cases holding one scan (added under several names before the set kept digests)
     same_scan: tuple[tuple[str, ...], ...] = ()
+    #: where cases label disjoint classes: (foreground classes, the cases labelling exactly those), per group
+    mixed_labelling: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
 
     def text(self) -> str:
         voxels = ", ".join(f"{name} {count:,}" for name, count in self.labelled_voxels.items())
@@ -116,6 +118,11 @@ class TrainingSetSummary:
             text += (f"; cases {' and '.join(group)} hold the same scan (added under {len(group)} names by an "
                      "earlier release): slices verified in both count twice in training (`medconddiff "
                      "merge-cases` merges them)")
+        if self.mixed_labelling:
+            groups = "; ".join(f"{', '.join(classes)}: {_few(cases)}" for classes, cases in self.mixed_labelling)
+            text += (f"; its cases label different classes ({groups}): in the one such mix measured (a liver case "
+                     "added to lung-lesion cases) the lesion lost about half its Dice (README); a set of scans "
+                     "labelled for the same classes is safer")
         return text
 
 
@@ -541,17 +548,21 @@ class TrainingSet:
         label file, and the images of cases added before the set kept digests)."""
         voxels = np.zeros(len(self.class_names), dtype=np.int64)
         slices = {}
+        labelled_for: dict[str, tuple[str, ...]] = {}
         for case in self._cases:
             labels, meta = self._read_labels(case)
             known = labels != self._stored_ignore
-            voxels += np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
+            counts = np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
+            voxels += counts
+            labelled_for[case] = tuple(n for n, c in zip(self.class_names[1:], counts[1:]) if c)
             slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
         by_digest: dict[str, list[str]] = {}
         for case, digest in sorted(self._case_digests(record=True).items()):
             by_digest.setdefault(digest, []).append(case)
         same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
-                                  {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan)
+                                  {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan,
+                                  _mixed_labelling(labelled_for))
 
     # --------------------------------------------------------------------------------- internals
     def _image_path(self, case: str, channel: int) -> Path:
@@ -739,6 +750,23 @@ def _geometry(shape: Sequence[int], meta: VolumeMeta, slicing: str):
 def _verified_slices(known: np.ndarray, meta: VolumeMeta, slicing: str) -> list[int]:
     view = _geometry(known.shape, meta, slicing).slice_view(known)
     return np.flatnonzero(view.reshape(view.shape[0], -1).any(axis=1)).tolist()
+
+
+def _mixed_labelling(labelled_for: dict[str, tuple[str, ...]]) -> tuple:
+    """Cases grouped by the foreground classes their verified voxels show, when two groups share no class
+    (cases showing background only label nothing to mix); () otherwise."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for case, classes in sorted(labelled_for.items()):
+        if classes:
+            groups.setdefault(classes, []).append(case)
+    keys = list(groups)
+    if not any(not set(a) & set(b) for i, a in enumerate(keys) for b in keys[i + 1:]):
+        return ()
+    return tuple((classes, tuple(cases)) for classes, cases in groups.items())
+
+
+def _few(names: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _listed(slices: Sequence[int]) -> str:
