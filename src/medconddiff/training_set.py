@@ -479,8 +479,8 @@ class TrainingSet:
             if disagreeing and prefer is None:
                 where = _verified_slices(disagree, meta, self._slicing.get(case, "axial"))
                 raise TrainingSetError(f"{self.root}: cases {case} and {other} disagree on {disagreeing:,} voxel(s) "
-                                       f"verified in both (slices {_listed(where)} of {case}); say whose labels "
-                                       "win (--prefer CASE); nothing was changed")
+                                       f"verified in both (slices {_listed(where)} of {case}); say whose labels win "
+                                       "(`merge-cases --prefer CASE`); nothing was changed")
             take = known_other & ~known
             copied = int(np.count_nonzero(take))
             if prefer == other:
