@@ -170,7 +170,8 @@ def read_dicom(path: PathOrPaths) -> list[LayerData]:
 
 
 def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
-    """One folder (every series in it but the scouts) or one DICOM file -> image layer data tuples."""
+    """One folder (every series in it but the scouts) or one DICOM file (one layer per echo or phase of an
+    enhanced multi-frame file that holds several) -> image layer data tuples."""
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
     path = Path(path)
@@ -178,9 +179,6 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
         seg_header = _segmentation_header(path)
         if seg_header is not None:
             return [_segmentation_beside_its_series(path, seg_header)]
-        scan = read_dicom_series(path)
-        _warn_notes(path, scan.source.notes)
-        return [dicom_layer(scan, scan.source.name)]
     infos = list_series(path)
     notes, failures, layers, opened = list(infos.notes), [], [], {}
     for info in infos:

@@ -506,6 +506,51 @@ def test_seg_of_an_enhanced_multiframe_source_round_trips(tmp_path, cut):
     np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "enhanced.dcm"), labels)
 
 
+@pytest.mark.parametrize("stored", ["legacy converted", "MR echo sequence", "frame acquisition number"])
+def test_an_enhanced_multiframe_file_of_two_echoes_splits_into_one_volume_each(tmp_path, cut, stored):
+    """One enhanced multi-frame file holding both echoes of a dual-echo scan (frames interleaved, two at each
+    position): one part per echo, each read like its echo (it used to be refused: two slices at one position)."""
+    import highdicom as hd
+
+    volume, labels, _ = cut
+    affine = oblique_affine()
+    second = volume * 0.5 + 100.0
+    tag = "AcquisitionNumber" if stored == "frame acquisition number" else "EchoNumbers"
+    write_echoes(tmp_path / "echoes", [volume, second], affine, tag=tag, study_uid=generate_uid(),
+                 frame_uid=generate_uid())
+    single = sorted((pydicom.dcmread(p) for p in (tmp_path / "echoes").iterdir()),
+                    key=lambda d: (float(d.ImagePositionPatient[2]), int(d.get(tag))))
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(single, series_instance_uid=hd.UID(), series_number=7,
+                                                        sop_instance_uid=hd.UID(), instance_number=1)
+    words = ("acquisition 1", "acquisition 2") if tag == "AcquisitionNumber" else ("echo 1", "echo 2")
+    if stored == "frame acquisition number":   # the converter files it in the Frame Content Sequence
+        assert "FrameAcquisitionNumber" in enhanced.PerFrameFunctionalGroupsSequence[1].FrameContentSequence[0]
+    if stored == "MR echo sequence":     # where an enhanced MR keeps the echo: MR Echo Sequence, per frame
+        for item in enhanced.PerFrameFunctionalGroupsSequence:
+            unassigned = item.UnassignedPerFrameConvertedAttributesSequence[0]
+            echo = pydicom.Dataset()
+            echo.EffectiveEchoTime = 4.6 * int(unassigned.EchoNumbers)
+            item.MREchoSequence = [echo]
+            del unassigned.EchoNumbers
+        words = ("echo time 4.6", "echo time 9.2")
+    enhanced.save_as(tmp_path / "dual.dcm")
+    infos = list_series(tmp_path / "dual.dcm")
+    assert [info.part for info in infos] == list(words)
+    assert [(info.instances, info.frames) for info in infos] == [(1, volume.shape[2])] * 2
+    for info, expected in zip(infos, (volume, second)):
+        scan = read_dicom_series(tmp_path / "dual.dcm", info.uid)
+        np.testing.assert_allclose(scan.volume, expected, atol=0.5)
+        np.testing.assert_allclose(scan.meta.affine, affine, atol=1e-6)
+        assert scan.source.name == info.name and len(set(scan.source.frame_numbers)) == volume.shape[2]
+        # A SEG needs distinct plane positions in its source file (highdicom): refused in one line, no file.
+        with pytest.raises(DicomError, match=r"\((echo|acquisition).*\) is one of the images an enhanced multi-frame file holds at each "
+                                               r"position.*export NIfTI"):
+            write_dicom_seg(tmp_path / f"{info.part}.dcm", labels, scan, CLASSES)
+        assert not (tmp_path / f"{info.part}.dcm").exists()
+    with pytest.raises(DicomError, match="holds 2 DICOM series"):
+        read_dicom_series(tmp_path / "dual.dcm")
+
+
 def test_seg_takes_user_codes_and_labelmap_type(tmp_path, cut):
     volume, labels, affine = cut
     write_series(tmp_path / "series", volume, affine)

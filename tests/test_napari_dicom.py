@@ -280,6 +280,24 @@ def test_a_multi_echo_series_opens_one_layer_per_echo_in_the_same_place(tmp_path
     np.testing.assert_array_equal(layer_to_volume(np.asarray(seg[0]), seg[1]["metadata"])[0], truth)
 
 
+def test_an_enhanced_multiframe_file_of_two_echoes_opens_one_layer_per_echo(tmp_path, liver):
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    volume, _ = liver
+    write_echoes(tmp_path / "mri", [volume, volume * 0.5], LPS, description="T2 dual echo",
+                 study_uid=generate_uid(), frame_uid=generate_uid())
+    single = [pydicom.dcmread(p) for p in sorted((tmp_path / "mri").iterdir())]
+    hd.legacy.LegacyConvertedEnhancedCTImage(single, series_instance_uid=hd.UID(), series_number=3,
+                                             sop_instance_uid=hd.UID(), instance_number=1).save_as(tmp_path / "dual.dcm")
+    first, second = read_dicom(str(tmp_path / "dual.dcm"))
+    assert [first[1]["name"], second[1]["name"]] == ["series 3 'T2 dual echo (enhanced conversion)' (echo 1)",
+                                                     "series 3 'T2 dual echo (enhanced conversion)' (echo 2)"]
+    assert first[1]["scale"] == second[1]["scale"] and first[0].shape == second[0].shape
+    np.testing.assert_allclose(second[0], first[0] * 0.5, atol=0.5)
+
+
 def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_napari_viewer, qtbot, tmp_path, liver,
                                                                         monkeypatch, notifications):
     """Open the folder, choose series 2, segment slices 2–3 with the bundled model, Export as DICOM SEG."""

@@ -14,7 +14,9 @@ Every header is read once, without pixel data (values over a few KB are deferred
   image type, the first of :data:`PART_TAGS` that leaves one image per position in every part, else
   the first pair of them that does (``echo 2, phase 3``); each part is listed as its own series
   (``series 5 'T2' (echo 2)``) under the key ``UID#echo_2``, which ``--series`` and the readers take
-  like a UID.
+  like a UID. The frames of an enhanced multi-frame file split the same way, each frame's values read
+  from its functional groups (:func:`_value`); each part holds the file with its own frames
+  (:attr:`Instance.frame_numbers`).
 * A DICOM file cut short (pydicom returns what it parsed: no pixel data) is recorded as broken under
   its series, or, when it was cut before its series UID, under its folder: reading refuses that series
   (or every series stored in that folder), since a slice missing at the end of a stack would leave no gap
@@ -116,6 +118,17 @@ class Instance:
     header: pydicom.Dataset
     frames: int = 1
     part: str = ""      # which echo/phase/... of a series that holds several at each position ("echo 2")
+    #: the 1-based frames of a multi-frame file that belong to ``part`` (None: all its frames)
+    frame_numbers: tuple[int, ...] | None = None
+
+    def frame_list(self) -> list[int | None]:
+        """The image planes this instance contributes: its frames (1-based; those of its part), or
+        ``[None]`` for a single-frame image."""
+        if self.frame_numbers is not None:
+            return list(self.frame_numbers)
+        if self.frames > 1 or "PerFrameFunctionalGroupsSequence" in self.header:
+            return list(range(1, self.frames + 1))
+        return [None]
 
 
 @dataclass
@@ -249,8 +262,13 @@ def sorted_series(folder: ScannedFolder) -> list[list[Instance]]:
 #: Tags that tell apart the images a series holds at each position (multi-echo MRI, cardiac or DCE
 #: phases, repeated acquisitions, Dixon's in/opposed/water/fat images), tried in this order, and
 #: how a part is called.
-PART_TAGS = (("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase"), ("TriggerTime", "trigger time"),
-             ("AcquisitionNumber", "acquisition"), ("ImageType", "image type"))
+PART_TAGS = (("EchoNumbers", "echo"), ("EffectiveEchoTime", "echo time"), ("TemporalPositionIdentifier", "phase"),
+             ("TemporalPositionIndex", "phase"), ("TriggerTime", "trigger time"),
+             ("NominalCardiacTriggerDelayTime", "trigger time"), ("DiffusionBValue", "b-value"),
+             ("AcquisitionNumber", "acquisition"), ("FrameAcquisitionNumber", "acquisition"),
+             ("ImageType", "image type"), ("FrameType", "image type"))
+# (EffectiveEchoTime, TemporalPositionIndex, NominalCardiacTriggerDelayTime, FrameAcquisitionNumber and
+# FrameType are where enhanced multi-frame files keep them, per frame, in their functional groups.)
 _POSITION_DECIMALS = 2     # positions equal to 0.01 mm are the same position
 
 
@@ -265,20 +283,24 @@ def series_uid_of(key: str) -> str:
 
 
 def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]:
-    """A series of single-frame images that holds several images at one position, split by the first of
-    :data:`PART_TAGS` that gives two or more parts, each with one image per position, else by the first
-    pair of them that does (a multi-echo series of several phases: ``echo 2, phase 3``); ``[]`` when the
-    series needs no split or nothing splits it (the reader then refuses it, naming two such images)."""
-    if len(instances) < 2 or any(i.frames != 1 for i in instances):
+    """A series that holds several images at one position (single-frame files, or the frames of
+    enhanced multi-frame files), split by the first of :data:`PART_TAGS` that gives two or more parts,
+    each with one image per position, else by the first pair of them that does (a multi-echo series of
+    several phases: ``echo 2, phase 3``); ``[]`` when the series needs no split or nothing splits it
+    (the reader then refuses it, naming two such images). A multi-frame file split this way comes
+    back once per part, holding that part's frames (:attr:`Instance.frame_numbers`)."""
+    planes = [(instance, frame) for instance in instances for frame in instance.frame_list()]
+    if len(planes) < 2:
         return []
     # Scouts inside a series are the reader's to leave out: they neither need a split nor make one.
     images, scouts = [], []
-    for instance in instances:
-        (scouts if is_localizer(instance.header) else images).append(instance)
-    positions = [_position(i.header) for i in images]
+    for instance, frame in planes:
+        (scouts if frame is None and is_localizer(instance.header) else images).append((instance, frame))
+    positions = [_position(_value(instance.header, frame, "ImagePositionPatient")) for instance, frame in images]
     if None in positions or len(set(positions)) == len(positions):
         return []
-    values = {keyword: [_tag_text(i.header, keyword) for i in images] for keyword, _ in PART_TAGS}
+    values = {keyword: [_tag_text(_value(instance.header, frame, keyword), keyword) for instance, frame in images]
+              for keyword, _ in PART_TAGS}
     usable = [(keyword, word) for keyword, word in PART_TAGS
               if None not in values[keyword] and len(set(values[keyword])) > 1]
     for tags in [*([tag] for tag in usable), *itertools.combinations(usable, 2)]:
@@ -291,24 +313,53 @@ def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]
             parts = []
             for n, (key, members) in enumerate(ordered):
                 part = ", ".join(f"{word} {value}" for (_, word), value in zip(tags, key))
-                kept = [images[i] for i in members] + (scouts if n == 0 else [])
-                parts.append((part, [dataclasses.replace(instance, part=part) for instance in kept]))
+                kept = _part_instances([images[i] for i in members] + (scouts if n == 0 else []), part)
+                parts.append((part, kept))
             return parts
     return []
 
 
-def _position(header: pydicom.Dataset) -> tuple[float, ...] | None:
+def _part_instances(planes: list[tuple[Instance, int | None]], part: str) -> list[Instance]:
+    """The instances of one part: each single-frame image, and each multi-frame file once with its
+    frames of this part."""
+    frames_of: dict[int, list[int]] = {}
+    order: list[Instance] = []
+    for instance, frame in planes:
+        if id(instance) not in frames_of:
+            frames_of[id(instance)] = []
+            order.append(instance)
+        if frame is not None:
+            frames_of[id(instance)].append(frame)
+    return [dataclasses.replace(instance, part=part, frame_numbers=tuple(frames_of[id(instance)]) or None)
+            for instance in order]
+
+
+def _value(header: pydicom.Dataset, frame: int | None, keyword: str):
+    """An attribute of one image plane: for frame ``frame`` (1-based) of a multi-frame file, from its
+    per-frame functional groups, then the shared ones, then the file's own; else the header's."""
+    if frame is not None:
+        per_frame = header.get("PerFrameFunctionalGroupsSequence")
+        shared = header.get("SharedFunctionalGroupsSequence")
+        items = ([per_frame[frame - 1]] if per_frame is not None and len(per_frame) >= frame else []) + \
+            ([shared[0]] if shared else [])
+        for item in items:
+            for element in item:
+                if element.VR == "SQ" and len(element.value) and keyword in element.value[0]:
+                    return element.value[0].get(keyword)
+    return header.get(keyword)
+
+
+def _position(value) -> tuple[float, ...] | None:
     try:
-        return tuple(round(float(v), _POSITION_DECIMALS) for v in header.ImagePositionPatient)
-    except (AttributeError, TypeError, ValueError):
+        return tuple(round(float(v), _POSITION_DECIMALS) for v in value)
+    except (TypeError, ValueError):
         return None
 
 
-def _tag_text(header: pydicom.Dataset, keyword: str) -> str | None:
-    value = header.get(keyword)
+def _tag_text(value, keyword: str) -> str | None:
     if value is None or value == "":
         return None
-    if keyword == "ImageType":
+    if keyword in ("ImageType", "FrameType"):
         return "/".join(str(v) for v in (value if not isinstance(value, str) else [value]))
     return str(value).strip()
 
@@ -333,7 +384,7 @@ def series_info(instances: list[Instance]) -> SeriesInfo:
     uid = str(header.SeriesInstanceUID)
     return SeriesInfo(number=series_number(header), description=header_text(header, "SeriesDescription"),
                       modality=header_text(header, "Modality"), uid=part_key(uid, part) if part else uid,
-                      instances=len(instances), frames=sum(i.frames for i in instances),
+                      instances=len(instances), frames=sum(len(i.frame_list()) for i in instances),
                       size=sizes.most_common(1)[0][0], notes=tuple(notes), localizers=localizers, part=part)
 
 

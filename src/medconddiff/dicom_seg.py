@@ -76,6 +76,12 @@ def write_dicom_seg(
     names = [str(name) for name in class_names]
     if len(names) < 2:
         raise DicomError(f"{path}: need a background and at least one class name, got {names}")
+    if reference.part and any(frame is not None for frame in reference.frame_numbers):
+        # highdicom places a SEG's frames on its source's plane positions, which one file holding two
+        # echoes (or phases) repeats: it cannot tell this part's frames from the others'.
+        raise DicomError(f"{path}: {reference.name} is one of the images an enhanced multi-frame file holds at "
+                         "each position; a DICOM SEG of it cannot be written here (export NIfTI instead: it "
+                         "carries the scan's affine)")
     frames = _frames_for_source(np.asarray(labels), reference, len(names), path)
     datasets = source_datasets(reference)
     descriptions = [

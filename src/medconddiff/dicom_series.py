@@ -16,7 +16,9 @@ Decisions made here:
 * **One file** is read alone, even if the rest of its series lies beside it: an enhanced
   multi-frame file is a whole volume; a single-frame file is a 2-D image.
 * **Enhanced multi-frame** files (one file, many frames with per-frame functional groups) are read
-  like a series of their frames, through highdicom, which applies per-frame rescales.
+  like a series of their frames, through highdicom, which applies per-frame rescales; one holding
+  several echoes or phases at each position is split into one volume each, as a series of single
+  frames is (:mod:`medconddiff.dicom_folder`).
 * Slices whose Image Type says ``LOCALIZER`` are left out with a note.
 * **Refused**, with one line naming the file or series (:class:`DicomError`): a path with no DICOM
   images, a truncated or corrupt file in the chosen series, colour images (RGB secondary captures,
@@ -204,7 +206,7 @@ def _planes(instances: list[Instance], where: str):
     missing = []
     for instance in instances:
         header = instance.header
-        for frame in range(1, instance.frames + 1) if instance.frames > 1 or "PerFrameFunctionalGroupsSequence" in header else [None]:
+        for frame in instance.frame_list():
             label = instance.label if frame is None else f"{instance.label} frame {frame}"
             plane = plane_from_header(header, frame, label)
             frames.append((instance, frame))
