@@ -248,7 +248,8 @@ def test_localizer_image_type_is_left_out(tmp_path, cut):
     assert any("localizer" in note and "loc" in note for note in scan.source.notes)
 
 
-@pytest.mark.parametrize("tag, word", [("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase")])
+@pytest.mark.parametrize("tag, word", [("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase"),
+                                       ("DiffusionBValue", "b-value")])
 def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_path, cut, tag, word):
     volume, _, affine = cut
     second = volume * 0.5 + 100.0

@@ -361,6 +361,8 @@ def _tag_text(value, keyword: str) -> str | None:
         return None
     if keyword in ("ImageType", "FrameType"):
         return "/".join(str(v) for v in (value if not isinstance(value, str) else [value]))
+    if isinstance(value, float):        # binary floats (b-values, echo times): 1000, 4.6, not 1000.0
+        return f"{value:g}"
     return str(value).strip()
 
 
