@@ -147,18 +147,20 @@ class TrainingSetPanel(QGroupBox):
         self.controller.choose_training_set(folder, start)
 
     def remove(self) -> None:
-        try:
-            start = self.owner.checkpoint()
-        except ValueError as error:
-            self.controller.fail(error, "Nothing removed from the training set")
-            return
-        self.controller.remove_from_training_set(start)
+        start = self._selected_model("Nothing removed from the training set")
+        if start is not None:
+            self.controller.remove_from_training_set(start)
 
     def add(self) -> None:
+        start = self._selected_model("Not added to the training set")
+        if start is not None:
+            self.controller.add_to_training_set(self.owner.class_names(), start,
+                                                self.owner.finetune_panel.ft_kind_combo.currentData())
+
+    def _selected_model(self, failure: str) -> Optional[str]:
+        """The selected model's checkpoint, or None once the user is told why there is none."""
         try:
-            start = self.owner.checkpoint()
+            return self.owner.checkpoint()
         except ValueError as error:
-            self.controller.fail(error, "Not added to the training set")
-            return
-        self.controller.add_to_training_set(self.owner.class_names(), start,
-                                            self.owner.finetune_panel.ft_kind_combo.currentData())
+            self.controller.fail(error, failure)
+            return None
