@@ -16,7 +16,7 @@ from medconddiff.consensus_choice import (CANDIDATES, MIN_STEP_CAP, ONE_SHOT_STE
                                           useful_steps)
 from medconddiff.errors import UserInputError
 from medconddiff.evaluation import evaluate_volume
-from medconddiff.finetune import FINETUNE_CONSENSUS, LabelledScan, finetune, held_back_slice
+from medconddiff.finetune import FINETUNE_CONSENSUS, HeldBack, LabelledScan, finetune, held_back_slice
 from medconddiff.segmenter import Segmenter
 from tests.conftest import meta_1mm
 
@@ -52,12 +52,16 @@ def test_the_held_back_slice_is_the_corrected_slice_farthest_from_the_others():
         return LabelledScan("s", np.zeros((4, 4, 40), np.float32), None, np.zeros((4, 4, 40), np.uint8), slices)
 
     assert held_back_slice([scan([2, 5, 6, 7])]) is None                       # off unless asked for
-    assert held_back_slice([scan([2, 5, 6, 7])], hold_back=True) == (0, 2)
-    assert held_back_slice([scan([5, 6]), scan([10, 11, 12, 14])], hold_back=True) == (1, 14)
-    assert held_back_slice([scan([3, 4])], hold_back=True) == (0, 4)         # one is left to train on
-    for too_few in ([scan([3])], []):
+    assert held_back_slice([scan([2, 5, 6, 7])], hold_back=True) == HeldBack(0, 2)
+    assert held_back_slice([scan([5, 6]), scan([10, 11, 12, 14])], hold_back=True) == HeldBack(1, 14)
+    assert held_back_slice([scan([3, 4])], hold_back=True) == HeldBack(0, 4)         # one is left to train on
+    # A training set's cases count too: the one with the most verified slices (equals: by name).
+    cases = {"b": [1, 9, 10], "a": [3, 4, 20]}
+    assert held_back_slice([scan([5, 6])], True, cases) == HeldBack(None, 20, "a")
+    assert held_back_slice([scan([5, 6, 30])], True, cases) == HeldBack(0, 30)      # scans first among equals
+    for too_few, set_slices in (([scan([3])], None), ([], None), ([], {"a": [4]})):
         with pytest.raises(UserInputError, match="at least 2 corrected slices"):
-            held_back_slice(too_few, hold_back=True)
+            held_back_slice(too_few, True, set_slices)
 
 
 def test_a_recorded_choice_is_what_auto_means_and_the_sidecar_says_why(tiny_checkpoint, liver_volume):
@@ -110,7 +114,7 @@ def test_a_fine_tune_records_its_choice_in_the_checkpoint(tmp_path, tiny_checkpo
     image, labels = liver_volume
     scans = [LabelledScan("cut", image, META, (labels == 2).astype(np.uint8), slices=[0, 1, 2, 5])]
     run = finetune(tiny_checkpoint, scans, class_names=("background", "lesion"), hold_back=True, **QUIET)
-    assert run.held_back == (0, 5) and run.consensus_choice.method == FINETUNE_CONSENSUS
+    assert run.held_back == HeldBack(0, 5) and run.consensus_choice.method == FINETUNE_CONSENSUS
     list(run)
     assert run.consensus_choice.slices == 1 and run.consensus_choice.method in CANDIDATES
     path = run.save(tmp_path / "tuned.safetensors")

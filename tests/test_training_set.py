@@ -399,6 +399,16 @@ def test_the_finetune_command_takes_a_training_set_folder(tmp_path, tiny_checkpo
     assert "is a training-set folder" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path), *args[2:-1], str(tmp_path / "x.safetensors")]) == 2
     assert "not a training set" in capsys.readouterr().err
+    # --hold-back keeps one of the set's verified slices out and chooses the consensus on it (it used to
+    # fail: it looked for the slice among the scans given besides the set, and there are none).
+    held = tmp_path / "held.safetensors"
+    assert main([*args[:-1], str(held), "--hold-back"]) == 0
+    assert "slice 3 of case a is held back" in capsys.readouterr().out
+    extra = load_checkpoint(held).extra
+    assert extra["held_back"]["scan"] == "a" and extra["held_back"]["slice"] == 3
+    assert extra["training_set"]["verified_slices"] == {"a": 1}
+    assert extra["consensus_choice"]["basis"] == "1 corrected slice held back from training"
+    assert extra["consensus_choice"]["slices"] == 1
 
 
 def test_train_reads_only_the_verified_slices_of_a_set(tmp_path, scan):

@@ -30,7 +30,7 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from .datasets import Case, TrainingSlices
 from .errors import ConfigError, UserInputError
 from .experiment import training_config
 from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, SET_FINETUNE_STEPS, default_finetune_steps  # noqa: F401
+from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta
 from .outputs import recorded_name
 
@@ -137,12 +138,6 @@ class FinetuneRun:
         self.training_set = training_set
         self.log = log
         scans = list(scans)
-        #: (position in ``scans``, canonical slice) of the corrected slice that chooses the consensus.
-        self.held_back = held_back_slice(scans, hold_back)
-        if self.held_back is not None:
-            position, held = self.held_back
-            scans[position] = dataclasses.replace(scans[position],
-                                                  slices=[i for i in scans[position].slices if int(i) != held])
         self.consensus_choice = ConsensusChoice(
             method=FINETUNE_CONSENSUS, basis="the fine-tune default (no corrected slice held back to choose it)",
             scans=0, slices=0)
@@ -150,6 +145,15 @@ class FinetuneRun:
         # loaded one at a time while the training slices are prepared, so a big set never sits in memory whole.
         set_names = training_set.cases if training_set is not None else []
         self.set_slices = {name: training_set.verified_slices(name, config.plan.slicing) for name in set_names}
+        #: The corrected slice (of a scan or of a training-set case) that chooses the consensus, not trained on.
+        self.held_back = held_back_slice(scans, hold_back, self.set_slices)
+        if self.held_back is not None and self.held_back.case is None:
+            position, held = self.held_back.position, self.held_back.slice
+            scans[position] = dataclasses.replace(scans[position],
+                                                  slices=[i for i in scans[position].slices if int(i) != held])
+        elif self.held_back is not None:
+            case = self.held_back.case
+            self.set_slices[case] = [i for i in self.set_slices[case] if i != self.held_back.slice]
         set_cases = (dataclasses.replace(training_set.load_case(name, config.model.class_names), name=f"set:{name}")
                      for name in set_names if self.set_slices[name])
         if not any(self.set_slices.values()) and (not scans or not any(len(s.slices) for s in scans)):
@@ -215,7 +219,9 @@ class FinetuneRun:
             "trained_on": [s.name for s in self.scans] + sorted(n for n, v in self.set_slices.items() if v),
         }
         if self.held_back is not None:
-            record["held_back"] = {"scan": self.scans[self.held_back[0]].name, "slice": self.held_back[1],
+            held = self.held_back
+            record["held_back"] = {"scan": held.case if held.case is not None else self.scans[held.position].name,
+                                   "slice": held.slice, **({"training_set_case": True} if held.case else {}),
                                    "why": "chooses the consensus; not trained on"}
         if self.training_set is not None:
             record["training_set"] = {"path": recorded_name(self.training_set.root),
@@ -247,9 +253,13 @@ class FinetuneRun:
 
     def _choose_consensus(self) -> ConsensusChoice:
         """Score the candidate fusions on the held-back slice with the finished weights (EMA)."""
-        position, held = self.held_back
-        scan = self.scans[position]
-        choosing = ChoosingSlices(scan.image, scan.labels, scan.meta, [held])
+        held = self.held_back
+        if held.case is None:
+            scan = self.scans[held.position]
+            choosing = ChoosingSlices(scan.image, scan.labels, scan.meta, [held.slice])
+        else:
+            case = self.training_set.load_case(held.case, self.config.model.class_names)
+            choosing = ChoosingSlices(case.image, case.labels, case.meta, [held.slice], ignore_value=IGNORE_INDEX)
         return choose_consensus(self.segmenter(), [choosing], "1 corrected slice held back from training",
                                 prior=FINETUNE_CONSENSUS)
 
@@ -399,25 +409,35 @@ def untaught_class_warnings(train_set: TrainingSlices, class_names: Sequence[str
             "model's slices (for its own classes), or leave it out of the class list"]
 
 
-def held_back_slice(scans: Sequence[LabelledScan], hold_back: bool = False) -> Optional[tuple[int, int]]:
-    """(position in ``scans``, canonical slice) of the corrected slice to keep out of training, or None
-    (``hold_back`` False).
+class HeldBack(NamedTuple):
+    """The corrected slice a fine-tune keeps out of training to choose its consensus on."""
 
-    From the scan with the most corrected slices (the first of equals), the slice farthest from its
-    nearest other corrected slice (the later of equals): the one most like the slices nobody
-    corrected. The scan needs 2 corrected slices, so that one is left to train on.
+    position: Optional[int]       # index in the run's scans; None when it is a training-set case's
+    slice: int                    # canonical slice along the start model's slicing
+    case: Optional[str] = None    # the training-set case it belongs to
+
+
+def held_back_slice(scans: Sequence[LabelledScan], hold_back: bool = False,
+                    set_slices: Optional[Mapping[str, Sequence[int]]] = None) -> Optional[HeldBack]:
+    """The corrected slice to keep out of training, or None (``hold_back`` False).
+
+    From the scan or training-set case (``set_slices``: case → its verified slices) with the most
+    corrected slices (the first of equals: scans before cases, cases by name), the slice farthest from
+    its nearest other corrected slice (the later of equals): the one most like the slices nobody
+    corrected. It needs 2 corrected slices, so that one is left to train on.
     """
     if not hold_back:
         return None
-    counts = [len({int(i) for i in scan.slices}) for scan in scans] or [0]
-    position = int(np.argmax(counts))
-    if counts[position] < 2:
-        raise UserInputError(f"holding back a corrected slice needs a scan with at least 2 corrected slices; "
-                             f"the most any scan has is {counts[position]}")
-    slices = sorted({int(i) for i in scans[position].slices})
+    sources = [(len({int(i) for i in scan.slices}), position, None, scan.slices) for position, scan in enumerate(scans)]
+    sources += [(len({int(i) for i in slices}), None, case, slices) for case, slices in sorted((set_slices or {}).items())]
+    count, position, case, chosen = max(sources, key=lambda source: source[0], default=(0, None, None, ()))
+    if count < 2:
+        raise UserInputError(f"holding back a corrected slice needs a scan (or a case of the training set) with at "
+                             f"least 2 corrected slices; the most any has is {count}")
+    slices = sorted({int(i) for i in chosen})
     isolation = [min(abs(s - o) for o in slices if o != s) for s in slices]
     best = max(range(len(slices)), key=lambda i: (isolation[i], i))
-    return position, slices[best]
+    return HeldBack(position, slices[best], case)
 
 
 def merged_class_names(*lists: Sequence[str]) -> tuple[str, ...]:

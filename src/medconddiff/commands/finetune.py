@@ -52,9 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train on the slices the (bundled) start model was trained on, this share of "
                         "every batch (default 0.25), and keep its classes, so it forgets less")
     parser.add_argument("--hold-back", action="store_true",
-                        help="keep one corrected slice out of training and choose the model's consensus on it "
-                        "(default: train on every slice; the model then uses its last step, which a "
-                        "fine-tune's rising steps make its best)")
+                        help="keep one corrected slice out of training (of the scan, or of the training-set case "
+                        "with the most verified slices) and choose the model's consensus on it (default: train "
+                        "on every slice; the model then uses its last step, which a fine-tune's rising steps "
+                        "make its best)")
     parser.add_argument("--init", default="default", help="start checkpoint: a file or a bundled model "
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
@@ -104,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
                     lr=args.lr, device=args.device, replay=args.replay or False, hold_back=args.hold_back)
-    trained = [i for i in slices if run_.held_back is None or i != run_.held_back[1]]
+    trained = [i for i in slices if run_.held_back is None or i != run_.held_back.slice]
     print(f"fine-tuning on {len(trained)} slice(s) of {name}: {', '.join(map(str, trained))}")
     if run_.held_back is not None:
-        print(f"slice {run_.held_back[1]} is held back: it chooses the consensus and is not trained on")
+        print(f"slice {run_.held_back.slice} is held back: it chooses the consensus and is not trained on")
     return _train_and_save(args, run_)
 
 
@@ -132,6 +133,9 @@ def _finetune_on_training_set(args: argparse.Namespace, start) -> int:
                     batch_size=args.batch_size, lr=args.lr, device=args.device, replay=args.replay or False,
                     hold_back=args.hold_back)
     print(f"fine-tuning on the training set {args.image}: {training_set.summary().text()}")
+    if run_.held_back is not None:
+        print(f"slice {run_.held_back.slice} of case {run_.held_back.case} is held back: it chooses the consensus "
+              "and is not trained on")
     return _train_and_save(args, run_)
 
 
