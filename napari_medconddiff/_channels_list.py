@@ -25,6 +25,11 @@ class ChannelsList(QListWidget):
         self.setDragDropMode(QAbstractItemView.DragDropMode.InternalMove)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setToolTip(CHANNELS_TIP)
+        # A DICOM series' layer name is long ("series 9 'CT chest (enhanced conversion)' (acquisition 2)"):
+        # a horizontal scroll bar would fill the one-row list and hide the row; the name is shortened in the
+        # middle instead (its end tells echoes and phases apart) and shown whole as the row's tooltip.
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)
 
     def refresh(self, layers: Iterable[Any]) -> None:
         """Show ``layers``, keeping the user's order and ticks (by unique id, so a renamed layer keeps
@@ -39,6 +44,7 @@ class ChannelsList(QListWidget):
         self.clear()
         for key in order:
             item = QListWidgetItem(layers[key].name)
+            item.setToolTip(layers[key].name)
             item.setData(Qt.ItemDataRole.UserRole, key)
             item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsSelectable
                           | Qt.ItemFlag.ItemIsDragEnabled)

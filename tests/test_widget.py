@@ -452,6 +452,15 @@ def test_more_channels_feed_a_multichannel_model(make_napari_viewer, qtbot, scan
     assert expected in widget.model_status.text() and expected in widget.channels_list.toolTip()
     listed = lambda: [widget.channels_list.item(r).text() for r in range(widget.channels_list.count())]  # noqa: E731
     assert listed() == ["negative"] and widget.selected_channels() == ()      # the Image itself is not listed
+    # A long name (a DICOM series' part) stays a visible, tickable row, shortened, not a scroll bar.
+    negative.name = "series 9 'MR brain dual echo (enhanced conversion, 2 echoes)' (echo 2)"
+    qtbot.waitUntil(lambda: listed() == [negative.name], timeout=5000)
+    channels = widget.channels_list
+    rect = channels.visualItemRect(channels.item(0))
+    assert not channels.horizontalScrollBar().isVisible() and channels.viewport().rect().contains(rect.center())
+    assert channels.item(0).toolTip() == negative.name
+    negative.name = "negative"
+    qtbot.waitUntil(lambda: listed() == ["negative"], timeout=5000)
 
     click(qtbot, widget.segment_button)               # nothing ticked: one clear message, no run
     message = "the model expects 2 channels (FLAIR, T1): pick 1 more layer under More channels"
