@@ -155,6 +155,13 @@ def test_the_commands_remove_and_merge_by_the_users_word(two_cases, capsys):
     from medconddiff.cli import main
 
     root, image, labels = two_cases
+    before = snapshot(root)
+    assert main(["remove-from-set", str(root)]) == 0                   # no case named: a listing, nothing removed
+    out = capsys.readouterr().out
+    assert "  a: 3 verified slices (liver, tumour)\n" in out and "  b: 1 verified slice (liver, tumour)\n" in out
+    assert main(["remove-from-set", str(root), "--slices", "3"]) == 2
+    assert "--slices needs the case" in capsys.readouterr().err
+    assert snapshot(root) == before
     assert main(["remove-from-set", str(root), "a", "--slices", "3-4"]) == 0
     out = capsys.readouterr().out
     assert "slice(s) 3–4 of case 'a' are unverified again (1 verified slice(s) left)" in out

@@ -109,6 +109,14 @@ class TrainingSetSummary:
     same_scan: tuple[tuple[str, ...], ...] = ()
     #: where cases label disjoint classes: (foreground classes, the cases labelling exactly those), per group
     mixed_labelling: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+    #: case → the foreground classes its verified voxels show
+    classes_by_case: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def case_lines(self) -> list[str]:
+        """One line per case: its name, verified slices and the classes they show."""
+        return [f"{case}: {count} verified slice{'s' if count != 1 else ''}"
+                f" ({', '.join(self.classes_by_case.get(case, ())) or 'background only'})"
+                for case, count in self.slices_by_case.items()]
 
     def text(self) -> str:
         voxels = ", ".join(f"{name} {count:,}" for name, count in self.labelled_voxels.items())
@@ -562,7 +570,7 @@ class TrainingSet:
         same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
                                   {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan,
-                                  _mixed_labelling(labelled_for))
+                                  _mixed_labelling(labelled_for), labelled_for)
 
     # --------------------------------------------------------------------------------- internals
     def _image_path(self, case: str, channel: int) -> Path:
