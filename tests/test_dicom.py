@@ -550,6 +550,47 @@ def test_an_enhanced_multiframe_file_of_two_echoes_splits_into_one_volume_each(t
         assert not (tmp_path / f"{info.part}.dcm").exists()
     with pytest.raises(DicomError, match="holds 2 DICOM series"):
         read_dicom_series(tmp_path / "dual.dcm")
+    # A SEG another tool made of one part references that part's frames of the shared file: it reads onto
+    # that part, and the other part (same instance UID) is told it is not its SEG, not shown empty labels.
+    first, second = (read_dicom_series(tmp_path / "dual.dcm", info.uid) for info in infos)
+    seg_path = _seg_of_frames(tmp_path / "dual.dcm", first.source.frame_numbers, labels, tmp_path / "other.dcm")
+    np.testing.assert_array_equal(read_dicom_seg(seg_path, first), labels == 1)
+    with pytest.raises(DicomError, match=r"references none of the frames of series 7 .*\((echo|acquisition)"):
+        read_dicom_seg(seg_path, second)
+
+
+def _seg_of_frames(source_path, frame_numbers, labels, path):
+    """A SEG of the given frames of a multi-frame file, as another tool would make it: highdicom directly,
+    its frames matched to the source's by plane position, each naming the given frame as its source."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    source = pydicom.dcmread(source_path)
+    shared = source.SharedFunctionalGroupsSequence[0]
+    position = [hd.PlanePositionSequence("PATIENT", [float(v) for v in source.PerFrameFunctionalGroupsSequence[f - 1]
+                                                     .PlanePositionSequence[0].ImagePositionPatient])
+                for f in frame_numbers]
+    measures = shared.PixelMeasuresSequence[0]
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="liver", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    segmentation = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(source_path, stop_before_pixels=True)],
+        pixel_array=np.ascontiguousarray((labels == 1).transpose(2, 1, 0)).astype(np.uint8),
+        segmentation_type="BINARY", segment_descriptions=[description], series_instance_uid=hd.UID(),
+        series_number=99, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="another tool",
+        manufacturer_model_name="x", software_versions="1", device_serial_number="0", plane_positions=position,
+        plane_orientation=hd.PlaneOrientationSequence(
+            "PATIENT", [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]),
+        pixel_measures=hd.PixelMeasuresSequence([float(v) for v in measures.PixelSpacing],
+                                                float(measures.SliceThickness)))
+    # highdicom names every frame at a plane's position as its source (both echoes); this tool names its own.
+    for item in segmentation.PerFrameFunctionalGroupsSequence:
+        for derivation in item.DerivationImageSequence:
+            derivation.SourceImageSequence = [source_item for source_item in derivation.SourceImageSequence
+                                              if int(source_item.ReferencedFrameNumber) in set(frame_numbers)]
+    segmentation.save_as(path)
+    return path
 
 
 def test_seg_takes_user_codes_and_labelmap_type(tmp_path, cut):

@@ -28,6 +28,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 
 from .atomic import atomic_write, check_target
@@ -120,6 +121,12 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
     if not referenced & set(source.sop_instance_uids):
         raise DicomError(f"{path}: this segmentation references none of the images of {source.name}")
     numbers = list(segmentation.segment_numbers)
+    if any(frame is not None for frame in source.frame_numbers):
+        # One enhanced multi-frame file can hold several echoes or phases, each read as its own series with
+        # the file's one instance UID: only the frames a SEG references tell which one it segments.
+        frames = _referenced_frames(segmentation, source.sop_instance_uids[0])
+        if frames and not frames & {int(f) for f in source.frame_numbers}:
+            raise DicomError(f"{path}: this segmentation references none of the frames of {source.name}")
     try:
         if all(frame is None for frame in source.frame_numbers):
             stack = segmentation.get_pixels_by_source_instance(
@@ -136,6 +143,20 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
     stack = np.asarray(stack)
     labels = np.ascontiguousarray(stack.transpose(2, 1, 0))
     return labels.astype(smallest_label_dtype(max(numbers, default=0)), copy=False)
+
+
+def _referenced_frames(segmentation, sop_instance_uid: str) -> set[int]:
+    """The frames of source instance ``sop_instance_uid`` that a SEG's frames say they were derived from
+    (empty when it names none)."""
+    frames: set[int] = set()
+    for item in segmentation.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                if str(source.get("ReferencedSOPInstanceUID", "")) == sop_instance_uid:
+                    numbers = source.get("ReferencedFrameNumber")
+                    if numbers is not None:
+                        frames.update(int(n) for n in (numbers if isinstance(numbers, MultiValue) else [numbers]))
+    return frames
 
 
 def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
