@@ -140,8 +140,7 @@ class FinetuneFlow:
                 raise ConfigError(f"label {top} is painted on the training slices but has no class name")
             # Copies made here, on the GUI thread: the worker trains on the scan as it is now, whatever
             # the user does to the layers meanwhile.
-            image = results.space.layer.file_view(np.asarray(own_copy(results.scan)))
-            channels = self._finetune_channels(results, image.shape, settings.start)
+            image, channels = self._scan_copies(results, settings.start)
         except ValueError as error:
             self.fail(error)
             return False
@@ -166,6 +165,12 @@ class FinetuneFlow:
                                  "another name")
         if path.exists() and not settings.replace_existing:
             raise UserInputError(f"{path} exists; choose another name, or confirm replacing it in the save dialog")
+
+    def _scan_copies(self, results: ResultSet, start: str) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """File-ordered copies of the scan and of the further channels it was last segmented with (what a
+        worker may read while the user goes on editing), checked against ``start``'s channel count."""
+        image = results.space.layer.file_view(np.asarray(own_copy(results.scan)))
+        return image, self._finetune_channels(results, image.shape, start)
 
     def _finetune_channels(self, results: ResultSet, shape: tuple[int, ...], start: str) -> tuple[np.ndarray, ...]:
         """File-ordered copies of the further channels the scan was last segmented with, checked to be

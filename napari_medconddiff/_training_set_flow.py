@@ -33,7 +33,6 @@ from ._job import import_engine, stack_channels
 from ._layers import dicom_source_of
 from ._questions import REMOVE_CASE, REMOVE_SLICE
 from ._result_set import ResultSet
-from ._segment_flow import own_copy
 
 __all__ = ["TrainingSetFlow", "AddJob", "RemoveJob", "SetState", "package_folders", "check_set_folder",
            "case_name_of", "open_set", "add_to_set", "remove_from_set", "model_class_names"]
@@ -349,8 +348,7 @@ class TrainingSetFlow:
         top = int(labels.max()) if labels.size else 0
         if top >= len(names):
             raise ConfigError(f"label {top} is painted on a verified slice but has no class name")
-        image = space.layer.file_view(np.asarray(own_copy(results.scan)))
-        channels = self._finetune_channels(results, image.shape, start)
+        image, channels = self._scan_copies(results, start)
         plain = space.layer.plain
         # A plain layer's file gets the layer's axis order with an unknown orientation (as an export):
         # its slices cannot be counted along the model's slicing there, so the voxels themselves are given.
@@ -385,8 +383,7 @@ class TrainingSetFlow:
             space = results.space
             # A plain layer's slices are not counted along the model's slicing in the set: whole scan only.
             index = None if space.layer.plain else self._slice_under_slider(results)
-            image = space.layer.file_view(np.asarray(own_copy(results.scan)))
-            channels = self._finetune_channels(results, image.shape, start)
+            image, channels = self._scan_copies(results, start)
         except ValueError as error:
             self.fail(error, "Nothing removed from the training set")
             return False

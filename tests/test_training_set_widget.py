@@ -62,14 +62,21 @@ def scan_b(liver_volume):
     return volume_to_layer(np.ascontiguousarray(liver_volume[0][::-1]), meta_1mm())
 
 
+def segment_and_paint(make_napari_viewer, qtbot, scan, checkpoint, name: str):
+    """Open ``scan`` as ``name``, segment it with ``checkpoint`` (2 steps), paint label 1 on slice 1:
+    (viewer, widget, its consensus layer)."""
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan, name=name)
+    choose(widget, checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers[f"{name} consensus"]
+    paint(consensus, 1, 1)
+    return viewer, widget, consensus
+
+
 def test_a_set_grows_scan_by_scan_and_fine_tuning_learns_from_all_of_it(
         make_napari_viewer, qtbot, scan_1mm, scan_b, tiny_checkpoint, tmp_path, monkeypatch, notifications):
-    viewer, layer_a, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm, name="liverA")
+    viewer, widget, consensus_a = segment_and_paint(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, "liverA")
     panel = widget.training_set_panel
-    choose(widget, tiny_checkpoint, steps=2)
-    assert click_segment(qtbot, widget) == "done"
-    consensus_a = viewer.layers["liverA consensus"]
-    paint(consensus_a, 1, 1)
     qtbot.waitUntil(lambda: panel.verified_label.text() == "Verified slices: edited 1", timeout=5000)
 
     folder = tmp_path / "my set"
@@ -142,12 +149,8 @@ def test_remove_from_set_asks_then_takes_out_the_slice_or_the_scan_and_never_the
     from napari_medconddiff import _dialogs
     from napari_medconddiff._questions import REMOVE_CASE, REMOVE_SLICE
 
-    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm, name="liverA")
+    viewer, widget, consensus = segment_and_paint(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, "liverA")
     panel = widget.training_set_panel
-    choose(widget, tiny_checkpoint, steps=2)
-    assert click_segment(qtbot, widget) == "done"
-    consensus = viewer.layers["liverA consensus"]
-    paint(consensus, 1, 1)
     widget.controller.go_to_slice(3)
     click(qtbot, panel.mark_button)
     folder = tmp_path / "set"

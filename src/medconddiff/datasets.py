@@ -164,6 +164,10 @@ class TrainingSlices(Dataset):
         case, position = self._items[index]
         return self.cases[case].labels[position]
 
+    def classes_shown(self, num_classes: int) -> torch.Tensor:
+        """(classes,) bool: which classes any slice (replayed ones included) shows."""
+        return class_presence([self.slice_labels(i) for i in range(len(self))], num_classes).any(dim=0)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         case_index, position = self._items[index]
         case = self.cases[case_index]
@@ -238,9 +242,14 @@ class TrainingSlices(Dataset):
         self.replay_fraction = float(fraction)
 
 
+def class_presence(slice_labels: Sequence[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """(slices, classes) bool: which class each label map shows (ignored pixels show none)."""
+    return torch.stack([torch.tensor([bool((labels == k).any()) for labels in slice_labels])
+                        for k in range(num_classes)], dim=1)
+
+
 def _class_weights(slice_labels: Sequence[torch.Tensor], num_classes: int) -> torch.Tensor:
-    present = torch.stack([torch.tensor([bool((labels == k).any()) for labels in slice_labels])
-                           for k in range(num_classes)], dim=1)
+    present = class_presence(slice_labels, num_classes)
     frequency = present.float().mean(0).clamp(min=1 / len(slice_labels))
     weights = (present.float() / frequency).max(dim=1).values
     return weights / weights.sum()

@@ -42,6 +42,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from .dicom_geometry import functional_group_items
 from .errors import UserInputError
 
 __all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
@@ -338,11 +339,7 @@ def _value(header: pydicom.Dataset, frame: int | None, keyword: str):
     """An attribute of one image plane: for frame ``frame`` (1-based) of a multi-frame file, from its
     per-frame functional groups, then the shared ones, then the file's own; else the header's."""
     if frame is not None:
-        per_frame = header.get("PerFrameFunctionalGroupsSequence")
-        shared = header.get("SharedFunctionalGroupsSequence")
-        items = ([per_frame[frame - 1]] if per_frame is not None and len(per_frame) >= frame else []) + \
-            ([shared[0]] if shared else [])
-        for item in items:
+        for item in functional_group_items(header, frame):
             for element in item:
                 if element.VR == "SQ" and len(element.value) and keyword in element.value[0]:
                     return element.value[0].get(keyword)

@@ -128,19 +128,25 @@ def arrange_stack(planes: Sequence[SlicePlane], where: str) -> StackLayout:
                        columns=first.columns, tilt_degrees=tilt, dropped=dropped, notes=notes)
 
 
+def functional_group_items(header, frame: int) -> list:
+    """Where the attributes of frame ``frame`` (1-based) of an enhanced multi-frame dataset live, in the
+    order they apply: its item of the per-frame functional groups, then the shared one (each holds one
+    sequence per functional group)."""
+    items = []
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) >= frame:
+        items.append(per_frame[frame - 1])
+    shared = header.get("SharedFunctionalGroupsSequence")
+    if shared:
+        items.append(shared[0])
+    return items
+
+
 def plane_from_header(header, frame: int | None, label: str) -> SlicePlane | None:
     """The plane of a single-frame dataset (``frame`` None) or of one frame (1-based) of an enhanced
     multi-frame one, whose per-frame functional groups override the shared ones; None when its
     position, orientation or pixel spacing is missing or unusable."""
-    sources = [header]
-    if frame is not None:
-        sources = []
-        per_frame = header.get("PerFrameFunctionalGroupsSequence")
-        if per_frame is not None and len(per_frame) >= frame:
-            sources.append(per_frame[frame - 1])
-        shared = header.get("SharedFunctionalGroupsSequence")
-        if shared:
-            sources.append(shared[0])
+    sources = [header] if frame is None else functional_group_items(header, frame)
 
     def find(sequence: str | None, keyword: str):
         for source in sources:

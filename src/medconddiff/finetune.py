@@ -394,11 +394,8 @@ def untaught_class_warnings(train_set: TrainingSlices, class_names: Sequence[str
     """A warning naming the classes of ``class_names`` that no training slice shows (a class named but never
     painted, or whose only case left the set): fine-tuning teaches that they are nowhere, so the model
     stops predicting them."""
-    present = np.zeros(len(class_names), dtype=bool)
-    for index in range(len(train_set)):
-        values = np.unique(np.asarray(train_set.slice_labels(index)))
-        present[values[values < len(class_names)]] = True
-    absent = [name for name, shown in zip(class_names[1:], present[1:]) if not shown]
+    shown = train_set.classes_shown(len(class_names)).tolist()
+    absent = [name for name, present in zip(class_names[1:], shown[1:]) if not present]
     if not absent:
         return []
     one = len(absent) == 1

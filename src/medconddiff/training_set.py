@@ -60,6 +60,7 @@ from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, d
 from .datasets import Case
 from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta, load_channels, load_labels, read_meta, save_volume, write_json_atomic
+from .slice_lists import slice_list_text
 
 IGNORE_NAME = "ignore"
 FILE_ENDING = ".nii.gz"
@@ -107,10 +108,21 @@ class TrainingSetSummary:
     slices_by_case: dict[str, int] = field(default_factory=dict)
     #: groups of cases holding one scan (added under several names before the set kept digests)
     same_scan: tuple[tuple[str, ...], ...] = ()
-    #: where cases label disjoint classes: (foreground classes, the cases labelling exactly those), per group
-    mixed_labelling: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     #: case → the foreground classes its verified voxels show
     classes_by_case: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def mixed_labelling(self) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]:
+        """Cases grouped by the foreground classes their verified voxels show, when two groups share no
+        class ((classes, cases) per group; cases showing background only label nothing to mix); () otherwise."""
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for case, classes in sorted(self.classes_by_case.items()):
+            if classes:
+                groups.setdefault(classes, []).append(case)
+        keys = list(groups)
+        if not any(not set(a) & set(b) for i, a in enumerate(keys) for b in keys[i + 1:]):
+            return ()
+        return tuple((classes, tuple(cases)) for classes, cases in groups.items())
 
     def case_lines(self) -> list[str]:
         """One line per case: its name, verified slices and the classes they show."""
@@ -126,8 +138,9 @@ class TrainingSetSummary:
             text += (f"; cases {' and '.join(group)} hold the same scan (added under {len(group)} names by an "
                      "earlier release): slices verified in both count twice in training (`medconddiff "
                      "merge-cases` merges them)")
-        if self.mixed_labelling:
-            groups = "; ".join(f"{', '.join(classes)}: {_few(cases)}" for classes, cases in self.mixed_labelling)
+        mixed = self.mixed_labelling
+        if mixed:
+            groups = "; ".join(f"{', '.join(classes)}: {_few(cases)}" for classes, cases in mixed)
             text += (f"; its cases label different classes ({groups}): in the one such mix measured (a liver case "
                      "added to lung-lesion cases) the lesion lost about half its Dice (README); a set of scans "
                      "labelled for the same classes is safer")
@@ -447,7 +460,7 @@ class TrainingSet:
                 raise TrainingSetError(f"{self.root} (case {case}): slices {outside} are outside its "
                                        f"{geometry.n_slices} {slicing} slices")
             verified = _verified_slices(labels != self._stored_ignore, meta, slicing)
-            unchecked = [i for i in indices if i not in set(verified)]
+            unchecked = sorted(set(indices) - set(verified))
             if unchecked or not indices:
                 raise TrainingSetError(f"{self.root} (case {case}): slice(s) {unchecked or indices} hold no verified "
                                        f"voxel ({slicing}); its verified slices are {_listed(verified)}")
@@ -570,7 +583,7 @@ class TrainingSet:
         same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
                                   {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan,
-                                  _mixed_labelling(labelled_for), labelled_for)
+                                  labelled_for)
 
     # --------------------------------------------------------------------------------- internals
     def _image_path(self, case: str, channel: int) -> Path:
@@ -760,26 +773,11 @@ def _verified_slices(known: np.ndarray, meta: VolumeMeta, slicing: str) -> list[
     return np.flatnonzero(view.reshape(view.shape[0], -1).any(axis=1)).tolist()
 
 
-def _mixed_labelling(labelled_for: dict[str, tuple[str, ...]]) -> tuple:
-    """Cases grouped by the foreground classes their verified voxels show, when two groups share no class
-    (cases showing background only label nothing to mix); () otherwise."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for case, classes in sorted(labelled_for.items()):
-        if classes:
-            groups.setdefault(classes, []).append(case)
-    keys = list(groups)
-    if not any(not set(a) & set(b) for i, a in enumerate(keys) for b in keys[i + 1:]):
-        return ()
-    return tuple((classes, tuple(cases)) for classes, cases in groups.items())
-
-
 def _few(names: Sequence[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _listed(slices: Sequence[int]) -> str:
-    from .slice_lists import slice_list_text
-
     return slice_list_text(slices) if len(slices) else "none"
 
 
