@@ -7,19 +7,19 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from qtpy.QtWidgets import QMessageBox, QWidget
+from qtpy.QtWidgets import QInputDialog, QMessageBox, QWidget
 
 from medconddiff.slice_lists import slice_list_text
 
 from ._edits import KEEP, NEW_LAYER, REPLACE
 from ._qt_lifetime import alive
-from ._questions import REMOVE_CASE, REMOVE_SLICE, Questions
+from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE, Questions
 
 if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
-__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_remove_from_set", "confirm_replace",
-           "DialogQuestions"]
+__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_remove_from_set", "ask_case_to_remove",
+           "confirm_replace", "DialogQuestions"]
 
 
 def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
@@ -64,12 +64,41 @@ def ask_remove_from_set(parent: QWidget, scan_name: str, slice_index: Optional[i
     only = box.addButton(f"Slice {slice_index} only", QMessageBox.ButtonRole.ActionRole) \
         if slice_index is not None else None
     whole = box.addButton("Whole scan", QMessageBox.ButtonRole.DestructiveRole)
+    other = box.addButton("Another case…", QMessageBox.ButtonRole.ActionRole)
+    other.setToolTip("Choose one of the set's cases from a list (a scan that is not open here)")
     cancel = box.addButton(QMessageBox.StandardButton.Cancel)
     box.setDefaultButton(cancel)
     box.setEscapeButton(cancel)      # closing the question removes nothing
     box.exec()
     clicked = box.clickedButton()
-    return REMOVE_SLICE if only is not None and clicked is only else REMOVE_CASE if clicked is whole else ""
+    answers = {whole: REMOVE_CASE, other: REMOVE_OTHER} | ({only: REMOVE_SLICE} if only is not None else {})
+    return answers.get(clicked, "")
+
+
+def ask_case_to_remove(parent: QWidget, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:
+    """Which case to delete from the set (its position in ``case_lines``), then a confirmation whose
+    default is Cancel; None: nothing is deleted."""
+    if not case_lines:
+        return None
+    line, ok = QInputDialog.getItem(
+        parent, "Remove a case from the training set",
+        f"The training set {folder} holds these cases. Choose the one to take out\n"
+        "(its copy of the scan and all its verified slices are deleted; your layers are not changed):",
+        list(case_lines), 0, False)
+    if not ok or line not in case_lines:
+        return None
+    index = case_lines.index(line)
+    box = QMessageBox(parent)
+    box.setIcon(QMessageBox.Icon.Warning)
+    box.setWindowTitle("Remove from the training set")
+    box.setText(f"Delete this case from the training set {folder}?\n{line}")
+    box.setInformativeText("Its copy of the scan and its verified slices are deleted; the other cases stay.")
+    remove = box.addButton("Remove case", QMessageBox.ButtonRole.DestructiveRole)
+    cancel = box.addButton(QMessageBox.StandardButton.Cancel)
+    box.setDefaultButton(cancel)
+    box.setEscapeButton(cancel)
+    box.exec()
+    return index if box.clickedButton() is remove else None
 
 
 def confirm_replace(parent: QWidget, paths: list[Path]) -> bool:
@@ -106,3 +135,9 @@ class DialogQuestions(Questions):
         if widget is None or not alive(widget):
             return ""
         return ask_remove_from_set(widget, scan_name, slice_index, folder)
+
+    def case_to_remove(self, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:
+        widget = self._widget()
+        if widget is None or not alive(widget):
+            return None
+        return ask_case_to_remove(widget, case_lines, folder)

@@ -8,10 +8,11 @@ from typing import Optional
 
 from ._edits import KEEP
 
-__all__ = ["Questions", "REMOVE_SLICE", "REMOVE_CASE"]
+__all__ = ["Questions", "REMOVE_SLICE", "REMOVE_CASE", "REMOVE_OTHER"]
 
-#: Answers to :meth:`Questions.remove_from_set` ("" is the third: nothing is removed).
-REMOVE_SLICE, REMOVE_CASE = "slice", "case"
+#: Answers to :meth:`Questions.remove_from_set` ("" is the fourth: nothing is removed). REMOVE_OTHER: the
+#: user wants to choose another of the set's cases (:meth:`Questions.case_to_remove`).
+REMOVE_SLICE, REMOVE_CASE, REMOVE_OTHER = "slice", "case", "other"
 
 
 class Questions:
@@ -27,5 +28,10 @@ class Questions:
     def remove_from_set(self, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
         """Take ``scan_name`` out of the training set in ``folder``: REMOVE_SLICE (only the slice under the
         slider, ``slice_index``; None where it cannot be told), REMOVE_CASE (the whole scan) or "" (nothing,
-        the default: a set loses nothing without an explicit answer)."""
+        the default: a set loses nothing without an explicit answer). REMOVE_OTHER: choose another case."""
         return ""
+
+    def case_to_remove(self, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:
+        """Which of the set's cases (one line each: name, verified slices, classes) to delete from the set
+        in ``folder``; None (the default) deletes nothing."""
+        return None

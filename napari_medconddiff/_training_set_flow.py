@@ -31,7 +31,7 @@ from medconddiff.slice_lists import slice_list_text
 
 from ._job import import_engine, stack_channels
 from ._layers import dicom_source_of
-from ._questions import REMOVE_CASE, REMOVE_SLICE
+from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE
 from ._result_set import ResultSet
 
 __all__ = ["TrainingSetFlow", "AddJob", "RemoveJob", "SetState", "package_folders", "check_set_folder",
@@ -49,6 +49,7 @@ class SetState:
     summary: str
     class_names: tuple[str, ...] = ()
     cases: tuple[str, ...] = ()
+    case_lines: tuple[str, ...] = ()     # one per case, in ``cases`` order: name, verified slices, classes
 
 
 @dataclass
@@ -71,15 +72,17 @@ class AddJob:
 
 @dataclass
 class RemoveJob:
-    """What taking the current scan (or one slice of it) out of the set needs (plain data, GUI-thread copies)."""
+    """What taking the current scan (or one slice of it), or a case chosen by name, out of the set needs
+    (plain data, GUI-thread copies)."""
 
     folder: Path
     scan_name: str
-    image: np.ndarray                    # channel 0, file order: the set's case is found by its voxels
+    image: Optional[np.ndarray]          # channel 0, file order: the set's case is found by its voxels
     channels: tuple[np.ndarray, ...]
     meta: Any
     slice_index: Optional[int]           # canonical slice along ``slicing`` to unverify; None: the whole case
     slicing: str
+    case: Optional[str] = None           # a case chosen from the set's list: removed whole, no scan needed
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,10 @@ def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
 
 # ----------------------------------------------------------------------------- worker functions
 def _set_state(training_set: Any) -> SetState:
-    return SetState(training_set.root, training_set.summary().text(), training_set.class_names,
-                    tuple(training_set.cases))
+    summary = training_set.summary()
+    cases = tuple(training_set.cases)
+    return SetState(training_set.root, summary.text(), training_set.class_names, cases,
+                    tuple(summary.case_line(case) for case in cases))
 
 
 def open_set(folder: Path, start: Optional[str]) -> SetState:
@@ -201,6 +206,9 @@ def remove_from_set(job: RemoveJob) -> tuple[str, SetState]:
     from medconddiff.training_set import TrainingSet
 
     training_set = TrainingSet.open(job.folder)
+    if job.case is not None:
+        training_set.remove_case(job.case)
+        return f"case '{job.case}' removed (its copy of the scan and its verified slices)", _set_state(training_set)
     case = training_set.case_holding(stack_channels(job.image, job.channels), job.meta)
     if case is None:
         raise UserInputError(f"the training set {job.folder.name} does not hold the scan '{job.scan_name}'; "
@@ -370,33 +378,44 @@ class TrainingSetFlow:
 
     # ------------------------------------------------------------ remove (only when the user says so)
     def remove_from_training_set(self, start: str) -> bool:
-        """Ask, then take the current scan, or the slice under the slider, out of the chosen set (in a
-        worker). False when nothing was started: refused (and why is shown) or the user said no."""
+        """Ask, then take the current scan, or the slice under the slider, or another case the user chooses
+        from the set's list, out of the chosen set (in a worker). Without a segmented scan on screen the
+        list is all there is to choose from. False when nothing was started: refused (and why is shown) or
+        the user said no."""
         if self._refused_while_busy():
             return False
         results = self.current
+        state = self.training_set
         try:
-            if self.training_set is None or not self.training_set.cases:
+            if state is None or not state.cases:
                 raise UserInputError("the training set holds no scan to remove")
-            if results is None or results.consensus is None or results.scan is None:
-                raise UserInputError("open and segment (or continue) the scan to take out of the set first")
-            space = results.space
-            # A plain layer's slices are not counted along the model's slicing in the set: whole scan only.
-            index = None if space.layer.plain else self._slice_under_slider(results)
-            image, channels = self._scan_copies(results, start)
+            on_screen = results is not None and results.consensus is not None and results.scan is not None
+            if on_screen:
+                space = results.space
+                # A plain layer's slices are not counted along the model's slicing in the set: whole scan only.
+                index = None if space.layer.plain else self._slice_under_slider(results)
+                image, channels = self._scan_copies(results, start)
         except ValueError as error:
             self.fail(error, "Nothing removed from the training set")
             return False
-        folder = self.training_set.folder
-        answer = self.questions.remove_from_set(results.scan_name, index, folder)
-        if answer not in (REMOVE_SLICE, REMOVE_CASE):
+        folder = state.folder
+        answer = self.questions.remove_from_set(results.scan_name, index, folder) if on_screen else REMOVE_OTHER
+        if answer == REMOVE_OTHER:
+            chosen = self.questions.case_to_remove(state.case_lines, folder)
+            if chosen is None or not 0 <= chosen < len(state.cases):
+                self.status.emit("Nothing removed from the training set.")
+                return False
+            case = state.cases[chosen]
+            job = RemoveJob(folder, case, None, (), None, None, "", case=case)
+        elif answer in (REMOVE_SLICE, REMOVE_CASE):
+            job = RemoveJob(folder, results.scan_name, image, channels, space.export_meta(),
+                            index if answer == REMOVE_SLICE else None, space.geometry.slicing)
+        else:
             self.status.emit("Nothing removed from the training set.")
             return False
-        job = RemoveJob(folder, results.scan_name, image, channels, space.export_meta(),
-                        index if answer == REMOVE_SLICE else None, space.geometry.slicing)
         self._begin("removing from the training set")
         self.progress.emit(0, 0)
-        self.status.emit(f"Taking '{results.scan_name}' out of the training set {folder}…")
+        self.status.emit(f"Taking '{job.scan_name}' out of the training set {folder}…")
         self._start(remove_from_set, job, returned=lambda outcome: self._on_removed(results, job, outcome),
                     errored=self._on_set_error)
         return True

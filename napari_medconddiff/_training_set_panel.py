@@ -72,7 +72,8 @@ class TrainingSetPanel(QGroupBox):
         form.addRow(buttons)
         self.remove_button = QPushButton("Remove from set…")
         self.remove_button.setToolTip("Take this scan out of the set, or only the slice under the slider (a slice "
-                                      "added by mistake); asks first. Your layers are not changed")
+                                      "added by mistake), or another of the set's cases chosen from a list; asks "
+                                      "first. Your layers are not changed")
         self.remove_button.clicked.connect(self.remove)
         form.addRow(self.remove_button)
         self.summary_label = QLabel(NO_SET_TEXT)

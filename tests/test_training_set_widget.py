@@ -215,6 +215,60 @@ def test_remove_from_set_asks_then_takes_out_the_slice_or_the_scan_and_never_the
     np.testing.assert_array_equal(consensus.data, painted)
 
 
+def test_remove_from_set_offers_the_sets_cases_for_a_scan_not_on_screen(
+        make_napari_viewer, qtbot, scan_1mm, scan_b, tiny_checkpoint, tmp_path, monkeypatch):
+    from napari_medconddiff import _dialogs
+    from napari_medconddiff._questions import REMOVE_OTHER
+
+    viewer, widget, consensus_a = segment_and_paint(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, "liverA")
+    panel = widget.training_set_panel
+    folder = tmp_path / "set"
+    assert choose_folder(qtbot, widget, folder) == "done"
+    assert click_add(qtbot, widget) == "done"
+    data, kwargs = scan_b
+    widget.layer_combo.value = viewer.add_image(np.array(data), name="liverB", **kwargs)
+    assert click_segment(qtbot, widget) == "done"
+    paint(viewer.layers["liverB consensus"], 2, 1)
+    assert click_add(qtbot, widget) == "done"
+    assert sorted(TrainingSet.open(folder).cases) == ["liverA", "liverB"]
+    painted_a = consensus_a.data.copy()
+    offered = []
+
+    def choose_case(case):
+        def ask(parent, case_lines, where):
+            offered.append((tuple(case_lines), Path(where)))
+            return None if case is None else [line.split(":")[0] for line in case_lines].index(case)
+        monkeypatch.setattr(_dialogs, "ask_case_to_remove", ask)
+
+    # liverB is on screen; its question's "Another case…" lists the set's cases. Closing the list removes nothing.
+    monkeypatch.setattr(_dialogs, "ask_remove_from_set", lambda *args: REMOVE_OTHER)
+    choose_case(None)
+    before = files_of(folder)
+    click(qtbot, panel.remove_button)
+    lines, where = offered[-1]
+    assert where == folder and sorted(line.split(" (")[0] for line in lines) == [
+        "liverA: 1 verified slice", "liverB: 1 verified slice"]
+    assert "Nothing removed from the training set" in widget.status.text() and files_of(folder) == before
+
+    # liverA, not on screen, is chosen: it alone leaves the set; its layers are not touched.
+    choose_case("liverA")
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "done" and TrainingSet.open(folder).cases == ["liverB"]
+    assert "case 'liverA' removed" in widget.status.text() and "1 case, 1 verified slice;" in panel.summary_label.text()
+    np.testing.assert_array_equal(consensus_a.data, painted_a)
+
+    # No segmented scan on screen (both scans closed): the list is asked straight away, not the question.
+    viewer.layers.remove("liverB")
+    viewer.layers.remove("liverA")
+    monkeypatch.setattr(_dialogs, "ask_remove_from_set", lambda *args: pytest.fail("asked about a closed scan"))
+    choose_case("liverB")
+    with qtbot.waitSignal(panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, panel.remove_button)
+    assert finished.args[0] == "done" and [line.split(" (")[0] for line in offered[-1][0]] == ["liverB: 1 verified slice"]
+    assert TrainingSet.open(folder).cases == [] and "0 cases" in panel.summary_label.text()
+
+
 def test_bad_folders_are_one_line_and_leave_the_set_as_it_was(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint,
                                                               tmp_path, notifications):
     viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)

@@ -126,9 +126,12 @@ class TrainingSetSummary:
 
     def case_lines(self) -> list[str]:
         """One line per case: its name, verified slices and the classes they show."""
-        return [f"{case}: {count} verified slice{'s' if count != 1 else ''}"
-                f" ({', '.join(self.classes_by_case.get(case, ())) or 'background only'})"
-                for case, count in self.slices_by_case.items()]
+        return [self.case_line(case) for case in self.slices_by_case]
+
+    def case_line(self, case: str) -> str:
+        count = self.slices_by_case.get(case, 0)
+        return (f"{case}: {count} verified slice{'s' if count != 1 else ''}"
+                f" ({', '.join(self.classes_by_case.get(case, ())) or 'background only'})")
 
     def text(self) -> str:
         voxels = ", ".join(f"{name} {count:,}" for name, count in self.labelled_voxels.items())
