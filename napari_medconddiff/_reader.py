@@ -164,9 +164,21 @@ def contrast_limits(array: np.ndarray) -> tuple[float, float]:
 
 
 def read_dicom(path: PathOrPaths) -> list[LayerData]:
-    """Read DICOM folders or files into image layer data tuples (one per series)."""
+    """Read DICOM folders or files into image layer data tuples (one per series). One file of a series
+    reads its whole series (the other files beside it); the files of one series chosen together in a
+    file dialog therefore give that series once, not once per file."""
     paths = path if isinstance(path, (list, tuple)) else [path]
-    return [layer for p in paths for layer in read_dicom_layers(p)]
+    layers: list[LayerData] = []
+    read: set[Path] = set()
+    for p in paths:
+        if Path(p).is_file() and Path(p).resolve() in read:
+            continue
+        for data, kwargs, layer_type in read_dicom_layers(p):
+            layers.append((data, kwargs, layer_type))
+            if layer_type == "image":   # a SEG's record names the files of the series it covers
+                record = (kwargs.get("metadata") or {}).get(METADATA_KEY, {}).get(DICOM_SOURCE_KEY) or {}
+                read.update(Path(file).resolve() for file in record.get("files", ()))
+    return layers
 
 
 def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:

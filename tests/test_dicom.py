@@ -362,6 +362,18 @@ def test_two_slices_at_one_position_are_refused(tmp_path, cut):
         read_dicom_series(tmp_path)
 
 
+def test_one_file_of_a_split_series_reads_its_own_echo_with_the_files_beside_it(tmp_path, cut):
+    volume, _, affine = cut
+    second = volume * 0.5 + 100.0
+    uid = write_echoes(tmp_path, [volume, second], affine)
+    one_file = sorted(tmp_path.glob("e2_*"))[1]
+    scan = read_dicom_series(one_file)
+    np.testing.assert_allclose(scan.volume, second, atol=0.5)
+    assert scan.source.series_uid == uid and scan.source.name.endswith("(echo 2)")
+    assert any(f"{one_file.name} is one of {volume.shape[2]} files of its series" in note for note in scan.source.notes)
+    assert all(tmp_path.name not in note for note in scan.source.notes)    # a folder's name may be the patient's
+
+
 def test_one_slice_series_is_a_2d_image(tmp_path, cut):
     volume, _, affine = cut
     write_series(tmp_path, volume[:, :, :1], affine, thickness=2.5)

@@ -9,6 +9,7 @@ Segment, Export) with the bundled default model on two slices.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -143,13 +144,32 @@ def test_metadata_survives_napari_copying_it(make_napari_viewer, tmp_path, liver
     assert dicom_source_of(copied.metadata) == read_dicom_series(tmp_path / "series").source
 
 
-def test_a_single_dcm_file_opens_as_a_2d_layer(tmp_path, liver):
+def test_one_dcm_file_opens_its_series_and_alone_in_a_folder_one_slice(tmp_path, liver):
     volume, _ = liver
     paths = write_series(tmp_path / "series", volume, RAS, series_number=3, description="CT")
-    reader = get_reader(str(paths[2]))
-    ((data, kwargs, layer_type),) = reader(str(paths[2]))
+    write_series(tmp_path / "series", volume[:, :, :2], RAS, series_number=4, description="other", prefix="other")
+    # One file dragged from the folder: its series (not the other one beside it), as the folder reads it.
+    with pytest.warns(UserWarning, match="one of 6 files of its series in its folder: read them all"):
+        ((data, kwargs, layer_type),) = get_reader(str(paths[2]))(str(paths[2]))
+    ((folder_data, _, _), _) = sorted(read_dicom(str(tmp_path / "series")), key=lambda layer: layer[1]["name"])
+    assert layer_type == "image" and kwargs["name"] == "series 3 'CT'" and data.shape == folder_data.shape
+    np.testing.assert_array_equal(data, folder_data)
+    # Every file of the series chosen together in the file dialog: the series once.
+    with pytest.warns(UserWarning):
+        layers = read_dicom([str(path) for path in paths])
+    assert [layer[1]["name"] for layer in layers] == ["series 3 'CT'"]
+    # A copy of the file alone in a folder is one slice: a 2-D layer.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(paths[2], alone / paths[2].name)
+    ((data, kwargs, layer_type),) = read_dicom(str(alone / paths[2].name))
     assert layer_type == "image" and data.shape == (64, 64) and kwargs["name"] == "series 3 'CT'"
     np.testing.assert_allclose(kwargs["scale"], (0.8, 0.7))
+    # Its series beside it with a slice missing: the file alone, as before its neighbours were looked at.
+    paths[4].unlink()
+    with pytest.warns(UserWarning, match="do not make one volume .*slices are not evenly spaced.*read this file alone"):
+        ((data, _, _),) = read_dicom(str(paths[2]))
+    assert data.shape == (64, 64)
 
 
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):

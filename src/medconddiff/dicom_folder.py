@@ -139,6 +139,12 @@ class ScannedFolder:
     broken: dict[str, list[str]] = field(default_factory=dict)   # series UID (or folder) -> unreadable files
     segmentations: list[Instance] = field(default_factory=list)  # DICOM SEG files (headers only), in file order
     segmentation_note: str = ""                                  # the note that says they were skipped as images
+    #: A single file given and read with the other files of its series: the scan of that file alone, read
+    #: instead where those files do not make one volume (so a file never reads worse than it did alone).
+    file_alone: ScannedFolder | None = None
+
+    def series_files(self) -> set[Path]:
+        return {instance.path for instances in self.series.values() for instance in instances}
 
 
 def is_dicom_path(path: str | os.PathLike) -> bool:
@@ -162,10 +168,60 @@ def list_series(path: str | os.PathLike) -> SeriesList:
 
 
 def scan_folder(path: Path) -> ScannedFolder:
+    """The DICOM files under a folder (recursively), or a single file, sorted into series.
+
+    A single file of a series whose other files lie beside it (one slice of a CT or MR series, as a
+    user drags it from a folder) is read with them: the series it belongs to, not one slice of it."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    files = [path] if path.is_file() else list(_files_under(path))
-    root = path.parent if path.is_file() else path
+    if path.is_dir():
+        return _scan_files(list(_files_under(path)), path, path)
+    alone = _scan_files([path], path.parent, path)
+    siblings = _series_siblings(path, alone)
+    if not siblings:
+        return alone
+    found = _scan_files(sorted([path, *siblings]), path.parent, path)
+    # Only the series (or the echo, phase, ... of a split one) the given file is part of.
+    found.series = {key: instances for key, instances in found.series.items()
+                    if any(instance.path == path for instance in instances)}
+    if not found.series:
+        return alone
+    # The folder is not named: its name may be the patient's.
+    found.notes.append(f"{path.name} is one of {len(found.series_files())} files of its series in its folder: read "
+                       "them all as one volume (a copy of the file alone in a folder reads as one slice)")
+    found.file_alone = alone
+    return found
+
+
+def _series_siblings(file: Path, found: ScannedFolder) -> list[Path]:
+    """The other files in ``file``'s folder (not below it) holding single-frame images of the one series
+    ``file`` holds a single-frame image of; [] for anything else (a multi-frame file holds its series)."""
+    if len(found.series) != 1:
+        return []
+    (instances,) = found.series.values()
+    if len(instances) != 1 or instances[0].frames != 1:
+        return []
+    uid = str(instances[0].header.SeriesInstanceUID)
+    instance_uid = str(instances[0].header.get("SOPInstanceUID", "") or "")
+    siblings = []
+    for other in sorted(file.parent.iterdir()):
+        if other == file or other.name.startswith(".") or not other.is_file():
+            continue
+        try:
+            header = pydicom.dcmread(other, stop_before_pixels=True,
+                                     specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "NumberOfFrames"])
+        except READ_ERRORS:
+            continue
+        same_image = instance_uid and str(header.get("SOPInstanceUID", "") or "") == instance_uid
+        if (str(header.get("SeriesInstanceUID", "") or "") == uid and not same_image
+                and int(header.get("NumberOfFrames", 1) or 1) == 1):
+            siblings.append(other)
+    return siblings
+
+
+def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
+    """Headers of ``files`` sorted into series (``root``: what labels are relative to; ``path``: what
+    the user gave, for the error when nothing is an image)."""
     found = ScannedFolder()
     not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
     for file in files:

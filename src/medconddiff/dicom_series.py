@@ -130,6 +130,20 @@ def dicom_source(path: str | os.PathLike, series: int | str | None = None) -> Di
 def _locate(path: Path, series: int | str | None, scanned: ScannedFolder | None = None):
     """Choose the series and sort its images: (instances, layout or None, [(instance, frame)] by k, notes)."""
     folder = scanned if scanned is not None else scan_folder(path)
+    try:
+        return _locate_in(path, series, folder)
+    except DicomError as exc:
+        if folder.file_alone is None:
+            raise
+        # The file's series in its folder is not one volume (a slice missing, a duplicate, ...): the file
+        # alone, as it read before its neighbours were looked at, and why.
+        alone = folder.file_alone
+        alone.notes.append(f"{path.name}: the other files of its series in its folder do not make one volume "
+                           f"({exc}): read this file alone")
+        return _locate_in(path, series, alone)
+
+
+def _locate_in(path: Path, series: int | str | None, folder: ScannedFolder):
     instances = choose_series(path, folder, series)
     where = series_info(instances).name
     broken = list(folder.broken.get(str(instances[0].header.SeriesInstanceUID), []))
