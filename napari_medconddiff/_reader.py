@@ -165,11 +165,13 @@ def contrast_limits(array: np.ndarray) -> tuple[float, float]:
 
 def read_dicom(path: PathOrPaths) -> list[LayerData]:
     """Read DICOM folders or files into image layer data tuples (one per series). One file of a series
-    reads its whole series (the other files beside it); the files of one series chosen together in a
-    file dialog therefore give that series once, not once per file."""
+    reads its whole series (the other files beside it), so a file that a layer of the current viewer
+    already shows as part of a series is not read again: the files of one series chosen together in
+    napari's Open dialog (which asks for them one by one) give that series once, not once per file.
+    Nothing left to read gives napari's "no layers" answer, ``[(None,)]``."""
     paths = path if isinstance(path, (list, tuple)) else [path]
     layers: list[LayerData] = []
-    read: set[Path] = set()
+    read = _series_files_shown()
     for p in paths:
         if Path(p).is_file() and Path(p).resolve() in read:
             continue
@@ -177,8 +179,25 @@ def read_dicom(path: PathOrPaths) -> list[LayerData]:
             layers.append((data, kwargs, layer_type))
             if layer_type == "image":   # a SEG's record names the files of the series it covers
                 record = (kwargs.get("metadata") or {}).get(METADATA_KEY, {}).get(DICOM_SOURCE_KEY) or {}
-                read.update(Path(file).resolve() for file in record.get("files", ()))
-    return layers
+                read.update(_files_of(record))
+    return layers or [(None,)]
+
+
+def _files_of(record: dict) -> set[Path]:
+    return {Path(file).resolve() for file in record.get("files", ())}
+
+
+def _series_files_shown() -> set[Path]:
+    """The files of the DICOM series of several files that the current viewer's layers show."""
+    import napari
+
+    viewer = napari.current_viewer()
+    shown: set[Path] = set()
+    for layer in viewer.layers if viewer is not None else ():
+        record = (layer.metadata or {}).get(METADATA_KEY, {}).get(DICOM_SOURCE_KEY) or {}
+        if len(record.get("files", ())) > 1:
+            shown |= _files_of(record)
+    return shown
 
 
 def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:

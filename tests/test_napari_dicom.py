@@ -172,6 +172,21 @@ def test_one_dcm_file_opens_its_series_and_alone_in_a_folder_one_slice(tmp_path,
     assert data.shape == (64, 64)
 
 
+def test_the_files_of_a_series_chosen_in_napari_open_it_once(make_napari_viewer, tmp_path, liver):
+    volume, _ = liver
+    paths = write_series(tmp_path / "series", volume, RAS, series_number=3, description="CT")
+    viewer = make_napari_viewer()
+    # napari's Open dialog hands a reader the chosen files one by one: the first reads the series, the
+    # others are already shown by it.
+    with pytest.warns(UserWarning, match="read them all as one volume"):
+        layers = viewer.open([str(path) for path in paths], plugin=PLUGIN)
+    assert [layer.name for layer in layers] == ["series 3 'CT'"] and layers[0].data.shape == (6, 64, 64)
+    # Closed, the series opens again from any of its files.
+    viewer.layers.clear()
+    with pytest.warns(UserWarning, match="read them all as one volume"):
+        assert [layer.data.shape for layer in viewer.open(str(paths[3]), plugin=PLUGIN)] == [(6, 64, 64)]
+
+
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "scan.nii.gz"))
