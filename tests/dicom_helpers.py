@@ -169,3 +169,16 @@ def counted_folder_scans() -> Iterator[list]:
         for module in (dicom_folder, dicom_series):
             patch.setattr(module, "scan_folder", lambda path: scans.append(path) or original(path))
         yield scans
+
+
+def write_media(folder: Path, paths: Sequence[Path]) -> Path:
+    """The files at ``paths`` as a CD or USB export stores them: a DICOMDIR indexing files without extension
+    in PTxxxxxx/STxxxxxx/SExxxxxx folders under ``folder``; returns the DICOMDIR's path."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    media = FileSet()
+    for path in paths:
+        media.add(pydicom.dcmread(path))
+    media.write(folder)
+    return folder / "DICOMDIR"

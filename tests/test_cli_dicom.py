@@ -20,7 +20,7 @@ from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
 from medconddiff.dicom_series import list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
-from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_series
+from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_media, write_series
 
 CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
 FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
@@ -362,3 +362,14 @@ def test_add_to_set_takes_a_dicom_series_and_its_seg_and_keeps_two_patients_apar
     assert main(["finetune", str(root), "--init", str(tiny_checkpoint), "--steps", "1", "--device", "cpu",
                  "--quiet", "-o", str(tmp_path / "from_set.safetensors")]) == 0
     assert "2 cases" in capsys.readouterr().out
+
+
+def test_a_cds_dicomdir_segments_its_folder_written_beside_it(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    dicomdir = write_media(tmp_path / "CD", write_series(tmp_path / "exported", volume, affine))
+    assert segment(dicomdir) == 0
+    captured = capsys.readouterr()
+    written = nib.load(str(tmp_path / "CD_seg.nii.gz"))       # named after the CD's folder, beside it
+    assert written.shape == volume.shape and not list((tmp_path / "CD").glob("*seg*"))
+    assert "Media Storage Directory" not in captured.err         # the index is expected there, not a skipped file
+    np.testing.assert_array_equal(read_dicom_series(dicomdir).volume, read_dicom_series(tmp_path / "exported").volume)

@@ -25,7 +25,7 @@ from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_sou
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
 from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes,
-                                 write_series)
+                                 write_media, write_series)
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
@@ -185,6 +185,16 @@ def test_the_files_of_a_series_chosen_in_napari_open_it_once(make_napari_viewer,
     viewer.layers.clear()
     with pytest.warns(UserWarning, match="read them all as one volume"):
         assert [layer.data.shape for layer in viewer.open(str(paths[3]), plugin=PLUGIN)] == [(6, 64, 64)]
+
+
+def test_a_cds_dicomdir_opens_the_series_it_indexes(tmp_path, liver):
+    volume, _ = liver
+    dicomdir = write_media(tmp_path / "CD", write_series(tmp_path / "exported", volume, RAS, series_number=3,
+                                                         description="CT"))
+    ((data, kwargs, layer_type),) = get_reader(str(dicomdir))(str(dicomdir))
+    ((expected, _, _),) = read_dicom(str(tmp_path / "exported"))
+    assert layer_type == "image" and kwargs["name"] == "series 3 'CT'"
+    np.testing.assert_array_equal(data, expected)
 
 
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):

@@ -46,7 +46,7 @@ from .dicom_geometry import functional_group_items
 from .errors import UserInputError
 
 __all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
-           "scan_folder", "choose_series"]
+           "scan_folder", "choose_series", "is_media_directory"]
 
 # Objects with Rows and Columns that are not images of the patient: listing them as series would only
 # make users choose between their scan and a segmentation written beside it.
@@ -58,6 +58,8 @@ _NON_VOLUME_SOP_CLASSES = {
 #: DICOM SEG classes: skipped as images, kept in :attr:`ScannedFolder.segmentations` (napari opens them as
 #: labels over the series they reference).
 SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+#: A DICOMDIR (the index of a CD or USB export).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # What pydicom raises on files it cannot parse or decode; anything else is a bug and keeps its traceback.
 READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, AttributeError, TypeError,
                 IndexError, NotImplementedError, RuntimeError, OverflowError)
@@ -174,6 +176,9 @@ def scan_folder(path: Path) -> ScannedFolder:
     user drags it from a folder) is read with them: the series it belongs to, not one slice of it."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file() and is_media_directory(path):
+        # A CD or USB export's DICOMDIR indexes the files below its folder: opening it means that folder.
+        return scan_folder(path.parent)
     if path.is_dir():
         return _scan_files(list(_files_under(path)), path, path)
     alone = _scan_files([path], path.parent, path)
@@ -191,6 +196,14 @@ def scan_folder(path: Path) -> ScannedFolder:
                        "them all as one volume (a copy of the file alone in a folder reads as one slice)")
     found.file_alone = alone
     return found
+
+
+def is_media_directory(file: Path) -> bool:
+    try:
+        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except READ_ERRORS:
+        return False
+    return sop_class_of(header) == MEDIA_STORAGE_DIRECTORY
 
 
 def _series_siblings(file: Path, found: ScannedFolder) -> list[Path]:
@@ -237,6 +250,8 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
             unreadable.append(f"{label} ({one_line(exc)})")
             continue
         sop_class = sop_class_of(header)
+        if sop_class == MEDIA_STORAGE_DIRECTORY:
+            continue            # a CD's index: expected beside its images, never one of them
         uid = str(header.get("SeriesInstanceUID", "") or "")
         has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
         if sop_class in SEGMENTATION_SOP_CLASSES:

@@ -34,8 +34,8 @@ from .nifti import NIFTI_SUFFIXES
 if TYPE_CHECKING:   # pydicom is imported only when a DICOM input is read
     from .dicom_series import SeriesList
 
-__all__ = ["DicomPick", "folder_kind", "is_dicom_input", "is_dicom_seg_name", "pick_series", "read_pick",
-           "series_file_name", "series_case_name", "file_safe", "top_level_nifti"]
+__all__ = ["DicomPick", "folder_kind", "is_dicom_input", "is_dicom_seg_name", "media_folder", "pick_series",
+           "read_pick", "series_file_name", "series_case_name", "file_safe", "top_level_nifti"]
 
 DICOM_SEG_SUFFIXES = (".dcm", ".dicom")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -88,6 +88,14 @@ def is_dicom_input(path: Path) -> bool:
     if path.is_dir():
         return folder_kind(path) == "dicom"
     return is_dicom_path(path)
+
+
+def media_folder(path: Path) -> Path:
+    """``path``, or the folder of a CD or USB export whose DICOMDIR (its index) ``path`` is: what the
+    user means by opening it."""
+    from .dicom_folder import is_media_directory
+
+    return path.parent if path.is_file() and is_media_directory(path) else path
 
 
 def file_safe(text: str, limit: int = 64) -> str:

@@ -49,8 +49,8 @@ from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
 from ..errors import ConfigError, UserInputError
 from ..nifti import NIFTI_SUFFIXES
 from .common import SLICES_HELP, check_device, failure_report, scan_slices
-from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, pick_series, read_pick,
-                            top_level_nifti)
+from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, media_folder, pick_series,
+                            read_pick, top_level_nifti)
 from ..outputs import default_output, output_paths, segmentation_record, strip_nifti_suffix, trajectory_volume
 
 OPTIONAL_OUTPUTS = ("uncertainty", "trajectory")
@@ -212,6 +212,7 @@ def _dicom_jobs(inputs: list[Path], output: Optional[Path], channels: int, serie
                              "channels to one 4-D NIfTI or to one NIfTI file per channel")
     found: list[tuple[str, Path, Optional[DicomPick]]] = []
     for path in inputs:
+        path = media_folder(path)   # a CD's DICOMDIR stands for its folder: named, and written beside, as it
         if is_dicom_input(path):
             found += [(pick.name, path, pick) for pick in pick_series(path, series, all_series, note)]
         elif path.is_dir():
