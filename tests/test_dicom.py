@@ -502,9 +502,21 @@ def test_seg_round_trip_gives_the_same_labels_at_the_same_voxels(tmp_path, cut, 
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == scan.source.series_uid
     referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(scan.source.sop_instance_uids)
-    category = seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0]
-    kind = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
-    assert (category.CodeValue, kind.CodeValue, kind.CodingSchemeDesignator) == ("91723000", "85756007", "SCT")
+    # Liver and tumour are coded as what they are (SNOMED CT), so a PACS knows more than their labels.
+    coded = [(item.SegmentedPropertyCategoryCodeSequence[0].CodeValue,
+              item.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+              item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator) for item in seg.SegmentSequence]
+    assert coded == [("91723000", "10200004", "SCT"), ("49755003", "108369006", "SCT")]
+
+
+def test_seg_codes_classes_it_knows_and_tissue_for_the_others(tmp_path, cut):
+    volume, labels, affine = cut
+    write_series(tmp_path / "series", volume, affine)
+    names = ("background", "Grey_Matter", "c2")
+    seg = pydicom.dcmread(write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "series", names))
+    types = [(item.SegmentLabel, item.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning,
+              item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for item in seg.SegmentSequence]
+    assert types == [("Grey_Matter", "Anatomical Structure", "Gray Matter"), ("c2", "Anatomical Structure", "Tissue")]
 
 
 def test_seg_of_an_enhanced_multiframe_source_round_trips(tmp_path, cut):
@@ -614,7 +626,7 @@ def test_seg_takes_user_codes_and_labelmap_type(tmp_path, cut):
     seg = pydicom.dcmread(seg_path)
     types = {item.SegmentNumber: item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning
              for item in seg.SegmentSequence if item.SegmentNumber > 0}    # a label map adds segment 0
-    assert types == {1: "Liver", 2: "Tissue"}
+    assert types == {1: "Liver", 2: "Tumor"}
     assert dicom_seg_segments(seg_path) == {1: "liver", 2: "tumour"}
     np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "series"), labels)
 

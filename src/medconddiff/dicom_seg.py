@@ -6,9 +6,13 @@ one back onto the source's voxels.
   the frame of the source image it came from, so the SEG lies exactly on the source (gantry-tilted
   stacks included) and a clinical viewer shows it over the series it references.
 * **Segments.** One per foreground class (``class_names[1:]``; class 0 is background and is not a
-  segment); segment number ``c`` is class ``c``, labelled with its class name. Each segment is coded
-  as category SCT 91723000 "Anatomical Structure", type SCT 85756007 "Tissue" unless ``codes`` gives
-  a (category, type) pair, for all classes or per class name. The algorithm is recorded as
+  segment); segment number ``c`` is class ``c``, labelled with its class name. A class named after a
+  common structure or finding (:data:`KNOWN_CLASSES`: liver, tumour, lesion, kidney, grey matter, …)
+  is coded as what it is — SNOMED CT codes from pydicom's code dictionary, category "Anatomical
+  Structure" or, for a finding, "Morphologically Abnormal Structure" — so that a PACS or viewer knows
+  what the segment is, not only its label; any other class is category SCT 91723000 "Anatomical
+  Structure", type SCT 85756007 "Tissue". ``codes`` overrides both: a (category, type) pair for all
+  classes, or per class name. The algorithm is recorded as
   automatic, "medconddiff", family DCM "Artificial Intelligence".
 * **Type.** ``BINARY`` by default (read by every SEG-aware viewer); ``LABELMAP`` (the 2024 Label Map
   Segmentation class: smaller, fewer readers) on request.
@@ -29,18 +33,33 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
 from .atomic import atomic_write, check_target
 from .dicom_series import DicomError, DicomScan, DicomSource, dicom_source, source_datasets
 from .nifti import smallest_label_dtype
 
-__all__ = ["write_dicom_seg", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES",
-           "SEG_MANUFACTURER"]
+__all__ = ["write_dicom_seg", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES", "KNOWN_CLASSES",
+           "segment_codes", "SEG_MANUFACTURER"]
 
 CodeLike = Union[Code, tuple]
-#: (category, type) given to every segment unless ``codes`` says otherwise.
-DEFAULT_SEGMENT_CODES = (Code("91723000", "SCT", "Anatomical Structure"), Code("85756007", "SCT", "Tissue"))
+#: (category, type) given to a segment whose class name is not in :data:`KNOWN_CLASSES`, unless ``codes``
+#: says otherwise.
+DEFAULT_SEGMENT_CODES = (dicom_codes.SCT.AnatomicalStructure, dicom_codes.SCT.Tissue)
+#: Class names (lower case, as users and datasets spell them) → pydicom's SNOMED CT keyword of the type,
+#: and whether it is a finding (category "Morphologically Abnormal Structure") rather than a structure.
+KNOWN_CLASSES = {
+    "liver": ("Liver", False), "kidney": ("Kidney", False), "spleen": ("Spleen", False), "lung": ("Lung", False),
+    "pancreas": ("Pancreas", False), "prostate": ("Prostate", False), "heart": ("Heart", False),
+    "aorta": ("Aorta", False), "bladder": ("Bladder", False), "bone": ("Bone", False), "brain": ("Brain", False),
+    "grey matter": ("GrayMatter", False), "gray matter": ("GrayMatter", False),
+    "white matter": ("WhiteMatter", False), "csf": ("CerebrospinalFluid", False),
+    "cerebrospinal fluid": ("CerebrospinalFluid", False),
+    "tumour": ("Tumor", True), "tumor": ("Tumor", True), "neoplasm": ("Neoplasm", True), "lesion": ("Lesion", True),
+    "mass": ("Mass", True), "nodule": ("Nodule", True), "oedema": ("Edema", True), "edema": ("Edema", True),
+    "necrosis": ("Necrosis", True),
+}
 SEG_MANUFACTURER = "medconddiff"
 _ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
@@ -235,12 +254,22 @@ def _frames_for_source(labels: np.ndarray, source: DicomSource, n_classes: int, 
     return by_frame
 
 
-def _codes_for(name: str, codes) -> tuple[CodeLike, CodeLike]:
-    if codes is None:
+def segment_codes(name: str) -> tuple[Code, Code]:
+    """(category, type) of a class named ``name`` when nothing else is given (see the module docstring)."""
+    known = KNOWN_CLASSES.get(" ".join(name.replace("_", " ").replace("-", " ").lower().split()))
+    if known is None:
         return DEFAULT_SEGMENT_CODES
-    if isinstance(codes, Mapping):
-        return codes.get(name, DEFAULT_SEGMENT_CODES)
-    return codes
+    keyword, finding = known
+    category = dicom_codes.SCT.MorphologicallyAbnormalStructure if finding else dicom_codes.SCT.AnatomicalStructure
+    return category, getattr(dicom_codes.SCT, keyword)
+
+
+def _codes_for(name: str, given) -> tuple[CodeLike, CodeLike]:
+    if given is None:
+        return segment_codes(name)
+    if isinstance(given, Mapping):
+        return given.get(name) or segment_codes(name)
+    return given
 
 
 def _coded(code: CodeLike):
