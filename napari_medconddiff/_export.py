@@ -99,13 +99,16 @@ def export_targets(path: str | Path, *, dicom_seg: bool = False) -> tuple[Path, 
 
 def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
     """``<scan>_seg.nii.gz`` next to the scan's file, else in the user's home; for a scan read from
-    DICOM, ``<folder>_series<N>_<description>_seg.dcm`` beside the series folder."""
+    DICOM, ``<folder>_series<N>_<description>_seg.dcm`` beside the series folder (also when one of its
+    files or a CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc)."""
     if dicom is not None:
         series = "_".join(part for part in (f"series{'' if dicom.series_number is None else dicom.series_number}",
                                             file_safe(dicom.series_description, 48)) if part)
-        folder = Path(source) if source else None
+        folder = Path(source).expanduser() if source else None
+        if folder is not None and not folder.is_dir():
+            folder = folder.parent
         stem = "_".join(part for part in (file_safe(folder.name) if folder else "", series) if part)
-        return (_user_folder(source) or Path.home()) / f"{stem}_seg{DICOM_SEG_SUFFIX}"
+        return (_user_folder(str(folder) if folder else None) or Path.home()) / f"{stem}_seg{DICOM_SEG_SUFFIX}"
     stem = strip_nifti_suffix(Path(source)) if source else scan_name
     return (_user_folder(source) or Path.home()) / f"{stem}_seg.nii.gz"
 

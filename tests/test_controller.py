@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from medconddiff.config import SamplingConfig
+from medconddiff.dicom_series import DicomSource
 from medconddiff.nifti import VolumeMeta
 from medconddiff.segmenter import Segmenter
 from napari_medconddiff import _controller as controller_module
@@ -474,6 +475,18 @@ def test_default_paths_are_next_to_the_scan_or_in_the_home_never_in_the_package(
     assert default_export_path("liver", str(sample_scan_path())) == tmp_path / "home" / "liver117_image_seg.nii.gz"
     assert default_export_path("ct", str(tmp_path / "scans" / "ct.nii.gz")) == tmp_path / "scans" / "ct_seg.nii.gz"
     assert default_export_path("ct", None) == tmp_path / "home" / "ct_seg.nii.gz"
+    # A DICOM series opened as its folder, one of its files or a CD's DICOMDIR: beside the folder.
+    series = tmp_path / "cd" / "SERIES"
+    series.mkdir(parents=True)
+    (series / "IM0001").write_bytes(b"")
+    (tmp_path / "cd" / "DICOMDIR").write_bytes(b"")
+    source = DicomSource(series_uid="1.2.3", series_number=2, series_description="CT chest", modality="CT",
+                         frame_of_reference_uid="", sop_instance_uids=("1.2.3.1",), files=(str(series / "IM0001"),),
+                         frame_numbers=(None,))
+    expected = {series: tmp_path / "cd" / "SERIES_series2_CT_chest_seg.dcm",
+                series / "IM0001": tmp_path / "cd" / "SERIES_series2_CT_chest_seg.dcm",
+                tmp_path / "cd" / "DICOMDIR": tmp_path / "cd_series2_CT_chest_seg.dcm"}
+    assert {opened: default_export_path("x", str(opened), source) for opened in expected} == expected
     assert default_finetune_path("liver", str(sample_scan_path())) == \
         tmp_path / "home" / ".medconddiff" / "models" / "liver117_image_finetuned.safetensors"
     assert default_finetune_path("ct", str(tmp_path / "ct.nii")) == tmp_path / "ct_finetuned.safetensors"
