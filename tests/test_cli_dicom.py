@@ -373,3 +373,13 @@ def test_a_cds_dicomdir_segments_its_folder_written_beside_it(tmp_path, cut, cap
     assert written.shape == volume.shape and not list((tmp_path / "CD").glob("*seg*"))
     assert "Media Storage Directory" not in captured.err         # the index is expected there, not a skipped file
     np.testing.assert_array_equal(read_dicom_series(dicomdir).volume, read_dicom_series(tmp_path / "exported").volume)
+
+
+def test_one_file_of_a_series_segments_the_series_written_beside_its_folder(tmp_path, cut, capsys):
+    volume, _, affine = cut
+    paths = write_series(tmp_path / "CT_SERIES", volume, affine)
+    assert segment(paths[2]) == 0
+    captured = capsys.readouterr()
+    assert nib.load(str(tmp_path / "CT_SERIES_seg.nii.gz")).shape == volume.shape
+    assert not list((tmp_path / "CT_SERIES").glob("*seg*"))
+    assert f"{paths[2].name} is one of {volume.shape[2]} files of its series" in captured.err

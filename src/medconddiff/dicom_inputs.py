@@ -51,6 +51,8 @@ class DicomPick:
     name: str
     label: str
     listed: Optional[SeriesList] = field(default=None, repr=False, compare=False)
+    #: The series folder when one of its files was given and reads the series (outputs go beside it).
+    folder: Optional[Path] = None
 
 
 def is_dicom_seg_name(path: Path) -> bool:
@@ -148,6 +150,12 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         raise ConfigError("give --series N|UID or --all-series, not both")
     base = file_safe(path.resolve().name if path.is_dir() else path.stem) or "dicom"
     if path.is_file():
+        infos = list_series(path)
+        scanned = infos.scanned
+        if series is None and scanned is not None and scanned.file_alone is not None:
+            # One file of a series read with the files beside it: named, and written beside, as its folder.
+            folder = path.resolve().parent
+            return [DicomPick(path, None, file_safe(folder.name) or "dicom", path.name, infos, folder)]
         return [DicomPick(path, series, base, path.name)]
     infos = list_series(path)
     for text in infos.notes:

@@ -221,7 +221,7 @@ def _dicom_jobs(inputs: list[Path], output: Optional[Path], channels: int, serie
             found.append((strip_nifti_suffix(path), path, None))
     if len(found) == 1 and not all_series:
         name, path, pick = found[0]
-        beside = path.resolve().parent
+        beside = pick.folder.parent if pick is not None and pick.folder is not None else path.resolve().parent
         return [ScanJob(name, (path,), output or beside / f"{name}_seg{suffix}", pick)], False
     _check_output_folder(output, "several scans or series")
     names = [name for name, _, _ in found]
