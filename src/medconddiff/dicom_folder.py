@@ -199,6 +199,7 @@ def scan_folder(path: Path) -> ScannedFolder:
 
 
 def is_media_directory(file: Path) -> bool:
+    """Whether ``file`` is a DICOMDIR (the Media Storage Directory that indexes a CD or USB export)."""
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except READ_ERRORS:

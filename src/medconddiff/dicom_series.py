@@ -38,7 +38,7 @@ Decisions made here:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -138,9 +138,9 @@ def _locate(path: Path, series: int | str | None, scanned: ScannedFolder | None 
         # The file's series in its folder is not one volume (a slice missing, a duplicate, ...): the file
         # alone, as it read before its neighbours were looked at, and why.
         alone = folder.file_alone
-        alone.notes.append(f"{path.name}: the other files of its series in its folder do not make one volume "
-                           f"({exc}): read this file alone")
-        return _locate_in(path, series, alone)
+        why = (f"{path.name}: the other files of its series in its folder do not make one volume ({exc}): "
+               "read this file alone")
+        return _locate_in(path, series, replace(alone, notes=[*alone.notes, why]))
 
 
 def _locate_in(path: Path, series: int | str | None, folder: ScannedFolder):
