@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -581,6 +582,38 @@ def test_an_enhanced_multiframe_file_of_two_echoes_splits_into_one_volume_each(t
     np.testing.assert_array_equal(read_dicom_seg(seg_path, first), labels == 1)
     with pytest.raises(DicomError, match=r"references none of the frames of series 7 .*\((echo|acquisition)"):
         read_dicom_seg(seg_path, second)
+
+
+def test_a_seg_whose_segments_overlap_reads_with_the_smaller_segment_on_top(tmp_path, cut):
+    """Another tool's SEG holding a tumour inside the liver as two overlapping segments (numbered tumour
+    first, so the rule is not 'the higher number wins'): it was refused; it reads, the tumour on top."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    volume, _, affine = cut
+    paths = write_series(tmp_path / "series", volume, affine)
+    scan = read_dicom_series(tmp_path / "series")
+    liver = np.zeros((len(paths),) + volume.shape[1::-1], bool)      # (frames, rows, columns) in file order
+    liver[:, 10:40, 10:40] = True
+    tumour = np.zeros_like(liver)
+    tumour[2:4, 20:26, 20:26] = True
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label, segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for number, label in ((1, "tumour"), (2, "liver"))]
+    seg = hd.seg.Segmentation(
+        source_images=[pydicom.dcmread(path) for path in paths],
+        pixel_array=np.stack([tumour, liver], axis=-1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="another tool", manufacturer_model_name="x", software_versions="1", device_serial_number="1")
+    seg.save_as(tmp_path / "overlap.dcm")
+    with pytest.warns(UserWarning, match=r"72 voxel\(s\) lie in more than one segment .* smallest of its segments"):
+        labels = read_dicom_seg(tmp_path / "overlap.dcm", scan)
+    by_file = {Path(file): k for k, file in enumerate(scan.source.files)}
+    expected = np.where(tumour, 1, np.where(liver, 2, 0))              # file order, (frames, rows, columns)
+    for frame, path in enumerate(paths):
+        np.testing.assert_array_equal(labels[:, :, by_file[path]], expected[frame].T)
 
 
 def _seg_of_frames(source_path, frame_numbers, labels, path):

@@ -27,6 +27,7 @@ one back onto the source's voxels.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
@@ -130,7 +131,8 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
 
     Returns integers shaped ``(columns, rows, slices)`` like the reference volume: 0 where no segment
     is, else the segment number (for a SEG written by :func:`write_dicom_seg`, the class index).
-    Overlapping segments (possible in SEGs from other tools) are refused. Raises :class:`DicomError`
+    Where segments overlap (SEGs from other tools may store a finding inside its organ that way), the
+    smaller segment wins, with a warning. Raises :class:`DicomError`
     if the SEG does not reference the series.
     """
     path = Path(path)
@@ -147,21 +149,56 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
         if frames and not frames & {int(f) for f in source.frame_numbers}:
             raise DicomError(f"{path}: this segmentation references none of the frames of {source.name}")
     try:
-        if all(frame is None for frame in source.frame_numbers):
-            stack = segmentation.get_pixels_by_source_instance(
-                source_sop_instance_uids=list(source.sop_instance_uids), combine_segments=True,
-                assert_missing_frames_are_empty=True)
-        else:
-            uid = source.sop_instance_uids[0]
-            stack = segmentation.get_pixels_by_source_frame(
-                source_sop_instance_uid=uid, source_frame_numbers=[int(f) for f in source.frame_numbers],
-                combine_segments=True, assert_missing_frames_are_empty=True)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise DicomError(f"{path}: cannot map the segmentation onto {source.name} "
-                         f"({' '.join(str(exc).split())})") from exc
-    stack = np.asarray(stack)
+        stack = _source_pixels(segmentation, source, combine=True)
+    except _HIGHDICOM_ERRORS as exc:
+        # Read again: highdicom's frame index stays locked after a failed query on the same object.
+        stack = _overlaps_flattened(path, _read_seg(path), source, numbers)
+        if stack is None:
+            raise DicomError(f"{path}: cannot map the segmentation onto {source.name} "
+                             f"({' '.join(str(exc).split())})") from exc
     labels = np.ascontiguousarray(stack.transpose(2, 1, 0))
     return labels.astype(smallest_label_dtype(max(numbers, default=0)), copy=False)
+
+
+_HIGHDICOM_ERRORS = (ValueError, RuntimeError, KeyError)
+
+
+def _source_pixels(segmentation, source: DicomSource, *, combine: bool) -> np.ndarray:
+    """The SEG's frames in the source's slice order, (slices, rows, columns): segment numbers where
+    ``combine``, else one mask per segment on a last axis (in ``segment_numbers`` order)."""
+    if all(frame is None for frame in source.frame_numbers):
+        stack = segmentation.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(source.sop_instance_uids), combine_segments=combine,
+            assert_missing_frames_are_empty=True)
+    else:
+        stack = segmentation.get_pixels_by_source_frame(
+            source_sop_instance_uid=source.sop_instance_uids[0],
+            source_frame_numbers=[int(f) for f in source.frame_numbers], combine_segments=combine,
+            assert_missing_frames_are_empty=True)
+    return np.asarray(stack)
+
+
+def _overlaps_flattened(path: Path, segmentation, source: DicomSource, numbers: list[int]) -> np.ndarray | None:
+    """The label map of a SEG whose segments overlap, or None where they do not (the failure was another).
+
+    Other tools store a finding inside its organ as two segments that overlap (a tumour inside the
+    liver); a label map holds one class per voxel, so where segments overlap the one covering fewer
+    voxels in all wins (the finding, whichever number it has), and a warning says how many voxels."""
+    try:
+        masks = _source_pixels(segmentation, source, combine=False)
+    except _HIGHDICOM_ERRORS:
+        return None
+    present = masks >= 0.5 if np.issubdtype(masks.dtype, np.floating) else masks > 0
+    shared = int(np.count_nonzero(present.sum(axis=-1) > 1))
+    if not shared:
+        return None
+    labels = np.zeros(present.shape[:-1], dtype=smallest_label_dtype(max(numbers)))
+    sizes = present.reshape(-1, present.shape[-1]).sum(axis=0)
+    for index in np.argsort(-sizes, kind="stable"):     # largest first: smaller segments are written over it
+        labels[present[..., index]] = numbers[index]
+    warnings.warn(f"{path.name}: {shared:,} voxel(s) lie in more than one segment (the SEG's segments overlap): "
+                  "each took the smallest of its segments, as a finding inside its organ", stacklevel=3)
+    return labels
 
 
 def _referenced_frames(segmentation, sop_instance_uid: str) -> set[int]:
