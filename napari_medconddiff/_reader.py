@@ -254,7 +254,7 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
     """Labels layers for the DICOM SEG files found in a folder (``dicom_folder.Instance``, headers only)
     whose series was opened (``opened``: series UID -> (scan, layer name)), and a note for each that
     was not."""
-    from medconddiff.dicom_folder import series_uid_of
+    from medconddiff.dicom_folder import RT_STRUCTURE_SET, series_uid_of, sop_class_of
     from medconddiff.dicom_series import DicomError
 
     layers, notes = [], []
@@ -262,7 +262,8 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
         referenced = _referenced_series(seg.header)
         targets = [opened[key] for key in opened if series_uid_of(key) in referenced]
         if not targets:
-            notes.append(f"not opened: {seg.label}, a DICOM SEG of a series that is not opened here")
+            what = "an RT structure set" if sop_class_of(seg.header) == RT_STRUCTURE_SET else "a DICOM SEG"
+            notes.append(f"not opened: {seg.label}, {what} of a series that is not opened here")
             continue
         try:
             layers.append(_segmentation_over_one_of(seg.path, seg.header, iter(targets)))
@@ -287,24 +288,42 @@ def _segmentation_over_one_of(path: Path, header: Any, candidates: Any) -> Layer
 
 
 def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> LayerData:
-    """A DICOM SEG read onto its series' voxels -> a Labels layer placed exactly over the series' image
-    layer (same view, scale and metadata, so it saves back as a SEG of that series), one class per
-    segment, named by the segments' labels."""
-    from medconddiff.dicom_seg import read_dicom_seg, segment_class_names
+    """A DICOM SEG or an RT structure set read onto its series' voxels -> a Labels layer placed exactly over
+    the series' image layer (same view, scale and metadata, so it saves back as a SEG of that series), one
+    class per segment or ROI, named as the file names them."""
+    from medconddiff.dicom_folder import RT_STRUCTURE_SET, sop_class_of
 
     from ._result_layers import class_colormap, class_features
 
-    labels = read_dicom_seg(path, scan)
-    class_names = segment_class_names(path, labels)
+    if sop_class_of(header) == RT_STRUCTURE_SET:
+        from medconddiff.dicom_rtstruct import describe, read_rtstruct
+
+        structures = read_rtstruct(path, scan)
+        labels, class_names, kind, description = (structures.labels, structures.class_names, "RTSTRUCT",
+                                                  describe(header))
+        for note in structures.notes:
+            warnings.warn(note, stacklevel=2)
+    else:
+        from medconddiff.dicom_seg import read_dicom_seg, segment_class_names
+
+        labels = read_dicom_seg(path, scan)
+        class_names, kind = segment_class_names(path, labels), "SEG"
+        description = str(header.get("SeriesDescription", "") or "").strip()
     data, kwargs = volume_to_layer(labels, scan.meta)
     kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
-    description = str(header.get("SeriesDescription", "") or "").strip()
-    kwargs.update(name=f"{series_name} SEG" + (f" {description!r}" if description else ""),
+    kwargs.update(name=f"{series_name} {kind}" + (f" {description!r}" if description else ""),
                   colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5)
     return data, kwargs, "labels"
 
 
 def _referenced_series(header: Any) -> set[str]:
+    """The series a SEG (its Referenced Series Sequence) or an RT structure set was made on."""
+    from medconddiff.dicom_folder import RT_STRUCTURE_SET, sop_class_of
+
+    if sop_class_of(header) == RT_STRUCTURE_SET:
+        from medconddiff.dicom_rtstruct import rtstruct_referenced_series
+
+        return rtstruct_referenced_series(header)
     return {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
 
 

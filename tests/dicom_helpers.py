@@ -182,3 +182,56 @@ def write_media(folder: Path, paths: Sequence[Path]) -> Path:
         media.add(pydicom.dcmread(path))
     media.write(folder)
     return folder / "DICOMDIR"
+
+
+def write_rtstruct(path: Path, series_paths: Sequence[Path], affine_ras: np.ndarray,
+                   rois: Sequence[tuple[str, Sequence[tuple[int, np.ndarray]]]], *, geometric_type: str = "CLOSED_PLANAR"
+                   ) -> Path:
+    """An RT Structure Set over the series at ``series_paths`` (written with ``affine_ras``), as a planning
+    system stores one: each ROI (name, [(slice k, polygon (n, 2) in voxel (i, j))]) as closed planar
+    contours in patient LPS mm."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    first = pydicom.dcmread(series_paths[0], stop_before_pixels=True)
+    lps = LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StructureSetLabel = "RTSTRUCT", "planning"
+    ds.PatientName, ds.PatientID = first.PatientName, first.PatientID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, generate_uid()
+    series = Dataset()
+    series.SeriesInstanceUID = first.SeriesInstanceUID
+    series.ContourImageSequence = DicomSequence([])
+    study = Dataset()
+    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", first.StudyInstanceUID
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = first.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = DicomSequence([study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
+    ds.StructureSetROISequence, ds.ROIContourSequence = DicomSequence([]), DicomSequence([])
+    for number, (name, contours) in enumerate(rois, start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, first.FrameOfReferenceUID
+        ds.StructureSetROISequence.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ContourSequence = DicomSequence([])
+        for k, polygon in contours:
+            voxels = np.column_stack([np.asarray(polygon, dtype=np.float64), np.full(len(polygon), float(k)),
+                                      np.ones(len(polygon))])
+            points = (lps @ voxels.T).T[:, :3]
+            contour = Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = geometric_type, len(points)
+            contour.ContourData = [f"{value:.4f}" for value in points.ravel()]
+            item.ContourSequence.append(contour)
+        ds.ROIContourSequence.append(item)
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)

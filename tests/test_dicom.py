@@ -25,7 +25,8 @@ from medconddiff.dicom_series import (DicomError, dicom_source, is_dicom_path, l
                                       read_dicom_series)
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path, save_volume
-from tests.dicom_helpers import PATIENT, oblique_affine, slice_dataset, transcode, write_echoes, write_series
+from tests.dicom_helpers import (PATIENT, oblique_affine, slice_dataset, transcode, write_echoes, write_rtstruct,
+                                 write_series)
 
 CLASSES = ("background", "liver", "tumour")
 CUT = (slice(40, 72), slice(50, 82), slice(60, 68))
@@ -614,6 +615,40 @@ def test_a_seg_whose_segments_overlap_reads_with_the_smaller_segment_on_top(tmp_
     expected = np.where(tumour, 1, np.where(liver, 2, 0))              # file order, (frames, rows, columns)
     for frame, path in enumerate(paths):
         np.testing.assert_array_equal(labels[:, :, by_file[path]], expected[frame].T)
+
+
+def _rectangle(i0, i1, j0, j1):
+    """The polygon around voxels i0..i1 × j0..j1 (inclusive): its edges between voxel centres."""
+    return np.array([(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)])
+
+
+def test_an_rt_structure_set_fills_its_contours_on_the_series_voxels(tmp_path, cut):
+    from medconddiff.dicom_rtstruct import read_rtstruct
+
+    volume, _, affine = cut          # 32 x 32 x 8
+    paths = write_series(tmp_path / "series", volume, affine)
+    rois = [("BODY", [(k, _rectangle(1, 30, 1, 30)) for k in range(8)]),
+            ("liver", [(k, _rectangle(5, 20, 5, 20)) for k in range(1, 5)]),
+            ("tumour", [(2, _rectangle(10, 13, 10, 13))]),
+            ("ring", [(3, _rectangle(22, 29, 22, 29)), (3, _rectangle(24, 27, 24, 27))]),   # inner contour: a hole
+            ("marker", [])]
+    rtstruct = write_rtstruct(tmp_path / "series" / "rs.dcm", paths, affine, rois)
+    scan = read_dicom_series(tmp_path / "series")          # the RTSTRUCT beside the images is not a series
+    found = read_rtstruct(rtstruct, scan)
+    expected = np.zeros(volume.shape, np.uint8)
+    expected[1:31, 1:31, :] = 1
+    expected[5:21, 5:21, 1:5] = 2
+    expected[10:14, 10:14, 2] = 3                           # the smallest ROI on top, whatever its number
+    expected[22:30, 22:30, 3] = 4
+    expected[24:28, 24:28, 3] = 1
+    assert found.class_names == ("background", "BODY", "liver", "tumour", "ring")
+    np.testing.assert_array_equal(found.labels, expected)
+    assert any("left out ROI 'marker'" in note for note in found.notes)
+    assert any("1,072 voxel(s) lie in more than one ROI" in note for note in found.notes)
+    # Drawn on other images: refused, not filled somewhere else.
+    shifted = write_rtstruct(tmp_path / "shifted.dcm", paths, affine, [("liver", [(2.5, _rectangle(5, 20, 5, 20))])])
+    with pytest.raises(DicomError, match="does not lie on a slice of this series"):
+        read_rtstruct(shifted, scan)
 
 
 def _seg_of_frames(source_path, frame_numbers, labels, path):

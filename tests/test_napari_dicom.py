@@ -25,7 +25,7 @@ from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_sou
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
 from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes,
-                                 write_media, write_series)
+                                 write_media, write_rtstruct, write_series)
 
 PLUGIN = "napari-medconddiff"
 WIDGET_NAME = "MedCondDiff segmentation"
@@ -195,6 +195,30 @@ def test_a_cds_dicomdir_opens_the_series_it_indexes(tmp_path, liver):
     ((expected, _, _),) = read_dicom(str(tmp_path / "exported"))
     assert layer_type == "image" and kwargs["name"] == "series 3 'CT'"
     np.testing.assert_array_equal(data, expected)
+
+
+def test_an_rt_structure_set_in_the_folder_opens_as_labels_over_its_series(make_napari_viewer, tmp_path, liver):
+    volume, _ = liver
+    paths = write_series(tmp_path / "plan", volume, RAS, series_number=3, description="CT")
+    square = np.array([(9.5, 9.5), (30.5, 9.5), (30.5, 30.5), (9.5, 30.5)])     # voxels 10..30 in i and j
+    small = np.array([(14.5, 14.5), (20.5, 14.5), (20.5, 20.5), (14.5, 20.5)])
+    write_rtstruct(tmp_path / "plan" / "RS.dcm", paths, RAS,
+                   [("External", [(k, square) for k in range(volume.shape[2])]), ("GTV", [(2, small)])])
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning) as caught:
+        image, contours = viewer.open(str(tmp_path / "plan"), plugin=PLUGIN)
+    assert image.name == "series 3 'CT'" and contours.name == "series 3 'CT' RTSTRUCT 'planning'"
+    assert list(contours.features["class"]) == ["background", "External", "GTV"]
+    assert contours.data.shape == image.data.shape and tuple(contours.scale) == tuple(image.scale)
+    labels, _ = layer_to_volume(contours.data, contours.metadata)
+    expected = np.zeros(volume.shape, np.uint8)
+    expected[10:31, 10:31, :] = 1
+    expected[15:21, 15:21, 2] = 2
+    np.testing.assert_array_equal(labels, expected)
+    notes = [str(w.message) for w in caught]
+    assert any("36 voxel(s) lie in more than one ROI" in note for note in notes)
+    assert not any("RT Structure Set Storage" in note for note in notes)   # not reported as skipped any more
+    assert_no_patient_data(*layer_texts([image, contours]), *notes)
 
 
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):

@@ -6,7 +6,7 @@ Every header is read once, without pixel data (values over a few KB are deferred
 
 * Files that are not DICOM, or cannot be parsed, are skipped with a note; non-image objects (SEG,
   structured reports, RT structures) are skipped with a note, so that a segmentation written beside a
-  scan is not offered as a series of its own. DICOM SEG files are kept aside
+  scan is not offered as a series of its own. DICOM SEG and RT Structure Set files are kept aside
   (:attr:`ScannedFolder.segmentations`, with their own note) for the napari reader, which opens each as
   labels over the series it references.
 * **Several images at each position** (multi-echo MRI, cardiac or DCE phases, Dixon images):
@@ -58,6 +58,8 @@ _NON_VOLUME_SOP_CLASSES = {
 #: DICOM SEG classes: skipped as images, kept in :attr:`ScannedFolder.segmentations` (napari opens them as
 #: labels over the series they reference).
 SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+#: An RT Structure Set (radiotherapy contours): kept with the segmentations, which napari opens as labels.
+RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
 #: A DICOMDIR (the index of a CD or USB export).
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # What pydicom raises on files it cannot parse or decode; anything else is a bug and keeps its traceback.
@@ -139,7 +141,7 @@ class ScannedFolder:
     series: dict[str, list[Instance]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     broken: dict[str, list[str]] = field(default_factory=dict)   # series UID (or folder) -> unreadable files
-    segmentations: list[Instance] = field(default_factory=list)  # DICOM SEG files (headers only), in file order
+    segmentations: list[Instance] = field(default_factory=list)  # SEG and RTSTRUCT files (headers only), file order
     segmentation_note: str = ""                                  # the note that says they were skipped as images
     #: A single file given and read with the other files of its series: the scan of that file alone, read
     #: instead where those files do not make one volume (so a file never reads worse than it did alone).
@@ -255,7 +257,7 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
             continue            # a CD's index: expected beside its images, never one of them
         uid = str(header.get("SeriesInstanceUID", "") or "")
         has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
-        if sop_class in SEGMENTATION_SOP_CLASSES:
+        if sop_class in SEGMENTATION_SOP_CLASSES or sop_class == RT_STRUCTURE_SET:
             found.segmentations.append(Instance(file, label, header))
             segmentation_kinds[_NON_VOLUME_SOP_CLASSES[sop_class]] += 1
             continue
