@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from . import _result_layers as results_layers
 from ._layers import full_resolution
@@ -24,18 +25,22 @@ class SavedLabelsRow:
 
     def __init__(self, form: QFormLayout, on_continue: Callable[[], None]):
         self.combo = QComboBox()
-        self.combo.setToolTip("Labels saved in an earlier session and opened over this scan: a DICOM SEG (opened "
-                              "with its series folder, or alone) or a NIfTI mask")
+        self.combo.setToolTip("Labels saved in an earlier session and opened over this scan: a DICOM SEG or RT "
+                              "structure set (opened with its series folder, or alone) or a NIfTI mask")
         self.button = QPushButton("Continue from them")
         self.button.setToolTip("Make these labels the scan's consensus, as your edits: the slices they label count "
                                "as verified (Add to training set, Fine-tune) and are kept when you segment again. "
                                "The saved layer is left as it is; Ctrl+Z in the consensus undoes this")
         self.button.clicked.connect(on_continue)
+        # The combo above the button, each the row's full width: side by side in a dock of napari's default
+        # width, a layer name (`series 2 'CT chest' RTSTRUCT 'planning'`) and the button's text were both cut.
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(12)
         self.container = QWidget()
-        row = QHBoxLayout(self.container)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.combo, 1)
-        row.addWidget(self.button)
+        column = QVBoxLayout(self.container)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.addWidget(self.combo)
+        column.addWidget(self.button)
         self.label = QLabel("Saved labels")
         self.label.setToolTip(self.combo.toolTip())
         form.addRow(self.label, self.container)
@@ -54,6 +59,8 @@ class SavedLabelsRow:
         self.combo.blockSignals(True)
         self.combo.clear()
         self.combo.addItems([layer.name for layer in self._layers])
+        for index, layer in enumerate(self._layers):      # the whole name where the combo shows its start
+            self.combo.setItemData(index, layer.name, Qt.ItemDataRole.ToolTipRole)
         ids = [str(layer.unique_id) for layer in self._layers]
         if before is not None and str(before.unique_id) in ids:
             self.combo.setCurrentIndex(ids.index(str(before.unique_id)))
