@@ -200,16 +200,14 @@ def add_to_set(job: AddJob) -> AddOutcome:
 
 
 def remove_from_set(job: RemoveJob) -> tuple[str, SetState]:
-    """Take the scan's case (found by its voxels, whatever name it was added under), or one of its slices,
-    out of the set (worker); (what was done, the set now). The set is unchanged when this fails."""
+    """Take the scan's case (found by its voxels, whatever name it was added under; or the case the job
+    names), or one of its slices, out of the set (worker); (what was done, the set now). The set is
+    unchanged when this fails."""
     import_engine()
     from medconddiff.training_set import TrainingSet
 
     training_set = TrainingSet.open(job.folder)
-    if job.case is not None:
-        training_set.remove_case(job.case)
-        return f"case '{job.case}' removed (its copy of the scan and its verified slices)", _set_state(training_set)
-    case = training_set.case_holding(stack_channels(job.image, job.channels), job.meta)
+    case = job.case or training_set.case_holding(stack_channels(job.image, job.channels), job.meta)
     if case is None:
         raise UserInputError(f"the training set {job.folder.name} does not hold the scan '{job.scan_name}'; "
                              "nothing was removed")
