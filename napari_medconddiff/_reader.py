@@ -328,22 +328,23 @@ def _referenced_series(header: Any) -> set[str]:
 
 
 def _segmentation_header(path: Path) -> Any:
-    """The header of a DICOM SEG file (no pixel data), or None for any other file."""
+    """The header of a DICOM SEG or RT structure set file (no pixel data), or None for any other file."""
     import pydicom
 
-    from medconddiff.dicom_folder import READ_ERRORS, SEGMENTATION_SOP_CLASSES, sop_class_of
+    from medconddiff.dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, SEGMENTATION_SOP_CLASSES, sop_class_of
 
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except READ_ERRORS:
         return None      # the series reader says what is wrong with it
-    return header if sop_class_of(header) in SEGMENTATION_SOP_CLASSES else None
+    return header if sop_class_of(header) in (*SEGMENTATION_SOP_CLASSES, RT_STRUCTURE_SET) else None
 
 
 def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
-    """A SEG file opened alone (``header``: its header): its series is looked for in the SEG's folder
-    (where Export puts the SEG: beside the series folder), read for its geometry, and the SEG placed over it."""
-    from medconddiff.dicom_folder import series_uid_of
+    """A SEG (or RT structure set) file opened alone (``header``: its header): its series is looked for in
+    its folder (where Export puts the SEG: beside the series folder), read for its geometry, and the SEG
+    placed over it."""
+    from medconddiff.dicom_folder import RT_STRUCTURE_SET, series_uid_of, sop_class_of
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
     referenced = _referenced_series(header)
@@ -353,7 +354,8 @@ def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
         infos = []
     matches = [info for info in infos if series_uid_of(info.uid) in referenced]
     if not matches:
-        raise DicomError(f"{path.name} is a DICOM SEG; the series it segments is not in "
+        what = "an RT structure set" if sop_class_of(header) == RT_STRUCTURE_SET else "a DICOM SEG"
+        raise DicomError(f"{path.name} is {what}; the series it segments is not in "
                          f"{path.parent.name or path.parent}: open the series folder (with the SEG in it) or put "
                          "the SEG beside it")
     parts = ((read_dicom_series(path.parent, info.uid, listed=infos), info.name) for info in matches)

@@ -219,6 +219,11 @@ def test_an_rt_structure_set_in_the_folder_opens_as_labels_over_its_series(make_
     assert any("36 voxel(s) lie in more than one ROI" in note for note in notes)
     assert not any("RT Structure Set Storage" in note for note in notes)   # not reported as skipped any more
     assert_no_patient_data(*layer_texts([image, contours]), *notes)
+    # The RTSTRUCT file opened alone: the series beside it gives its geometry.
+    with pytest.warns(UserWarning, match="lie in more than one ROI"):
+        ((data, kwargs, layer_type),) = get_reader(str(tmp_path / "plan" / "RS.dcm"))(str(tmp_path / "plan" / "RS.dcm"))
+    assert layer_type == "labels" and kwargs["name"] == contours.name
+    np.testing.assert_array_equal(data, contours.data)
 
 
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):
