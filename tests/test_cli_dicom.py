@@ -20,7 +20,8 @@ from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
 from medconddiff.dicom_series import list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
-from tests.dicom_helpers import PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_media, write_series
+from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_media,
+                                 write_rtstruct, write_series)
 
 CUT = (slice(56, 120), slice(16, 80), slice(60, 66))
 FAST = ("--steps", "2", "--seed", "1", "--quiet", "--device", "cpu", "--threads", "1")
@@ -383,3 +384,20 @@ def test_one_file_of_a_series_segments_the_series_written_beside_its_folder(tmp_
     assert nib.load(str(tmp_path / "CT_SERIES_seg.nii.gz")).shape == volume.shape
     assert not list((tmp_path / "CT_SERIES").glob("*seg*"))
     assert f"{paths[2].name} is one of {volume.shape[2]} files of its series" in captured.err
+
+
+def test_an_rt_structure_sets_contoured_slices_join_a_training_set(tmp_path, cut, capsys):
+    from medconddiff.training_set import TrainingSet
+
+    volume, _, affine = cut
+    paths = write_series(tmp_path / "CT", volume, affine)
+    square = np.array([(9.5, 9.5), (30.5, 9.5), (30.5, 30.5), (9.5, 30.5)])      # voxels 10..30 in i and j
+    write_rtstruct(tmp_path / "RS.dcm", paths, affine, [("GTV", [(2, square), (3, square)]), ("empty", [])])
+    assert main(["add-to-set", str(tmp_path / "set"), str(tmp_path / "CT"), str(tmp_path / "RS.dcm"),
+                 "--slices", "labelled"]) == 0
+    captured = capsys.readouterr()
+    training_set = TrainingSet.open(tmp_path / "set")
+    (case,) = training_set.cases
+    assert training_set.class_names[:2] == ("background", "GTV") and training_set.verified_slices(case) == [2, 3]
+    assert "left out ROI 'empty'" in captured.err and "lesion" not in training_set.class_names
+    assert_no_patient_data(captured.out, captured.err)

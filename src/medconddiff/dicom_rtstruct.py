@@ -32,7 +32,8 @@ from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, one_line
 from .dicom_series import DicomScan
 from .nifti import smallest_label_dtype
 
-__all__ = ["RT_STRUCTURE_SET", "StructureSet", "read_rtstruct", "rtstruct_referenced_series", "describe"]
+__all__ = ["RT_STRUCTURE_SET", "StructureSet", "read_rtstruct", "rtstruct_referenced_series", "rtstruct_class_names",
+           "is_rtstruct", "describe"]
 #: How far (in slices) a contour may lie from the nearest slice: rounding in the points' decimal strings.
 SLICE_TOLERANCE = 0.1
 
@@ -93,6 +94,25 @@ def read_rtstruct(path: str | os.PathLike, scan: DicomScan) -> StructureSet:
         notes.append(f"{path.name}: {shared:,} voxel(s) lie in more than one ROI: each took the smallest of its "
                      "ROIs (an organ inside the body outline, a tumour inside its organ)")
     return StructureSet(labels, ("background", *(name for name, _ in drawn)), tuple(notes))
+
+
+def is_rtstruct(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an RT Structure Set file (header only)."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except READ_ERRORS:
+        return False
+    return str(header.get("SOPClassUID", "")) == RT_STRUCTURE_SET
+
+
+def rtstruct_class_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """The class names :func:`read_rtstruct` gives the file's labels: background, then each ROI with closed
+    contours, in order."""
+    try:
+        header = pydicom.dcmread(path)
+    except READ_ERRORS as exc:
+        raise DicomError(f"{Path(path).name}: cannot read the RT structure set ({one_line(exc)})") from exc
+    return ("background", *(name for name, contours in _closed_contours_by_roi(header) if contours))
 
 
 def _closed_contours_by_roi(header: pydicom.Dataset) -> list[tuple[str, list[np.ndarray]]]:

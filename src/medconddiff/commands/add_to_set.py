@@ -2,7 +2,8 @@
 
   medconddiff add-to-set my_set/ scan.nii.gz corrected.nii.gz --slices 31,33,40-42
   medconddiff add-to-set my_set/ SERIES_DIR corrections.dcm --slices labelled
-      (a DICOM series and a DICOM SEG of it, e.g. the plugin's export; or NIfTI labels on its voxels)
+      (a DICOM series and a DICOM SEG of it, e.g. the plugin's export, or an RT structure set drawn on it;
+      or NIfTI labels on its voxels)
   medconddiff add-to-set my_set/ brain_t1.nii.gz labels.nii.gz --slices 60,90 --channel-names T1 \\
       --class-names background "grey matter" "white matter"
   medconddiff finetune my_set/ -o model.safetensors          (then learn from every case in the set)
@@ -107,7 +108,10 @@ def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tupl
             raise ConfigError("every class needs a name, and names must differ")
         return names
     if given.is_dicom and given.label_is_seg:
+        from ..dicom_rtstruct import is_rtstruct, rtstruct_class_names
         from ..dicom_seg import segment_class_names
 
+        if is_rtstruct(args.labels):
+            return rtstruct_class_names(args.labels)
         return segment_class_names(args.labels, labels)
     return tuple(model_classes)

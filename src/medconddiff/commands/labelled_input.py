@@ -2,7 +2,7 @@
 LABELS``): the scan is NIfTI or DICOM (a series folder or a .dcm file, told apart as ``segment``
 does; a folder of several series needs ``--series``); its labels are a NIfTI on the scan's voxels, or
 for a DICOM scan a DICOM SEG that references the series (read onto its voxels by the images it
-references). Nothing is read until a loader is called; no patient attribute names anything.
+references) or an RT structure set drawn on it (its closed contours filled on the series' voxels). Nothing is read until a loader is called; no patient attribute names anything.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class LabelledInput(NamedTuple):
     load_image: Callable[[], tuple]    # () -> (array in file order, VolumeMeta)
     load_labels: Callable[[], tuple]   # () -> (labels in file order, VolumeMeta; None for a DICOM SEG)
     is_dicom: bool
-    label_is_seg: bool = False         # the labels are a DICOM SEG
+    label_is_seg: bool = False         # the labels are DICOM: a SEG or an RT structure set
     # () -> the DicomSource of the series, once load_image has read it (None for NIfTI)
     dicom_source: Callable[[], Any] = lambda: None
 
@@ -82,14 +82,21 @@ def labelled_input(image: Path, label: Path, series: Optional[str] = None,
 
     def load_dicom():
         scan = read_pick(pick)
-        read["source"] = scan.source
+        read["source"], read["scan"] = scan.source, scan
         for text in scan.source.notes:
             note(text, pick.label)
         return scan.volume, scan.meta
 
     def load_seg():
+        from ..dicom_rtstruct import is_rtstruct, read_rtstruct
         from ..dicom_seg import read_dicom_seg
 
+        if is_rtstruct(label):
+            # Contours are filled on the series' voxels: its geometry comes from the scan read first.
+            structures = read_rtstruct(label, read["scan"] if "scan" in read else read_pick(pick))
+            for text in structures.notes:
+                note(text, pick.label)
+            return structures.labels, None
         return read_dicom_seg(label, pick.path, series=pick.series), None
 
     return LabelledInput(image, pick.name, pick.label, f"{pick.label} in {image}", load_dicom,
