@@ -259,8 +259,14 @@ def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, s
 
     layers, notes = [], []
     for seg in segmentations:
-        referenced = _referenced_series(seg.header)
-        targets = [opened[key] for key in opened if series_uid_of(key) in referenced]
+        if sop_class_of(seg.header) == RT_STRUCTURE_SET:
+            from medconddiff.dicom_rtstruct import drawn_on
+
+            targets = [opened[key] for key in opened if drawn_on(seg.header, opened[key][0].source.series_uid,
+                                                                 opened[key][0].source.frame_of_reference_uid)]
+        else:
+            referenced = _referenced_series(seg.header)
+            targets = [opened[key] for key in opened if series_uid_of(key) in referenced]
         if not targets:
             what = "an RT structure set" if sop_class_of(seg.header) == RT_STRUCTURE_SET else "a DICOM SEG"
             notes.append(f"not opened: {seg.label}, {what} of a series that is not opened here")
@@ -317,13 +323,7 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
 
 
 def _referenced_series(header: Any) -> set[str]:
-    """The series a SEG (its Referenced Series Sequence) or an RT structure set was made on."""
-    from medconddiff.dicom_folder import RT_STRUCTURE_SET, sop_class_of
-
-    if sop_class_of(header) == RT_STRUCTURE_SET:
-        from medconddiff.dicom_rtstruct import rtstruct_referenced_series
-
-        return rtstruct_referenced_series(header)
+    """The series a SEG was made on (its Referenced Series Sequence)."""
     return {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
 
 
@@ -347,12 +347,19 @@ def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
     from medconddiff.dicom_folder import RT_STRUCTURE_SET, series_uid_of, sop_class_of
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
-    referenced = _referenced_series(header)
     try:
         infos = list_series(path.parent)
     except DicomError:
         infos = []
-    matches = [info for info in infos if series_uid_of(info.uid) in referenced]
+    if sop_class_of(header) == RT_STRUCTURE_SET:
+        from medconddiff.dicom_rtstruct import drawn_on
+
+        # A structure set need not name its series: its frame of reference, in the series' first header, ties them.
+        matches = [info for info in infos if drawn_on(header, series_uid_of(info.uid), str(
+            infos.scanned.series[info.uid][0].header.get("FrameOfReferenceUID", "") or ""))]
+    else:
+        referenced = _referenced_series(header)
+        matches = [info for info in infos if series_uid_of(info.uid) in referenced]
     if not matches:
         what = "an RT structure set" if sop_class_of(header) == RT_STRUCTURE_SET else "a DICOM SEG"
         raise DicomError(f"{path.name} is {what}; the series it segments is not in "

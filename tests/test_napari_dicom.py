@@ -224,6 +224,21 @@ def test_an_rt_structure_set_in_the_folder_opens_as_labels_over_its_series(make_
         ((data, kwargs, layer_type),) = get_reader(str(tmp_path / "plan" / "RS.dcm"))(str(tmp_path / "plan" / "RS.dcm"))
     assert layer_type == "labels" and kwargs["name"] == contours.name
     np.testing.assert_array_equal(data, contours.data)
+    # A structure set that names no series (the standard allows it) is tied to its series by its frame of
+    # reference, in the folder and alone.
+    import pydicom
+
+    unnamed = pydicom.dcmread(tmp_path / "plan" / "RS.dcm")
+    del unnamed.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence
+    unnamed.save_as(tmp_path / "plan" / "RS.dcm")
+    viewer.layers.clear()
+    with pytest.warns(UserWarning):
+        layers = viewer.open(str(tmp_path / "plan"), plugin=PLUGIN)
+    assert [layer.name for layer in layers] == [image.name, contours.name]
+    np.testing.assert_array_equal(layers[1].data, contours.data)
+    with pytest.warns(UserWarning):
+        ((data, _, _),) = read_dicom(str(tmp_path / "plan" / "RS.dcm"))
+    np.testing.assert_array_equal(data, contours.data)
 
 
 def test_a_folder_without_dicom_is_declined_so_napari_tries_other_readers(tmp_path):

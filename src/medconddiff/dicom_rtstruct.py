@@ -32,8 +32,8 @@ from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, one_line
 from .dicom_series import DicomScan
 from .nifti import smallest_label_dtype
 
-__all__ = ["RT_STRUCTURE_SET", "StructureSet", "read_rtstruct", "rtstruct_referenced_series", "rtstruct_class_names",
-           "is_rtstruct", "describe"]
+__all__ = ["RT_STRUCTURE_SET", "StructureSet", "read_rtstruct", "rtstruct_referenced_series",
+           "rtstruct_frames_of_reference", "drawn_on", "rtstruct_class_names", "is_rtstruct", "describe"]
 #: How far (in slices) a contour may lie from the nearest slice: rounding in the points' decimal strings.
 SLICE_TOLERANCE = 0.1
 
@@ -50,11 +50,28 @@ class StructureSet:
 
 def rtstruct_referenced_series(header: pydicom.Dataset) -> set[str]:
     """The Series Instance UIDs an RTSTRUCT's contours were drawn on (its Referenced Frame of Reference
-    Sequence names them, study by study)."""
+    Sequence names them, study by study; empty where it leaves them out, which the standard allows)."""
     return {str(series.get("SeriesInstanceUID", ""))
             for frame in header.get("ReferencedFrameOfReferenceSequence", [])
             for study in frame.get("RTReferencedStudySequence", [])
             for series in study.get("RTReferencedSeriesSequence", [])}
+
+
+def rtstruct_frames_of_reference(header: pydicom.Dataset) -> set[str]:
+    """The Frame of Reference UIDs an RTSTRUCT's contours are in: what ties it to its series where it
+    names no series."""
+    frames = {str(frame.get("FrameOfReferenceUID", "")) for frame in header.get("ReferencedFrameOfReferenceSequence", [])}
+    frames |= {str(roi.get("ReferencedFrameOfReferenceUID", "")) for roi in header.get("StructureSetROISequence", [])}
+    return frames - {""}
+
+
+def drawn_on(header: pydicom.Dataset, series_uid: str, frame_of_reference_uid: str) -> bool:
+    """Whether an RTSTRUCT was drawn on a series: the series it names, else (it names none) the frame of
+    reference it shares with the series."""
+    series = rtstruct_referenced_series(header)
+    if series:
+        return series_uid in series
+    return bool(frame_of_reference_uid) and frame_of_reference_uid in rtstruct_frames_of_reference(header)
 
 
 def read_rtstruct(path: str | os.PathLike, scan: DicomScan) -> StructureSet:
@@ -69,8 +86,7 @@ def read_rtstruct(path: str | os.PathLike, scan: DicomScan) -> StructureSet:
         raise DicomError(f"{path.name}: cannot read the RT structure set ({one_line(exc)})") from exc
     if str(header.get("SOPClassUID", "")) != RT_STRUCTURE_SET:
         raise DicomError(f"{path.name} is not an RT structure set")
-    referenced = rtstruct_referenced_series(header)
-    if referenced and scan.source.series_uid not in referenced:
+    if not drawn_on(header, scan.source.series_uid, scan.source.frame_of_reference_uid):
         raise DicomError(f"{path.name}: this structure set was drawn on another series, not {scan.source.name}")
     rois = _closed_contours_by_roi(header)
     notes = [f"{path.name}: left out ROI {name!r}: no closed planar contour" for name, contours in rois if not contours]
