@@ -386,7 +386,8 @@ def test_one_file_of_a_series_segments_the_series_written_beside_its_folder(tmp_
     assert f"{paths[2].name} is one of {volume.shape[2]} files of its series" in captured.err
 
 
-def test_an_rt_structure_sets_contoured_slices_join_a_training_set(tmp_path, cut, capsys):
+def test_an_rt_structure_sets_contoured_slices_join_a_training_set_and_name_a_fine_tunes_classes(
+        tmp_path, cut, capsys, tiny_checkpoint):
     from medconddiff.training_set import TrainingSet
 
     volume, _, affine = cut
@@ -401,3 +402,10 @@ def test_an_rt_structure_sets_contoured_slices_join_a_training_set(tmp_path, cut
     assert training_set.class_names[:2] == ("background", "GTV") and training_set.verified_slices(case) == [2, 3]
     assert "left out ROI 'empty'" in captured.err and "lesion" not in training_set.class_names
     assert_no_patient_data(captured.out, captured.err)
+    # Fine-tuned on it directly, the model learns the ROIs' names (not the start model's classes).
+    from medconddiff.checkpoint import load_checkpoint
+
+    out = tmp_path / "gtv.safetensors"
+    assert main(["finetune", str(tmp_path / "CT"), str(tmp_path / "RS.dcm"), "--slices", "labelled", "--init",
+                 str(tiny_checkpoint), "--steps", "1", "--device", "cpu", "--quiet", "-o", str(out)]) == 0
+    assert load_checkpoint(out).config.model.class_names == ("background", "GTV")

@@ -107,11 +107,4 @@ def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tupl
         if any(not name for name in names) or len(set(names)) != len(names):
             raise ConfigError("every class needs a name, and names must differ")
         return names
-    if given.is_dicom and given.label_is_seg:
-        from ..dicom_rtstruct import is_rtstruct, rtstruct_class_names
-        from ..dicom_seg import segment_class_names
-
-        if is_rtstruct(args.labels):
-            return rtstruct_class_names(args.labels)
-        return segment_class_names(args.labels, labels)
-    return tuple(model_classes)
+    return given.label_class_names(args.labels, labels) or tuple(model_classes)

@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
     slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "to learn from")
     name = given.label
-    run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=args.class_names,
+    # A SEG's segments or an RT structure set's ROIs name their classes, as add-to-set and napari take them.
+    class_names = args.class_names or given.label_class_names(args.labels, labels)
+    run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
                     lr=args.lr, device=args.device, replay=args.replay or False, hold_back=args.hold_back)

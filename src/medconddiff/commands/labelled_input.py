@@ -27,6 +27,18 @@ class LabelledInput(NamedTuple):
     # () -> the DicomSource of the series, once load_image has read it (None for NIfTI)
     dicom_source: Callable[[], Any] = lambda: None
 
+    def label_class_names(self, label_path: Path, labels) -> Optional[tuple[str, ...]]:
+        """The class names a DICOM SEG (its segment labels) or RT structure set (its ROI names) gives its
+        labels, read as ``labels``; None for NIfTI labels, which name nothing."""
+        if not (self.is_dicom and self.label_is_seg):
+            return None
+        from ..dicom_rtstruct import is_rtstruct, rtstruct_class_names
+        from ..dicom_seg import segment_class_names
+
+        if is_rtstruct(label_path):
+            return rtstruct_class_names(label_path)
+        return segment_class_names(label_path, labels)
+
     def load_on_one_grid(self, label_path: Path, channel_files: Sequence[Path] = (), several_channels: bool = False):
         """``(image, meta, labels)``, the labels checked to lie on the image's voxels (shape, and affine where
         the labels have one). ``several_channels`` (or ``channel_files``) reads a NIfTI scan as channels
