@@ -187,14 +187,22 @@ def test_the_files_of_a_series_chosen_in_napari_open_it_once(make_napari_viewer,
         assert [layer.data.shape for layer in viewer.open(str(paths[3]), plugin=PLUGIN)] == [(6, 64, 64)]
 
 
-def test_a_cds_dicomdir_opens_the_series_it_indexes(tmp_path, liver):
+def test_a_cds_folder_and_its_dicomdir_open_the_series_it_indexes(make_napari_viewer, tmp_path, liver):
     volume, _ = liver
     dicomdir = write_media(tmp_path / "CD", write_series(tmp_path / "exported", volume, RAS, series_number=3,
                                                          description="CT"))
-    ((data, kwargs, layer_type),) = get_reader(str(dicomdir))(str(dicomdir))
     ((expected, _, _),) = read_dicom(str(tmp_path / "exported"))
+    # The reader given the DICOMDIR (napari itself offers readers files by extension: users open the folder).
+    ((data, kwargs, layer_type),) = get_reader(str(dicomdir))(str(dicomdir))
     assert layer_type == "image" and kwargs["name"] == "series 3 'CT'"
     np.testing.assert_array_equal(data, expected)
+    # The disc's folder in napari: the series of its extensionless files, the index not a skipped file.
+    viewer = make_napari_viewer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (layer,) = viewer.open(str(tmp_path / "CD"), plugin=PLUGIN)
+    assert layer.name == "series 3 'CT'" and not any("Media Storage" in str(w.message) for w in caught)
+    np.testing.assert_array_equal(layer.data, expected)
 
 
 def test_an_rt_structure_set_in_the_folder_opens_as_labels_over_its_series(make_napari_viewer, tmp_path, liver):
