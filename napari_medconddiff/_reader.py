@@ -251,25 +251,17 @@ def dicom_layer(scan: Any, name: str) -> LayerData:
 
 def segmentation_layers(segmentations: list[Any], opened: dict[str, tuple[Any, str]]
                         ) -> tuple[list[LayerData], list[str]]:
-    """Labels layers for the DICOM SEG files found in a folder (``dicom_folder.Instance``, headers only)
-    whose series was opened (``opened``: series UID -> (scan, layer name)), and a note for each that
-    was not."""
-    from medconddiff.dicom_folder import RT_STRUCTURE_SET, series_uid_of, sop_class_of
+    """Labels layers for the DICOM SEG and RT structure set files found in a folder
+    (``dicom_folder.Instance``, headers only) whose series was opened (``opened``: series UID -> (scan,
+    layer name)), and a note for each that was not."""
     from medconddiff.dicom_series import DicomError
 
     layers, notes = [], []
     for seg in segmentations:
-        if sop_class_of(seg.header) == RT_STRUCTURE_SET:
-            from medconddiff.dicom_rtstruct import drawn_on
-
-            targets = [opened[key] for key in opened if drawn_on(seg.header, opened[key][0].source.series_uid,
-                                                                 opened[key][0].source.frame_of_reference_uid)]
-        else:
-            referenced = _referenced_series(seg.header)
-            targets = [opened[key] for key in opened if series_uid_of(key) in referenced]
+        targets = [(scan, name) for scan, name in opened.values()
+                   if _made_on(seg.header, scan.source.series_uid, scan.source.frame_of_reference_uid)]
         if not targets:
-            what = "an RT structure set" if sop_class_of(seg.header) == RT_STRUCTURE_SET else "a DICOM SEG"
-            notes.append(f"not opened: {seg.label}, {what} of a series that is not opened here")
+            notes.append(f"not opened: {seg.label}, {_kind_of(seg.header)} of a series that is not opened here")
             continue
         try:
             layers.append(_segmentation_over_one_of(seg.path, seg.header, iter(targets)))
@@ -297,11 +289,9 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
     """A DICOM SEG or an RT structure set read onto its series' voxels -> a Labels layer placed exactly over
     the series' image layer (same view, scale and metadata, so it saves back as a SEG of that series), one
     class per segment or ROI, named as the file names them."""
-    from medconddiff.dicom_folder import RT_STRUCTURE_SET, sop_class_of
-
     from ._result_layers import class_colormap, class_features
 
-    if sop_class_of(header) == RT_STRUCTURE_SET:
+    if _is_structure_set(header):
         from medconddiff.dicom_rtstruct import describe, read_rtstruct
 
         structures = read_rtstruct(path, scan)
@@ -322,9 +312,25 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
     return data, kwargs, "labels"
 
 
-def _referenced_series(header: Any) -> set[str]:
-    """The series a SEG was made on (its Referenced Series Sequence)."""
-    return {str(item.get("SeriesInstanceUID", "")) for item in header.get("ReferencedSeriesSequence", [])}
+def _is_structure_set(header: Any) -> bool:
+    from medconddiff.dicom_folder import RT_STRUCTURE_SET, sop_class_of
+
+    return sop_class_of(header) == RT_STRUCTURE_SET
+
+
+def _kind_of(header: Any) -> str:
+    return "an RT structure set" if _is_structure_set(header) else "a DICOM SEG"
+
+
+def _made_on(header: Any, series_uid: str, frame_of_reference_uid: str) -> bool:
+    """Whether a SEG (the series its Referenced Series Sequence names) or an RT structure set (the series it
+    names, else the frame of reference it shares with the series) was made on a series."""
+    if _is_structure_set(header):
+        from medconddiff.dicom_rtstruct import drawn_on
+
+        return drawn_on(header, series_uid, frame_of_reference_uid)
+    referenced = header.get("ReferencedSeriesSequence", [])
+    return series_uid in {str(item.get("SeriesInstanceUID", "")) for item in referenced}
 
 
 def _segmentation_header(path: Path) -> Any:
@@ -344,25 +350,20 @@ def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
     """A SEG (or RT structure set) file opened alone (``header``: its header): its series is looked for in
     its folder (where Export puts the SEG: beside the series folder), read for its geometry, and the SEG
     placed over it."""
-    from medconddiff.dicom_folder import RT_STRUCTURE_SET, series_uid_of, sop_class_of
+    from medconddiff.dicom_folder import series_uid_of
     from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 
     try:
         infos = list_series(path.parent)
     except DicomError:
         infos = []
-    if sop_class_of(header) == RT_STRUCTURE_SET:
-        from medconddiff.dicom_rtstruct import drawn_on
 
-        # A structure set need not name its series: its frame of reference, in the series' first header, ties them.
-        matches = [info for info in infos if drawn_on(header, series_uid_of(info.uid), str(
-            infos.scanned.series[info.uid][0].header.get("FrameOfReferenceUID", "") or ""))]
-    else:
-        referenced = _referenced_series(header)
-        matches = [info for info in infos if series_uid_of(info.uid) in referenced]
+    def frame_of_reference(info: Any) -> str:     # from the series' first header, read while listing
+        return str(infos.scanned.series[info.uid][0].header.get("FrameOfReferenceUID", "") or "")
+
+    matches = [info for info in infos if _made_on(header, series_uid_of(info.uid), frame_of_reference(info))]
     if not matches:
-        what = "an RT structure set" if sop_class_of(header) == RT_STRUCTURE_SET else "a DICOM SEG"
-        raise DicomError(f"{path.name} is {what}; the series it segments is not in "
+        raise DicomError(f"{path.name} is {_kind_of(header)}; the series it segments is not in "
                          f"{path.parent.name or path.parent}: open the series folder (with the SEG in it) or put "
                          "the SEG beside it")
     parts = ((read_dicom_series(path.parent, info.uid, listed=infos), info.name) for info in matches)

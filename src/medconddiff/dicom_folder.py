@@ -46,7 +46,7 @@ from .dicom_geometry import functional_group_items
 from .errors import UserInputError
 
 __all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
-           "scan_folder", "choose_series", "is_media_directory"]
+           "scan_folder", "choose_series", "is_media_directory", "file_sop_class"]
 
 # Objects with Rows and Columns that are not images of the patient: listing them as series would only
 # make users choose between their scan and a segmentation written beside it.
@@ -202,11 +202,15 @@ def scan_folder(path: Path) -> ScannedFolder:
 
 def is_media_directory(file: Path) -> bool:
     """Whether ``file`` is a DICOMDIR (the Media Storage Directory that indexes a CD or USB export)."""
+    return file_sop_class(file) == MEDIA_STORAGE_DIRECTORY
+
+
+def file_sop_class(file: str | os.PathLike) -> str:
+    """The SOP Class UID of a DICOM file, from its header alone ("" for a file pydicom cannot read)."""
     try:
-        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return sop_class_of(pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"]))
     except READ_ERRORS:
-        return False
-    return sop_class_of(header) == MEDIA_STORAGE_DIRECTORY
+        return ""
 
 
 def _series_siblings(file: Path, found: ScannedFolder) -> list[Path]:

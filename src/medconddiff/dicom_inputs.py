@@ -156,7 +156,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
             # One file of a series read with the files beside it: named, and written beside, as its folder.
             folder = path.resolve().parent
             return [DicomPick(path, None, file_safe(folder.name) or "dicom", path.name, infos, folder)]
-        return [DicomPick(path, series, base, path.name)]
+        return [DicomPick(path, series, base, path.name, infos)]
     infos = list_series(path)
     for text in infos.notes:
         note(text, str(path))

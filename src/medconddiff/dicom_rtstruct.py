@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, one_line
+from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, file_sop_class, one_line
 from .dicom_series import DicomScan
 from .nifti import smallest_label_dtype
 
@@ -60,7 +60,8 @@ def rtstruct_referenced_series(header: pydicom.Dataset) -> set[str]:
 def rtstruct_frames_of_reference(header: pydicom.Dataset) -> set[str]:
     """The Frame of Reference UIDs an RTSTRUCT's contours are in: what ties it to its series where it
     names no series."""
-    frames = {str(frame.get("FrameOfReferenceUID", "")) for frame in header.get("ReferencedFrameOfReferenceSequence", [])}
+    frames = {str(frame.get("FrameOfReferenceUID", ""))
+              for frame in header.get("ReferencedFrameOfReferenceSequence", [])}
     frames |= {str(roi.get("ReferencedFrameOfReferenceUID", "")) for roi in header.get("StructureSetROISequence", [])}
     return frames - {""}
 
@@ -114,11 +115,7 @@ def read_rtstruct(path: str | os.PathLike, scan: DicomScan) -> StructureSet:
 
 def is_rtstruct(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an RT Structure Set file (header only)."""
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except READ_ERRORS:
-        return False
-    return str(header.get("SOPClassUID", "")) == RT_STRUCTURE_SET
+    return file_sop_class(path) == RT_STRUCTURE_SET
 
 
 def rtstruct_class_names(path: str | os.PathLike) -> tuple[str, ...]:

@@ -13,8 +13,10 @@ Decisions made here:
 
 * **Several series in a folder**: :func:`read_dicom_series` refuses to guess and lists them, one
   line each, unless ``series`` (Series Number, or Series Instance UID) picks one.
-* **One file** is read alone, even if the rest of its series lies beside it: an enhanced
-  multi-frame file is a whole volume; a single-frame file is a 2-D image.
+* **One file** of a single-frame series is read with the other files of its series in its folder
+  (:func:`medconddiff.dicom_folder.scan_folder`), and alone, as a 2-D image, where it has none or
+  they do not make one volume (the note says why); an enhanced multi-frame file is a whole volume; a
+  CD's DICOMDIR stands for its folder.
 * **Enhanced multi-frame** files (one file, many frames with per-frame functional groups) are read
   like a series of their frames, through highdicom, which applies per-frame rescales; one holding
   several echoes or phases at each position is split into one volume each, as a series of single

@@ -2,7 +2,9 @@
 LABELS``): the scan is NIfTI or DICOM (a series folder or a .dcm file, told apart as ``segment``
 does; a folder of several series needs ``--series``); its labels are a NIfTI on the scan's voxels, or
 for a DICOM scan a DICOM SEG that references the series (read onto its voxels by the images it
-references) or an RT structure set drawn on it (its closed contours filled on the series' voxels). Nothing is read until a loader is called; no patient attribute names anything.
+references) or an RT structure set drawn on it (its closed contours filled on the series' voxels).
+No image is read until a loader is called (a DICOM input's headers are, to choose its series); no
+patient attribute names anything.
 """
 
 from __future__ import annotations
