@@ -255,6 +255,39 @@ def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, ca
     assert "--image must be that DICOM series" in capsys.readouterr().err
 
 
+def test_evaluate_matches_a_segs_classes_to_the_models_by_name_or_by_the_users_pairs(tmp_path, cut, capsys):
+    volume, labels, _ = cut
+    series = series_with_labels(tmp_path, cut, "reference.dcm")
+    source = read_dicom_series(series).source
+    swapped = np.choose(labels, [0, 2, 1]).astype(np.uint8)     # liver written as 2, tumour as 1
+    write_dicom_seg(tmp_path / "swapped.dcm", swapped, source, ("background", "Tumor", "Liver"))
+    write_dicom_seg(tmp_path / "planning.dcm", swapped, source, ("background", "GTV", "Liver"))
+
+    def scores(label, *extra):
+        json_path = tmp_path / f"{label}.json"
+        code = main(["evaluate", "--image", str(series), "--label", str(tmp_path / label), "--slices", "2:4",
+                     "--steps", "2", "--device", "cpu", "--json", str(json_path), "--overwrite", *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        (case,) = json.loads(json_path.read_text())["volumes"].values()
+        return case, captured.err
+
+    reference, _ = scores("labels.nii.gz")
+    by_name, err = scores("swapped.dcm")
+    assert by_name["consensus"] == reference["consensus"] and reference["consensus"]["per_class"]["liver"]["dice"] > 0
+    assert by_name["reference_classes"] == {"matched_by": "name", "pairs": {"Tumor": "tumour", "Liver": "liver"}}
+    assert "Tumor → tumour, Liver → liver" in err
+    # A target volume is no class name the model knows: without a pair it is background, and tumour goes unscored.
+    unpaired, err = scores("planning.dcm")
+    assert "'GTV' is none of the model's classes: counted as background" in err and "does not label 'tumour'" in err
+    assert unpaired["consensus"]["per_class"]["liver"] == reference["consensus"]["per_class"]["liver"]
+    paired, _ = scores("planning.dcm", "--class-map", "GTV=tumour")
+    assert paired["consensus"] == reference["consensus"] and paired["reference_classes"]["matched_by"] == "map"
+    assert main(["evaluate", "--image", str(series), "--label", str(tmp_path / "planning.dcm"),
+                 "--class-map", "GTV=spleen", "--steps", "1", "--device", "cpu"]) == 2
+    assert "the model has no class 'spleen' (its classes: background, liver, tumour)" in capsys.readouterr().err
+
+
 def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_labels(tmp_path, cut, capsys,
                                                                                       tiny_checkpoint):
     from medconddiff.checkpoint import load_checkpoint

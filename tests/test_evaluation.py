@@ -428,3 +428,32 @@ def test_evaluate_cli_dataset_folder_prints_cases_and_their_mean(tmp_path, tiny_
     assert summary["per_class"]["liver"]["cases_averaged"] == 1
     assert summary["per_class"]["tumour"]["absent_in_cases"] == ["case_b"]
     assert report["volumes"]["case_b"]["consensus"]["mean_foreground"]["dice"] is None
+
+
+def test_evaluate_cli_scores_a_dataset_numbered_otherwise_by_its_class_names(tmp_path, tiny_checkpoint, liver_volume,
+                                                                           capsys):
+    """An nnU-Net v2 dataset whose dataset.json numbers tumour 1 and liver 2 scores as the same labels numbered
+    as the model numbers them (it was scored by number, liver against tumour, with a warning)."""
+    image, labels = liver_volume
+
+    def nnunet(root, names, written):
+        for sub in ("imagesTr", "labelsTr"):
+            (root / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / "liver_000_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(written, np.eye(4)), str(root / "labelsTr" / "liver_000.nii.gz"))
+        (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": names,
+                                                       "numTraining": 1, "file_ending": ".nii.gz"}))
+        json_path = root.parent / f"{root.name}.json"
+        assert main(["evaluate", str(root), "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--slices", "1:4",
+                     "--device", "cpu", "--json", str(json_path)]) == 0
+        return strict_json(json_path.read_text())["volumes"]["liver_000"]
+
+    same = nnunet(tmp_path / "Dataset001_Same", {"background": 0, "liver": 1, "tumour": 2}, labels)
+    other = nnunet(tmp_path / "Dataset002_Other", {"background": 0, "tumor": 1, "liver": 2},
+                   np.choose(labels, [0, 2, 1]).astype(labels.dtype))
+    err = capsys.readouterr().err
+    assert other["consensus"] == same["consensus"] and other["one_shot"] == same["one_shot"]
+    assert min(same["consensus"]["per_class"][c]["reference_voxels"] for c in ("liver", "tumour")) > 0
+    assert same["reference_classes"] == {"matched_by": "number"}
+    assert other["reference_classes"] == {"matched_by": "name", "pairs": {"tumor": "tumour", "liver": "liver"}}
+    assert "compared by number" not in err and "tumor → tumour, liver → liver" in err

@@ -17,7 +17,15 @@ such as HD95 with an empty mask, as null) and a "summary" of the means over case
 
 --image may be DICOM (a series folder or a .dcm file, told apart from NIfTI as `segment` does; a
 folder of several series needs --series). Its reference labels are a NIfTI on the series' voxels or a
-DICOM SEG that references the series (read onto its voxels by the images it references).
+DICOM SEG that references the series (read onto its voxels by the images it references) or an RT
+structure set drawn on it.
+
+Reference classes are scored as the model's classes of the same name where the reference names them (a
+dataset.json's labels, SEG segment labels, RT structure names; case and tumour/tumor spelling aside),
+whatever their numbers; --class-map pairs the others (GTV=tumour, or a label value: 5=liver). Once
+classes are matched, a reference class the model lacks counts as background (an External contour);
+where nothing matches, labels are compared by number with a warning. The JSON records the matching
+("reference_classes").
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default), lsegdiff-liver")
     parser.add_argument("--slices", help=f"score only these {SLICES_HELP} (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--class-map", nargs="+", metavar="REFERENCE=MODEL_CLASS",
+                        help="score a reference class as one of the model's: a class name the reference gives (a "
+                        "SEG segment, an RT structure, a dataset.json label) or a label value, then the model's class "
+                        "name, e.g. GTV=tumour 5=liver. Without it, classes are matched by the names both sides give "
+                        "(case and spelling aside); a reference class the model lacks then counts as background")
     parser.add_argument("--json", type=Path, help="write the full report as JSON here (undefined values are null)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     add_dataclass_arguments(parser, SamplingConfig, title="sampling")
@@ -141,6 +154,8 @@ class EvalCase(NamedTuple):
     # () -> (labels, VolumeMeta or None); None: read ``label`` as NIfTI.
     load_label: Optional[Callable[[], tuple]] = None
     ignore_value: Optional[int] = None  # a dataset's "ignore" label: those voxels count in no metric
+    # (labels) -> the class names the reference gives, index = label value (None: it names none)
+    reference_names: Optional[Callable[[np.ndarray], Optional[tuple[str, ...]]]] = None
 
 
 def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
@@ -152,8 +167,10 @@ def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]
 
     description = describe_dataset(root)
     channels = len(description.channel_names) if description.channel_names else None
+    names = description.class_names
     cases = [EvalCase(case.name, lambda c=case: load_case_image(c, channels), Path(case.label),
-                      ", ".join(recorded_name(p) for p in case.images), ignore_value=description.ignore_label)
+                      ", ".join(recorded_name(p) for p in case.images), ignore_value=description.ignore_label,
+                      reference_names=lambda labels: names)
              for case in description.training if case.label is not None]
     if not cases:
         raise DatasetError(f"{root}: no labelled cases to evaluate")
@@ -177,7 +194,8 @@ def _image_case(image: Path, label: Path, series: Optional[str]) -> EvalCase:
     given = labelled_input(image, label, series)
     # A DICOM series by number and description: its folder may be named after the patient.
     name = given.label if given.is_dicom else given.name
-    return EvalCase(name, given.load_image, label, name, given.load_labels)
+    return EvalCase(name, given.load_image, label, name, given.load_labels,
+                    reference_names=lambda labels: given.label_class_names(label, labels))
 
 
 def _check_json_target(path: Path, overwrite: bool) -> None:
@@ -187,10 +205,19 @@ def _check_json_target(path: Path, overwrite: bool) -> None:
     check_target(path, overwrite, "--json")
 
 
-def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> Iterator[tuple[EvalCase, dict]]:
+def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, class_map=None
+                    ) -> Iterator[tuple[EvalCase, dict]]:
+    from ..class_match import match_classes
     from ..evaluation import evaluate_volume
     from ..nifti import load_labels
     from ..outputs import recorded_name
+
+    shown: set[str] = set()
+
+    def tell(kind: str, text: str) -> None:
+        if text not in shown:   # a dataset's cases share their names: said once
+            shown.add(text)
+            print(f"medconddiff evaluate: {kind}: {text}", file=sys.stderr)
 
     for case in cases:
         try:
@@ -200,6 +227,13 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> 
                     and not np.allclose(label_meta.affine, meta.affine, atol=1e-3)):
                 print(f"medconddiff evaluate: warning: {case.name}: the label file's affine differs from the "
                       "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
+            match = match_classes(case.reference_names(labels) if case.reference_names else None,
+                                  segmenter.class_names, class_map, labels, case.ignore_value)
+            if match.warning:
+                tell("warning", match.warning)
+            for text in match.notes:
+                tell("note", text)
+            labels = match.apply(labels, case.ignore_value)
             n_slices = segmenter.preprocessor.geometry(image.shape[:3], meta).n_slices
             slices = scan_slices(slices_text, n_slices, where=case.name)
             report = evaluate_volume(segmenter, image, labels, meta, sampling, slices,
@@ -211,10 +245,12 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text) -> 
             raise UserInputError(f"{case.name}: {error}") from error
         report["image"], report["label"] = case.image_record, recorded_name(case.label)
         report["slices"] = slices_text or "all"
+        report["reference_classes"] = match.record()
         yield case, report
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..class_match import parse_class_map
     from ..evaluation import json_safe, summarize_cases
     from ..nifti import write_json_atomic
     from ..outputs import recorded_name
@@ -223,17 +259,15 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.json:
         _check_json_target(args.json, args.overwrite)
-    cases, dataset_classes = _cases(args)
+    class_map = parse_class_map(args.class_map)
+    cases, _ = _cases(args)
     sampling = override_from_args(SamplingConfig(), args)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
-    if dataset_classes and tuple(dataset_classes) != segmenter.class_names:
-        print(f"medconddiff evaluate: warning: {args.dataset} names classes {list(dataset_classes)}, the model "
-              f"{list(segmenter.class_names)}; label values are compared by number", file=sys.stderr)
     reports = {}
     table = args.dataset is not None
     if table:
         print_case_table_header(segmenter.class_names)
-    for case, report in _evaluate_cases(cases, segmenter, sampling, args.slices):
+    for case, report in _evaluate_cases(cases, segmenter, sampling, args.slices, class_map):
         reports[case.name] = report
         if table:
             print_case_row(case.name, report)

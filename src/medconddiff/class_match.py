@@ -1,0 +1,161 @@
+"""Reference labels put on a model's classes by name, for scoring.
+
+A reference that names its classes (a dataset.json's labels, a DICOM SEG's segment labels, an RT
+structure set's ROI names) need not number them as the model does: a planning system's structure set
+may hold External, GTV and Liver in any order, another tool's liver may be label 5. Scoring such a
+reference by number would score one class against another. :func:`match_classes` builds the lookup
+reference value → model class from
+
+* the user's explicit pairs (``--class-map GTV=tumour 5=liver``: a reference name or label value, then a
+  model class name), then
+* the names both sides give, compared without case, surrounding space or the separator used
+  (``Liver`` = ``liver``, ``left_kidney`` = ``Left Kidney``), with British and American spellings of the
+  same word taken as one (tumour / tumor, oedema / edema).
+
+Once anything is matched, a reference class that matches no model class counts as background (an
+External contour holds every organ) and a note says so; a model class that the reference does not
+name is scored against an empty reference (a note says that too). Where nothing matches and no pair
+is given, the labels are compared by number, as they are written, with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+_SPELLINGS = {"tumor": "tumour", "tumors": "tumours", "edema": "oedema", "hemorrhage": "haemorrhage",
+              "esophagus": "oesophagus"}
+
+
+def _key(name: str) -> str:
+    words = re.split(r"[\s_\-]+", str(name).strip().casefold())
+    return " ".join(_SPELLINGS.get(word, word) for word in words if word)
+
+
+@dataclass(frozen=True)
+class ClassMatch:
+    """How reference label values become model class indices (see the module doc)."""
+
+    lookup: Optional[np.ndarray]        # reference value -> model class; None: compared by number
+    how: str                            # "number", "name" or "map" (explicit pairs, names for the rest)
+    pairs: dict[str, str] = field(default_factory=dict)   # reference class -> model class, for the record
+    notes: tuple[str, ...] = ()
+    warning: Optional[str] = None       # compared by number although both sides name their classes
+
+    @property
+    def is_identity(self) -> bool:
+        return self.lookup is None or bool(np.array_equal(self.lookup, np.arange(self.lookup.size)))
+
+    def apply(self, labels: np.ndarray, ignore_value: Optional[int] = None) -> np.ndarray:
+        """``labels`` with each value replaced by its model class; ``ignore_value`` is kept as it is, and a
+        value beyond the reference's classes is left for the caller's range check."""
+        if self.lookup is None or self.is_identity:
+            return labels
+        labels = np.asarray(labels)
+        values = labels.astype(np.int64, copy=False)
+        inside = (values >= 0) & (values < self.lookup.size)
+        if ignore_value is not None:
+            inside &= values != ignore_value
+        out = values.copy()
+        out[inside] = self.lookup[values[inside]]
+        return out.astype(labels.dtype, copy=False)
+
+    def record(self) -> dict:
+        """What a report keeps: how the classes were matched and, where not by number, each pair."""
+        return {"matched_by": self.how, "pairs": dict(self.pairs)} if self.how != "number" else {"matched_by": "number"}
+
+
+def parse_class_map(items: Sequence[str], flag: str = "--class-map") -> dict[str, str]:
+    """``["GTV=tumour", "5=liver"]`` → ``{"GTV": "tumour", "5": "liver"}``; a malformed item is a ConfigError."""
+    pairs: dict[str, str] = {}
+    for item in items or ():
+        reference, sep, model = str(item).partition("=")
+        if not sep or not reference.strip() or not model.strip():
+            raise ConfigError(f"{flag} {item!r}: expected REFERENCE=MODEL_CLASS, e.g. GTV=tumour or 5=liver")
+        pairs[reference.strip()] = model.strip()
+    return pairs
+
+
+def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequence[str],
+                  class_map: Mapping[str, str] = (), labels: Optional[np.ndarray] = None,
+                  ignore_value: Optional[int] = None) -> ClassMatch:
+    """The lookup for one reference (see the module doc). ``reference_names`` index = label value,
+    background first (None: the reference names nothing, as a NIfTI label file); ``class_map`` the user's
+    pairs (:func:`parse_class_map`); ``labels`` the reference's values, which bound the lookup where
+    the reference names nothing."""
+    class_map = dict(class_map or {})
+    model_keys = {_key(name): index for index, name in enumerate(model_names)}
+    present: set[int] = set()
+    if labels is not None and np.size(labels):
+        values = np.asarray(labels)
+        present = {int(v) for v in np.unique(values)} - ({ignore_value} if ignore_value is not None else set())
+    highest = max(present, default=-1)
+    names = list(reference_names) if reference_names is not None else []
+    size = max(len(names), highest + 1, 1)
+    name_of = [names[value] if value < len(names) else str(value) for value in range(size)]
+    if reference_names is not None and [_key(n) for n in names] == [_key(n) for n in model_names] \
+            and not class_map:
+        return ClassMatch(None, "number")
+
+    lookup = np.zeros(size, dtype=np.int64)
+    matched = [False] * size
+    pairs: dict[str, str] = {}
+    for reference, model in class_map.items():
+        if _key(model) not in model_keys:
+            raise ConfigError(f"--class-map {reference}={model}: the model has no class {model!r} "
+                              f"(its classes: {', '.join(model_names)})")
+        found = _reference_values(reference, names, size)
+        if not found:
+            raise ConfigError(f"--class-map {reference}={model}: the reference has no class {reference!r}"
+                              + (f" (its classes: {', '.join(names[1:])})" if names else ""))
+        for value in found:
+            lookup[value], matched[value] = model_keys[_key(model)], True
+            pairs[name_of[value]] = model_names[model_keys[_key(model)]]
+    if reference_names is not None:
+        for value in range(1, len(names)):
+            if not matched[value] and _key(names[value]) in model_keys:
+                lookup[value], matched[value] = model_keys[_key(names[value])], True
+                pairs[name_of[value]] = model_names[lookup[value]]
+    matched[0] = True        # background stays background
+    if not pairs:
+        warning = None
+        if reference_names is not None:
+            warning = (f"the reference names classes {names[1:]}, the model {list(model_names[1:])}, and none "
+                       "is the same: label values are compared by number (give --class-map REFERENCE=MODEL_CLASS "
+                       "to match them)")
+        return ClassMatch(None, "number", warning=warning)
+
+    notes = []
+    # A named class is listed whether or not it has voxels; an unnamed value only where the labels hold it.
+    dropped = [name_of[value] for value in range(1, size)
+               if not matched[value] and (value < len(names) or value in present)]
+    if dropped:
+        listed = ", ".join(map(repr, dropped[:8])) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else "")
+        notes.append(f"reference class{'es' if len(dropped) > 1 else ''} {listed} "
+                     f"{'are' if len(dropped) > 1 else 'is'} none of the model's classes: counted as background")
+    unnamed = [name for index, name in enumerate(model_names) if index and index not in set(lookup[1:].tolist())]
+    if unnamed:
+        notes.append(f"the reference does not label {', '.join(map(repr, unnamed))}: scored against none "
+                     "(whatever the model finds there counts against it)")
+    renamed = {ref: model for ref, model in pairs.items() if _key(ref) != _key(model)}
+    values_moved = any(lookup[v] != v for v in range(1, size) if matched[v])
+    if renamed or values_moved:
+        notes.append("reference classes matched to the model's: "
+                     + ", ".join(f"{ref} → {model}" for ref, model in pairs.items()))
+    return ClassMatch(lookup, "map" if class_map else "name", pairs, tuple(notes))
+
+
+def _reference_values(reference: str, names: Sequence[str], size: int) -> list[int]:
+    """The label values a ``--class-map`` reference stands for: a class name the reference gives, else a
+    label value."""
+    by_name = [value for value, name in enumerate(names) if value and _key(name) == _key(reference)]
+    if by_name:
+        return by_name
+    if reference.isdigit() and 0 < int(reference) < size:
+        return [int(reference)]
+    return []
