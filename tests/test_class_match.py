@@ -71,3 +71,16 @@ def test_nothing_in_common_is_compared_by_number_with_a_warning():
 def test_a_wrong_pair_is_refused_naming_what_exists(items, names, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         match_classes(names, MODEL, parse_class_map(items), np.array([0, 1], np.uint8))
+
+
+def test_two_spellings_of_one_class_are_refused_where_a_class_list_is_made(tmp_path):
+    from medconddiff.class_match import merge_class_lists, spelled_as
+    from medconddiff.config import ModelConfig
+    from medconddiff.training_set import TrainingSet, TrainingSetError
+
+    with pytest.raises(ConfigError, match="must name different classes"):
+        ModelConfig(class_names=("background", "liver", "Liver"))
+    with pytest.raises(TrainingSetError, match="must be unique"):
+        TrainingSet.create(tmp_path / "set", ("background", "Tumor", "tumour"))
+    assert merge_class_lists(MODEL, ("background", "Tumor", "lesion")) == (*MODEL, "lesion")
+    assert spelled_as(("background", "LIVER", "lesion"), MODEL) == ("background", "liver", "lesion")

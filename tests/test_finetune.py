@@ -82,6 +82,32 @@ def test_a_class_no_training_slice_shows_is_named_in_a_warning(tiny_checkpoint, 
     assert shown.warnings == []
 
 
+def test_another_spelling_of_the_start_models_classes_is_the_same_class(tmp_path, tiny_checkpoint, liver_volume):
+    """A SEG's 'Liver' or an RT structure set's 'Tumor' is the start model's 'liver' / 'tumour': its head is kept,
+    not re-initialised, and a training set's 'liver' is not learned as a second class beside it."""
+    from medconddiff.training_set import TrainingSet
+
+    image, labels = liver_volume
+    said = []
+    run = finetune(tiny_checkpoint, [LabelledScan("cut", image, META, labels, slices=[2])],
+                   class_names=("background", "Liver", "Tumor"), steps=1, device="cpu", log=said.append)
+    assert not any("re-initialised" in line for line in said), said
+    training_set = TrainingSet.create(tmp_path / "set", ("background", "liver", "tumour"))
+    training_set.add_scan("c", image, META, labels, ("background", "liver", "tumour"), verified_slices=[3])
+    swapped = np.choose(labels, [0, 2, 1]).astype(labels.dtype)
+    run = finetune(tiny_checkpoint, [LabelledScan("cut", image, META, swapped, slices=[2])],
+                   class_names=("background", "TUMOR", "liver"), training_set=training_set, steps=1, device="cpu",
+                   log=lambda message: None)
+    assert run.config.model.class_names == ("background", "tumour", "liver")     # spelled as the model does
+    train_set = run.trainer.train_set
+    (current,) = [train_set.slice_labels(i) for i, (name, _) in enumerate(train_set.origin) if name == "cut"]
+    (stored,) = [train_set.slice_labels(i) for i, (name, _) in enumerate(train_set.origin) if name != "cut"]
+    # Both in the run's numbering (tumour 1, liver 2): the scan's as written, the set's renumbered by class.
+    counts = lambda values: np.bincount(np.asarray(values).ravel(), minlength=3)[:3].tolist()  # noqa: E731
+    assert counts(current) == counts(swapped[..., 2])
+    assert counts(stored) == counts(np.choose(labels[..., 3], [0, 2, 1]))
+
+
 def test_without_a_number_of_steps_a_fine_tune_trains_200_for_one_scan_and_600_for_more(tmp_path, tiny_checkpoint,
                                                                                         liver_volume):
     """A set of two scans trained for 200 steps was under-trained (README: "Corrections that add up")."""

@@ -12,7 +12,8 @@ from medconddiff.config import PreprocessPlan, SamplingConfig
 from medconddiff.datasets import Case, TrainingSlices
 from medconddiff.evaluation import evaluate_volume
 from medconddiff.families import build_model
-from medconddiff.finetune import Replay, finetune, merged_class_names
+from medconddiff.class_match import merge_class_lists
+from medconddiff.finetune import Replay, finetune
 from medconddiff.losses import IGNORE_INDEX, fill_ignored, hybrid_loss, soft_dice_loss
 from medconddiff.preprocess import ScanPreprocessor
 from medconddiff.schedulers import NoiseSchedule
@@ -199,7 +200,8 @@ def test_a_training_set_alone_is_enough_and_the_scan_s_classes_join_by_name(tmp_
     run = finetune(tiny_checkpoint, [scan], class_names=LIVER, training_set=training_set, steps=1,
                    device="cpu", log=lambda message: None)
     assert run.config.model.class_names == ("background", "liver", "tumour", "lesion")
-    assert merged_class_names(("bg", "a"), ("background", "b", "a")) == ("bg", "a", "b")
+    assert merge_class_lists(("bg", "a"), ("background", "b", "a")) == ("bg", "a", "b")
+    assert merge_class_lists(LIVER, ("background", "Liver", "Tumor", "lesion")) == (*LIVER, "lesion")
     current = [run.trainer.train_set.slice_labels(i) for i, (name, _) in enumerate(run.trainer.train_set.origin)
                if name == "current"]
     assert set(torch.unique(current[0]).tolist()) <= {0, 1, 2}

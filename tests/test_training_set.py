@@ -233,6 +233,15 @@ def test_a_new_class_name_gets_the_next_value_and_every_label_file_follows_the_i
                           ("bg", "tumour"), verified_slices=[2])
     assert set(np.unique(label_file(root, "c"))) <= {0, 2, 4}
     assert training_set.class_names == ("background", "liver", "tumour", "lesion")
+    # Another tool's spelling of a known class is that class (a SEG's 'Liver', a planning system's 'Tumor'),
+    # not a new one competing with it.
+    flipped, flipped_labels = image[::-1, ::-1].copy(), labels[::-1, ::-1].copy()
+    result = training_set.add_scan("d", flipped, META, np.choose(flipped_labels, [0, 2, 1]).astype(np.uint8),
+                                   ("background", "Tumor", "LIVER"), verified_slices=[1])
+    assert result.added_classes == () and training_set.class_names == ("background", "liver", "tumour", "lesion")
+    np.testing.assert_array_equal(label_file(root, "d")[..., 1], flipped_labels[..., 1])
+    with pytest.raises(TrainingSetError, match="repeat a name"):
+        training_set.add_scan("e", image, META, labels, ("background", "liver", "Liver"), verified_slices=[1])
 
 
 def test_a_set_written_here_loads_for_training_with_ignore_voxels_marked(tmp_path, scan):

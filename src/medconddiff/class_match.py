@@ -32,9 +32,40 @@ _SPELLINGS = {"tumor": "tumour", "tumors": "tumours", "edema": "oedema", "hemorr
               "esophagus": "oesophagus"}
 
 
-def _key(name: str) -> str:
+def class_key(name: str) -> str:
+    """What two spellings of one class share: ``Liver``, ``liver`` and `` LIVER `` are one class, as are
+    ``left_kidney`` and ``Left Kidney``, ``tumor`` and ``tumour``."""
     words = re.split(r"[\s_\-]+", str(name).strip().casefold())
     return " ".join(_SPELLINGS.get(word, word) for word in words if word)
+
+
+def class_index(names: Sequence[str], name: str) -> Optional[int]:
+    """The index of the foreground class of ``names`` (background first) that ``name`` is (by
+    :func:`class_key`); None if none is."""
+    key = class_key(name)
+    return next((index for index, other in enumerate(names) if index and class_key(other) == key), None)
+
+
+def same_classes(first: Sequence[str], second: Sequence[str]) -> bool:
+    """Whether two class lists (background first) name the same classes in the same order."""
+    return [class_key(n) for n in first[1:]] == [class_key(n) for n in second[1:]]
+
+
+def spelled_as(names: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
+    """``names`` (background first) with each class that ``known`` has spelled as ``known`` spells it."""
+    return tuple(str(name) if index == 0 or class_index(known, name) is None else str(known[class_index(known, name)])
+                 for index, name in enumerate(names))
+
+
+def merge_class_lists(*lists: Sequence[str]) -> tuple[str, ...]:
+    """Class lists (background first) joined by class, in order of first appearance, each class spelled
+    as it first appeared; background once, first, named as the first non-empty list names it."""
+    names = ["background"]
+    for class_list in lists:
+        if class_list and names == ["background"]:
+            names[0] = str(class_list[0])
+        names += [str(n) for n in list(class_list)[1:] if class_index(names, n) is None]
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -89,7 +120,7 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
     pairs (:func:`parse_class_map`); ``labels`` the reference's values, which bound the lookup where
     the reference names nothing."""
     class_map = dict(class_map or {})
-    model_keys = {_key(name): index for index, name in enumerate(model_names)}
+    model_keys = {class_key(name): index for index, name in enumerate(model_names)}
     present: set[int] = set()
     if labels is not None and np.size(labels):
         values = np.asarray(labels)
@@ -98,7 +129,7 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
     names = list(reference_names) if reference_names is not None else []
     size = max(len(names), highest + 1, 1)
     name_of = [names[value] if value < len(names) else str(value) for value in range(size)]
-    if reference_names is not None and [_key(n) for n in names] == [_key(n) for n in model_names] \
+    if reference_names is not None and [class_key(n) for n in names] == [class_key(n) for n in model_names] \
             and not class_map:
         return ClassMatch(None, "number")
 
@@ -106,7 +137,7 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
     matched = [False] * size
     pairs: dict[str, str] = {}
     for reference, model in class_map.items():
-        if _key(model) not in model_keys:
+        if class_key(model) not in model_keys:
             raise ConfigError(f"--class-map {reference}={model}: the model has no class {model!r} "
                               f"(its classes: {', '.join(model_names)})")
         found = _reference_values(reference, names, size)
@@ -114,12 +145,12 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
             raise ConfigError(f"--class-map {reference}={model}: the reference has no class {reference!r}"
                               + (f" (its classes: {', '.join(names[1:])})" if names else ""))
         for value in found:
-            lookup[value], matched[value] = model_keys[_key(model)], True
-            pairs[name_of[value]] = model_names[model_keys[_key(model)]]
+            lookup[value], matched[value] = model_keys[class_key(model)], True
+            pairs[name_of[value]] = model_names[model_keys[class_key(model)]]
     if reference_names is not None:
         for value in range(1, len(names)):
-            if not matched[value] and _key(names[value]) in model_keys:
-                lookup[value], matched[value] = model_keys[_key(names[value])], True
+            if not matched[value] and class_key(names[value]) in model_keys:
+                lookup[value], matched[value] = model_keys[class_key(names[value])], True
                 pairs[name_of[value]] = model_names[lookup[value]]
     matched[0] = True        # background stays background
     if not pairs:
@@ -142,7 +173,7 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
     if unnamed:
         notes.append(f"the reference does not label {', '.join(map(repr, unnamed))}: scored against none "
                      "(whatever the model finds there counts against it)")
-    renamed = {ref: model for ref, model in pairs.items() if _key(ref) != _key(model)}
+    renamed = {ref: model for ref, model in pairs.items() if class_key(ref) != class_key(model)}
     values_moved = any(lookup[v] != v for v in range(1, size) if matched[v])
     if renamed or values_moved:
         notes.append("reference classes matched to the model's: "
@@ -153,7 +184,7 @@ def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequenc
 def _reference_values(reference: str, names: Sequence[str], size: int) -> list[int]:
     """The label values a ``--class-map`` reference stands for: a class name the reference gives, else a
     label value."""
-    by_name = [value for value, name in enumerate(names) if value and _key(name) == _key(reference)]
+    by_name = [value for value, name in enumerate(names) if value and class_key(name) == class_key(reference)]
     if by_name:
         return by_name
     if reference.isdigit() and 0 < int(reference) < size:

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 from .checkpoint import Checkpoint
+from .class_match import same_classes, spelled_as
 from .config import DiffusionConfig, ExperimentConfig, ModelConfig, PreprocessPlan, TrainConfig
 from .fingerprint import is_ct
 from .errors import UserInputError
@@ -84,6 +85,8 @@ def training_config(*, flags: dict[str, dict[str, Any]], start: Optional[Checkpo
         model = _apply(base.model, architecture_flags, locked=[f.name for f in dataclasses.fields(ModelConfig)],
                        source=source)
         # The start checkpoint holds the trained backbone: its pretrained source file is not needed.
+        # A class the start model knows keeps its name there ('Liver' from a SEG is the model's 'liver').
+        classes = spelled_as(classes, base.model.class_names) if classes else classes
         model = dataclasses.replace(model, class_names=classes or base.model.class_names, backbone_weights=None)
         diffusion = _apply(base.diffusion, flags.get("diffusion", {}),
                            locked=[f.name for f in dataclasses.fields(DiffusionConfig)], source=source)
@@ -100,7 +103,7 @@ def training_config(*, flags: dict[str, dict[str, Any]], start: Optional[Checkpo
                                            percentiles=new.percentiles)
                 log(f"channels {_show(channels)} differ in kind from the start checkpoint's "
                     f"{_show(base.plan.channel_names)}: intensity scheme {_show(plan.intensity)} from the data")
-        if model.class_names != base.model.class_names:
+        if not same_classes(model.class_names, base.model.class_names):
             log(f"classes {list(model.class_names)} differ from the start checkpoint's "
                 f"{list(base.model.class_names)}: class-dependent layers will be re-initialised")
     else:

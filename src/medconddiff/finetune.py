@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .class_match import class_index, merge_class_lists
 from .config import ExperimentConfig, PreprocessPlan
 from .consensus_choice import EXTRA_KEY as CONSENSUS_CHOICE_KEY
 from .consensus_choice import ChoosingSlices, ConsensusChoice, choose_consensus
@@ -200,10 +201,10 @@ class FinetuneRun:
 
     def _replay_slices(self, replay: Replay) -> TrainingSlices:
         names = tuple(self.config.model.class_names)
-        missing = [n for n in replay.class_names[1:] if n not in names]
+        missing = [n for n in replay.class_names[1:] if class_index(names, n) is None]
         if missing:
             raise ConfigError(f"replayed classes {missing} are not in the class list {list(names)}")
-        lut = np.asarray([0] + [names.index(n) for n in replay.class_names[1:]], dtype=np.uint8)
+        lut = np.asarray([0] + [class_index(names, n) for n in replay.class_names[1:]], dtype=np.uint8)
         cases = [dataclasses.replace(case, labels=lut[case.labels]) for case in replay.cases]
         return TrainingSlices(cases, self.config.plan, self.config.train.patch_size,
                               slices_by_case=replay.slices_by_case, augment=self.config.train.augment,
@@ -372,7 +373,8 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
         replay = bundled_replay(checkpoint, REPLAY_FRACTION if replay is True else float(replay))
     replay = replay or None
     scan_classes = tuple(class_names) if class_names else None
-    classes = merged_class_names(
+    # By class, not spelling: a SEG's 'Liver' is the start model's 'liver', not a second class competing with it.
+    classes = merge_class_lists(
         replay.class_names if replay is not None else (),
         scan_classes or (() if training_set is not None else tuple(checkpoint.config.model.class_names)),
         training_set.class_names if training_set is not None else ())
@@ -384,7 +386,7 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
                              seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log)
     if scan_classes and scan_classes != classes:
         # The scans' label values name ``class_names``; the run's list may have grown around them.
-        lut = np.asarray([0] + [classes.index(n) for n in scan_classes[1:]], dtype=np.int64)
+        lut = np.asarray([0] + [class_index(classes, n) for n in scan_classes[1:]], dtype=np.int64)
         scans = [dataclasses.replace(s, labels=lut[_checked_labels(s, scan_classes)]) for s in scans]
     return FinetuneRun(checkpoint, config, scans, device=device, log=log, training_set=training_set, replay=replay,
                        keep_known_classes=keep_known_classes, hold_back=hold_back)
@@ -435,16 +437,6 @@ def held_back_slice(scans: Sequence[LabelledScan], hold_back: bool = False,
     isolation = [min(abs(s - o) for o in slices if o != s) for s in slices]
     best = max(range(len(slices)), key=lambda i: (isolation[i], i))
     return HeldBack(position, slices[best], case)
-
-
-def merged_class_names(*lists: Sequence[str]) -> tuple[str, ...]:
-    """Class lists joined by name, in order of first appearance; background (each list's first) once, first."""
-    names = ["background"]
-    for class_list in lists:
-        if class_list and names == ["background"]:
-            names[0] = class_list[0]
-        names += [n for n in list(class_list)[1:] if n not in names]
-    return tuple(names)
 
 
 def _checked_labels(scan: LabelledScan, class_names: Sequence[str]) -> np.ndarray:

@@ -56,6 +56,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .atomic import StagedFiles
+from .class_match import class_index, class_key, merge_class_lists
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
 from .losses import IGNORE_INDEX
@@ -547,7 +548,7 @@ class TrainingSet:
         if case not in self._cases:
             raise TrainingSetError(f"{self.manifest}: no case {case!r} (cases: {', '.join(self._cases) or 'none'})")
         target = tuple(class_names) if class_names is not None else self.class_names
-        missing = [n for n in self.class_names[1:] if n not in target]
+        missing = [n for n in self.class_names[1:] if class_index(target, n) is None]
         if missing:
             raise TrainingSetError(f"{self.manifest}: classes {missing} of the set are not in the class list "
                                    f"{list(target)}")
@@ -555,7 +556,7 @@ class TrainingSet:
         labels, _ = self._read_labels(case, image.shape[:3], meta)
         lut = np.full(max(self.ignore_value, self._stored_ignore or 0) + 1, IGNORE_INDEX, dtype=np.uint8)
         for value, name in enumerate(self.class_names):
-            lut[value] = 0 if value == 0 else target.index(name)
+            lut[value] = 0 if value == 0 else class_index(target, name)
         return Case(case, image, lut[labels], meta)
 
     def labelled_cases(self, class_names: Optional[Sequence[str]] = None) -> list[Case]:
@@ -678,20 +679,19 @@ class TrainingSet:
 
 def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manifest: Path
                        ) -> tuple[tuple[str, ...], np.ndarray]:
-    """(the merged class list, look-up table incoming label value → merged value): by name, new last."""
+    """(the merged class list, look-up table incoming label value → merged value): by class
+    (:func:`~medconddiff.class_match.class_key`: a SEG's ``Liver`` is the set's ``liver``, a planning
+    system's ``Tumor`` its ``tumour``), spelled as the set spells it; new classes last."""
     incoming = tuple(str(n) for n in incoming)
     if len(incoming) < 1:
         raise TrainingSetError(f"{manifest}: the scan's class names are empty (background first)")
-    if len(set(incoming)) != len(incoming) or IGNORE_NAME in incoming:
+    keys = [class_key(n) for n in incoming[1:]]
+    if len(set(keys)) != len(keys) or class_key(IGNORE_NAME) in keys:
         raise TrainingSetError(f"{manifest}: the scan's class names {list(incoming)} repeat a name or use "
                                f"{IGNORE_NAME!r}, which the set keeps for unverified voxels")
-    merged = list(current)
-    values = [0]                                     # background is background, whatever it is called
-    for name in incoming[1:]:
-        if name not in merged:
-            merged.append(name)
-        values.append(merged.index(name))
-    return tuple(merged), np.asarray(values, dtype=np.int64)
+    merged = merge_class_lists(current, incoming)
+    values = [0] + [class_index(merged, name) for name in incoming[1:]]   # background is background
+    return merged, np.asarray(values, dtype=np.int64)
 
 
 def _manifest(kept: dict, class_names: Sequence[str], channel_names: Sequence[str], count: int,
@@ -735,7 +735,8 @@ def image_digest(image: np.ndarray, meta: VolumeMeta) -> str:
 
 
 def _check_names(manifest: Path, class_names: tuple[str, ...], channel_names: tuple[str, ...]) -> None:
-    if len(class_names) < 2 or len(set(class_names)) != len(class_names) or IGNORE_NAME in class_names:
+    keys = [class_key(name) for name in class_names]
+    if len(class_names) < 2 or len(set(keys)) != len(keys) or class_key(IGNORE_NAME) in keys:
         raise TrainingSetError(f"{manifest}: class names {list(class_names)} must be unique, at least two "
                                f"(background first) and must not include {IGNORE_NAME!r}")
     if not channel_names or any(not n.strip() for n in channel_names):

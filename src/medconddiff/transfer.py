@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, model_state
+from .class_match import class_index, same_classes
 from .model_interface import DiffusionSegmentationModel
 
 
@@ -32,7 +33,7 @@ def transfer_weights(model: DiffusionSegmentationModel, checkpoint: Checkpoint,
     """
     source = model_state(checkpoint)
     target = model.state_dict()
-    new_class_list = tuple(checkpoint.config.model.class_names) != tuple(model.config.class_names)
+    new_class_list = not same_classes(checkpoint.config.model.class_names, model.config.class_names)
     class_prefixes = model.class_dependent_prefixes()
     loaded: dict[str, torch.Tensor] = {}
     reinitialised: list[str] = []
@@ -94,8 +95,8 @@ def carry_known_classes(model: DiffusionSegmentationModel, checkpoint: Checkpoin
     """
     old_names = tuple(checkpoint.config.model.class_names)
     new_names = tuple(model.config.class_names)
-    pairs = [(0, 0)] + [(old_names.index(name), new) for new, name in enumerate(new_names)
-                        if new > 0 and name in old_names[1:]]
+    pairs = [(0, 0)] + [(class_index(old_names, name), new) for new, name in enumerate(new_names)
+                        if new > 0 and class_index(old_names, name) is not None]
     source = model_state(checkpoint)
     target = model.state_dict()
     changed = {}
