@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from medconddiff.class_match import checked_class_names
 from medconddiff.errors import ConfigError, SliceSpecError, UserInputError
 from medconddiff.slice_lists import slice_list_text
 
@@ -129,9 +130,7 @@ class FinetuneFlow:
             if bad:
                 raise SliceSpecError(f"slice(s) {slice_list_text(bad)} are outside this scan's slices "
                                      f"0–{results.space.n_slices - 1}")
-            names = tuple(name.strip() for name in settings.class_names)
-            if any(not name for name in names) or len(set(names)) != len(names):
-                raise ConfigError("every class needs a name, and names must differ")
+            names = checked_class_names(settings.class_names)
             path = checkpoint_target(settings.save_path)
             self._check_save_path(settings, path)
             labels = np.array(results.space.layer.file_view(np.asarray(results.consensus.data)), dtype=np.uint8)

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from psygnal import Signal
 
+from medconddiff.class_match import checked_class_names
 from medconddiff.errors import ConfigError, UserInputError
 from medconddiff.slice_lists import slice_list_text
 
@@ -341,9 +342,7 @@ class TrainingSetFlow:
         if not slices:
             raise UserInputError("nothing verified yet: paint corrections in the consensus layer, or mark "
                                  "slices as checked")
-        names = tuple(name.strip() for name in class_names)
-        if any(not name for name in names) or len(set(names)) != len(names):
-            raise ConfigError("every class needs a name, and names must differ")
+        names = checked_class_names(class_names)
         space = results.space
         verified = np.zeros(space.geometry.file_shape, dtype=bool)
         space.geometry.slice_view(verified)[slices] = True

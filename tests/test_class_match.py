@@ -74,12 +74,17 @@ def test_a_wrong_pair_is_refused_naming_what_exists(items, names, message):
 
 
 def test_two_spellings_of_one_class_are_refused_where_a_class_list_is_made(tmp_path):
-    from medconddiff.class_match import merge_class_lists, spelled_as
+    from medconddiff.class_match import checked_class_names, merge_class_lists, spelled_as
     from medconddiff.config import ModelConfig
     from medconddiff.training_set import TrainingSet, TrainingSetError
 
     with pytest.raises(ConfigError, match="must name different classes"):
         ModelConfig(class_names=("background", "liver", "Liver"))
+    # The class table of the widget's Fine-tune and Add to set, and add-to-set's --class-names.
+    assert checked_class_names([" background", "liver ", "lesion"]) == ("background", "liver", "lesion")
+    for names in (["background", "tumor", "Tumour"], ["background", " ", "liver"]):
+        with pytest.raises(ConfigError, match="every class needs a name, and names must differ"):
+            checked_class_names(names)
     with pytest.raises(TrainingSetError, match="must be unique"):
         TrainingSet.create(tmp_path / "set", ("background", "Tumor", "tumour"))
     assert merge_class_lists(MODEL, ("background", "Tumor", "lesion")) == (*MODEL, "lesion")

@@ -51,6 +51,15 @@ def same_classes(first: Sequence[str], second: Sequence[str]) -> bool:
     return [class_key(n) for n in first[1:]] == [class_key(n) for n in second[1:]]
 
 
+def checked_class_names(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` stripped of surrounding space; a ConfigError where one is empty or two name one class."""
+    names = tuple(str(name).strip() for name in names)
+    if any(not name for name in names) or len({class_key(name) for name in names}) != len(names):
+        raise ConfigError("every class needs a name, and names must differ (case and tumour/tumor spelling aside: "
+                          f"{', '.join(repr(n) for n in names)})")
+    return names
+
+
 def spelled_as(names: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
     """``names`` (background first) with each class that ``known`` has spelled as ``known`` spells it."""
     return tuple(str(name) if index == 0 or class_index(known, name) is None else str(known[class_index(known, name)])

@@ -103,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tuple[str, ...]:
     if args.class_names:
-        names = tuple(name.strip() for name in args.class_names)
-        if any(not name for name in names) or len(set(names)) != len(names):
-            raise ConfigError("every class needs a name, and names must differ")
-        return names
+        from ..class_match import checked_class_names
+
+        return checked_class_names(args.class_names)
     return given.label_class_names(args.labels, labels) or tuple(model_classes)
