@@ -89,3 +89,21 @@ def test_two_spellings_of_one_class_are_refused_where_a_class_list_is_made(tmp_p
         TrainingSet.create(tmp_path / "set", ("background", "Tumor", "tumour"))
     assert merge_class_lists(MODEL, ("background", "Tumor", "lesion")) == (*MODEL, "lesion")
     assert spelled_as(("background", "LIVER", "lesion"), MODEL) == ("background", "liver", "lesion")
+
+
+def test_keeping_some_classes_renumbers_them_and_leaves_the_others_as_background():
+    from medconddiff.class_match import keep_classes
+
+    names = ("background", "External", "GTV", "GTVn", "Heart")
+    labels = np.array([0, 1, 2, 3, 4, 1], np.uint8)
+    kept = keep_classes(names, ["GTV=lesion", "gtvn=Lesion", "4"], labels)
+    assert kept.class_names == ("background", "lesion", "Heart")
+    assert kept.apply(labels).tolist() == [0, 0, 1, 1, 2, 0] and kept.left_out == ("External",)
+    assert keep_classes(names, ["GTV=a", "Heart=A"], labels).class_names == ("background", "a")   # one class
+    unnamed = keep_classes(("background", "liver", "tumour"), ["5=liver"], np.array([0, 5, 3], np.uint8))
+    assert unnamed.apply(np.array([0, 5, 3], np.uint8)).tolist() == [0, 1, 0]
+    assert unnamed.left_out == ("liver", "tumour", "3")
+    for items, message in ((["=x"], "expected CLASS or CLASS=NEW_NAME"), (["PTV"], "the labels have no class 'PTV'"),
+                           (["GTV=background"], "names must differ")):
+        with pytest.raises(ConfigError, match=message):
+            keep_classes(names, items, labels)

@@ -255,6 +255,51 @@ def test_evaluate_a_dicom_series_against_nifti_labels_or_a_seg(tmp_path, cut, ca
     assert "--image must be that DICOM series" in capsys.readouterr().err
 
 
+def test_a_planning_structure_sets_target_alone_joins_a_set_and_trains_a_fine_tune(tmp_path, cut, capsys,
+                                                                                    tiny_checkpoint):
+    """A planning system's RTSTRUCT holds an External on every slice and organs at risk beside the target:
+    --keep-classes GTV=lesion learns the target alone, from the slices it is drawn on."""
+    from medconddiff.checkpoint import load_checkpoint
+    from medconddiff.training_set import TrainingSet
+
+    volume, _, affine = cut
+    paths = write_series(tmp_path / "CT", volume, affine)
+    body = np.array([(1.5, 1.5), (60.5, 1.5), (60.5, 60.5), (1.5, 60.5)])
+    square = np.array([(9.5, 9.5), (30.5, 9.5), (30.5, 30.5), (9.5, 30.5)])
+    cord = np.array([(40.5, 40.5), (45.5, 40.5), (45.5, 45.5), (40.5, 45.5)])
+    slices = range(volume.shape[2])
+    write_rtstruct(tmp_path / "RS.dcm", paths, affine, [("External", [(k, body) for k in slices]),
+                                                        ("SpinalCord", [(k, cord) for k in slices]),
+                                                        ("GTV", [(2, square), (3, square)])])
+    assert main(["add-to-set", str(tmp_path / "set"), str(tmp_path / "CT"), str(tmp_path / "RS.dcm"),
+                 "--slices", "labelled", "--keep-classes", "GTV=lesion"]) == 0
+    err = capsys.readouterr().err
+    training_set = TrainingSet.open(tmp_path / "set")
+    (case,) = training_set.cases
+    assert training_set.class_names == ("background", "lesion") and training_set.verified_slices(case) == [2, 3]
+    assert "left out (counted as background): 'External', 'SpinalCord'" in err
+    out = tmp_path / "gtv.safetensors"
+    assert main(["finetune", str(tmp_path / "CT"), str(tmp_path / "RS.dcm"), "--slices", "labelled", "--init",
+                 str(tiny_checkpoint), "--keep-classes", "GTV=lesion", "--steps", "1", "--device", "cpu", "--quiet",
+                 "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert load_checkpoint(out).config.model.class_names == ("background", "lesion")
+    assert "fine-tuning on 2 slice(s)" in captured.out and "2, 3" in captured.out
+    # Leaving out a class the model learns is said: its voxels would be learned as background.
+    assert main(["add-to-set", str(tmp_path / "set2"), str(tmp_path / "CT"), str(tmp_path / "RS.dcm"),
+                 "--slices", "labelled", "--keep-classes", "GTV", "--class-names", "background", "liver", "cord",
+                 "GTV"]) == 0
+    assert "'liver' is a class the model already learns" in capsys.readouterr().err
+    # Without it, the body outline is named as what it is: a class on every slice.
+    assert main(["finetune", str(tmp_path / "CT"), str(tmp_path / "RS.dcm"), "--slices", "labelled", "--init",
+                 str(tiny_checkpoint), "--steps", "1", "--device", "cpu", "--quiet", "-o", str(out),
+                 "--overwrite"]) == 0
+    assert "'External' looks like a body outline" in capsys.readouterr().err
+    assert main(["add-to-set", str(tmp_path / "set3"), str(tmp_path / "CT"), str(tmp_path / "RS.dcm"),
+                 "--slices", "labelled", "--keep-classes", "PTV"]) == 2
+    assert "the labels have no class 'PTV' (their classes: External, SpinalCord, GTV)" in capsys.readouterr().err
+
+
 def test_evaluate_matches_a_segs_classes_to_the_models_by_name_or_by_the_users_pairs(tmp_path, cut, capsys):
     volume, labels, _ = cut
     series = series_with_labels(tmp_path, cut, "reference.dcm")

@@ -199,3 +199,50 @@ def _reference_values(reference: str, names: Sequence[str], size: int) -> list[i
     if reference.isdigit() and 0 < int(reference) < size:
         return [int(reference)]
     return []
+
+
+@dataclass(frozen=True)
+class KeptClasses:
+    """Some of a label file's classes, renumbered (:func:`keep_classes`)."""
+
+    lookup: np.ndarray                  # file value -> kept class index (0: left out, or background)
+    class_names: tuple[str, ...]        # background, then the kept classes as they are to be called
+    left_out: tuple[str, ...]           # the file's classes counted as background
+
+    def apply(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels)
+        inside = labels < self.lookup.size
+        out = np.zeros_like(labels)
+        out[inside] = self.lookup[labels[inside].astype(np.int64)]
+        return out
+
+
+def keep_classes(names: Sequence[str], items: Sequence[str], labels: np.ndarray,
+                 flag: str = "--keep-classes") -> KeptClasses:
+    """Only the classes ``items`` name (``GTV``, or ``GTV=lesion`` to call it lesion; a class name of
+    ``names`` or a label value) are kept from labels whose values ``names`` name (background first);
+    every other class counts as background. For a planning system's structure set, whose External
+    contour covers the body on every slice and whose organs at risk are no class to learn."""
+    names = list(names)
+    size = max(len(names), int(np.max(labels)) + 1 if np.size(labels) else 0, 1)
+    lookup = np.zeros(size, dtype=np.int64)
+    kept = ["background" if not names else str(names[0])]
+    for item in items:
+        reference, sep, target = (part.strip() for part in str(item).partition("="))
+        if not reference or (sep and not target):
+            raise ConfigError(f"{flag} {item!r}: expected CLASS or CLASS=NEW_NAME, e.g. GTV=lesion")
+        values = _reference_values(reference, names, size)
+        if not values:
+            raise ConfigError(f"{flag} {reference}: the labels have no class {reference!r}"
+                              + (f" (their classes: {', '.join(names[1:])})" if len(names) > 1 else ""))
+        # A class kept under its own name; a label value under the name the labels give it, if any.
+        target = target or (names[values[0]] if values[0] < len(names) else reference)
+        index = class_index(kept, target)
+        if index is None:
+            kept.append(target)
+            index = len(kept) - 1
+        lookup[values] = index
+    present = {int(v) for v in np.unique(labels)} if np.size(labels) else set()
+    left_out = tuple(names[v] if v < len(names) else str(v) for v in range(1, size)
+                     if lookup[v] == 0 and (v < len(names) or v in present))
+    return KeptClasses(lookup, checked_class_names(kept), left_out)

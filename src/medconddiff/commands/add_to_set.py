@@ -14,8 +14,10 @@ is learned as truth. Slices are canonical slices along the slicing of --checkpoi
 indices the napari widget shows and `finetune --slices` takes); 'labelled' = every slice holding a
 non-zero label (a slice checked and found empty must be named). Adding the same scan again merges:
 newly named slices take the new labels, the others keep theirs. Label values are named by
---class-names, else by a DICOM SEG's segment labels, else by --checkpoint's classes; classes merge
-into the set's by name. The case is named after the scan's file, or for DICOM after the series and
+--class-names, else by a DICOM SEG's segment labels (an RT structure set's ROI names), else by
+--checkpoint's classes; classes merge into the set's by name (case and tumour/tumor spelling aside).
+--keep-classes GTV=lesion takes only the classes named (renamed after '='), the others as background:
+for a planning system's structure set, whose External covers every slice. The case is named after the scan's file, or for DICOM after the series and
 a hash of its UID (two patients' "series 2 'CT'" are two cases), never after a folder or a patient
 attribute; --case names it yourself. Everything is checked before anything is written: a failed
 add leaves the set as it was.
@@ -27,7 +29,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import SLICES_HELP, labelled_or_named_slices
+from .common import SLICES_HELP, add_keep_classes_argument, labelled_or_named_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whose classes and channels are the defaults (default: the bundled default model)")
     parser.add_argument("--class-names", nargs="+", help="what the label values are, background first (default: "
                         "a DICOM SEG's segment labels, else the checkpoint's classes)")
+    add_keep_classes_argument(parser)
     parser.add_argument("--channel-names", nargs="+", help="what the scan's channels are (default: the set's, or "
                         "for a new set the checkpoint's), e.g. T1 for an MRI")
     parser.add_argument("--case", help="the case's name in the set (default: the scan's file name, or the DICOM "
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..preprocess import ScanPreprocessor
     from ..slice_lists import slice_list_text
     from ..training_set import TrainingSet, case_id_from_name
-    from .labelled_input import labelled_input
+    from .labelled_input import kept_labels, labelled_input
 
     start = load_checkpoint(args.checkpoint, allow_legacy=True)
     plan = start.config.plan
@@ -82,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the scan has {channels} channel(s), the set {'holds' if existing else 'would hold'} "
                           f"{len(channel_names)} ({', '.join(channel_names)}): {fix}")
     class_names = _class_names(args, given, labels, start.config.model.class_names)
+    labels, class_names = kept_labels(args.keep_classes, labels, class_names,
+                                      existing.class_names if existing else start.config.model.class_names,
+                                      given.label)
     top = int(labels.max()) if labels.size else 0
     if top >= len(class_names):
         raise ConfigError(f"{args.labels} holds label {top} but {len(class_names)} class names are known "

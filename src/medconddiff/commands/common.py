@@ -83,3 +83,10 @@ def failure_report(error: BaseException, prefix: str) -> tuple[str, int]:
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return (f"{trace}{prefix}: internal error ({type(error).__name__}: {error}); this is a bug in medconddiff, "
             "not in your input; please report it with the traceback above"), 1
+
+
+def add_keep_classes_argument(parser) -> None:
+    parser.add_argument("--keep-classes", nargs="+", metavar="CLASS[=NEW_NAME]",
+                        help="learn only these classes of the labels (a segment label, an ROI name or a label "
+                        "value; =NEW_NAME calls it otherwise, e.g. GTV=lesion); the others count as background. "
+                        "For a planning system's structure set: its External covers every slice")

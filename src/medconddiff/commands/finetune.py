@@ -7,6 +7,8 @@
       --class-names background "grey matter" "white matter" -o t1.safetensors
   medconddiff finetune SERIES_DIR corrections.dcm --slices labelled -o ct_finetuned.safetensors
       (a DICOM series and a DICOM SEG of it, e.g. the plugin's export; or NIfTI labels on its voxels)
+  medconddiff finetune SERIES_DIR RS.dcm --keep-classes GTV=lesion --slices labelled -o gtv.safetensors
+      (an RT structure set: only its GTV, learned as 'lesion'; the External and the rest count as background)
   medconddiff finetune my_training_set/ -o model.safetensors --init default --replay
       (a training-set folder: every verified voxel of every case; --replay also trains on the bundled
       model's own slices, a quarter of every batch, and keeps its classes)
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..finetune_steps import SET_FINETUNE_STEPS, finetune_steps_rule
-from .common import SLICES_HELP, check_device, labelled_or_named_slices
+from .common import SLICES_HELP, add_keep_classes_argument, check_device, labelled_or_named_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default, medconddiff-liver, lsegdiff-liver); default: the bundled default model")
     parser.add_argument("--class-names", nargs="+", help="class names, background first (default: the start "
                         "model's)")
+    add_keep_classes_argument(parser)
     parser.add_argument("--channel-names", nargs="+", help="what the scan's channels are when not what the start "
                         "model took, e.g. T1 for an MRI and a CT model: a channel of another kind (CT or not) "
                         "gets its kind's intensity scheme (CT: the HU window; others: per-scan z-scores)")
@@ -77,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..finetune import LabelledScan, finetune
-    from .labelled_input import labelled_input
+    from .labelled_input import kept_labels, labelled_input
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
@@ -98,11 +101,14 @@ def run(args: argparse.Namespace) -> int:
         _refuse_ct_window_on_non_hounsfield(args, start.config.plan, image)
     from ..preprocess import ScanPreprocessor
 
-    geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
-    slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "to learn from")
     name = given.label
     # A SEG's segments or an RT structure set's ROIs name their classes, as add-to-set and napari take them.
     class_names = args.class_names or given.label_class_names(args.labels, labels)
+    if class_names or args.keep_classes:
+        labels, class_names = kept_labels(args.keep_classes, labels, class_names or start.config.model.class_names,
+                                          start.config.model.class_names, name)
+    geometry = ScanPreprocessor(start.config.plan).geometry(image.shape[:3], meta)
+    slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "to learn from")
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
@@ -126,9 +132,9 @@ def _finetune_on_training_set(args: argparse.Namespace, start) -> int:
     from ..finetune import finetune
     from ..training_set import TrainingSet
 
-    if args.labels is not None or args.slices or args.channel_file:
+    if args.labels is not None or args.slices or args.channel_file or args.keep_classes:
         raise ConfigError(f"{args.image} is a training-set folder: it holds its labels and verified slices; "
-                          "drop LABELS, --slices and --channel-file")
+                          "drop LABELS, --slices, --channel-file and --keep-classes")
     training_set = TrainingSet.open(args.image)
     run_ = finetune(start, [], class_names=args.class_names, channel_names=args.channel_names,
                     training_set=training_set, steps=args.steps, seed=args.seed, augment=not args.no_augment,

@@ -64,6 +64,36 @@ class LabelledInput(NamedTuple):
         return image, meta, labels
 
 
+#: Names a planning system gives the patient's outline (class_key form).
+BODY_OUTLINES = frozenset({"external", "body", "skin", "body outline", "outline", "patient outline"})
+
+
+def kept_labels(items: Optional[Sequence[str]], labels, class_names: Sequence[str], known: Sequence[str],
+                where: str) -> tuple[Any, tuple[str, ...]]:
+    """``(labels, class_names)`` with only the ``--keep-classes`` ``items`` kept (all when None); notes to stderr
+    name what was left out, and warn where that is a class of ``known`` (the set's or the start model's),
+    whose voxels are then learned as background."""
+    from ..class_match import class_index, class_key, keep_classes
+
+    if not items:
+        outlines = [name for name in class_names[1:] if class_key(name) in BODY_OUTLINES]
+        if outlines:
+            print(f"{where}: note: {', '.join(map(repr, outlines))} looks like a body outline, which covers every "
+                  "slice: it is learned as a class and makes every slice it is drawn on 'labelled'; to learn only "
+                  "the target, name it with --keep-classes (e.g. --keep-classes GTV=lesion)", file=sys.stderr)
+        return labels, tuple(class_names)
+    kept = keep_classes(class_names, items, labels)
+    if kept.left_out:
+        print(f"{where}: note: left out (counted as background): {', '.join(map(repr, kept.left_out))}",
+              file=sys.stderr)
+    forgotten = [name for name in kept.left_out if class_index(known, name) is not None]
+    if forgotten:
+        print(f"{where}: warning: {', '.join(map(repr, forgotten))} {'is a class' if len(forgotten) == 1 else 'are classes'}"
+              " the model already learns: left out, its voxels are learned as background; keep it with "
+              "--keep-classes", file=sys.stderr)
+    return kept.apply(labels), kept.class_names
+
+
 def labelled_input(image: Path, label: Path, series: Optional[str] = None,
                    series_flag: str = "--series", label_flag: str = "--label",
                    image_flag: str = "--image") -> LabelledInput:
