@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medconddiff.class_match import body_outline_classes, class_key, keep_classes
 from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
 
@@ -58,7 +59,7 @@ def saved_label_names(layer: Any) -> Optional[tuple[str, ...]]:
 def _classes_agree(names: tuple[str, ...], others: tuple[str, ...]) -> bool:
     """Whether two class lists give the values they share the same names (one may be longer)."""
     shared = min(len(names), len(others))
-    return tuple(names[:shared]) == tuple(others[:shared])
+    return [class_key(n) for n in names[1:shared]] == [class_key(n) for n in others[1:shared]]
 
 
 class ContinueFlow:
@@ -115,7 +116,22 @@ class ContinueFlow:
         saved = job.saved
         names = saved_label_names(saved) or model_classes
         results = self.results.get(job.scan_id)
+        left_out: tuple[str, ...] = ()
+        outlines = tuple(body_outline_classes(names))
+        if outlines:
+            # A planning system's External covers every slice: taken, every slice would count as corrected.
+            dropped = self.questions.classes_to_leave_out(saved.name, tuple(names), outlines)
+            if dropped is None:
+                self.status.emit(f"Nothing was loaded from '{saved.name}'.")
+                self._end("cancelled")
+                return
+            if dropped:
+                kept = keep_classes(names, [str(i) for i in range(1, len(names)) if i not in dropped], job.labels)
+                job.labels, names, left_out = kept.apply(job.labels), kept.class_names, kept.left_out
         try:
+            if not job.labels.any():
+                raise UserInputError(f"'{saved.name}' holds no label beside what was left out "
+                                     f"({', '.join(left_out)}): there is nothing to continue from")
             if results is not None and (results.consensus is None or not results.compatible(space)):
                 raise UserInputError(f"'{scan.name}' has result layers this plugin no longer updates; remove them, "
                                      "or open the scan again, to continue from saved labels")
@@ -142,6 +158,7 @@ class ContinueFlow:
             f" Their classes ({', '.join(names[1:])}) are not the model's ({', '.join(model_classes[1:])}): "
             "fine-tune on them before segmenting, or the model's names replace theirs.")
         kept_text = f" Your edits on slice(s) {slice_list_text(kept)} were kept." if kept else ""
+        kept_text += f" Left out (background here): {', '.join(left_out)}." if left_out else ""
         self.status.emit(f"Continuing from the saved labels: their slice(s) {slice_list_text(taken) or 'none'} are "
                          f"in the consensus now, and count as your edits where they differ from what the model wrote "
                          f"(edited: {slice_list_text(edited) or 'none'}): verified for the training set and "

@@ -7,7 +7,8 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from qtpy.QtWidgets import QInputDialog, QMessageBox, QWidget
+from qtpy.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QInputDialog, QLabel, QMessageBox, QVBoxLayout,
+                            QWidget)
 
 from medconddiff.slice_lists import slice_list_text
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
 __all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_remove_from_set", "ask_case_to_remove",
-           "confirm_replace", "DialogQuestions"]
+           "ask_classes_to_leave_out", "confirm_replace", "DialogQuestions"]
 
 
 def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
@@ -101,6 +102,34 @@ def ask_case_to_remove(parent: QWidget, case_lines: tuple[str, ...], folder: Pat
     return index if box.clickedButton() is remove else None
 
 
+def ask_classes_to_leave_out(parent: QWidget, saved_name: str, class_names: tuple[str, ...],
+                             outlines: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+    """Which classes of the saved labels to leave out: a box per class, the body outlines unticked;
+    Cancel (and Escape) loads nothing."""
+    dialog = QDialog(parent)
+    dialog.setWindowTitle("Continue from saved labels")
+    layout = QVBoxLayout(dialog)
+    outline_names = ", ".join(f"'{class_names[i]}'" for i in outlines)
+    text = QLabel(f"'{saved_name}' holds {outline_names}, which looks like a body outline: it covers every slice, "
+                  "so taking it would count every slice as corrected and teach the outline as a class.\n\n"
+                  "Take these classes into the consensus (the others become background there; "
+                  f"'{saved_name}' itself is not changed):")
+    text.setWordWrap(True)
+    layout.addWidget(text)
+    boxes = {}
+    for index, name in enumerate(class_names[1:], start=1):
+        boxes[index] = QCheckBox(name)
+        boxes[index].setChecked(index not in outlines)
+        layout.addWidget(boxes[index])
+    buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    layout.addWidget(buttons)
+    if dialog.exec() != QDialog.DialogCode.Accepted:
+        return None
+    return tuple(index for index, box in boxes.items() if not box.isChecked())
+
+
 def confirm_replace(parent: QWidget, paths: list[Path]) -> bool:
     """Ask before replacing files a save dialog did not ask about; No is the default."""
     names = "\n".join(str(path) for path in paths)
@@ -135,6 +164,13 @@ class DialogQuestions(Questions):
         if widget is None or not alive(widget):
             return ""
         return ask_remove_from_set(widget, scan_name, slice_index, folder)
+
+    def classes_to_leave_out(self, saved_name: str, class_names: tuple[str, ...], outlines: tuple[int, ...]
+                             ) -> Optional[tuple[int, ...]]:
+        widget = self._widget()
+        if widget is None or not alive(widget):
+            return None
+        return ask_classes_to_leave_out(widget, saved_name, class_names, outlines)
 
     def case_to_remove(self, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:
         widget = self._widget()

@@ -31,6 +31,14 @@ class Questions:
         the default: a set loses nothing without an explicit answer). REMOVE_OTHER: choose another case."""
         return ""
 
+    def classes_to_leave_out(self, saved_name: str, class_names: tuple[str, ...], outlines: tuple[int, ...]
+                             ) -> Optional[tuple[int, ...]]:
+        """The saved labels ``saved_name`` hold a body outline (``outlines``: indices into ``class_names``, a
+        planning system's External), which covers every slice: which classes to leave out of the consensus
+        (their voxels become background; the saved layer is not changed). The default leaves out the outlines;
+        None cancels the Continue."""
+        return outlines
+
     def case_to_remove(self, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:
         """Which of the set's cases (one line each: name, verified slices, classes) to delete from the set
         in ``folder``; None (the default) deletes nothing."""

@@ -833,6 +833,50 @@ def test_a_scan_stored_lps_goes_into_the_training_set_in_its_own_file_order(live
 # ----------------------------------------------------------------------------- saved labels
 
 
+def test_a_structure_sets_body_outline_is_left_out_of_the_consensus_unless_the_user_takes_it(liver_volume,
+                                                                                            tiny_checkpoint):
+    """A planning system's RT structure set opened over its scan holds an External on every slice: taken, every
+    slice would count as corrected and the outline would be learned as a class. Asked; the default leaves it out."""
+    ras, ras_labels = liver_volume
+    planning = np.where(ras > -500, 1, 0).astype(np.uint8)            # the body outline, on every slice
+    planning[..., [1, 3]] = np.where(ras_labels[..., [1, 3]] == 2, 2, planning[..., [1, 3]])   # the GTV on 1 and 3
+    assert all(planning[..., k].any() for k in range(planning.shape[2]))
+    data, kwargs = volume_to_layer(*stored(planning, "lps"))
+    features = {"index": [0, 1, 2], "class": ["background", "External", "GTV"]}
+
+    class Asked(Answers):
+        def __init__(self, answer):
+            super().__init__()
+            self.answer, self.outlines = answer, []
+
+        def classes_to_leave_out(self, saved_name, class_names, outlines):
+            self.outlines.append((saved_name, class_names, outlines))
+            return self.answer
+
+    def continued(questions):
+        viewer, scan, controller = make(ras, "lps", questions=questions)
+        saved = viewer.add_labels(data, name="RS planning", features=features, **kwargs)
+        said = []
+        controller.status.connect(said.append)
+        assert controller.continue_from(SegmentSettings(scan, str(tiny_checkpoint), "cpu"), saved)
+        return viewer, controller, said
+
+    viewer, controller, said = continued(Answers())                     # the default: outline left out
+    assert controller.current.class_names == ("background", "GTV") and controller.edited_slices() == [1, 3]
+    consensus = controller.current.space.slices(layer(viewer, "consensus").data)
+    gtv = controller.current.space.slices(np.asarray(viewer.layers["RS planning"].data) == 2)
+    np.testing.assert_array_equal(consensus == 1, gtv)
+    assert "Left out (background here): External." in said[-1]
+    asked = Asked(())                                                   # the user ticked the outline: taken
+    viewer, controller, said = continued(asked)
+    assert asked.outlines == [("RS planning", ("background", "External", "GTV"), (1,))]
+    assert controller.current.class_names == ("background", "External", "GTV")
+    assert controller.edited_slices() == list(range(planning.shape[2]))
+    viewer, controller, said = continued(Asked(None))                    # Cancel: nothing loaded
+    assert controller.current is None and "consensus" not in [lyr.name.split()[-1] for lyr in viewer.layers]
+    assert said[-1] == "Nothing was loaded from 'RS planning'."
+
+
 def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_volume, tiny_checkpoint, tmp_path,
                                                                         monkeypatch):
     """Yesterday's labels (a SEG or a mask opened over the scan, LPS as DICOM stores it) continue as today's

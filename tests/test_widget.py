@@ -71,6 +71,7 @@ def scan_1mm(liver_volume):
 
 # The real dialogs, kept before the guard below replaces them.
 ASK_EDIT_CHOICE = _dialogs.ask_edit_choice
+ASK_CLASSES_TO_LEAVE_OUT = _dialogs.ask_classes_to_leave_out
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +83,7 @@ def _no_unexpected_question(monkeypatch):
     monkeypatch.setattr(_dialogs, "ask_edit_choice", unexpected)
     monkeypatch.setattr(_dialogs, "ask_save_cancelled_finetune", unexpected)
     monkeypatch.setattr(_dialogs, "ask_remove_from_set", unexpected)
+    monkeypatch.setattr(_dialogs, "ask_classes_to_leave_out", unexpected)
 
 
 @pytest.fixture(autouse=True)
@@ -364,6 +366,32 @@ def test_the_edit_question_offers_three_answers_and_escape_keeps_the_edits(qtbot
         QTimer.singleShot(0, lambda text=text: answer(text))
         assert ASK_EDIT_CHOICE(parent, "Re-fusing", [2, 3]) == expected
     assert seen[0] == ["Keep my edits", "New layer", "Replace"]
+
+
+def test_the_body_outline_question_unticks_the_outline_and_escape_loads_nothing(qtbot):
+    from qtpy.QtWidgets import QCheckBox, QDialogButtonBox
+
+    parent = widget_module.QWidget()
+    qtbot.addWidget(parent)
+    seen = []
+
+    def answer(tick_outline, escape=False):
+        dialog = QApplication.activeModalWidget()
+        boxes = {box.text(): box for box in dialog.findChildren(QCheckBox)}
+        seen.append({name: box.isChecked() for name, box in boxes.items()})
+        if escape:
+            qtbot.keyClick(dialog, Qt.Key.Key_Escape)
+            return
+        if tick_outline:
+            boxes["External"].setChecked(True)
+        dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok).click()
+
+    names = ("background", "External", "GTV", "Heart")
+    for kwargs, expected in (({"tick_outline": False}, (1,)), ({"tick_outline": True}, ()),
+                             ({"tick_outline": False, "escape": True}, None)):
+        QTimer.singleShot(0, lambda kwargs=kwargs: answer(**kwargs))
+        assert ASK_CLASSES_TO_LEAVE_OUT(parent, "RS planning", names, (1,)) == expected
+    assert seen[0] == {"External": False, "GTV": True, "Heart": True}
 
 
 def test_rerun_updates_only_its_own_layers_and_only_the_chosen_slice(make_napari_viewer, qtbot, scan, tiny_checkpoint,

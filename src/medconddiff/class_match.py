@@ -51,6 +51,15 @@ def same_classes(first: Sequence[str], second: Sequence[str]) -> bool:
     return [class_key(n) for n in first[1:]] == [class_key(n) for n in second[1:]]
 
 
+#: What planning systems call the patient's outline (in :func:`class_key` form): a class on every slice.
+BODY_OUTLINES = frozenset({"external", "body", "skin", "body outline", "outline", "patient outline"})
+
+
+def body_outline_classes(names: Sequence[str]) -> list[int]:
+    """The foreground classes of ``names`` (background first) that a structure set's body outline is called."""
+    return [index for index, name in enumerate(names) if index and class_key(name) in BODY_OUTLINES]
+
+
 def checked_class_names(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` stripped of surrounding space; a ConfigError where one is empty or two name one class."""
     names = tuple(str(name).strip() for name in names)

@@ -64,19 +64,15 @@ class LabelledInput(NamedTuple):
         return image, meta, labels
 
 
-#: Names a planning system gives the patient's outline (class_key form).
-BODY_OUTLINES = frozenset({"external", "body", "skin", "body outline", "outline", "patient outline"})
-
-
 def kept_labels(items: Optional[Sequence[str]], labels, class_names: Sequence[str], known: Sequence[str],
                 where: str) -> tuple[Any, tuple[str, ...]]:
     """``(labels, class_names)`` with only the ``--keep-classes`` ``items`` kept (all when None); notes to stderr
     name what was left out, and warn where that is a class of ``known`` (the set's or the start model's),
     whose voxels are then learned as background."""
-    from ..class_match import class_index, class_key, keep_classes
+    from ..class_match import body_outline_classes, class_index, keep_classes
 
     if not items:
-        outlines = [name for name in class_names[1:] if class_key(name) in BODY_OUTLINES]
+        outlines = [class_names[index] for index in body_outline_classes(class_names)]
         if outlines:
             print(f"{where}: note: {', '.join(map(repr, outlines))} looks like a body outline, which covers every "
                   "slice: it is learned as a class and makes every slice it is drawn on 'labelled'; to learn only "
