@@ -1,21 +1,26 @@
-"""Reference labels put on a model's classes by name, for scoring.
+"""What makes two class names one class, and label files put on a model's or a set's classes by it.
 
-A reference that names its classes (a dataset.json's labels, a DICOM SEG's segment labels, an RT
-structure set's ROI names) need not number them as the model does: a planning system's structure set
-may hold External, GTV and Liver in any order, another tool's liver may be label 5. Scoring such a
-reference by number would score one class against another. :func:`match_classes` builds the lookup
-reference value → model class from
+Label files come from many tools: a SEG's segment labels, an RT structure set's ROI names, a
+dataset.json, the plugin's own exports. They spell one class in several ways and number classes as
+they please. :func:`class_key` says what two spellings of one class share (case, surrounding space,
+the separator used, British and American spelling: ``Liver`` = ``liver``, ``left_kidney`` = ``Left
+Kidney``, ``tumor`` = ``tumour``); every place that joins class lists uses it (a training set's
+merge, a fine-tune's class list and replay, the weight transfer), so corrections from several tools
+add up to one class instead of two competing ones.
+
+For scoring, :func:`match_classes` builds the lookup reference value → model class from
 
 * the user's explicit pairs (``--class-map GTV=tumour 5=liver``: a reference name or label value, then a
   model class name), then
-* the names both sides give, compared without case, surrounding space or the separator used
-  (``Liver`` = ``liver``, ``left_kidney`` = ``Left Kidney``), with British and American spellings of the
-  same word taken as one (tumour / tumor, oedema / edema).
+* the names both sides give, by :func:`class_key`.
 
 Once anything is matched, a reference class that matches no model class counts as background (an
 External contour holds every organ) and a note says so; a model class that the reference does not
 name is scored against an empty reference (a note says that too). Where nothing matches and no pair
 is given, the labels are compared by number, as they are written, with a warning.
+
+For learning, :func:`keep_classes` takes only the classes a user names from a label file (a planning
+structure set's target, not its External or organs at risk), the others as background.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def parse_class_map(items: Sequence[str], flag: str = "--class-map") -> dict[str
 
 
 def match_classes(reference_names: Optional[Sequence[str]], model_names: Sequence[str],
-                  class_map: Mapping[str, str] = (), labels: Optional[np.ndarray] = None,
+                  class_map: Optional[Mapping[str, str]] = None, labels: Optional[np.ndarray] = None,
                   ignore_value: Optional[int] = None) -> ClassMatch:
     """The lookup for one reference (see the module doc). ``reference_names`` index = label value,
     background first (None: the reference names nothing, as a NIfTI label file); ``class_map`` the user's
