@@ -31,7 +31,7 @@ from medconddiff.slice_lists import slice_list_text
 
 from . import _result_layers as results_layers
 from ._job import SpaceRequest, prepare_space
-from ._layers import full_resolution
+from ._layers import LABELS_FROM_KEY, METADATA_KEY, full_resolution
 from ._segment_flow import SegmentSettings, scan_source
 
 __all__ = ["ContinueFlow", "saved_label_names"]
@@ -54,6 +54,11 @@ def saved_label_names(layer: Any) -> Optional[tuple[str, ...]]:
         return None
     names = tuple(str(name) for name in features["class"])
     return names or None
+
+
+def _is_structure_set(layer: Any) -> bool:
+    """Whether a Labels layer was read from an RT structure set (this plugin's reader says so)."""
+    return ((getattr(layer, "metadata", None) or {}).get(METADATA_KEY) or {}).get(LABELS_FROM_KEY) == "RTSTRUCT"
 
 
 def _classes_agree(names: tuple[str, ...], others: tuple[str, ...]) -> bool:
@@ -118,8 +123,9 @@ class ContinueFlow:
         results = self.results.get(job.scan_id)
         left_out: tuple[str, ...] = ()
         outlines = tuple(body_outline_classes(names))
-        if outlines:
-            # A planning system's External covers every slice: taken, every slice would count as corrected.
+        # A planning structure set holds a plan's contours, not corrections of this model: which to take is asked
+        # (its External covers every slice: taken, every slice would count as corrected).
+        if outlines or (_is_structure_set(saved) and len(names) > 2):
             dropped = self.questions.classes_to_leave_out(saved.name, tuple(names), outlines)
             if dropped is None:
                 self.status.emit(f"Nothing was loaded from '{saved.name}'.")

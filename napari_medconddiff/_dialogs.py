@@ -110,9 +110,11 @@ def ask_classes_to_leave_out(parent: QWidget, saved_name: str, class_names: tupl
     dialog.setWindowTitle("Continue from saved labels")
     layout = QVBoxLayout(dialog)
     outline_names = ", ".join(f"'{class_names[i]}'" for i in outlines)
-    text = QLabel(f"'{saved_name}' holds {outline_names}, which looks like a body outline: it covers every slice, "
-                  "so taking it would count every slice as corrected and teach the outline as a class.\n\n"
-                  "Take these classes into the consensus (the others become background there; "
+    why = (f"'{saved_name}' holds {outline_names}, which looks like a body outline: it covers every slice, so "
+           "taking it would count every slice as corrected and teach the outline as a class." if outlines else
+           f"'{saved_name}' holds {len(class_names) - 1} structures of a plan. Each one you take becomes a class "
+           "of the consensus, and every slice it is drawn on counts as corrected.")
+    text = QLabel(why + "\n\nTake these classes into the consensus (the others become background there; "
                   f"'{saved_name}' itself is not changed):")
     text.setWordWrap(True)
     layout.addWidget(text)

@@ -33,10 +33,10 @@ class Questions:
 
     def classes_to_leave_out(self, saved_name: str, class_names: tuple[str, ...], outlines: tuple[int, ...]
                              ) -> Optional[tuple[int, ...]]:
-        """The saved labels ``saved_name`` hold a body outline (``outlines``: indices into ``class_names``, a
-        planning system's External), which covers every slice: which classes to leave out of the consensus
-        (their voxels become background; the saved layer is not changed). The default leaves out the outlines;
-        None cancels the Continue."""
+        """The saved labels ``saved_name`` are a planning structure set of several structures, or hold a body
+        outline (``outlines``: indices into ``class_names``, a planning system's External, which covers every
+        slice): which classes to leave out of the consensus (their voxels become background; the saved layer
+        is not changed). The default leaves out the outlines; None cancels the Continue."""
         return outlines
 
     def case_to_remove(self, case_lines: tuple[str, ...], folder: Path) -> Optional[int]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
-from ._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_record, display_reorientation, layer_name, volume_to_layer
+from ._layers import DICOM_SOURCE_KEY, LABELS_FROM_KEY, METADATA_KEY, dicom_record, display_reorientation, layer_name, volume_to_layer
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
@@ -307,6 +307,7 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
         description = str(header.get("SeriesDescription", "") or "").strip()
     data, kwargs = volume_to_layer(labels, scan.meta)
     kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
+    kwargs["metadata"][METADATA_KEY][LABELS_FROM_KEY] = kind
     kwargs.update(name=f"{series_name} {kind}" + (f" {description!r}" if description else ""),
                   colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5)
     return data, kwargs, "labels"

@@ -876,6 +876,21 @@ def test_a_structure_sets_body_outline_is_left_out_of_the_consensus_unless_the_u
     assert controller.current is None and "consensus" not in [lyr.name.split()[-1] for lyr in viewer.layers]
     assert said[-1] == "Nothing was loaded from 'RS planning'."
 
+    # A structure set without an outline is asked about too when it holds several structures (read by the
+    # plugin's reader, which marks it); a SEG's classes are not: they are someone's corrections.
+    organs = np.where(ras_labels > 0, ras_labels, 0).astype(np.uint8)
+    organs_data, _ = volume_to_layer(*stored(organs, "lps"))
+    for labels_from, asked_expected in (("RTSTRUCT", [("RS organs", ("background", "Heart", "GTV"), ())]),
+                                        ("SEG", [])):
+        viewer, scan, controller = make(ras, "lps", questions=(asked := Asked(())))
+        metadata = {**kwargs.get("metadata", {}), "medconddiff": {**kwargs.get("metadata", {}).get("medconddiff", {}),
+                                                                  "labels_from": labels_from}}
+        saved = viewer.add_labels(organs_data, name="RS organs", features={"index": [0, 1, 2],
+                                  "class": ["background", "Heart", "GTV"]}, **{**kwargs, "metadata": metadata})
+        assert controller.continue_from(SegmentSettings(scan, str(tiny_checkpoint), "cpu"), saved)
+        assert asked.outlines == asked_expected, labels_from
+        assert controller.current.class_names == ("background", "Heart", "GTV")
+
 
 def test_saved_labels_become_the_consensus_as_edits_that_later_runs_keep(liver_volume, tiny_checkpoint, tmp_path,
                                                                         monkeypatch):

@@ -217,6 +217,7 @@ def test_an_rt_structure_set_in_the_folder_opens_as_labels_over_its_series(make_
         image, contours = viewer.open(str(tmp_path / "plan"), plugin=PLUGIN)
     assert image.name == "series 3 'CT'" and contours.name == "series 3 'CT' RTSTRUCT 'planning'"
     assert list(contours.features["class"]) == ["background", "External", "GTV"]
+    assert contours.metadata["medconddiff"]["labels_from"] == "RTSTRUCT"   # Continue asks which ROIs to take
     assert contours.data.shape == image.data.shape and tuple(contours.scale) == tuple(image.scale)
     labels, _ = layer_to_volume(contours.data, contours.metadata)
     expected = np.zeros(volume.shape, np.uint8)

@@ -392,6 +392,16 @@ def test_the_body_outline_question_unticks_the_outline_and_escape_loads_nothing(
         QTimer.singleShot(0, lambda kwargs=kwargs: answer(**kwargs))
         assert ASK_CLASSES_TO_LEAVE_OUT(parent, "RS planning", names, (1,)) == expected
     assert seen[0] == {"External": False, "GTV": True, "Heart": True}
+    texts = []
+
+    def read_and_accept():
+        dialog = QApplication.activeModalWidget()
+        texts.extend(label.text() for label in dialog.findChildren(widget_module.QLabel))
+        dialog.findChild(QDialogButtonBox).button(QDialogButtonBox.StandardButton.Ok).click()
+
+    QTimer.singleShot(0, read_and_accept)          # a plan's structures, no outline: every box ticked
+    assert ASK_CLASSES_TO_LEAVE_OUT(parent, "RS organs", ("background", "Heart", "GTV"), ()) == ()
+    assert any("holds 2 structures of a plan" in text for text in texts)
 
 
 def test_rerun_updates_only_its_own_layers_and_only_the_chosen_slice(make_napari_viewer, qtbot, scan, tiny_checkpoint,
