@@ -80,8 +80,9 @@ def kept_labels(items: Optional[Sequence[str]], labels, class_names: Sequence[st
         return labels, tuple(class_names)
     kept = keep_classes(class_names, items, labels)
     if kept.left_out:
-        print(f"{where}: note: left out (counted as background): {', '.join(map(repr, kept.left_out))}",
-              file=sys.stderr)
+        shown = ", ".join(map(repr, kept.left_out[:8])) + (f" and {len(kept.left_out) - 8} more"
+                                                            if len(kept.left_out) > 8 else "")
+        print(f"{where}: note: left out (counted as background): {shown}", file=sys.stderr)
     forgotten = [name for name in kept.left_out if class_index(known, name) is not None]
     if forgotten:
         print(f"{where}: warning: {', '.join(map(repr, forgotten))} {'is a class' if len(forgotten) == 1 else 'are classes'}"
