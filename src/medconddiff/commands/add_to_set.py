@@ -17,9 +17,9 @@ newly named slices take the new labels, the others keep theirs. Label values are
 --class-names, else by a DICOM SEG's segment labels (an RT structure set's ROI names), else by
 --checkpoint's classes; classes merge into the set's by name (case and tumour/tumor spelling aside).
 --keep-classes GTV=lesion takes only the classes named (renamed after '='), the others as background:
-for a planning system's structure set, whose External covers every slice. The case is named after the scan's file, or for DICOM after the series and
-a hash of its UID (two patients' "series 2 'CT'" are two cases), never after a folder or a patient
-attribute; --case names it yourself. Everything is checked before anything is written: a failed
+for a planning system's structure set, whose External covers every slice. The case is named after
+the scan's file, or for DICOM after the series and a hash of its UID (two patients' "series 2 'CT'"
+are two cases), never after a folder or a patient attribute; --case names it yourself. Everything is checked before anything is written: a failed
 add leaves the set as it was.
 """
 
