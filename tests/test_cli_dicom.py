@@ -331,6 +331,18 @@ def test_evaluate_matches_a_segs_classes_to_the_models_by_name_or_by_the_users_p
     assert main(["evaluate", "--image", str(series), "--label", str(tmp_path / "planning.dcm"),
                  "--class-map", "GTV=spleen", "--steps", "1", "--device", "cpu"]) == 2
     assert "the model has no class 'spleen' (its classes: background, liver, tumour)" in capsys.readouterr().err
+    # choose-consensus scores the same way: the swapped SEG chooses as the NIfTI labels do.
+    from medconddiff.checkpoint import load_checkpoint
+
+    choices = {}
+    for label in ("labels.nii.gz", "swapped.dcm"):
+        out = tmp_path / f"chosen_{label}.safetensors"
+        assert main(["choose-consensus", str(series), str(tmp_path / label), "--slices", "2:4", "--device", "cpu",
+                     "-o", str(out)]) == 0
+        choices[label] = load_checkpoint(out).extra["consensus_choice"]
+    assert "Tumor → tumour" in capsys.readouterr().err
+    assert choices["swapped.dcm"]["step_dice"] == choices["labels.nii.gz"]["step_dice"]
+    assert choices["swapped.dcm"]["method"] == choices["labels.nii.gz"]["method"]
 
 
 def test_finetune_and_choose_consensus_on_a_dicom_series_with_a_seg_or_nifti_labels(tmp_path, cut, capsys,

@@ -18,22 +18,24 @@ Use slices the model was not trained on (the scores are meant to predict other s
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import SLICES_HELP, check_device, scan_slices
+from .common import SLICES_HELP, add_class_map_argument, check_device, scan_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", type=Path, help="a labelled scan the model was not trained on: NIfTI, or DICOM "
                         "(a series folder or a .dcm file)")
     parser.add_argument("labels", type=Path, help="its labels: a NIfTI on the scan's grid, or for a DICOM scan a "
-                        "DICOM SEG that references it")
+                        "DICOM SEG or RT structure set of it (its classes matched to the model's by name)")
     parser.add_argument("--series", help="the scan is a DICOM folder with several series: which one, by Series "
                         "Number or Series Instance UID")
     parser.add_argument("--channel-file", type=Path, action="append", default=[],
                         help="further channel files of a multi-channel scan, in the model's channel order")
     parser.add_argument("--slices", required=True, help=f"the labelled slices to choose on: {SLICES_HELP}")
+    add_class_map_argument(parser)
     parser.add_argument("--checkpoint", default="default", help="the model: a file or a bundled model's name")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="checkpoint to write: the model with its choice recorded (.safetensors)")
@@ -47,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import with_extra
+    from ..class_match import match_classes, parse_class_map
     from ..consensus_choice import EXTRA_KEY, ChoosingSlices, choose_consensus
     from ..atomic import check_target, write_json_atomic
     from ..evaluation import json_safe
@@ -63,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
     given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
     image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file)
+    # As evaluate scores: a SEG's or structure set's classes by name, whatever their numbers.
+    match = match_classes(given.label_class_names(args.labels, labels), segmenter.class_names,
+                          parse_class_map(args.class_map), labels)
+    for kind, text in ([("warning", match.warning)] if match.warning else []) + [("note", n) for n in match.notes]:
+        print(f"medconddiff choose-consensus: {kind}: {text}", file=sys.stderr)
+    labels = match.apply(labels)
     geometry = segmenter.preprocessor.geometry(image.shape[:3], meta)
     slices = scan_slices(args.slices, geometry.n_slices, where=args.image.name)
     if not slices:

@@ -90,3 +90,11 @@ def add_keep_classes_argument(parser) -> None:
                         help="learn only these classes of the labels (a segment label, an ROI name or a label "
                         "value; =NEW_NAME calls it otherwise, e.g. GTV=lesion); the others count as background. "
                         "For a planning system's structure set: its External covers every slice")
+
+
+def add_class_map_argument(parser) -> None:
+    parser.add_argument("--class-map", nargs="+", metavar="REFERENCE=MODEL_CLASS",
+                        help="score a reference class as one of the model's: a class name the reference gives (a "
+                        "SEG segment, an RT structure, a dataset.json label) or a label value, then the model's class "
+                        "name, e.g. GTV=tumour 5=liver. Without it, classes are matched by the names both sides give "
+                        "(case and spelling aside); a reference class the model lacks then counts as background")

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
 from ..errors import ConfigError, UserInputError, user_error_types
-from .common import SLICES_HELP, check_device, scan_slices
+from .common import SLICES_HELP, add_class_map_argument, check_device, scan_slices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default), lsegdiff-liver")
     parser.add_argument("--slices", help=f"score only these {SLICES_HELP} (default: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--class-map", nargs="+", metavar="REFERENCE=MODEL_CLASS",
-                        help="score a reference class as one of the model's: a class name the reference gives (a "
-                        "SEG segment, an RT structure, a dataset.json label) or a label value, then the model's class "
-                        "name, e.g. GTV=tumour 5=liver. Without it, classes are matched by the names both sides give "
-                        "(case and spelling aside); a reference class the model lacks then counts as background")
+    add_class_map_argument(parser)
     parser.add_argument("--json", type=Path, help="write the full report as JSON here (undefined values are null)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     add_dataclass_arguments(parser, SamplingConfig, title="sampling")
