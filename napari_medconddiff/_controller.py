@@ -345,8 +345,9 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
     def export_affine_known(self) -> bool:
         return self.current is not None and self.current.space.export_meta().affine_known
 
-    def export(self, path: str | Path, *, overwrite: bool) -> tuple[Path, Path]:
-        """Write the consensus layer (with edits) in the scan's voxel order + JSON sidecar."""
+    def export(self, path: str | Path, *, overwrite: bool, rtstruct: bool = False) -> tuple[Path, Path]:
+        """Write the consensus layer (with edits) in the scan's voxel order + JSON sidecar (a ``.dcm`` path: a
+        DICOM SEG, or where ``rtstruct`` an RT structure set of contours)."""
         results = self.current
         if not self.can_export:
             raise UserInputError("nothing to export yet; run a segmentation first")
@@ -356,7 +357,7 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         written = write_export(path, labels, meta, results.summary(),
                                source=results.source, scan_name=results.scan_name,
                                edited_slices=results.edited_slices(),
-                               overwrite=overwrite, dicom=self.export_dicom_source())
+                               overwrite=overwrite, dicom=self.export_dicom_source(), rtstruct=rtstruct)
         unknown = "" if meta.affine_known else \
             " The scan's orientation is unknown: written in the layer's axis order with NIfTI codes 0."
         self.status.emit(f"Exported {written[0].name} and {written[1].name}.{unknown}")

@@ -30,13 +30,15 @@ if TYPE_CHECKING:
     from medconddiff.dicom_series import DicomSource
 
 __all__ = ["ExportSummary", "export_targets", "is_dicom_seg_path", "DICOM_SEG_SUFFIX", "NIFTI_FILTER",
-           "DICOM_SEG_FILTER", "default_export_path", "default_finetune_path", "checkpoint_target",
+           "DICOM_SEG_FILTER", "DICOM_RTSTRUCT_FILTER", "default_export_path", "default_finetune_path", "checkpoint_target",
            "inside_installed_package", "write_export"]
 
 DICOM_SEG_SUFFIX = ".dcm"
 #: The Export dialog's file types; DICOM SEG is offered only for a scan read from DICOM.
 NIFTI_FILTER = "NIfTI (*.nii.gz *.nii)"
 DICOM_SEG_FILTER = "DICOM SEG (*.dcm)"
+#: Contours for a planning system that imports RT structure sets but not SEG (a .dcm file as well).
+DICOM_RTSTRUCT_FILTER = "DICOM RT Structure Set (*.dcm)"
 #: Where fine-tuned models go when the scan has no folder of its own (a plain layer, the sample).
 MODELS_FOLDER = Path("~/.medconddiff/models")
 
@@ -132,9 +134,10 @@ def checkpoint_target(path: str | Path) -> Path:
 
 def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary: ExportSummary, *,
                  source: Optional[str], scan_name: str, edited_slices: list[int], overwrite: bool,
-                 dicom: Optional[DicomSource] = None) -> tuple[Path, Path]:
+                 dicom: Optional[DicomSource] = None, rtstruct: bool = False) -> tuple[Path, Path]:
     """Write file-ordered ``labels`` as NIfTI with ``meta``, or as a DICOM SEG on ``dicom`` for a
-    ``.dcm`` path, plus the sidecar; returns both paths. Neither file is replaced unless ``overwrite``.
+    ``.dcm`` path (an RT structure set of contours where ``rtstruct``), plus the sidecar; returns both
+    paths. Neither file is replaced unless ``overwrite``.
     ``source`` is the scan's file (None for a layer from no file, recorded as ``scan_name``)."""
     target, sidecar = export_targets(path)
     labels = np.asarray(labels)
@@ -145,7 +148,11 @@ def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary
                              "scan was not read from DICOM; export it as NIfTI (.nii.gz)")
     # Both targets are checked before either is written: a refused sidecar must not leave new labels.
     check_target(sidecar, overwrite, "sidecar")
-    if is_dicom_seg_path(target):
+    if is_dicom_seg_path(target) and rtstruct:
+        from medconddiff.dicom_rtstruct_write import write_rtstruct
+
+        write_rtstruct(target, labels, meta, dicom, summary.class_names, overwrite=overwrite)
+    elif is_dicom_seg_path(target):
         from medconddiff.dicom_seg import write_dicom_seg
 
         write_dicom_seg(target, labels, dicom, summary.class_names, overwrite=overwrite)

@@ -49,7 +49,7 @@ from . import _result_layers as results_layers
 from ._channels_list import ChannelsList
 from ._controller import SegmentationController, SegmentSettings
 from ._dialogs import DialogQuestions, ask_edit_choice, ask_save_cancelled_finetune
-from ._export import DICOM_SEG_FILTER, NIFTI_FILTER, export_targets
+from ._export import DICOM_RTSTRUCT_FILTER, DICOM_SEG_FILTER, NIFTI_FILTER, export_targets
 from ._finetune_panel import CANONICAL_TIP, FinetunePanel
 from ._job import EngineInfo, SliceChoice
 from ._model_picker import BUNDLED, CHECKPOINT_FILE, DEFAULT_MODEL, LATENT_MODEL, ModelPicker
@@ -484,21 +484,23 @@ class SegmentWidget(QWidget):
             notify("warning", "MedCondDiff: nothing to export yet; run a segmentation first")
             return
         dicom = self.controller.export_dicom_source() is not None
-        title = "Export segmentation as DICOM SEG or NIfTI" if dicom else "Export segmentation as NIfTI"
+        title = "Export segmentation as DICOM SEG, RT structure set or NIfTI" if dicom else "Export segmentation as NIfTI"
         if not self.controller.export_affine_known():
             title += " (orientation unknown: the layer's axis order, NIfTI codes 0)"
-        filters = f"{DICOM_SEG_FILTER};;{NIFTI_FILTER}" if dicom else NIFTI_FILTER
+        filters = f"{DICOM_SEG_FILTER};;{DICOM_RTSTRUCT_FILTER};;{NIFTI_FILTER}" if dicom else NIFTI_FILTER
         chosen, chosen_filter = QFileDialog.getSaveFileName(self, title, str(self.controller.export_default_path()),
                                                             filters)
         if not chosen:
             return
-        nifti, sidecar = export_targets(chosen, dicom_seg=dicom and chosen_filter == DICOM_SEG_FILTER)
+        rtstruct = dicom and chosen_filter == DICOM_RTSTRUCT_FILTER
+        nifti, sidecar = export_targets(chosen, dicom_seg=dicom and chosen_filter in (DICOM_SEG_FILTER,
+                                                                                     DICOM_RTSTRUCT_FILTER))
         # The save dialog already asked about the file it returned; ask about any other file we would replace.
         existing = [path for path in (nifti, sidecar) if path.exists() and path != Path(chosen)]
         if existing and not _dialogs.confirm_replace(self, existing):
             return
         try:
-            written = self.controller.export(nifti, overwrite=True)
+            written = self.controller.export(nifti, overwrite=True, rtstruct=rtstruct)
         except (ValueError, OSError) as error:
             self.controller.fail(error, "Export failed")
             return

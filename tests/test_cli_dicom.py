@@ -300,6 +300,38 @@ def test_a_planning_structure_sets_target_alone_joins_a_set_and_trains_a_fine_tu
     assert "the labels have no class 'PTV' (their classes: External, SpinalCord, GTV)" in capsys.readouterr().err
 
 
+def test_segment_writes_an_rt_structure_set_that_reads_back_as_the_labels(tmp_path, cut, capsys):
+    """For planning systems that import contours but not SEG: one ROI per class, every contour on its image."""
+    import pydicom
+
+    from medconddiff.dicom_rtstruct import read_rtstruct
+
+    volume, _, affine = cut
+    paths = write_series(tmp_path / PATIENT_FOLDER, volume, affine)
+    assert segment(tmp_path / PATIENT_FOLDER, "-o", tmp_path / "labels.nii.gz") == 0
+    assert segment(tmp_path / PATIENT_FOLDER, "-o", tmp_path / "contours.dcm", "--output-format",
+                   "dicom-rtstruct") == 0
+    captured = capsys.readouterr()
+    series = tmp_path / PATIENT_FOLDER
+    assert_no_patient_data(without_paths_given(captured.out, series), without_paths_given(captured.err, series))
+    written = pydicom.dcmread(tmp_path / "contours.dcm")
+    assert written.Modality == "RTSTRUCT" and written.PatientID == PATIENT["PatientID"]   # in the file, as DICOM asks
+    assert [roi.ROIName for roi in written.StructureSetROISequence] == ["liver", "tumour"]
+    slice_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    referenced = {str(c.ContourImageSequence[0].ReferencedSOPInstanceUID)
+                  for roi in written.ROIContourSequence for c in roi.ContourSequence}
+    assert referenced and referenced <= slice_uids
+    scan = read_dicom_series(tmp_path / PATIENT_FOLDER)
+    back = read_rtstruct(tmp_path / "contours.dcm", scan)
+    expected = np.asarray(nib.load(str(tmp_path / "labels.nii.gz")).dataobj)
+    assert expected.any()
+    np.testing.assert_array_equal(back.labels, expected)
+    # A NIfTI input has no images to reference.
+    nifti = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), str(nifti))
+    assert segment(nifti, "-o", tmp_path / "x.dcm", "--output-format", "dicom-rtstruct") == 2
+
+
 def test_evaluate_matches_a_segs_classes_to_the_models_by_name_or_by_the_users_pairs(tmp_path, cut, capsys):
     volume, labels, _ = cut
     series = series_with_labels(tmp_path, cut, "reference.dcm")

@@ -437,6 +437,7 @@ def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_nap
         qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
         title, proposed, filters = offered[0]
         assert "DICOM SEG" in title and filters.startswith(DICOM_SEG_FILTER) and "NIfTI" in filters
+        assert "RT Structure Set" in filters
         assert Path(proposed) == tmp_path / "export_series2_CT_venous_seg.dcm"
         assert notifications.messages("error") == []
         np.testing.assert_array_equal(read_dicom_seg(target, folder, series=2), expected)
@@ -455,6 +456,19 @@ def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_nap
                             lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
         qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
         assert asked and "venous_seg.dcm" in asked[0] and target.stat().st_mtime_ns == stamp
+
+        # For a planning system: the same consensus as an RT structure set, which reads back voxel for voxel.
+        from medconddiff.dicom_rtstruct import read_rtstruct
+        from medconddiff.dicom_series import read_dicom_series
+        from napari_medconddiff._export import DICOM_RTSTRUCT_FILTER
+
+        contours = tmp_path / "venous_contours"
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(contours), DICOM_RTSTRUCT_FILTER))
+        qtbot.mouseClick(widget.export_button, Qt.MouseButton.LeftButton)
+        assert notifications.messages("error") == []
+        structures = read_rtstruct(tmp_path / "venous_contours.dcm", read_dicom_series(folder, series=2))
+        np.testing.assert_array_equal(structures.labels, expected)
+        assert structures.class_names == ("background", "liver", "tumour")
 
         messages = notifications.messages() + [str(w.message) for w in caught] + [widget.status.text()]
         assert_no_patient_data(*layer_texts(viewer.layers), *messages, json.dumps(sidecar))

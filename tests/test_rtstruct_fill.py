@@ -58,3 +58,31 @@ def test_contour_data_is_read_from_the_files_text_and_bad_text_is_refused():
     bad = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x30060050), "DS", 8, b"1.5\\x\\3 ", 0, False, True)
     with pytest.raises(DicomError, match="not a list of numbers"):
         _contour_points(pydicom.Dataset({pydicom.tag.Tag(0x30060050): bad}))
+
+
+def test_a_written_structure_set_keeps_holes_and_refuses_what_it_cannot_contour(tmp_path):
+    from medconddiff.dicom_rtstruct import read_rtstruct
+    from medconddiff.dicom_rtstruct_write import write_rtstruct
+    from medconddiff.dicom_series import read_dicom_series
+    from tests.dicom_helpers import write_series
+
+    volume = np.zeros((40, 36, 4), np.float32)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+    affine[:3, 3] = [30.0, 20.0, -100.0]
+    write_series(tmp_path / "ct", volume, affine)
+    scan = read_dicom_series(tmp_path / "ct")
+    labels = np.zeros((40, 36, 4), np.uint8)
+    labels[5:30, 6:30, 1] = 1
+    labels[12:20, 12:20, 1] = 0                      # a ring: its hole is a contour of its own
+    labels[14:17, 14:17, 1] = 2                      # an island inside the hole
+    labels[0:3, 0:4, 3] = 2                          # touching the image's edge
+    write_rtstruct(tmp_path / "rs.dcm", labels, scan.meta, scan.source, ("background", "organ", "lesion"))
+    np.testing.assert_array_equal(read_rtstruct(tmp_path / "rs.dcm", scan).labels, labels)
+    with pytest.raises(FileExistsError):
+        write_rtstruct(tmp_path / "rs.dcm", labels, scan.meta, scan.source, ("background", "organ", "lesion"))
+    for bad, names, message in ((labels[..., :3], ("background", "organ", "lesion"), "do not lie on the 4 slices"),
+                                (np.zeros_like(labels), ("background", "organ"), "no class has a voxel"),
+                                (labels, ("background", "organ"), "label 2 has no class name")):
+        with pytest.raises(DicomError, match=message):
+            write_rtstruct(tmp_path / "bad.dcm", bad, scan.meta, scan.source, names)
+    assert not (tmp_path / "bad.dcm").exists()

@@ -28,7 +28,9 @@ a series made only of localizers skipped with a note). Localizer (scout) images 
 left out with a note; a series of one image in a folder is refused (give its .dcm file to segment it
 as a 2-D image). Labels are written as NIfTI with the affine read from DICOM, or as a DICOM SEG
 (-o NAME.dcm, or --output-format dicom-seg for folder outputs) that references the source images,
-one segment per class of the checkpoint; a SEG needs a DICOM input. The sidecar records the series
+one segment per class of the checkpoint; a SEG needs a DICOM input. --output-format dicom-rtstruct
+writes the .dcm as an RT structure set instead (one ROI of closed contours per class, for planning
+systems that import contours but not SEG). The sidecar records the series
 (UIDs, number, description); no patient name, ID or birth date is printed or recorded.
 """
 
@@ -69,8 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "or Series Instance UID")
     dicom.add_argument("--all-series", action="store_true", help="DICOM folder: segment every series (except "
                        "localizer-only ones) into the -o folder, named seriesN_DESCRIPTION_seg.*")
-    parser.add_argument("--output-format", choices=("nifti", "dicom-seg"), help="labels written into an output "
-                        "folder: NIfTI (default) or DICOM SEG (DICOM inputs only); for -o FILE its suffix decides")
+    parser.add_argument("--output-format", choices=("nifti", "dicom-seg", "dicom-rtstruct"),
+                        help="labels written: NIfTI (default), DICOM SEG, or an RT structure set of contours for a "
+                        "planning system (DICOM inputs only); for -o FILE its suffix decides between NIfTI and .dcm, "
+                        "which is a SEG unless dicom-rtstruct is named")
     parser.add_argument("--checkpoint", help="checkpoint .safetensors, or a bundled model: medconddiff-liver "
                         "(default), lsegdiff-liver")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -134,6 +138,10 @@ class NotePrinter:
             print(f"{where}: note: {text}", file=sys.stderr, flush=True)
 
 
+#: --output-format values that write a .dcm file.
+DICOM_OUTPUTS = ("dicom-seg", "dicom-rtstruct")
+
+
 def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, series: Optional[str] = None,
               all_series: bool = False, output_format: Optional[str] = None,
               note: Optional[NotePrinter] = None) -> tuple[list[ScanJob], bool]:
@@ -141,7 +149,7 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
     failure is reported and the others go on)."""
     from ..nifti import sample_scan_path
 
-    suffix = ".dcm" if output_format == "dicom-seg" else ".nii.gz"
+    suffix = ".dcm" if output_format in DICOM_OUTPUTS else ".nii.gz"
     note = note or NotePrinter()
     picks_series = series is not None or all_series
     folder = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
@@ -200,7 +208,7 @@ def _check_output_name(job: ScanJob, output_format: Optional[str]) -> None:
     if not seg and not job.output.name.lower().endswith(NIFTI_SUFFIXES):
         raise ConfigError(f"-o {job.output}: a labels file name must end with .nii or .nii.gz "
                           "(or .dcm for a DICOM SEG of a DICOM input)")
-    if output_format is not None and seg != (output_format == "dicom-seg"):
+    if output_format is not None and seg != (output_format in DICOM_OUTPUTS):
         raise ConfigError(f"--output-format {output_format} does not match -o {job.output}")
 
 
@@ -298,7 +306,11 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
     seconds = time.perf_counter() - started
     job.output.parent.mkdir(parents=True, exist_ok=True)
     meta = meta.without_header_text()      # the scan's geometry, not its header's free text
-    if is_dicom_seg_name(paths["labels"]):
+    if is_dicom_seg_name(paths["labels"]) and args.output_format == "dicom-rtstruct":
+        from ..dicom_rtstruct_write import write_rtstruct
+
+        write_rtstruct(paths["labels"], result.labels, meta, source, result.class_names, overwrite=args.overwrite)
+    elif is_dicom_seg_name(paths["labels"]):
         from ..dicom_seg import write_dicom_seg
 
         write_dicom_seg(paths["labels"], result.labels, source, result.class_names, overwrite=args.overwrite)
