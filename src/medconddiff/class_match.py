@@ -51,6 +51,12 @@ def class_index(names: Sequence[str], name: str) -> Optional[int]:
     return next((index for index, other in enumerate(names) if index and class_key(other) == key), None)
 
 
+def one_class_each(names: Sequence[str]) -> bool:
+    """Whether no two of ``names`` name one class (by :func:`class_key`: ``liver`` and ``Liver`` do)."""
+    keys = [class_key(name) for name in names]
+    return len(set(keys)) == len(keys)
+
+
 def same_classes(first: Sequence[str], second: Sequence[str]) -> bool:
     """Whether two class lists (background first) name the same classes in the same order."""
     return [class_key(n) for n in first[1:]] == [class_key(n) for n in second[1:]]
@@ -68,7 +74,7 @@ def body_outline_classes(names: Sequence[str]) -> list[int]:
 def checked_class_names(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` stripped of surrounding space; a ConfigError where one is empty or two name one class."""
     names = tuple(str(name).strip() for name in names)
-    if any(not name for name in names) or len({class_key(name) for name in names}) != len(names):
+    if any(not name for name in names) or not one_class_each(names):
         raise ConfigError("every class needs a name, and names must differ (case and tumour/tumor spelling aside: "
                           f"{', '.join(repr(n) for n in names)})")
     return names
@@ -118,6 +124,10 @@ class ClassMatch:
         out = values.copy()
         out[inside] = self.lookup[values[inside]]
         return out.astype(labels.dtype, copy=False)
+
+    def messages(self) -> list[tuple[str, str]]:
+        """(kind, text) to tell the user: the warning, then the notes."""
+        return ([("warning", self.warning)] if self.warning else []) + [("note", text) for text in self.notes]
 
     def record(self) -> dict:
         """What a report keeps: how the classes were matched and, where not by number, each pair."""

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, TypeVar
 
-from .class_match import class_key
+from .class_match import one_class_each
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -135,7 +135,7 @@ class ModelConfig:
         d = self.latent_downsample
         if d < 1 or d & (d - 1) or d > NETWORK_STRIDE:
             raise ConfigError(f"latent_downsample must be a power of two up to {NETWORK_STRIDE}, got {d}")
-        if len({class_key(name) for name in self.class_names}) != len(self.class_names):
+        if not one_class_each(self.class_names):
             raise ConfigError(f"class names must name different classes (case and tumour/tumor spelling aside), "
                               f"got {list(self.class_names)}")
 

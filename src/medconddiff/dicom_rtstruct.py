@@ -150,7 +150,8 @@ def _closed_contours_by_roi(header: pydicom.Dataset) -> list[tuple[str, list[np.
     return [(names.get(number, f"ROI {number}"), found) for number, found in contours.items()]
 
 
-CONTOUR_DATA = 0x30060050
+#: The Contour Data attribute (3006,0050): a contour's points, x, y, z, x, y, z, …
+CONTOUR_DATA = pydicom.tag.Tag(0x3006, 0x0050)
 
 
 def _contour_points(contour: pydicom.Dataset) -> np.ndarray:

@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .atomic import atomic_write, check_target
 from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, one_line
+from .dicom_rtstruct import CONTOUR_DATA
 from .dicom_series import DicomSource
 from .nifti import VolumeMeta
 
@@ -117,7 +118,7 @@ def _voxel_to_lps(affine: np.ndarray):
 def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str,
                    rois: list[tuple[int, str, list[tuple[int, np.ndarray]]]], series_number: int,
                    label: str) -> Dataset:
-    from .dicom_seg import SEG_MANUFACTURER, _version
+    from .dicom_seg import SEG_MANUFACTURER, software_version
 
     now = datetime.datetime.now()
     ds = Dataset()
@@ -131,7 +132,8 @@ def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str
         setattr(ds, keyword, first.get(keyword, ""))
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), int(series_number)
     ds.SeriesDescription = "medconddiff contours"
-    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = SEG_MANUFACTURER, SEG_MANUFACTURER, _version()
+    ds.Manufacturer, ds.ManufacturerModelName = SEG_MANUFACTURER, SEG_MANUFACTURER
+    ds.SoftwareVersions = software_version()
     ds.OperatorsName, ds.InstanceNumber = "", 1
     ds.StructureSetLabel, ds.StructureSetName = label[:16], label[:64]
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -169,7 +171,7 @@ def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str
             item.ContourImageSequence = DicomSequence([image(k)])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
-            item[_CONTOUR_DATA] = _decimal_strings(points.ravel())
+            item[CONTOUR_DATA] = _decimal_strings(points.ravel())
             items.append(item)
         contour_roi.ContourSequence = DicomSequence(items)
         contour_rois.append(contour_roi)
@@ -183,16 +185,13 @@ def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str
     return ds
 
 
-_CONTOUR_DATA = pydicom.tag.Tag(0x3006, 0x0050)
-
-
 def _decimal_strings(values: np.ndarray) -> RawDataElement:
     """Contour Data as the file stores it (backslash-separated decimal strings, even length), built in one
     pass: pydicom's value-by-value DS validation took 35 s of a 3,200-contour structure set."""
     text = "\\".join(np.char.mod("%.4f", values).tolist()).encode("ascii")
     if len(text) % 2:
         text += b" "
-    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+    return RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)
 
 
 def _colour(number: int) -> tuple[int, int, int]:

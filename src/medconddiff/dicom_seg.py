@@ -38,18 +38,20 @@ from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.sr.coding import Code
 
 from .atomic import atomic_write, check_target
+from .class_match import class_key
 from .dicom_series import DicomError, DicomScan, DicomSource, dicom_source, source_datasets
 from .nifti import smallest_label_dtype
 
 __all__ = ["write_dicom_seg", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES", "KNOWN_CLASSES",
-           "segment_codes", "SEG_MANUFACTURER"]
+           "segment_codes", "SEG_MANUFACTURER", "software_version"]
 
 CodeLike = Union[Code, tuple]
 #: (category, type) given to a segment whose class name is not in :data:`KNOWN_CLASSES`, unless ``codes``
 #: says otherwise.
 DEFAULT_SEGMENT_CODES = (dicom_codes.SCT.AnatomicalStructure, dicom_codes.SCT.Tissue)
-#: Class names (lower case, as users and datasets spell them) → pydicom's SNOMED CT keyword of the type,
-#: and whether it is a finding (category "Morphologically Abnormal Structure") rather than a structure.
+#: Class names (in :func:`~medconddiff.class_match.class_key` form: lower case, single spaces, British
+#: spelling, so ``Tumor`` and ``left_kidney`` find theirs) → pydicom's SNOMED CT keyword of the type, and
+#: whether it is a finding (category "Morphologically Abnormal Structure") rather than a structure.
 KNOWN_CLASSES = {
     "liver": ("Liver", False), "kidney": ("Kidney", False), "spleen": ("Spleen", False), "lung": ("Lung", False),
     "pancreas": ("Pancreas", False), "prostate": ("Prostate", False), "heart": ("Heart", False),
@@ -57,8 +59,8 @@ KNOWN_CLASSES = {
     "grey matter": ("GrayMatter", False), "gray matter": ("GrayMatter", False),
     "white matter": ("WhiteMatter", False), "csf": ("CerebrospinalFluid", False),
     "cerebrospinal fluid": ("CerebrospinalFluid", False),
-    "tumour": ("Tumor", True), "tumor": ("Tumor", True), "neoplasm": ("Neoplasm", True), "lesion": ("Lesion", True),
-    "mass": ("Mass", True), "nodule": ("Nodule", True), "oedema": ("Edema", True), "edema": ("Edema", True),
+    "tumour": ("Tumor", True), "neoplasm": ("Neoplasm", True), "lesion": ("Lesion", True),
+    "mass": ("Mass", True), "nodule": ("Nodule", True), "oedema": ("Edema", True),
     "necrosis": ("Necrosis", True),
 }
 SEG_MANUFACTURER = "medconddiff"
@@ -111,7 +113,7 @@ def write_dicom_seg(
             segmented_property_category=_coded(category), segmented_property_type=_coded(kind),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=SEG_MANUFACTURER, family=_ARTIFICIAL_INTELLIGENCE, version=_version()))
+                name=SEG_MANUFACTURER, family=_ARTIFICIAL_INTELLIGENCE, version=software_version()))
         for number in range(1, len(names))
         for category, kind in [_codes_for(names[number], codes)]
     ]
@@ -119,7 +121,7 @@ def write_dicom_seg(
         source_images=datasets, pixel_array=frames, segmentation_type=segmentation_type.upper(),
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(series_number),
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SEG_MANUFACTURER,
-        manufacturer_model_name=SEG_MANUFACTURER, software_versions=_version(), device_serial_number="0",
+        manufacturer_model_name=SEG_MANUFACTURER, software_versions=software_version(), device_serial_number="0",
         series_description=series_description[:64], content_label="MEDCONDDIFF",
         content_description="Automatic segmentation"[:64], omit_empty_frames=True)
     atomic_write(path, lambda tmp: segmentation.save_as(tmp), overwrite=overwrite, suffix=".dcm")
@@ -293,7 +295,7 @@ def _frames_for_source(labels: np.ndarray, source: DicomSource, n_classes: int, 
 
 def segment_codes(name: str) -> tuple[Code, Code]:
     """(category, type) of a class named ``name`` when nothing else is given (see the module docstring)."""
-    known = KNOWN_CLASSES.get(" ".join(name.replace("_", " ").replace("-", " ").lower().split()))
+    known = KNOWN_CLASSES.get(class_key(name))
     if known is None:
         return DEFAULT_SEGMENT_CODES
     keyword, finding = known
@@ -321,7 +323,8 @@ def _coded(code: CodeLike):
     return Code(str(value), str(scheme), str(meaning))
 
 
-def _version() -> str:
+def software_version() -> str:
+    """This package's version, as DICOM objects it writes record it ("unknown" when not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -56,7 +56,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .atomic import StagedFiles
-from .class_match import class_index, class_key, merge_class_lists
+from .class_match import class_index, class_key, merge_class_lists, one_class_each
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
 from .losses import IGNORE_INDEX
@@ -685,8 +685,7 @@ def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manife
     incoming = tuple(str(n) for n in incoming)
     if len(incoming) < 1:
         raise TrainingSetError(f"{manifest}: the scan's class names are empty (background first)")
-    keys = [class_key(n) for n in incoming[1:]]
-    if len(set(keys)) != len(keys) or class_key(IGNORE_NAME) in keys:
+    if not one_class_each(incoming[1:]) or _names_ignore(incoming[1:]):
         raise TrainingSetError(f"{manifest}: the scan's class names {list(incoming)} repeat a name or use "
                                f"{IGNORE_NAME!r}, which the set keeps for unverified voxels")
     merged = merge_class_lists(current, incoming)
@@ -734,9 +733,13 @@ def image_digest(image: np.ndarray, meta: VolumeMeta) -> str:
     return digest.hexdigest()
 
 
+def _names_ignore(class_names: Sequence[str]) -> bool:
+    """Whether a class list calls a class what the set keeps for unverified voxels."""
+    return any(class_key(name) == class_key(IGNORE_NAME) for name in class_names)
+
+
 def _check_names(manifest: Path, class_names: tuple[str, ...], channel_names: tuple[str, ...]) -> None:
-    keys = [class_key(name) for name in class_names]
-    if len(class_names) < 2 or len(set(keys)) != len(keys) or class_key(IGNORE_NAME) in keys:
+    if len(class_names) < 2 or not one_class_each(class_names) or _names_ignore(class_names):
         raise TrainingSetError(f"{manifest}: class names {list(class_names)} must be unique, at least two "
                                f"(background first) and must not include {IGNORE_NAME!r}")
     if not channel_names or any(not n.strip() for n in channel_names):

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     # As evaluate scores: a SEG's or structure set's classes by name, whatever their numbers.
     match = match_classes(given.label_class_names(args.labels, labels), segmenter.class_names,
                           parse_class_map(args.class_map), labels)
-    for kind, text in ([("warning", match.warning)] if match.warning else []) + [("note", n) for n in match.notes]:
+    for kind, text in match.messages():
         print(f"medconddiff choose-consensus: {kind}: {text}", file=sys.stderr)
     labels = match.apply(labels)
     geometry = segmenter.preprocessor.geometry(image.shape[:3], meta)

@@ -208,13 +208,7 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, cla
     from ..nifti import load_labels
     from ..outputs import recorded_name
 
-    shown: set[str] = set()
-
-    def tell(kind: str, text: str) -> None:
-        if text not in shown:   # a dataset's cases share their names: said once
-            shown.add(text)
-            print(f"medconddiff evaluate: {kind}: {text}", file=sys.stderr)
-
+    shown: set[str] = set()    # a dataset's cases share their names: each message said once
     for case in cases:
         try:
             image, meta = case.load_image()
@@ -225,10 +219,10 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, cla
                       "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
             match = match_classes(case.reference_names(labels) if case.reference_names else None,
                                   segmenter.class_names, class_map, labels, case.ignore_value)
-            if match.warning:
-                tell("warning", match.warning)
-            for text in match.notes:
-                tell("note", text)
+            for kind, text in match.messages():
+                if text not in shown:
+                    shown.add(text)
+                    print(f"medconddiff evaluate: {kind}: {text}", file=sys.stderr)
             labels = match.apply(labels, case.ignore_value)
             n_slices = segmenter.preprocessor.geometry(image.shape[:3], meta).n_slices
             slices = scan_slices(slices_text, n_slices, where=case.name)
