@@ -212,6 +212,22 @@ def test_nan_and_constant_volumes(tmp_path, tiny_checkpoint, liver_volume, capsy
     assert "finite" in capsys.readouterr().err
 
 
+def test_an_output_folder_that_cannot_be_made_fails_before_any_sampling(scan, tmp_path, tiny_checkpoint, capsys,
+                                                                         monkeypatch):
+    import medconddiff.segmenter as segmenter_module
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output folder would go")
+    sampled = []
+    monkeypatch.setattr(segmenter_module.Segmenter, "run", lambda *a, **k: sampled.append(1))
+    assert segment(scan, "-o", blocker / "ct" / "seg.nii.gz", "--checkpoint", tiny_checkpoint) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    assert not sampled
+    assert segment(scan, "-o", blocker / "seg.nii.gz", "--checkpoint", tiny_checkpoint) == 2
+    assert "it is a file, not a folder" in capsys.readouterr().err
+    assert not sampled and blocker.read_text().startswith("a file")
+
+
 def test_wrong_checkpoint(scan, tmp_path, capsys):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(np.random.default_rng(0).bytes(256))

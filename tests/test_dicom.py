@@ -301,6 +301,19 @@ def test_two_images_at_one_position_with_nothing_to_tell_them_apart_are_refused(
         read_dicom_series(tmp_path)
 
 
+def test_a_copy_of_a_file_is_read_once_and_named(tmp_path, cut):
+    """A series exported twice into one folder (same SOP Instance UIDs) reads as the series, with a note;
+    it used to be refused as two slices at one position."""
+    volume, _, affine = cut
+    paths = write_series(tmp_path, volume, affine)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(paths[1], copy / paths[1].name)
+    scan = read_dicom_series(tmp_path)
+    np.testing.assert_allclose(scan.volume, volume, atol=0.5)
+    assert any("skipped 1 duplicate file(s)" in note and f"copy/{paths[1].name}" in note for note in scan.source.notes)
+
+
 def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):
     volume, _, affine = cut
     paths = write_series(tmp_path, volume, affine, skip=(3,))

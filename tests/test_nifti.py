@@ -239,6 +239,14 @@ def test_all_nonfinite_volume_is_rejected(tmp_path):
         load_volume(path)
 
 
+def test_complex_voxels_are_refused_not_cast_to_their_real_part(tmp_path):
+    data = (np.ones((3, 3, 3)) + 2j * np.ones((3, 3, 3))).astype(np.complex64)
+    path = tmp_path / "phase.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    with pytest.raises(VolumeReadError, match="complex numbers.*magnitude"):
+        load_volume(path)
+
+
 def test_load_labels_rejects_fractional_and_negative_values(tmp_path):
     fractional = np.zeros((4, 4, 4), np.float32)
     fractional[1, 1, 1] = 1.5

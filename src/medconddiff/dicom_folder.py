@@ -244,6 +244,8 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
     the user gave, for the error when nothing is an image)."""
     found = ScannedFolder()
     not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
+    first_copy: dict[tuple[str, ...], str] = {}
+    duplicates: list[str] = []
     for file in files:
         label = str(file.relative_to(root))
         try:
@@ -277,6 +279,12 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
             # any series stored there.
             found.broken.setdefault(uid or str(file.parent), []).append(f"{label} ({problem})")
             continue
+        identity = _instance_identity(header, uid)
+        if identity is not None:
+            if identity in first_copy:
+                duplicates.append(f"{label} (= {first_copy[identity]})")
+                continue
+            first_copy[identity] = label
         frames = int(header.get("NumberOfFrames", 1) or 1)
         found.series.setdefault(uid, []).append(Instance(file, label, header, frames))
     for uid in list(found.series):
@@ -285,6 +293,9 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
             del found.series[uid]
             for part, instances in parts:
                 found.series[part_key(uid, part)] = instances
+    if duplicates:
+        found.notes.append(f"skipped {len(duplicates)} duplicate file(s), copies of an image already read (same SOP "
+                           f"Instance UID and position): {some_of(duplicates)}")
     if not_dicom:
         found.notes.append(f"skipped {len(not_dicom)} file(s) that are not DICOM: {some_of(not_dicom)}")
     if unreadable:
@@ -301,6 +312,16 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
         detail = f" ({'; '.join(found.notes)})" if found.notes else ""
         raise DicomError(f"{path}: no DICOM image in this {what}{detail}")
     return found
+
+
+def _instance_identity(header: pydicom.Dataset, series_uid: str) -> tuple[str, ...] | None:
+    """What makes two files one image: the same SOP Instance UID (unique per image by the standard) at
+    the same position. A folder exported twice, or copied into itself, holds such copies; two images
+    that share a UID but not a position (a broken anonymiser) are not copies and stay to be refused."""
+    instance_uid = str(header.get("SOPInstanceUID", "") or "")
+    if not instance_uid:
+        return None
+    return series_uid, instance_uid, str(header.get("ImagePositionPatient", "")), str(header.get("NumberOfFrames", 1))
 
 
 def sop_class_of(header: pydicom.Dataset) -> str:

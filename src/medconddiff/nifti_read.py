@@ -65,10 +65,14 @@ def load_volume(path: str | os.PathLike, *, channel: int | None = None) -> tuple
     * 4-D images ``(X, Y, Z, C)`` need ``channel`` to pick one volume along axis 3 unless that
       axis has size 1; otherwise :class:`VolumeReadError` names the axis and its size.
     * NaN/Inf voxels are kept (see :func:`sanitize_nonfinite`), but a volume with no finite voxel
-      at all raises :class:`VolumeReadError`.
+      at all raises :class:`VolumeReadError`, as does a complex-valued one.
     """
     path = Path(path)
     data, meta = _read_nifti(path, channel)
+    if np.iscomplexobj(data):
+        # Casting would silently keep the real part, which is not the image a viewer shows.
+        raise VolumeReadError(f"{path}: voxels are complex numbers (MR real/imaginary or phase data); "
+                              "save the magnitude image and open that")
     try:
         volume = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as exc:

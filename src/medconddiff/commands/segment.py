@@ -194,6 +194,20 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
     return jobs[rank::world], cohort or len(jobs) > 1
 
 
+def make_output_folders(jobs: list[ScanJob]) -> None:
+    """Creates every job's output folder before any scan is segmented: a folder that cannot be made
+    must not fail a run at its last step, after minutes of sampling."""
+    for folder in dict.fromkeys(job.output.parent for job in jobs):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as error:
+            raise NotADirectoryError(f"cannot write into {folder}: it is a file, not a folder") from error
+        except OSError as error:
+            raise UserInputError(f"cannot create the output folder {folder}: {error.strerror or error}") from error
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write into the output folder {folder}: permission denied")
+
+
 def _check_output_folder(output: Optional[Path], what: str) -> None:
     if output is None or (output.exists() and not output.is_dir()) or output.name.lower().endswith(NIFTI_SUFFIXES) \
             or is_dicom_seg_name(output):
@@ -377,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{len(existing)} of {len(jobs)} scans already have outputs (e.g. "
                                   f"{existing[0].output}); pass --skip-existing to resume the cohort or "
                                   "--overwrite to replace them")
+    make_output_folders(jobs)
     done, skipped, failed = 0, 0, 0
     for job in jobs:
         if args.skip_existing and outputs_exist(output_paths(job.output), wanted_outputs(args)):
