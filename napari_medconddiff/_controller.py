@@ -45,10 +45,11 @@ from ._result_set import ChannelInput, KeptRun, ResultSet
 from ._runners import Runner, SyncRunner, Task
 from ._segment_flow import CONSENSUS_NAMES, SegmentFlow, SegmentSettings, _Pending
 from ._training_set_flow import TrainingSetFlow
+from ._volumes import ClassVolumes, consensus_volumes
 
 __all__ = ["SegmentationController", "SegmentSettings", "FinetuneSettings", "Questions", "SyncRunner", "Runner",
            "Task", "ResultSet", "KeptRun", "ChannelInput", "ExportSummary", "SliceChoice", "CONSENSUS_NAMES",
-           "KEEP", "NEW_LAYER", "REPLACE", "notify"]
+           "KEEP", "NEW_LAYER", "REPLACE", "notify", "ClassVolumes"]
 
 
 class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSetFlow):
@@ -63,6 +64,7 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
     results_changed = Signal()             # what can be exported / inspected changed
     classes_changed = Signal(tuple)
     edits_changed = Signal(tuple)          # edited canonical slices of the current result
+    labels_shown = Signal()                # the current consensus layer's content may have changed
     engine_ready = Signal(object)          # EngineInfo
     engine_failed = Signal(str)
     input_removed = Signal(str)            # the scan of a running segmentation was removed (its name)
@@ -214,6 +216,14 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
     def _edits_changed(self, results: ResultSet) -> None:
         if results is self.current:
             self.edits_changed.emit(tuple(sorted(results.edited)))
+
+    def _labels_shown(self, results: ResultSet) -> None:
+        if results is self.current:
+            self.labels_shown.emit()
+
+    def class_volumes(self) -> Optional[ClassVolumes]:
+        """Millilitres per class in the current consensus layer, the user's edits included."""
+        return consensus_volumes(self.current)
 
     def _ask_about_edits(self, results: ResultSet, action: str, slices: Sequence[int]) -> WritePolicy:
         """How ``action`` may write ``slices``. The user is asked when some of them hold edits: KEEP and

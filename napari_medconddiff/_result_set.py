@@ -84,6 +84,7 @@ class ResultSet:
         self.steps_stack: Optional[np.ndarray] = None
         self.steps_first = 0
         self.on_edits: Callable[[], None] = lambda: None
+        self.on_labels_shown: Callable[[], None] = lambda: None   # the consensus layer's content may have changed
         self._writing = False
         self._undo_step: Optional[UndoStep] = None
         self._undo_depth = 0
@@ -102,6 +103,9 @@ class ResultSet:
     # ------------------------------------------------------------ edits
     def watch(self, layer: Any) -> None:
         layer.events.paint.connect(self._on_paint)
+        # ``set_data`` follows every change napari shows: a stroke, an undo or redo (which emit no
+        # ``paint``), our own writes; also a move of the slider.
+        layer.events.set_data.connect(lambda event: self.on_labels_shown())
 
     def _on_paint(self, event: Any) -> None:
         # napari emits ``paint`` before it changes the data (outside a mouse stroke), so the slices an

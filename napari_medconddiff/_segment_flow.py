@@ -243,6 +243,7 @@ class SegmentFlow:
         """A new result set for ``scan``, with its uncertainty and consensus layers."""
         results = ResultSet(scan, scan_id, scan_name, source, space, class_names)
         results.on_edits = lambda: self._edits_changed(results)
+        results.on_labels_shown = lambda: self._labels_shown(results)
         self.results[scan_id] = results
         self._add_layers(results)
         return results

@@ -349,6 +349,42 @@ def test_edited_slices_are_kept_unless_the_user_says_otherwise(make_napari_viewe
     assert len(asked) == 3
 
 
+def test_the_legend_shows_each_class_volume_as_the_user_paints_and_undoes(make_napari_viewer, qtbot, scan,
+                                                                          tiny_checkpoint):
+    from napari_medconddiff._volumes import millilitres
+
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["liver consensus"]
+    voxel_ml = 0.6 * 0.7 * 4.0 / 1000        # the scan file's spacing, whatever the layer's axis order
+
+    def shown(data):
+        return [f"{name} <b>{millilitres(round(np.count_nonzero(data == k) * voxel_ml, 3))}</b>"
+                for k, name in ((1, "liver"), (2, "tumour"))]
+
+    def legend_shows(data) -> bool:
+        return all(item in widget.legend.text() for item in shown(data))
+
+    qtbot.waitUntil(lambda: legend_shows(consensus.data), timeout=5000)
+    before = consensus.data.copy()
+    paint(consensus, 2, 1, size=20)                    # more liver: the legend follows the stroke
+    assert np.count_nonzero(consensus.data == 1) > np.count_nonzero(before == 1) + 100
+    qtbot.waitUntil(lambda: legend_shows(consensus.data), timeout=5000)
+    assert not legend_shows(before)
+    consensus.undo()                                   # napari's undo emits no paint: still recounted
+    np.testing.assert_array_equal(consensus.data, before)
+    qtbot.waitUntil(lambda: legend_shows(before), timeout=5000)
+    assert "voxel size from the layer" not in widget.legend.text()
+
+
+def test_volumes_read_as_a_reader_compares_them():
+    from napari_medconddiff._volumes import millilitres
+
+    assert [millilitres(v) for v in (1523.4, 12.43, 3.456, 0.0834, 0.0)] == [
+        "1,523 ml", "12.4 ml", "3.46 ml", "0.083 ml", "0 ml"]
+
+
 def test_the_edit_question_offers_three_answers_and_escape_keeps_the_edits(qtbot):
     parent = widget_module.QWidget()
     qtbot.addWidget(parent)
