@@ -85,7 +85,8 @@ def test_folder_in_folder_out(scan, tmp_path, tiny_checkpoint, capsys):
         (folder / f"{name}.nii.gz").write_bytes(scan.read_bytes())
     assert segment(folder, "-o", tmp_path / "results", "--checkpoint", tiny_checkpoint, "--slices", "0:2") == 0
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["a_seg.json", "a_seg.nii.gz",
-                                                                        "b_seg.json", "b_seg.nii.gz"]
+                                                                        "b_seg.json", "b_seg.nii.gz",
+                                                                        "medconddiff_volumes.csv"]
     assert "2 done, 0 skipped, 0 failed" in capsys.readouterr().out
 
 
@@ -113,6 +114,50 @@ def test_a_cohort_survives_a_corrupt_scan_and_resumes_with_skip_existing(scan, t
     assert "1 done, 2 skipped, 0 failed of 3" in capsys.readouterr().out
     assert (results / "a_seg.nii.gz").stat().st_mtime_ns == before
     assert (results / "b_seg.nii.gz").is_file()
+    # The table tables every scan, the skipped ones from their sidecars.
+    rows = {row["scan"]: row for row in table_rows(results / "medconddiff_volumes.csv")}
+    assert [rows[name]["status"] for name in "abc"] == ["skipped", "done", "skipped"]
+    for name in "abc":
+        volumes = json.loads((results / f"{name}_seg.json").read_text())["class_volumes"]
+        assert rows[name]["liver ml"] == f"{volumes['liver']['ml']:.3f}" and rows[name]["slices"] == "1"
+
+
+def table_rows(path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_cohort_tables_each_scan_and_why_one_failed(scan, tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    data = scan.read_bytes()
+    (folder / "a.nii.gz").write_bytes(data)
+    (folder / "b.nii.gz").write_bytes(data[: len(data) // 2])
+    results = tmp_path / "results"
+    args = (folder, "-o", results, "--checkpoint", tiny_checkpoint, "--slices", "0:2")
+    assert segment(*args) == 1
+    assert "class volumes of every scan" in capsys.readouterr().out
+    table = results / "medconddiff_volumes.csv"
+    a, b = table_rows(table)
+    assert list(a) == ["scan", "labels", "status", "slices", "complete", "seconds", "liver ml", "tumour ml", "note"]
+    labels = nib.load(str(results / "a_seg.nii.gz"))
+    voxel_ml = float(np.prod(labels.header.get_zooms()[:3])) / 1000
+    counts = np.bincount(np.asarray(labels.dataobj, np.uint8).ravel(), minlength=3)
+    assert (a["scan"], a["labels"], a["status"], a["slices"], a["complete"], a["note"]) == (
+        "a", "a_seg.nii.gz", "done", "2", "True", "")
+    assert float(a["liver ml"]) == pytest.approx(counts[1] * voxel_ml, abs=1e-3)
+    assert float(a["tumour ml"]) == pytest.approx(counts[2] * voxel_ml, abs=1e-3)
+    assert b["status"] == "failed" and "truncated" in b["note"] and not b["note"].startswith("b:")
+    assert b["liver ml"] == ""
+    # A table left from an earlier run is the user's until they say otherwise.
+    (results / "a_seg.nii.gz").unlink()
+    (results / "a_seg.json").unlink()
+    table.write_text("someone's notes")
+    assert segment(*args) == 2
+    assert "medconddiff_volumes.csv exists" in capsys.readouterr().err
+    assert table.read_text() == "someone's notes" and not (results / "a_seg.nii.gz").exists()
 
 
 def test_a_multi_channel_model_takes_a_4d_file_or_one_file_per_channel(tmp_path, liver_volume, capsys):

@@ -155,13 +155,13 @@ def test_several_series_are_listed_and_chosen_or_all_segmented(tmp_path, cut, ca
     assert len(scans) == 1        # the folder's headers are read once, not once per series
     captured = capsys.readouterr()
     assert sorted(p.name for p in results.iterdir()) == [
-        "series2_CT_venous_seg.dcm", "series2_CT_venous_seg.json",
+        "medconddiff_volumes.csv", "series2_CT_venous_seg.dcm", "series2_CT_venous_seg.json",
         "series5_CT_arterial_thin_seg.dcm", "series5_CT_arterial_thin_seg.json"]
     assert "series 1 'Scout': note: skipped: every image is a localizer (scout)" in captured.err
     assert "2 done, 0 skipped, 0 failed of 2" in captured.out
     labels = read_dicom_seg(results / "series5_CT_arterial_thin_seg.dcm", export, series=5)
     np.testing.assert_array_equal(labels, nib.load(str(tmp_path / "five.nii.gz")).get_fdata())
-    for path in [tmp_path / "five.json", *results.glob("*.json")]:
+    for path in [tmp_path / "five.json", *results.glob("*.json"), results / "medconddiff_volumes.csv"]:
         assert_no_patient_data(path.read_text())
     assert_no_patient_data(err, captured.out, captured.err)
 

@@ -18,7 +18,9 @@ per-step x̂0 labels (4-D, step axis last), and a JSON sidecar with everything n
 Existing files are never overwritten unless --overwrite is given; every file is written atomically.
 In a cohort a scan that cannot be read or segmented is reported in one line (a bug in medconddiff:
 with its traceback) and the others go on; the summary counts done / skipped / failed and the exit
-status is 1 if any failed. --slices takes the slice lists of every command (see its help).
+status is 1 if any failed. A cohort also writes medconddiff_volumes.csv into the output folder: one row
+per scan (done, skipped or failed, and why), the millilitres of each class. --slices takes the slice
+lists of every command (see its help).
 
 DICOM: a .dcm file (or any file with DICOM's DICM marker) is read as DICOM. A folder with .nii/.nii.gz
 files at its top level is a NIfTI cohort; a folder without them that holds DICOM files (at any depth)
@@ -47,6 +49,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..cohort_table import DONE, FAILED, SKIPPED, ScanOutcome, table_path, write_cohort_table
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
 from ..errors import ConfigError, UserInputError
 from ..nifti import NIFTI_SUFFIXES
@@ -192,6 +195,14 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
         _check_output_name(job, output_format)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return jobs[rank::world], cohort or len(jobs) > 1
+
+
+def cohort_folder(jobs: list[ScanJob]) -> Path:
+    """The folder a cohort's outputs share (the -o folder), where its table goes."""
+    try:
+        return Path(os.path.commonpath([job.output.parent for job in jobs]))
+    except ValueError:      # relative and absolute paths mixed
+        return Path(os.path.commonpath([job.output.parent.absolute() for job in jobs]))
 
 
 def make_output_folders(jobs: list[ScanJob]) -> None:
@@ -384,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
     note = NotePrinter()
     jobs, cohort = plan_jobs(list(args.input), args.output, segmenter.plan.num_channels, series=args.series,
                              all_series=args.all_series, output_format=args.output_format, note=note)
+    table = table_path(cohort_folder(jobs)) if cohort and jobs else None
     if cohort and not (args.overwrite or args.skip_existing):
         # Checked before any work: a long cohort run must not end in a column of "exists" failures.
         existing = [job for job in jobs if outputs_exist(output_paths(job.output), wanted_outputs(args))]
@@ -391,12 +403,18 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{len(existing)} of {len(jobs)} scans already have outputs (e.g. "
                                   f"{existing[0].output}); pass --skip-existing to resume the cohort or "
                                   "--overwrite to replace them")
+        if table is not None and table.exists():
+            raise FileExistsError(f"{table} exists; pass --skip-existing to resume the cohort (the table is "
+                                  "written again, with every scan) or --overwrite to replace it")
     make_output_folders(jobs)
     done, skipped, failed = 0, 0, 0
+    outcomes: list[ScanOutcome] = []
     for job in jobs:
+        sidecar = output_paths(job.output)["sidecar"]
         if args.skip_existing and outputs_exist(output_paths(job.output), wanted_outputs(args)):
             print(f"{job.name}: skipped (outputs exist)")
             skipped += 1
+            outcomes.append(ScanOutcome(job.name, job.output, sidecar, SKIPPED))
             continue
         try:
             record = segment_one(segmenter, job, sampling, args, note)
@@ -407,13 +425,19 @@ def run(args: argparse.Namespace) -> int:
             text, _ = failure_report(error, f"{job.name}: FAILED")
             print(text, file=sys.stderr, flush=True)
             failed += 1
+            reason = text.splitlines()[0].removeprefix(f"{job.name}: FAILED: ")
+            outcomes.append(ScanOutcome(job.name, job.output, sidecar, FAILED, reason))
             continue
         done += 1
+        outcomes.append(ScanOutcome(job.name, job.output, sidecar, DONE))
         names = record["class_names"]
         volumes = ", ".join(f"{name} {v['ml']} ml" for name, v in record["class_volumes"].items() if name != names[0])
         where = f"{job.dicom.label} in {job.files[0]}" if job.dicom else ", ".join(str(f) for f in job.files)
         print(f"{where} -> {job.output} ({record['seconds']:.1f} s; {volumes})")
+    if table is not None:
+        write_cohort_table(table, outcomes, segmenter.class_names, overwrite=True)
     if cohort:
         rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
-        print(f"summary{rank}: {done} done, {skipped} skipped, {failed} failed of {len(jobs)} scan(s)")
+        print(f"summary{rank}: {done} done, {skipped} skipped, {failed} failed of {len(jobs)} scan(s)"
+              + (f"; class volumes of every scan: {table}" if table is not None else ""))
     return 1 if failed else 0
