@@ -47,6 +47,7 @@ from medconddiff.slice_lists import SLICE_SYNTAX, parse_slice_spec
 from . import _dialogs
 from . import _result_layers as results_layers
 from ._channels_list import ChannelsList
+from ._class_legend import ClassLegend
 from ._controller import SegmentationController, SegmentSettings
 from ._dialogs import DialogQuestions, ask_edit_choice, ask_save_cancelled_finetune
 from ._export import DICOM_RTSTRUCT_FILTER, DICOM_SEG_FILTER, NIFTI_FILTER, export_targets
@@ -60,12 +61,9 @@ from ._saved_labels_row import SavedLabelsRow
 from ._sampling_form import SamplingForm
 from ._scroll_area import VerticalScrollArea
 from ._training_set_panel import TrainingSetPanel
-from ._volumes import millilitres
 
 SLICE_LABELS = {"current": "Current slice", "all": "All slices", "range": "Slice range"}
 SLICES_FORMAT = "%v / %m slices"
-#: How long the consensus layer must stay unchanged before the legend's volumes are counted again.
-VOLUMES_DELAY_MS = 400
 
 
 class SegmentWidget(QWidget):
@@ -209,18 +207,8 @@ class SegmentWidget(QWidget):
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status.setToolTip("What the plugin is doing, or did last")
         layout.addWidget(self.status)
-        self.legend = QLabel("")
-        self.legend.setTextFormat(Qt.TextFormat.RichText)
-        self.legend.setWordWrap(True)
-        self.legend.setToolTip("Label values and class names of the model; after a segmentation, how much of each "
-                               "class the consensus layer holds, your edits included")
+        self.legend = ClassLegend(self.controller)
         layout.addWidget(self.legend)
-        self._legend_names: tuple[str, ...] = ()
-        # Recounted once the layer stops changing: a stroke, an undo or a streaming run changes it many times.
-        self._volumes_timer = QTimer(self)
-        self._volumes_timer.setSingleShot(True)
-        self._volumes_timer.setInterval(VOLUMES_DELAY_MS)
-        self._volumes_timer.timeout.connect(self._refresh_legend)
         tools = QHBoxLayout()
         self.uncertain_button = QPushButton("Most uncertain slice")
         self.uncertain_button.setToolTip("Move the slider to the slice with the highest mean uncertainty")
@@ -240,9 +228,6 @@ class SegmentWidget(QWidget):
         c.progress.connect(self._on_progress)
         c.busy_changed.connect(self._on_busy)
         c.results_changed.connect(self._on_results_changed)
-        c.classes_changed.connect(self._show_legend)
-        for signal in (c.labels_shown, c.results_changed, c.consensus_updated):
-            signal.connect(self._recount_volumes_later)
         c.classes_changed.connect(self.finetune_panel.refresh_class_table)
         c.edits_changed.connect(self._on_edits)
         c.engine_ready.connect(self._on_engine_probed)
@@ -292,30 +277,6 @@ class SegmentWidget(QWidget):
         results = self.controller.current
         self.uncertain_button.setEnabled(can and results is not None and len(results.shown_slices) > 0)
         self.export_button.setEnabled(can)
-
-    def _show_legend(self, class_names: tuple[str, ...]) -> None:
-        self._legend_names = tuple(class_names)
-        self._refresh_legend()
-
-    def _recount_volumes_later(self) -> None:
-        if alive(self):
-            self._volumes_timer.start()
-
-    def _refresh_legend(self) -> None:
-        """Each class's colour, label value and name; with a consensus layer, its volume there."""
-        if not alive(self):
-            return
-        volumes = self.controller.class_volumes()
-        items = []
-        for index, name in enumerate(self._legend_names[1:], start=1):
-            r, g, b, _ = (int(255 * c) for c in results_layers.class_color(index))
-            size = f" <b>{millilitres(volumes.ml[name])}</b>" if volumes is not None and name in volumes.ml else ""
-            items.append(f"<span style='color: rgb({r},{g},{b});'>■</span> {index} {name}{size}")
-        text = ("Classes (volume in the consensus layer): " if volumes is not None else "Classes: ") \
-            + " &nbsp; ".join(items)
-        if volumes is not None and not volumes.size_from_file:
-            text += " <i>(voxel size from the layer's scale)</i>"
-        self.legend.setText(text)
 
     def _on_edits(self, slices: tuple[int, ...]) -> None:
         # napari tells about a paint before it changes the data: look at the layer once it has.

@@ -242,6 +242,36 @@ def test_plain_layer_is_sliced_along_the_slider_axis_and_exported_without_orient
     assert consensus[:, 40].any() and not np.delete(consensus, 40, axis=1).any()
 
 
+def test_class_volumes_use_the_file_spacing_or_say_they_took_the_layer_scale(liver_volume, tiny_checkpoint):
+    from napari.components import ViewerModel
+
+    ras = liver_volume[0]
+    data, meta = stored(ras, "sagittal")
+    meta = dataclasses.replace(meta, spacing=(0.8, 0.9, 2.5))
+    viewer = ViewerModel()
+    shown, kwargs = volume_to_layer(data, meta)
+    scan = viewer.add_image(shown, name="liver", **kwargs)
+    controller = SegmentationController(viewer)
+    assert controller.class_volumes() is None                     # nothing segmented yet
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    labels = layer(viewer, "consensus").data
+    volumes = controller.class_volumes()
+    assert volumes.size_from_file
+    for k, name in enumerate(("background", "liver", "tumour")):
+        assert volumes.ml[name] == pytest.approx(np.count_nonzero(labels == k) * 0.8 * 0.9 * 2.5 / 1000, abs=1e-3)
+
+    plain = ViewerModel()
+    scan = plain.add_image(np.array(shown), name="liver", scale=(3.0, 1.0, 1.0))   # no file behind it
+    controller = SegmentationController(plain)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    volumes = controller.class_volumes()
+    assert not volumes.size_from_file
+    tumour = np.count_nonzero(layer(plain, "consensus").data == 2)
+    assert volumes.ml["tumour"] == pytest.approx(tumour * 3.0 / 1000, abs=1e-3)
+    plain.layers.remove(layer(plain, "consensus"))
+    assert controller.class_volumes() is None
+
+
 def test_a_plain_2d_layer_is_one_slice_in_its_own_axis_order(liver_volume, tiny_checkpoint, tmp_path):
     from napari.components import ViewerModel
 
