@@ -59,6 +59,11 @@ class ClassLegend(QLabel):
             items.append(f"<span style='color: rgb({r},{g},{b});'>■</span> {index} {name}{size}")
         text = ("Classes (volume in the consensus layer): " if volumes is not None else "Classes: ") \
             + " &nbsp; ".join(items)
+        notes = []
+        if volumes is not None and volumes.partial:
+            notes.append(f"{volumes.slices_segmented} of {volumes.slices} slices segmented")
         if volumes is not None and not volumes.size_from_file:
-            text += " <i>(voxel size from the layer's scale)</i>"
+            notes.append("voxel size from the layer's scale")
+        if notes:
+            text += f" <i>({'; '.join(notes)})</i>"
         self.setText(text)

@@ -20,10 +20,18 @@ __all__ = ["ClassVolumes", "consensus_volumes", "millilitres"]
 
 @dataclass(frozen=True)
 class ClassVolumes:
-    """Millilitres per class name (background included), and whether the voxel size is the scan file's."""
+    """Millilitres per class name (background included), whether the voxel size is the scan file's, and
+    how many of the scan's slices the engine has segmented (0 for labels continued from a file)."""
 
     ml: dict[str, float]
     size_from_file: bool
+    slices_segmented: int = 0
+    slices: int = 0
+
+    @property
+    def partial(self) -> bool:
+        """Whether runs so far covered only part of the scan: its volumes are not the organ's yet."""
+        return 0 < self.slices_segmented < self.slices
 
 
 def consensus_volumes(results: Optional[ResultSet]) -> Optional[ClassVolumes]:
@@ -33,7 +41,8 @@ def consensus_volumes(results: Optional[ResultSet]) -> Optional[ClassVolumes]:
         return None
     meta = results.space.export_meta()
     counted = class_volumes_ml(full_resolution(layer.data), meta.spacing, results.class_names)
-    return ClassVolumes({name: value["ml"] for name, value in counted.items()}, bool(meta.affine_known))
+    return ClassVolumes({name: value["ml"] for name, value in counted.items()}, bool(meta.affine_known),
+                        len(results.shown_slices), results.space.n_slices)
 
 
 def millilitres(ml: float) -> str:

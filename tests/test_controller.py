@@ -256,7 +256,7 @@ def test_class_volumes_use_the_file_spacing_or_say_they_took_the_layer_scale(liv
     assert segment(controller, scan, tiny_checkpoint) == "done"
     labels = layer(viewer, "consensus").data
     volumes = controller.class_volumes()
-    assert volumes.size_from_file
+    assert volumes.size_from_file and not volumes.partial
     for k, name in enumerate(("background", "liver", "tumour")):
         assert volumes.ml[name] == pytest.approx(np.count_nonzero(labels == k) * 0.8 * 0.9 * 2.5 / 1000, abs=1e-3)
 
@@ -270,6 +270,11 @@ def test_class_volumes_use_the_file_spacing_or_say_they_took_the_layer_scale(liv
     assert volumes.ml["tumour"] == pytest.approx(tumour * 3.0 / 1000, abs=1e-3)
     plain.layers.remove(layer(plain, "consensus"))
     assert controller.class_volumes() is None
+
+    viewer, scan, controller = make(ras, "lps")                  # one slice of the scan: a partial volume
+    assert segment(controller, scan, tiny_checkpoint, mode="range", first=2, last=3) == "done"
+    volumes = controller.class_volumes()
+    assert (volumes.partial, volumes.slices_segmented, volumes.slices) == (True, 2, ras.shape[2])
 
 
 def test_a_plain_2d_layer_is_one_slice_in_its_own_axis_order(liver_volume, tiny_checkpoint, tmp_path):
