@@ -8,7 +8,7 @@ import torch
 
 from medconddiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from medconddiff.config import SamplingConfig
-from medconddiff.errors import SliceSpecError
+from medconddiff.errors import ConfigError, SliceSpecError
 from medconddiff.families import build_model
 from medconddiff.geometry import GeometryWarning
 from medconddiff.nifti import VolumeMeta
@@ -356,3 +356,30 @@ def test_an_image_that_is_no_ct_in_hounsfield_units_is_flagged_for_a_ct_window(l
     assert main(["segment", str(tmp_path / "t1.nii.gz"), "-o", str(tmp_path / "seg.nii.gz"), "--checkpoint",
                  str(checkpoint), "--steps", "1", "--device", "cpu", "--quiet"]) == 0
     assert "t1: note: channel 0 (CT) has no voxel below 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["pixel", "latent"])
+def test_a_light_decoder_model_is_its_own_architecture_saved_with_its_checkpoint(tmp_path, family, liver_volume):
+    """--denoiser-decoder light: 1×1 skip mixes and no decoder blocks; the checkpoint says so and only fits itself."""
+    light, full = tiny_config(family, denoiser_decoder="light"), tiny_config(family)
+    light_model, full_model = build_model(light.model), build_model(full.model)
+    assert len(light_model.denoiser.decoders) == 0 and len(full_model.denoiser.decoders) > 0
+    assert all(mix.kernel_size == (1, 1) for mix in [*light_model.denoiser.up_mix, light_model.denoiser.fine_mix])
+    n_params = [sum(p.numel() for p in m.denoiser.parameters()) for m in (light_model, full_model)]
+    assert n_params[0] < 0.8 * n_params[1], n_params
+
+    path = save_tiny(tmp_path / "light.safetensors", light)
+    segmenter = Segmenter.from_checkpoint(path, device="cpu")
+    assert segmenter.config.model.denoiser_decoder == "light"
+    image, _ = liver_volume
+    sampling = SamplingConfig(steps=3, seed=1)
+    first = segmenter.segment(image[..., 2:4], sampling, meta=META)
+    again = segmenter.segment(image[..., 2:4], sampling, meta=META)
+    assert first.labels.shape == image[..., 2:4].shape and np.array_equal(first.labels, again.labels)
+
+    mismatch = tmp_path / "mismatch.safetensors"
+    save_checkpoint(mismatch, full_model, light)   # resblocks weights under a light config
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Segmenter.from_checkpoint(mismatch, device="cpu")
+    with pytest.raises(ConfigError, match="denoiser_decoder"):
+        tiny_config(family, denoiser_decoder="thin")

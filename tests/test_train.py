@@ -27,8 +27,9 @@ def liver_case(liver_volume):
     return Case("liver", image, labels, meta_1mm())
 
 
-def test_loss_decreases_on_real_slices(tmp_path, liver_case):
-    config = tiny_config()
+@pytest.mark.parametrize("decoder", ["resblocks", "light"])
+def test_loss_decreases_on_real_slices(tmp_path, liver_case, decoder):
+    config = tiny_config(denoiser_decoder=decoder)
     config.train.augment = False
     config.train.iterations_per_epoch = 8
     config.train.epochs = 3

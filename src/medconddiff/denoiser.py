@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DECODERS
+
 
 def _groups(channels: int) -> int:
     return math.gcd(channels, 8)
@@ -81,8 +83,10 @@ class ConditionalUNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stage_channels: Sequence[int],
                  stage_reductions: Sequence[int], stem_channels: int = 16, embed_dim: int = 128,
-                 fusion: str = "add"):
+                 fusion: str = "add", decoder: str = "resblocks"):
         super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
         if any(b != 2 * a for a, b in zip(stage_reductions, stage_reductions[1:])):
             raise ValueError(f"backbone stages must halve the resolution each time, got {stage_reductions}")
         first = stage_reductions[0]
@@ -106,10 +110,17 @@ class ConditionalUNet(nn.Module):
         self.downsamples = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(stage_channels, stage_channels[1:]))
         self.middle = ResBlock(stage_channels[-1], embed_dim)
+        # The light decoder mixes each skip in with a 1×1 convolution and no residual block: the
+        # decoder is most of a denoiser pass's cost (full-resolution-side levels, 3×3 convolutions),
+        # and every sampling step pays it again while the backbone runs once per slice.
+        light = decoder == "light"
+        mix_kernel = 1 if light else 3
         self.up_mix = nn.ModuleList(
-            nn.Conv2d(b + a, a, 3, padding=1) for a, b in zip(stage_channels, stage_channels[1:]))
-        self.decoders = nn.ModuleList(ResBlock(ch, embed_dim) for ch in stage_channels[:-1])
-        self.fine_mix = nn.Conv2d(stage_channels[0] + stem_channels, stem_channels, 3, padding=1)
+            nn.Conv2d(b + a, a, mix_kernel, padding=mix_kernel // 2)
+            for a, b in zip(stage_channels, stage_channels[1:]))
+        self.decoders = nn.ModuleList(() if light else (ResBlock(ch, embed_dim) for ch in stage_channels[:-1]))
+        self.fine_mix = nn.Conv2d(stage_channels[0] + stem_channels, stem_channels, mix_kernel,
+                                  padding=mix_kernel // 2)
         self.head = nn.Sequential(nn.GroupNorm(_groups(stem_channels), stem_channels), nn.SiLU(),
                                   nn.Conv2d(stem_channels, out_channels, 1))
 
@@ -125,11 +136,15 @@ class ConditionalUNet(nn.Module):
                 skips.append(h)
                 h = self.downsamples[i](h)
         h = self.middle(h, embedding)
-        for i in reversed(range(len(self.decoders))):
+        for i in reversed(range(len(self.up_mix))):
             skip = skips[i]
             h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
-            h = self.decoders[i](self.up_mix[i](torch.cat([h, skip], dim=1)), embedding)
+            h = self.up_mix[i](torch.cat([h, skip], dim=1))
+            if self.decoders:
+                h = self.decoders[i](h, embedding)
         h = F.interpolate(h, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         h = self.fine_mix(torch.cat([h, fine], dim=1))
-        logits = self.head(h)
+        # A few class planes: on the CPU, bilinear upsampling is ~3× faster in the contiguous layout than
+        # in channels-last (which suits the convolutions above); the values are the same either way.
+        logits = self.head(h).contiguous()
         return F.interpolate(logits, size=x_t.shape[-2:], mode="bilinear", align_corners=False)

@@ -120,9 +120,9 @@ class LatentUNet(ConditionalUNet):
 
     def __init__(self, in_channels: int, out_channels: int, stage_channels: Sequence[int],
                  stage_reductions: Sequence[int], input_reduction: int, stem_channels: int = 16,
-                 embed_dim: int = 128, fusion: str = "add"):
+                 embed_dim: int = 128, fusion: str = "add", decoder: str = "resblocks"):
         super().__init__(in_channels, out_channels, stage_channels, stage_reductions, stem_channels,
-                         embed_dim, fusion)
+                         embed_dim, fusion, decoder)
         first = stage_reductions[0]
         if first % input_reduction or not _is_power_of_two(first // input_reduction):
             raise ConfigError(f"the latent grid (1/{input_reduction}) must be the first used backbone stage's "
@@ -176,7 +176,7 @@ class LatentSegDiff(DiffusionSegmentationModel):
         self.denoiser = LatentUNet(
             in_channels=config.latent_channels, out_channels=config.latent_channels, stage_channels=widths,
             stage_reductions=reductions, input_reduction=d, stem_channels=config.stem_channels,
-            embed_dim=config.time_embed_dim, fusion=config.fusion)
+            embed_dim=config.time_embed_dim, fusion=config.fusion, decoder=config.denoiser_decoder)
         self.vae = MaskVAE(config.num_classes, config.latent_channels, d)
         # Set by prepare_training and saved in checkpoints; latent_bound 0 means "VAE not trained yet".
         self.register_buffer("latent_scale", torch.ones(()))

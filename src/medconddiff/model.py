@@ -32,7 +32,7 @@ class MedCondDiff(DiffusionSegmentationModel):
         self.denoiser = ConditionalUNet(
             in_channels=config.num_classes, out_channels=config.num_classes, stage_channels=widths,
             stage_reductions=self.backbone.reductions, stem_channels=config.stem_channels,
-            embed_dim=config.time_embed_dim, fusion=config.fusion)
+            embed_dim=config.time_embed_dim, fusion=config.fusion, decoder=config.denoiser_decoder)
 
     def encode_condition(self, image: torch.Tensor) -> list[torch.Tensor]:
         return self.adapter(self.backbone(image))
