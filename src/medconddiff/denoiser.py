@@ -110,9 +110,10 @@ class ConditionalUNet(nn.Module):
         self.downsamples = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(stage_channels, stage_channels[1:]))
         self.middle = ResBlock(stage_channels[-1], embed_dim)
-        # The light decoder mixes each skip in with a 1×1 convolution and no residual block: the
-        # decoder is most of a denoiser pass's cost (full-resolution-side levels, 3×3 convolutions),
-        # and every sampling step pays it again while the backbone runs once per slice.
+        # The light decoder mixes each skip in with a 1×1 convolution and no residual block: at the
+        # default widths the decoder is about a third of a pass, and every sampling step pays it again
+        # while the backbone runs once per slice. Without the decoder's timestep-modulated blocks,
+        # fine-tunes from such a model decayed over the steps again (README): not the bundled choice.
         light = decoder == "light"
         mix_kernel = 1 if light else 3
         self.up_mix = nn.ModuleList(
