@@ -66,6 +66,7 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     in_run = model["overhead_in_run"]
     assert in_run["steps"] == 2 and 0 < in_run["network_seconds"] < in_run["wall_seconds"]
     assert model["overhead_fraction"] == in_run["fraction"] >= 0
+    assert in_run["fraction_parts_apart"] == model["latency"][-1]["overhead_fraction"]
     assert in_run["parts_seconds"]["denoise (denoiser passes)"] > 0
     assert sum(in_run["parts_seconds"].values()) <= in_run["wall_seconds"] * 1.01
     reuse = model["feature_reuse"]

@@ -183,6 +183,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
         overhead_in_run = {
             "steps": ref, "batch": batch_size,
             "fraction": median([run["wall_s"] / run["network_s"] - 1.0 for run in timed]),
+            "fraction_parts_apart": reference["overhead_fraction"],
             "network_seconds": median([run["network_s"] for run in timed]),
             "wall_seconds": median([run["wall_s"] for run in timed]),
             "parts_seconds": {name: median([run["parts"][name] for run in timed]) for name in timed[0]["parts"]}}

@@ -142,8 +142,7 @@ def table_rows(report: dict) -> list[tuple[str, list[str]]]:
     row(f"overhead beyond 1 encode + {ref} denoise (target ≤ 10%)",
         lambda m: _fmt(100 * m["overhead_fraction"], "+.1f", "%") + _verdict(m["targets"]["overhead_fraction"]))
     row("  the same, passes timed apart (moves with load)",
-        lambda m: (_fmt(100 * next(e for e in m["latency"] if e["steps"] == ref)["overhead_fraction"], "+.1f", "%")
-                   if m.get("overhead_in_run") else "–"))
+        lambda m: _fmt(100 * m["overhead_in_run"]["fraction_parts_apart"], "+.1f", "%") if m["overhead_in_run"] else "–")
     row(f"feature reuse speed-up vs re-extracting ({ref} steps)",
         lambda m: _fmt(m["feature_reuse"]["speedup"], ".2f", "×"))
     for i, batch_size in enumerate(entry["batch_size"] for entry in models[0]["throughput"]["by_batch_size"]):
