@@ -187,7 +187,9 @@ def scan_folder(path: Path) -> ScannedFolder:
     siblings = _series_siblings(path, alone)
     if not siblings:
         return alone
-    found = _scan_files(sorted([path, *siblings]), path.parent, path)
+    (instances,) = alone.series.values()
+    siblings[path] = instances[0].header
+    found = _scan_files(sorted(siblings), path.parent, path, headers=siblings)
     # Only the series (or the echo, phase, ... of a split one) the given file is part of.
     found.series = {key: instances for key, instances in found.series.items()
                     if any(instance.path == path for instance in instances)}
@@ -213,35 +215,37 @@ def file_sop_class(file: str | os.PathLike) -> str:
         return ""
 
 
-def _series_siblings(file: Path, found: ScannedFolder) -> list[Path]:
+def _series_siblings(file: Path, found: ScannedFolder) -> dict[Path, pydicom.Dataset]:
     """The other files in ``file``'s folder (not below it) holding single-frame images of the one series
-    ``file`` holds a single-frame image of; [] for anything else (a multi-frame file holds its series)."""
+    ``file`` holds a single-frame image of, with their headers; {} for anything else (a multi-frame file
+    holds its series)."""
     if len(found.series) != 1:
-        return []
+        return {}
     (instances,) = found.series.values()
     if len(instances) != 1 or instances[0].frames != 1:
-        return []
+        return {}
     uid = str(instances[0].header.SeriesInstanceUID)
     instance_uid = str(instances[0].header.get("SOPInstanceUID", "") or "")
-    siblings = []
+    siblings = {}
     for other in sorted(file.parent.iterdir()):
         if other == file or other.name.startswith(".") or not other.is_file():
             continue
         try:
-            header = pydicom.dcmread(other, stop_before_pixels=True,
-                                     specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "NumberOfFrames"])
+            # The whole header (as _scan_files reads it), kept so that each sibling is read once.
+            header = pydicom.dcmread(other, defer_size=_DEFER_BYTES)
         except READ_ERRORS:
             continue
         same_image = instance_uid and str(header.get("SOPInstanceUID", "") or "") == instance_uid
         if (str(header.get("SeriesInstanceUID", "") or "") == uid and not same_image
                 and int(header.get("NumberOfFrames", 1) or 1) == 1):
-            siblings.append(other)
+            siblings[other] = header
     return siblings
 
 
-def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
+def _scan_files(files: list[Path], root: Path, path: Path,
+                headers: dict[Path, pydicom.Dataset] | None = None) -> ScannedFolder:
     """Headers of ``files`` sorted into series (``root``: what labels are relative to; ``path``: what
-    the user gave, for the error when nothing is an image)."""
+    the user gave, for the error when nothing is an image; ``headers``: those already read)."""
     found = ScannedFolder()
     not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
     first_copy: dict[tuple[str, ...], str] = {}
@@ -251,7 +255,7 @@ def _scan_files(files: list[Path], root: Path, path: Path) -> ScannedFolder:
         try:
             # Deferred values: every element is parsed (so a file cut short shows as missing pixel
             # data) without loading pixel data into memory.
-            header = pydicom.dcmread(file, defer_size=_DEFER_BYTES)
+            header = headers[file] if headers and file in headers else pydicom.dcmread(file, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
             not_dicom.append(label)
             continue
