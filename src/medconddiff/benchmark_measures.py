@@ -208,7 +208,7 @@ def measure_model(bench: BenchModel, volume: np.ndarray, meta: Any, options: Ben
     if options.finetune_steps:
         log(f"[{bench.label}] fine-tuning {options.finetune_steps} steps on 3 slices of the bundled sample")
         finetune = measure_finetune(bench, options)
-        log(f"[{bench.label}] fine-tuning {options.finetune_steps} steps on a training set of "
+        log(f"[{bench.label}] fine-tuning {set_finetune_steps(options)} steps on a training set of "
             f"{SET_CASES} cases × {len(FINETUNE_SLICES)} slices")
         set_finetune = measure_set_finetune(bench, options)
     diffusion = None
@@ -310,15 +310,21 @@ def measure_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
     return _time_training(run, bench, options, start, slices=list(FINETUNE_SLICES))
 
 
+def set_finetune_steps(options: BenchmarkOptions) -> int:
+    """Steps of the set fine-tune: as many as a user's fine-tune on such a set trains by default, relative
+    to one scan (:func:`~medconddiff.finetune_steps.default_finetune_steps`: 3× the 3-slice run's)."""
+    from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, default_finetune_steps
+
+    return options.finetune_steps * default_finetune_steps(SET_CASES) // ONE_SCAN_FINETUNE_STEPS
+
+
 def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
     """Seconds to fine-tune on a training set of :data:`SET_CASES` cases × 3 verified slices, set-up
     (reading the set) included. The one shipped scan stands in for every case, each with 3 other slices,
     so the time per step can be compared with :func:`measure_finetune`'s: the set's size must not grow it.
-    It trains as many steps as a user's fine-tune on such a set does by default, relative to one scan
-    (:func:`~medconddiff.finetune_steps.default_finetune_steps`: 3× the 3-slice run's)."""
+    It trains :func:`set_finetune_steps` steps."""
     import tempfile
 
-    from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, default_finetune_steps
     from .training_set import TrainingSet
 
     if not bench.spec.get("checkpoint"):
@@ -331,7 +337,7 @@ def measure_set_finetune(bench: BenchModel, options: BenchmarkOptions) -> dict:
             slices = [s + 4 * case for s in FINETUNE_SLICES]
             training_set.add_scan(f"case{case}", volume, meta, lesion, ("background", "lesion"), verified_slices=slices)
             cases[f"case{case}"] = slices
-        steps = options.finetune_steps * default_finetune_steps(SET_CASES) // ONE_SCAN_FINETUNE_STEPS
+        steps = set_finetune_steps(options)
         start = time.perf_counter()
         run = _finetune_run(bench, options, steps=steps, scans=[], training_set=TrainingSet.open(training_set.root))
         return {**_time_training(run, bench, options, start, slices=[]), "cases": cases}
