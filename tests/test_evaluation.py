@@ -235,6 +235,21 @@ def test_evaluate_volume_scores_canonical_slices_with_their_spacing():
     assert json.dumps(json_safe(report), allow_nan=False)
 
 
+def test_step_dice_per_class_shows_the_reference_class_where_a_stray_class_pulls_the_mean_down():
+    image = np.zeros(SHAPE, np.float32)
+    reference = np.zeros(SHAPE, np.uint8)
+    canonical(reference)[1, 5:15, 5:15] = 1          # liver only
+    predicted = reference.copy()
+    canonical(predicted)[3, 2:4, 2:4] = 2            # a few tumour voxels where the reference has none
+    segmenter = KnownSegmenter(predicted, np.zeros(SHAPE, np.float32))
+    report = evaluate_volume(segmenter, image, reference, oblique_meta(), SamplingConfig(steps=1))
+    assert report["step_mean_dice"] == [0.0, 0.5]     # the stray tumour counts 0 in the mean
+    per_class = report["step_dice_per_class"]
+    assert per_class["liver"] == [0.0, 1.0]           # the reference's own class: perfect at the last step
+    assert math.isnan(per_class["tumour"][0]) and per_class["tumour"][1] == 0.0   # absent, then stray
+    assert json.dumps(json_safe(report), allow_nan=False)
+
+
 def test_diffusion_check_compares_the_consensus_with_its_best_rival_and_measures_drift():
     below = diffusion_check(0.80, 0.82, [0.70, 0.85, 0.75])
     assert below["consensus_minus_best_of_steps_and_one_shot"] == pytest.approx(-0.05)   # the best step wins
@@ -257,6 +272,8 @@ def test_step_mean_dice_skips_classes_absent_from_step_and_reference():
     segmenter = KnownSegmenter(reference.copy(), np.zeros(SHAPE, np.float32))
     report = evaluate_volume(segmenter, image, reference, oblique_meta(), SamplingConfig(steps=1))
     assert report["step_mean_dice"] == [0.0, 1.0]   # not [0.5, 1.0]: the absent tumour is not a free 1.0
+    per_class = report["step_dice_per_class"]
+    assert per_class["liver"] == [0.0, 1.0] and all(math.isnan(d) for d in per_class["tumour"])
     assert report["consensus"]["mean_foreground"]["dice"] == 1.0
     assert report["consensus"]["per_class"]["tumour"]["absent"] is True
 
@@ -348,6 +365,12 @@ def test_evaluate_cli_on_real_scan(tmp_path, tiny_checkpoint, liver_volume, caps
     assert "consensus − max(best step, one-shot)" in out and "last step − first step" in out
     best = volume["best_step"]     # the JSON keeps the list index; the text counts steps from 1
     assert "(steps 1 → 3)" in out and f"best step {best['index'] + 1} (" in out
+    # Two foreground classes: each one's steps on a line of its own, unless it is absent at every step.
+    per_class = volume["step_dice_per_class"]
+    assert set(per_class) == {"liver", "tumour"} and all(len(d) == 3 for d in per_class.values())
+    for name, dice in per_class.items():
+        shown = not all(d is None for d in dice)          # NaN is null in the JSON
+        assert (f"  {name:<12}[" in out) == shown
     save_case(tmp_path, "short", image, labels[:, :, :3], "", "_lbl")
     assert main(["evaluate", "--image", str(tmp_path / "img.nii.gz"), "--label", str(tmp_path / "short_lbl.nii.gz"),
                  "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--device", "cpu"]) == 2

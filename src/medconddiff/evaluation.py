@@ -208,11 +208,18 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta)))
     report["one_shot"] = class_metrics(one_shot, ref, names, spacing)
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
+    # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which
+    # can hide how the reference's own classes fared over the steps.
     step_dice = []
+    step_class_dice: dict[str, list[float]] = {name: [] for name in names[1:]}
     for step in range(result.trajectory.shape[0]):
-        mean, _ = mean_foreground_dice(counted(result.step_labels_on_scan(step)), ref, len(names))
+        labels = counted(result.step_labels_on_scan(step))
+        mean, absent = mean_foreground_dice(labels, ref, len(names))
         step_dice.append(mean)
+        for k, name in enumerate(names[1:], start=1):
+            step_class_dice[name].append(float("nan") if k in absent else dice_score(labels == k, ref == k))
     report["step_mean_dice"] = step_dice
+    report["step_dice_per_class"] = step_class_dice
     defined = [i for i, d in enumerate(step_dice) if not math.isnan(d)]
     best = max(defined, key=lambda i: step_dice[i]) if defined else None
     report["best_step"] = {"index": best, "mean_dice": step_dice[best] if best is not None else float("nan")}

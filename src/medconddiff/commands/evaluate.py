@@ -4,8 +4,9 @@
   medconddiff evaluate --image SERIES_DIR --label labels.nii.gz|seg.dcm [--series N|UID]
   medconddiff evaluate DATASET_DIR --json scores.json
 
-Also reports the Dice of each step's x̂0, of the consensus and of a one-shot forward, and the AUROC
-of the uncertainty map for flagging wrong voxels. --slices restricts scoring to a slab of canonical
+Also reports the Dice of each step's x̂0 (their mean over classes, and per class for a model of several:
+a class the reference lacks but a step predicts counts 0 in the mean), of the consensus and of a one-shot
+forward, and the AUROC of the uncertainty map for flagging wrong voxels. --slices restricts scoring to a slab of canonical
 slices along the model's slicing direction (axial: counted inferior → superior, whatever the file's
 voxel order), e.g. the held-out slab of the bundled model's training.
 
@@ -108,6 +109,12 @@ def print_report(name: str, report: dict) -> None:
     best_text = f"step {best['index'] + 1}" if best["index"] is not None else "n/a"
     print(f"per-step x̂0 mean Dice (steps 1 → {len(report['step_mean_dice'])}): [{steps}]; best {best_text} "
           f"({_fmt(best['mean_dice'])}); consensus {_fmt(mean['dice'])}")
+    per_class = report.get("step_dice_per_class") or {}
+    if len(per_class) > 1:
+        for cls, dice in per_class.items():
+            if not all(math.isnan(d) for d in dice):
+                print(f"  {cls:<12}[{', '.join(_fmt(d).strip() for d in dice)}]; consensus "
+                      f"{_fmt(consensus['per_class'][cls]['dice']).strip()}")
     check = report["diffusion_check"]
     margin, drift = (check["consensus_minus_best_of_steps_and_one_shot"], check["last_step_minus_first_step"])
     verdict = {True: "the consensus is at least as good", False: "BELOW: fewer steps, the one-shot or "
