@@ -188,8 +188,8 @@ def scan_folder(path: Path) -> ScannedFolder:
     if not siblings:
         return alone
     (instances,) = alone.series.values()
-    siblings[path] = instances[0].header
-    found = _scan_files(sorted(siblings), path.parent, path, headers=siblings)
+    headers = {path: instances[0].header, **siblings}     # every file of the series, read once
+    found = _scan_files(sorted(headers), path.parent, path, headers=headers)
     # Only the series (or the echo, phase, ... of a split one) the given file is part of.
     found.series = {key: instances for key, instances in found.series.items()
                     if any(instance.path == path for instance in instances)}
@@ -246,6 +246,7 @@ def _scan_files(files: list[Path], root: Path, path: Path,
                 headers: dict[Path, pydicom.Dataset] | None = None) -> ScannedFolder:
     """Headers of ``files`` sorted into series (``root``: what labels are relative to; ``path``: what
     the user gave, for the error when nothing is an image; ``headers``: those already read)."""
+    headers = headers or {}
     found = ScannedFolder()
     not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
     first_copy: dict[tuple[str, ...], str] = {}
@@ -255,7 +256,7 @@ def _scan_files(files: list[Path], root: Path, path: Path,
         try:
             # Deferred values: every element is parsed (so a file cut short shows as missing pixel
             # data) without loading pixel data into memory.
-            header = headers[file] if headers and file in headers else pydicom.dcmread(file, defer_size=_DEFER_BYTES)
+            header = headers[file] if file in headers else pydicom.dcmread(file, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
             not_dicom.append(label)
             continue

@@ -40,7 +40,7 @@ def dice_score(predicted: np.ndarray, reference: np.ndarray) -> float:
     """Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found).
 
     That 1.0 is a convention, not evidence: means must skip classes absent from both masks
-    (:func:`class_metrics`, :func:`mean_foreground_dice` do) instead of averaging it.
+    (:func:`class_metrics`, :func:`foreground_dice` do) instead of averaging it.
     """
     total = predicted.sum() + reference.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(predicted, reference).sum() / total)
@@ -65,14 +65,20 @@ def absent_classes(predicted: np.ndarray, reference: np.ndarray, num_classes: in
     return [k for k in range(1, num_classes) if counts[k] == 0]
 
 
+def foreground_dice(predicted: np.ndarray, reference: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of each foreground class 1..K-1; NaN for a class absent from both (not a free 1.0)."""
+    absent = set(absent_classes(predicted, reference, num_classes))
+    return [float("nan") if k in absent else dice_score(predicted == k, reference == k)
+            for k in range(1, num_classes)]
+
+
 def mean_foreground_dice(predicted: np.ndarray, reference: np.ndarray, num_classes: int) -> tuple[float, list[int]]:
     """(mean Dice over the foreground classes that are not absent, the absent ones).
 
     NaN when every foreground class is absent (nothing to score).
     """
-    absent = absent_classes(predicted, reference, num_classes)
-    scores = [dice_score(predicted == k, reference == k) for k in range(1, num_classes) if k not in absent]
-    return (float(np.mean(scores)) if scores else float("nan")), absent
+    scores = foreground_dice(predicted, reference, num_classes)
+    return _nanmean(scores), [k for k, d in enumerate(scores, start=1) if math.isnan(d)]
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -210,16 +216,11 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which
     # can hide how the reference's own classes fared over the steps.
-    step_dice = []
-    step_class_dice: dict[str, list[float]] = {name: [] for name in names[1:]}
-    for step in range(result.trajectory.shape[0]):
-        labels = counted(result.step_labels_on_scan(step))
-        mean, absent = mean_foreground_dice(labels, ref, len(names))
-        step_dice.append(mean)
-        for k, name in enumerate(names[1:], start=1):
-            step_class_dice[name].append(float("nan") if k in absent else dice_score(labels == k, ref == k))
+    per_step = [foreground_dice(counted(result.step_labels_on_scan(step)), ref, len(names))
+                for step in range(result.trajectory.shape[0])]
+    step_dice = [_nanmean(scores) for scores in per_step]
     report["step_mean_dice"] = step_dice
-    report["step_dice_per_class"] = step_class_dice
+    report["step_dice_per_class"] = {name: [scores[k] for scores in per_step] for k, name in enumerate(names[1:])}
     defined = [i for i, d in enumerate(step_dice) if not math.isnan(d)]
     best = max(defined, key=lambda i: step_dice[i]) if defined else None
     report["best_step"] = {"index": best, "mean_dice": step_dice[best] if best is not None else float("nan")}

@@ -109,7 +109,7 @@ def print_report(name: str, report: dict) -> None:
     best_text = f"step {best['index'] + 1}" if best["index"] is not None else "n/a"
     print(f"per-step x̂0 mean Dice (steps 1 → {len(report['step_mean_dice'])}): [{steps}]; best {best_text} "
           f"({_fmt(best['mean_dice'])}); consensus {_fmt(mean['dice'])}")
-    per_class = report.get("step_dice_per_class") or {}
+    per_class = report["step_dice_per_class"]
     if len(per_class) > 1:
         for cls, dice in per_class.items():
             if not all(math.isnan(d) for d in dice):
