@@ -582,16 +582,23 @@ def test_an_enhanced_multiframe_file_of_two_echoes_splits_into_one_volume_each(t
         np.testing.assert_allclose(scan.volume, expected, atol=0.5)
         np.testing.assert_allclose(scan.meta.affine, affine, atol=1e-6)
         assert scan.source.name == info.name and len(set(scan.source.frame_numbers)) == volume.shape[2]
-        # A SEG needs distinct plane positions in its source file (highdicom): refused in one line, no file.
-        with pytest.raises(DicomError, match=r"\((echo|acquisition).*\) is one of the images an enhanced multi-frame file holds at each "
-                                               r"position.*export NIfTI"):
-            write_dicom_seg(tmp_path / f"{info.part}.dcm", labels, scan, CLASSES)
-        assert not (tmp_path / f"{info.part}.dcm").exists()
     with pytest.raises(DicomError, match="holds 2 DICOM series"):
         read_dicom_series(tmp_path / "dual.dcm")
+    # A SEG of one part (it used to be refused: the file repeats each plane position) names only that part's
+    # frames, one per SEG frame: it reads back onto that part, and the other part is told it is not its SEG.
+    first, second = (read_dicom_series(tmp_path / "dual.dcm", info.uid) for info in infos)
+    for own, other, kind in ((first, second, "BINARY"), (second, first, "LABELMAP")):
+        seg_path = write_dicom_seg(tmp_path / f"{own.source.part}.dcm", labels, own, CLASSES, segmentation_type=kind)
+        seg = pydicom.dcmread(seg_path)
+        named = [[int(source.ReferencedFrameNumber) for derivation in item.DerivationImageSequence
+                  for source in derivation.SourceImageSequence] for item in seg.PerFrameFunctionalGroupsSequence]
+        assert all(len(frames) == 1 for frames in named) and len(named) == int(seg.NumberOfFrames)
+        assert {frame for frames in named for frame in frames} <= set(own.source.frame_numbers)
+        np.testing.assert_array_equal(read_dicom_seg(seg_path, own), labels)
+        with pytest.raises(DicomError, match=r"references none of the frames of series 7 .*\((echo|acquisition)"):
+            read_dicom_seg(seg_path, other)
     # A SEG another tool made of one part references that part's frames of the shared file: it reads onto
     # that part, and the other part (same instance UID) is told it is not its SEG, not shown empty labels.
-    first, second = (read_dicom_series(tmp_path / "dual.dcm", info.uid) for info in infos)
     seg_path = _seg_of_frames(tmp_path / "dual.dcm", first.source.frame_numbers, labels, tmp_path / "other.dcm")
     np.testing.assert_array_equal(read_dicom_seg(seg_path, first), labels == 1)
     with pytest.raises(DicomError, match=r"references none of the frames of series 7 .*\((echo|acquisition)"):

@@ -378,7 +378,8 @@ def test_a_multi_echo_series_opens_one_layer_per_echo_in_the_same_place(tmp_path
     np.testing.assert_array_equal(layer_to_volume(np.asarray(seg[0]), seg[1]["metadata"])[0], truth)
 
 
-def test_an_enhanced_multiframe_file_of_two_echoes_opens_one_layer_per_echo(tmp_path, liver):
+def test_an_enhanced_multiframe_file_of_two_echoes_opens_one_layer_per_echo_each_saving_its_own_seg(
+        tmp_path, liver):
     import highdicom as hd
     import pydicom
     from pydicom.uid import generate_uid
@@ -394,6 +395,18 @@ def test_an_enhanced_multiframe_file_of_two_echoes_opens_one_layer_per_echo(tmp_
                                                      "series 3 'T2 dual echo (enhanced conversion)' (echo 2)"]
     assert first[1]["scale"] == second[1]["scale"] and first[0].shape == second[0].shape
     np.testing.assert_allclose(second[0], first[0] * 0.5, atol=0.5)
+    # Labels painted on the second echo save as a SEG of that echo: they read back onto its voxels, and the
+    # first echo (the same file and instance UID) is told the SEG is not its own.
+    painted = np.zeros(second[0].shape, np.uint8)
+    painted[1:4, 10:30, 5:20] = 1
+    painted[2, 40:50, 40:60] = 2
+    target = tmp_path / "echo2.dcm"
+    write_dicom_seg_labels(str(target), painted, {"name": "painted", "metadata": second[1]["metadata"],
+                                                  "features": {"class": ["background", "liver", "tumour"]}})
+    echo_2 = dicom_source_of(second[1]["metadata"])
+    np.testing.assert_array_equal(read_dicom_seg(target, echo_2), layer_to_volume(painted, second[1]["metadata"])[0])
+    with pytest.raises(DicomError, match=r"references none of the frames of .*\(echo 1\)"):
+        read_dicom_seg(target, dicom_source_of(first[1]["metadata"]))
 
 
 def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_napari_viewer, qtbot, tmp_path, liver,

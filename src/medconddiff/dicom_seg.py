@@ -4,7 +4,9 @@ one back onto the source's voxels.
 * **Layout.** Labels are in the voxel order :func:`medconddiff.dicom_series.read_dicom_series`
   returns, ``(columns, rows, slices)`` with slices sorted along the normal. Each slice is written as
   the frame of the source image it came from, so the SEG lies exactly on the source (gantry-tilted
-  stacks included) and a clinical viewer shows it over the series it references.
+  stacks included) and a clinical viewer shows it over the series it references. One part (echo,
+  phase, …) of an enhanced multi-frame file that holds several at each position is placed by its own
+  frames' positions, each SEG frame naming only the part's frame as its source.
 * **Segments.** One per foreground class (``class_names[1:]``; class 0 is background and is not a
   segment); segment number ``c`` is class ``c``, labelled with its class name. A class named after a
   common structure or finding (:data:`KNOWN_CLASSES`: liver, tumour, lesion, kidney, grey matter, …)
@@ -99,14 +101,12 @@ def write_dicom_seg(
     names = [str(name) for name in class_names]
     if len(names) < 2:
         raise DicomError(f"{path}: need a background and at least one class name, got {names}")
-    if reference.part and any(frame is not None for frame in reference.frame_numbers):
-        # highdicom places a SEG's frames on its source's plane positions, which one file holding two
-        # echoes (or phases) repeats: it cannot tell this part's frames from the others'.
-        raise DicomError(f"{path}: {reference.name} is one of the images an enhanced multi-frame file holds at "
-                         "each position; a DICOM SEG of it cannot be written here (export NIfTI instead: it "
-                         "carries the scan's affine)")
     frames = _frames_for_source(np.asarray(labels), reference, len(names), path)
     datasets = source_datasets(reference)
+    shared_file = _shares_its_file(reference)
+    if shared_file and len(datasets) != 1:
+        raise DicomError(f"{path}: {reference.name} takes its frames from {len(datasets)} multi-frame files; a DICOM "
+                         "SEG of it cannot be written here (export NIfTI instead: it carries the scan's affine)")
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number, segment_label=names[number][:64],
@@ -123,7 +123,10 @@ def write_dicom_seg(
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SEG_MANUFACTURER,
         manufacturer_model_name=SEG_MANUFACTURER, software_versions=software_version(), device_serial_number="0",
         series_description=series_description[:64], content_label="MEDCONDDIFF",
-        content_description="Automatic segmentation"[:64], omit_empty_frames=True)
+        content_description="Automatic segmentation"[:64], omit_empty_frames=True,
+        plane_positions=_plane_positions(datasets[0], reference.frame_numbers) if shared_file else None)
+    if shared_file:
+        _derive_from_own_frames(segmentation, reference)
     atomic_write(path, lambda tmp: segmentation.save_as(tmp), overwrite=overwrite, suffix=".dcm")
     return path
 
@@ -283,14 +286,50 @@ def _frames_for_source(labels: np.ndarray, source: DicomSource, n_classes: int, 
         raise DicomError(f"{path}: labels run {int(labels.min())}..{int(labels.max())}, but there are only "
                          f"{n_classes} class names (0..{n_classes - 1})")
     frames = np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(smallest_label_dtype(n_classes - 1))
-    if all(frame is None for frame in source.frame_numbers):
-        return frames
+    if all(frame is None for frame in source.frame_numbers) or _shares_its_file(source):
+        return frames      # in slice order: each frame placed on its source frame's plane position
     # A multi-frame source: the SEG's frames follow the source file's frame order, not slice order.
     n_frames = max(int(frame) for frame in source.frame_numbers)
     by_frame = np.zeros((n_frames,) + frames.shape[1:], dtype=frames.dtype)
     for k, frame in enumerate(source.frame_numbers):
         by_frame[int(frame) - 1] = frames[k]
     return by_frame
+
+
+def _shares_its_file(source: DicomSource) -> bool:
+    """``source`` is one part (echo, phase, …) of an enhanced multi-frame file whose other frames lie at
+    the same positions: highdicom would place the SEG's frames on all of them, so they are placed by
+    hand on the part's own frames."""
+    return bool(source.part) and any(frame is not None for frame in source.frame_numbers)
+
+
+def _plane_positions(header: pydicom.Dataset, frame_numbers: Sequence[int]) -> list:
+    """The Plane Position of each of ``frame_numbers`` (1-based) of a multi-frame ``header``, in that order."""
+    import highdicom as hd
+
+    per_frame = header.PerFrameFunctionalGroupsSequence
+    shared = header.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
+    positions = []
+    for frame in frame_numbers:
+        groups = per_frame[int(frame) - 1]
+        plane = groups.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if not plane:
+            raise DicomError(f"frame {frame} of {header.get('SOPInstanceUID', 'the source')} has no plane position")
+        positions.append(hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT, [float(v) for v in plane[0].ImagePositionPatient]))
+    return positions
+
+
+def _derive_from_own_frames(segmentation, source: DicomSource) -> None:
+    """Each SEG frame names as its source only the frame of ``source``'s part at its position, where
+    highdicom names every frame of the file at that position (the other echoes' too): a reader then
+    knows which part the SEG segments (:func:`read_dicom_seg` refuses it for the others)."""
+    own = {int(frame) for frame in source.frame_numbers}
+    for item in segmentation.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            derivation.SourceImageSequence = [
+                reference for reference in derivation.SourceImageSequence
+                if int(reference.get("ReferencedFrameNumber", 0)) in own]
 
 
 def segment_codes(name: str) -> tuple[Code, Code]:
