@@ -315,7 +315,7 @@ class LatentSegDiff(DiffusionSegmentationModel):
         generator = torch.Generator().manual_seed(int(train_config.train_seed))
         self.vae.requires_grad_(True).train()
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train_config.lr,
-                                      weight_decay=train_config.weight_decay)
+                                      weight_decay=train_config.weight_decay, foreach=True)  # as the Trainer's
         batch = max(1, int(train_config.train_batch_size))
         parts: dict[str, torch.Tensor] = {}
         for step in range(steps):
