@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from medconddiff.cli import main
 from medconddiff.dicom_seg import read_dicom_seg, write_dicom_seg
-from medconddiff.dicom_series import list_series, read_dicom_series
+from medconddiff.dicom_series import DicomError, list_series, read_dicom_series
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path
 from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, write_echoes, write_media,
                                  write_rtstruct, write_series)
@@ -435,6 +435,43 @@ def test_a_multi_echo_series_segments_echo_by_echo(tmp_path, cut, capsys):
     assert "2 series have number or UID" in capsys.readouterr().err
     assert segment(mri, "--series", f"{uid}#echo_2", "-o", tmp_path / "echo2.nii.gz") == 0
 
+
+
+def test_an_enhanced_multiframe_file_of_two_echoes_segments_echo_by_echo_and_sends_a_seg_of_one(tmp_path, cut,
+                                                                                                 capsys):
+    """One file holding both echoes (frames at the same positions) is chosen from as a folder's series are:
+    it used to be read as one series and refused; each echo's outputs are named by the echo, and the SEG of
+    one echo reads back onto that echo alone."""
+    import highdicom as hd
+    import pydicom
+
+    volume, _, affine = cut
+    write_echoes(tmp_path / "mri", [volume, volume * 0.5], affine, description="T2 dual echo",
+                 study_uid=generate_uid(), frame_uid=generate_uid())
+    single = sorted((pydicom.dcmread(p) for p in (tmp_path / "mri").iterdir()),
+                    key=lambda d: (float(d.ImagePositionPatient[2]), int(d.EchoNumbers)))
+    dual = tmp_path / "dual.dcm"
+    hd.legacy.LegacyConvertedEnhancedCTImage(single, series_instance_uid=hd.UID(), series_number=4,
+                                             sop_instance_uid=hd.UID(), instance_number=1).save_as(dual)
+    assert segment(dual, "-o", tmp_path / "x.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "dual.dcm holds 2 DICOM series: choose one with --series N|UID, or segment each with --all-series" in err
+    assert not (tmp_path / "x.nii.gz").exists()
+    out = tmp_path / "out"
+    assert segment(dual, "--all-series", "-o", out) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [
+        "series4_T2_dual_echo_enhanced_conversion_echo_1_seg.nii.gz",
+        "series4_T2_dual_echo_enhanced_conversion_echo_2_seg.nii.gz"]
+    echo_1, echo_2 = list_series(dual)
+    assert segment(dual, "--series", echo_2.uid) == 0
+    said = capsys.readouterr().out
+    assert "series 4 'T2 dual echo (enhanced conversion)' (echo 2) in " in said
+    assert (tmp_path / "dual_series4_T2_dual_echo_enhanced_conversion_echo_2_seg.nii.gz").exists()
+    assert segment(dual, "--series", echo_2.uid, "-o", tmp_path / "echo2.dcm") == 0
+    labels, _ = load_labels(out / "series4_T2_dual_echo_enhanced_conversion_echo_2_seg.nii.gz")
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "echo2.dcm", dual, series=echo_2.uid), labels)
+    with pytest.raises(DicomError, match=r"references none of the frames of .*\(echo 1\)"):
+        read_dicom_seg(tmp_path / "echo2.dcm", dual, series=echo_1.uid)
 
 def test_add_to_set_takes_a_dicom_series_and_its_seg_and_keeps_two_patients_apart(tmp_path, cut, capsys,
                                                                                    tiny_checkpoint):

@@ -140,26 +140,28 @@ def _listing(infos) -> str:
 def pick_series(path: Path, series: Optional[str], all_series: bool,
                 note: Callable[[str, str], None]) -> list[DicomPick]:
     """The series of ``path`` to segment. A single file is itself; a folder gives one series (the only
-    one, or ``series``) or, with ``all_series``, each series that is not only localizer images.
+    one, or ``series``) or, with ``all_series``, each series that is not only localizer images, and so
+    does a file that holds several (an enhanced multi-frame file of several echoes or phases).
     ``note(text, where)`` is told what was skipped while looking."""
-    from .dicom_folder import series_uid_of
     from .dicom_series import DicomError, list_series
 
     path = Path(path)
     if all_series and series is not None:
         raise ConfigError("give --series N|UID or --all-series, not both")
     base = file_safe(path.resolve().name if path.is_dir() else path.stem) or "dicom"
+    infos = list_series(path)
     if path.is_file():
-        infos = list_series(path)
         scanned = infos.scanned
         if series is None and scanned is not None and scanned.file_alone is not None:
             # One file of a series read with the files beside it: named, and written beside, as its folder.
             folder = path.resolve().parent
             return [DicomPick(path, None, file_safe(folder.name) or "dicom", path.name, infos, folder)]
-        return [DicomPick(path, series, base, path.name, infos)]
-    infos = list_series(path)
-    for text in infos.notes:
-        note(text, str(path))
+        if series is None and not all_series and len(infos) <= 1:
+            return [DicomPick(path, None, base, path.name, infos)]
+    else:
+        for text in infos.notes:
+            note(text, str(path))
+
     if all_series:
         picks, taken = [], {}
         for info in infos:
@@ -179,6 +181,16 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
             raise DicomError(f"{path} holds {len(infos)} DICOM series: choose one with --series N|UID, or "
                              f"segment each with --all-series\n{_listing(infos)}")
         return [DicomPick(path, None, base, infos[0].name, infos)]
+    match = _chosen_series(path, infos, series)
+    return [DicomPick(path, match.uid, f"{base}_{series_file_name(match)}", match.name, infos)]
+
+
+def _chosen_series(path: Path, infos, series: str):
+    """The one listed series whose UID (a split part's own, or its series' for an unsplit one) or number is
+    ``series``; DicomError with the listing otherwise."""
+    from .dicom_folder import series_uid_of
+    from .dicom_series import DicomError
+
     text = str(series).strip()
     matches = ([info for info in infos if info.uid == text]
                or [info for info in infos if series_uid_of(info.uid) == text]      # all parts of a split series
@@ -187,7 +199,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         problem = f"{len(matches)} series have number or UID {text}; give the UID shown" if matches else \
             f"no series with number or UID {text}"
         raise DicomError(f"{path}: {problem}; found:\n{_listing(infos)}")
-    return [DicomPick(path, matches[0].uid, f"{base}_{series_file_name(matches[0])}", matches[0].name, infos)]
+    return matches[0]
 
 
 def read_pick(pick: DicomPick):
