@@ -522,6 +522,11 @@ def test_default_paths_are_next_to_the_scan_or_in_the_home_never_in_the_package(
                 series / "IM0001": tmp_path / "cd" / "SERIES_series2_CT_chest_seg.dcm",
                 tmp_path / "cd" / "DICOMDIR": tmp_path / "cd_series2_CT_chest_seg.dcm"}
     assert {opened: default_export_path("x", str(opened), source) for opened in expected} == expected
+    # One echo of a file that holds two (an enhanced multi-frame MRI): named by its echo, so the other
+    # echo's export does not land on the same name.
+    echo = dataclasses.replace(source, part="echo 2", frame_numbers=(2,))
+    assert default_export_path("x", str(series / "IM0001"), echo) == \
+        tmp_path / "cd" / "SERIES_series2_CT_chest_echo_2_seg.dcm"
     assert default_finetune_path("liver", str(sample_scan_path())) == \
         tmp_path / "home" / ".medconddiff" / "models" / "liver117_image_finetuned.safetensors"
     assert default_finetune_path("ct", str(tmp_path / "ct.nii")) == tmp_path / "ct_finetuned.safetensors"

@@ -110,6 +110,12 @@ def series_file_name(info) -> str:
     return _joined(_series_pieces(info.number, info.description, info.part, 48, 24))
 
 
+def source_file_name(source) -> str:
+    """:func:`series_file_name` of the series a scan was read from (a
+    :class:`~medconddiff.dicom_series.DicomSource`): ``series5_Dixon_echo_2`` for one part of a split series."""
+    return _joined(_series_pieces(source.series_number, source.series_description, source.part, 48, 24))
+
+
 def series_case_name(source) -> str:
     """A training-set case name for a scan read from DICOM (a :class:`~medconddiff.dicom_series.DicomSource`):
     ``series2_CT_venous_1a2b3c4d``, the series by number, description and part, and a hash of its UID,
