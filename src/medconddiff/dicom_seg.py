@@ -41,6 +41,7 @@ from pydicom.sr.coding import Code
 
 from .atomic import atomic_write, check_target
 from .class_match import class_key
+from .dicom_geometry import plane_from_header
 from .dicom_series import DicomError, DicomScan, DicomSource, dicom_source, source_datasets
 from .nifti import smallest_label_dtype
 
@@ -304,19 +305,16 @@ def _shares_its_file(source: DicomSource) -> bool:
 
 
 def _plane_positions(header: pydicom.Dataset, frame_numbers: Sequence[int]) -> list:
-    """The Plane Position of each of ``frame_numbers`` (1-based) of a multi-frame ``header``, in that order."""
+    """The Plane Position of each of ``frame_numbers`` (1-based) of a multi-frame ``header``, in that order
+    (read as the series was: :func:`~medconddiff.dicom_geometry.plane_from_header`)."""
     import highdicom as hd
 
-    per_frame = header.PerFrameFunctionalGroupsSequence
-    shared = header.get("SharedFunctionalGroupsSequence", [pydicom.Dataset()])[0]
     positions = []
     for frame in frame_numbers:
-        groups = per_frame[int(frame) - 1]
-        plane = groups.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
-        if not plane:
-            raise DicomError(f"frame {frame} of {header.get('SOPInstanceUID', 'the source')} has no plane position")
-        positions.append(hd.PlanePositionSequence(
-            hd.CoordinateSystemNames.PATIENT, [float(v) for v in plane[0].ImagePositionPatient]))
+        plane = plane_from_header(header, int(frame), f"frame {frame}")
+        if plane is None:
+            raise DicomError(f"frame {frame} of {header.get('SOPInstanceUID', 'the source')} has no usable plane")
+        positions.append(hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, list(plane.position)))
     return positions
 
 
