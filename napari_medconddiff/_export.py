@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from medconddiff.atomic import check_target
-from medconddiff.dicom_inputs import file_safe, source_file_name
+from medconddiff.dicom_inputs import file_safe, series_file_name
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import VolumeMeta, save_volume, smallest_label_dtype, write_json_atomic
 from medconddiff.outputs import output_paths, segmentation_record, strip_nifti_suffix, with_nifti_suffix
@@ -104,7 +104,8 @@ def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[D
     DICOM, ``<folder>_series<N>_<description>_seg.dcm`` beside the series folder (also when one of its
     files or a CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc)."""
     if dicom is not None:
-        series = source_file_name(dicom)     # with its echo or phase: two parts of one file do not collide
+        # With its echo or phase: two parts of one file do not propose the same name.
+        series = series_file_name(dicom.series_number, dicom.series_description, dicom.part)
         folder = Path(source).expanduser() if source else None
         if folder is not None and not folder.is_dir():
             folder = folder.parent

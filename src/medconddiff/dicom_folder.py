@@ -46,7 +46,7 @@ from .dicom_geometry import functional_group_items
 from .errors import UserInputError
 
 __all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
-           "scan_folder", "choose_series", "is_media_directory", "file_sop_class"]
+           "scan_folder", "choose_series", "chosen_series_index", "series_listing", "is_media_directory", "file_sop_class"]
 
 # Objects with Rows and Columns that are not images of the patient: listing them as series would only
 # make users choose between their scan and a segmentation written beside it.
@@ -493,25 +493,35 @@ def series_info(instances: list[Instance]) -> SeriesInfo:
 
 def choose_series(path: Path, folder: ScannedFolder, series: int | str | None) -> list[Instance]:
     ordered = sorted_series(folder)
-    listing = "\n".join("  " + series_info(instances).line() for instances in ordered)
+    infos = [series_info(instances) for instances in ordered]
     if series is None:
         if len(ordered) == 1:
             return ordered[0]
         raise DicomError(f"{path} holds {len(ordered)} DICOM series; choose one by number or UID "
-                         f"(--series N|UID):\n{listing}")
+                         f"(--series N|UID):\n{series_listing(infos)}")
+    return ordered[chosen_series_index(path, infos, series)]
+
+
+def series_listing(infos: Sequence[SeriesInfo]) -> str:
+    """The lines of a listing of series, each with its notes, for a message that asks to choose."""
+    return "\n".join(f"  {info.line()}" + (f" ({'; '.join(info.notes)})" if info.notes else "") for info in infos)
+
+
+def chosen_series_index(path: Path, infos: Sequence[SeriesInfo], series: int | str) -> int:
+    """The index of the one listed series that ``series`` names: its listed UID (a part's ``UID#echo_2``, or
+    an unsplit series' UID), else its Series Instance UID (which names all parts of a split series), else its
+    number. DicomError with the listing when none or several match."""
     text = str(series).strip()
-    if text in folder.series:
-        return folder.series[text]
-    # The UID of a series split into echoes or phases names all its parts.
-    matches = [instances for instances in ordered if str(instances[0].header.SeriesInstanceUID) == text]
-    if not matches and text.lstrip("-").isdigit():
-        matches = [instances for instances in ordered if series_number(instances[0].header) == int(text)]
+    numbered = text.lstrip("-").isdigit()
+    matches = ([i for i, info in enumerate(infos) if info.uid == text]
+               or [i for i, info in enumerate(infos) if series_uid_of(info.uid) == text]
+               or [i for i, info in enumerate(infos) if numbered and info.number == int(text)])
     if len(matches) == 1:
         return matches[0]
-    if len(matches) > 1:
+    if matches:
         raise DicomError(f"{path}: {len(matches)} series have number or UID {text}; choose one by the UID "
-                         f"shown (a part of a split series: UID#part):\n{listing}")
-    raise DicomError(f"{path}: no series with number or UID {text}; found:\n{listing}")
+                         f"shown (a part of a split series: UID#part):\n{series_listing(infos)}")
+    raise DicomError(f"{path}: no series with number or UID {text}; found:\n{series_listing(infos)}")
 
 
 def is_localizer(header: pydicom.Dataset) -> bool:

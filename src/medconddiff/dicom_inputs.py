@@ -104,16 +104,11 @@ def file_safe(text: str, limit: int = 64) -> str:
     return _UNSAFE.sub("_", text).strip("._-")[:limit].rstrip("._-")
 
 
-def series_file_name(info) -> str:
-    """``series3_CT_abdomen`` for series 3 'CT abdomen' (a :class:`~medconddiff.dicom_series.SeriesInfo`);
-    ``series5_Dixon_echo_2`` for one part of a split series."""
-    return _joined(_series_pieces(info.number, info.description, info.part, 48, 24))
-
-
-def source_file_name(source) -> str:
-    """:func:`series_file_name` of the series a scan was read from (a
-    :class:`~medconddiff.dicom_series.DicomSource`): ``series5_Dixon_echo_2`` for one part of a split series."""
-    return _joined(_series_pieces(source.series_number, source.series_description, source.part, 48, 24))
+def series_file_name(number: Optional[int], description: str, part: str = "") -> str:
+    """``series3_CT_abdomen`` for series 3 'CT abdomen'; ``series5_Dixon_echo_2`` for one part of a split
+    series (a listed :class:`~medconddiff.dicom_folder.SeriesInfo`'s or a read
+    :class:`~medconddiff.dicom_series.DicomSource`'s number, description and part)."""
+    return _joined(_series_pieces(number, description, part, 48, 24))
 
 
 def series_case_name(source) -> str:
@@ -139,16 +134,13 @@ def _uid_tag(uid: str) -> str:
     return hashlib.sha1(uid.encode()).hexdigest()[:8]
 
 
-def _listing(infos) -> str:
-    return "\n".join(f"  {info.line()}" + (f" ({'; '.join(info.notes)})" if info.notes else "") for info in infos)
-
-
 def pick_series(path: Path, series: Optional[str], all_series: bool,
                 note: Callable[[str, str], None]) -> list[DicomPick]:
     """The series of ``path`` to segment. A single file is itself; a folder gives one series (the only
     one, or ``series``) or, with ``all_series``, each series that is not only localizer images, and so
     does a file that holds several (an enhanced multi-frame file of several echoes or phases).
     ``note(text, where)`` is told what was skipped while looking."""
+    from .dicom_folder import chosen_series_index, series_listing
     from .dicom_series import DicomError, list_series
 
     path = Path(path)
@@ -174,38 +166,21 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
             if info.localizers and info.localizers == info.instances:
                 note("skipped: every image is a localizer (scout)", info.name)
                 continue
-            taken.setdefault(series_file_name(info), []).append(info)
+            taken.setdefault(series_file_name(info.number, info.description, info.part), []).append(info)
         for name, group in taken.items():
             for info in group:
                 unique = name if len(group) == 1 else f"{name}_{_uid_tag(info.uid)}"
                 picks.append(DicomPick(path, info.uid, unique or _uid_tag(info.uid), info.name, infos))
         if not picks:
-            raise DicomError(f"{path}: no series to segment (only localizers):\n{_listing(infos)}")
+            raise DicomError(f"{path}: no series to segment (only localizers):\n{series_listing(infos)}")
         return picks
     if series is None:
         if len(infos) > 1:
             raise DicomError(f"{path} holds {len(infos)} DICOM series: choose one with --series N|UID, or "
-                             f"segment each with --all-series\n{_listing(infos)}")
+                             f"segment each with --all-series\n{series_listing(infos)}")
         return [DicomPick(path, None, base, infos[0].name, infos)]
-    match = _chosen_series(path, infos, series)
-    return [DicomPick(path, match.uid, f"{base}_{series_file_name(match)}", match.name, infos)]
-
-
-def _chosen_series(path: Path, infos, series: str):
-    """The one listed series whose UID (a split part's own, or its series' for an unsplit one) or number is
-    ``series``; DicomError with the listing otherwise."""
-    from .dicom_folder import series_uid_of
-    from .dicom_series import DicomError
-
-    text = str(series).strip()
-    matches = ([info for info in infos if info.uid == text]
-               or [info for info in infos if series_uid_of(info.uid) == text]      # all parts of a split series
-               or [info for info in infos if text.lstrip("-").isdigit() and info.number == int(text)])
-    if len(matches) != 1:
-        problem = f"{len(matches)} series have number or UID {text}; give the UID shown" if matches else \
-            f"no series with number or UID {text}"
-        raise DicomError(f"{path}: {problem}; found:\n{_listing(infos)}")
-    return matches[0]
+    match = infos[chosen_series_index(path, infos, series)]
+    return [DicomPick(path, match.uid, f"{base}_{series_file_name(match.number, match.description, match.part)}", match.name, infos)]
 
 
 def read_pick(pick: DicomPick):
