@@ -529,6 +529,8 @@ def test_outputs_keep_the_scans_geometry_but_not_its_header_text(tmp_path, liver
     scan_image = nib.Nifti1Image(image.astype(np.int16), affine)
     scan_image.header["descrip"] = b"Zyxwvut^Qqpatientname 19230417 TE=2.5"
     scan_image.header["aux_file"] = b"PID-98765-XQ"
+    # A comment extension (ecode 6), where converters also keep whole DICOM headers (ecode 2).
+    scan_image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"PatientName=Zyxwvut^Qqpatientname"))
     scan_image.header.set_qform(affine, code=1)
     nib.save(scan_image, str(tmp_path / "scan.nii.gz"))
     out = tmp_path / "seg.nii.gz"
@@ -537,5 +539,7 @@ def test_outputs_keep_the_scans_geometry_but_not_its_header_text(tmp_path, liver
     for name in ("seg.nii.gz", "seg_uncertainty.nii.gz", "seg_trajectory.nii.gz"):
         header = nib.load(str(tmp_path / name)).header
         assert header["descrip"].tobytes().strip(b"\0") == b"" and header["aux_file"].tobytes().strip(b"\0") == b""
+        assert len(header.extensions) == 0
+        assert b"Zyxwvut" not in gzip.decompress((tmp_path / name).read_bytes())
         np.testing.assert_allclose(header.get_best_affine(), affine)
         assert int(header["qform_code"]) == 1

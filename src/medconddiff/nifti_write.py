@@ -121,6 +121,7 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
     keep_forms = _keeps_source_forms(meta)
     if meta.header is not None:
         header = nib.Nifti1Header.from_header(meta.header)
+        header.extensions.clear()    # never carried into a file made from the scan: they may hold patient data
         sform_code = int(meta.header["sform_code"])
         qform_code = int(meta.header["qform_code"])
         if sform_code == qform_code == 0:   # a known affine behind a header that did not carry it

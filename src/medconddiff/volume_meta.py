@@ -166,13 +166,17 @@ class VolumeMeta:
                    geometry_note=note)
 
     def without_header_text(self) -> VolumeMeta:
-        """This meta with its header's free-text fields (:data:`HEADER_TEXT_FIELDS`) empty: what a file
-        made from the scan (labels, maps, a training set's copy) is written with, geometry unchanged."""
+        """This meta with its header's free-text fields (:data:`HEADER_TEXT_FIELDS`) empty and no header
+        extensions: what a file made from the scan (labels, maps, a training set's copy) is written with,
+        geometry unchanged."""
         if self.header is None:
             return self
         header = self.header.copy()
         for key in HEADER_TEXT_FIELDS:
             header[key] = b""
+        # Extensions are free content too: converters keep the DICOM header (patient data) or comments there.
+        if hasattr(header, "extensions"):
+            header.extensions.clear()
         return dataclasses.replace(self, header=header)
 
 
