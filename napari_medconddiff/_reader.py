@@ -364,17 +364,18 @@ def _segmentation_beside_its_series(path: Path, header: Any) -> LayerData:
 
     matches = [info for info in infos if _made_on(header, series_uid_of(info.uid), frame_of_reference(info))]
     if not matches:
-        raise DicomError(f"{path.name} is {_kind_of(header)}; the series it segments is not in "
-                         f"{path.parent.name or path.parent}: open the series folder (with the SEG in it) or put "
-                         "the SEG beside it")
+        raise DicomError(f"{path.name} is {_kind_of(header)}; the series it segments is not in its folder: "
+                         "open the series folder (with the SEG in it) or put the SEG beside it")
     parts = ((read_dicom_series(path.parent, info.uid, listed=infos), info.name) for info in matches)
     return _segmentation_over_one_of(path, header, parts)
 
 
 def _warn_notes(path: Path, notes: list[str]) -> None:
     """What was left out or refused while reading, one warning per note (napari notifies each)."""
+    # A file by its name; a folder not by its name, which is often the patient's (notes name the series).
+    where = path.name if path.is_file() else "DICOM folder"
     for note in notes:
-        warnings.warn(f"{path.name}: {note}", stacklevel=3)
+        warnings.warn(f"{where}: {note}", stacklevel=3)
 
 
 def _is_dicom_input(path: Any) -> bool:

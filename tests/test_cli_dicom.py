@@ -118,6 +118,24 @@ def test_a_seg_needs_a_dicom_input(tmp_path, cut, capsys):
     assert len(err.splitlines()) == 1 and "--series and --all-series choose DICOM series" in err
 
 
+def test_notes_name_files_not_the_patients_folders_below_the_one_given(tmp_path, cut, capsys):
+    """An export nests each patient's series in folders named after the patient: what was left out is
+    named by file, on the terminal and in the sidecar, never by that path."""
+    volume, _, affine = cut
+    export = tmp_path / "export"
+    series = export / PATIENT_FOLDER / "CT"
+    write_series(series, volume, affine, series_number=2, description="CT venous", prefix="v")
+    write_series(series, volume[:, :, :1], affine, series_uid=list_series(series)[0].uid, series_number=2,
+                 description="CT venous", prefix="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    (series / "notes.txt").write_text("not DICOM")
+
+    assert segment(export, "-o", tmp_path / "seg.nii.gz", "--slices", "2:3") == 0
+    captured = capsys.readouterr()
+    notes = json.loads((tmp_path / "seg.json").read_text())["dicom_source"]["notes"]
+    assert any("notes.txt" in note for note in notes) and any("scout" in note for note in notes)
+    assert_no_patient_data((tmp_path / "seg.json").read_text(), without_paths_given(captured.err, export))
+
+
 def test_several_series_are_listed_and_chosen_or_all_segmented(tmp_path, cut, capsys):
     volume, _, affine = cut
     export = tmp_path / "export"

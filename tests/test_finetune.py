@@ -131,6 +131,17 @@ def test_without_a_number_of_steps_a_fine_tune_trains_200_for_one_scan_and_600_f
                     **quiet).total_steps == 200
 
 
+def test_two_scans_of_one_name_each_train_on_their_own_slices(tiny_checkpoint, liver_volume):
+    """Two patients' "series 2 'CT'": each scan's corrected slices are what is learned from it."""
+    image, labels = liver_volume
+    first = LabelledScan("series 2 'CT'", image, META, labels, slices=[1, 2])
+    second = LabelledScan("series 2 'CT'", image[:, :, 1:], META, labels[:, :, 1:], slices=[3])
+    run = finetune(tiny_checkpoint, [first, second], steps=1, device="cpu", log=lambda message: None)
+    assert sorted(run.trainer.train_set.origin) == [("series 2 'CT'", 1), ("series 2 'CT'", 2),
+                                                    ("series 2 'CT' (2)", 3)]
+    assert [item["slices"] for item in run.provenance()["finetuned_on"]] == [[1, 2], [3]]
+
+
 def test_unnamed_label_values_and_empty_slice_lists_are_refused(tiny_checkpoint, liver_volume):
     image, labels = liver_volume       # values 0, 1, 2
     with pytest.raises(ValueError, match="label 2 has no class name"):

@@ -353,7 +353,7 @@ def test_a_seg_opens_as_labels_over_its_series_in_a_folder_or_alone_and_saves_ba
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     (lonely / "seg.dcm").write_bytes((export / "ct_seg.dcm").read_bytes())
-    with pytest.raises(DicomError, match="seg.dcm is a DICOM SEG; the series it segments is not in lonely"):
+    with pytest.raises(DicomError, match="seg.dcm is a DICOM SEG; the series it segments is not in its folder"):
         read_dicom(str(lonely / "seg.dcm"))
 
 

@@ -241,6 +241,16 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_checkpoint):
         Segmenter.from_checkpoint(garbage)
     with pytest.raises(CheckpointError, match="not found"):
         Segmenter.from_checkpoint(tmp_path / "missing.safetensors")
+    # Tagged as ours, but its records are not JSON objects: a clear refusal, not a crash.
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint), framework="pt") as reader:
+        metadata, state = reader.metadata(), {key: reader.get_tensor(key) for key in reader.keys()}
+    for field, value in (("config", "null"), ("config", "[]"), ("extra", "[1, 2]")):
+        mangled = tmp_path / f"mangled_{field}.safetensors"
+        save_file(state, str(mangled), metadata={**metadata, field: value})
+        with pytest.raises(CheckpointError, match="must be JSON objects"):
+            Segmenter.from_checkpoint(mangled)
 
 
 def test_a_checkpoint_without_a_plan_is_refused_with_the_fix_and_can_start_a_finetune(tmp_path, tiny_checkpoint):

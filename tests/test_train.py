@@ -139,6 +139,12 @@ def test_train_cli_refuses_to_clobber_and_reports_errors(tmp_path, capsys):
     assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "run")]) == 2
     assert "exists" in capsys.readouterr().err
     assert (tmp_path / "run" / "final.safetensors").read_bytes() == b"previous run"
+    # An interrupted run's last checkpoint, what --resume continues, is kept as well.
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "last.safetensors").write_bytes(b"interrupted run")
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "cut")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "cut" / "last.safetensors").read_bytes() == b"interrupted run"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["train", str(empty), "-o", str(tmp_path / "x")]) == 2

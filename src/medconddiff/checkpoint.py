@@ -134,11 +134,13 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
     try:
         raw = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
+        if not isinstance(raw, dict) or not isinstance(extra, dict):
+            raise ValueError("its config and its record must be JSON objects")
         if version == LEGACY_FORMAT_VERSION:
             raw = _upgrade_legacy_config(raw)
             extra["upgraded_from_format"] = LEGACY_FORMAT_VERSION
         config = ExperimentConfig.from_dict(raw)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{path}: its config does not match this version of medconddiff: {error}") from None
     return Checkpoint(config=config, state_dict=state, path=path, sha256=file_sha256(path), extra=extra)
 

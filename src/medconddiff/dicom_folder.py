@@ -252,7 +252,9 @@ def _scan_files(files: list[Path], root: Path, path: Path,
     first_copy: dict[tuple[str, ...], str] = {}
     duplicates: list[str] = []
     for file in files:
-        label = str(file.relative_to(root))
+        # Messages and records name a file by its name alone: the folders of an export below the one given
+        # are often named after the patient (EXPORT/DOE_JOHN_12345/CT/IM0001).
+        label = file.name
         try:
             # Deferred values: every element is parsed (so a file cut short shows as missing pixel
             # data) without loading pixel data into memory.

@@ -164,7 +164,9 @@ class FinetuneRun:
         self.scans = list(scans)
         self.replay = replay
         cases = []
-        for scan in self.scans:
+        # Two scans may share a name (two patients' "series 2 'CT'"): each case keeps its own slices.
+        keys = _distinct_names([scan.name for scan in self.scans])
+        for scan, key in zip(self.scans, keys):
             meta = scan.meta if scan.meta is not None else VolumeMeta.identity(known=False)
             if scan.labels.shape != scan.image.shape[:3]:
                 raise UserInputError(f"{scan.name}: labels {scan.labels.shape} do not match the scan "
@@ -173,8 +175,8 @@ class FinetuneRun:
             if top >= config.model.num_classes:
                 raise ConfigError(f"{scan.name}: label {top} has no class name (classes: "
                                   f"{', '.join(config.model.class_names)}); name every label value")
-            cases.append(Case(scan.name, scan.image, scan.labels.astype(np.uint8), meta))
-        slices_by_case = {scan.name: sorted({int(i) for i in scan.slices}) for scan in self.scans}
+            cases.append(Case(key, scan.image, scan.labels.astype(np.uint8), meta))
+        slices_by_case = {key: sorted({int(i) for i in scan.slices}) for scan, key in zip(self.scans, keys)}
         slices_by_case.update({f"set:{name}": slices for name, slices in self.set_slices.items()})
         train_set = TrainingSlices(itertools.chain(cases, set_cases), config.plan, config.train.patch_size,
                                    slices_by_case=slices_by_case, augment=config.train.augment,
@@ -446,3 +448,19 @@ def _checked_labels(scan: LabelledScan, class_names: Sequence[str]) -> np.ndarra
         raise ConfigError(f"{scan.name}: label {top} has no class name (classes: {', '.join(class_names)}); "
                           "name every label value")
     return labels.astype(np.int64)
+
+
+def _distinct_names(names: Sequence[str]) -> list[str]:
+    """``names`` with a repeated one numbered from its second use on (``scan``, ``scan (2)``), never
+    taking a name given."""
+    taken, distinct = set(names), []
+    for name in names:
+        unique, n = name, 1
+        while unique in distinct:
+            n += 1
+            unique = f"{name} ({n})"
+            while unique in taken and unique != name:
+                n += 1
+                unique = f"{name} ({n})"
+        distinct.append(unique)
+    return distinct

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
     parser.add_argument("--export-half", type=Path, help="also write the final EMA weights in fp16 here (for shipping)")
-    parser.add_argument("--overwrite", action="store_true", help="allow an output folder with a final checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="allow an output folder with an earlier run's checkpoints")
     for section, cls in SECTIONS.items():
         add_dataclass_arguments(parser, cls, title=section)
 
@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     train_ranges, val_ranges = (TrainingData.ranges(args.train_slices, "--train-slices"),
                                 TrainingData.ranges(args.val_slices, "--val-slices"))
     data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])])
-    final = args.output / "final.safetensors"
-    if final.exists() and not (args.overwrite or args.resume):
-        raise FileExistsError(f"{final} exists; pass --overwrite or choose another --output")
+    # An earlier run's files (its last checkpoint is what --resume continues) are replaced only when asked.
+    earlier = [args.output / name for name in ("final.safetensors", "last.safetensors")
+               if (args.output / name).exists()]
+    if earlier and not (args.overwrite or args.resume):
+        raise FileExistsError(f"{earlier[0]} exists (an earlier run's); pass --resume {args.output / 'last.safetensors'} "
+                              "to continue it, --overwrite to replace it, or choose another --output")
     flags = given_flags(args, SECTIONS)
     if args.resume is not None:
         start = load_checkpoint(args.resume)
