@@ -25,13 +25,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medconddiff.class_match import body_outline_classes, class_key, keep_classes
+from medconddiff.class_match import body_outline_classes, keep_classes
 from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
 
 from . import _result_layers as results_layers
 from ._job import SpaceRequest, prepare_space
 from ._layers import LABELS_FROM_KEY, METADATA_KEY, full_resolution
+from ._result_set import classes_agree
 from ._segment_flow import SegmentSettings, scan_source
 
 __all__ = ["ContinueFlow", "saved_label_names"]
@@ -59,12 +60,6 @@ def saved_label_names(layer: Any) -> Optional[tuple[str, ...]]:
 def _is_structure_set(layer: Any) -> bool:
     """Whether a Labels layer was read from an RT structure set (this plugin's reader says so)."""
     return ((getattr(layer, "metadata", None) or {}).get(METADATA_KEY) or {}).get(LABELS_FROM_KEY) == "RTSTRUCT"
-
-
-def _classes_agree(names: tuple[str, ...], others: tuple[str, ...]) -> bool:
-    """Whether two class lists give the values they share the same names (one may be longer)."""
-    shared = min(len(names), len(others))
-    return [class_key(n) for n in names[1:shared]] == [class_key(n) for n in others[1:shared]]
 
 
 class ContinueFlow:
@@ -141,7 +136,7 @@ class ContinueFlow:
             if results is not None and (results.consensus is None or not results.compatible(space)):
                 raise UserInputError(f"'{scan.name}' has result layers this plugin no longer updates; remove them, "
                                      "or open the scan again, to continue from saved labels")
-            if results is not None and not _classes_agree(names, results.class_names):
+            if results is not None and not classes_agree(names, results.class_names):
                 raise UserInputError(f"'{saved.name}' names its classes {list(names)}, this scan's consensus "
                                      f"{list(results.class_names)}: label values would change meaning")
             top = int(job.labels.max()) if job.labels.size else 0
@@ -160,7 +155,7 @@ class ContinueFlow:
         taken, kept, edited = results.load(job.labels, policy)
         self._edits_changed(results)
         # A value named otherwise by the model would be renamed by its next run: say so now.
-        renamed = "" if _classes_agree(names, model_classes) else (
+        renamed = "" if classes_agree(names, model_classes) else (
             f" Their classes ({', '.join(names[1:])}) are not the model's ({', '.join(model_classes[1:])}): "
             "fine-tune on them before segmenting, or the model's names replace theirs.")
         kept_text = f" Your edits on slice(s) {slice_list_text(kept)} were kept." if kept else ""

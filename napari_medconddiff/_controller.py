@@ -122,7 +122,9 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self._stop_reason = None
         self.busy_changed.emit(operation)
 
-    def _end(self, how: str) -> None:
+    def _end(self, how: str, apply_wanted: bool = True) -> None:
+        """The operation in progress ended (``how``: done, cancelled, failed, …). A consensus chosen while it
+        ran applies now, unless ``apply_wanted`` is False (another operation follows; it applies after)."""
         operation, self.operation = self.operation, ""
         self._stop_reason = None
         if self._pending is not None and self._pending.results is not None:
@@ -134,6 +136,10 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         elif operation in ("fine-tuning", "saving"):
             self.finetune_finished.emit(how)
         self.results_changed.emit()
+        if apply_wanted:
+            self._apply_wanted_consensus()
+
+    def _apply_wanted_consensus(self) -> None:
         if self._wanted_consensus is not None:
             self.set_consensus(*self._wanted_consensus)   # settings changed while busy apply now
 
@@ -226,10 +232,11 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         return consensus_volumes(self.current)
 
     def _ask_about_edits(self, results: ResultSet, action: str, slices: Sequence[int]) -> WritePolicy:
-        """How ``action`` may write ``slices``. The user is asked when some of them hold edits: KEEP and
+        """How ``action`` may write ``slices``. The user is asked when some of them hold edits or are marked
+        as checked: KEEP and
         NEW_LAYER (which puts the edited layer aside first) overwrite none; REPLACE overwrites those
         slices as they are now, and no stroke painted after the question."""
-        clash = sorted(set(results.edited_slices()) & {int(s) for s in slices})
+        clash = results.protected_among(slices)
         choice = self.questions.edits(action, clash) if clash else KEEP
         if choice == NEW_LAYER:
             self._fork_consensus(results)
@@ -240,8 +247,9 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         old = results.layers.pop("consensus")
         results_layers.detach(old)
         old.name = f"{results.scan_name} consensus (your edits)"
-        self._add_layers(results)
+        self._add_layers(results, place_like=old)
         results.edited = set()
+        results.checked = set()     # the marks were on what the set-aside layer shows
         self._edits_changed(results)
 
     def edited_slices(self) -> list[int]:

@@ -7,19 +7,20 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from qtpy.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QInputDialog, QLabel, QMessageBox, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import (QCheckBox, QDialog, QDialogButtonBox, QFileDialog, QInputDialog, QLabel, QMessageBox,
+                            QVBoxLayout, QWidget)
 
 from medconddiff.slice_lists import slice_list_text
 
 from ._edits import KEEP, NEW_LAYER, REPLACE
+from ._export import checkpoint_target
 from ._qt_lifetime import alive
 from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE, Questions
 
 if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
-__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_remove_from_set", "ask_case_to_remove",
+__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_save_finetuned_elsewhere", "ask_remove_from_set", "ask_case_to_remove",
            "ask_classes_to_leave_out", "confirm_replace", "DialogQuestions"]
 
 
@@ -28,8 +29,9 @@ def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
     box = QMessageBox(parent)
     box.setIcon(QMessageBox.Icon.Question)
     box.setWindowTitle("Edited slices")
-    box.setText(f"{action} would overwrite your edits on slice(s) {slice_list_text(slices)}.")
-    box.setInformativeText("Keep my edits: update only the slices you did not edit.\n"
+    box.setText(f"{action} would overwrite slice(s) {slice_list_text(slices)}, which you edited or marked as "
+                "checked.")
+    box.setInformativeText("Keep my edits: update only the slices you did not edit or check.\n"
                            "New layer: put the result in a new consensus layer; your edited layer stays as it is.\n"
                            "Replace: overwrite these edits (Edit ▸ Undo in the layer brings them back). "
                            "Strokes you paint from now on are kept.")
@@ -50,6 +52,36 @@ def ask_save_cancelled_finetune(parent: QWidget, done: int, total: int, path: Pa
         f"Fine-tuning stopped after {done} of {total} steps. Save the weights of step {done} to\n{path}?",
         QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Discard)
     return answer == QMessageBox.StandardButton.Save
+
+
+def ask_save_finetuned_elsewhere(parent: QWidget, problem: str, path: Path) -> Optional[tuple[Path, bool]]:
+    """The fine-tuned model could not be saved: another file for it (and whether replacing it was agreed), or
+    None when the user lets the weights go (Discard, the default after a second question)."""
+    while True:
+        answer = QMessageBox.warning(
+            parent, "Fine-tuned model not saved",
+            f"The fine-tuned model could not be saved to\n{path}:\n{problem}\n\nIts weights are still in memory. "
+            "Save them to another file?",
+            QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Save)
+        if answer == QMessageBox.StandardButton.Save:
+            chosen, _ = QFileDialog.getSaveFileName(parent, "Save the fine-tuned model as", str(path),
+                                                    "safetensors checkpoint (*.safetensors)")
+            if chosen:
+                try:
+                    target = checkpoint_target(chosen)
+                except ValueError as error:
+                    problem, path = str(error), Path(chosen)
+                    continue
+                # The save dialog asked about the name it returned, not about one with ".safetensors" added.
+                if target != Path(chosen) and target.exists() and not confirm_replace(parent, [target]):
+                    continue
+                return target, target.exists()
+        sure = QMessageBox.question(parent, "Discard the fine-tuned model?",
+                                    "The fine-tuned weights will be lost. Discard them?",
+                                    QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                    QMessageBox.StandardButton.No)
+        if sure == QMessageBox.StandardButton.Yes:
+            return None
 
 
 def ask_remove_from_set(parent: QWidget, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
@@ -160,6 +192,12 @@ class DialogQuestions(Questions):
         if widget is None or not alive(widget):
             return False
         return ask_save_cancelled_finetune(widget, done, total, path)
+
+    def save_finetuned_elsewhere(self, problem: str, path: Path) -> Optional[tuple[Path, bool]]:
+        widget = self._widget()
+        if widget is None or not alive(widget):
+            return None
+        return ask_save_finetuned_elsewhere(widget, problem, path)
 
     def remove_from_set(self, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
         widget = self._widget()

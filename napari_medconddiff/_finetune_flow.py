@@ -9,6 +9,7 @@ the signals and the task plumbing it uses.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,12 @@ class FinetuneFlow:
                                  "another name")
         if path.exists() and not settings.replace_existing:
             raise UserInputError(f"{path} exists; choose another name, or confirm replacing it in the save dialog")
+        # Checked before training too, so that minutes of training do not end at a folder that cannot be written.
+        there = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
+        if there is not None and not there.is_dir():
+            raise UserInputError(f"{there} is a file, not a folder; choose another place for the fine-tuned model")
+        if there is not None and not os.access(there, os.W_OK):
+            raise UserInputError(f"cannot write in {there}; choose another place for the fine-tuned model")
 
     def _scan_copies(self, results: ResultSet, start: str) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """File-ordered copies of the scan and of the further channels it was last segmented with (what a
@@ -244,14 +251,33 @@ class FinetuneFlow:
         try:    # the file system may have changed while training ran
             self._check_save_path(state.settings, state.path)
         except UserInputError as error:
-            self._on_finetune_error(error)
+            self._on_save_failed(error, resegment)
             return
         self.operation = "saving"
         self.busy_changed.emit("saving")
         self.status.emit(f"Saving the fine-tuned model to {state.path}…")
         self._start(save_finetuned, state.run, state.path, state.settings.device, self.cache,
                     state.settings.replace_existing,
-                    returned=lambda path: self._on_finetune_saved(path, resegment), errored=self._on_finetune_error)
+                    returned=lambda path: self._on_finetune_saved(path, resegment),
+                    errored=lambda error: self._on_save_failed(error, resegment))
+
+    def _on_save_failed(self, error: BaseException, resegment: bool) -> None:
+        """The trained weights could not be written to the chosen file: the user may name another (the
+        weights are still in memory) before they are let go."""
+        self._detach_task()
+        state = self._finetune
+        if state is None or state.run is None or self._stop_reason == "closed" or \
+                not isinstance(error, (OSError, ValueError)):
+            self._on_finetune_error(error)
+            return
+        self.status.emit(f"Could not save the fine-tuned model: {error}")
+        elsewhere = self.questions.save_finetuned_elsewhere(str(error), state.path)
+        if elsewhere is None:
+            self._on_finetune_error(error)
+            return
+        state.path, replace_existing = elsewhere
+        state.settings = dataclasses.replace(state.settings, save_path=state.path, replace_existing=replace_existing)
+        self._save_finetuned(resegment)
 
     def _on_finetune_saved(self, path: Path, resegment: bool) -> None:
         self._detach_task()
@@ -260,19 +286,31 @@ class FinetuneFlow:
         self.model_added.emit(path.stem, str(path))
         self.status.emit(f"Saved the fine-tuned model ({state.done} steps, final loss {state.loss:.4f}) to {path}; "
                          f"its {state.run.consensus_choice.describe()}.")
-        self._end("cancelled" if cancelled else "done")
+        settings = self._resegment_settings(state, path) if resegment else None
+        # A consensus chosen while this ran applies once the re-segment ends (it would refuse the re-segment
+        # as busy if it started re-fusing now).
+        self._end("cancelled" if cancelled else "done", apply_wanted=settings is None)
+        if settings is not None and not self.segment(settings):
+            self._apply_wanted_consensus()
+
+    def _resegment_settings(self, state: _Finetune, path: Path) -> Optional[SegmentSettings]:
+        """How to segment, with the saved model, the slices the user neither trained on, edited nor
+        checked; None (and why, on the status line) when there are none or the scan is gone."""
         settings = state.settings.resegment
-        if not (resegment and settings is not None):
-            return
+        if settings is None:
+            return None
         results = state.results
+        if results.scan is None or results.scan is not settings.scan:
+            self.status.emit(f"Saved {path.name}; its scan is no longer open, so nothing was re-segmented.")
+            return None
         # Slices the user edited, or marked as checked (right as they are), are theirs: not re-segmented.
-        skip = set(state.slices) | set(results.edited_slices()) | set(self._checked.get(results.scan_id, ()))
+        skip = set(state.slices) | set(results.protected_among(range(results.space.n_slices)))
         remaining = [s for s in range(results.space.n_slices) if s not in skip]
         if not remaining:
             self.status.emit(f"Saved {path.name}; every slice was trained on or edited, nothing to re-segment.")
-            return
-        self.segment(dataclasses.replace(settings, checkpoint=str(path),
-                                         slices=SliceChoice(mode="list", indices=tuple(remaining))))
+            return None
+        return dataclasses.replace(settings, checkpoint=str(path),
+                                   slices=SliceChoice(mode="list", indices=tuple(remaining)))
 
     def _on_finetune_error(self, error: BaseException) -> None:
         self._detach_task()

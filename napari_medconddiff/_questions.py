@@ -25,6 +25,12 @@ class Questions:
         Without an explicit yes nothing is saved."""
         return False
 
+    def save_finetuned_elsewhere(self, problem: str, path: Path) -> Optional[tuple[Path, bool]]:
+        """The fine-tuned model could not be saved to ``path`` (``problem``): another file to save it to, and
+        whether the user agreed to replace that file if it exists; None lets the trained weights go (the
+        default: nothing is written where nobody asked)."""
+        return None
+
     def remove_from_set(self, scan_name: str, slice_index: Optional[int], folder: Path) -> str:
         """Take ``scan_name`` out of the training set in ``folder``: REMOVE_SLICE (only the slice under the
         slider, ``slice_index``; None where it cannot be told), REMOVE_CASE (the whole scan) or "" (nothing,

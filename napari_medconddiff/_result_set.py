@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from medconddiff.class_match import class_key
 from medconddiff.config import SamplingConfig
 from medconddiff.outputs import recorded_name
 
@@ -25,6 +26,12 @@ from ._geometry import LayerSpace, ScanSpace
 
 __all__ = ["KeptRun", "ChannelInput", "ResultSet"]
 
+
+
+def classes_agree(names: Sequence[str], others: Sequence[str]) -> bool:
+    """Whether two class lists give the values they share the same names (one may be longer)."""
+    shared = min(len(names), len(others))
+    return [class_key(n) for n in names[1:shared]] == [class_key(n) for n in others[1:shared]]
 
 @dataclass
 class KeptRun:
@@ -79,6 +86,9 @@ class ResultSet:
         self.reference = np.zeros(space.layer_shape, np.uint8)
         self.runs: list[KeptRun] = []
         self.edited: set[int] = set()
+        # Canonical slices the user marked as checked (right as the engine wrote them): verified, and kept
+        # from later runs as edits are; the mark goes when the user lets a run replace the slice.
+        self.checked: set[int] = set()
         # A consensus made for the operation in progress has no history worth undoing: written directly.
         self.fresh = True
         self.steps_stack: Optional[np.ndarray] = None
@@ -124,6 +134,11 @@ class ResultSet:
             return []
         shown, reference = self.space.slices(layer.data), self.space.slices(self.reference)
         return [int(s) for s in slices if not np.array_equal(shown[s], reference[s])]
+
+    def protected_among(self, slices: Sequence[int]) -> list[int]:
+        """Those of ``slices`` a run may not overwrite without asking: edited, or marked as checked."""
+        wanted = {int(s) for s in slices}
+        return sorted((set(self.edited_slices()) | self.checked) & wanted)
 
     def edited_slices(self) -> list[int]:
         """Every edited canonical slice, compared afresh (napari's undo emits no event)."""
@@ -185,14 +200,16 @@ class ResultSet:
 
     # ------------------------------------------------------------ writing results
     def write(self, slices: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray, policy: WritePolicy) -> list[int]:
-        """Write engine results for canonical ``slices`` (B, H, W each); returns the edited slices that
-        ``policy`` keeps, which get the new uncertainty but not the new labels."""
+        """Write engine results for canonical ``slices`` (B, H, W each); returns the edited or checked slices
+        that ``policy`` keeps, which get the new uncertainty but not the new labels."""
         slices = np.asarray(slices)
         layer = self.consensus
         kept = []
         if layer is not None:
             shown = self.space.slices(layer.data)
-            kept = [s for s in self.edited_among(slices) if not policy.may_overwrite(s, shown[s])]
+            protected = set(self.edited_among(slices)) | (self.checked & {int(s) for s in slices})
+            kept = sorted(s for s in protected if not policy.may_overwrite(s, shown[s]))
+            self.checked -= protected - set(kept)       # replaced as the user allowed: no longer what they checked
         self.space.slices(self.reference)[slices] = labels
         if "uncertainty" in self.layers:
             self.space.slices(self.layers["uncertainty"].data)[slices] = uncertainty

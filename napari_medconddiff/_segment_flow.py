@@ -40,7 +40,7 @@ from ._job import (
     prepare_run,
 )
 from ._layers import METADATA_KEY, full_resolution
-from ._result_set import ChannelInput, KeptRun, ResultSet
+from ._result_set import ChannelInput, KeptRun, ResultSet, classes_agree
 
 __all__ = ["SegmentSettings", "SegmentFlow", "CONSENSUS_NAMES", "own_copy", "scan_source"]
 
@@ -84,6 +84,7 @@ class _Pending:
     last_redraw: float = 0.0
     last_status: float = float("-inf")
     updating: bool = False            # the run updates layers that already held results
+    apart: str = ""                   # why the run got new layers beside the scan's earlier ones
 
 
 def scan_source(layer: Any) -> Optional[str]:
@@ -113,6 +114,8 @@ class SegmentFlow:
         if layer is None:
             raise UserInputError("open a scan first (File > Open, or File > Open Sample > Liver CT) and pick it "
                                  "under Image")
+        if layer not in self.viewer.layers:
+            raise UserInputError(f"'{layer.name}' is no longer open in napari; open it again to segment it")
         self._check_image(layer)
 
     def _check_image(self, layer: Any) -> None:
@@ -195,6 +198,12 @@ class SegmentFlow:
 
     def _on_prepared(self, info: RunStarted) -> None:
         self._detach_task()
+        try:
+            self._start_diffusion(info)
+        except Exception as error:     # whatever went wrong, the widget must not stay busy
+            self._on_run_error(error)
+
+    def _start_diffusion(self, info: RunStarted) -> None:
         pending = self._pending
         if pending is None or self._stop_reason is not None or pending.settings.scan is None:
             self._end(self._stop_reason or "cancelled")   # cancelled (or the scan removed) while the model loaded
@@ -216,7 +225,7 @@ class SegmentFlow:
         notes = [PLAIN_LAYER_STATUS] if info.space.layer.plain else list(geometry_notes)
         notes += [note for note in info.run.geometry.notes if note not in geometry_notes]   # e.g. intensities
         self.status.emit(f"Segmenting {len(slices)} {info.space.geometry.slicing} slice(s) on {info.device}…"
-                         + "".join(f" Note: {note}." for note in notes))
+                         + "".join(f" Note: {note}." for note in notes) + (f" {pending.apart}" if pending.apart else ""))
         self.diffusion_started.emit()
         self._start(iterate_run, info.run, yielded=self._on_event, returned=self._on_run_returned,
                     aborted=self._on_run_aborted, errored=self._on_run_error)
@@ -224,10 +233,17 @@ class SegmentFlow:
     def _results_for(self, pending: _Pending, info: RunStarted) -> ResultSet:
         """The scan's result set (its layers updated slice by slice), or a new one with new layers."""
         results = self.results.get(pending.scan_id)
-        if results is not None and not results.compatible(info.space):
-            # Another slicing or grid: slices cannot be matched. The old layers stay, as the user's.
+        apart = None if results is None else (
+            "this run slices the scan another way" if not results.compatible(info.space) else
+            f"this model's classes ({', '.join(info.class_names[1:])}) are not those of the layers "
+            f"({', '.join(results.class_names[1:])})" if not classes_agree(info.class_names, results.class_names)
+            else None)
+        if apart is not None:
+            # Slices cannot be matched, or label values would change meaning: the old layers stay, as the user's.
             for layer in results.layers.values():
                 results_layers.detach(layer)
+            pending.apart = (f"The earlier result layers of '{pending.scan_name}' are left as they are, yours now "
+                             f"(later runs leave them alone): {apart}.")
             results = None
         if results is None:
             results = self._new_results(pending.settings.scan, pending.scan_id, pending.scan_name, pending.source,
@@ -248,12 +264,15 @@ class SegmentFlow:
         self._add_layers(results)
         return results
 
-    def _add_layers(self, results: ResultSet) -> None:
-        """Uncertainty and consensus layers over the scan (the x̂0 layer comes with each run)."""
-        scan = results.scan
+    def _add_layers(self, results: ResultSet, place_like: Any = None) -> None:
+        """Uncertainty and consensus layers over the scan (the x̂0 layer comes with each run); where the user
+        removed the scan, placed as ``place_like`` (an earlier consensus of it) is."""
+        scan = results.scan if results.scan is not None else place_like
         if "uncertainty" not in results.layers:
             results.layers["uncertainty"] = results_layers.make_uncertainty(scan, results.scan_name, results.scan_id)
-            self.viewer.layers.insert(self.viewer.layers.index(scan) + 1, results.layers["uncertainty"])
+            at = self.viewer.layers.index(results.scan) + 1 if results.scan in self.viewer.layers else \
+                len(self.viewer.layers)
+            self.viewer.layers.insert(at, results.layers["uncertainty"])
         consensus = results_layers.make_consensus(scan, f"{results.scan_name} consensus", results.reference.copy(),
                                                   results.class_names, results.scan_id)
         self.viewer.layers.append(consensus)

@@ -231,7 +231,6 @@ class TrainingSetFlow:
 
     def _init_training_set(self) -> None:
         self.training_set: Optional[SetState] = None
-        self._checked: dict[str, set[int]] = {}     # scan layer id → canonical slices marked as checked
 
     @property
     def training_set_folder(self) -> Optional[Path]:
@@ -278,7 +277,7 @@ class TrainingSetFlow:
     # ------------------------------------------------------------ verified slices
     def checked_slices(self) -> list[int]:
         results = self.current
-        return sorted(self._checked.get(results.scan_id, ())) if results is not None else []
+        return sorted(results.checked) if results is not None else []
 
     def verified_slices(self) -> list[int]:
         """Canonical slices of the current result the user verified: edited or marked as checked."""
@@ -305,7 +304,7 @@ class TrainingSetFlow:
         except ValueError as error:
             self.fail(error)
             return None
-        self._checked.setdefault(results.scan_id, set()).add(index)
+        results.checked.add(index)
         self.status.emit(f"Slice {index} marked as checked.")
         self.emit_verified()
         return index
@@ -424,7 +423,7 @@ class TrainingSetFlow:
         note = ""
         if job.slice_index is not None:
             # The user said this slice is not right: its mark goes, so the next Add does not bring it back.
-            self._checked.get(results.scan_id, set()).discard(job.slice_index)
+            results.checked.discard(job.slice_index)
             if results is self.current and job.slice_index in self.edited_slices():
                 note = " It is still edited here: the next Add puts it back."
             self.emit_verified()

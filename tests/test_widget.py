@@ -72,6 +72,7 @@ def scan_1mm(liver_volume):
 # The real dialogs, kept before the guard below replaces them.
 ASK_EDIT_CHOICE = _dialogs.ask_edit_choice
 ASK_CLASSES_TO_LEAVE_OUT = _dialogs.ask_classes_to_leave_out
+ASK_SAVE_FINETUNED_ELSEWHERE = _dialogs.ask_save_finetuned_elsewhere
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +83,7 @@ def _no_unexpected_question(monkeypatch):
 
     monkeypatch.setattr(_dialogs, "ask_edit_choice", unexpected)
     monkeypatch.setattr(_dialogs, "ask_save_cancelled_finetune", unexpected)
+    monkeypatch.setattr(_dialogs, "ask_save_finetuned_elsewhere", unexpected)
     monkeypatch.setattr(_dialogs, "ask_remove_from_set", unexpected)
     monkeypatch.setattr(_dialogs, "ask_classes_to_leave_out", unexpected)
 
@@ -672,6 +674,31 @@ def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_v
     widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("range"))
     widget.range_edit.setText("5")
     assert click_segment(qtbot, widget) == "done"          # the saved weights segment
+
+
+def test_a_fine_tuned_model_that_cannot_be_saved_is_saved_to_another_file_the_user_names(
+        make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, tmp_path, monkeypatch):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    paint(viewer.layers["liver consensus"], 2, 1)
+    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
+    widget.ft_steps_spin.setValue(2)
+    widget.ft_resegment_check.setChecked(False)
+    first, other = tmp_path / "ft.safetensors", tmp_path / "elsewhere.safetensors"
+    names = [str(first), str(other)]        # the Fine-tune button's save dialog, then the one offered after the failure
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (names.pop(0), ""))
+    warned = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warned.append(a[2]) or QMessageBox.StandardButton.Save)
+    monkeypatch.setattr(_dialogs, "ask_save_finetuned_elsewhere", ASK_SAVE_FINETUNED_ELSEWHERE)
+    # Another program writes the chosen file while the model trains.
+    widget.ft_progress.valueChanged.connect(lambda step: step >= 1 and not first.exists() and first.write_bytes(b"x"))
+    with qtbot.waitSignal(widget.finetune_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.finetune_button)
+    assert finished.args == ["done"]
+    assert first.read_bytes() == b"x" and other.is_file()          # neither replaced nor lost
+    assert len(warned) == 1 and "still in memory" in warned[0] and str(first) in warned[0]
+    assert widget.model_combo.currentData() == str(other)
 
 
 # ----------------------------------------------------------------------------- stopping a run

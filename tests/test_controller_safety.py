@@ -1,0 +1,192 @@
+"""What the user did survives what they do next: another model, a removed scan, a failed save, a
+consensus chosen mid-run, a slice marked as checked. The Qt-free controller on napari's ViewerModel
+with the synchronous runner (or one that starts tasks later, as napari's workers do); the tiny random
+model of tests/conftest.py on a 64×64×6 cut of the real liver CT.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medconddiff.config import SamplingConfig
+from napari_medconddiff import _result_layers
+from napari_medconddiff._controller import REPLACE, FinetuneSettings, SegmentSettings
+from napari_medconddiff._job import SliceChoice
+from napari_medconddiff._runners import _SyncTask
+from tests.conftest import save_tiny, tiny_config
+from tests.test_controller import Answers, layer, make, paint, segment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LIVER = ("background", "liver", "tumour")
+
+
+class SaveAnswers(Answers):
+    """Answers that also name another file when a fine-tuned model could not be saved."""
+
+    def __init__(self, elsewhere=None, **kwargs):
+        super().__init__(**kwargs)
+        self.elsewhere = elsewhere
+
+    def save_finetuned_elsewhere(self, problem, path):
+        self.asked.append(("save elsewhere", [str(path)]))
+        return (self.elsewhere, False) if self.elsewhere is not None else None
+
+
+class LaterRunner:
+    """Starts each task when pumped, not inside the call that made it (napari's thread workers start on the
+    event loop): what a handler does between two tasks shows."""
+
+    def __init__(self):
+        self.queue: list[_SyncTask] = []
+
+    def __call__(self, function, *args, **callbacks):
+        task = _SyncTask(function, args, callbacks)
+        queue = self.queue
+
+        class Deferred:
+            def start(self):
+                queue.append(task)
+
+            def quit(self):
+                task.quit()
+        return Deferred()
+
+    def pump(self):
+        while self.queue:
+            self.queue.pop(0).start()
+
+
+def finetune_settings(checkpoint, path, scan=None, steps=2):
+    resegment = None if scan is None else SegmentSettings(scan, str(checkpoint), "cpu", SamplingConfig(steps=2))
+    return FinetuneSettings(start=str(checkpoint), save_path=path, steps=steps, device="cpu", class_names=LIVER,
+                            resegment=resegment)
+
+
+def test_a_model_of_other_classes_gets_new_layers_and_the_old_ones_stay_the_users(liver_volume, tiny_checkpoint,
+                                                                                   tmp_path):
+    kidney = save_tiny(tmp_path / "kidney.safetensors", tiny_config(class_names=("background", "kidney")))
+    viewer, scan, controller = make(liver_volume[0])
+    statuses = []
+    controller.status.connect(statuses.append)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    liver_consensus = layer(viewer, "consensus")
+    liver_labels = np.asarray(liver_consensus.data).copy()
+    assert segment(controller, scan, kidney) == "done"
+
+    consensus = layer(viewer, "consensus")
+    assert consensus is not liver_consensus and list(consensus.features["class"]) == ["background", "kidney"]
+    # The liver run's layer is the user's now, as it was: no label value changed its meaning.
+    assert liver_consensus in viewer.layers and not _result_layers.is_own_result(liver_consensus)
+    np.testing.assert_array_equal(liver_consensus.data, liver_labels)
+    assert list(liver_consensus.features["class"]) == list(LIVER)
+    assert any("are not those of the layers" in text for text in statuses)
+    _, sidecar = controller.export(tmp_path / "kidney_seg.nii.gz", overwrite=False)
+    assert json.loads(sidecar.read_text())["class_names"] == ["background", "kidney"]
+
+
+def test_a_checked_slice_is_kept_from_a_rerun_unless_the_user_lets_it_be_replaced(liver_volume, tiny_checkpoint):
+    answers = Answers()
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    consensus = layer(viewer, "consensus")
+    viewer.dims.set_point(0, 3)
+    checked = controller.mark_checked()
+    seen = np.asarray(consensus.data).copy()
+
+    other_seed = SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=7), SliceChoice())
+    assert controller.segment(other_seed)
+    assert answers.asked[-1][1] == [checked]                # asked, as for an edited slice
+    np.testing.assert_array_equal(consensus.data[checked], seen[checked])
+    changed = [s for s in range(seen.shape[0]) if not np.array_equal(consensus.data[s], seen[s])]
+    assert changed and checked not in changed               # the others did change: the seed matters here
+    assert controller.verified_slices() == [checked]
+
+    answers.edit_answer = REPLACE
+    before = np.asarray(consensus.data[checked]).copy()
+    assert controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=11),
+                                              SliceChoice()))
+    assert controller.checked_slices() == []                # replaced as allowed: no longer what was checked
+    assert not np.array_equal(consensus.data[checked], before)
+
+
+def test_removing_the_scan_while_fine_tuning_saves_the_model_and_leaves_nothing_busy(liver_volume, tiny_checkpoint,
+                                                                                     tmp_path):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    paint(layer(viewer, "consensus"), 1, 1)
+    statuses = []
+    controller.status.connect(statuses.append)
+    controller.finetune_step.connect(lambda step, total, loss: scan in viewer.layers and viewer.layers.remove(scan))
+    assert controller.finetune(finetune_settings(tiny_checkpoint, tmp_path / "ft.safetensors", scan))
+    assert (tmp_path / "ft.safetensors").is_file()
+    assert not controller.busy and controller.can_export
+    assert "its scan is no longer open, so nothing was re-segmented" in statuses[-1]
+
+
+def test_new_layer_after_the_scan_was_removed_keeps_the_edits_and_a_consensus(liver_volume, tiny_checkpoint):
+    from napari_medconddiff._controller import NEW_LAYER
+
+    viewer, scan, controller = make(liver_volume[0], questions=Answers(edits=NEW_LAYER))
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    edited = layer(viewer, "consensus")
+    paint(edited, 2, 1)
+    painted = np.asarray(edited.data).copy()
+    viewer.layers.remove(scan)
+    controller.set_consensus("last", 0)
+    assert not controller.busy and controller.can_export
+    fresh = layer(viewer, "consensus")
+    assert fresh is not edited and edited.name.endswith("(your edits)")
+    np.testing.assert_array_equal(edited.data, painted)
+    np.testing.assert_allclose(fresh.affine.affine_matrix, edited.affine.affine_matrix)
+    assert fresh.scale.tolist() == edited.scale.tolist()
+
+
+def test_a_failed_save_offers_another_file_and_the_trained_weights_are_not_lost(liver_volume, tiny_checkpoint,
+                                                                                tmp_path):
+    target, other = tmp_path / "ft.safetensors", tmp_path / "other.safetensors"
+    answers = SaveAnswers(elsewhere=other)
+    viewer, scan, controller = make(liver_volume[0], questions=answers)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    paint(layer(viewer, "consensus"), 1, 1)
+    # Another program writes the chosen file while training runs: it is neither replaced nor the end of the run.
+    controller.finetune_step.connect(lambda step, total, loss: target.write_bytes(b"someone else's model"))
+    assert controller.finetune(finetune_settings(tiny_checkpoint, target))
+    assert target.read_bytes() == b"someone else's model"
+    assert ("save elsewhere", [str(target)]) in answers.asked and other.is_file()
+    assert not controller.busy
+
+    answers.elsewhere = None            # the user lets the weights go: nothing is written
+    gone = tmp_path / "gone.safetensors"
+    controller.finetune_step.connect(lambda step, total, loss: gone.write_bytes(b"someone else's"))
+    assert controller.finetune(finetune_settings(tiny_checkpoint, gone))
+    assert gone.read_bytes() == b"someone else's" and not controller.busy
+
+
+def test_a_folder_that_cannot_hold_the_model_is_refused_before_training(liver_volume, tiny_checkpoint, tmp_path):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    paint(layer(viewer, "consensus"), 1, 1)
+    (tmp_path / "notes").write_text("a file, not a folder")
+    statuses = []
+    controller.status.connect(statuses.append)
+    assert not controller.finetune(finetune_settings(tiny_checkpoint, tmp_path / "notes" / "ft.safetensors"))
+    assert "is a file, not a folder" in statuses[-1] and not controller.busy
+
+
+def test_a_consensus_chosen_while_fine_tuning_applies_after_the_resegment(liver_volume, tiny_checkpoint, tmp_path,
+                                                                          notifications):
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    paint(layer(viewer, "consensus"), 1, 1)
+    later = controller.runner = LaterRunner()
+    started = controller.runs_started
+    assert controller.finetune(finetune_settings(tiny_checkpoint, tmp_path / "ft.safetensors", scan))
+    controller.set_consensus("last", 0)       # the user changes Consensus while fine-tuning runs
+    later.pump()
+    assert controller.runs_started == started + 1            # the promised re-segment ran
+    assert not notifications.messages("warning") and not controller.busy
+    assert {run.sampling.consensus for run in controller.current.runs} == {"last"}    # and the choice applied
