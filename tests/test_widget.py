@@ -644,13 +644,19 @@ def test_fine_tuning_on_slices_that_show_no_tumour_warns_that_the_model_will_for
     assert len(warned) == 1 and "'tumour'" in warned[0] and "'liver'" not in warned[0]
 
 
-def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_viewer, qtbot, scan_1mm,
-                                                                    tiny_checkpoint, tmp_path, monkeypatch):
-    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
-    choose(widget, tiny_checkpoint, steps=2)
+def segmented_with_slice_2_edited(make_napari_viewer, qtbot, scan, checkpoint):
+    """The scan segmented in 2 steps and slice 2 painted: ready to fine-tune."""
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, checkpoint, steps=2)
     assert click_segment(qtbot, widget) == "done"
     paint(viewer.layers["liver consensus"], 2, 1)
     qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
+    return viewer, widget
+
+
+def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_viewer, qtbot, scan_1mm,
+                                                                    tiny_checkpoint, tmp_path, monkeypatch):
+    viewer, widget = segmented_with_slice_2_edited(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint)
     widget.ft_steps_spin.setValue(200)
     chosen = tmp_path / "stopped.safetensors"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen), ""))
@@ -678,11 +684,7 @@ def test_cancelling_finetuning_keeps_the_weights_and_the_ui_usable(make_napari_v
 
 def test_a_fine_tuned_model_that_cannot_be_saved_is_saved_to_another_file_the_user_names(
         make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, tmp_path, monkeypatch):
-    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan_1mm)
-    choose(widget, tiny_checkpoint, steps=2)
-    assert click_segment(qtbot, widget) == "done"
-    paint(viewer.layers["liver consensus"], 2, 1)
-    qtbot.waitUntil(lambda: widget.ft_edited_label.text() == "Edited slices: 2", timeout=5000)
+    viewer, widget = segmented_with_slice_2_edited(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint)
     widget.ft_steps_spin.setValue(2)
     widget.ft_resegment_check.setChecked(False)
     first, other = tmp_path / "ft.safetensors", tmp_path / "elsewhere.safetensors"
