@@ -60,7 +60,7 @@ def ask_save_finetuned_elsewhere(parent: QWidget, problem: str, path: Path) -> O
     while True:
         answer = QMessageBox.warning(
             parent, "Fine-tuned model not saved",
-            f"The fine-tuned model could not be saved to\n{path}:\n{problem}\n\nIts weights are still in memory. "
+            f"The fine-tuned model could not be saved:\n{problem}\n\nIts weights are still in memory. "
             "Save them to another file?",
             QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard, QMessageBox.StandardButton.Save)
         if answer == QMessageBox.StandardButton.Save:

@@ -699,7 +699,7 @@ def test_a_fine_tuned_model_that_cannot_be_saved_is_saved_to_another_file_the_us
         click(qtbot, widget.finetune_button)
     assert finished.args == ["done"]
     assert first.read_bytes() == b"x" and other.is_file()          # neither replaced nor lost
-    assert len(warned) == 1 and "still in memory" in warned[0] and str(first) in warned[0]
+    assert len(warned) == 1 and "still in memory" in warned[0] and f"{first} exists" in warned[0]
     assert widget.model_combo.currentData() == str(other)
 
 
