@@ -211,12 +211,22 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self.results_changed.emit()
 
     def focus(self, scan: Any) -> None:
-        """Make ``scan``'s results (if any) the ones re-fusion, export and fine-tuning act on."""
-        if scan is not None and str(scan.unique_id) in self.results:
-            self.current = self.results[str(scan.unique_id)]
-            self.classes_changed.emit(self.current.class_names)
-            self._edits_changed(self.current)
-            self.results_changed.emit()
+        """Make ``scan``'s results the ones re-fusion, export, marking, adding and fine-tuning act on; a scan
+        without results leaves them none (they must not act on another scan than the one shown as chosen).
+        None (no scan chosen, as while the scan list refreshes) changes nothing."""
+        if scan is None:
+            return
+        results = self.results.get(str(scan.unique_id))
+        if results is None:
+            if self.current is not None:
+                self.current = None
+                self.edits_changed.emit(())
+                self.results_changed.emit()
+            return
+        self.current = results
+        self.classes_changed.emit(results.class_names)
+        self._edits_changed(results)
+        self.results_changed.emit()
 
     # ------------------------------------------------------------ edits
     def _edits_changed(self, results: ResultSet) -> None:

@@ -20,7 +20,8 @@ from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE, Questions
 if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
-__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_save_finetuned_elsewhere", "ask_remove_from_set", "ask_case_to_remove",
+__all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_save_finetuned_elsewhere", "ask_remove_from_set",
+           "ask_case_to_remove",
            "ask_classes_to_leave_out", "confirm_replace", "DialogQuestions"]
 
 

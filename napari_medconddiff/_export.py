@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from medconddiff.atomic import check_target
-from medconddiff.dicom_inputs import file_safe, series_file_name
+from medconddiff.dicom_inputs import series_file_name
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import VolumeMeta, save_volume, smallest_label_dtype, write_json_atomic
 from medconddiff.outputs import output_paths, segmentation_record, strip_nifti_suffix, with_nifti_suffix
@@ -101,24 +101,36 @@ def export_targets(path: str | Path, *, dicom_seg: bool = False) -> tuple[Path, 
 
 def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
     """``<scan>_seg.nii.gz`` next to the scan's file, else in the user's home; for a scan read from
-    DICOM, ``<folder>_series<N>_<description>_seg.dcm`` beside the series folder (also when one of its
-    files or a CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc)."""
+    DICOM, ``series<N>_<description>_seg.dcm`` beside the series folder (also when one of its files or a
+    CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc). The folder does not
+    name it: DICOM exports are filed in folders named after the patient."""
     if dicom is not None:
-        # With its echo or phase: two parts of one file do not propose the same name.
-        series = series_file_name(dicom.series_number, dicom.series_description, dicom.part)
-        folder = Path(source).expanduser() if source else None
-        if folder is not None and not folder.is_dir():
-            folder = folder.parent
-        stem = "_".join(part for part in (file_safe(folder.name) if folder else "", series) if part)
-        return (_user_folder(str(folder) if folder else None) or Path.home()) / f"{stem}_seg{DICOM_SEG_SUFFIX}"
+        return (_user_folder(_series_folder(source)) or Path.home()) / f"{_series_stem(dicom)}_seg{DICOM_SEG_SUFFIX}"
     stem = strip_nifti_suffix(Path(source)) if source else scan_name
     return (_user_folder(source) or Path.home()) / f"{stem}_seg.nii.gz"
 
 
-def default_finetune_path(scan_name: str, source: Optional[str]) -> Path:
-    """``<scan>_finetuned.safetensors`` next to the scan's file, else in ~/.medconddiff/models/."""
+def default_finetune_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
+    """``<scan>_finetuned.safetensors`` next to the scan's file, else in ~/.medconddiff/models/; for a scan
+    read from DICOM, ``series<N>_<description>_finetuned.safetensors`` beside the series folder."""
+    if dicom is not None:
+        folder = _user_folder(_series_folder(source)) or MODELS_FOLDER.expanduser()
+        return folder / f"{_series_stem(dicom)}_finetuned.safetensors"
     stem = strip_nifti_suffix(Path(source)) if source else scan_name
     return (_user_folder(source) or MODELS_FOLDER.expanduser()) / f"{stem}_finetuned.safetensors"
+
+
+def _series_stem(dicom: DicomSource) -> str:
+    # With its echo or phase: two parts of one file do not propose the same name.
+    return series_file_name(dicom.series_number, dicom.series_description, dicom.part)
+
+
+def _series_folder(source: Optional[str]) -> Optional[str]:
+    """The folder a DICOM scan was opened from (its files' folder when a file or a DICOMDIR was opened)."""
+    if not source:
+        return None
+    folder = Path(source).expanduser()
+    return str(folder if folder.is_dir() else folder.parent)
 
 
 def checkpoint_target(path: str | Path) -> Path:

@@ -93,7 +93,8 @@ class FinetuneFlow:
 
     def finetune_default_path(self) -> Optional[Path]:
         results = self.current
-        return None if results is None else default_finetune_path(results.scan_name, results.source)
+        return None if results is None else default_finetune_path(results.scan_name, results.source,
+                                                                  self.export_dicom_source())
 
     def class_table(self, slices: Optional[Sequence[int]] = None) -> list[tuple[int, str]]:
         """(label value, default name) for every label the model knows or the training slices hold;

@@ -69,7 +69,9 @@ class FinetunePanel(QGroupBox):
         super().__init__("Fine-tune from your corrections")
         self.owner = owner
         self.controller = owner.controller
+        # Names the user typed in the class table, for the result (scan and model classes) they were typed on.
         self._class_names_by_value: dict[int, str] = {}
+        self._names_typed_on: Optional[tuple] = None
         self._kind_chosen_by_user = False
         self._hounsfield_cache: dict[tuple, bool] = {}
         self.setToolTip("Train the selected model a little on slices you corrected in the consensus layer, "
@@ -181,6 +183,11 @@ class FinetunePanel(QGroupBox):
         except ValueError:
             slices = None
         rows = self.controller.class_table(slices)
+        current = self.controller.current
+        shown = None if current is None else (current.scan_id, tuple(current.class_names))
+        if shown != self._names_typed_on:    # another scan, or another model's classes: not what was renamed
+            self._class_names_by_value.clear()
+            self._names_typed_on = shown
         self.class_table.blockSignals(True)
         self.class_table.setRowCount(len(rows))
         for row, (value, name) in enumerate(rows):
@@ -232,6 +239,8 @@ class FinetunePanel(QGroupBox):
         """Fine-tune the selected model on the chosen slices."""
         owner, controller = self.owner, self.controller
         results = controller.current
+        if owner.training_set_panel.typed_folder_not_in_use("Not fine-tuned"):
+            return      # it would train on a set the Folder field does not show
         try:
             if results is None:
                 raise UserInputError("segment a scan first, correct some slices, then fine-tune")

@@ -231,7 +231,8 @@ def read_dicom_layers(path: str | os.PathLike) -> list[LayerData]:
         notes = [note for note in notes if note != infos.scanned.segmentation_note] + seg_notes
     if not layers:
         if not failures:
-            raise DicomError(f"{path}: no series to show (only localizer images): "
+            where = path.name if path.is_file() else "DICOM folder"    # a folder's name is often the patient's
+            raise DicomError(f"{where}: no series to show (only localizer images): "
                              + "; ".join(info.name for info in infos))
         raise DicomError("\n".join(failures))
     _warn_notes(path, notes + [f"not opened: {failure}" for failure in failures])

@@ -19,6 +19,8 @@ class SamplingForm:
     def __init__(self, form: QFormLayout, on_consensus: Callable[..., Any]):
         defaults = SamplingConfig()
         self.steps_spin = spin_box(1, 1000, defaults.steps, "Denoising steps per seed")
+        # Typing "10" must not pass through 1 step (which would clamp Skip first steps on the way).
+        self.steps_spin.setKeyboardTracking(False)
         self.steps_spin.valueChanged.connect(self._on_steps_changed)
         form.addRow("Steps", self.steps_spin)
         self.adaptive_check = QCheckBox("Stop each slice once it has converged")
@@ -52,7 +54,10 @@ class SamplingForm:
         form.addRow("Skip first steps", self.skip_spin)
 
     def _on_steps_changed(self, steps: int) -> None:
+        # Steps are for the next run: a skip clamped to fit them must not re-fuse the result shown.
+        self.skip_spin.blockSignals(True)
         self.skip_spin.setMaximum(max(0, steps - 1))
+        self.skip_spin.blockSignals(False)
 
     def consensus(self) -> tuple[str, int]:
         """(consensus method, steps skipped) as chosen."""

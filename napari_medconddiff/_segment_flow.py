@@ -225,7 +225,8 @@ class SegmentFlow:
         notes = [PLAIN_LAYER_STATUS] if info.space.layer.plain else list(geometry_notes)
         notes += [note for note in info.run.geometry.notes if note not in geometry_notes]   # e.g. intensities
         self.status.emit(f"Segmenting {len(slices)} {info.space.geometry.slicing} slice(s) on {info.device}…"
-                         + "".join(f" Note: {note}." for note in notes) + (f" {pending.apart}" if pending.apart else ""))
+                         + "".join(f" Note: {note}." for note in notes)
+                         + (f" {pending.apart}" if pending.apart else ""))
         self.diffusion_started.emit()
         self._start(iterate_run, info.run, yielded=self._on_event, returned=self._on_run_returned,
                     aborted=self._on_run_aborted, errored=self._on_run_error)

@@ -7,11 +7,13 @@ The logic is the controller's (:mod:`._training_set_flow`); this is its view.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QToolButton
 
+from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
 
 from ._qt_lifetime import alive
@@ -148,15 +150,34 @@ class TrainingSetPanel(QGroupBox):
         self.controller.choose_training_set(folder, start)
 
     def remove(self) -> None:
+        if self.typed_folder_not_in_use("Nothing removed from the training set"):
+            return
         start = self._selected_model("Nothing removed from the training set")
         if start is not None:
             self.controller.remove_from_training_set(start)
 
     def add(self) -> None:
+        if self.typed_folder_not_in_use("Not added to the training set"):
+            return
         start = self._selected_model("Not added to the training set")
         if start is not None:
             self.controller.add_to_training_set(self.owner.class_names(), start,
                                                 self.owner.finetune_panel.ft_kind_combo.currentData())
+
+    def typed_folder_not_in_use(self, failure: str) -> bool:
+        """Whether the Folder field reads another folder than the set in use (typed, Enter not pressed): then
+        nothing may act on the set, which the field does not show (the user is told)."""
+        typed = self.folder_edit.text().strip()
+        in_use = self.controller.training_set_folder
+        if not typed and in_use is None:
+            return False
+        if typed and in_use is not None and Path(typed).expanduser().resolve() == Path(in_use).resolve():
+            return False
+        shown = f"reads {typed}" if typed else "is empty"
+        using = f"the set in use is {in_use}" if in_use is not None else "no set is in use"
+        self.controller.fail(UserInputError(f"the training-set Folder field {shown}, but {using}: press Enter in "
+                                            "the field to use what it reads"), failure)
+        return True
 
     def _selected_model(self, failure: str) -> Optional[str]:
         """The selected model's checkpoint, or None once the user is told why there is none."""

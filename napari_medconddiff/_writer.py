@@ -10,7 +10,9 @@ name), so neither writer writes any.
 
 Overwriting: napari's save dialog already asks the user before replacing an existing file, so
 these writers, which napari calls only after that, pass ``overwrite=True`` to
-:func:`medconddiff.nifti.save_volume`. The write itself is still atomic (no half-written file).
+:func:`medconddiff.nifti.save_volume` for the very name the dialog returned. A name typed without the
+extension is another file than the one the writer adds the extension to, which nobody was asked about:
+if that one exists, it is refused. The write itself is still atomic (no half-written file).
 Code that saves outside napari's dialog should call ``save_volume`` directly, which refuses to
 overwrite by default.
 
@@ -40,7 +42,8 @@ DICOM_SEG_SUFFIX = ".dcm"
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """Write a Labels layer as an integer NIfTI (uint8 if labels fit, else uint16/int32)."""
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
-    return [str(save_volume(_with_nifti_suffix(path), array, meta, overwrite=True, dtype=_labels_dtype(array)))]
+    target = _unasked_target(path, _with_nifti_suffix(path))
+    return [str(save_volume(target, array, meta, overwrite=True, dtype=_labels_dtype(array)))]
 
 
 def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -48,7 +51,7 @@ def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     if attributes.get("rgb"):
         raise ValueError("RGB image layers cannot be written as NIfTI volumes")
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
-    return [str(save_volume(_with_nifti_suffix(path), array, meta, overwrite=True))]
+    return [str(save_volume(_unasked_target(path, _with_nifti_suffix(path)), array, meta, overwrite=True))]
 
 
 def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -62,7 +65,8 @@ def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> 
                              "segments, and this layer was not made on a scan read from DICOM; save it as NIfTI "
                              "(.nii.gz) instead")
     labels, _ = layer_to_volume(data, metadata)
-    target = path if str(path).lower().endswith(DICOM_SEG_SUFFIX) else f"{path}{DICOM_SEG_SUFFIX}"
+    named = path if str(path).lower().endswith(DICOM_SEG_SUFFIX) else f"{path}{DICOM_SEG_SUFFIX}"
+    target = _unasked_target(path, named)
     names = segment_names(attributes.get("features"), int(labels.max()) if labels.size else 0)
     return [str(write_dicom_seg(target, labels, source, names, overwrite=True))]
 
@@ -84,6 +88,17 @@ def _labels_dtype(array: np.ndarray) -> np.dtype:
     if array.min() < 0:
         return np.dtype(np.int32)
     return smallest_label_dtype(int(array.max()))
+
+
+def _unasked_target(path: str, target: str) -> str:
+    """``target``, the file written for the name ``path`` napari's dialog returned; refused when it is
+    another, existing file (the extension added here), which the dialog did not ask about replacing."""
+    from pathlib import Path
+
+    if Path(target) != Path(path) and Path(target).exists():
+        raise UserInputError(f"{target} exists, and the save dialog asked only about '{Path(path).name}': type the "
+                             f"full name ({Path(target).name}) to be asked before it is replaced, or another name")
+    return target
 
 
 def _with_nifti_suffix(path: str) -> str:

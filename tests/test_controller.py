@@ -518,15 +518,17 @@ def test_default_paths_are_next_to_the_scan_or_in_the_home_never_in_the_package(
     source = DicomSource(series_uid="1.2.3", series_number=2, series_description="CT chest", modality="CT",
                          frame_of_reference_uid="", sop_instance_uids=("1.2.3.1",), files=(str(series / "IM0001"),),
                          frame_numbers=(None,))
-    expected = {series: tmp_path / "cd" / "SERIES_series2_CT_chest_seg.dcm",
-                series / "IM0001": tmp_path / "cd" / "SERIES_series2_CT_chest_seg.dcm",
-                tmp_path / "cd" / "DICOMDIR": tmp_path / "cd_series2_CT_chest_seg.dcm"}
+    # Named by the series, never by the folder (exports are filed in folders named after the patient).
+    expected = {series: tmp_path / "cd" / "series2_CT_chest_seg.dcm",
+                series / "IM0001": tmp_path / "cd" / "series2_CT_chest_seg.dcm",
+                tmp_path / "cd" / "DICOMDIR": tmp_path / "series2_CT_chest_seg.dcm"}
     assert {opened: default_export_path("x", str(opened), source) for opened in expected} == expected
+    assert default_finetune_path("x", str(series), source) == tmp_path / "cd" / "series2_CT_chest_finetuned.safetensors"
     # One echo of a file that holds two (an enhanced multi-frame MRI): named by its echo, so the other
     # echo's export does not land on the same name.
     echo = dataclasses.replace(source, part="echo 2", frame_numbers=(2,))
     assert default_export_path("x", str(series / "IM0001"), echo) == \
-        tmp_path / "cd" / "SERIES_series2_CT_chest_echo_2_seg.dcm"
+        tmp_path / "cd" / "series2_CT_chest_echo_2_seg.dcm"
     assert default_finetune_path("liver", str(sample_scan_path())) == \
         tmp_path / "home" / ".medconddiff" / "models" / "liver117_image_finetuned.safetensors"
     assert default_finetune_path("ct", str(tmp_path / "ct.nii")) == tmp_path / "ct_finetuned.safetensors"

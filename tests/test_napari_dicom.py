@@ -451,7 +451,7 @@ def test_segment_a_dicom_series_with_the_bundled_model_and_export_a_seg(make_nap
         title, proposed, filters = offered[0]
         assert "DICOM SEG" in title and filters.startswith(DICOM_SEG_FILTER) and "NIfTI" in filters
         assert "RT Structure Set" in filters
-        assert Path(proposed) == tmp_path / "export_series2_CT_venous_seg.dcm"
+        assert Path(proposed) == tmp_path / "series2_CT_venous_seg.dcm"     # by the series, never the folder
         assert notifications.messages("error") == []
         np.testing.assert_array_equal(read_dicom_seg(target, folder, series=2), expected)
         assert dicom_seg_segments(target) == {1: "liver", 2: "tumour"}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from npe2 import PluginManifest
 
+from medconddiff.errors import UserInputError
 from medconddiff.geometry import GeometryWarning
 from medconddiff.nifti import VolumeMeta, load_volume, sample_label_path, sample_scan_path
 from napari_medconddiff import _layers
@@ -300,6 +301,20 @@ def test_writer_overwrites_because_napari_already_asked(tmp_path):
     assert written.shape == (2, 3, 4) and written.get_data_dtype() == np.uint16
     assert np.asanyarray(written.dataobj)[0, 0, 0] == 700
     assert written.header.get_zooms() == (5.0, 1.0, 2.0)
+
+
+def test_a_name_typed_without_its_extension_never_replaces_the_file_with_it(tmp_path):
+    """Qt's save dialog asks about the name typed ('liver_seg'); the writer adds '.nii.gz' and must not
+    replace that other file, which nobody was asked about."""
+    target = tmp_path / "liver_seg.nii.gz"
+    shutil.copy(sample_label_path(), target)
+    before = target.read_bytes()
+    labels = np.zeros((2, 3, 4), np.uint8)
+    with pytest.raises(UserInputError, match="type the full name"):
+        write_labels(str(tmp_path / "liver_seg"), labels, {"scale": (1.0, 1.0, 1.0), "metadata": {}})
+    assert target.read_bytes() == before
+    written = write_labels(str(tmp_path / "fresh"), labels, {"scale": (1.0, 1.0, 1.0), "metadata": {}})
+    assert written == [str(tmp_path / "fresh.nii.gz")]
 
 
 def test_a_plain_layer_is_written_in_its_own_order_without_an_invented_orientation(tmp_path):
