@@ -78,6 +78,20 @@ def test_existing_output_is_not_overwritten(scan, tmp_path, tiny_checkpoint, cap
     assert nib.load(str(out)).shape == nib.load(str(scan)).shape
 
 
+def test_no_output_replaces_an_input_or_another_scans_output_even_with_overwrite(scan, tmp_path, tiny_checkpoint,
+                                                                                 capsys):
+    before = scan.read_bytes()
+    assert segment(scan, "-o", scan, "--checkpoint", tiny_checkpoint, "--overwrite") == 2
+    assert "which is an input" in capsys.readouterr().err and scan.read_bytes() == before
+    for folder in ("d1", "d2"):          # two patients' scans of one file name
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "scan.nii.gz").write_bytes(before)
+    out = tmp_path / "out"
+    assert segment(tmp_path / "d1" / "scan.nii.gz", tmp_path / "d2" / "scan.nii.gz", "-o", out,
+                   "--checkpoint", tiny_checkpoint, "--overwrite") == 2
+    assert "would both write" in capsys.readouterr().err and not out.exists()
+
+
 def test_folder_in_folder_out(scan, tmp_path, tiny_checkpoint, capsys):
     folder = tmp_path / "scans"
     folder.mkdir()
@@ -189,6 +203,8 @@ def test_a_multi_channel_model_takes_a_4d_file_or_one_file_per_channel(tmp_path,
     (["--eta", "-1"], "eta must be 0 or more"),
     (["--steps", "101"], "cannot exceed the 100 timesteps"),
     (["--skip-first", "5"], "skip_first must be in"),
+    (["--threads", "-1"], "--threads must be at least 1"),
+    (["--device", "mps"], "this tool runs on cpu or cuda"),
 ])
 def test_invalid_settings_are_one_clear_line(scan, tmp_path, tiny_checkpoint, capsys, flags, message):
     out = tmp_path / "seg.nii.gz"

@@ -186,7 +186,8 @@ class KnownSegmenter:
         return SegmentationResult(labels, unc, trajectory, indices, np.ones(len(indices), bool), geometry,
                                   sampling, NAMES)
 
-    def one_shot(self, volume, slices=None, *, meta=None):
+    def one_shot(self, volume, slices=None, *, meta=None, precision="auto"):
+        self.one_shot_precision = precision     # the run's, as the diffusion's: one column is not fp32, the other bf16
         geometry = self.preprocessor.geometry(volume.shape[:3], meta)
         out = np.zeros_like(self.one_shot_labels)
         indices = np.asarray(list(slices))
@@ -221,6 +222,8 @@ def test_evaluate_volume_scores_canonical_slices_with_their_spacing():
     assert tumour["absent"] is True                  # canonical slice 4 is outside slices 0..2
     assert report["consensus"]["mean_foreground"]["absent_classes"] == ["tumour"]
     assert report["one_shot"]["per_class"]["liver"]["hd95_mm"] == pytest.approx(3.0)
+    evaluate_volume(segmenter, image, reference, oblique_meta(), SamplingConfig(steps=1, precision="bf16"))
+    assert segmenter.one_shot_precision == "bf16"
     # step 0 predicts nothing (liver Dice 0, tumour absent), step 1 is the prediction: both mean 0.
     assert report["step_mean_dice"] == [0.0, 0.0]
     assert report["best_step"]["index"] == 0
@@ -480,3 +483,25 @@ def test_evaluate_cli_scores_a_dataset_numbered_otherwise_by_its_class_names(tmp
     assert same["reference_classes"] == {"matched_by": "number"}
     assert other["reference_classes"] == {"matched_by": "name", "pairs": {"tumor": "tumour", "liver": "liver"}}
     assert "compared by number" not in err and "tumor → tumour, liver → liver" in err
+
+
+def test_a_class_renumbered_onto_the_ignore_value_is_still_scored(tmp_path, tiny_checkpoint, liver_volume):
+    """A one-structure set (background, tumour, ignore = 2) scored by a liver/tumour model: its tumour
+    becomes class 2, the number of its ignore label; unchecked voxels stay ignored, tumour voxels count."""
+    image, labels = liver_volume
+    root = tmp_path / "Dataset003_Tumour"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    tumour_only = (labels == 2).astype(np.uint8)
+    tumour_only[:, :, :1] = 2                     # slice 0: nobody checked it
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / "case_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(tumour_only, np.eye(4)), str(root / "labelsTr" / "case.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "numTraining": 1,
+                                                   "labels": {"background": 0, "tumour": 1, "ignore": 2},
+                                                   "file_ending": ".nii.gz"}))
+    report = tmp_path / "report.json"
+    assert main(["evaluate", str(root), "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--device", "cpu",
+                 "--json", str(report)]) == 0
+    volume = strict_json(report.read_text())["volumes"]["case"]
+    scored = volume["consensus"]["per_class"]["tumour"]["reference_voxels"]
+    assert scored == int((labels[:, :, 1:] == 2).sum()) > 0

@@ -62,6 +62,9 @@ def test_bounds_are_checked_against_the_slice_count_and_name_the_scan():
         parse_slices("4-7", 6, what="--slices", where="scan")
     with pytest.raises(SliceSpecError, match="outside the 6 slices"):
         parse_slices("0:7", 6)
+    # A typo of a billion slices is named as a range, not counted out one by one (it took GBs and minutes).
+    with pytest.raises(SliceSpecError, match=r"slice\(s\) 6–999999999 are outside"):
+        parse_slices("4:1000000000,8:20", 6)
 
 
 def test_blank_means_all_slices_and_the_widget_gets_an_empty_list():

@@ -171,7 +171,8 @@ def diffusion_check(consensus_dice: float, one_shot_dice: float, step_dice: Sequ
 
 
 def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, sampling,
-                    slices: Optional[Iterable[int]] = None, ignore_value: Optional[int] = None) -> dict:
+                    slices: Optional[Iterable[int]] = None, ignore_value: Optional[int] = None,
+                    ignored: Optional[np.ndarray] = None) -> dict:
     """Every figure of the evaluation for one labelled volume.
 
     ``image`` ((i, j, k) or (i, j, k, C)) and ``reference`` ((i, j, k)) are in the file's voxel order
@@ -182,14 +183,18 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
 
     Reference voxels holding ``ignore_value`` (a sparse label's unverified voxels) count in no
     figure: they are background in both masks for Dice, IoU and HD95 (so they add nothing to any
-    foreground class) and are left out of the AUROCs and error fractions.
+    foreground class) and are left out of the AUROCs and error fractions. ``ignored`` (a boolean mask of
+    ``reference``'s shape) says which they are instead, for labels whose classes were renumbered after
+    reading (a class may then take the ignore value's number).
     """
     image_shape = tuple(np.shape(image))[:3]
     if image_shape != tuple(reference.shape):
         raise UserInputError(f"label shape {tuple(reference.shape)} differs from image shape {image_shape}")
     ignored_file = None
-    if ignore_value is not None:
-        ignored_file = np.asarray(reference) == ignore_value
+    if ignored is None and ignore_value is not None:
+        ignored = np.asarray(reference) == ignore_value
+    if ignored is not None:
+        ignored_file = np.asarray(ignored, dtype=bool)
         reference = np.where(ignored_file, 0, reference)
     if reference.size and int(reference.max()) >= segmenter.num_classes:
         raise UserInputError(f"label value {int(reference.max())} is outside the model's "
@@ -211,7 +216,7 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
 
     consensus = counted(scored(result.labels))
     report = {"consensus": class_metrics(consensus, ref, names, spacing)}
-    one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta)))
+    one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta, precision=sampling.precision)))
     report["one_shot"] = class_metrics(one_shot, ref, names, spacing)
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which

@@ -84,6 +84,7 @@ def slice_indices(ranges: Sequence[tuple[int, Optional[int]]], n_slices: Optiona
     """Sorted, unique indices of half-open ``ranges``; with ``n_slices`` they must lie in ``[0, n_slices)``."""
     shown = text if text is not None else ",".join(f"{a}:{'' if b is None else b}" for a, b in ranges)
     indices: set[int] = set()
+    outside: list[tuple[int, int]] = []      # [low, high) beyond the scan: named, never expanded (40:1000000000)
     for start, stop in ranges:
         if stop is None:
             if n_slices is None:
@@ -92,12 +93,20 @@ def slice_indices(ranges: Sequence[tuple[int, Optional[int]]], n_slices: Optiona
             stop = n_slices
         if start < 0:
             raise SliceSpecError(f"{what} {shown!r}: slice indices count from 0, got {start}")
+        if n_slices is not None and stop > n_slices:
+            outside.append((max(int(start), n_slices), int(stop)))
+            stop = n_slices
         indices.update(range(int(start), int(stop)))
-    if n_slices is not None:
-        outside = sorted(i for i in indices if i >= n_slices)
-        if outside:
-            raise SliceSpecError(f"{what} {shown!r}: slice(s) {slice_list_text(outside)} are outside the "
-                                 f"{n_slices} slices of {where} (0 to {n_slices - 1})")
+    if outside:
+        merged: list[list[int]] = []
+        for low, high in sorted(outside):
+            if merged and low <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        named = ", ".join(str(low) if high == low + 1 else f"{low}–{high - 1}" for low, high in merged)
+        raise SliceSpecError(f"{what} {shown!r}: slice(s) {named} are outside the {n_slices} slices of {where} "
+                             f"(0 to {n_slices - 1})")
     return sorted(indices)
 
 

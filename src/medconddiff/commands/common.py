@@ -53,6 +53,8 @@ def check_device(device: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N ({error})") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: this tool runs on cpu or cuda (auto, cpu, cuda or cuda:N)")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")

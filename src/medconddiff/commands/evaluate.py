@@ -230,11 +230,13 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, cla
                 if text not in shown:
                     shown.add(text)
                     print(f"medconddiff evaluate: {kind}: {text}", file=sys.stderr)
+            # Which voxels nobody checked, read before the classes are renumbered: a class may take the
+            # ignore value's number (a set of background, tumour, ignore scored by a liver/tumour model).
+            ignored = None if case.ignore_value is None else np.asarray(labels) == case.ignore_value
             labels = match.apply(labels, case.ignore_value)
             n_slices = segmenter.preprocessor.geometry(image.shape[:3], meta).n_slices
             slices = scan_slices(slices_text, n_slices, where=case.name)
-            report = evaluate_volume(segmenter, image, labels, meta, sampling, slices,
-                                     ignore_value=case.ignore_value)
+            report = evaluate_volume(segmenter, image, labels, meta, sampling, slices, ignored=ignored)
         except user_error_types() as error:
             if len(cases) == 1:
                 raise

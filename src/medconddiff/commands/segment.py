@@ -193,8 +193,26 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
     for job in jobs:
         # Checked before any work: the writer would refuse the name only after the scan is segmented.
         _check_output_name(job, output_format)
+    _check_distinct_outputs(jobs)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return jobs[rank::world], cohort or len(jobs) > 1
+
+
+def _check_distinct_outputs(jobs: list[ScanJob]) -> None:
+    """Two scans never write one file (``--overwrite`` would let the second replace the first's results),
+    and no output is an input (``-o scan.nii.gz`` would replace the scan with its labels)."""
+    inputs = {path.resolve(): job for job in jobs for path in job.files if path.is_file()}
+    written: dict[Path, ScanJob] = {}
+    for job in jobs:
+        for path in output_paths(job.output).values():
+            where = path.resolve()
+            if where in inputs:
+                raise ConfigError(f"{job.name} would write {path}, which is an input ({inputs[where].name}); "
+                                  "choose another -o")
+            if where in written and written[where] is not job:
+                raise ConfigError(f"{written[where].name} and {job.name} would both write {path}; give their "
+                                  "files distinct names, or segment them in separate runs")
+            written[where] = job
 
 
 def cohort_folder(jobs: list[ScanJob]) -> Path:
@@ -379,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = override_from_args(SamplingConfig(), args)
     check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         import torch
 
