@@ -505,3 +505,35 @@ def test_a_class_renumbered_onto_the_ignore_value_is_still_scored(tmp_path, tiny
     volume = strict_json(report.read_text())["volumes"]["case"]
     scored = volume["consensus"]["per_class"]["tumour"]["reference_voxels"]
     assert scored == int((labels[:, :, 1:] == 2).sum()) > 0
+
+
+def test_labels_stored_in_another_voxel_order_are_scored_where_they_lie(tmp_path, tiny_checkpoint, liver_volume,
+                                                                         capsys):
+    """The image's grid stored LPS (axes reversed) or with i and j swapped scores as the labels stored like
+    the image (they were compared voxel by voxel: Dice 0.02 for 0.84)."""
+    from medconddiff.geometry import onto_grid
+
+    image, labels = liver_volume
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "image.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "same.nii.gz"))
+    ras = nib.load(str(tmp_path / "same.nii.gz"))
+    for codes in ("LPS", "ARS"):
+        ornt = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                               nib.orientations.axcodes2ornt(tuple(codes)))
+        stored = ras.as_reoriented(ornt)
+        nib.save(stored, str(tmp_path / f"{codes}.nii.gz"))
+        np.testing.assert_array_equal(onto_grid(np.asarray(stored.dataobj), stored.affine, affine, labels.shape), labels)
+    scores = {}
+    for name in ("same", "LPS", "ARS"):
+        report = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--image", str(tmp_path / "image.nii.gz"), "--label", str(tmp_path / f"{name}.nii.gz"),
+                     "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--slices", "1:4", "--device", "cpu",
+                     "--json", str(report)]) == 0
+        (volume,) = strict_json(report.read_text())["volumes"].values()
+        scores[name] = {key: volume[key] for key in ("consensus", "one_shot", "step_mean_dice")}
+    assert scores["LPS"] == scores["same"] == scores["ARS"]
+    assert scores["same"]["consensus"]["per_class"]["liver"]["reference_voxels"] > 0
+    assert "another voxel order" in capsys.readouterr().err
+    # A grid that is not the image's in another order is not moved.
+    assert onto_grid(labels, np.diag([1.0, 1.0, 3.0, 1.0]), affine, labels.shape) is None

@@ -144,7 +144,7 @@ class _FixedSegmenter:
                                steps_used=np.ones(len(indices)), completed=np.ones(len(indices), bool),
                                sampling=SamplingConfig(consensus="mean"), provenance={"consensus_choice": None})
 
-    def one_shot(self, image, slices=None, meta=None):
+    def one_shot(self, image, slices=None, meta=None, precision="auto"):
         return self.predicted
 
 

@@ -11,15 +11,8 @@ from qtpy.QtCore import Qt
 
 from tests.conftest import save_tiny, tiny_config
 from tests.test_training_set_widget import choose_folder, click_add, scan_b, segment_and_paint  # noqa: F401
-from tests.test_widget import (  # noqa: F401 (fixtures used by name)
-    _no_unexpected_question,
-    _no_worker_left_running,
-    choose,
-    click,
-    click_segment,
-    open_viewer,
-    scan_1mm,
-)
+from tests.test_widget import _no_unexpected_question, _no_worker_left_running, scan_1mm  # noqa: F401 (fixtures)
+from tests.test_widget import choose, click, click_segment, open_viewer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -216,7 +216,8 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
 
     consensus = counted(scored(result.labels))
     report = {"consensus": class_metrics(consensus, ref, names, spacing)}
-    one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta, precision=sampling.precision)))
+    precision = sampling.precision if sampling is not None else "auto"     # the diffusion's, for a like comparison
+    one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta, precision=precision)))
     report["one_shot"] = class_metrics(one_shot, ref, names, spacing)
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which

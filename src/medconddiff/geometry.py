@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from nibabel import orientations
@@ -137,6 +137,26 @@ class Reorientation:
     @classmethod
     def from_dict(cls, data: dict) -> "Reorientation":
         return cls(tuple(int(a) for a in data["axes"]), tuple(bool(f) for f in data["flips"]))
+
+
+def onto_grid(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
+              target_shape: Sequence[int]) -> Optional[np.ndarray]:
+    """``array`` (voxels placed by ``affine``) on the grid of ``target_affine`` and ``target_shape`` when it
+    is that grid stored in another voxel order (axes swapped or reversed, same voxels); None otherwise."""
+    mapping = np.linalg.solve(np.asarray(target_affine, float), np.asarray(affine, float))   # its voxel → target's
+    rotation, offset = mapping[:3, :3], mapping[:3, 3]
+    rounded = np.round(rotation)
+    if not np.allclose(rotation, rounded, atol=1e-3) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] \
+            or sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]:
+        return None
+    axes = tuple(int(np.argmax(np.abs(rounded[d]))) for d in range(3))
+    flips = tuple(bool(rounded[d, axes[d]] < 0) for d in range(3))
+    if tuple(array.shape[a] for a in axes) != tuple(int(n) for n in target_shape):
+        return None
+    expected = [target_shape[d] - 1 if flips[d] else 0 for d in range(3)]
+    if not np.allclose(offset, expected, atol=1e-2):
+        return None
+    return np.ascontiguousarray(Reorientation(axes, flips).apply(array))
 
 
 def affine_is_usable(affine: np.ndarray) -> bool:

@@ -270,9 +270,11 @@ class ScanPreprocessor:
         to_canonical = orientation.to_canonical
         spacing = tuple(float(meta.spacing[a]) for a in to_canonical.axes)
         slice_axis = SLICE_AXIS[self.plan.slicing]
-        if meta.original_ndim == 2 or file_shape[2] == 1 and min(file_shape[:2]) > 1:
-            # A single image is segmented in its own plane, whatever the plan's direction.
-            own_axis = to_canonical.axes.index(2)
+        flat = [axis for axis in range(3) if file_shape[axis] == 1]
+        if meta.original_ndim == 2 or len(flat) == 1:
+            # A single image is segmented in its own plane, whatever the plan's direction and whichever file
+            # axis it lies across (a sagittal slice stored as 1 × rows × columns).
+            own_axis = to_canonical.axes.index(2 if meta.original_ndim == 2 else flat[0])
             if own_axis != slice_axis:
                 notes.append(f"a single {_plane_name(own_axis)} image: segmented in its own plane, not "
                              f"{self.plan.slicing}ly as the model was trained")
@@ -290,7 +292,9 @@ class ScanPreprocessor:
         """Check a scan, measure its intensities and geometry; nothing is resampled yet."""
         volume = with_channels(check_volume(volume), self.plan.num_channels)
         geometry = self.geometry(volume.shape[:3], meta)
-        intensities = tuple(channel_intensity(volume[..., c], self.plan.scheme_of(c), self.plan)
+        # Measured on the canonical view: a subsample taken in file order would differ between two files of
+        # the same anatomy stored in other voxel orders (percentile and z-score channels above 2 M voxels).
+        intensities = tuple(channel_intensity(geometry.slice_view(volume[..., c]), self.plan.scheme_of(c), self.plan)
                             for c in range(volume.shape[3]))
         unlike_ct = [c for c in range(volume.shape[3])
                      if self.plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
