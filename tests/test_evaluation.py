@@ -537,3 +537,22 @@ def test_labels_stored_in_another_voxel_order_are_scored_where_they_lie(tmp_path
     assert "another voxel order" in capsys.readouterr().err
     # A grid that is not the image's in another order is not moved.
     assert onto_grid(labels, np.diag([1.0, 1.0, 3.0, 1.0]), affine, labels.shape) is None
+
+
+def test_evaluate_scores_a_multichannel_scan_as_one_4d_file_or_one_file_per_channel(tmp_path, two_channel_checkpoint,
+                                                                                   liver_volume):
+    image, labels = liver_volume
+    second = (0.5 * image).astype(np.float32)
+    nib.save(nib.Nifti1Image(np.stack([image, second], axis=-1), np.eye(4)), str(tmp_path / "both.nii.gz"))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "t1.nii.gz"))
+    nib.save(nib.Nifti1Image(second, np.eye(4)), str(tmp_path / "t2.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "labels.nii.gz"))
+    reports = {}
+    for name, given in (("4d", ["--image", tmp_path / "both.nii.gz"]),
+                        ("files", ["--image", tmp_path / "t1.nii.gz", "--channel-file", tmp_path / "t2.nii.gz"])):
+        assert main(["evaluate", *map(str, given), "--label", str(tmp_path / "labels.nii.gz"), "--checkpoint",
+                     str(two_channel_checkpoint), "--steps", "2", "--slices", "1:3", "--device", "cpu",
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+        (volume,) = strict_json((tmp_path / f"{name}.json").read_text())["volumes"].values()
+        reports[name] = volume["consensus"]
+    assert reports["4d"] == reports["files"]

@@ -35,7 +35,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", type=Path,
                         help="dataset folder (Decathlon, nnU-Net v2, or *_image/*_label pairs): every labelled case, "
                         "one row each (instead of --image/--label)")
-    parser.add_argument("--image", type=Path, help="a scan: NIfTI, or DICOM (a series folder or a .dcm file)")
+    parser.add_argument("--image", type=Path, help="a scan: NIfTI (4-D for several channels, or one file per "
+                        "channel: see --channel-file), or DICOM (a series folder or a .dcm file)")
+    parser.add_argument("--channel-file", type=Path, action="append", default=[],
+                        help="further channel files of a multi-channel --image, in the model's channel order")
     parser.add_argument("--label", type=Path, help="its reference labels: NIfTI, or a DICOM SEG of a DICOM --image")
     parser.add_argument("--series", help="--image is a DICOM folder with several series: which one, by Series "
                         "Number or Series Instance UID")
@@ -186,18 +189,23 @@ def _cases(args: argparse.Namespace) -> tuple[list[EvalCase], Optional[tuple[str
     if args.dataset:
         return dataset_cases(args.dataset)
     if args.image and args.label:
-        return [_image_case(args.image, args.label, args.series)], None
+        return [_image_case(args.image, args.label, args.series, args.channel_file)], None
     raise ConfigError("give a dataset folder or --image and --label")
 
 
-def _image_case(image: Path, label: Path, series: Optional[str]) -> EvalCase:
-    """The case of --image/--label: NIfTI or DICOM scan, NIfTI labels or a DICOM SEG."""
+def _image_case(image: Path, label: Path, series: Optional[str], channel_files: Sequence[Path] = ()) -> EvalCase:
+    """The case of --image/--label: NIfTI or DICOM scan (a NIfTI's channels: a 4-D file, or ``channel_files``
+    after it), NIfTI labels or a DICOM SEG."""
+    from ..nifti import load_channels
     from .labelled_input import labelled_input
 
     given = labelled_input(image, label, series)
+    if given.is_dicom and channel_files:
+        raise ConfigError("--channel-file adds NIfTI channel files; a DICOM series is one channel")
     # A DICOM series by number and description: its folder may be named after the patient.
     name = given.label if given.is_dicom else given.name
-    return EvalCase(name, given.load_image, label, name, given.load_labels,
+    load_image = given.load_image if given.is_dicom else (lambda: load_channels([image, *channel_files]))
+    return EvalCase(name, load_image, label, name, given.load_labels,
                     reference_names=lambda labels: given.label_class_names(label, labels))
 
 
