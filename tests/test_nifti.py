@@ -245,6 +245,8 @@ def test_complex_voxels_are_refused_not_cast_to_their_real_part(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     with pytest.raises(VolumeReadError, match="complex numbers.*magnitude"):
         load_volume(path)
+    with pytest.raises(VolumeReadError, match="complex numbers.*magnitude"):    # as channels too (napari, evaluate)
+        nifti.load_channels([path])
 
 
 def test_load_labels_rejects_fractional_and_negative_values(tmp_path):

@@ -69,10 +69,7 @@ def load_volume(path: str | os.PathLike, *, channel: int | None = None) -> tuple
     """
     path = Path(path)
     data, meta = _read_nifti(path, channel)
-    if np.iscomplexobj(data):
-        # Casting would silently keep the real part, which is not the image a viewer shows.
-        raise VolumeReadError(f"{path}: voxels are complex numbers (MR real/imaginary or phase data); "
-                              "save the magnitude image and open that")
+    _refuse_complex(data, path)
     try:
         volume = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -145,6 +142,7 @@ def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Volum
             if difference > 1e-3:
                 raise VolumeReadError(f"{path} and {paths[0]} have affines that differ by up to "
                                       f"{difference:.4g} mm; the channels of a scan must share one grid")
+        _refuse_complex(data, where)
         try:
             out[..., index] = np.asarray(data, dtype=np.float32)
         except (TypeError, ValueError) as exc:
@@ -152,6 +150,13 @@ def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Volum
         if not np.isfinite(out[..., index]).any():
             raise VolumeReadError(f"{where}: every voxel is NaN or infinite")
     return out, meta
+
+
+def _refuse_complex(data: np.ndarray, where: object) -> None:
+    # Casting would silently keep the real part, which is not the image a viewer shows.
+    if np.iscomplexobj(data):
+        raise VolumeReadError(f"{where}: voxels are complex numbers (MR real/imaginary or phase data); "
+                              "save the magnitude image and open that")
 
 
 def smallest_label_dtype(max_label: int) -> np.dtype:
