@@ -84,6 +84,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert digests[0] == digests[1], "DDP ranks diverged"
     assert (tmp_path / "final.safetensors").is_file()
     assert load_checkpoint(tmp_path / "final.safetensors").extra["world_size"] == 2
+    assert load_checkpoint(tmp_path / "final.safetensors").extra["epoch"] == 1     # both stopped where rank 0 did
 
 
 def write_pair(folder: Path, name: str, shape=(16, 16, 3), label_max=2, label_affine=None, suffix=""):
@@ -321,3 +322,104 @@ def test_the_optimizer_s_foreach_path_trains_the_weights_the_single_tensor_loop_
     assert not changed, changed[:3]
     start = Trainer(config, train_set, tmp_path / "start", device="cpu").weights_to_save().state_dict()
     assert any(not torch.equal(start[key], foreach[key]) for key in foreach)   # training moved the weights
+
+
+def test_a_non_finite_loss_skips_its_step_and_a_diverged_run_stops_without_saving_nan(tmp_path, liver_case,
+                                                                                       monkeypatch):
+    import math
+
+    from medconddiff.train import MAX_NONFINITE_STEPS, TrainingDiverged, _TrainingLoss
+
+    config = tiny_config()
+    config.train.epochs, config.train.iterations_per_epoch = 2, 4
+    trainer = Trainer(config, TrainingSlices([liver_case], config.plan, config.train.patch_size), tmp_path,
+                      device="cpu")
+    original = _TrainingLoss.forward
+    poisoned = {2, 5}                            # the optimizer steps whose loss is NaN (a bf16 overflow)
+
+    def forward(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        if trainer.step + 1 in poisoned:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(_TrainingLoss, "forward", forward)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(*next(iter(trainer.loader())), 8)
+    after_first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(*next(iter(trainer.loader())), 8)             # step 2: NaN, skipped
+    assert all(torch.equal(after_first[k], v) for k, v in trainer.model.state_dict().items())
+    assert any(not torch.equal(before[k], after_first[k]) for k in before)
+    trainer.fit()
+    assert trainer.history[0]["skipped_steps"] == 1 and math.isfinite(trainer.history[0]["loss"])
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "final.safetensors").state_dict.values()
+               if t.is_floating_point())
+
+    diverged = Trainer(config, TrainingSlices([liver_case], config.plan, config.train.patch_size), tmp_path / "d",
+                       device="cpu")
+    trainer = diverged
+    poisoned.update(range(1, 100))
+    with pytest.raises(TrainingDiverged, match=f"{MAX_NONFINITE_STEPS} steps in a row"):
+        diverged.fit()
+    assert not (tmp_path / "d" / "final.safetensors").exists()
+
+
+def test_validation_slices_are_never_trained_on(liver_case):
+    """--val-slices alone (or overlapping --train-slices) used to train on the validation slices too."""
+    from medconddiff.dataset_layout import DatasetError
+    from medconddiff.train import build_datasets
+
+    config = tiny_config()
+    train_set, validation = build_datasets(config, [liver_case], None, [(2, 4)])
+    assert sorted({index for _, index in train_set.origin}) == [0, 1, 4, 5] and validation is not None
+    train_set, _ = build_datasets(config, [liver_case], [(0, 4)], [(3, 6)])
+    assert sorted({index for _, index in train_set.origin}) == [0, 1, 2]
+    train_set, validation = build_datasets(config, [liver_case], [(1, 3)], None)
+    assert sorted({index for _, index in train_set.origin}) == [1, 2] and validation is None
+    with pytest.raises(DatasetError, match="every training slice is a validation slice"):
+        build_datasets(config, [liver_case], [(0, 2)], [(0, 6)])
+
+
+def test_resuming_into_another_runs_folder_is_refused_and_needs_no_pretrained_file(tmp_path, capsys):
+    image, label = write_pair(tmp_path, "a")
+    tiny = [*TINY_FLAGS, "--iterations-per-epoch", "1"]
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "one"), *tiny]) == 0
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "two"), *tiny]) == 0
+    kept = (tmp_path / "two" / "final.safetensors").read_bytes()
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "two"),
+                 "--resume", str(tmp_path / "one" / "last.safetensors"), *tiny]) == 2
+    assert "exists" in capsys.readouterr().err and (tmp_path / "two" / "final.safetensors").read_bytes() == kept
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "one"),
+                 "--resume", str(tmp_path / "one" / "last.safetensors"), *tiny]) == 0
+    # A run begun from a pretrained backbone file resumes where that file is gone (another machine, /tmp cleaned).
+    import timm
+    from safetensors.torch import save_file
+
+    body = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False, in_chans=1)
+    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp_path / "pretrained.safetensors"))
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "three"), *tiny,
+                 "--backbone-weights", str(tmp_path / "pretrained.safetensors")]) == 0
+    (tmp_path / "pretrained.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "three"),
+                 "--resume", str(tmp_path / "three" / "last.safetensors"), *tiny]) == 0
+    assert "is not here; the resumed weights do not need it" in capsys.readouterr().err
+
+
+def test_a_resumed_run_goes_on_averaging_and_drawing_where_it_stopped(tmp_path, liver_case):
+    config = tiny_config()
+    config.train.epochs, config.train.iterations_per_epoch = 1, 3
+
+    def trainer():
+        return Trainer(config, TrainingSlices([liver_case], config.plan, config.train.patch_size), tmp_path,
+                       device="cpu")
+
+    first = trainer()
+    first.fit()
+    assert int(first.ema.n_averaged) == 3
+    fresh, resumed = trainer(), trainer()
+    resumed.resume(tmp_path / "last.safetensors")
+    assert int(resumed.ema.n_averaged) == 3           # was 0: the next update copied the raw weights into the EMA
+    # Its sampler draws are not the run's first draws again.
+    draws = [list(iter(t.loader().sampler)) for t in (fresh, resumed)]
+    assert draws[0] != draws[1]

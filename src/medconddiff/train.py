@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_state, save_checkpoint
 from .config import ExperimentConfig, SamplingConfig
+from .dataset_layout import DatasetError
 from .datasets import Case, SliceRanges, TrainingSlices, range_indices
+from .errors import UserInputError
 from .families import build_model
 from .losses import IGNORE_INDEX
 from .schedulers import NoiseSchedule
@@ -33,6 +35,14 @@ from .segmenter import Segmenter, resolve_device
 from .transfer import transfer_weights
 
 Log = Callable[[str], None]
+
+#: Optimizer steps in a row whose gradients may be non-finite (each skipped, the weights untouched) before
+#: the run stops: a stray one (a bf16 overflow) is survived, a diverged run is not saved over its last epoch.
+MAX_NONFINITE_STEPS = 5
+
+
+class TrainingDiverged(UserInputError):
+    """The loss or its gradients stayed non-finite: the weights were left as they were before."""
 
 
 @dataclasses.dataclass
@@ -149,6 +159,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
+        self.nonfinite_in_row = 0
 
     # -- data -----------------------------------------------------------------------------------
     def iterations_per_epoch(self) -> int:
@@ -177,6 +188,8 @@ class Trainer:
         if self.output_dir is None:
             raise ValueError("this trainer has no output folder to save checkpoints in")
         aux = {f"aux.raw.{k}": v for k, v in self.model.state_dict().items()} if self.ema is not None else {}
+        if self.ema is not None:     # how many updates the average holds: 0 would restart it from the raw weights
+            aux["aux.ema.n_averaged"] = self.ema.n_averaged.detach().clone()
         aux.update(_optimizer_tensors(self.optimizer))
         extra = {**self.provenance, "epoch": self.epoch, "step": self.step, "history": self.history[-200:],
                  "metrics": metrics or {}, "world_size": self.dist.world_size,
@@ -186,7 +199,9 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
-        if checkpoint.config.model != self.config.model:
+        # The pretrained backbone file a run began from is no part of the model (resumed weights replace it).
+        if dataclasses.replace(checkpoint.config.model, backbone_weights=None) != \
+                dataclasses.replace(self.config.model, backbone_weights=None):
             raise CheckpointError(f"{path} was trained with another model config; cannot resume it with this one")
         state = checkpoint.state_dict
         if self.ema is not None:
@@ -194,10 +209,16 @@ class Trainer:
             raw = {k[len("aux.raw."):]: v.float() if v.is_floating_point() else v
                    for k, v in state.items() if k.startswith("aux.raw.")}
             self.model.load_state_dict(raw if raw else model_state(checkpoint))
+            # The average goes on from where it was (a checkpoint from before this record: it holds at least one).
+            averaged = state.get("aux.ema.n_averaged")
+            held = int(averaged) if averaged is not None else max(1, int(checkpoint.extra.get("step", 1)))
+            self.ema.n_averaged.fill_(held)
         else:
             self.model.load_state_dict(model_state(checkpoint))
         _restore_optimizer(self.optimizer, state)
         self.step = int(checkpoint.extra.get("step", 0))
+        # Draws go on from the step reached, not from the run's first ones again (each rank its own stream).
+        self.generator.manual_seed(self.tc.train_seed * 1000 + self.dist.rank + 7919 * self.step)
         self.epoch = int(checkpoint.extra.get("epoch", 0))
         self.history = list(checkpoint.extra.get("history", []))
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
@@ -226,11 +247,23 @@ class Trainer:
                                   self.tc.ce_weight, self.tc.ignore_fill, self.tc.xt_dropout)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        # The norm of the gradients, which every process holds alike after the all-reduce: all skip together.
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.step += 1
+        if not torch.isfinite(norm):
+            # A NaN would pass through AdamW and the EMA into every weight, and be saved over the last epoch.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.log(f"step {self.step}: the loss or its gradients are not finite; step skipped, weights unchanged")
+            if self.nonfinite_in_row >= MAX_NONFINITE_STEPS:
+                raise TrainingDiverged(f"training diverged: {self.nonfinite_in_row} steps in a row had a non-finite "
+                                       "loss or gradients (weights kept from before them); lower --lr, or train "
+                                       "without mixed precision")
+            return {k: float(v.detach()) for k, v in losses.items()}
+        self.nonfinite_in_row = 0
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        self.step += 1
         return {k: float(v.detach()) for k, v in losses.items()}
 
     def validate(self) -> dict:
@@ -276,7 +309,11 @@ class Trainer:
                       "lr": round(self.optimizer.param_groups[0]["lr"], 7),
                       "seconds": round(time.perf_counter() - started, 1)}
             for key in epoch_losses[0]:
-                record[key] = round(float(np.mean([losses[key] for losses in epoch_losses])), 5)
+                finite = [losses[key] for losses in epoch_losses if np.isfinite(losses[key])]
+                record[key] = round(float(np.mean(finite)), 5) if finite else float("nan")
+            skipped = sum(not np.isfinite(losses["loss"]) for losses in epoch_losses)
+            if skipped:
+                record["skipped_steps"] = int(skipped)      # non-finite: no update (the loss means leave them out)
             if self.tc.val_every and self.epoch % self.tc.val_every == 0:
                 record.update(self.validate())
             self.history.append(record)
@@ -286,6 +323,18 @@ class Trainer:
         return (f"training {self.config.model.family} model on {len(self.train_set)} slices, "
                 f"{self.tc.epochs} epochs × {self.iterations_per_epoch()} steps, device {self.device}, "
                 f"{self.dist.world_size} process(es)")
+
+    def _out_of_time(self, started: float, max_seconds: Optional[float]) -> bool:
+        """Whether the time budget is spent, as the first process's clock says: every process stops after the
+        same epoch (each by its own clock, one went on into an epoch the others never joined, and hung)."""
+        if max_seconds is None:
+            return False
+        spent = time.perf_counter() - started > max_seconds
+        if self.dist.world_size > 1:
+            decision = torch.tensor([1.0 if spent else 0.0], device=self.device)
+            dist.broadcast(decision, src=0)
+            spent = bool(decision.item())
+        return spent
 
     def fit(self, max_seconds: Optional[float] = None) -> Path:
         """Train to the end (or the time budget), saving ``last`` every epoch and ``final`` at the end."""
@@ -297,7 +346,7 @@ class Trainer:
                     continue
                 self.log(json.dumps(event.record))
                 self.save("last.safetensors", metrics=event.record)
-                if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                if self._out_of_time(started, max_seconds):
                     self.log(f"time budget of {max_seconds:.0f} s reached after epoch {self.epoch}")
                     break
         except KeyboardInterrupt:
@@ -381,7 +430,23 @@ class Validation:
 
 def build_datasets(config: ExperimentConfig, cases: Sequence[Case], train_ranges: SliceRanges = None,
                    val_ranges: SliceRanges = None) -> tuple[TrainingSlices, Optional[Validation]]:
+    slices_by_case = None
+    if val_ranges:
+        # Validation slices are never trained on (the consensus chosen on them says "not trained on"): they
+        # leave the training slices, whether those were given (and overlap) or are all the rest.
+        from .preprocess import ScanPreprocessor
+
+        preprocessor = ScanPreprocessor(config.plan)
+        slices_by_case = {}
+        for case in cases:
+            n_slices = preprocessor.geometry(np.shape(case.image)[:3], case.meta).n_slices
+            held = set(range_indices(val_ranges, n_slices, case.name).tolist())
+            slices_by_case[case.name] = [int(i) for i in range_indices(train_ranges, n_slices, case.name)
+                                         if int(i) not in held]
+        if not any(slices_by_case.values()):
+            raise DatasetError("every training slice is a validation slice: leave some out of --val-slices")
     train_set = TrainingSlices(cases, config.plan, config.train.patch_size, train_ranges,
                                augment=config.train.augment,
-                               foreground_fraction=config.train.foreground_crop_fraction)
+                               foreground_fraction=config.train.foreground_crop_fraction,
+                               slices_by_case=slices_by_case)
     return train_set, (Validation(cases, val_ranges) if val_ranges else None)

@@ -23,7 +23,9 @@ With --val-slices, final.safetensors also records the consensus fusion and step 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from ..config import DiffusionConfig, ModelConfig, PreprocessPlan, TrainConfig, add_dataclass_arguments
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
     parser.add_argument("--export-half", type=Path, help="also write the final EMA weights in fp16 here (for shipping)")
-    parser.add_argument("--overwrite", action="store_true", help="allow an output folder with an earlier run's checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow an output folder with an earlier run's checkpoints")
     for section, cls in SECTIONS.items():
         add_dataclass_arguments(parser, cls, title=section)
 
@@ -65,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
     # An earlier run's files (its last checkpoint is what --resume continues) are replaced only when asked.
     earlier = [args.output / name for name in ("final.safetensors", "last.safetensors")
                if (args.output / name).exists()]
-    if earlier and not (args.overwrite or args.resume):
-        raise FileExistsError(f"{earlier[0]} exists (an earlier run's); pass --resume {args.output / 'last.safetensors'} "
-                              "to continue it, --overwrite to replace it, or choose another --output")
+    # Resuming the run of this very folder continues it; resuming another run's checkpoint into a folder that
+    # holds a run of its own would replace that one.
+    resuming_here = args.resume is not None and Path(args.resume).resolve().parent == args.output.resolve()
+    if earlier and not (args.overwrite or resuming_here):
+        raise FileExistsError(f"{earlier[0]} exists (an earlier run's); pass --resume "
+                              f"{args.output / 'last.safetensors'} to continue it, --overwrite to replace it, or "
+                              "choose another --output")
     flags = given_flags(args, SECTIONS)
     if args.resume is not None:
         start = load_checkpoint(args.resume)
@@ -78,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigConflict(f"{args.resume} was trained with other classes or another plan; it cannot be resumed "
                                  "on this data")
         # Resuming continues the same run: its own config (backbone weights source included), new train flags.
-        config = type(config)(model=start.config.model, diffusion=start.config.diffusion, plan=start.config.plan,
+        model = start.config.model
+        if model.backbone_weights and not Path(model.backbone_weights).is_file():
+            # The checkpoint holds the trained backbone; its pretrained source is only the record of where it began.
+            print(f"note: {model.backbone_weights} (the pretrained backbone this run began from) is not here; the "
+                  "resumed weights do not need it", file=sys.stderr)
+            model = dataclasses.replace(model, backbone_weights=None)
+        config = type(config)(model=model, diffusion=start.config.diffusion, plan=start.config.plan,
                               train=_override(start.config.train, flags["train"]))
     else:
         start = load_checkpoint(args.init, allow_legacy=True) if args.init else None
@@ -110,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     log(f"plan: {json.dumps(_plan_record(config.plan))}")
     provenance = {"trained_on": [case.name for case in cases], "train_slices": args.train_slices,
                   "dataset": data.label, "fingerprint": data.fingerprint_record(),
-                  "init_from": _start_record(start) if start is not None and args.resume is None else None}
+                  # A resumed run began where the run it continues began.
+                  "init_from": (start.extra.get("init_from") if args.resume is not None
+                                else _start_record(start) if start is not None else None)}
     # On resume the weights are loaded before any family-specific preparation (LSegDiff then keeps
     # its trained VAE instead of training a new one), and resume() restores the rest of the state.
     trainer = Trainer(config, train_set, args.output, device=args.device, validation=validation, log=log,
