@@ -3,4 +3,4 @@
 Nothing here imports torch, napari or Qt, so discovering the plugin stays cheap.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -524,3 +524,34 @@ def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_w
     with pytest.raises(SystemExit):
         add()                                                       # what was checked must be said
     assert "--slices" in capsys.readouterr().err
+
+
+def test_reading_another_tools_dataset_never_rewrites_its_dataset_json(tmp_path, scan):
+    """An nnU-Net dataset made elsewhere (no record of ours, no ignore label) is only read by a summary, a
+    listing or a fine-tune: its dataset.json stays byte for byte, and no lock file is left in it."""
+    image, labels = scan
+    root = tmp_path / "Dataset007_Theirs"
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), str(root / "imagesTr" / "liver_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), np.eye(4)), str(root / "labelsTr" / "liver.nii.gz"))
+    text = json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
+                       "numTraining": 1, "file_ending": ".nii.gz", "name": "theirs"}, indent=4)
+    (root / "dataset.json").write_text(text)
+    opened = TrainingSet.open(root)
+    assert "1 case" in opened.summary().text()
+    assert opened.case_holding(image, META) == "liver"       # the digest is read, and kept in memory only
+    assert (root / "dataset.json").read_text() == text
+    assert sorted(p.name for p in root.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+
+
+def test_the_same_voxels_at_another_spacing_are_not_called_the_same_scan(tmp_path, scan):
+    """The summary's "hold the same scan (merge-cases merges them)" sent users to a merge that refuses: two
+    cases of equal voxels but another spacing are two scans, as adding and merge-cases judge them."""
+    image, labels = scan
+    training_set = TrainingSet.create(tmp_path / "set", LIVER)
+    training_set.add_scan("at_1mm", image, META, labels, LIVER, verified_slices=[1])
+    finer = VolumeMeta(affine=np.diag([0.8, 0.8, 0.8, 1.0]), spacing=(0.8, 0.8, 0.8))
+    result = training_set.add_scan("at_08mm", image, finer, labels, LIVER, verified_slices=[2])
+    assert result.new_case
+    assert TrainingSet.open(tmp_path / "set").summary().same_scan == ()

@@ -3,4 +3,4 @@
 Importing this package never imports Qt or napari, and does not import torch until a model is used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -122,8 +122,8 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
             version = metadata.get("format_version")
             if version == LEGACY_FORMAT_VERSION and not allow_legacy:
                 raise CheckpointError(
-                    f"{path} is a medconddiff 0.1 checkpoint without a preprocessing plan (its results depended "
-                    "on how a scan was stored); fine-tune it into a planned one with `medconddiff train DATA "
+                    f"{path} is a medconddiff 0.1 checkpoint (format 1) without a preprocessing plan (its results "
+                    "depended on how a scan was stored); fine-tune it into a planned one with `medconddiff train DATA "
                     f"--init {path} -o RUN` (or `medconddiff finetune`), which reads its weights")
             if version not in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
                 raise CheckpointError(f"{path} has checkpoint format {version!r}; "

@@ -206,6 +206,9 @@ class TrainingSet:
         #: dataset.json's other keys (its name and description, a licence, a reference): written back as read.
         self._kept = dict(kept) if kept is not None else {
             "name": self.root.name, "description": "sparse labels added scan by scan (medconddiff training set)"}
+        #: Whether dataset.json was written here (it has our record): another's dataset is only read until the
+        #: user adds to it or takes from it, never rewritten for a cache.
+        self._written_here = True
 
     # ----------------------------------------------------------------------------------- opening
     @property
@@ -272,7 +275,9 @@ class TrainingSet:
         # Digests are a cache of what the files hold: one of a case removed by hand is dropped, not an error.
         digests = _per_case(manifest, extra, DIGEST_KEY, cases, drop_unknown=True)
         kept = {key: value for key, value in data.items() if key not in _OWN_KEYS}
-        return cls(root, class_names, channel_names, slicing, ignore, cases, digests, kept)
+        opened = cls(root, class_names, channel_names, slicing, ignore, cases, digests, kept)
+        opened._written_here = MANIFEST_KEY in data
+        return opened
 
     @classmethod
     def open_or_create(cls, folder: str | os.PathLike, class_names: Sequence[str],
@@ -320,6 +325,7 @@ class TrainingSet:
         self.class_names, self.channel_names = current.class_names, current.channel_names
         self._slicing, self._stored_ignore, self._cases = current._slicing, current._stored_ignore, current._cases
         self._digests, self._kept = current._digests, current._kept
+        self._written_here = current._written_here
 
     def _add_scan(self, case_id, image, meta, labels, class_names, verified_slices, slicing, verified_mask,
                   channel_names) -> AddResult:
@@ -428,7 +434,11 @@ class TrainingSet:
     def _record_digests(self, found: dict[str, str]) -> None:
         """Write digests read from an older set's files into its dataset.json, so that they are read once;
         a set that cannot be written to (read-only, or busy with another program's add) keeps working
-        without them."""
+        without them. Another tool's dataset (an nnU-Net dataset.json without our record) is not rewritten
+        for them: they are kept in memory only."""
+        if not self._written_here:
+            self._digests.update(found)
+            return
         try:
             with self._locked():
                 self._reload()
@@ -574,16 +584,19 @@ class TrainingSet:
         voxels = np.zeros(len(self.class_names), dtype=np.int64)
         slices = {}
         labelled_for: dict[str, tuple[str, ...]] = {}
+        spacing: dict[str, tuple[float, ...]] = {}
         for case in self._cases:
             labels, meta = self._read_labels(case)
+            # The same voxels said to be another size are another scan (as adding and merge-cases judge it).
+            spacing[case] = tuple(np.round(_geometry(labels.shape, meta, "axial").canonical_spacing, 3).tolist())
             known = labels != self._stored_ignore
             counts = np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
             voxels += counts
             labelled_for[case] = tuple(n for n, c in zip(self.class_names[1:], counts[1:]) if c)
             slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
-        by_digest: dict[str, list[str]] = {}
+        by_digest: dict[tuple, list[str]] = {}
         for case, digest in sorted(self._case_digests(record=True).items()):
-            by_digest.setdefault(digest, []).append(case)
+            by_digest.setdefault((digest, spacing.get(case)), []).append(case)
         same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
                                   {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan,
