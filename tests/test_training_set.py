@@ -555,3 +555,26 @@ def test_the_same_voxels_at_another_spacing_are_not_called_the_same_scan(tmp_pat
     result = training_set.add_scan("at_08mm", image, finer, labels, LIVER, verified_slices=[2])
     assert result.new_case
     assert TrainingSet.open(tmp_path / "set").summary().same_scan == ()
+
+
+def test_two_adds_to_a_new_set_take_turns(tmp_path, tiny_checkpoint, scan, monkeypatch, capsys):
+    """Another program creates the set between this add's look and its create: this add joins that set
+    (it failed with "already a training set; open it")."""
+    from medconddiff.cli import main
+
+    image, labels = scan
+    nib.save(nib.Nifti1Image(image.astype(np.int16), META.affine), str(tmp_path / "scan-02.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, META.affine), str(tmp_path / "corrected.nii.gz"))
+    root = tmp_path / "new set"
+    create = TrainingSet.create
+
+    def the_other_program_first(folder, *args, **kwargs):
+        other = create(folder, *args, **kwargs)
+        other.add_scan("theirs", image, META, labels, LIVER, verified_slices=[0])
+        return create(folder, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingSet, "create", staticmethod(the_other_program_first))
+    assert main(["add-to-set", str(root), str(tmp_path / "scan-02.nii.gz"), str(tmp_path / "corrected.nii.gz"),
+                 "--checkpoint", str(tiny_checkpoint), "--slices", "3"]) == 0, capsys.readouterr().err
+    # The same scan: merged into the other program's case, both programs' slices kept.
+    assert TrainingSet.open(root).summary().slices == {"theirs": 2}

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     slices = labelled_or_named_slices(args.slices, geometry, labels, args.labels, args.image.name, "you checked")
 
     case = args.case or (series_case_name(given.dicom_source()) if given.is_dicom else given.name)
-    training_set = existing or TrainingSet.create(args.set, class_names, channel_names)
+    training_set = existing or _created_or_opened(args.set, class_names, channel_names)
     result = training_set.add_scan(case_id_from_name(case), image, meta, np.asarray(labels), class_names,
                                    verified_slices=slices, slicing=geometry.slicing, channel_names=channel_names)
     grown = f"; new class(es): {', '.join(result.added_classes)}" if result.added_classes else ""
@@ -105,6 +105,19 @@ def run(args: argparse.Namespace) -> int:
           f"({result.verified_slices} verified slice(s)){grown}")
     print(f"training set {args.set}: {training_set.summary().text()}")
     return 0
+
+
+def _created_or_opened(folder: Path, class_names, channel_names):
+    """A new set in ``folder``; the set another program created there meanwhile (two adds to a new set take
+    turns, as two adds to one set do), which then takes this scan as its next case."""
+    from ..training_set import TrainingSet, TrainingSetError
+
+    try:
+        return TrainingSet.create(folder, class_names, channel_names)
+    except TrainingSetError:
+        if not (folder / "dataset.json").is_file():
+            raise
+        return TrainingSet.open(folder)
 
 
 def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tuple[str, ...]:
