@@ -577,4 +577,4 @@ def test_two_adds_to_a_new_set_take_turns(tmp_path, tiny_checkpoint, scan, monke
     assert main(["add-to-set", str(root), str(tmp_path / "scan-02.nii.gz"), str(tmp_path / "corrected.nii.gz"),
                  "--checkpoint", str(tiny_checkpoint), "--slices", "3"]) == 0, capsys.readouterr().err
     # The same scan: merged into the other program's case, both programs' slices kept.
-    assert TrainingSet.open(root).summary().slices == {"theirs": 2}
+    assert TrainingSet.open(root).summary().slices_by_case == {"theirs": 2}
