@@ -77,7 +77,7 @@ def _clean_slice(labels: np.ndarray, num_classes: int, min_size: int, fill_holes
         if opening_radius:
             keep = ndimage.binary_opening(keep, structure=disk(opening_radius))
         if min_size:
-            keep = remove_small_components(keep, min_size)
+            keep = remove_small_components(keep, min_size, connectivity=2)
         if c in keep_largest:
             keep = largest_component(keep)
         unassigned |= mask & ~keep
@@ -105,7 +105,8 @@ def postprocess_labels(labels: np.ndarray, num_classes: int, *, min_size: int = 
                        keep_largest: Iterable[int] = (), workers: Optional[int] = None) -> np.ndarray:
     """Clean a label map (H, W) or a stack of slices (slices, H, W); returns a new array.
 
-    ``min_size``: components (4-connected, per class) smaller than this many pixels are removed;
+    ``min_size``: components (8-connected, per class: a thin oblique structure touches itself at corners)
+    smaller than this many pixels are removed;
     ``fill_holes``: background fully enclosed by foreground is filled; ``opening_radius`` /
     ``closing_radius``: per-class binary opening / closing with a disk (0 = off); ``keep_largest``:
     classes of which only the largest component per slice is kept. Class 0 is background.
