@@ -1,5 +1,6 @@
 """Training: a real loss decrease on real slices, resume, Ctrl-C, DDP agreement, dataset errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -378,6 +379,14 @@ def test_validation_slices_are_never_trained_on(liver_case):
     assert sorted({index for _, index in train_set.origin}) == [1, 2] and validation is None
     with pytest.raises(DatasetError, match="every training slice is a validation slice"):
         build_datasets(config, [liver_case], [(0, 2)], [(0, 6)])
+    # A sparse case keeps leaving out the slices nobody verified.
+    from medconddiff.losses import IGNORE_INDEX
+    from medconddiff.preprocess import ScanPreprocessor
+
+    sparse = dataclasses.replace(liver_case, labels=liver_case.labels.copy())
+    ScanPreprocessor(config.plan).geometry(sparse.labels.shape, sparse.meta).slice_view(sparse.labels)[4] = IGNORE_INDEX
+    train_set, _ = build_datasets(config, [sparse], None, [(2, 3)])
+    assert sorted({index for _, index in train_set.origin}) == [0, 1, 3, 5]
 
 
 def test_resuming_into_another_runs_folder_is_refused_and_needs_no_pretrained_file(tmp_path, capsys):

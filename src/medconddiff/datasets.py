@@ -118,11 +118,13 @@ class TrainingSlices(Dataset):
 
     def __init__(self, cases: Sequence[Case], plan: PreprocessPlan, patch_size: int,
                  slice_ranges: SliceRanges = None, augment: bool = False, foreground_fraction: float = 0.5, *,
-                 slices_by_case: Optional[dict[str, Sequence[int]]] = None, centre_crops: bool = False):
+                 slices_by_case: Optional[dict[str, Sequence[int]]] = None, centre_crops: bool = False,
+                 held_out: SliceRanges = None):
         """``slice_ranges`` apply to every case; ``slices_by_case`` (case name → canonical slice
         indices) picks slices per case instead (fine-tuning on the slices a user corrected).
         ``centre_crops`` makes every crop the slice's centre (deterministic items, e.g. for
-        calibration and tests) instead of random, foreground-seeking crops."""
+        calibration and tests) instead of random, foreground-seeking crops. ``held_out`` (validation
+        slices) leave the slices of ``slice_ranges``: they are never trained on."""
         preprocessor = ScanPreprocessor(plan)
         self.cases: list[_PreparedCase] = []
         self.origin: list[tuple[str, int]] = []
@@ -138,6 +140,10 @@ class TrainingSlices(Dataset):
                     continue
             else:
                 indices = range_indices(slice_ranges, scan.n_slices, case.name)
+                if held_out:        # validation slices, never trained on
+                    indices = np.setdiff1d(indices, range_indices(held_out, scan.n_slices, case.name))
+                    if not len(indices):
+                        continue
                 if (case.labels == IGNORE_INDEX).any():
                     # A slice nobody verified teaches nothing: it is not sampled at all.
                     indices = np.intersect1d(indices, verified_slice_indices(scan.geometry.slice_view(case.labels)))
@@ -148,7 +154,8 @@ class TrainingSlices(Dataset):
             self.origin += [(case.name, int(i)) for i in indices]
             self.cases.append(prepared)
         if not self._items:
-            raise DatasetError("the dataset has no slices")
+            raise DatasetError("every training slice is a validation slice: leave some out of --val-slices"
+                               if held_out else "the dataset has no slices")
         self.replay_items = 0            # trailing items added by add_replay
         self.replay_fraction = 0.0
         self.patch_size = int(patch_size)

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_state, save_checkpoint
 from .config import ExperimentConfig, SamplingConfig
-from .dataset_layout import DatasetError
 from .datasets import Case, SliceRanges, TrainingSlices, range_indices
 from .errors import UserInputError
 from .families import build_model
@@ -430,23 +429,7 @@ class Validation:
 
 def build_datasets(config: ExperimentConfig, cases: Sequence[Case], train_ranges: SliceRanges = None,
                    val_ranges: SliceRanges = None) -> tuple[TrainingSlices, Optional[Validation]]:
-    slices_by_case = None
-    if val_ranges:
-        # Validation slices are never trained on (the consensus chosen on them says "not trained on"): they
-        # leave the training slices, whether those were given (and overlap) or are all the rest.
-        from .preprocess import ScanPreprocessor
-
-        preprocessor = ScanPreprocessor(config.plan)
-        slices_by_case = {}
-        for case in cases:
-            n_slices = preprocessor.geometry(np.shape(case.image)[:3], case.meta).n_slices
-            held = set(range_indices(val_ranges, n_slices, case.name).tolist())
-            slices_by_case[case.name] = [int(i) for i in range_indices(train_ranges, n_slices, case.name)
-                                         if int(i) not in held]
-        if not any(slices_by_case.values()):
-            raise DatasetError("every training slice is a validation slice: leave some out of --val-slices")
     train_set = TrainingSlices(cases, config.plan, config.train.patch_size, train_ranges,
                                augment=config.train.augment,
-                               foreground_fraction=config.train.foreground_crop_fraction,
-                               slices_by_case=slices_by_case)
+                               foreground_fraction=config.train.foreground_crop_fraction, held_out=val_ranges)
     return train_set, (Validation(cases, val_ranges) if val_ranges else None)
