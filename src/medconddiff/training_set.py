@@ -194,7 +194,8 @@ class TrainingSet:
 
     def __init__(self, root: Path, class_names: Sequence[str], channel_names: Sequence[str],
                  slicing_by_case: dict[str, str], stored_ignore: Optional[int], cases: Sequence[str],
-                 digests: Optional[dict[str, str]] = None, kept: Optional[dict] = None):
+                 digests: Optional[dict[str, str]] = None, kept: Optional[dict] = None,
+                 written_here: bool = True):
         self.root = Path(root)
         self.class_names = tuple(class_names)
         self.channel_names = tuple(channel_names)
@@ -208,7 +209,7 @@ class TrainingSet:
             "name": self.root.name, "description": "sparse labels added scan by scan (medconddiff training set)"}
         #: Whether dataset.json was written here (it has our record): another's dataset is only read until the
         #: user adds to it or takes from it, never rewritten for a cache.
-        self._written_here = True
+        self._written_here = written_here
 
     # ----------------------------------------------------------------------------------- opening
     @property
@@ -275,9 +276,8 @@ class TrainingSet:
         # Digests are a cache of what the files hold: one of a case removed by hand is dropped, not an error.
         digests = _per_case(manifest, extra, DIGEST_KEY, cases, drop_unknown=True)
         kept = {key: value for key, value in data.items() if key not in _OWN_KEYS}
-        opened = cls(root, class_names, channel_names, slicing, ignore, cases, digests, kept)
-        opened._written_here = MANIFEST_KEY in data
-        return opened
+        return cls(root, class_names, channel_names, slicing, ignore, cases, digests, kept,
+                   written_here=MANIFEST_KEY in data)
 
     @classmethod
     def open_or_create(cls, folder: str | os.PathLike, class_names: Sequence[str],
@@ -399,8 +399,7 @@ class TrainingSet:
         """Whether a scan of ``shape`` and ``meta`` has ``case``'s voxel spacing in canonical order (the
         same voxels said to be another size are another scan)."""
         stored_meta = self._stored_meta(case)
-        given, stored = _geometry(shape, meta, "axial"), _geometry(stored_meta.spatial_shape, stored_meta, "axial")
-        return np.allclose(given.canonical_spacing, stored.canonical_spacing, rtol=1e-4, atol=1e-3)
+        return _same_spacing((shape, meta), (stored_meta.spatial_shape, stored_meta))
 
     def _in_stored_order(self, case: str, meta: VolumeMeta, *arrays: np.ndarray) -> tuple:
         """``arrays`` (file order of ``meta``, extra axes last) in the voxel order of ``case``'s files, and
@@ -584,20 +583,26 @@ class TrainingSet:
         voxels = np.zeros(len(self.class_names), dtype=np.int64)
         slices = {}
         labelled_for: dict[str, tuple[str, ...]] = {}
-        spacing: dict[str, tuple[float, ...]] = {}
+        grids: dict[str, tuple] = {}
         for case in self._cases:
             labels, meta = self._read_labels(case)
-            # The same voxels said to be another size are another scan (as adding and merge-cases judge it).
-            spacing[case] = tuple(np.round(_geometry(labels.shape, meta, "axial").canonical_spacing, 3).tolist())
+            grids[case] = (labels.shape, meta)
             known = labels != self._stored_ignore
             counts = np.bincount(labels[known].ravel(), minlength=len(self.class_names))[:len(self.class_names)]
             voxels += counts
             labelled_for[case] = tuple(n for n, c in zip(self.class_names[1:], counts[1:]) if c)
             slices[case] = len(_verified_slices(known, meta, self._slicing.get(case, "axial")))
-        by_digest: dict[tuple, list[str]] = {}
-        for case, digest in sorted(self._case_digests(record=True).items()):
-            by_digest.setdefault((digest, spacing.get(case)), []).append(case)
-        same_scan = tuple(tuple(group) for group in by_digest.values() if len(group) > 1)
+        # The same voxels said to be another size are another scan, as adding and merge-cases judge it.
+        digests = self._case_digests(record=True)
+        groups: list[list[str]] = []
+        for case in sorted(digests):
+            group = next((group for group in groups if digests[group[0]] == digests[case]
+                          and _same_spacing(grids[group[0]], grids[case])), None)
+            if group is None:
+                groups.append([case])
+            else:
+                group.append(case)
+        same_scan = tuple(tuple(group) for group in groups if len(group) > 1)
         return TrainingSetSummary(len(self._cases), sum(slices.values()),
                                   {n: int(v) for n, v in zip(self.class_names, voxels)}, slices, same_scan,
                                   labelled_for)
@@ -779,6 +784,13 @@ def _check_case_headers(images: Sequence[Path], label: Optional[Path], channels:
 def _clean_meta(meta: VolumeMeta) -> VolumeMeta:
     """The meta with no free-text header field (they may name the patient) and no source path."""
     return dataclasses.replace(meta.without_header_text(), source=None)
+
+
+def _same_spacing(grid: tuple, other: tuple) -> bool:
+    """Whether two (shape, meta) grids have one voxel spacing in canonical order (the same voxels said to be
+    another size are another scan)."""
+    spacings = [_geometry(shape, meta, "axial").canonical_spacing for shape, meta in (grid, other)]
+    return bool(np.allclose(*spacings, rtol=1e-4, atol=1e-3))
 
 
 def _geometry(shape: Sequence[int], meta: VolumeMeta, slicing: str):
