@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from ._widget import SegmentWidget
 
 __all__ = ["ask_edit_choice", "ask_save_cancelled_finetune", "ask_save_finetuned_elsewhere", "ask_remove_from_set",
-           "ask_case_to_remove",
-           "ask_classes_to_leave_out", "confirm_replace", "DialogQuestions"]
+           "ask_case_to_remove", "ask_classes_to_leave_out", "confirm_replace", "confirmed_checkpoint_target",
+           "DialogQuestions"]
 
 
 def ask_edit_choice(parent: QWidget, action: str, slices: list[int]) -> str:
@@ -69,12 +69,11 @@ def ask_save_finetuned_elsewhere(parent: QWidget, problem: str, path: Path) -> O
                                                     "safetensors checkpoint (*.safetensors)")
             if chosen:
                 try:
-                    target = checkpoint_target(chosen)
+                    target = confirmed_checkpoint_target(parent, chosen)
                 except ValueError as error:
                     problem, path = str(error), Path(chosen)
                     continue
-                # The save dialog asked about the name it returned, not about one with ".safetensors" added.
-                if target != Path(chosen) and target.exists() and not confirm_replace(parent, [target]):
+                if target is None:
                     continue
                 return target, target.exists()
         sure = QMessageBox.question(parent, "Discard the fine-tuned model?",
@@ -83,6 +82,16 @@ def ask_save_finetuned_elsewhere(parent: QWidget, problem: str, path: Path) -> O
                                     QMessageBox.StandardButton.No)
         if sure == QMessageBox.StandardButton.Yes:
             return None
+
+
+def confirmed_checkpoint_target(parent: QWidget, chosen: str) -> Optional[Path]:
+    """The checkpoint file for the name a save dialog returned (``.safetensors`` added; ValueError inside the
+    installed package); None when the name with the suffix added is an existing file the user would not
+    replace (the save dialog asked about the name it returned, not about that one)."""
+    target = checkpoint_target(chosen)
+    if target != Path(chosen) and target.exists() and not confirm_replace(parent, [target]):
+        return None
+    return target
 
 
 def ask_remove_from_set(parent: QWidget, scan_name: str, slice_index: Optional[int], folder: Path) -> str:

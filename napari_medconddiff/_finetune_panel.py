@@ -3,7 +3,6 @@ and the Fine-tune / Cancel buttons with their progress bar."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -31,7 +30,6 @@ from medconddiff.hounsfield import looks_like_hounsfield
 from medconddiff.slice_lists import SLICE_SYNTAX, parse_slices, slice_list_text
 
 from . import _dialogs
-from ._export import checkpoint_target
 from ._finetune_flow import FinetuneSettings
 from ._form_controls import spin_box
 from ._layers import full_resolution
@@ -258,12 +256,11 @@ class FinetunePanel(QGroupBox):
         if not chosen:
             return
         try:
-            target = checkpoint_target(chosen)
+            target = _dialogs.confirmed_checkpoint_target(self, chosen)
         except ValueError as error:
             controller.fail(error)
             return
-        # The save dialog asked about the name it returned, not about the one with ".safetensors" added.
-        if target != Path(chosen) and target.exists() and not _dialogs.confirm_replace(self, [target]):
+        if target is None:
             return
         self.ft_progress.setFormat("%v / %m steps")
         controller.finetune(FinetuneSettings(start=start, save_path=target, class_names=self.class_names(),

@@ -24,14 +24,14 @@ from ._edits import UndoStep, WritePolicy, differing_slices, touched_slices
 from ._export import ExportSummary
 from ._geometry import LayerSpace, ScanSpace
 
-__all__ = ["KeptRun", "ChannelInput", "ResultSet"]
-
+__all__ = ["KeptRun", "ChannelInput", "ResultSet", "classes_agree"]
 
 
 def classes_agree(names: Sequence[str], others: Sequence[str]) -> bool:
     """Whether two class lists give the values they share the same names (one may be longer)."""
     shared = min(len(names), len(others))
     return [class_key(n) for n in names[1:shared]] == [class_key(n) for n in others[1:shared]]
+
 
 @dataclass
 class KeptRun:
@@ -207,6 +207,7 @@ class ResultSet:
         kept = []
         if layer is not None:
             shown = self.space.slices(layer.data)
+            # As protected_among, but comparing only these slices: this runs for every batch a run writes.
             protected = set(self.edited_among(slices)) | (self.checked & {int(s) for s in slices})
             kept = sorted(s for s in protected if not policy.may_overwrite(s, shown[s]))
             self.checked -= protected - set(kept)       # replaced as the user allowed: no longer what they checked

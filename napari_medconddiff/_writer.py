@@ -25,12 +25,14 @@ class names, which the plugin sets on its result layers), else ``class 1``, ``cl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medconddiff.errors import UserInputError
-from medconddiff.nifti import NIFTI_SUFFIXES, save_volume, smallest_label_dtype
+from medconddiff.nifti import save_volume, smallest_label_dtype
+from medconddiff.outputs import with_nifti_suffix
 
 from ._layers import dicom_source_of, layer_to_volume
 
@@ -42,7 +44,7 @@ DICOM_SEG_SUFFIX = ".dcm"
 def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """Write a Labels layer as an integer NIfTI (uint8 if labels fit, else uint16/int32)."""
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
-    target = _unasked_target(path, _with_nifti_suffix(path))
+    target = _unasked_target(path, str(with_nifti_suffix(path)))
     return [str(save_volume(target, array, meta, overwrite=True, dtype=_labels_dtype(array)))]
 
 
@@ -51,7 +53,7 @@ def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     if attributes.get("rgb"):
         raise ValueError("RGB image layers cannot be written as NIfTI volumes")
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
-    return [str(save_volume(_unasked_target(path, _with_nifti_suffix(path)), array, meta, overwrite=True))]
+    return [str(save_volume(_unasked_target(path, str(with_nifti_suffix(path))), array, meta, overwrite=True))]
 
 
 def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -93,14 +95,7 @@ def _labels_dtype(array: np.ndarray) -> np.dtype:
 def _unasked_target(path: str, target: str) -> str:
     """``target``, the file written for the name ``path`` napari's dialog returned; refused when it is
     another, existing file (the extension added here), which the dialog did not ask about replacing."""
-    from pathlib import Path
-
     if Path(target) != Path(path) and Path(target).exists():
         raise UserInputError(f"{target} exists, and the save dialog asked only about '{Path(path).name}': type the "
                              f"full name ({Path(target).name}) to be asked before it is replaced, or another name")
     return target
-
-
-def _with_nifti_suffix(path: str) -> str:
-    """napari normally adds the extension; this covers direct calls with a bare name."""
-    return path if str(path).lower().endswith(NIFTI_SUFFIXES) else f"{path}.nii.gz"

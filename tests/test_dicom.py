@@ -311,7 +311,8 @@ def test_a_copy_of_a_file_is_read_once_and_named(tmp_path, cut):
     shutil.copy(paths[1], copy / paths[1].name)
     scan = read_dicom_series(tmp_path)
     np.testing.assert_allclose(scan.volume, volume, atol=0.5)
-    assert any("skipped 1 duplicate file(s)" in note and f"{paths[1].name} (= {paths[1].name})" in note for note in scan.source.notes)
+    assert any("skipped 1 duplicate file(s)" in note and f"{paths[1].name} (= {paths[1].name})" in note
+               for note in scan.source.notes)
 
 
 def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):

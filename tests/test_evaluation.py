@@ -523,7 +523,8 @@ def test_labels_stored_in_another_voxel_order_are_scored_where_they_lie(tmp_path
                                                nib.orientations.axcodes2ornt(tuple(codes)))
         stored = ras.as_reoriented(ornt)
         nib.save(stored, str(tmp_path / f"{codes}.nii.gz"))
-        np.testing.assert_array_equal(onto_grid(np.asarray(stored.dataobj), stored.affine, affine, labels.shape), labels)
+        moved = onto_grid(np.asarray(stored.dataobj), stored.affine, affine, labels.shape)
+        np.testing.assert_array_equal(moved, labels)
     scores = {}
     for name in ("same", "LPS", "ARS"):
         report = tmp_path / f"{name}.json"

@@ -46,7 +46,8 @@ from .dicom_geometry import functional_group_items
 from .errors import UserInputError
 
 __all__ = ["DicomError", "SeriesInfo", "SeriesList", "ScannedFolder", "is_dicom_path", "list_series",
-           "scan_folder", "choose_series", "chosen_series_index", "series_listing", "is_media_directory", "file_sop_class"]
+           "scan_folder", "choose_series", "chosen_series_index", "series_listing", "is_media_directory",
+           "file_sop_class"]
 
 # Objects with Rows and Columns that are not images of the patient: listing them as series would only
 # make users choose between their scan and a segmentation written beside it.

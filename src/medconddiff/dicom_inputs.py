@@ -111,6 +111,11 @@ def series_file_name(number: Optional[int], description: str, part: str = "") ->
     return _joined(_series_pieces(number, description, part, 48, 24))
 
 
+def _listed_file_name(info) -> str:
+    """:func:`series_file_name` of a listed :class:`~medconddiff.dicom_folder.SeriesInfo`."""
+    return series_file_name(info.number, info.description, info.part)
+
+
 def series_case_name(source) -> str:
     """A training-set case name for a scan read from DICOM (a :class:`~medconddiff.dicom_series.DicomSource`):
     ``series2_CT_venous_1a2b3c4d``, the series by number, description and part, and a hash of its UID,
@@ -166,7 +171,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
             if info.localizers and info.localizers == info.instances:
                 note("skipped: every image is a localizer (scout)", info.name)
                 continue
-            taken.setdefault(series_file_name(info.number, info.description, info.part), []).append(info)
+            taken.setdefault(_listed_file_name(info), []).append(info)
         for name, group in taken.items():
             for info in group:
                 unique = name if len(group) == 1 else f"{name}_{_uid_tag(info.uid)}"
@@ -180,7 +185,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
                              f"segment each with --all-series\n{series_listing(infos)}")
         return [DicomPick(path, None, base, infos[0].name, infos)]
     match = infos[chosen_series_index(path, infos, series)]
-    return [DicomPick(path, match.uid, f"{base}_{series_file_name(match.number, match.description, match.part)}", match.name, infos)]
+    return [DicomPick(path, match.uid, f"{base}_{_listed_file_name(match)}", match.name, infos)]
 
 
 def read_pick(pick: DicomPick):

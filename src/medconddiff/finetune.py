@@ -456,11 +456,8 @@ def _distinct_names(names: Sequence[str]) -> list[str]:
     taken, distinct = set(names), []
     for name in names:
         unique, n = name, 1
-        while unique in distinct:
+        while unique in distinct or (unique != name and unique in taken):
             n += 1
             unique = f"{name} ({n})"
-            while unique in taken and unique != name:
-                n += 1
-                unique = f"{name} ({n})"
         distinct.append(unique)
     return distinct

@@ -146,8 +146,9 @@ def onto_grid(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
     mapping = np.linalg.solve(np.asarray(target_affine, float), np.asarray(affine, float))   # its voxel → target's
     rotation, offset = mapping[:3, :3], mapping[:3, 3]
     rounded = np.round(rotation)
-    if not np.allclose(rotation, rounded, atol=1e-3) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] \
-            or sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]:
+    magnitude = np.abs(rounded)        # a permutation: one 1 in every row and every column
+    if not np.allclose(rotation, rounded, atol=1e-3) or not (magnitude.sum(axis=0) == 1).all() \
+            or not (magnitude.sum(axis=1) == 1).all():
         return None
     axes = tuple(int(np.argmax(np.abs(rounded[d]))) for d in range(3))
     flips = tuple(bool(rounded[d, axes[d]] < 0) for d in range(3))

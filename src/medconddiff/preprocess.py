@@ -292,10 +292,10 @@ class ScanPreprocessor:
         """Check a scan, measure its intensities and geometry; nothing is resampled yet."""
         volume = with_channels(check_volume(volume), self.plan.num_channels)
         geometry = self.geometry(volume.shape[:3], meta)
-        # Measured on the canonical view: a subsample taken in file order would differ between two files of
-        # the same anatomy stored in other voxel orders (percentile and z-score channels above 2 M voxels).
-        intensities = tuple(channel_intensity(geometry.slice_view(volume[..., c]), self.plan.scheme_of(c), self.plan)
-                            for c in range(volume.shape[3]))
+        # Measured on the canonical view: every n-th voxel taken in file order would differ between two files
+        # of the same anatomy stored in other voxel orders (percentile and z-score channels above 4 M voxels).
+        intensities = tuple(channel_intensity(geometry.slice_view(volume[..., c]), self.plan.scheme_of(c),
+                                              self.plan) for c in range(volume.shape[3]))
         unlike_ct = [c for c in range(volume.shape[3])
                      if self.plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
         if unlike_ct:

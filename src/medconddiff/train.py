@@ -141,7 +141,7 @@ class Trainer:
         self.schedule = NoiseSchedule(config.diffusion)
         self.train_set = train_set
         self.validation = validation
-        self.generator = torch.Generator().manual_seed(self.tc.train_seed * 1000 + self.dist.rank)
+        self.generator = torch.Generator().manual_seed(self._draw_seed(0))
         self.model.prepare_training(train_set, self.tc, self.device, self.log)  # LSegDiff: its mask VAE
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # foreach: bit-identical to the single-tensor loop torch uses by default on the CPU, a third faster
@@ -159,6 +159,10 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.nonfinite_in_row = 0
+
+    def _draw_seed(self, step: int) -> int:
+        """The seed of the sampler's and the noise's draws from ``step`` on: each rank its own stream."""
+        return self.tc.train_seed * 1000 + self.dist.rank + 7919 * step
 
     # -- data -----------------------------------------------------------------------------------
     def iterations_per_epoch(self) -> int:
@@ -216,8 +220,8 @@ class Trainer:
             self.model.load_state_dict(model_state(checkpoint))
         _restore_optimizer(self.optimizer, state)
         self.step = int(checkpoint.extra.get("step", 0))
-        # Draws go on from the step reached, not from the run's first ones again (each rank its own stream).
-        self.generator.manual_seed(self.tc.train_seed * 1000 + self.dist.rank + 7919 * self.step)
+        # Draws go on from the step reached, not from the run's first ones again.
+        self.generator.manual_seed(self._draw_seed(self.step))
         self.epoch = int(checkpoint.extra.get("epoch", 0))
         self.history = list(checkpoint.extra.get("history", []))
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
