@@ -418,6 +418,8 @@ class SegmentFlow:
                      "the other slices are untouched.")
         if pending.kept:
             text += f" Your edits on slice(s) {slice_list_text(pending.kept)} were kept."
+        if pending.apart:      # said when the run began too; the line that stays must say it again
+            text += f" {pending.apart}"
         if how == "done":
             text += " Show the x0 (steps) layer and move the 'diffusion step' slider to replay the diffusion."
         self.status.emit(text)

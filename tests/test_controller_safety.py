@@ -84,6 +84,7 @@ def test_a_model_of_other_classes_gets_new_layers_and_the_old_ones_stay_the_user
     np.testing.assert_array_equal(liver_consensus.data, liver_labels)
     assert list(liver_consensus.features["class"]) == list(LIVER)
     assert any("are not those of the layers" in text for text in statuses)
+    assert "are not those of the layers" in statuses[-1]       # also on the line that stays after the run
     _, sidecar = controller.export(tmp_path / "kidney_seg.nii.gz", overwrite=False)
     assert json.loads(sidecar.read_text())["class_names"] == ["background", "kidney"]
 
