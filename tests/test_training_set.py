@@ -325,6 +325,52 @@ def test_a_failure_while_moving_files_into_place_restores_the_set(tmp_path, scan
     assert TrainingSet.open(root).cases == ["a"]
 
 
+KILLED_WHILE_MOVING = """
+import os, sys
+import numpy as np
+from medconddiff.training_set import TrainingSet
+from tests.conftest import meta_1mm
+
+root, arrays = sys.argv[1], np.load(sys.argv[2])
+real_replace = os.replace
+
+def replace(source, target):
+    if os.path.basename(source).endswith("-a.nii.gz"):  # the new label, its old one already moved aside
+        os._exit(3)                                      # killed: no exception handler runs
+    real_replace(source, target)
+
+os.replace = replace
+TrainingSet.open(root).add_scan("a", arrays["image"], meta_1mm(), arrays["labels"],
+                                ("background", "liver", "tumour"), verified_slices=[3])
+"""
+
+
+def test_an_add_killed_while_moving_its_files_is_finished_when_the_set_is_opened(tmp_path, scan):
+    """A program killed between setting a label file aside and moving its replacement in left the
+    case without a label; the next add emptied the staging folder that held both versions."""
+    import subprocess
+    import sys
+    import warnings
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[0])
+    np.savez(tmp_path / "arrays.npz", image=image, labels=labels)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_MOVING, str(root), str(tmp_path / "arrays.npz")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert killed.returncode == 3, killed.stderr
+    assert not (root / "labelsTr" / "a.nii.gz").exists()             # the state the kill left
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reopened = TrainingSet.open(root)
+    assert any("finished an add that was stopped" in str(w.message) for w in caught)
+    assert reopened.cases == ["a"] and reopened.verified_slices("a") == [0, 3]
+    np.testing.assert_array_equal(label_file(root, "a")[..., [0, 3]], labels[..., [0, 3]])
+    assert not (root / STAGING_FOLDER).exists()
+    # The next add builds on the finished one.
+    assert reopened.add_scan("a", image, META, labels, LIVER, verified_slices=[5]).verified_slices == 3
+
+
 def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tmp_path, scan):
     image, labels = scan
     with pytest.raises(TrainingSetError, match=r"not a training set \(no dataset\.json\)"):

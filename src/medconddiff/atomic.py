@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+JOURNAL_NAME = "commit.json"   # StagedFiles' record of a commit's moves, inside its folder
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
                  suffix: str = "") -> Path:
@@ -102,10 +104,13 @@ class StagedFiles:
             save(staging.file(target_a)); save(staging.file(target_b))
             staging.commit()            # in the order given; a failed move undoes the ones made
 
-    The folder is emptied on entry (what a crash left there was never committed) and removed on exit,
-    so a run that stops before :meth:`commit` changes no target. Targets must be on the folder's file
-    system (moves are renames). :meth:`remove` stages a deletion: the target is moved into the folder
-    at commit (undone with the rest if a later move fails) and deleted with it on exit.
+    A run that stops before :meth:`commit` changes no target. :meth:`commit` first writes a journal
+    of its moves into the folder, once every staged file is complete on disk; a process killed while
+    moving (a target moved aside, its replacement not yet in place) is finished by
+    :func:`finish_interrupted_commit`, which entering the folder again runs before emptying it, so the
+    files of an interrupted commit are never thrown away. Targets must be on the folder's file system
+    (moves are renames). :meth:`remove` stages a deletion: the target is moved into the folder at commit
+    (undone with the rest if a later move fails) and deleted with it on exit.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -113,6 +118,7 @@ class StagedFiles:
         self.moves: list[tuple[Optional[Path], Path]] = []
 
     def __enter__(self) -> "StagedFiles":
+        finish_interrupted_commit(self.folder)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True)
         return self
@@ -134,12 +140,19 @@ class StagedFiles:
     def commit(self) -> None:
         """Move every staged file over its target (and out of the way, a removed one); if one move fails,
         put back what was moved and raise."""
+        for staged, _ in self.moves:
+            if staged is not None:
+                _fsync_file(staged)
+        journal = self.folder / JOURNAL_NAME
+        write_json_atomic(journal, {"moves": [
+            {"staged": None if staged is None else staged.name,
+             "target": os.path.relpath(target, self.folder.parent)} for staged, target in self.moves]})
         done: list[tuple[Optional[Path], Path]] = []
         try:
             for index, (staged, target) in enumerate(self.moves):
                 backup = None
                 if target.exists():
-                    backup = self.folder / f"{index}-previous-{target.name}"
+                    backup = _backup_path(self.folder, index, target)
                     os.replace(target, backup)
                 done.append((backup, target))
                 if staged is not None:
@@ -150,4 +163,51 @@ class StagedFiles:
                     target.unlink(missing_ok=True)
                 else:
                     os.replace(backup, target)
+            journal.unlink(missing_ok=True)
             raise
+        journal.unlink()
+
+
+
+def finish_interrupted_commit(folder: str | os.PathLike) -> list[Path]:
+    """Finish the moves of a :class:`StagedFiles` commit whose process was killed part-way.
+
+    Its journal is written only once every staged file is complete, so the commit is carried forward
+    (not undone): each move not yet made is made, a target still in place is set aside first; then the
+    folder (the replaced versions with it) is removed, as the commit would have. Returns the targets
+    moved here (empty when there was nothing to finish).
+    """
+    folder = Path(folder)
+    journal = folder / JOURNAL_NAME
+    if not journal.is_file():
+        return []
+    try:
+        moves = json.loads(journal.read_text(encoding="utf-8"))["moves"]
+    except (OSError, ValueError, KeyError, TypeError):
+        # A journal cut short was written before the first move (write_json_atomic renames it into
+        # place whole), so no target was touched: nothing to finish.
+        return []
+    finished = []
+    for index, move in enumerate(moves):
+        target = folder.parent / move["target"]
+        staged = None if move["staged"] is None else folder / move["staged"]
+        backup = _backup_path(folder, index, target)
+        if staged is not None and not staged.exists():
+            continue                                    # this move was made before the stop
+        if target.exists() and not backup.exists():
+            os.replace(target, backup)
+            finished.append(target)
+        if staged is not None:
+            os.replace(staged, target)
+            finished.append(target)
+    shutil.rmtree(folder, ignore_errors=True)
+    return sorted(set(finished))
+
+
+def _backup_path(folder: Path, index: int, target: Path) -> Path:
+    return folder / f"{index}-previous-{target.name}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -47,6 +47,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -55,7 +56,7 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .atomic import StagedFiles
+from .atomic import JOURNAL_NAME, StagedFiles, finish_interrupted_commit
 from .class_match import class_index, class_key, merge_class_lists, one_class_each
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
@@ -247,8 +248,16 @@ class TrainingSet:
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "TrainingSet":
         """An existing set; its dataset.json and file names are checked against each other, and every
-        case's label against its image's grid (headers only)."""
+        case's label against its image's grid (headers only). An add that a killed program left half
+        moved into place is finished first (see :class:`~medconddiff.atomic.StagedFiles`)."""
         root = Path(folder).expanduser()
+        if (root / STAGING_FOLDER / JOURNAL_NAME).is_file():
+            with _set_lock(root):
+                _finish_interrupted_add(root)
+        return cls._read(root)
+
+    @classmethod
+    def _read(cls, root: Path) -> "TrainingSet":
         manifest = root / "dataset.json"
         if not root.is_dir():
             raise TrainingSetError(f"{root}: training-set folder not found")
@@ -306,22 +315,14 @@ class TrainingSet:
             return self._add_scan(case_id, image, meta, labels, class_names, verified_slices, slicing,
                                   verified_mask, channel_names)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        lock = FileLock(str(self.root / LOCK_FILE), timeout=LOCK_WAIT_SECONDS)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise TrainingSetError(f"{self.root}: another program has been adding to this training set for "
-                                   f"{LOCK_WAIT_SECONDS:g} s; try again when it has finished") from None
-        try:
-            yield
-        finally:
-            lock.release()
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _set_lock(self.root)
 
     def _reload(self) -> None:
-        """Take what is on disk now: another program may have added to the set since it was opened."""
-        current = TrainingSet.open(self.root)
+        """Take what is on disk now: another program may have added to the set since it was opened
+        (called holding the lock, so an add a killed program left half done is finished here)."""
+        _finish_interrupted_add(self.root)
+        current = TrainingSet._read(self.root)
         self.class_names, self.channel_names = current.class_names, current.channel_names
         self._slicing, self._stored_ignore, self._cases = current._slicing, current._stored_ignore, current._cases
         self._digests, self._kept = current._digests, current._kept
@@ -693,6 +694,35 @@ class TrainingSet:
 
     def _verified_slice_count(self, case: str, label_map: np.ndarray, meta: VolumeMeta) -> int:
         return len(_verified_slices(label_map != self._stored_ignore, meta, self._slicing.get(case, "axial")))
+
+
+@contextlib.contextmanager
+def _set_lock(root: Path) -> Iterator[None]:
+    lock = FileLock(str(root / LOCK_FILE), timeout=LOCK_WAIT_SECONDS)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingSetError(f"{root}: another program has been adding to this training set for "
+                               f"{LOCK_WAIT_SECONDS:g} s; try again when it has finished") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _finish_interrupted_add(root: Path) -> None:
+    """Carry an add (or removal) that a killed program stopped while moving its files into place
+    through to its end, so its label file is not left in the staging folder, where the next add would
+    clear it. Caller holds the set's lock."""
+    try:
+        finished = finish_interrupted_commit(root / STAGING_FOLDER)
+    except OSError as error:
+        raise TrainingSetError(f"{root}: an earlier add was stopped while moving its files into place and "
+                               f"could not be finished here ({error.strerror or error}); open the set where "
+                               "it can be written") from None
+    if finished:
+        warnings.warn(f"{root.name}: finished an add that was stopped while moving its files into place "
+                      f"({len(finished)} file(s))", stacklevel=3)
 
 
 def _merge_class_names(current: tuple[str, ...], incoming: Sequence[str], manifest: Path
