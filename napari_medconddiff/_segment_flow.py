@@ -234,17 +234,24 @@ class SegmentFlow:
     def _results_for(self, pending: _Pending, info: RunStarted) -> ResultSet:
         """The scan's result set (its layers updated slice by slice), or a new one with new layers."""
         results = self.results.get(pending.scan_id)
-        apart = None if results is None else (
-            "this run slices the scan another way" if not results.compatible(info.space) else
-            f"this model's classes ({', '.join(info.class_names[1:])}) are not those of the layers "
-            f"({', '.join(results.class_names[1:])})" if not classes_agree(info.class_names, results.class_names)
-            else None)
+        apart, tag = None, ""
+        if results is not None and not results.compatible(info.space):
+            apart, tag = "this run slices the scan another way", f"{results.space.geometry.slicing} slices"
+        elif results is not None and not classes_agree(info.class_names, results.class_names):
+            old_classes = ", ".join(results.class_names[1:])
+            apart = (f"this model's classes ({', '.join(info.class_names[1:])}) are not those of the layers "
+                     f"({old_classes})")
+            tag = old_classes
         if apart is not None:
-            # Slices cannot be matched, or label values would change meaning: the old layers stay, as the user's.
+            # Slices cannot be matched, or label values would change meaning: the old layers stay, as the
+            # user's, named by what sets them apart, so that the new layers take the plain names (not
+            # napari's "[1]") and the layer list tells the two apart.
             for layer in results.layers.values():
                 results_layers.detach(layer)
-            pending.apart = (f"The earlier result layers of '{pending.scan_name}' are left as they are, yours now "
-                             f"(later runs leave them alone): {apart}.")
+                if layer in self.viewer.layers:
+                    layer.name = f"{layer.name} ({tag})"
+            pending.apart = (f"The earlier result layers of '{pending.scan_name}' are left as they are, yours now, "
+                             f"named '… ({tag})' (later runs leave them alone): {apart}.")
             results = None
         if results is None:
             results = self._new_results(pending.settings.scan, pending.scan_id, pending.scan_name, pending.source,

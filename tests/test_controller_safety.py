@@ -85,8 +85,31 @@ def test_a_model_of_other_classes_gets_new_layers_and_the_old_ones_stay_the_user
     assert list(liver_consensus.features["class"]) == list(LIVER)
     assert any("are not those of the layers" in text for text in statuses)
     assert "are not those of the layers" in statuses[-1]       # also on the line that stays after the run
+    # The layer list tells the two apart: the old ones named by their classes, the new ones plain (no "[1]").
+    assert liver_consensus.name == "liver consensus (liver, tumour)" and consensus.name == "liver consensus"
+    assert sorted(layer.name for layer in viewer.layers if "[" in layer.name) == []
     _, sidecar = controller.export(tmp_path / "kidney_seg.nii.gz", overwrite=False)
     assert json.loads(sidecar.read_text())["class_names"] == ["background", "kidney"]
+
+
+def test_a_model_slicing_another_way_gets_new_layers_and_the_old_ones_are_named_by_their_slicing(
+        liver_volume, tiny_checkpoint, tmp_path):
+    from medconddiff.config import PreprocessPlan
+
+    coronal = save_tiny(tmp_path / "coronal.safetensors", tiny_config(plan=PreprocessPlan(slicing="coronal")))
+    viewer, scan, controller = make(liver_volume[0])
+    statuses = []
+    controller.status.connect(statuses.append)
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    axial_consensus = layer(viewer, "consensus")
+    axial_labels = np.asarray(axial_consensus.data).copy()
+    assert segment(controller, scan, coronal) == "done"
+    assert "slices the scan another way" in statuses[-1]
+    assert axial_consensus.name == "liver consensus (axial slices)" and not _result_layers.is_own_result(
+        axial_consensus)
+    np.testing.assert_array_equal(axial_consensus.data, axial_labels)
+    assert layer(viewer, "consensus").name == "liver consensus"
+    assert [layer.name for layer in viewer.layers if "[" in layer.name] == []
 
 
 def test_a_checked_slice_is_kept_from_a_rerun_unless_the_user_lets_it_be_replaced(liver_volume, tiny_checkpoint):
