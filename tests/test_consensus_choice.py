@@ -285,6 +285,29 @@ def test_a_model_whose_steps_never_beat_its_one_shot_may_choose_it(tiny_checkpoi
     assert np.array_equal(result.labels, segmenter.one_shot(image, slices=[2, 3], meta=META))
 
 
+def test_a_fusion_asked_of_a_one_shot_model_takes_the_steps_its_step_dice_support(tiny_checkpoint, liver_volume,
+                                                                                   capsys):
+    """LSegDiff records the one-shot with 1 step beside it; `--consensus mean` fused that single x̂0 (no step
+    disagreement in the uncertainty) and the command line called the user's choice the model's own."""
+    from medconddiff.commands.segment import sampling_line
+
+    scores = {"mean": 0.8833, "late_mean": 0.8830, "last": 0.8830, "one_shot": 0.8891}
+    choice = ConsensusChoice("one_shot", "x", 1, 16, scores, (0.8832, 0.8829, 0.8830), 0.8891,
+                             step_cap=ONE_SHOT_STEP_CAP)
+    assert choice.step_cap_for("auto") == choice.step_cap_for("one_shot") == ONE_SHOT_STEP_CAP
+    assert choice.step_cap_for("mean") == MIN_STEP_CAP == useful_steps(choice.step_dice)
+    assert dataclasses.replace(choice, step_dice=(0.80, 0.81, 0.83)).step_cap_for("mean") is None   # every step
+    image, _ = liver_volume
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    auto = Segmenter(segmenter.model, segmenter.config, device="cpu", consensus_choice=choice)
+    result = auto.segment(image, SamplingConfig(steps=3, consensus="mean"), slices=[2, 3], meta=META)
+    assert result.sampling.step_cap == 2 and result.trajectory.shape[0] >= 2
+    line = sampling_line(auto, SamplingConfig(steps=3, consensus="mean"))
+    assert line.startswith("sampling: adaptive, at most 2 of 3 steps, consensus mean (the model's step cap, ")
+    assert "model's own" not in line
+    assert "(the model's own: " in sampling_line(auto, SamplingConfig(steps=3))
+
+
 def test_a_choice_measured_at_a_step_cap_holds_for_runs_that_stop_there(tiny_checkpoint):
     """The default records `last` of its 2 capped steps; on 10 fixed steps `last` would be its 10th step, which
     the choosing slices never scored, so such a run fuses with `mean` as a model without a record does."""

@@ -121,6 +121,16 @@ class ConsensusChoice:
         most = sampling.step_cap if sampling.adaptive and sampling.step_cap else sampling.steps
         return self.method if most <= self.step_cap else FALLBACK
 
+    def step_cap_for(self, consensus: str) -> Optional[int]:
+        """The step cap of a run that fuses with ``consensus`` ("auto": this choice): the recorded one,
+        except where the choice is the one-shot, whose single step only feeds the uncertainty beside it.
+        A run that fuses the steps itself (the user asked for ``mean``) takes the cap its step Dice
+        support (:func:`useful_steps`, at least :data:`MIN_STEP_CAP`; None: every step), so that it
+        has steps to fuse and to disagree."""
+        if self.method == ONE_SHOT and self.step_cap == ONE_SHOT_STEP_CAP and consensus not in ("auto", ONE_SHOT):
+            return useful_steps(self.step_dice)
+        return self.step_cap
+
     def origin(self) -> str:
         """Where the choice came from, in a few words."""
         return f"chosen on {self.basis}" if self.slices else self.basis

@@ -387,8 +387,10 @@ def sampling_line(segmenter, sampling: SamplingConfig) -> str:
     if choice is not None and sampling.consensus == "auto" and used.consensus != choice.method:
         text += (f" (the model's choice '{choice.method}' holds for runs of at most {choice.step_cap} steps, where it "
                  f"was measured; longer runs fuse with {used.consensus})")
-    elif choice is not None and (sampling.consensus == "auto" or model_cap):
+    elif choice is not None and sampling.consensus == "auto":
         text += f" (the model's own: {choice.origin()})"
+    elif choice is not None and model_cap:
+        text += f" (the model's step cap, {choice.origin()})"
     return text
 
 
