@@ -226,6 +226,27 @@ def test_a_held_out_scan_the_model_cannot_score_is_reported_not_fatal(tiny_check
     assert check["scan"] == "other.nii.gz" and "label value 5" in check["skipped"]
 
 
+def test_held_out_labels_stored_in_another_voxel_order_are_scored_where_they_lie(liver_volume, tmp_path):
+    """The benchmark's held-out check reads labels as evaluate does: the image's grid stored flipped is moved onto
+    the image's voxels, not compared voxel by voxel (that scored the bundled model 0.10 for evaluate's 0.87)."""
+    import nibabel as nib
+    import numpy as np
+
+    from medconddiff.benchmark import held_out_scan
+    from medconddiff.benchmark_measures import sample_volume
+
+    image, labels = liver_volume
+    image_path, _ = _write_scan(tmp_path, "scan", image.astype(np.int16), labels.astype(np.uint8))
+    affine = nib.load(str(image_path)).affine
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = labels.shape[0] - 1                   # voxel i of the flipped file is voxel n-1-i of the image
+    flipped_path = tmp_path / "flipped_labels.nii.gz"
+    nib.save(nib.Nifti1Image(labels[::-1].astype(np.uint8), affine @ flip), str(flipped_path))
+    options = BenchmarkOptions.quick(heldout_scan=(str(image_path), str(flipped_path)), heldout_slices=(0, 2))
+    held = held_out_scan(options, *sample_volume())
+    np.testing.assert_array_equal(held.labels, labels)
+
+
 def test_a_wrong_held_out_pair_fails_before_anything_is_measured(tiny_checkpoint, liver_volume, tmp_path, capsys):
     import numpy as np
 

@@ -387,6 +387,7 @@ def held_out_scan(options: BenchmarkOptions, volume: np.ndarray, meta: Any) -> O
     checked against it before anything is measured, so a wrong pair fails in seconds, not after the
     timings; ``volume``/``meta`` are the bundled sample as :func:`sample_volume` loaded it."""
     from .errors import UserInputError
+    from .geometry import labels_on_image_grid
     from .nifti import load_labels, load_volume, sample_label_path
 
     if not options.heldout_slices:
@@ -397,7 +398,10 @@ def held_out_scan(options: BenchmarkOptions, volume: np.ndarray, meta: Any) -> O
         return HeldOutScan("sample", volume, meta, labels, slices, bundled=True)
     image_path, label_path = options.heldout_scan
     image, image_meta = load_volume(image_path)
-    labels, _ = load_labels(label_path)
+    labels, label_meta = load_labels(label_path)
+    # As evaluate reads them: labels of the image's grid in another voxel order are scored where they lie.
+    labels, _ = labels_on_image_grid(labels, None if label_meta is None else label_meta.affine, image_meta.affine,
+                                     image.shape)
     if tuple(labels.shape) != tuple(image.shape[:3]):
         raise UserInputError(f"held-out labels {Path(label_path).name} have shape {tuple(labels.shape)}, "
                              f"the image {Path(image_path).name} {tuple(image.shape[:3])}")

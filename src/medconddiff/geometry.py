@@ -160,6 +160,20 @@ def onto_grid(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray,
     return np.ascontiguousarray(Reorientation(axes, flips).apply(array))
 
 
+def labels_on_image_grid(labels: np.ndarray, label_affine: Optional[np.ndarray], image_affine: np.ndarray,
+                         image_shape: Sequence[int]) -> tuple[np.ndarray, str]:
+    """Reference ``labels`` on the image's voxels, and how they got there: ``"same"`` (one affine),
+    ``"reordered"`` (the image's grid stored in another voxel order, moved by :func:`onto_grid`) or
+    ``"affine differs"`` (same shape, another place: left voxel by voxel, the caller warns). Labels of
+    another shape on another grid come back unchanged, for the caller's shape check to refuse."""
+    if label_affine is None or np.allclose(label_affine, image_affine, atol=1e-3):
+        return labels, "same"
+    moved = onto_grid(labels, label_affine, image_affine, tuple(image_shape)[:3])
+    if moved is not None:
+        return moved, "reordered"
+    return labels, "affine differs"
+
+
 def affine_is_usable(affine: np.ndarray) -> bool:
     """A finite affine whose 3×3 part is not singular (so it names a direction for every axis)."""
     affine = np.asarray(affine, dtype=float)

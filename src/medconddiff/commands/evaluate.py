@@ -220,7 +220,7 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, cla
                     ) -> Iterator[tuple[EvalCase, dict]]:
     from ..class_match import match_classes
     from ..evaluation import evaluate_volume
-    from ..geometry import onto_grid
+    from ..geometry import labels_on_image_grid
     from ..nifti import load_labels
     from ..outputs import recorded_name
 
@@ -229,15 +229,14 @@ def _evaluate_cases(cases: list[EvalCase], segmenter, sampling, slices_text, cla
         try:
             image, meta = case.load_image()
             labels, label_meta = case.load_label() if case.load_label else load_labels(case.label)
-            if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
-                moved = onto_grid(labels, label_meta.affine, meta.affine, image.shape[:3])
-                if moved is not None:      # the image's grid stored in another voxel order: scored where it lies
-                    labels = moved
-                    print(f"medconddiff evaluate: note: {case.name}: the label file stores the image's grid in "
-                          "another voxel order; read onto the image's voxels", file=sys.stderr)
-                elif labels.shape == tuple(image.shape[:3]):
-                    print(f"medconddiff evaluate: warning: {case.name}: the label file's affine differs from the "
-                          "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
+            labels, placed = labels_on_image_grid(labels, None if label_meta is None else label_meta.affine,
+                                                  meta.affine, image.shape)
+            if placed == "reordered":      # the image's grid stored in another voxel order: scored where it lies
+                print(f"medconddiff evaluate: note: {case.name}: the label file stores the image's grid in "
+                      "another voxel order; read onto the image's voxels", file=sys.stderr)
+            elif placed == "affine differs" and labels.shape == tuple(image.shape[:3]):
+                print(f"medconddiff evaluate: warning: {case.name}: the label file's affine differs from the "
+                      "image's; labels are compared voxel by voxel on the image's grid", file=sys.stderr)
             match = match_classes(case.reference_names(labels) if case.reference_names else None,
                                   segmenter.class_names, class_map, labels, case.ignore_value)
             for kind, text in match.messages():
