@@ -158,7 +158,8 @@ def test_a_capped_model_stops_every_slice_at_its_cap_and_the_choice_scores_what_
     sampling = SamplingConfig(steps=5, convergence_change=0.0)          # nothing converges: only a cap stops
     uncapped = plain.segment(image, sampling, slices=[1, 2], meta=META)
     assert uncapped.sampling.step_cap == 5 and (uncapped.steps_used == 5).all()
-    capped_choice = ConsensusChoice("mean", "a test", 1, 2, {"mean": 0.5}, (0.5,) * 5, 0.5, step_cap=2)
+    capped_choice = ConsensusChoice("mean", "a test", 1, 2, {"mean": 0.5}, (0.5,) * 5, 0.5, step_cap=2,
+                                    schedule_steps=5)
     capped = Segmenter(plain.model, plain.config, device="cpu", consensus_choice=capped_choice)
     run = capped.segment(image, sampling, slices=[1, 2], meta=META)
     assert run.sampling.step_cap == 2 and (run.steps_used == 2).all()
@@ -228,7 +229,7 @@ def test_segment_says_once_how_it_samples_and_whose_choice_that_is(tmp_path, tin
     nib.save(nib.Nifti1Image(image, np.diag([0.8, 0.8, 2.0, 1.0])), str(scan))
     choice = ConsensusChoice(method="late_mean", basis="3 test slices", scans=1, slices=3,
                              candidate_dice={name: 0.5 for name in CANDIDATES}, step_dice=[0.4, 0.5, 0.5],
-                             one_shot_dice=0.45, step_cap=2)
+                             one_shot_dice=0.45, step_cap=2, schedule_steps=3)
     chosen = tmp_path / "chosen.safetensors"
     with_extra(tiny_checkpoint, chosen, {"consensus_choice": choice.to_dict()})
 
@@ -293,7 +294,7 @@ def test_a_fusion_asked_of_a_one_shot_model_takes_the_steps_its_step_dice_suppor
 
     scores = {"mean": 0.8833, "late_mean": 0.8830, "last": 0.8830, "one_shot": 0.8891}
     choice = ConsensusChoice("one_shot", "x", 1, 16, scores, (0.8832, 0.8829, 0.8830), 0.8891,
-                             step_cap=ONE_SHOT_STEP_CAP)
+                             step_cap=ONE_SHOT_STEP_CAP, schedule_steps=3)
     assert choice.step_cap_for("auto") == choice.step_cap_for("one_shot") == ONE_SHOT_STEP_CAP
     assert choice.step_cap_for("mean") == MIN_STEP_CAP == useful_steps(choice.step_dice)
     assert dataclasses.replace(choice, step_dice=(0.80, 0.81, 0.83)).step_cap_for("mean") is None   # every step
@@ -308,6 +309,30 @@ def test_a_fusion_asked_of_a_one_shot_model_takes_the_steps_its_step_dice_suppor
     assert "(the model's own: " in sampling_line(auto, SamplingConfig(steps=3))
 
 
+def test_a_step_cap_counts_steps_of_the_schedule_it_was_measured_on(tiny_checkpoint):
+    """The default's cap of 2 was measured on 10 steps (t = 999, 888); a --steps 3 run's first 2 steps stop at
+    t = 500, where the recorded `last` scored 0.8704 and below its best step. Another schedule runs uncapped with
+    the fallback, as a model without a record does."""
+    choice = ConsensusChoice("last", "x", 1, 16, {m: 0.9 for m in CANDIDATES}, (0.8985, 0.9004, 0.9008), 0.888,
+                             step_cap=2)                                   # a record of 0.2.0: no schedule kept
+    assert choice.measured_schedule == SamplingConfig().steps == 10
+    assert choice.holds_for_schedule(10) and not choice.holds_for_schedule(3)
+    assert choice.method_for(SamplingConfig(steps=3)) == "mean" and choice.step_cap_for("auto", 3) is None
+    plain = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+    model = Segmenter(plain.model, plain.config, device="cpu", consensus_choice=choice)
+    on_three = model.resolve_sampling(SamplingConfig(steps=3))
+    assert (on_three.step_cap, on_three.consensus) == (3, "mean")
+    on_ten = model.resolve_sampling(SamplingConfig())
+    assert (on_ten.step_cap, on_ten.consensus) == (2, "last")
+    measured_on_3 = dataclasses.replace(choice, schedule_steps=3)
+    assert ConsensusChoice.from_dict(measured_on_3.to_dict()) == measured_on_3
+    assert Segmenter(plain.model, plain.config, device="cpu", consensus_choice=measured_on_3).resolve_sampling(
+        SamplingConfig(steps=3)).step_cap == 2
+    # The one-shot's labels do not depend on the schedule: its choice holds for any run.
+    one_shot = dataclasses.replace(choice, method="one_shot", step_cap=ONE_SHOT_STEP_CAP)
+    assert one_shot.method_for(SamplingConfig(steps=3)) == "one_shot" and one_shot.step_cap_for("auto", 3) == 1
+
+
 def test_a_choice_measured_at_a_step_cap_holds_for_runs_that_stop_there(tiny_checkpoint):
     """The default records `last` of its 2 capped steps; on 10 fixed steps `last` would be its 10th step, which
     the choosing slices never scored, so such a run fuses with `mean` as a model without a record does."""
@@ -316,7 +341,8 @@ def test_a_choice_measured_at_a_step_cap_holds_for_runs_that_stop_there(tiny_che
     assert choice.method_for(SamplingConfig(step_cap=2)) == "last"
     assert choice.method_for(None) == "last"
     assert choice.method_for(SamplingConfig(adaptive=False)) == "mean"            # 10 fixed steps
-    assert choice.method_for(SamplingConfig(steps=2, adaptive=False)) == "last"
+    assert choice.method_for(SamplingConfig(steps=2, adaptive=False)) == "mean"   # another schedule: t = 999, 500
+    assert dataclasses.replace(choice, schedule_steps=2).method_for(SamplingConfig(steps=2, adaptive=False)) == "last"
     assert choice.method_for(SamplingConfig(step_cap=5)) == "mean"                # a larger cap asked for
     assert dataclasses.replace(choice, method="one_shot").method_for(SamplingConfig(adaptive=False)) == "one_shot"
     assert dataclasses.replace(choice, step_cap=None).method_for(SamplingConfig(adaptive=False)) == "last"

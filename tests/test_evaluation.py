@@ -557,3 +557,23 @@ def test_evaluate_scores_a_multichannel_scan_as_one_4d_file_or_one_file_per_chan
         (volume,) = strict_json((tmp_path / f"{name}.json").read_text())["volumes"].values()
         reports[name] = volume["consensus"]
     assert reports["4d"] == reports["files"]
+
+
+def test_steps_are_scored_with_the_models_clean_up_as_the_consensus_and_one_shot_are(tiny_checkpoint, liver_volume):
+    """LSegDiff cleans its labels (small components removed): its consensus and one-shot were scored cleaned
+    and its steps raw, so a 'last' consensus scored apart from its own last step."""
+    from medconddiff.segmenter import Segmenter
+
+    image, labels = liver_volume
+    segmenter = Segmenter.from_checkpoint(tiny_checkpoint, device="cpu")
+
+    def without_tumour(predicted, model_pixel_area=1.0):    # a clean-up that visibly changes the labels
+        return np.where(predicted == 2, 0, predicted).astype(predicted.dtype)
+
+    segmenter.model.postprocess = without_tumour
+    from tests.conftest import meta_1mm
+
+    report = evaluate_volume(segmenter, image, labels, meta_1mm(),
+                             SamplingConfig(steps=2, adaptive=False, consensus="last"), slices=range(1, 5))
+    assert report["consensus"]["per_class"]["tumour"]["predicted_voxels"] == 0
+    assert report["step_mean_dice"][-1] == pytest.approx(report["consensus"]["mean_foreground"]["dice"])

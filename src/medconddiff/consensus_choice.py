@@ -81,6 +81,9 @@ class ConsensusChoice:
     step_dice: Sequence[float] = ()
     one_shot_dice: float = float("nan")
     step_cap: Optional[int] = None     # adaptive runs stop every slice here (None: no cap)
+    #: The schedule (``SamplingConfig.steps``) the choice was measured on; None in records written before it
+    #: was kept, all measured on the default schedule. A cap counts steps of that schedule only.
+    schedule_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in CANDIDATES:
@@ -118,18 +121,35 @@ class ConsensusChoice:
         on the steps and holds for any run."""
         if sampling is None or self.step_cap is None or self.method == ONE_SHOT:
             return self.method
+        if not self.holds_for_schedule(sampling.steps):
+            return FALLBACK
         most = sampling.step_cap if sampling.adaptive and sampling.step_cap else sampling.steps
         return self.method if most <= self.step_cap else FALLBACK
 
-    def step_cap_for(self, consensus: str) -> Optional[int]:
-        """The step cap of a run that fuses with ``consensus`` ("auto": this choice): the recorded one,
-        except where the choice is the one-shot, whose single step only feeds the uncertainty beside it.
-        A run that fuses the steps itself (the user asked for ``mean``) takes the cap its step Dice
-        support (:func:`useful_steps`, at least :data:`MIN_STEP_CAP`; None: every step), so that it
-        has steps to fuse and to disagree."""
-        if self.method == ONE_SHOT and self.step_cap == ONE_SHOT_STEP_CAP and consensus not in ("auto", ONE_SHOT):
-            return useful_steps(self.step_dice)
-        return self.step_cap
+    @property
+    def measured_schedule(self) -> int:
+        """The ``steps`` of the schedule the choice was measured on."""
+        return self.schedule_steps or SamplingConfig().steps
+
+    def holds_for_schedule(self, steps: int) -> bool:
+        """Whether a cap of this choice means the same steps in a run of ``steps``: its first two steps of
+        10 are t = 999, 888, of 3 they are t = 999, 500 (there the default's cap of 2 scored 0.8704 and
+        below its best step, against 0.8726 on 10)."""
+        return self.step_cap is None or steps == self.measured_schedule
+
+    def step_cap_for(self, consensus: str, steps: Optional[int] = None) -> Optional[int]:
+        """The step cap of a run of ``steps`` (None: the measured schedule) that fuses with ``consensus``
+        ("auto": this choice): the recorded one, except where the choice is the one-shot, whose single
+        step only feeds the uncertainty beside it. A run that fuses the steps itself (the user asked for
+        ``mean``) takes the cap its step Dice support (:func:`useful_steps`, at least
+        :data:`MIN_STEP_CAP`; None: every step), so that it has steps to fuse and to disagree. A run on
+        another schedule takes no cap (None): the steps the cap counted are not its steps."""
+        one_shot_step = self.method == ONE_SHOT and self.step_cap == ONE_SHOT_STEP_CAP
+        if one_shot_step and consensus in ("auto", ONE_SHOT):
+            return self.step_cap            # the one-shot's labels do not depend on the schedule
+        if steps is not None and not self.holds_for_schedule(steps):
+            return None
+        return useful_steps(self.step_dice) if one_shot_step else self.step_cap
 
     def origin(self) -> str:
         """Where the choice came from, in a few words."""
@@ -171,7 +191,8 @@ class ConsensusChoice:
                        candidate_dice={str(k): _float(v) for k, v in dict(record.get("candidate_dice", {})).items()},
                        step_dice=tuple(_float(v) for v in record.get("step_dice", ())),
                        one_shot_dice=_float(record.get("one_shot_dice")),
-                       step_cap=None if record.get("step_cap") is None else int(record["step_cap"]))
+                       step_cap=None if record.get("step_cap") is None else int(record["step_cap"]),
+                       schedule_steps=None if record.get("schedule_steps") is None else int(record["schedule_steps"]))
         except (KeyError, TypeError, ValueError) as error:
             raise UserInputError(f"the checkpoint's consensus choice is unreadable: {error}") from error
 
@@ -268,7 +289,7 @@ def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
         slices_total += len(indices)
         steps_seen = max(steps_seen, result.trajectory.shape[0])
         for step in range(result.trajectory.shape[0]):
-            tally(f"step{step}", result.step_labels_on_scan(step), reference, known)
+            tally(f"step{step}", result.step_labels_on_scan(step, clean=True), reference, known)
         one_shot = segmenter.one_shot(scan.image, slices=indices, meta=scan.meta, precision=sampling.precision)
         tally("one_shot", geometry.slice_view(one_shot)[indices], reference, known)
         runs.append((result, reference, known))
@@ -286,7 +307,7 @@ def choose_consensus(segmenter, scans: Sequence[ChoosingSlices], basis: str,
     candidate_dice = {**{m: _pooled_dice(tallies[m]) for m in FUSION_CANDIDATES}, ONE_SHOT: one_shot_dice}
     evidence = ConsensusChoice(method=prior, basis=basis, scans=len(runs), slices=slices_total,
                                candidate_dice=candidate_dice, step_dice=step_dice, one_shot_dice=one_shot_dice,
-                               step_cap=cap)
+                               step_cap=cap, schedule_steps=sampling.steps)
     method = pick(candidate_dice, prior, evidence.steps_taken)
     if method == ONE_SHOT and cap is not None:
         cap = ONE_SHOT_STEP_CAP     # the steps no longer make the labels: one is enough for the uncertainty

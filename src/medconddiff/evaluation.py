@@ -222,7 +222,7 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which
     # can hide how the reference's own classes fared over the steps.
-    per_step = [foreground_dice(counted(result.step_labels_on_scan(step)), ref, len(names))
+    per_step = [foreground_dice(counted(result.step_labels_on_scan(step, clean=True)), ref, len(names))
                 for step in range(result.trajectory.shape[0])]
     step_dice = [_nanmean(scores) for scores in per_step]
     report["step_mean_dice"] = step_dice

@@ -16,7 +16,7 @@ import numpy as np
 from .config import SamplingConfig
 from .consensus import first_argmax
 from .consensus_choice import resolved_consensus
-from .fusion import Postprocess, fuse_slices, scan_labels
+from .fusion import Postprocess, fuse_slices, model_pixel_area, scan_labels
 from .preprocess import ScanGeometry
 
 
@@ -138,6 +138,11 @@ class SegmentationResult:
             unc_sf[self.slice_indices[positions]] = fused_unc
         return dataclasses.replace(self, labels=labels, uncertainty=unc, sampling=sampling)
 
-    def step_labels_on_scan(self, step: int) -> np.ndarray:
-        """One step's x̂_0 labels as canonical slices on the scan's grid: (n_slices, H, W) uint8."""
-        return scan_labels(self.trajectory_step(step).transpose(1, 0, 2, 3), self.geometry)
+    def step_labels_on_scan(self, step: int, clean: bool = False) -> np.ndarray:
+        """One step's x̂_0 labels as canonical slices on the scan's grid: (n_slices, H, W) uint8. ``clean``:
+        with the model's clean-up, as the consensus and the one-shot get it — what a step is scored as, so
+        that steps, consensus and one-shot are compared alike (the saved trajectory keeps the raw x̂_0)."""
+        labels = scan_labels(self.trajectory_step(step).transpose(1, 0, 2, 3), self.geometry)
+        if clean and self.postprocess is not None:
+            labels = self.postprocess(labels, model_pixel_area(self.geometry))
+        return labels

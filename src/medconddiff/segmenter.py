@@ -223,7 +223,8 @@ class Segmenter:
         without one, or for a run past the cap the choice was measured at: ConsensusChoice.method_for)."""
         choice = self.consensus_choice
         if sampling.step_cap == 0:
-            cap = (choice.step_cap_for(sampling.consensus) if choice is not None else None) or sampling.steps
+            cap = (choice.step_cap_for(sampling.consensus, sampling.steps) if choice is not None else None) \
+                or sampling.steps
             sampling = dataclasses.replace(sampling, step_cap=min(cap, sampling.steps))
         if sampling.consensus == "auto":
             method = choice.method_for(sampling) if choice else CONSENSUS_FALLBACK

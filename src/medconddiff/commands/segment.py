@@ -384,7 +384,10 @@ def sampling_line(segmenter, sampling: SamplingConfig) -> str:
     text = f"sampling: {steps}, consensus {used.consensus}"
     choice = segmenter.consensus_choice
     model_cap = sampling.adaptive and sampling.step_cap == 0
-    if choice is not None and sampling.consensus == "auto" and used.consensus != choice.method:
+    if choice is not None and sampling.consensus == "auto" and not choice.holds_for_schedule(sampling.steps):
+        text += (f" (the model's choice '{choice.method}' and its cap of {choice.step_cap} steps were measured on a "
+                 f"{choice.measured_schedule}-step schedule; on {sampling.steps} steps it fuses with {used.consensus})")
+    elif choice is not None and sampling.consensus == "auto" and used.consensus != choice.method:
         text += (f" (the model's choice '{choice.method}' holds for runs of at most {choice.step_cap} steps, where it "
                  f"was measured; longer runs fuse with {used.consensus})")
     elif choice is not None and sampling.consensus == "auto":
