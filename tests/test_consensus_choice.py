@@ -211,6 +211,9 @@ def test_the_command_records_the_choice_in_a_copy_of_the_checkpoint(tmp_path, ti
     again = [*args[:-4], "-o", str(tmp_path / "other.safetensors"), "--json", str(report)]
     assert main(again) == 2 and "exists" in capsys.readouterr().err
     assert report.read_text() == "the user's notes" and not (tmp_path / "other.safetensors").exists()
+    (tmp_path / "afile").write_text("not a folder")          # -o under a file: refused before any sampling
+    assert main([*args[:-4], "-o", str(tmp_path / "afile" / "cc.safetensors")]) == 2
+    assert "is a file, so no folder" in capsys.readouterr().err
     pickle = tmp_path / "model.pt"
     pickle.write_bytes(b"\x80\x04junk")
     assert main(["choose-consensus", str(tmp_path / "scan.nii.gz"), str(tmp_path / "labels.nii.gz"), "--slices",

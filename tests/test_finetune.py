@@ -187,6 +187,15 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
     assert out.read_bytes() == b"the user's file"
     assert main([*args[:4], "2-1", *args[5:-1], str(tmp_path / "x.safetensors")]) == 2
     assert "'10, 12, 20-24'" in capsys.readouterr().err
+    # Outputs that cannot be written are refused before training, not after minutes of it.
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "folder.safetensors").mkdir()
+    for target, extra, said in ((tmp_path / "afile" / "ft.safetensors", [], "is a file, so no folder"),
+                                (tmp_path / "folder.safetensors", ["--overwrite"], "is a directory")):
+        assert main([*args[:-1], str(target), *extra, "--steps", "50"]) == 2
+        err = capsys.readouterr()
+        assert said in err.err and "step 10/50" not in err.out
+    assert main([*args[:-1], str(tmp_path / "new" / "deeper" / "ft.safetensors")]) == 0      # missing folders are made
 
 
 def test_naming_the_scan_kind_switches_a_ct_model_to_the_kind_s_intensity_scheme(tmp_path, tiny_checkpoint,

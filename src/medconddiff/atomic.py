@@ -74,8 +74,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def check_target(path: str | os.PathLike, overwrite: bool, what: str = "") -> None:
-    """Refuse a target that cannot or must not be written (a folder, an existing file, a missing folder).
+def check_target(path: str | os.PathLike, overwrite: bool, what: str = "", *, creates_folders: bool = False) -> None:
+    """Refuse a target that cannot or must not be written (a folder, an existing file, a missing folder;
+    with ``creates_folders``, a missing folder is made at write time, so only a file in the way of one is
+    refused).
 
     Callers with long work ahead call it first, so nothing is computed for an output that will be refused.
     """
@@ -86,8 +88,15 @@ def check_target(path: str | os.PathLike, overwrite: bool, what: str = "") -> No
     if path.exists() and not overwrite:
         raise FileExistsError(f"{name} already exists; pass --overwrite (overwrite=True) to replace it")
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
+    if creates_folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{name}: {folder} is a file, so no folder can be made there")
+    elif not folder.is_dir():
         raise FileNotFoundError(f"{name}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name}: cannot write into {folder}")
 
 
 def _default_file_mode() -> int:

@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.output.name.endswith(".safetensors"):
         raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    check_target(args.output, args.overwrite, creates_folders=True)    # before the sampling runs, not after
     if args.json:
         check_target(args.json, args.overwrite, "--json")
     check_device(args.device)

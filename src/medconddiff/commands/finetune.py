@@ -78,14 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_target
     from ..checkpoint import load_checkpoint
     from ..finetune import LabelledScan, finetune
     from .labelled_input import kept_labels, labelled_input
 
-    if args.output.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
     if not args.output.name.endswith(".safetensors"):
         raise ConfigError(f"{args.output}: the checkpoint name must end with .safetensors")
+    check_target(args.output, args.overwrite, creates_folders=True)    # before minutes of training, not after
     check_device(args.device)
     start = load_checkpoint(args.init, allow_legacy=True)
     if _is_training_set_folder(args.image):
