@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -134,6 +135,39 @@ def test_a_cohort_survives_a_corrupt_scan_and_resumes_with_skip_existing(scan, t
     for name in "abc":
         volumes = json.loads((results / f"{name}_seg.json").read_text())["class_volumes"]
         assert rows[name]["liver ml"] == f"{volumes['liver']['ml']:.3f}" and rows[name]["slices"] == "1"
+
+
+def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_stale_sidecar(
+        scan, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """Ctrl-C between the labels and the sidecar left labels alone, which --skip-existing took for a finished
+    scan; an interrupted --overwrite left the new labels beside the old sidecar (another seed, other slices)."""
+    folder, results = tmp_path / "cohort", tmp_path / "results"
+    folder.mkdir()
+    for name in "ab":
+        (folder / f"{name}.nii.gz").write_bytes(scan.read_bytes())
+    args = (folder, "-o", results, "--checkpoint", tiny_checkpoint, "--slices", "0:1", "--save-uncertainty")
+    assert segment(*args) == 0
+    old_sidecar = json.loads((results / "b_seg.json").read_text())
+    from medconddiff import nifti
+
+    real_save = nifti.save_volume
+
+    def stopped_at_b_uncertainty(path, *a, **k):
+        if Path(path).name == "b_seg_uncertainty.nii.gz":
+            raise KeyboardInterrupt
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(nifti, "save_volume", stopped_at_b_uncertainty)
+    assert segment(*args, "--overwrite", "--seed", "7") == 130          # Ctrl-C
+    monkeypatch.undo()
+    assert (results / "b_seg.nii.gz").is_file() and not (results / "b_seg.json").exists()   # no stale sidecar
+    assert old_sidecar["sampling"]["seed"] == 0
+    capsys.readouterr()
+    assert segment(*args, "--skip-existing", "--seed", "7") == 0
+    captured = capsys.readouterr()
+    assert "1 done, 1 skipped, 0 failed of 2" in captured.out
+    assert "b: outputs without their sidecar" in captured.err
+    assert json.loads((results / "b_seg.json").read_text())["sampling"]["seed"] == 7
 
 
 def table_rows(path):

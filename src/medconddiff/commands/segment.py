@@ -290,6 +290,12 @@ def outputs_exist(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
     return [paths[key] for key in wanted if paths[key].exists()]
 
 
+def outputs_complete(paths: dict[str, Path], wanted: list[str]) -> bool:
+    """Every wanted output is there. The sidecar is written last (and an earlier one removed first when
+    replacing), so outputs without it are what an interrupted run left, not a finished scan."""
+    return len(outputs_exist(paths, wanted)) == len(wanted)
+
+
 def load_scan(job: ScanJob, channels: int, channel: Optional[int]):
     """(array, meta, DicomSource or None) of a job: file order, channels last for a multi-channel model."""
     if job.dicom is not None:
@@ -319,12 +325,15 @@ def _load_nifti(job: ScanJob, channels: int, channel: Optional[int]):
 
 
 def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argparse.Namespace,
-                note: Optional[NotePrinter] = None) -> dict:
+                note: Optional[NotePrinter] = None, replace: bool = False) -> dict:
+    """Segment one scan and write its outputs, the sidecar last. ``replace``: outputs may be replaced
+    (``--overwrite``, or what an interrupted run left for ``--skip-existing`` to finish)."""
     from ..nifti import save_volume, write_json_atomic
 
     wanted = wanted_outputs(args)
     paths = output_paths(job.output)
-    if not args.overwrite:
+    replace = replace or args.overwrite
+    if not replace:
         existing = outputs_exist(paths, wanted)
         if existing:
             raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it or --skip-existing")
@@ -348,25 +357,28 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
     result = run.result
     seconds = time.perf_counter() - started
     job.output.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        # The old sidecar goes first: a run stopped while writing must not leave it vouching for new labels.
+        paths["sidecar"].unlink(missing_ok=True)
     meta = meta.without_header_text()      # the scan's geometry, not its header's free text
     if is_dicom_seg_name(paths["labels"]) and args.output_format == "dicom-rtstruct":
         from ..dicom_rtstruct_write import write_rtstruct
 
-        write_rtstruct(paths["labels"], result.labels, meta, source, result.class_names, overwrite=args.overwrite)
+        write_rtstruct(paths["labels"], result.labels, meta, source, result.class_names, overwrite=replace)
     elif is_dicom_seg_name(paths["labels"]):
         from ..dicom_seg import write_dicom_seg
 
-        write_dicom_seg(paths["labels"], result.labels, source, result.class_names, overwrite=args.overwrite)
+        write_dicom_seg(paths["labels"], result.labels, source, result.class_names, overwrite=replace)
     else:
-        save_volume(paths["labels"], result.labels, meta, overwrite=args.overwrite, dtype=np.uint8)
+        save_volume(paths["labels"], result.labels, meta, overwrite=replace, dtype=np.uint8)
     if args.save_uncertainty:
-        save_volume(paths["uncertainty"], result.uncertainty, meta, overwrite=args.overwrite, dtype=np.float32)
+        save_volume(paths["uncertainty"], result.uncertainty, meta, overwrite=replace, dtype=np.float32)
     if args.save_trajectory:
-        save_volume(paths["trajectory"], trajectory_volume(result), meta, overwrite=args.overwrite, dtype=np.uint8)
+        save_volume(paths["trajectory"], trajectory_volume(result), meta, overwrite=replace, dtype=np.uint8)
     record = segmentation_record(result, meta, result.labels, inputs=job.files,
                                  outputs={k: paths[k] for k in wanted if k != "sidecar"},
                                  seconds=seconds, dicom_source=source)
-    write_json_atomic(paths["sidecar"], record, overwrite=args.overwrite)
+    write_json_atomic(paths["sidecar"], record, overwrite=replace)
     return record
 
 
@@ -436,13 +448,19 @@ def run(args: argparse.Namespace) -> int:
     outcomes: list[ScanOutcome] = []
     for job in jobs:
         sidecar = output_paths(job.output)["sidecar"]
-        if args.skip_existing and outputs_exist(output_paths(job.output), wanted_outputs(args)):
+        paths, wanted = output_paths(job.output), wanted_outputs(args)
+        unfinished = False
+        if args.skip_existing and outputs_complete(paths, wanted):
             print(f"{job.name}: skipped (outputs exist)")
             skipped += 1
             outcomes.append(ScanOutcome(job.name, job.output, sidecar, SKIPPED))
             continue
+        if args.skip_existing and outputs_exist(paths, wanted):
+            unfinished = True
+            print(f"{job.name}: outputs without their sidecar (a run stopped while writing them): segmenting "
+                  "it again", file=sys.stderr)
         try:
-            record = segment_one(segmenter, job, sampling, args, note)
+            record = segment_one(segmenter, job, sampling, args, note, replace=unfinished)
         except Exception as error:  # noqa: BLE001 - a cohort reports every failure and goes on
             if not cohort:
                 raise
