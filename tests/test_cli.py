@@ -170,6 +170,21 @@ def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_
     assert json.loads((results / "b_seg.json").read_text())["sampling"]["seed"] == 7
 
 
+def test_a_cohort_written_into_its_own_folder_resumes_without_taking_its_results_for_scans(scan, tmp_path,
+                                                                                           tiny_checkpoint, capsys):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for name in "ab":
+        (folder / f"{name}.nii.gz").write_bytes(scan.read_bytes())
+    args = (folder, "-o", folder, "--checkpoint", tiny_checkpoint, "--slices", "0:1", "--save-uncertainty")
+    assert segment(*args) == 0
+    capsys.readouterr()
+    assert segment(*args, "--skip-existing") == 0             # was: "a would write a_seg.nii.gz, which is an input"
+    captured = capsys.readouterr()
+    assert "0 done, 2 skipped, 0 failed of 2" in captured.out
+    assert "left out 4 file(s) that earlier runs wrote here" in captured.err
+
+
 def table_rows(path):
     import csv
 

@@ -127,3 +127,20 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, in
     if "checkpoint" in record:
         record["checkpoint"] = recorded_name(record["checkpoint"])
     return record
+
+
+def outputs_recorded_in(folder: Path) -> set[str]:
+    """Names of the files this package's sidecars in ``folder`` list as their outputs (labels, uncertainty,
+    trajectory): results of an earlier run written beside the scans, not scans to segment."""
+    import json
+
+    names: set[str] = set()
+    for sidecar in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "medconddiff_version" in record and isinstance(record.get("outputs"), dict):
+            names.update(str(name) for name in record["outputs"].values())
+    return names
+

@@ -56,7 +56,8 @@ from ..nifti import NIFTI_SUFFIXES
 from .common import SLICES_HELP, check_device, failure_report, scan_slices
 from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, media_folder, pick_series,
                             read_pick, top_level_nifti)
-from ..outputs import default_output, output_paths, segmentation_record, strip_nifti_suffix, trajectory_volume
+from ..outputs import (default_output, output_paths, outputs_recorded_in, segmentation_record, strip_nifti_suffix,
+                       trajectory_volume)
 
 OPTIONAL_OUTPUTS = ("uncertainty", "trajectory")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -170,6 +171,12 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
         if output.exists() and not output.is_dir():
             raise ConfigError(f"{output} is a file; a folder input needs an output folder")
         files = top_level_nifti(folder)
+        ours = outputs_recorded_in(folder)       # an earlier run's results written into the scans' folder
+        left_out = [f for f in files if f.name in ours]
+        if left_out:
+            files = [f for f in files if f.name not in ours]
+            note(f"left out {len(left_out)} file(s) that earlier runs wrote here (their sidecars list them as "
+                 "outputs)", folder.name)
         jobs = [ScanJob(name, group, output / f"{name}_seg{suffix}")
                 for name, group in group_channel_files(files, channels)]
         cohort = True
