@@ -409,15 +409,23 @@ def test_a_bug_keeps_its_traceback_and_exits_1(scan, tmp_path, tiny_checkpoint, 
 
 def test_user_errors_stay_one_line_with_exit_2(scan, tmp_path, tiny_checkpoint, capsys):
     out = tmp_path / "seg.nii.gz"
+    (tmp_path / "folder.nii.gz").mkdir()
     for flags, message in ((["--device", "gpu"], "--device 'gpu' is not a device"),
                            (["--steps", "0"], "steps must be at least 1"),
-                           (["-o", tmp_path / "seg.txt"], "must end with .nii or .nii.gz")):
+                           (["-o", tmp_path / "seg.txt"], "must end with .nii or .nii.gz"),
+                           (["-o", tmp_path / "folder.nii.gz", "--overwrite"], "is a folder")):
         # Not through segment(): its own --device cpu would come last and win.
         assert main(["segment", str(scan), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--quiet",
                      "--steps", "2", *map(str, flags)]) == 2, flags
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "seg.txt").exists()
+    # The Python API says the same in one line, not with torch's RuntimeError.
+    from medconddiff.errors import ConfigError
+    from medconddiff.segmenter import Segmenter
+
+    with pytest.raises(ConfigError, match="'gpu' is not a device"):
+        Segmenter.from_checkpoint(tiny_checkpoint, device="gpu")
 
 
 def test_in_a_cohort_a_bug_is_reported_with_its_traceback_and_the_others_go_on(scan, tmp_path, tiny_checkpoint,

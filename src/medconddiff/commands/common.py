@@ -47,20 +47,12 @@ def check_device(device: str) -> None:
     """Refuse a --device this machine cannot run before any file is read (a clear line, not a torch trace)."""
     if device == "auto":
         return
-    import torch
+    from ..devices import resolve_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N ({error})") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: this tool runs on cpu or cuda (auto, cpu, cuda or cuda:N)")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        resolve_device(device)
+    except ConfigError as error:
+        raise ConfigError(f"--{error}") from None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -251,6 +251,8 @@ def _check_output_folder(output: Optional[Path], what: str) -> None:
 
 
 def _check_output_name(job: ScanJob, output_format: Optional[str]) -> None:
+    if job.output.is_dir():      # even with --overwrite: found only when writing, after the whole run
+        raise ConfigError(f"-o {job.output} is a folder; give a labels file name (a folder -o is for several scans)")
     seg = is_dicom_seg_name(job.output)
     if seg and job.dicom is None:
         raise ConfigError(f"-o {job.output}: a DICOM SEG references the DICOM series it segments, and "
