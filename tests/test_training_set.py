@@ -263,18 +263,27 @@ def test_a_set_written_here_loads_for_training_with_ignore_voxels_marked(tmp_pat
                                                                     [2, 3], 0))
 
 
-def test_a_different_image_under_the_same_name_is_refused_and_nothing_changes(tmp_path, scan):
+def test_another_scan_under_a_taken_name_becomes_its_own_case(tmp_path, scan):
+    """Two patients' folders each hold ct.nii.gz (TotalSegmentator, KiTS): napari names a case after the file
+    alone, so the second was refused ('add this scan under another name', which napari cannot do)."""
     image, labels = scan
     root = tmp_path / "set"
     training_set = TrainingSet.create(root, LIVER)
-    training_set.add_scan("scan", image, META, labels, LIVER, verified_slices=[1])
-    before = snapshot(root)
-    with pytest.raises(TrainingSetError, match=r"scan_0000\.nii\.gz: case scan holds another image"):
-        training_set.add_scan("scan", image + 100, META, labels, LIVER, verified_slices=[2])
+    training_set.add_scan("ct", image, META, labels, LIVER, verified_slices=[1])
+    first = label_file(root, "ct").copy()
+    second = training_set.add_scan("ct", image + 100, META, labels, LIVER, verified_slices=[2])
+    assert (second.case, second.new_case) == ("ct_2", True)
+    assert second.description() == "added as a new case 'ct_2' ('ct' holds another scan)"
+    np.testing.assert_array_equal(label_file(root, "ct"), first)           # the first patient's case untouched
+    # The same voxels said to be another size are another scan too; a name differing only in case is taken
+    # (one file on macOS and Windows).
     shifted = VolumeMeta(affine=np.diag([1.0, 1.0, 2.0, 1.0]), spacing=(1.0, 1.0, 2.0))
-    with pytest.raises(TrainingSetError, match="holds another image"):
-        training_set.add_scan("scan", image, shifted, labels, LIVER, verified_slices=[2])
-    assert snapshot(root) == before
+    assert training_set.add_scan("ct", image, shifted, labels, LIVER, verified_slices=[2]).case == "ct_3"
+    assert training_set.add_scan("CT", image + 7, META, labels, LIVER, verified_slices=[2]).case == "CT_4"
+    # Adding the second patient's scan again, under its file name, merges into the case that holds it.
+    again = training_set.add_scan("ct", image + 100, META, labels, LIVER, verified_slices=[3])
+    assert (again.case, again.new_case, again.verified_slices) == ("ct_2", False, 2)
+    assert TrainingSet.open(root).cases == ["CT_4", "ct", "ct_2", "ct_3"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -570,6 +579,60 @@ def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_w
     with pytest.raises(SystemExit):
         add()                                                       # what was checked must be said
     assert "--slices" in capsys.readouterr().err
+
+
+def test_an_mri_is_not_stored_as_ct_and_an_existing_set_keeps_its_own_classes(tmp_path, tiny_checkpoint, scan,
+                                                                               capsys):
+    """add-to-set took the CT model's channel name for an MRI (fine-tuning then read it through the CT window,
+    96 % of its voxels saturated), and the model's classes for a set of 'lesion' (the lesion became 'liver')."""
+    from medconddiff.cli import main
+    from medconddiff.errors import ConfigError
+    from medconddiff.finetune import finetune
+
+    image, labels = scan
+    mri = (image - image.min() + 35).astype(np.int16)                # no voxel below 0, as an MRI
+    nib.save(nib.Nifti1Image(mri, META.affine), str(tmp_path / "mri.nii.gz"))
+    nib.save(nib.Nifti1Image((labels > 0).astype(np.uint8), META.affine), str(tmp_path / "lesion.nii.gz"))
+    root = tmp_path / "set"
+
+    def add(*extra: str) -> int:
+        return main(["add-to-set", str(root), str(tmp_path / "mri.nii.gz"), str(tmp_path / "lesion.nii.gz"),
+                     "--checkpoint", str(tiny_checkpoint), "--slices", "1", *extra])
+
+    assert add() == 2
+    assert "not CT in Hounsfield units" in capsys.readouterr().err and not root.exists()
+    assert add("--channel-names", "MRI", "--class-names", "background", "lesion") == 0
+    capsys.readouterr()
+    assert add() == 0                                               # no --class-names: the set's own
+    assert "new class" not in capsys.readouterr().out
+    assert TrainingSet.open(root).class_names == ("background", "lesion")
+    # A set that calls an MRI 'CT' (written before, or by hand) is refused by the fine-tune, not clipped.
+    ct_set = tmp_path / "ct_set"
+    TrainingSet.create(ct_set, LIVER, ("CT",)).add_scan("mri", mri, META, labels, LIVER, verified_slices=[1])
+    with pytest.raises(ConfigError, match="case mri of the training set has no voxel below 0"):
+        finetune(tiny_checkpoint, [], training_set=TrainingSet.open(ct_set), steps=1, device="cpu", log=lambda _: None)
+
+
+def test_a_set_that_cannot_be_written_is_one_line_not_an_internal_error(tmp_path, scan, monkeypatch):
+    """A set on a read-only mount: the lock file cannot be made (OSError: Read-only file system)."""
+    import errno
+
+    from filelock import FileLock
+
+    image, labels = scan
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER).add_scan("a", image, META, labels, LIVER, verified_slices=[1])
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(FileLock, "acquire", read_only)
+    with pytest.raises(TrainingSetError, match="cannot be changed here \\(Read-only file system\\)"):
+        TrainingSet.open(root).add_scan("a", image, META, labels, LIVER, verified_slices=[2])
+    assert TrainingSet.open(root).verified_slices("a") == [1]      # still read, as fine-tuning does
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(TrainingSetError, match="cannot create a training set here"):
+        TrainingSet.create(tmp_path / "new", LIVER)
 
 
 def test_reading_another_tools_dataset_never_rewrites_its_dataset_json(tmp_path, scan):

@@ -155,8 +155,9 @@ class FinetuneRun:
         elif self.held_back is not None:
             case = self.held_back.case
             self.set_slices[case] = [i for i in self.set_slices[case] if i != self.held_back.slice]
-        set_cases = (dataclasses.replace(training_set.load_case(name, config.model.class_names), name=f"set:{name}")
-                     for name in set_names if self.set_slices[name])
+        set_cases = (_read_as_hounsfield_checked(
+            dataclasses.replace(training_set.load_case(name, config.model.class_names), name=f"set:{name}"),
+            config.plan) for name in set_names if self.set_slices[name])
         if not any(self.set_slices.values()) and (not scans or not any(len(s.slices) for s in scans)):
             raise UserInputError("no labelled slices to fine-tune on")
         self.start = start
@@ -315,6 +316,20 @@ def channels_not_in_hounsfield(plan: PreprocessPlan, image: np.ndarray) -> list[
     volume = with_channels(check_volume(image), plan.num_channels)
     return [c for c in range(volume.shape[3])
             if plan.scheme_of(c) == "ct_window" and not looks_like_hounsfield(volume[..., c])]
+
+
+def _read_as_hounsfield_checked(case: Case, plan: PreprocessPlan) -> Case:
+    """``case`` of a training set, refused where the run would read a channel with no voxel below 0
+    through the CT window (an MRI stored in a set whose channel is called CT): it would learn from a
+    few saturated grey levels, as a single scan given the same way is refused."""
+    unlike = channels_not_in_hounsfield(plan, case.image)
+    if unlike:
+        names = ", ".join(plan.channel_names[c] for c in unlike)
+        raise ConfigError(f"case {case.name.removeprefix('set:')} of the training set has no voxel below 0 in its "
+                          f"channel(s) {names}, so it is not CT in Hounsfield units, but this fine-tune reads them "
+                          "through the CT window; keep MRI in a set of its own (add-to-set --channel-names MRI), "
+                          "or fine-tune with --channel-names naming what the scans are")
+    return case
 
 
 def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None,

@@ -165,6 +165,8 @@ class AddResult:
 
     def description(self) -> str:
         """What happened, for a status line: 'added as a new case 'x'' / 'merged into its case 'x''."""
+        if self.new_case and self.requested and self.requested != self.case:
+            return f"added as a new case '{self.case}' ('{self.requested}' holds another scan)"
         if self.new_case:
             return f"added as a new case '{self.case}'"
         if self.requested and self.requested != self.case:
@@ -239,10 +241,13 @@ class TrainingSet:
                 "not an empty folder; choose a new or empty one"
             raise TrainingSetError(f"{root}: {what}")
         _check_names(root / "dataset.json", class_names, channel_names)
-        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-        (root / "labelsTr").mkdir(exist_ok=True)
         training_set = cls(root, class_names, channel_names, {}, len(class_names), [])
-        write_json_atomic(training_set.manifest, training_set._manifest_data())
+        try:
+            (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+            (root / "labelsTr").mkdir(exist_ok=True)
+            write_json_atomic(training_set.manifest, training_set._manifest_data())
+        except OSError as error:
+            raise TrainingSetError(f"{root}: cannot create a training set here ({error.strerror or error})") from None
         return training_set
 
     @classmethod
@@ -340,8 +345,9 @@ class TrainingSet:
                                    f"its geometry describes {tuple(meta.spatial_shape)}")
         digest = image_digest(image, meta)
         digests = self._case_digests()   # once for an older set's cases: recorded by this add
-        name = requested if requested in self._cases else \
-            self._holder(digests, digest, image.shape[:3], meta) or requested
+        # The case holding this scan, whatever it is called; else the name asked for, or, where another scan has
+        # it (two patients' ct.nii.gz), the next free one: napari names a case after the file alone.
+        name = self._holder(digests, digest, image.shape[:3], meta) or _free_case_name(requested, self._cases)
         verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
         labels = np.asarray(labels)
         if digests.get(name) == digest and self._on_grid_of(name, image.shape[:3], meta):
@@ -704,6 +710,9 @@ def _set_lock(root: Path) -> Iterator[None]:
     except Timeout:
         raise TrainingSetError(f"{root}: another program has been adding to this training set for "
                                f"{LOCK_WAIT_SECONDS:g} s; try again when it has finished") from None
+    except OSError as error:    # a read-only set (a CD, a shared folder): it can be trained from, not changed
+        raise TrainingSetError(f"{root}: this training set cannot be changed here ({error.strerror or error}); "
+                               "copy it to a folder you can write to") from None
     try:
         yield
     finally:
@@ -779,6 +788,17 @@ def image_digest(image: np.ndarray, meta: VolumeMeta) -> str:
         stored = np.ascontiguousarray(voxels, dtype=_image_dtype(voxels).newbyteorder("<"))
         digest.update(memoryview(stored).cast("B"))
     return digest.hexdigest()
+
+
+def _free_case_name(requested: str, cases: Sequence[str]) -> str:
+    """``requested``, or ``requested_2``, ``_3``… where a case has that name. Compared without case: on the file
+    systems of macOS and Windows ``CT.nii.gz`` and ``ct.nii.gz`` are one file, so two such cases would share it."""
+    taken = {case.lower() for case in cases}
+    name, number = requested, 1
+    while name.lower() in taken:
+        number += 1
+        name = f"{requested}_{number}"
+    return name
 
 
 def _names_ignore(class_names: Sequence[str]) -> bool:

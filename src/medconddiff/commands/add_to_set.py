@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
             fix = f"add it to a set of {channels}-channel scans"
         raise ConfigError(f"the scan has {channels} channel(s), the set {'holds' if existing else 'would hold'} "
                           f"{len(channel_names)} ({', '.join(channel_names)}): {fix}")
-    class_names = _class_names(args, given, labels, start.config.model.class_names)
+    _refuse_ct_name_for_non_hounsfield(args, start, channel_names, image)
+    # An existing set's own classes by default: the model's would add 'liver, tumour' beside the set's 'lesion'
+    # and call the lesion voxels liver.
+    class_names = _class_names(args, given, labels, existing.class_names if existing else start.config.model.class_names)
     labels, class_names = kept_labels(args.keep_classes, labels, class_names,
                                       existing.class_names if existing else start.config.model.class_names,
                                       given.label)
@@ -118,6 +121,23 @@ def _created_or_opened(folder: Path, class_names, channel_names):
         if not (folder / "dataset.json").is_file():
             raise
         return TrainingSet.open(folder)
+
+
+def _refuse_ct_name_for_non_hounsfield(args: argparse.Namespace, start, channel_names, image) -> None:
+    """A scan with no voxel below 0 (an MRI) stored under a channel that fine-tuning reads through the CT window
+    would be clipped to a few grey levels there; the scan given alone to ``finetune`` is refused the same way.
+    Channel names the user gave are theirs (``--channel-names CT`` keeps a CT stored without its rescale)."""
+    from ..finetune import channels_not_in_hounsfield, finetune_config
+
+    if args.channel_names:
+        return
+    plan = finetune_config(start, channel_names=channel_names, log=lambda _: None).plan
+    unlike = channels_not_in_hounsfield(plan, image)
+    if unlike:
+        names = ", ".join(plan.channel_names[c] for c in unlike)
+        raise ConfigError(f"{args.image.name} has no voxel below 0, so it is not CT in Hounsfield units, but the set "
+                          f"would store it as {names} and fine-tuning would read it through the CT window; say what "
+                          "the scan is with --channel-names (e.g. --channel-names MRI, in a set of MRI scans)")
 
 
 def _class_names(args: argparse.Namespace, given, labels, model_classes) -> tuple[str, ...]:
