@@ -167,7 +167,9 @@ def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary
     elif is_dicom_seg_path(target):
         from medconddiff.dicom_seg import write_dicom_seg
 
-        write_dicom_seg(target, labels, dicom, summary.class_names, overwrite=overwrite)
+        # Slices the user painted make it the model's output edited by hand, as DICOM's SEMIAUTOMATIC says.
+        write_dicom_seg(target, labels, dicom, summary.class_names, overwrite=overwrite,
+                        algorithm_type="SEMIAUTOMATIC" if edited_slices else "AUTOMATIC")
     else:
         dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
         save_volume(target, labels, meta.without_header_text(), overwrite=overwrite, dtype=dtype)

@@ -20,7 +20,8 @@ DICOM SEG: a SEG references the images it segments, so only a labels layer whose
 DICOM series of its scan (the consensus of a scan the reader opened from DICOM, see
 :mod:`napari_medconddiff._layers`) can be saved as one; any other layer is refused with a message
 that says to save it as NIfTI. Segment names come from the layer's ``class`` feature (the model's
-class names, which the plugin sets on its result layers), else ``class 1``, ``class 2``, …
+class names, which the plugin sets on its result layers), else ``class 1``, ``class 2``, … The
+segments are AUTOMATIC for the plugin's result layer, SEMIAUTOMATIC for any other (:func:`algorithm_type`).
 """
 
 from __future__ import annotations
@@ -70,7 +71,19 @@ def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> 
     named = path if str(path).lower().endswith(DICOM_SEG_SUFFIX) else f"{path}{DICOM_SEG_SUFFIX}"
     target = _unasked_target(path, named)
     names = segment_names(attributes.get("features"), int(labels.max()) if labels.size else 0)
-    return [str(write_dicom_seg(target, labels, source, names, overwrite=True))]
+    return [str(write_dicom_seg(target, labels, source, names, overwrite=True,
+                                algorithm_type=algorithm_type(metadata)))]
+
+
+def algorithm_type(metadata: Any) -> str:
+    """What a SEG saved from a layer says made it: AUTOMATIC for this plugin's own result layer (its marker
+    in the metadata), SEMIAUTOMATIC for any other: the user's layer (a SEG or structure set opened, a
+    layer painted) is someone's work, if perhaps from a model's start; this writer cannot tell whether
+    any of it was drawn by hand, so it does not claim MANUAL either. (Edits to the consensus are known
+    to the widget, whose Export writes SEMIAUTOMATIC for them.)"""
+    from ._result_layers import MARKER_KEY
+
+    return "AUTOMATIC" if isinstance((metadata or {}).get(MARKER_KEY), dict) else "SEMIAUTOMATIC"
 
 
 def segment_names(features: Any, max_label: int) -> list[str]:

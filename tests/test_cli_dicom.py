@@ -118,21 +118,25 @@ def test_a_seg_needs_a_dicom_input(tmp_path, cut, capsys):
     assert len(err.splitlines()) == 1 and "--series and --all-series choose DICOM series" in err
 
 
-def test_notes_name_files_not_the_patients_folders_below_the_one_given(tmp_path, cut, capsys):
-    """An export nests each patient's series in folders named after the patient: what was left out is
-    named by file, on the terminal and in the sidecar, never by that path."""
+def test_notes_name_images_not_the_patients_folders_or_files(tmp_path, cut, capsys):
+    """An export nests each patient's series in folders named after the patient, and a Siemens export names
+    each file after the patient too: what was left out is named by series and instance number (files
+    without a header are counted), on the terminal and in the sidecar, never by path or file name."""
     volume, _, affine = cut
     export = tmp_path / "export"
     series = export / PATIENT_FOLDER / "CT"
     write_series(series, volume, affine, series_number=2, description="CT venous", prefix="v")
     write_series(series, volume[:, :, :1], affine, series_uid=list_series(series)[0].uid, series_number=2,
                  description="CT venous", prefix="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    (series / "notes.txt").write_text("not DICOM")
+    for number, path in enumerate(sorted(series.iterdir()), start=1):
+        path.rename(series / f"{PATIENT_FOLDER}.CT.VENOUS.0002.{number:04d}.IMA")
+    (series / f"{PATIENT_FOLDER}.txt").write_text("not DICOM")
 
     assert segment(export, "-o", tmp_path / "seg.nii.gz", "--slices", "2:3") == 0
     captured = capsys.readouterr()
     notes = json.loads((tmp_path / "seg.json").read_text())["dicom_source"]["notes"]
-    assert any("notes.txt" in note for note in notes) and any("scout" in note for note in notes)
+    assert "skipped 1 file(s) that are not DICOM" in notes
+    assert "series 2 'CT venous': left out 1 localizer image(s): series 2 image 1" in notes
     assert_no_patient_data((tmp_path / "seg.json").read_text(), without_paths_given(captured.err, export))
 
 
@@ -207,7 +211,7 @@ def test_bad_series_fail_one_line_each_and_the_others_go_on(tmp_path, cut, capsy
     assert any(line.startswith("series3_one_image: FAILED:") and "has one image: not a volume" in line
                for line in failed)
     assert any(line.startswith("series4_synthetic_CT: FAILED:") and "different sizes" in line for line in failed)
-    assert any("capture.dcm is a colour image (RGB" in line for line in failed)
+    assert any("series 1 image 1 is a colour image (RGB" in line for line in failed)
     assert "1 done, 0 skipped, 4 failed of 5" in captured.out
     assert sorted(p.name for p in results.glob("*.nii.gz")) == ["series1_good_seg.nii.gz"]
     assert_no_patient_data(captured.out, captured.err)
@@ -560,7 +564,7 @@ def test_one_file_of_a_series_segments_the_series_written_beside_its_folder(tmp_
     captured = capsys.readouterr()
     assert nib.load(str(tmp_path / "CT_SERIES_seg.nii.gz")).shape == volume.shape
     assert not list((tmp_path / "CT_SERIES").glob("*seg*"))
-    assert f"{paths[2].name} is one of {volume.shape[2]} files of its series" in captured.err
+    assert f"the file given is one of {volume.shape[2]} files of its series" in captured.err
 
 
 def test_an_rt_structure_sets_contoured_slices_join_a_training_set_and_name_a_fine_tunes_classes(
@@ -586,3 +590,24 @@ def test_an_rt_structure_sets_contoured_slices_join_a_training_set_and_name_a_fi
     assert main(["finetune", str(tmp_path / "CT"), str(tmp_path / "RS.dcm"), "--slices", "labelled", "--init",
                  str(tiny_checkpoint), "--steps", "1", "--device", "cpu", "--quiet", "-o", str(out)]) == 0
     assert load_checkpoint(out).config.model.class_names == ("background", "GTV")
+
+
+def test_segment_refuses_a_seg_it_cannot_write_before_sampling(tmp_path, cut, tiny_checkpoint, capsys, monkeypatch):
+    """A 2-D image without a Frame of Reference UID: `-o x.dcm` was refused only after the whole run."""
+    import pydicom
+
+    from medconddiff.segmenter import Segmenter
+
+    volume, _, affine = cut
+    path = write_series(tmp_path / "flat", volume[:, :, :1], affine)[0]
+    dataset = pydicom.dcmread(path)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):
+        delattr(dataset, keyword)
+    dataset.save_as(path, enforce_file_format=True)
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before refusing the output")
+
+    monkeypatch.setattr(Segmenter, "run", never)
+    assert segment(path, "-o", tmp_path / "x.dcm", "--checkpoint", tiny_checkpoint) == 2
+    assert "has no Frame of Reference UID" in capsys.readouterr().err and not (tmp_path / "x.dcm").exists()

@@ -25,8 +25,8 @@ from medconddiff.dicom_series import (DicomError, dicom_source, is_dicom_path, l
                                       read_dicom_series)
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_labels, load_volume, sample_label_path, sample_scan_path, save_volume
-from tests.dicom_helpers import (PATIENT, oblique_affine, slice_dataset, transcode, write_echoes, write_rtstruct,
-                                 write_series)
+from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, oblique_affine, slice_dataset, transcode, write_echoes,
+                                 write_rtstruct, write_series)
 
 CLASSES = ("background", "liver", "tumour")
 CUT = (slice(40, 72), slice(50, 82), slice(60, 68))
@@ -219,7 +219,9 @@ def test_scout_in_another_orientation_in_the_same_series_is_left_out(tmp_path, c
     scan = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(scan.volume, volume)
     np.testing.assert_allclose(scan.meta.affine, affine, atol=1e-6)
-    assert any("another orientation" in note and "scout.dcm" in note for note in scan.source.notes)
+    # Named by series and instance number, never by file name (exports name files after the patient).
+    assert any("another orientation" in note and "series 1 image 1" in note and "scout.dcm" not in note
+               for note in scan.source.notes)
     assert len(scan.source.sop_instance_uids) == 8
 
 
@@ -236,7 +238,8 @@ def test_single_off_stack_slice_in_the_same_orientation_is_left_out(tmp_path, cu
     scan = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(scan.volume, volume)
     assert scan.meta.spacing == pytest.approx((1.0, 1.0, 1.0))
-    assert any("beside the stack" in note and "extra.dcm" in note for note in scan.source.notes)
+    assert any("beside the stack" in note and "series 1 image 1" in note and "extra.dcm" not in note
+               for note in scan.source.notes)
 
 
 def test_localizer_image_type_is_left_out(tmp_path, cut):
@@ -247,18 +250,19 @@ def test_localizer_image_type_is_left_out(tmp_path, cut):
                  image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     scan = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(scan.volume, volume)
-    assert any("localizer" in note and "loc" in note for note in scan.source.notes)
+    assert any("left out 1 localizer image(s): series 1 image 1" in note for note in scan.source.notes)
 
 
-@pytest.mark.parametrize("tag, word", [("EchoNumbers", "echo"), ("TemporalPositionIdentifier", "phase"),
-                                       ("DiffusionBValue", "b-value")])
+@pytest.mark.parametrize("tag, word", [("EchoNumbers", "echo"), ("EchoTime", "echo time"),
+                                       ("TemporalPositionIdentifier", "phase"), ("DiffusionBValue", "b-value")])
 def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_path, cut, tag, word):
     volume, _, affine = cut
     second = volume * 0.5 + 100.0
     uid = write_echoes(tmp_path, [volume, second], oblique_affine(), tag=tag)
     infos = list_series(tmp_path)
     assert [info.name for info in infos] == [f"series 1 'synthetic CT' ({word} 1)", f"series 1 'synthetic CT' ({word} 2)"]
-    assert [info.uid for info in infos] == [f"{uid}#{word}_1", f"{uid}#{word}_2"]
+    key = word.replace(" ", "_")
+    assert [info.uid for info in infos] == [f"{uid}#{key}_1", f"{uid}#{key}_2"]
     for info, expected in zip(infos, (volume, second)):
         scan = read_dicom_series(tmp_path, info.uid)
         np.testing.assert_allclose(scan.volume, expected, atol=0.5)
@@ -270,7 +274,7 @@ def test_a_series_of_several_echoes_or_phases_splits_into_one_volume_each(tmp_pa
         with pytest.raises(DicomError, match=f"2 series have number or UID {chosen}; choose one by the UID shown") \
                 as error:
             read_dicom_series(tmp_path, chosen)
-        assert f"{uid}#{word}_2" in str(error.value)
+        assert f"{uid}#{key}_2" in str(error.value)
 
 
 def test_a_series_of_several_echoes_at_several_phases_splits_by_both(tmp_path, cut):
@@ -301,6 +305,36 @@ def test_two_images_at_one_position_with_nothing_to_tell_them_apart_are_refused(
         read_dicom_series(tmp_path)
 
 
+def test_a_tag_that_differs_on_every_image_does_not_split_a_series_into_single_images(tmp_path, cut):
+    """Two acquisitions at the same positions, each image with its own Trigger Time (as some scanners write
+    one per image): split by acquisition, not into 16 one-image "series" by trigger time."""
+    volume, _, affine = cut
+    uid = write_echoes(tmp_path, [volume, volume + 50.0], affine, tag="AcquisitionNumber")
+    for n, path in enumerate(sorted(tmp_path.iterdir())):
+        dataset = pydicom.dcmread(path)
+        dataset.TriggerTime = 10.0 * n
+        dataset.save_as(path, enforce_file_format=True)
+    infos = list_series(tmp_path)
+    assert [info.uid for info in infos] == [f"{uid}#acquisition_1", f"{uid}#acquisition_2"]
+    np.testing.assert_allclose(read_dicom_series(tmp_path, f"{uid}#acquisition_2").volume, volume + 50.0, atol=0.5)
+
+
+def test_two_images_sharing_one_instance_uid_at_different_positions_are_refused(tmp_path, cut):
+    """A faulty anonymiser gave two slices one SOP Instance UID: a SEG written on them could not be read back
+    (it names images by that UID), so the series is refused when read, naming it and the two images."""
+    volume, _, affine = cut
+    paths = write_series(tmp_path, volume, affine, series_number=4)
+    first, second = pydicom.dcmread(paths[1]), pydicom.dcmread(paths[2])
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    second.save_as(paths[2], enforce_file_format=True)
+    assert len(list_series(tmp_path)) == 1               # listed as the series it is; refused when read
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path)
+    message = str(error.value)
+    assert message.startswith("series 4 'synthetic CT': ") and "share one SOP Instance UID" in message
+    assert "series 4 image 2" in message and "series 4 image 3" in message and "\n" not in message
+
+
 def test_a_copy_of_a_file_is_read_once_and_named(tmp_path, cut):
     """A series exported twice into one folder (same SOP Instance UIDs) reads as the series, with a note;
     it used to be refused as two slices at one position."""
@@ -311,8 +345,8 @@ def test_a_copy_of_a_file_is_read_once_and_named(tmp_path, cut):
     shutil.copy(paths[1], copy / paths[1].name)
     scan = read_dicom_series(tmp_path)
     np.testing.assert_allclose(scan.volume, volume, atol=0.5)
-    assert any("skipped 1 duplicate file(s)" in note and f"{paths[1].name} (= {paths[1].name})" in note
-               for note in scan.source.notes)
+    assert any("skipped 1 duplicate file(s)" in note and "position): series 1 image 2" in note
+               and paths[1].name not in note for note in scan.source.notes)
 
 
 def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):
@@ -323,7 +357,7 @@ def test_missing_slice_is_refused_naming_the_gap(tmp_path, cut):
     message = str(error.value)
     assert "not evenly spaced: 2.000 mm" in message and "expected 1.000 mm" in message
     assert "about 1 slice(s) missing" in message
-    assert paths[2].name in message and paths[3].name in message      # the slices either side (k=2, k=4)
+    assert "series 1 image 3" in message and "series 1 image 5" in message      # the slices either side (k=2, k=4)
     assert "\n" not in message
 
 
@@ -386,7 +420,8 @@ def test_one_file_of_a_split_series_reads_its_own_echo_with_the_files_beside_it(
     scan = read_dicom_series(one_file)
     np.testing.assert_allclose(scan.volume, second, atol=0.5)
     assert scan.source.series_uid == uid and scan.source.name.endswith("(echo 2)")
-    assert any(f"{one_file.name} is one of {volume.shape[2]} files of its series" in note for note in scan.source.notes)
+    assert any(f"the file given is one of {volume.shape[2]} files of its series" in note for note in scan.source.notes)
+    assert all(one_file.name not in note for note in scan.source.notes)    # nor the file's (Siemens: the patient's)
     assert all(tmp_path.name not in note for note in scan.source.notes)    # a folder's name may be the patient's
 
 
@@ -408,7 +443,7 @@ def test_folder_without_dicom_names_the_folder(tmp_path):
     with pytest.raises(DicomError) as error:
         list_series(tmp_path)
     assert str(tmp_path) in str(error.value) and "no DICOM image" in str(error.value)
-    assert "notes.txt" in str(error.value)
+    assert "skipped 1 file(s) that are not DICOM" in str(error.value) and "notes.txt" not in str(error.value)
     assert not is_dicom_path(tmp_path)
 
 
@@ -418,8 +453,8 @@ def test_non_dicom_files_beside_a_series_are_skipped_with_a_note(tmp_path, cut):
     (tmp_path / "README.txt").write_text("export notes")
     infos = list_series(tmp_path)
     assert len(infos) == 1 and is_dicom_path(tmp_path)
-    assert any("not DICOM" in note and "README.txt" in note for note in infos.notes)
-    assert any("README.txt" in note for note in read_dicom_series(tmp_path).source.notes)
+    assert "skipped 1 file(s) that are not DICOM" in infos.notes      # counted: its name may be the patient's
+    assert "skipped 1 file(s) that are not DICOM" in read_dicom_series(tmp_path).source.notes
 
 
 def test_truncated_file_is_named(tmp_path, cut):
@@ -427,9 +462,9 @@ def test_truncated_file_is_named(tmp_path, cut):
     paths = write_series(tmp_path, volume, affine)
     data = paths[4].read_bytes()
     paths[4].write_bytes(data[:-300])
-    with pytest.raises(DicomError, match=f"{paths[4].name}: cannot read its pixel data, the file may be truncated"):
+    with pytest.raises(DicomError, match="series 1 image 5: cannot read its pixel data, the file may be truncated"):
         read_dicom_series(tmp_path)
-    with pytest.raises(DicomError, match="MR_truncated.dcm: cannot read its pixel data"):
+    with pytest.raises(DicomError, match="series 1 image 1: cannot read its pixel data"):
         read_dicom_series(get_testdata_file("MR_truncated.dcm"))
 
 
@@ -440,8 +475,10 @@ def test_file_cut_inside_its_header_is_named_not_silently_left_out(tmp_path, cut
     paths[7].write_bytes(paths[7].read_bytes()[:700])           # cut before its series UID
     with pytest.raises(DicomError) as error:
         read_dicom_series(tmp_path / "scan")
-    assert f"cannot read 1 DICOM file(s) stored with this series: {paths[7].name} (truncated" in str(error.value)
-    assert any(paths[7].name in note for note in list_series(tmp_path / "scan").notes)
+    # Cut before its instance number too: named by its place among the folder's files.
+    place = sorted(paths).index(paths[7]) + 1
+    assert f"cannot read 1 DICOM file(s) stored with this series: image #{place} (truncated" in str(error.value)
+    assert any(f"image #{place} (truncated" in note for note in list_series(tmp_path / "scan").notes)
     # Stored in a folder of its own, it cannot belong to the series: a note only.
     (tmp_path / "junk").mkdir()
     paths[7].rename(tmp_path / "junk" / "cut.dcm")
@@ -449,7 +486,7 @@ def test_file_cut_inside_its_header_is_named_not_silently_left_out(tmp_path, cut
                  series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID), prefix="last")
     scan = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(scan.volume, volume)
-    assert any("cut.dcm (truncated" in note and "junk" not in note for note in scan.source.notes)
+    assert any("image #1 (truncated" in note and "junk" not in note for note in scan.source.notes)
 
 
 def _shift_k(k: int) -> np.ndarray:
@@ -471,7 +508,7 @@ def test_images_of_different_sizes_in_one_series_are_refused(tmp_path, cut):
 
 def test_rgb_secondary_capture_is_refused(tmp_path):
     shutil.copy(get_testdata_file("SC_rgb_small_odd.dcm"), tmp_path / "capture.dcm")
-    with pytest.raises(DicomError, match=r"capture.dcm is a colour image \(RGB, 3 samples per pixel\)"):
+    with pytest.raises(DicomError, match=r"series 1 image 1 is a colour image \(RGB, 3 samples per pixel\)"):
         read_dicom_series(tmp_path)
 
 
@@ -491,9 +528,87 @@ def test_compressed_transfer_syntax_without_decoder_is_refused(tmp_path, cut):
     dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(DicomError) as error:
         read_dicom_series(tmp_path)
-    assert f"{path.name} is compressed as {missing[0].name}" in str(error.value)
+    assert f"series 1 image 1 is compressed as {missing[0].name}" in str(error.value)
     assert "no installed decoder reads (install one of:" in str(error.value)
     assert "pylibjpeg-openjpeg" in str(error.value)
+
+
+def _siemens_name(number: int) -> str:
+    """A file name as a Siemens export makes it: the patient's name first."""
+    return f"{PATIENT_FOLDER}.CT.ABDOMEN.0002.{number:04d}.2026.01.01.12.00.00.123.IMA"
+
+
+def test_notes_and_errors_name_images_by_series_and_instance_never_by_file_name(tmp_path, cut):
+    """Siemens exports name each file after the patient: what was left out or refused is named by series and
+    instance number (by its place among the files where it has none), and a file without a readable header
+    is counted, its error text stripped of its path."""
+    volume, labels, affine = cut
+    folder = tmp_path / "export"
+    uid, frame = generate_uid(), generate_uid()
+    write_series(folder, volume, affine, series_uid=uid, frame_uid=frame, series_number=2)
+    write_series(folder, volume[:, :, :1], affine, series_uid=uid, frame_uid=frame, series_number=2, prefix="loc",
+                 image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    sagittal = slice_dataset(volume[:, 0, :].T, position_lps=(0, 0, 0), row_dir=(0, 1, 0), col_dir=(0, 0, -1),
+                             pixel_spacing=(1, 1), series_uid=uid, study_uid=generate_uid(), frame_uid=frame,
+                             series_number=2, image_type=("ORIGINAL", "PRIMARY", "OTHER"))
+    del sagittal.InstanceNumber
+    sagittal.save_as(folder / "scout.dcm", enforce_file_format=True)
+    files = sorted(folder.iterdir())
+    for number, path in enumerate(files, start=1):
+        path.rename(folder / _siemens_name(number))
+    (folder / "copy").mkdir()
+    shutil.copy(folder / _siemens_name(3), folder / "copy" / _siemens_name(3))        # exported twice
+    (folder / f"{PATIENT_FOLDER}.txt").write_text("not DICOM")
+    (folder / _siemens_name(99)).symlink_to(tmp_path / f"{PATIENT_FOLDER}_moved.IMA")  # a link to nothing
+    scout_place = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()).index(
+        folder / _siemens_name(files.index(folder / "scout.dcm") + 1)) + 1
+
+    infos = list_series(folder)
+    scan = read_dicom_series(folder)
+    notes = [*infos.notes, *scan.source.notes]
+    assert "skipped 1 file(s) that are not DICOM" in notes
+    assert any(note.startswith("skipped 1 unreadable DICOM file(s): header unreadable: FileNotFoundError")
+               and "the file" in note for note in notes)
+    assert any("(same SOP Instance UID and position): series 2 image " in note for note in notes)
+    assert "series 2 'synthetic CT': left out 1 localizer image(s): series 2 image 1" in notes
+    assert any(f"another orientation (scout/localizer): image #{scout_place}" in note for note in notes)
+    texts = [*notes, json.dumps(scan.source.to_dict()), repr(infos)]
+
+    # Errors too: a file cut short, a file gone when the SEG is written.
+    slice_file = folder / _siemens_name(5)
+    written = write_dicom_seg(tmp_path / "seg.dcm", labels, scan, CLASSES)
+    slice_file.rename(tmp_path / "elsewhere.IMA")
+    with pytest.raises(DicomError) as gone:
+        write_dicom_seg(tmp_path / "seg2.dcm", labels, scan, CLASSES)
+    (tmp_path / "elsewhere.IMA").rename(slice_file)
+    slice_file.write_bytes(slice_file.read_bytes()[:-300])
+    with pytest.raises(DicomError) as cut_short:
+        read_dicom_series(folder)
+    assert "cannot read the file of slice" in str(gone.value) and "cannot read its pixel data" in str(cut_short.value)
+    texts += [str(gone.value), str(cut_short.value)]
+    for text in texts:
+        assert "Zyxwvut" not in text and "Qqpatientname" not in text and str(folder) not in text, text
+    assert written.exists()
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.110", "1.2.826.0.1.3680043.9.7433.99.1"],
+                         ids=["JPEG XL", "private"])
+def test_a_transfer_syntax_pydicom_does_not_know_refuses_its_series_only(tmp_path, cut, syntax):
+    """JPEG XL (DICOM 2024, newer than pydicom 3.0) or a private syntax: pydicom cannot say whether it is
+    compressed; it was an internal error ('UID is not a transfer syntax') that also kept the folder's
+    other series from opening."""
+    volume, _, affine = cut
+    write_series(tmp_path / "plain", volume, affine, series_number=3)
+    for path in write_series(tmp_path / "xl", volume, affine, series_number=4):
+        dataset = pydicom.dcmread(path)
+        dataset.file_meta.TransferSyntaxUID = syntax
+        pydicom.dcmwrite(path, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    np.testing.assert_array_equal(read_dicom_series(tmp_path, series=3).volume, volume)
+    with pytest.raises(DicomError) as error:
+        read_dicom_series(tmp_path, series=4)
+    message = str(error.value)
+    assert message.startswith("series 4 'synthetic CT': series 4 image ") and f"transfer syntax {syntax}" in message
+    assert "export the series uncompressed" in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,6 +753,83 @@ def test_a_seg_whose_segments_overlap_reads_with_the_smaller_segment_on_top(tmp_
         np.testing.assert_array_equal(labels[:, :, by_file[path]], expected[frame].T)
 
 
+def test_another_tools_fractional_seg_reads_at_half(tmp_path, cut):
+    """AI tools write FRACTIONAL SEGs (probabilities): one segment, or two that do not overlap, were refused
+    ('cannot map the segmentation'); a voxel is in a segment where its value is at least 0.5."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    volume, labels, affine = cut
+    paths = write_series(tmp_path / "series", volume, affine)
+    scan = read_dicom_series(tmp_path / "series")
+    by_uid = {str(dataset.SOPInstanceUID): dataset for dataset in map(pydicom.dcmread, paths)}
+    sources = [by_uid[uid] for uid in scan.source.sop_instance_uids]           # slice order
+    for count in (1, 2):
+        # 0.9 inside each segment, 0.3 on the other foreground (below the threshold), in slice order.
+        probabilities = np.stack([np.where(labels == c, 0.9, np.where(labels > 0, 0.3, 0.0))
+                                  for c in range(1, count + 1)], axis=-1).transpose(2, 1, 0, 3).astype(np.float32)
+        descriptions = [hd.seg.SegmentDescription(
+            segment_number=n, segment_label=f"s{n}", segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="AI", family=codes.cid7162.ArtificialIntelligence, version="1")) for n in range(1, count + 1)]
+        hd.seg.Segmentation(
+            source_images=sources, pixel_array=probabilities, segmentation_type="FRACTIONAL",
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=50,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="AI", manufacturer_model_name="x",
+            software_versions="1", device_serial_number="1", max_fractional_value=255).save_as(tmp_path / "frac.dcm")
+        assert (labels == 2).any() and ((labels > 0) & (labels != 1)).any()      # 0.3 voxels exist: thresholded
+        np.testing.assert_array_equal(read_dicom_seg(tmp_path / "frac.dcm", scan), np.where(labels <= count, labels, 0))
+
+
+def test_a_seg_of_a_series_it_cannot_reference_is_refused_in_one_line(tmp_path, cut):
+    """An image without a Frame of Reference UID, and a series stored as two enhanced multi-frame files, crashed
+    as internal errors inside highdicom; each is refused, saying to export NIfTI, before any label is looked at."""
+    import highdicom as hd
+
+    volume, labels, affine = cut
+    path = write_series(tmp_path / "flat", volume[:, :, :1], affine)[0]
+    dataset = pydicom.dcmread(path)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):
+        delattr(dataset, keyword)
+    dataset.save_as(path, enforce_file_format=True)
+    flat = read_dicom_series(path)
+    paths = sorted(write_series(tmp_path / "single", volume, affine),
+                   key=lambda path: int(pydicom.dcmread(path).InstanceNumber))
+    uid = hd.UID()
+    (tmp_path / "two").mkdir()
+    for number, part in enumerate((paths[:4], paths[4:]), start=1):
+        hd.legacy.LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(p) for p in part], series_instance_uid=uid, series_number=7, sop_instance_uid=hd.UID(),
+            instance_number=number).save_as(tmp_path / "two" / f"part{number}.dcm")
+    two_files = read_dicom_series(tmp_path / "two")
+    np.testing.assert_array_equal(two_files.volume, volume)             # it reads; only a SEG of it cannot be
+    for scan, expected in ((flat, "has no Frame of Reference UID"), (two_files, "takes its frames from 2 files")):
+        target = tmp_path / "seg.dcm"
+        with pytest.raises(DicomError) as error:
+            write_dicom_seg(target, np.zeros((1, 1, 1)), scan, CLASSES)     # labels of no fit: refused first
+        assert str(error.value).startswith(f"seg.dcm: {scan.source.name} ") and expected in str(error.value)
+        assert "export NIfTI instead" in str(error.value) and not target.exists()
+    # What highdicom refuses beyond those (here a 2-D image without Pixel Spacing) is one line too, not a crash.
+    unspaced = write_series(tmp_path / "unspaced", volume[:, :, :1], affine)[0]
+    dataset = pydicom.dcmread(unspaced)
+    del dataset.PixelSpacing
+    dataset.save_as(unspaced, enforce_file_format=True)
+    with pytest.raises(DicomError, match=r"^seg.dcm: a DICOM SEG of series 1 'synthetic CT' cannot be written \(.*Pix"):
+        write_dicom_seg(tmp_path / "seg.dcm", labels[:, :, :1], read_dicom_series(unspaced), CLASSES)
+
+
+@pytest.mark.parametrize("algorithm_type", ["AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"])
+def test_a_seg_says_whether_the_models_output_was_edited(tmp_path, cut, algorithm_type):
+    volume, labels, affine = cut
+    write_series(tmp_path / "series", volume, affine)
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "series", CLASSES,
+                               algorithm_type=algorithm_type)
+    seg = pydicom.dcmread(seg_path)
+    assert [item.SegmentAlgorithmType for item in seg.SegmentSequence] == [algorithm_type] * 2
+    np.testing.assert_array_equal(read_dicom_seg(seg_path, tmp_path / "series"), labels)
+
+
 def _rectangle(i0, i1, j0, j1):
     """The polygon around voxels i0..i1 × j0..j1 (inclusive): its edges between voxel centres."""
     return np.array([(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)])
@@ -670,6 +862,20 @@ def test_an_rt_structure_set_fills_its_contours_on_the_series_voxels(tmp_path, c
     shifted = write_rtstruct(tmp_path / "shifted.dcm", paths, affine, [("liver", [(2.5, _rectangle(5, 20, 5, 20))])])
     with pytest.raises(DicomError, match="does not lie on a slice of this series"):
         read_rtstruct(shifted, scan)
+
+
+def test_an_rt_structure_set_keeps_the_series_patient_identity_attributes(tmp_path, cut):
+    """Like a SEG, the structure set keeps whose ID it is and that the series was de-identified (and how)."""
+    from medconddiff.dicom_rtstruct_write import write_rtstruct as write_structure_set
+
+    volume, labels, affine = cut
+    identity = {"IssuerOfPatientID": "HOSPITAL-A", "PatientIdentityRemoved": "YES",
+                "DeidentificationMethod": "test anonymiser 1.0"}
+    write_series(tmp_path / "series", volume, affine, patient={**PATIENT, **identity})
+    scan = read_dicom_series(tmp_path / "series")
+    written = pydicom.dcmread(write_structure_set(tmp_path / "rs.dcm", labels, scan.meta, scan.source, CLASSES))
+    assert {keyword: str(written.get(keyword)) for keyword in identity} == identity
+    assert str(written.PatientID) == PATIENT["PatientID"]
 
 
 def _seg_of_frames(source_path, frame_numbers, labels, path):
@@ -785,7 +991,7 @@ def test_patient_identifiers_appear_in_nothing_returned(tmp_path, cut):
             call()
         texts.append(str(error.value))
     corpus = "\n".join(texts)
-    assert "gantry tilt" in corpus and "not evenly spaced" in corpus and "junk.bin" in corpus
+    assert "gantry tilt" in corpus and "not evenly spaced" in corpus and "1 file(s) that are not DICOM" in corpus
     for value in PATIENT.values():
         for fragment in value.split("^"):
             assert fragment not in corpus

@@ -21,7 +21,8 @@ from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg
 from medconddiff.dicom_series import DicomError, read_dicom_series
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_volume, sample_scan_path
-from napari_medconddiff._layers import DICOM_SOURCE_KEY, METADATA_KEY, dicom_source_of, layer_to_volume, volume_to_layer
+from napari_medconddiff._layers import (DICOM_SOURCE_KEY, METADATA_KEY, dicom_record, dicom_source_of, layer_to_volume,
+                                        volume_to_layer)
 from napari_medconddiff._reader import get_reader, read_dicom, read_nifti
 from napari_medconddiff._writer import write_dicom_seg_labels
 from tests.dicom_helpers import (PATIENT, PATIENT_FOLDER, counted_folder_scans, oblique_affine, write_echoes,
@@ -274,6 +275,52 @@ def test_a_broken_series_is_named_in_one_line_and_the_others_open(tmp_path, live
         read_dicom(str(tmp_path / "export" / "cut"))
     assert "series 2 'cut short'" in str(raised.value) and "\n" not in str(raised.value)
     assert_no_patient_data(str(raised.value), *refused)
+
+
+def test_a_series_in_a_transfer_syntax_pydicom_does_not_know_is_named_and_the_others_open(tmp_path, liver):
+    """A JPEG XL series (DICOM 2024, unknown to pydicom 3.0) raised 'UID is not a transfer syntax', and napari
+    opened nothing of the folder."""
+    import pydicom
+
+    volume, _ = liver
+    write_series(tmp_path / "export" / "plain", volume, RAS, series_number=1, description="good")
+    for path in write_series(tmp_path / "export" / "xl", volume, RAS, series_number=2, description="jpeg xl"):
+        dataset = pydicom.dcmread(path)
+        dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.110"
+        pydicom.dcmwrite(path, dataset, implicit_vr=False, little_endian=True, force_encoding=True)
+    with pytest.warns(UserWarning) as caught:
+        layers = read_dicom(str(tmp_path / "export"))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["series 1 'good'"]
+    refused = [str(w.message) for w in caught if "not opened" in str(w.message)]
+    assert len(refused) == 1 and "series 2 'jpeg xl'" in refused[0] and "1.2.840.10008.1.2.4.110" in refused[0]
+
+
+def test_a_seg_that_cannot_be_placed_is_named_without_the_patients_folder(tmp_path, liver):
+    """The note about a SEG that names the series but none of its images quoted the SEG's full path, whose
+    folders are the patient's; SEG errors name the file alone."""
+    import pydicom
+
+    from medconddiff.dicom_seg import write_dicom_seg
+
+    volume, _ = liver
+    folder = tmp_path / PATIENT_FOLDER
+    write_series(folder / "ct", volume, LPS, series_number=3, description="CT")
+    write_series(tmp_path / "other", volume, LPS, series_number=4, description="CT", prefix="o")
+    seg_path = write_dicom_seg(folder / "wrong_seg.dcm", np.zeros(volume.shape, np.uint8),
+                               read_dicom_series(tmp_path / "other"), ("background", "liver"))
+    seg = pydicom.dcmread(seg_path)      # claims series 3 while its images are series 4's
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = read_dicom_series(folder / "ct").source.series_uid
+    seg.save_as(seg_path)
+    with pytest.warns(UserWarning) as caught:
+        layers = read_dicom(str(folder))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["series 3 'CT'"]
+    messages = [str(w.message) for w in caught]
+    assert any("not opened: wrong_seg.dcm: wrong_seg.dcm: this segmentation references none of the images" in m
+               for m in messages), messages
+    assert_no_patient_data(*messages)
+    with pytest.raises(DicomError) as alone:
+        read_dicom(str(seg_path))
+    assert_no_patient_data(str(alone.value))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -533,6 +580,41 @@ def test_export_writes_a_seg_only_for_a_dicom_scan_and_never_replaces_a_file_una
     assert not target.exists()
     assert_no_patient_data((tmp_path / "seg.json").read_text())
     assert json.loads((tmp_path / "seg.json").read_text())["input"] == "series 3 'CT'"
+
+
+def test_a_seg_of_edited_labels_says_semiautomatic_and_the_models_own_says_automatic(tmp_path, liver):
+    """Export with edited slices, and File > Save of a layer that is not the plugin's result (a SEG opened,
+    a layer painted), wrote segments that claimed AUTOMATIC: the model's output untouched."""
+    import pydicom
+
+    from napari_medconddiff._export import write_export
+    from napari_medconddiff._result_layers import MARKER_KEY
+
+    volume, _ = liver
+    folder = tmp_path / "series"
+    write_series(folder, volume, RAS, series_number=3, description="CT")
+    scan = read_dicom_series(folder)
+    named = {"source": str(folder), "scan_name": "series 3 'CT'", "overwrite": False, "dicom": scan.source}
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[10:20, 10:20, 1:3] = 1
+
+    def algorithm_types(path):
+        return {str(item.SegmentAlgorithmType) for item in pydicom.dcmread(path).SegmentSequence}
+
+    write_export(tmp_path / "edited.dcm", labels, scan.meta, summary_of(), edited_slices=[2], **named)
+    write_export(tmp_path / "as_run.dcm", labels, scan.meta, summary_of(), edited_slices=[], **named)
+    assert algorithm_types(tmp_path / "edited.dcm") == {"SEMIAUTOMATIC"}
+    assert algorithm_types(tmp_path / "as_run.dcm") == {"AUTOMATIC"}
+
+    data, kwargs = volume_to_layer(labels, scan.meta)
+    kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
+    features = {"class": ["background", "liver", "tumour"]}
+    users = write_dicom_seg_labels(str(tmp_path / "users.dcm"), data,
+                                   {"metadata": kwargs["metadata"], "features": features})
+    ours = write_dicom_seg_labels(str(tmp_path / "ours.dcm"), data, {
+        "metadata": {**kwargs["metadata"], MARKER_KEY: {"role": "consensus", "scan": "1", "layer": "2"}},
+        "features": features})
+    assert algorithm_types(users[0]) == {"SEMIAUTOMATIC"} and algorithm_types(ours[0]) == {"AUTOMATIC"}
 
 
 def test_a_dicom_scan_enters_a_training_set_as_its_series_and_uid_never_its_folder(tmp_path, liver):

@@ -24,7 +24,8 @@ Every header is read once, without pixel data (values over a few KB are deferred
 * **Several series**: :func:`choose_series` refuses to guess and lists them, one line each, unless
   a Series Number or Series Instance UID picks one.
 * **Privacy**: no patient attribute goes into a note, an error or a :class:`SeriesInfo`; series are
-  named by number and description, files by their path relative to the folder given.
+  named by number and description, images by series and instance number (:func:`image_label`), never by
+  file name or folder (exports name both after the patient); files with no readable header are counted.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ def scan_folder(path: Path) -> ScannedFolder:
                     if any(instance.path == path for instance in instances)}
     if not found.series:
         return alone
-    # The folder is not named: its name may be the patient's.
-    found.notes.append(f"{path.name} is one of {len(found.series_files())} files of its series in its folder: read "
+    # Neither the folder nor the file is named: exports name both after the patient.
+    found.notes.append(f"the file given is one of {len(found.series_files())} files of its series in its folder: read "
                        "them all as one volume (a copy of the file alone in a folder reads as one slice)")
     found.file_alone = alone
     return found
@@ -249,30 +250,30 @@ def _scan_files(files: list[Path], root: Path, path: Path,
     the user gave, for the error when nothing is an image; ``headers``: those already read)."""
     headers = headers or {}
     found = ScannedFolder()
-    not_dicom, unreadable, non_image, segmentation_kinds = [], [], Counter(), Counter()
+    not_dicom, unreadable, non_image, segmentation_kinds = 0, [], Counter(), Counter()
     first_copy: dict[tuple[str, ...], str] = {}
     duplicates: list[str] = []
-    for file in files:
-        # Messages and records name a file by its name alone: the folders of an export below the one given
-        # are often named after the patient (EXPORT/DOE_JOHN_12345/CT/IM0001).
-        label = file.name
+    for place, file in enumerate(files, start=1):
         try:
             # Deferred values: every element is parsed (so a file cut short shows as missing pixel
             # data) without loading pixel data into memory.
             header = headers[file] if file in headers else pydicom.dcmread(file, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
-            not_dicom.append(label)
+            not_dicom += 1      # counted, not named: its name may be the patient's, and no header says more
             continue
         except READ_ERRORS as exc:
-            unreadable.append(f"{label} ({one_line(exc)})")
+            unreadable.append(f"header unreadable: {error_text(exc, file)}")
             continue
+        label = image_label(header, place)
         sop_class = sop_class_of(header)
         if sop_class == MEDIA_STORAGE_DIRECTORY:
             continue            # a CD's index: expected beside its images, never one of them
         uid = str(header.get("SeriesInstanceUID", "") or "")
         has_pixels = any(keyword in header for keyword in _PIXEL_KEYWORDS)
         if sop_class in SEGMENTATION_SOP_CLASSES or sop_class == RT_STRUCTURE_SET:
-            found.segmentations.append(Instance(file, label, header))
+            # Named by file (its name alone), as the SEG and RTSTRUCT readers name it: a user opens it by that
+            # name, and our Export names it after the series, never the patient.
+            found.segmentations.append(Instance(file, file.name, header))
             segmentation_kinds[_NON_VOLUME_SOP_CLASSES[sop_class]] += 1
             continue
         if sop_class in _NON_VOLUME_SOP_CLASSES or not (has_pixels or _is_image_class(header, sop_class)):
@@ -290,7 +291,8 @@ def _scan_files(files: list[Path], root: Path, path: Path,
         identity = _instance_identity(header, uid)
         if identity is not None:
             if identity in first_copy:
-                duplicates.append(f"{label} (= {first_copy[identity]})")
+                first = first_copy[identity]
+                duplicates.append(label if label == first else f"{label} (= {first})")
                 continue
             first_copy[identity] = label
         frames = int(header.get("NumberOfFrames", 1) or 1)
@@ -305,7 +307,7 @@ def _scan_files(files: list[Path], root: Path, path: Path,
         found.notes.append(f"skipped {len(duplicates)} duplicate file(s), copies of an image already read (same SOP "
                            f"Instance UID and position): {some_of(duplicates)}")
     if not_dicom:
-        found.notes.append(f"skipped {len(not_dicom)} file(s) that are not DICOM: {some_of(not_dicom)}")
+        found.notes.append(f"skipped {not_dicom} file(s) that are not DICOM")
     if unreadable:
         found.notes.append(f"skipped {len(unreadable)} unreadable DICOM file(s): {some_of(unreadable)}")
     if non_image:
@@ -322,10 +324,31 @@ def _scan_files(files: list[Path], root: Path, path: Path,
     return found
 
 
+def image_label(header: pydicom.Dataset, place: int) -> str:
+    """How notes and errors name an image: by its Series and Instance Number (``series 2 image 14``), never by
+    its file name or folders, which exports make of the patient's name (Siemens:
+    ``DOE_JOHN.CT.ABDOMEN.0002.0014….IMA``; ``EXPORT/DOE_JOHN_12345/CT/``); ``image #7``, its place among the
+    files looked at (sorted by name), when it has no Instance Number."""
+    instance = header_text(header, "InstanceNumber")
+    if not instance:
+        return f"image #{place}"
+    number = series_number(header)
+    return f"image {instance}" if number is None else f"series {number} image {instance}"
+
+
+def error_text(exc: BaseException, file: Path) -> str:
+    """:func:`one_line` of an error about ``file``, without the file's path or name (an OSError carries them)."""
+    text = one_line(exc)
+    for name in sorted({str(file), str(file.resolve()), file.name}, key=len, reverse=True):
+        text = text.replace(name, "the file")
+    return text
+
+
 def _instance_identity(header: pydicom.Dataset, series_uid: str) -> tuple[str, ...] | None:
     """What makes two files one image: the same SOP Instance UID (unique per image by the standard) at
     the same position. A folder exported twice, or copied into itself, holds such copies; two images
-    that share a UID but not a position (a broken anonymiser) are not copies and stay to be refused."""
+    that share a UID but not a position (a broken anonymiser) are not copies: reading their series refuses
+    it (:mod:`medconddiff.dicom_series`)."""
     instance_uid = str(header.get("SOPInstanceUID", "") or "")
     if not instance_uid:
         return None
@@ -370,13 +393,14 @@ def sorted_series(folder: ScannedFolder) -> list[list[Instance]]:
 #: Tags that tell apart the images a series holds at each position (multi-echo MRI, cardiac or DCE
 #: phases, repeated acquisitions, Dixon's in/opposed/water/fat images), tried in this order, and
 #: how a part is called.
-PART_TAGS = (("EchoNumbers", "echo"), ("EffectiveEchoTime", "echo time"), ("TemporalPositionIdentifier", "phase"),
-             ("TemporalPositionIndex", "phase"), ("TriggerTime", "trigger time"),
-             ("NominalCardiacTriggerDelayTime", "trigger time"), ("DiffusionBValue", "b-value"),
-             ("AcquisitionNumber", "acquisition"), ("FrameAcquisitionNumber", "acquisition"),
-             ("ImageType", "image type"), ("FrameType", "image type"))
-# (EffectiveEchoTime, TemporalPositionIndex, NominalCardiacTriggerDelayTime, FrameAcquisitionNumber and
-# FrameType are where enhanced multi-frame files keep them, per frame, in their functional groups.)
+PART_TAGS = (("EchoNumbers", "echo"), ("EchoTime", "echo time"), ("EffectiveEchoTime", "echo time"),
+             ("TemporalPositionIdentifier", "phase"), ("TemporalPositionIndex", "phase"),
+             ("TriggerTime", "trigger time"), ("NominalCardiacTriggerDelayTime", "trigger time"),
+             ("DiffusionBValue", "b-value"), ("AcquisitionNumber", "acquisition"),
+             ("FrameAcquisitionNumber", "acquisition"), ("ImageType", "image type"), ("FrameType", "image type"))
+# (EchoTime alone tells apart the echoes of a converter that drops Echo Numbers. EffectiveEchoTime,
+# TemporalPositionIndex, NominalCardiacTriggerDelayTime, FrameAcquisitionNumber and FrameType are where
+# enhanced multi-frame files keep them, per frame, in their functional groups.)
 _POSITION_DECIMALS = 2     # positions equal to 0.01 mm are the same position
 
 
@@ -393,9 +417,9 @@ def series_uid_of(key: str) -> str:
 def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]:
     """A series that holds several images at one position (single-frame files, or the frames of
     enhanced multi-frame files), split by the first of :data:`PART_TAGS` that gives two or more parts,
-    each with one image per position, else by the first pair of them that does (a multi-echo series of
-    several phases: ``echo 2, phase 3``); ``[]`` when the series needs no split or nothing splits it
-    (the reader then refuses it, naming two such images). A multi-frame file split this way comes
+    each with one image per position and at least two images, else by the first pair of them that does
+    (a multi-echo series of several phases: ``echo 2, phase 3``); ``[]`` when the series needs no split
+    or nothing splits it (the reader then refuses it, naming two such images). A multi-frame file split this way comes
     back once per part, holding that part's frames (:attr:`Instance.frame_numbers`)."""
     planes = [(instance, frame) for instance in instances for frame in instance.frame_list()]
     if len(planes) < 2:
@@ -416,7 +440,10 @@ def split_by_part(instances: list[Instance]) -> list[tuple[str, list[Instance]]]
         groups: dict[tuple[str, ...], list[int]] = {}
         for index, key in enumerate(keys):
             groups.setdefault(key, []).append(index)
-        if all(len({positions[i] for i in members}) == len(members) for members in groups.values()):
+        # A part of one image is no split: a tag that differs on every image (a trigger time written per
+        # image) would make one "series" of each.
+        if all(len(members) >= 2 and len({positions[i] for i in members}) == len(members)
+               for members in groups.values()):
             ordered = sorted(groups.items(), key=lambda item: [_natural(value) for value in item[0]])
             parts = []
             for n, (key, members) in enumerate(ordered):

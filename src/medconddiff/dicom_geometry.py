@@ -5,7 +5,7 @@ Image Orientation (Patient) and Pixel Spacing, in the patient's LPS millimetres.
 such planes into the project's geometry (see :mod:`medconddiff.nifti`): an array in voxel order
 ``(i, j, k)`` = (column, row, slice) and a 4x4 affine from ``(i, j, k)`` to RAS+ world millimetres,
 like a NIfTI written by dcm2niix (without its row flip). The decisions it makes, each raising
-:class:`StackError` (one line, naming the files) or leaving a note:
+:class:`StackError` (one line, naming the images) or leaving a note:
 
 * **Slice order**: ascending along the slice normal (row direction x column direction), as ITK and
   dcm2niix sort; Instance Number is not trusted. The affine is therefore right-handed in LPS.
@@ -62,7 +62,8 @@ class SlicePlane:
 
     ``row_direction`` is the first triple of Image Orientation (Patient) (the direction in which the
     column index grows), ``column_direction`` the second; ``pixel_spacing`` is DICOM's
-    (between rows, between columns). ``label`` names the plane in messages, e.g. a file name.
+    (between rows, between columns). ``label`` names the plane in messages (``series 2 image 14``,
+    never a file name: exports name files after the patient).
     """
 
     position: tuple[float, float, float]

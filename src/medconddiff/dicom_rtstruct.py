@@ -31,7 +31,7 @@ import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
 
-from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, file_sop_class, one_line
+from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, error_text, file_sop_class, one_line
 from .dicom_series import DicomScan
 from .nifti import smallest_label_dtype
 
@@ -87,7 +87,7 @@ def read_rtstruct(path: str | os.PathLike, scan: DicomScan) -> StructureSet:
     try:
         header = pydicom.dcmread(path)
     except READ_ERRORS as exc:
-        raise DicomError(f"{path.name}: cannot read the RT structure set ({one_line(exc)})") from exc
+        raise DicomError(f"{path.name}: cannot read the RT structure set ({error_text(exc, path)})") from exc
     if str(header.get("SOPClassUID", "")) != RT_STRUCTURE_SET:
         raise DicomError(f"{path.name} is not an RT structure set")
     if not drawn_on(header, scan.source.series_uid, scan.source.frame_of_reference_uid):
@@ -130,7 +130,8 @@ def rtstruct_class_names(path: str | os.PathLike) -> tuple[str, ...]:
     try:
         header = pydicom.dcmread(path)
     except READ_ERRORS as exc:
-        raise DicomError(f"{Path(path).name}: cannot read the RT structure set ({one_line(exc)})") from exc
+        raise DicomError(f"{Path(path).name}: cannot read the RT structure set "
+                         f"({error_text(exc, Path(path))})") from exc
     return ("background", *(name for name, contours in _closed_contours_by_roi(header) if contours))
 
 

@@ -17,6 +17,7 @@ but not DICOM SEG.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .atomic import atomic_write, check_target
-from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, one_line
+from .dicom_folder import READ_ERRORS, RT_STRUCTURE_SET, DicomError, error_text
 from .dicom_rtstruct import CONTOUR_DATA
 from .dicom_series import DicomSource
 from .nifti import VolumeMeta
@@ -38,6 +39,10 @@ from .nifti import VolumeMeta
 #: Attributes copied from the series into the structure set: it belongs to the same patient and study.
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                       "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+#: Copied where the series has them (a SEG keeps them too): whose ID it is, and that an anonymiser has been at
+#: work and how; dropping them would make a de-identified series' structure set look identified.
+_PATIENT_IDENTITY = ("IssuerOfPatientID", "PatientIdentityRemoved", "DeidentificationMethod",
+                     "DeidentificationMethodCodeSequence")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -76,17 +81,18 @@ def write_rtstruct(path: str | os.PathLike, labels: np.ndarray, meta: VolumeMeta
     labels = np.asarray(labels)
     names = [str(name) for name in class_names]
     if labels.ndim != 3 or labels.shape[2] != len(source.sop_instance_uids):
-        raise DicomError(f"{path}: labels of shape {labels.shape} do not lie on the {len(source.sop_instance_uids)} "
-                         f"slices of {source.name}")
+        raise DicomError(f"{path.name}: labels of shape {labels.shape} do not lie on the "
+                         f"{len(source.sop_instance_uids)} slices of {source.name}")
     if any(frame is not None for frame in source.frame_numbers):
-        raise DicomError(f"{path}: {source.name} comes from an enhanced multi-frame file; an RT structure set "
+        raise DicomError(f"{path.name}: {source.name} comes from an enhanced multi-frame file; an RT structure set "
                          "of it cannot be written here (write a DICOM SEG or NIfTI instead)")
     if labels.size and int(labels.max()) >= len(names):
-        raise DicomError(f"{path}: label {int(labels.max())} has no class name (classes: {', '.join(names)})")
+        raise DicomError(f"{path.name}: label {int(labels.max())} has no class name (classes: {', '.join(names)})")
     try:
         first = pydicom.dcmread(source.files[0], stop_before_pixels=True)
     except READ_ERRORS as exc:
-        raise DicomError(f"{path}: cannot read the series' first image again ({one_line(exc)})") from exc
+        raise DicomError(f"{path.name}: cannot read the series' first image again "
+                         f"({error_text(exc, Path(source.files[0]))})") from exc
     image_class = str(first.get("SOPClassUID", ""))
     to_patient = _voxel_to_lps(meta.affine)
     rois = []
@@ -99,7 +105,7 @@ def write_rtstruct(path: str | os.PathLike, labels: np.ndarray, meta: VolumeMeta
         if contours:
             rois.append((value, names[value], contours))
     if not rois:
-        raise DicomError(f"{path}: no class has a voxel: there is nothing to contour")
+        raise DicomError(f"{path.name}: no class has a voxel: there is nothing to contour")
     dataset = _structure_set(first, source, image_class, rois, series_number, label)
     atomic_write(path, lambda tmp: dataset.save_as(tmp, enforce_file_format=True), overwrite=overwrite,
                  suffix=".dcm")
@@ -130,6 +136,9 @@ def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str
     ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
     for keyword in _PATIENT_AND_STUDY:
         setattr(ds, keyword, first.get(keyword, ""))
+    for keyword in _PATIENT_IDENTITY:
+        if keyword in first:
+            setattr(ds, keyword, copy.deepcopy(first[keyword].value))
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), int(series_number)
     ds.SeriesDescription = "medconddiff contours"
     ds.Manufacturer, ds.ManufacturerModelName = SEG_MANUFACTURER, SEG_MANUFACTURER

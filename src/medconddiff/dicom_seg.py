@@ -14,8 +14,14 @@ one back onto the source's voxels.
   Structure" or, for a finding, "Morphologically Abnormal Structure" — so that a PACS or viewer knows
   what the segment is, not only its label; any other class is category SCT 91723000 "Anatomical
   Structure", type SCT 85756007 "Tissue". ``codes`` overrides both: a (category, type) pair for all
-  classes, or per class name. The algorithm is recorded as
-  automatic, "medconddiff", family DCM "Artificial Intelligence".
+  classes, or per class name. The algorithm is recorded as "medconddiff", family DCM "Artificial
+  Intelligence", and as automatic unless ``algorithm_type`` says the model's output was edited by hand
+  (``SEMIAUTOMATIC``: what Export writes when slices were edited) or made by hand (``MANUAL``).
+* **Refused before any work** (:func:`check_seg_writable`): a series without a Frame of Reference UID, and
+  one stored as several enhanced multi-frame files; anything else highdicom refuses is a one-line
+  :class:`DicomError` too (export NIfTI instead).
+* **Reading** another tool's SEG: a FRACTIONAL one (probabilities) is read at 0.5; overlapping segments
+  give the voxel to the smaller segment, with a warning.
 * **Type.** ``BINARY`` by default (read by every SEG-aware viewer); ``LABELMAP`` (the 2024 Label Map
   Segmentation class: smaller, fewer readers) on request.
 * **Patient data.** Unlike everything else this project writes, a SEG copies the patient and study
@@ -41,12 +47,13 @@ from pydicom.sr.coding import Code
 
 from .atomic import atomic_write, check_target
 from .class_match import class_key
+from .dicom_folder import error_text
 from .dicom_geometry import plane_from_header
 from .dicom_series import DicomError, DicomScan, DicomSource, dicom_source, source_datasets
 from .nifti import smallest_label_dtype
 
-__all__ = ["write_dicom_seg", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES", "KNOWN_CLASSES",
-           "segment_codes", "SEG_MANUFACTURER", "software_version"]
+__all__ = ["write_dicom_seg", "check_seg_writable", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES",
+           "KNOWN_CLASSES", "segment_codes", "SEG_MANUFACTURER", "software_version"]
 
 CodeLike = Union[Code, tuple]
 #: (category, type) given to a segment whose class name is not in :data:`KNOWN_CLASSES`, unless ``codes``
@@ -84,6 +91,7 @@ def write_dicom_seg(
     segmentation_type: str = "BINARY",
     series_number: int = 9901,
     series_description: str = "medconddiff segmentation",
+    algorithm_type: str = "AUTOMATIC",
 ) -> Path:
     """Write ``labels`` (integers ``0..len(class_names)-1``, shaped like the source volume) as a SEG.
 
@@ -91,45 +99,87 @@ def write_dicom_seg(
     :class:`DicomScan` that holds it), or the path read (with ``series`` as for
     :func:`read_dicom_series`). ``codes`` is a (category, type) pair for every segment, or a mapping
     from class name to such a pair; a code is a ``pydicom.sr.coding.Code`` or a
-    ``(value, scheme, meaning)`` tuple. Raises FileExistsError for an existing ``path`` unless
-    ``overwrite``. Returns the written path.
+    ``(value, scheme, meaning)`` tuple. ``algorithm_type`` is what the segments say made them:
+    ``AUTOMATIC`` (the model's output as it is), ``SEMIAUTOMATIC`` (the model's output that someone
+    edited) or ``MANUAL``. Raises FileExistsError for an existing ``path`` unless ``overwrite``, and
+    :class:`DicomError` before any work for a series no SEG can be written of
+    (:func:`check_seg_writable`). Returns the written path.
     """
     import highdicom as hd
 
     path = Path(path)
     check_target(path, overwrite, "DICOM SEG")
     reference = _source_of(source, series)
+    check_seg_writable(path, reference)
+    algorithm = _algorithm_type(path, algorithm_type)
     names = [str(name) for name in class_names]
     if len(names) < 2:
-        raise DicomError(f"{path}: need a background and at least one class name, got {names}")
+        raise DicomError(f"{path.name}: need a background and at least one class name, got {names}")
     frames = _frames_for_source(np.asarray(labels), reference, len(names), path)
     datasets = source_datasets(reference)
     shared_file = _shares_its_file(reference)
-    if shared_file and len(datasets) != 1:
-        raise DicomError(f"{path}: {reference.name} takes its frames from {len(datasets)} multi-frame files; a DICOM "
-                         "SEG of it cannot be written here (export NIfTI instead: it carries the scan's affine)")
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number, segment_label=names[number][:64],
             segmented_property_category=_coded(category), segmented_property_type=_coded(kind),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=SEG_MANUFACTURER, family=_ARTIFICIAL_INTELLIGENCE, version=software_version()))
+            algorithm_type=algorithm,
+            algorithm_identification=None if algorithm == hd.seg.SegmentAlgorithmTypeValues.MANUAL else
+            hd.AlgorithmIdentificationSequence(name=SEG_MANUFACTURER, family=_ARTIFICIAL_INTELLIGENCE,
+                                               version=software_version()))
         for number in range(1, len(names))
         for category, kind in [_codes_for(names[number], codes)]
     ]
-    segmentation = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=frames, segmentation_type=segmentation_type.upper(),
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(series_number),
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SEG_MANUFACTURER,
-        manufacturer_model_name=SEG_MANUFACTURER, software_versions=software_version(), device_serial_number="0",
-        series_description=series_description[:64], content_label="MEDCONDDIFF",
-        content_description="Automatic segmentation"[:64], omit_empty_frames=True,
-        plane_positions=_plane_positions(datasets[0], reference.frame_numbers) if shared_file else None)
+    try:
+        segmentation = hd.seg.Segmentation(
+            source_images=datasets, pixel_array=frames, segmentation_type=segmentation_type.upper(),
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(series_number),
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SEG_MANUFACTURER,
+            manufacturer_model_name=SEG_MANUFACTURER, software_versions=software_version(), device_serial_number="0",
+            series_description=series_description[:64], content_label="MEDCONDDIFF",
+            content_description=_CONTENT_DESCRIPTIONS[algorithm.value], omit_empty_frames=True,
+            plane_positions=_plane_positions(datasets[0], reference.frame_numbers) if shared_file else None)
+    except (ValueError, AttributeError) as exc:
+        # What highdicom refuses in a source that check_seg_writable does not foresee (an attribute the SEG must
+        # copy that the images lack: a 2-D image without Pixel Spacing): the user's input, not a bug.
+        raise DicomError(f"{path.name}: a DICOM SEG of {reference.name} cannot be written "
+                         f"({' '.join(str(exc).split())}); export NIfTI instead: it carries the scan's affine") from exc
     if shared_file:
         _derive_from_own_frames(segmentation, reference)
     atomic_write(path, lambda tmp: segmentation.save_as(tmp), overwrite=overwrite, suffix=".dcm")
     return path
+
+
+def check_seg_writable(path: str | os.PathLike, source: DicomSource) -> None:
+    """Refuse, in one line, a series no DICOM SEG can be written of here, from its :class:`DicomSource` alone
+    (nothing is read): one without a Frame of Reference UID (a 2-D image without patient geometry: a SEG
+    is placed by it), and one whose frames come from several enhanced multi-frame files (a SEG's frames
+    are placed on one multi-frame source). Callers may call it before segmenting, so that a run does not
+    fail at its last step."""
+    name = Path(path).name
+    if not source.frame_of_reference_uid:
+        raise DicomError(f"{name}: {source.name} has no Frame of Reference UID, which a DICOM SEG needs to lie "
+                         "on its images; export NIfTI instead")
+    multi_frame_files = {file for file, frame in zip(source.files, source.frame_numbers) if frame is not None}
+    if multi_frame_files and len(set(source.files)) > 1:
+        raise DicomError(f"{name}: {source.name} takes its frames from {len(set(source.files))} files, of which "
+                         f"{len(multi_frame_files)} multi-frame; a DICOM SEG of it cannot be written here (export "
+                         "NIfTI instead: it carries the scan's affine)")
+
+
+#: What the SEG's Content Description says, by the segments' algorithm type.
+_CONTENT_DESCRIPTIONS = {"AUTOMATIC": "Automatic segmentation",
+                         "SEMIAUTOMATIC": "Automatic segmentation, edited by hand",
+                         "MANUAL": "Manual segmentation"}
+
+
+def _algorithm_type(path: Path, value: str):
+    import highdicom as hd
+
+    try:
+        return hd.seg.SegmentAlgorithmTypeValues(str(value).upper())
+    except ValueError:
+        raise DicomError(f"{path.name}: algorithm type {value!r} is none of "
+                         f"{', '.join(_CONTENT_DESCRIPTIONS)}") from None
 
 
 def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int | str | None = None) -> np.ndarray:
@@ -146,21 +196,21 @@ def read_dicom_seg(path: str | os.PathLike, reference: Reference, *, series: int
     segmentation = _read_seg(path)
     referenced = {str(uid) for _, _, uid in segmentation.get_source_image_uids()}
     if not referenced & set(source.sop_instance_uids):
-        raise DicomError(f"{path}: this segmentation references none of the images of {source.name}")
+        raise DicomError(f"{path.name}: this segmentation references none of the images of {source.name}")
     numbers = list(segmentation.segment_numbers)
     if any(frame is not None for frame in source.frame_numbers):
         # One enhanced multi-frame file can hold several echoes or phases, each read as its own series with
         # the file's one instance UID: only the frames a SEG references tell which one it segments.
         frames = _referenced_frames(segmentation, source.sop_instance_uids[0])
         if frames and not frames & {int(f) for f in source.frame_numbers}:
-            raise DicomError(f"{path}: this segmentation references none of the frames of {source.name}")
+            raise DicomError(f"{path.name}: this segmentation references none of the frames of {source.name}")
     try:
         stack = _source_pixels(segmentation, source, combine=True)
     except _HIGHDICOM_ERRORS as exc:
         # Read again: highdicom's frame index stays locked after a failed query on the same object.
-        stack = _overlaps_flattened(path, _read_seg(path), source, numbers)
+        stack = _flattened(path, _read_seg(path), source, numbers)
         if stack is None:
-            raise DicomError(f"{path}: cannot map the segmentation onto {source.name} "
+            raise DicomError(f"{path.name}: cannot map the segmentation onto {source.name} "
                              f"({' '.join(str(exc).split())})") from exc
     labels = np.ascontiguousarray(stack.transpose(2, 1, 0))
     return labels.astype(smallest_label_dtype(max(numbers, default=0)), copy=False)
@@ -184,26 +234,28 @@ def _source_pixels(segmentation, source: DicomSource, *, combine: bool) -> np.nd
     return np.asarray(stack)
 
 
-def _overlaps_flattened(path: Path, segmentation, source: DicomSource, numbers: list[int]) -> np.ndarray | None:
-    """The label map of a SEG whose segments overlap, or None where they do not (the failure was another).
+def _flattened(path: Path, segmentation, source: DicomSource, numbers: list[int]) -> np.ndarray | None:
+    """The label map of a SEG that highdicom cannot combine into one, from its masks one by one; None where
+    those cannot be read either (the failure was another).
 
-    Other tools store a finding inside its organ as two segments that overlap (a tumour inside the
-    liver); a label map holds one class per voxel, so where segments overlap the one covering fewer
-    voxels in all wins (the finding, whichever number it has), and a warning says how many voxels."""
+    Two kinds of SEG reach here. A FRACTIONAL SEG (probabilities, as other AI tools write them): a voxel
+    belongs to a segment where its value is at least 0.5. And segments that overlap: other tools store a
+    finding inside its organ as two segments (a tumour inside the liver); a label map holds one class per
+    voxel, so where segments overlap the one covering fewer voxels in all wins (the finding, whichever
+    number it has), and a warning says how many voxels."""
     try:
         masks = _source_pixels(segmentation, source, combine=False)
     except _HIGHDICOM_ERRORS:
         return None
     present = masks >= 0.5 if np.issubdtype(masks.dtype, np.floating) else masks > 0
     shared = int(np.count_nonzero(present.sum(axis=-1) > 1))
-    if not shared:
-        return None
     labels = np.zeros(present.shape[:-1], dtype=smallest_label_dtype(max(numbers)))
     sizes = present.reshape(-1, present.shape[-1]).sum(axis=0)
     for index in np.argsort(-sizes, kind="stable"):     # largest first: smaller segments are written over it
         labels[present[..., index]] = numbers[index]
-    warnings.warn(f"{path.name}: {shared:,} voxel(s) lie in more than one segment (the SEG's segments overlap): "
-                  "each took the smallest of its segments, as a finding inside its organ", stacklevel=3)
+    if shared:
+        warnings.warn(f"{path.name}: {shared:,} voxel(s) lie in more than one segment (the SEG's segments overlap): "
+                      "each took the smallest of its segments, as a finding inside its organ", stacklevel=3)
     return labels
 
 
@@ -247,11 +299,11 @@ _READ_ERRORS = (pydicom.errors.InvalidDicomError, ValueError, AttributeError, Ke
 
 def _check_exists(path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: DICOM SEG file does not exist")
+        raise FileNotFoundError(f"{path.name}: DICOM SEG file does not exist")
 
 
 def _unreadable(path: Path, exc: BaseException) -> DicomError:
-    return DicomError(f"{path}: not a readable DICOM Segmentation ({' '.join(str(exc).split())})")
+    return DicomError(f"{path.name}: not a readable DICOM Segmentation ({error_text(exc, path)})")
 
 
 def _read_seg(path: Path):
@@ -278,13 +330,13 @@ def _frames_for_source(labels: np.ndarray, source: DicomSource, n_classes: int, 
         labels = labels[:, :, np.newaxis]
     n_slices = len(source.sop_instance_uids)
     if labels.ndim != 3 or labels.shape[2] != n_slices:
-        raise DicomError(f"{path}: labels of shape {labels.shape} do not fit {source.name}, which has "
+        raise DicomError(f"{path.name}: labels of shape {labels.shape} do not fit {source.name}, which has "
                          f"{n_slices} slice(s)")
     if labels.dtype.kind not in "biu":
         if not np.array_equal(labels, np.round(labels)):
-            raise DicomError(f"{path}: labels must be whole numbers")
+            raise DicomError(f"{path.name}: labels must be whole numbers")
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise DicomError(f"{path}: labels run {int(labels.min())}..{int(labels.max())}, but there are only "
+        raise DicomError(f"{path.name}: labels run {int(labels.min())}..{int(labels.max())}, but there are only "
                          f"{n_classes} class names (0..{n_classes - 1})")
     frames = np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(smallest_label_dtype(n_classes - 1))
     if all(frame is None for frame in source.frame_numbers) or _shares_its_file(source):

@@ -25,16 +25,17 @@ Decisions made here:
 * **Refused**, with one line naming the file or series (:class:`DicomError`): a path with no DICOM
   images, a truncated or corrupt file in the chosen series, colour images (RGB secondary captures,
   screenshots), pixel data in a compressed transfer syntax no installed decoder reads (the message
-  names the package that would; GDCM, a dependency, reads JPEG Lossless, JPEG-LS, JPEG 2000 and RLE),
-  images of different sizes in one series.
+  names the package that would; GDCM, a dependency, reads JPEG Lossless, JPEG-LS, JPEG 2000 and RLE) or
+  in one pydicom does not know (JPEG XL, a private syntax), images of different sizes in one series, two
+  images sharing one SOP Instance UID at different positions.
 * Files that are not DICOM, or cannot be parsed, are skipped while listing, with a note;
   non-image objects (SEG, structured reports, RT structures) are skipped with a note. A DICOM file
   cut short (pydicom returns what it parsed: no pixel data) refuses the series it belongs to, or,
   when it was cut before its series UID, every series stored in its folder: a slice missing at the
   end of a stack would leave no gap to detect.
 * **Privacy**: nothing returned here (notes, errors, :class:`SeriesInfo`, :class:`DicomSource`,
-  the meta) holds a patient attribute; series are named by number and description, files by their
-  path relative to the folder given.
+  the meta) holds a patient attribute; series are named by number and description, images by series and
+  instance number (:func:`medconddiff.dicom_folder.image_label`), never by file name or folder.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import pydicom
 from pydicom.uid import UID
 
 from .dicom_folder import (READ_ERRORS, DicomError, Instance, ScannedFolder, SeriesInfo, SeriesList, choose_series,
-                           header_text, is_dicom_path, is_localizer, list_series, one_line, scan_folder, series_info,
+                           error_text, header_text, is_dicom_path, is_localizer, list_series, scan_folder, series_info,
                            series_number, some_of)
 from .dicom_geometry import StackError, arrange_stack, plane_from_header
 from .nifti import VolumeMeta
@@ -140,7 +141,7 @@ def _locate(path: Path, series: int | str | None, scanned: ScannedFolder | None 
         # The file's series in its folder is not one volume (a slice missing, a duplicate, ...): the file
         # alone, as it read before its neighbours were looked at, and why.
         alone = folder.file_alone
-        why = (f"{path.name}: the other files of its series in its folder do not make one volume ({exc}): "
+        why = (f"the file given: the other files of its series in its folder do not make one volume ({exc}): "
                "read this file alone")
         return _locate_in(path, series, replace(alone, notes=[*alone.notes, why]))
 
@@ -153,6 +154,7 @@ def _locate_in(path: Path, series: int | str | None, folder: ScannedFolder):
         broken += folder.broken.get(parent, [])
     if broken:
         raise DicomError(f"{where}: cannot read {len(broken)} DICOM file(s) stored with this series: {some_of(broken)}")
+    _check_unique_instances(instances, where)
     notes = list(folder.notes)
     for instance in instances:
         _check_pixels_readable(instance, where)
@@ -182,15 +184,31 @@ def load_dicom_series(path: str | os.PathLike, series: int | str | None = None) 
 def source_datasets(source: DicomSource) -> list[pydicom.Dataset]:
     """The header of every file of ``source`` (without pixel data), each file once, in slice order."""
     datasets, seen = [], set()
-    for file in source.files:
+    for k, file in enumerate(source.files):
         if file in seen:
             continue
         seen.add(file)
         try:
             datasets.append(pydicom.dcmread(file, stop_before_pixels=True))
         except READ_ERRORS as exc:
-            raise DicomError(f"{file}: cannot read the source DICOM again ({one_line(exc)})") from exc
+            # The slice, not the file: its path is the patient's folders and its name may be the patient's.
+            raise DicomError(f"{source.name}: cannot read the file of slice {k} again, moved or changed since the "
+                             f"series was read? ({error_text(exc, Path(file))}); open the series again") from exc
     return datasets
+
+
+def _check_unique_instances(instances: list[Instance], where: str) -> None:
+    """Refuse two files of one series that share a SOP Instance UID (copies at one position were skipped
+    while scanning, so these lie at different positions): a faulty anonymiser or converter. A SEG or RT
+    structure set names its images by that UID, so one written on such a series could not be read back."""
+    first_with: dict[str, Instance] = {}
+    for instance in instances:
+        uid = str(instance.header.get("SOPInstanceUID", "") or "")
+        other = first_with.setdefault(uid, instance) if uid else instance
+        if other.path != instance.path:
+            raise DicomError(f"{where}: {other.label} and {instance.label} share one SOP Instance UID at different "
+                             "positions (a faulty anonymiser?), so a segmentation could not tell them apart; "
+                             "export the series again with a UID per image")
 
 
 def _check_pixels_readable(instance: Instance, where: str) -> None:
@@ -201,6 +219,13 @@ def _check_pixels_readable(instance: Instance, where: str) -> None:
         raise DicomError(f"{where}: {instance.label} is a colour image ({photometric}, {samples} samples per "
                          "pixel), e.g. a secondary capture or screenshot, not a scan in intensity units")
     syntax = UID(str(header.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)))
+    if not syntax.is_transfer_syntax:
+        # A syntax newer than the installed pydicom (JPEG XL) or a private one: pydicom cannot even say
+        # whether it is compressed, so nothing here can decode it.
+        known = f" ({syntax.name})" if syntax.name != str(syntax) else ""
+        raise DicomError(f"{where}: {instance.label} uses transfer syntax {syntax}{known}, which the installed "
+                         "pydicom does not know, so no installed decoder reads it; export the series uncompressed "
+                         "or as JPEG Lossless")
     if not syntax.is_compressed:
         return
     from pydicom.pixels import get_decoder
@@ -259,7 +284,7 @@ def _read_pixels(frames: list, rows: int, columns: int) -> np.ndarray:
                 image = source.get_frame(frame, dtype=np.float32, apply_modality_transform=True)
         except READ_ERRORS as exc:
             raise DicomError(f"{instance.label}: cannot read its pixel data, the file may be truncated or "
-                             f"corrupt ({one_line(exc)})") from exc
+                             f"corrupt ({error_text(exc, instance.path)})") from exc
         image = np.asarray(image)
         if image.shape != (rows, columns):
             raise DicomError(f"{instance.label}: pixel data of shape {image.shape}, expected rows x columns "

@@ -347,6 +347,10 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
         if existing:
             raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it or --skip-existing")
     volume, meta, source = load_scan(job, segmenter.plan.num_channels, args.channel)
+    if is_dicom_seg_name(paths["labels"]) and args.output_format != "dicom-rtstruct":
+        from ..dicom_seg import check_seg_writable
+
+        check_seg_writable(paths["labels"], source)     # before the sampling, not at its last step
     note = note or NotePrinter()
     for text in source.notes if source is not None else ():
         note(text, job.name)
