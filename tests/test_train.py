@@ -365,7 +365,7 @@ def test_a_non_finite_loss_skips_its_step_and_a_diverged_run_stops_without_savin
     assert not (tmp_path / "d" / "final.safetensors").exists()
 
 
-def test_validation_slices_are_never_trained_on(liver_case):
+def test_validation_slices_are_never_trained_on(liver_case, tmp_path):
     """--val-slices alone (or overlapping --train-slices) used to train on the validation slices too."""
     from medconddiff.dataset_layout import DatasetError
     from medconddiff.train import build_datasets
@@ -387,6 +387,15 @@ def test_validation_slices_are_never_trained_on(liver_case):
     ScanPreprocessor(config.plan).geometry(sparse.labels.shape, sparse.meta).slice_view(sparse.labels)[4] = IGNORE_INDEX
     train_set, _ = build_datasets(config, [sparse], None, [(2, 3)])
     assert sorted({index for _, index in train_set.origin}) == [0, 1, 3, 5]
+    # Nor are they scored: a consensus 'chosen' on slices nobody checked was NaN everywhere and replaced
+    # the model's own record.
+    from medconddiff.segmenter import Segmenter
+    from medconddiff.train import Validation
+    from tests.conftest import save_tiny
+
+    segmenter = Segmenter.from_checkpoint(save_tiny(tmp_path / "t.safetensors", config), device="cpu")
+    (scan,) = Validation([sparse], [(3, 6)]).choosing_slices(segmenter)
+    assert list(scan.slices) == [3, 5]
 
 
 def test_resuming_into_another_runs_folder_is_refused_and_needs_no_pretrained_file(tmp_path, capsys):

@@ -378,6 +378,16 @@ def test_an_add_killed_while_moving_its_files_is_finished_when_the_set_is_opened
     assert not (root / STAGING_FOLDER).exists()
     # The next add builds on the finished one.
     assert reopened.add_scan("a", image, META, labels, LIVER, verified_slices=[5]).verified_slices == 3
+    # `train SET` reads the set through its nnU-Net layout: it finishes such an add first too.
+    from medconddiff.training_data import TrainingData
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_MOVING, str(root), str(tmp_path / "arrays.npz")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert killed.returncode == 3 and not (root / "labelsTr" / "a.nii.gz").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [case.name for case in TrainingData.from_sources(root).cases] == ["a"]
+    assert (root / "labelsTr" / "a.nii.gz").exists()
 
 
 def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tmp_path, scan):
@@ -400,7 +410,10 @@ def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tm
     def broken(**changes) -> None:
         (root / "dataset.json").write_text(json.dumps({**manifest, **changes}))
 
-    broken(numTraining=2)
+    # Another tool's dataset.json that miscounts is refused; this package's own set warns and takes the files
+    # (test_a_case_deleted_by_hand_leaves_the_set_usable).
+    (root / "dataset.json").write_text(json.dumps({**{k: v for k, v in manifest.items() if k != "medconddiff"},
+                                                   "numTraining": 2}))
     with pytest.raises(Exception, match=r"dataset\.json: numTraining is 2 but 1 training cases"):
         TrainingSet.open(root)
     broken(labels={"background": 0, "liver": 1, "tumour": 2, "ignore": 2})
@@ -633,6 +646,27 @@ def test_a_set_that_cannot_be_written_is_one_line_not_an_internal_error(tmp_path
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(TrainingSetError, match="cannot create a training set here"):
         TrainingSet.create(tmp_path / "new", LIVER)
+
+
+def test_a_case_deleted_by_hand_leaves_the_set_usable(tmp_path, scan):
+    """Deleting a case's files by hand locked the set against every command (numTraining, then the slicing
+    record naming the vanished case), remove-from-set included."""
+    import warnings
+
+    image, labels = scan
+    root = tmp_path / "set"
+    training_set = TrainingSet.create(root, LIVER)
+    training_set.add_scan("a", image, META, labels, LIVER, verified_slices=[1])
+    training_set.add_scan("b", image + 1, META, labels, LIVER, verified_slices=[2], slicing="coronal")
+    for path in [*root.glob("imagesTr/b_*.nii.gz"), root / "labelsTr" / "b.nii.gz"]:
+        path.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reopened = TrainingSet.open(root)
+    assert reopened.cases == ["a"] and any("numTraining is 2 but the folder holds 1" in str(w.message) for w in caught)
+    reopened.add_scan("a", image, META, labels, LIVER, verified_slices=[3])     # the next change mends the record
+    manifest = json.loads((root / "dataset.json").read_text())
+    assert manifest["numTraining"] == 1 and manifest["medconddiff"]["slicing"] == {"a": "axial"}
 
 
 def test_reading_another_tools_dataset_never_rewrites_its_dataset_json(tmp_path, scan):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -399,6 +400,13 @@ def _check_count(manifest: Path, data: dict, training: list[CaseFiles]) -> None:
         raise DatasetError(f"{manifest}: no training cases")
     declared = data.get("numTraining")
     if declared is not None and declared != len(training):
+        if "medconddiff" in data:
+            # A training set this package keeps (medconddiff.training_set): its count is rewritten at every
+            # change, so a case deleted by hand must not lock the set against the command that would mend it.
+            warnings.warn(f"{manifest.name}: numTraining is {declared} but the folder holds {len(training)} "
+                          "case(s) (one removed by hand?); the files are taken, and the next change to the set "
+                          "writes their count", stacklevel=3)
+            return
         raise DatasetError(f"{manifest}: numTraining is {declared} but {len(training)} training cases were found")
 
 

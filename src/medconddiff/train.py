@@ -286,8 +286,11 @@ class Trainer:
         from .consensus_choice import EXTRA_KEY, choose_consensus
 
         segmenter = Segmenter(self.weights_to_save(), self.config, device=self.device)
-        scans = self.validation.choosing_slices(segmenter)
+        scans = [scan for scan in self.validation.choosing_slices(segmenter) if len(scan.slices)]
         count = sum(len(scan.slices) for scan in scans)
+        if not count:
+            self.log("no validation slice holds a verified voxel: no consensus choice is recorded")
+            return {}
         choice = choose_consensus(segmenter, scans, f"{count} validation slice(s) of {len(scans)} case(s), "
                                                     "not trained on")
         self.log(choice.describe())
@@ -401,15 +404,18 @@ class Validation:
     ranges: SliceRanges
 
     def choosing_slices(self, segmenter: Segmenter) -> list:
-        """Every case's validation slices (canonical indices along ``segmenter``'s plan) as
-        :class:`~medconddiff.consensus_choice.ChoosingSlices`, voxels nobody checked marked
-        :data:`IGNORE_INDEX` (scored in no figure): what :meth:`dice` and the consensus choice score."""
+        """Every case's validation slices (canonical indices along ``segmenter``'s plan) that hold a
+        verified voxel, as :class:`~medconddiff.consensus_choice.ChoosingSlices`, voxels nobody checked
+        marked :data:`IGNORE_INDEX` (scored in no figure): what :meth:`dice` and the consensus choice
+        score. A slice nobody checked (a sparse training set's) scores nothing and is not counted."""
         from .consensus_choice import ChoosingSlices
 
         scans = []
         for case in self.cases:
             geometry = segmenter.preprocessor.geometry(case.image.shape, case.meta)
             slices = range_indices(self.ranges, geometry.n_slices, case.name)
+            canonical = geometry.slice_view(case.labels)
+            slices = [i for i in slices if (canonical[i] != IGNORE_INDEX).any()]
             scans.append(ChoosingSlices(case.image, case.labels, case.meta, slices, ignore_value=IGNORE_INDEX))
         return scans
 

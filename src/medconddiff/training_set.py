@@ -286,7 +286,7 @@ class TrainingSet:
                 _check_case_headers(case.images, case.label, len(channel_names))
         extra = data.get(MANIFEST_KEY, {})
         extra = extra if isinstance(extra, dict) else {}
-        slicing = _per_case(manifest, extra, "slicing", cases)
+        slicing = _per_case(manifest, extra, "slicing", cases, drop_unknown=True)   # a case deleted by hand
         # Digests are a cache of what the files hold: one of a case removed by hand is dropped, not an error.
         digests = _per_case(manifest, extra, DIGEST_KEY, cases, drop_unknown=True)
         kept = {key: value for key, value in data.items() if key not in _OWN_KEYS}
