@@ -196,6 +196,24 @@ def test_finetune_command_learns_the_labelled_slices_and_refuses_to_overwrite(tm
         err = capsys.readouterr()
         assert said in err.err and "step 10/50" not in err.out
     assert main([*args[:-1], str(tmp_path / "new" / "deeper" / "ft.safetensors")]) == 0      # missing folders are made
+    # A file that appears while training stays; the weights go beside it instead of being thrown away.
+    import medconddiff.finetune as finetune_module
+
+    race = tmp_path / "race.safetensors"
+    real_iter = finetune_module.FinetuneRun.__iter__
+
+    def another_program_writes(self):
+        for event in real_iter(self):
+            race.write_bytes(b"another program's file")
+            yield event
+
+    finetune_module.FinetuneRun.__iter__ = another_program_writes
+    try:
+        assert main([*args[:-1], str(race)]) == 0
+    finally:
+        finetune_module.FinetuneRun.__iter__ = real_iter
+    assert race.read_bytes() == b"another program's file" and (tmp_path / "race_2.safetensors").is_file()
+    assert "is left as it is; the model is saved as race_2.safetensors" in capsys.readouterr().err
 
 
 def test_naming_the_scan_kind_switches_a_ct_model_to_the_kind_s_intensity_scheme(tmp_path, tiny_checkpoint,

@@ -163,10 +163,25 @@ def _train_and_save(args: argparse.Namespace, run_) -> int:
             print("interrupted before the first step: nothing to save", file=sys.stderr)
             return 130
         raise RuntimeError("fine-tuning ended without a single step")   # a bug: steps >= 1 is validated
-    path = run_.save(args.output, overwrite=args.overwrite)
+    try:
+        path = run_.save(args.output, overwrite=args.overwrite)
+    except FileExistsError:
+        # Another program wrote the file while this one trained (it was checked at the start): the user's
+        # file stays, and the trained weights go beside it rather than nowhere.
+        path = run_.save(_free_name(args.output), overwrite=False)
+        print(f"{args.output} appeared while training and is left as it is; the model is saved as {path.name}",
+              file=sys.stderr)
     print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s); its "
           f"{run_.consensus_choice.describe()}")
     return 130 if interrupted else 0
+
+
+def _free_name(path: Path) -> Path:
+    """``name_2.safetensors``, ``name_3``… beside ``path``: the first that does not exist."""
+    stem, number = path.name.removesuffix(".safetensors"), 2
+    while (path.with_name(f"{stem}_{number}.safetensors")).exists():
+        number += 1
+    return path.with_name(f"{stem}_{number}.safetensors")
 
 
 def _refuse_ct_window_on_non_hounsfield(args: argparse.Namespace, plan, image) -> None:
