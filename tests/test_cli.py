@@ -616,3 +616,184 @@ def test_outputs_keep_the_scans_geometry_but_not_its_header_text(tmp_path, liver
         assert b"Zyxwvut" not in gzip.decompress((tmp_path / name).read_bytes())
         np.testing.assert_allclose(header.get_best_affine(), affine)
         assert int(header["qform_code"]) == 1
+
+
+# ----------------------------------------------------------------------------- damaged or unusual input files
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medconddiff segment: error:") and len(err.splitlines()) == 1, err
+    assert "internal error" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_scan_whose_gzip_stream_has_a_flipped_byte_is_refused(scan, tmp_path, tiny_checkpoint, capsys):
+    """Such a file used to be segmented with half its voxels wrong and exit 0 (gzip's CRC unread)."""
+    whole = scan.read_bytes()
+    source = np.asanyarray(nib.load(str(scan)).dataobj)
+    damaged = tmp_path / "damaged.nii.gz"
+    for position in range(len(whole) // 2, len(whole) // 2 + 64):     # one that nibabel alone reads silently
+        flipped = bytearray(whole)
+        flipped[position] ^= 0xFF
+        damaged.write_bytes(bytes(flipped))
+        try:
+            if not np.array_equal(np.asanyarray(nib.load(str(damaged)).dataobj), source):
+                break
+        except Exception:
+            continue
+    else:
+        pytest.fail("no flipped byte that nibabel reads silently")
+    out = tmp_path / "seg.nii.gz"
+    assert segment(damaged, "-o", out, "--checkpoint", tiny_checkpoint) == 2
+    assert "damaged.nii.gz: compressed data are corrupt" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("srow_x", [[0.0, 0.0, 0.0, 0.0], [float("nan"), 0.0, 0.0, 0.0]], ids=["singular", "nan"])
+def test_a_scan_with_a_singular_or_nan_affine_is_segmented_in_voxel_order(tmp_path, liver_volume, tiny_checkpoint,
+                                                                          capsys, srow_x):
+    """README: processed in voxel order with a warning, written back with codes 0 (was an internal error)."""
+    image, _ = liver_volume
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape)
+    header.set_data_dtype(np.int16)
+    header.set_zooms((0.8, 0.8, 2.5))
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = srow_x, [0, 0.8, 0, 0], [0, 0, 2.5, 0]
+    path = tmp_path / "bad_affine.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), None, header=header), str(path))
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(path), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--steps", "2",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "voxel order" in capsys.readouterr().err
+    written = nib.load(str(out))
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (0, 0)
+    assert written.header.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
+    assert json.loads((tmp_path / "seg.json").read_text())["affine_known"] is False
+
+
+def test_a_scan_stored_in_metres_is_segmented_like_the_same_scan_in_mm(scan, tmp_path, tiny_checkpoint, capsys):
+    """xyzt_units 'meter' used to be ignored: 0.0008 'mm' voxels, a 1-pixel slice, 0.0 ml and exit 0."""
+    in_mm = nib.load(str(scan))
+    metre_affine = in_mm.affine.copy()
+    metre_affine[:3] /= 1000.0
+    in_metres = nib.Nifti1Image(np.asanyarray(in_mm.dataobj), metre_affine)
+    in_metres.header.set_xyzt_units("meter")
+    metre_path = tmp_path / "metres.nii.gz"
+    nib.save(in_metres, str(metre_path))
+    assert segment(scan, "-o", tmp_path / "mm_seg.nii.gz", "--checkpoint", tiny_checkpoint) == 0
+    assert segment(metre_path, "-o", tmp_path / "m_seg.nii.gz", "--checkpoint", tiny_checkpoint) == 0, \
+        capsys.readouterr().err
+    from_mm, from_metres = nib.load(str(tmp_path / "mm_seg.nii.gz")), nib.load(str(tmp_path / "m_seg.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(from_metres.dataobj), np.asanyarray(from_mm.dataobj))
+    np.testing.assert_allclose(from_metres.affine, in_mm.affine, atol=1e-4)    # in mm, where the scan lies
+    assert from_metres.header.get_xyzt_units()[0] == "mm"
+    volumes = [json.loads((tmp_path / name).read_text())["class_volumes"] for name in ("mm_seg.json", "m_seg.json")]
+    assert volumes[0] == volumes[1]
+
+
+@pytest.mark.parametrize("voxel_mm", [0.0008, 800.0], ids=["metres-as-mm", "microns-as-mm"])
+def test_an_implausible_voxel_size_is_refused_naming_the_spacing(scan, tmp_path, tiny_checkpoint, capsys, voxel_mm):
+    """Units lost on the way (metres or microns written as mm): a slice of under a pixel, or one so large
+    that it ran out of memory. Refused before any sampling, in one line naming the voxel size."""
+    image = nib.load(str(scan))
+    path = tmp_path / "odd_units.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])), str(path))
+    out = tmp_path / "seg.nii.gz"
+    assert segment(path, "-o", out, "--checkpoint", tiny_checkpoint) == 2
+    err = _one_line_error(capsys)
+    assert f"{voxel_mm:.4g} × {voxel_mm:.4g} mm" in err and "voxel size" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dims, message", [((30000, 30000, 30000), "header is damaged"),
+                                           ((64, -64, 6), "negative image size")], ids=["huge", "negative"])
+def test_a_damaged_uncompressed_header_is_one_line_not_out_of_memory(scan, tmp_path, tiny_checkpoint, capsys,
+                                                                     dims, message):
+    import struct
+
+    path = tmp_path / "damaged.nii"
+    nib.save(nib.load(str(scan)), str(path))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, *dims, 1, 1, 1, 1)
+    path.write_bytes(bytes(raw))
+    assert segment(path, "-o", tmp_path / "seg.nii.gz", "--checkpoint", tiny_checkpoint) == 2
+    assert message in _one_line_error(capsys)
+
+
+def _edited_checkpoint(source, target, *, config_edit=None, tensor_edit=None):
+    """A copy of a checkpoint with its config JSON or its tensors changed, as a hand edit or a bad disk would."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as reader:
+        metadata, state = dict(reader.metadata()), {key: reader.get_tensor(key) for key in reader.keys()}
+    if config_edit:
+        config = json.loads(metadata["config"])
+        config_edit(config)
+        metadata["config"] = json.dumps(config)
+    if tensor_edit:
+        state = {key: tensor_edit(value) for key, value in state.items()}
+    save_file(state, str(target), metadata=metadata)
+    return target
+
+
+def test_a_checkpoint_config_field_of_the_wrong_type_is_a_checkpoint_error(scan, tmp_path, tiny_checkpoint, capsys):
+    def fractional_timesteps(config):
+        config["diffusion"]["num_train_timesteps"] = 1000.5
+
+    edited = _edited_checkpoint(tiny_checkpoint, tmp_path / "edited.safetensors", config_edit=fractional_timesteps)
+    assert segment(scan, "-o", tmp_path / "seg.nii.gz", "--checkpoint", edited) == 2
+    err = _one_line_error(capsys)
+    assert "edited.safetensors" in err and "num_train_timesteps must be an integer, got 1000.5" in err, err
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(scan, tmp_path, tiny_checkpoint, capsys):
+    """It used to segment every scan as background and exit 0."""
+    import torch
+
+    from medconddiff.checkpoint import CheckpointError, load_checkpoint
+
+    def poisoned(tensor):
+        return torch.full_like(tensor, float("nan")) if tensor.is_floating_point() else tensor
+
+    nan_weights = _edited_checkpoint(tiny_checkpoint, tmp_path / "nan.safetensors", tensor_edit=poisoned)
+    out = tmp_path / "seg.nii.gz"
+    assert segment(scan, "-o", out, "--checkpoint", nan_weights) == 2
+    assert "nan.safetensors: tensor" in _one_line_error(capsys) and not out.exists()
+    one_inf = _edited_checkpoint(tiny_checkpoint, tmp_path / "inf.safetensors",
+                                 tensor_edit=lambda t: t.clone().fill_(float("inf")) if t.ndim == 1 and
+                                 t.is_floating_point() else t)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_checkpoint(one_inf)
+    load_checkpoint(tiny_checkpoint)          # an intact checkpoint loads
+
+
+@pytest.mark.parametrize("cls_name, data, message", [
+    ("DiffusionConfig", {"num_train_timesteps": 1000.5}, "DiffusionConfig.num_train_timesteps must be an integer"),
+    ("DiffusionConfig", {"num_train_timesteps": True}, "must be an integer"),
+    ("DiffusionConfig", {"beta_start": "0.0001"}, "DiffusionConfig.beta_start must be a number"),
+    ("PreprocessPlan", {"target_spacing": [1.0]}, "target_spacing must be a list of 2 numbers"),
+    ("PreprocessPlan", {"channel_names": "CT"}, "channel_names must be a list of strings"),
+    ("ModelConfig", {"denoiser_channels": [32, 48.5]}, "denoiser_channels must be a list of integers"),
+    ("ModelConfig", {"backbone_weights": 7}, "backbone_weights must be a string or null"),
+    ("TrainConfig", {"augment": 1}, "TrainConfig.augment must be true or false"),
+])
+def test_config_fields_read_from_a_dict_are_type_checked(cls_name, data, message):
+    from medconddiff import config
+    from medconddiff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config.dataclass_from_dict(getattr(config, cls_name), data)
+
+
+def test_config_fields_read_from_a_dict_keep_whole_numbers_and_tuples():
+    from medconddiff.config import DiffusionConfig, PreprocessPlan, TrainConfig, dataclass_from_dict
+
+    diffusion = dataclass_from_dict(DiffusionConfig, {"num_train_timesteps": 1000.0})
+    assert (diffusion.num_train_timesteps, type(diffusion.num_train_timesteps)) == (1000, int)
+    train = dataclass_from_dict(TrainConfig, {"lr": 1})
+    assert (train.lr, type(train.lr)) == (1.0, float)
+    plan = dataclass_from_dict(PreprocessPlan, {"target_spacing": [1, 2], "intensity": ["zscore"]})
+    assert plan.target_spacing == (1.0, 2.0) and plan.intensity == ("zscore",)

@@ -635,3 +635,134 @@ def test_staged_files_replace_their_targets_together_or_not_at_all(tmp_path, mon
             staging.file(second).write_text("newer b")
             staging.commit()
     assert (first.read_text(), second.read_text()) == ("new a", "new b")
+
+
+# ----------------------------------------------------------------------------- damaged and unusual files
+
+
+def _flipped_copies(path, tmp_path, count=24):
+    """Copies of a .nii.gz with one byte of the middle of its deflate stream inverted, each its own file."""
+    whole = path.read_bytes()
+    middle = len(whole) // 2
+    copies = []
+    for position in range(middle, middle + count):
+        damaged = bytearray(whole)
+        damaged[position] ^= 0xFF
+        copy = tmp_path / f"flipped_{position}.nii.gz"
+        copy.write_bytes(bytes(damaged))
+        copies.append(copy)
+    return copies
+
+
+def test_a_gzip_stream_with_one_flipped_byte_is_refused_not_read_with_wrong_voxels(tmp_path):
+    """nibabel reads exactly the data bytes, and gzip checks its CRC only at the end of the stream: about
+    half of such files used to load with wrong voxels. Every one must now be a one-line read error."""
+    rng = np.random.default_rng(0)
+    scan = np.cumsum(rng.integers(-3, 4, size=(40, 40, 12)), axis=0).astype(np.int16)   # compresses like a scan
+    source = _write_nifti(tmp_path / "scan.nii.gz", scan)
+    copies = _flipped_copies(source, tmp_path)
+    read_silently_by_nibabel = 0
+    for copy in copies:
+        try:
+            read_silently_by_nibabel += not np.array_equal(np.asanyarray(nib.load(str(copy)).dataobj), scan)
+        except Exception:
+            pass
+        with pytest.raises(VolumeReadError, match=rf"{copy.name}: .*(corrupt|truncated)") as info:
+            load_volume(copy)
+        assert "\n" not in str(info.value)
+    assert read_silently_by_nibabel, "no copy exercises the end-of-stream check"
+
+
+def test_one_channel_of_a_4d_gzip_file_is_checked_to_the_end_of_the_stream(tmp_path, ramp):
+    """Channel 0 lies at the start of the stream: a flipped byte after it must still be noticed."""
+    rng = np.random.default_rng(1)
+    volumes = np.cumsum(rng.integers(-3, 4, size=(30, 30, 8, 3)), axis=0).astype(np.int16)
+    source = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(volumes, np.eye(4)), str(source))
+    whole = bytearray(source.read_bytes())
+    whole[len(whole) - 400] ^= 0xFF       # in the last volume's data
+    damaged = tmp_path / "damaged_four_d.nii.gz"
+    damaged.write_bytes(bytes(whole))
+    with pytest.raises(VolumeReadError, match=r"damaged_four_d\.nii\.gz: .*(corrupt|truncated)"):
+        load_volume(damaged, channel=0)
+    array, _ = load_volume(source, channel=2)          # an intact file reads as before
+    np.testing.assert_array_equal(array, volumes[..., 2])
+
+
+def _header_with_unusable_sform(data, srow_x):
+    header = nib.Nifti1Header()
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    header.set_zooms((0.8, 0.9, 2.5))
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = srow_x, [0, 0.9, 0, 0], [0, 0, 2.5, 0]
+    return header
+
+
+@pytest.mark.parametrize("srow_x", [[0, 0, 0, 0], [np.nan, 0, 0, 0]], ids=["singular", "nan"])
+def test_a_singular_or_nan_affine_is_read_as_unknown_and_written_back_with_codes_0(tmp_path, ramp, srow_x):
+    """README: such a file is processed in voxel order with a warning and written back with codes 0 (a
+    singular affine failed at writing, a NaN one already at reading)."""
+    path = tmp_path / "bad_affine.nii.gz"
+    nib.save(nib.Nifti1Image(ramp, None, header=_header_with_unusable_sform(ramp, srow_x)), str(path))
+    _, meta = load_volume(path)
+    assert not meta.affine_known and meta.geometry_note
+    assert np.isfinite(meta.affine).all() and meta.spacing == pytest.approx((0.8, 0.9, 2.5))
+    json.dumps(meta.to_dict(), allow_nan=False)       # the sidecar records it
+    written = nib.load(str(save_volume(tmp_path / "labels.nii.gz", (ramp > 0).astype(np.uint8), meta)))
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (0, 0)
+    assert written.header.get_zooms() == pytest.approx((0.8, 0.9, 2.5))
+    assert VolumeMeta.from_dict(json.loads(json.dumps(meta.to_dict()))).affine_known is False
+
+
+@pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 0.001)])
+def test_spatial_units_in_metres_or_microns_are_read_and_written_as_mm(tmp_path, ramp, unit, mm_per_unit):
+    """The same oblique scan stored in metres or microns: read in mm, and a result written from it lies
+    where the scan lies (mm units, mm affine)."""
+    stored_affine = OBLIQUE_AFFINE.copy()
+    stored_affine[:3] /= mm_per_unit
+    path = _write_nifti(tmp_path / f"in_{unit}.nii.gz", ramp, affine=stored_affine)
+    image = nib.load(str(path))
+    image.header.set_xyzt_units(unit, "sec")
+    nib.save(image, str(path))
+
+    _, meta = load_volume(path)
+
+    np.testing.assert_allclose(meta.affine, OBLIQUE_AFFINE, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(meta.spacing, np.sqrt((OBLIQUE_AFFINE[:3, :3] ** 2).sum(axis=0)), rtol=1e-5)
+    assert meta.affine_known and meta.orientation == ("L", "A", "S")
+    assert nifti.read_meta(path).spacing == meta.spacing
+    written = nib.load(str(save_volume(tmp_path / "labels.nii.gz", (ramp > 0).astype(np.uint8), meta)))
+    assert written.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(written.affine, OBLIQUE_AFFINE, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(written.header.get_zooms(), meta.spacing, rtol=1e-5)
+    # The qform (a rotation: it cannot hold this affine's shear) is the stored one, in mm.
+    stored_qform_in_mm = image.header.get_qform()
+    stored_qform_in_mm[:3] *= mm_per_unit
+    np.testing.assert_allclose(written.header.get_qform(), stored_qform_in_mm, rtol=1e-4, atol=1e-3)
+
+
+def _plain_nii_with_dims(tmp_path, name, dims):
+    """A valid small .nii whose header's dim field is then overwritten (a damaged header)."""
+    path = _write_nifti(tmp_path / name, np.zeros((16, 16, 4), np.int16))
+    raw = bytearray(path.read_bytes())
+    import struct
+
+    struct.pack_into("<8h", raw, 40, len(dims), *dims, *([1] * (7 - len(dims))))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_an_uncompressed_header_describing_more_data_than_the_file_holds_is_a_read_error(tmp_path):
+    """30000³ voxels in a 2 kB .nii: refused from the file size, not by running out of memory."""
+    path = _plain_nii_with_dims(tmp_path, "huge_header.nii", (30000, 30000, 30000))
+    with pytest.raises(VolumeReadError, match=r"huge_header\.nii: .*header is damaged.*\(30000, 30000, 30000\)") \
+            as info:
+        load_volume(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_negative_image_size_in_the_header_is_a_read_error(tmp_path):
+    path = _plain_nii_with_dims(tmp_path, "negative.nii", (16, -16, 4))
+    with pytest.raises(VolumeReadError, match=r"negative\.nii: header gives a negative image size"):
+        load_volume(path)

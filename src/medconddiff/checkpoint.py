@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .atomic import atomic_write
 from .config import ExperimentConfig
-from .errors import UserInputError
+from .errors import ConfigError, UserInputError
 
 if TYPE_CHECKING:  # torch is imported by safetensors when a file is actually read or written
     import torch
@@ -131,6 +131,7 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
             state = {key: reader.get_tensor(key) for key in reader.keys()}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {error}") from None
+    _refuse_nonfinite_tensors(path, state)
     try:
         raw = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
@@ -140,9 +141,24 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
             raw = _upgrade_legacy_config(raw)
             extra["upgraded_from_format"] = LEGACY_FORMAT_VERSION
         config = ExperimentConfig.from_dict(raw)
+    except ConfigError as error:        # a field of the wrong type or value: an edited or damaged config
+        raise CheckpointError(f"{path}: its config is invalid ({error}); use the checkpoint as training wrote "
+                              "it, or another one") from None
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{path}: its config does not match this version of medconddiff: {error}") from None
     return Checkpoint(config=config, state_dict=state, path=path, sha256=file_sha256(path), extra=extra)
+
+
+def _refuse_nonfinite_tensors(path: Path, state: dict[str, "torch.Tensor"]) -> None:
+    """A tensor holding NaN or infinity (a run that diverged, a damaged file) would segment every scan as
+    background without an error: refuse the checkpoint, naming the first such tensor."""
+    import torch
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                                  "the checkpoint is damaged or its training diverged: use another checkpoint")
 
 
 def with_extra(source: str | Path | None, target: str | Path, updates: dict, *, overwrite: bool = False) -> Path:

@@ -327,7 +327,12 @@ def _resolved_hints(cls: type) -> dict:
 
 
 def dataclass_from_dict(cls: type[T], data: dict) -> T:
-    """Build ``cls`` from a (JSON) dict; unknown keys are an error, lists become tuples."""
+    """Build ``cls`` from a (JSON) dict; unknown keys are an error, lists become tuples.
+
+    Every value is checked against its field's type (a hand-edited or damaged checkpoint must not reach
+    the model as a float step count): ints must be whole numbers (1000.0 is taken as 1000, 1000.5 is
+    refused), floats any number, tuples lists of the right length and item type, ``Optional`` also None;
+    a bool is never taken as a number. A mismatch is a ConfigError naming the field and the type it needs."""
     hints = _resolved_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -335,10 +340,71 @@ def dataclass_from_dict(cls: type[T], data: dict) -> T:
         raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     values = {}
     for key, value in data.items():
-        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
-            value = tuple(value)
-        values[key] = value
+        try:
+            values[key] = _typed_value(hints[key], value)
+        except _WrongType as wrong:
+            raise ConfigError(f"{cls.__name__}.{key} must be {wrong}, got {value!r}") from None
     return cls(**values)
+
+
+class _WrongType(Exception):
+    """A value that is not of a field's type; its message is the type in words ("an integer")."""
+
+
+def _typed_value(hint: Any, value: Any) -> Any:
+    """``value`` as a value of type ``hint`` (lists become tuples, whole floats ints), or _WrongType."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:                              # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            return value                                     # no such field today: left to __post_init__
+        try:
+            return _typed_value(inner[0], value)
+        except _WrongType as wrong:
+            raise _WrongType(f"{wrong} or null") from None
+    if origin is tuple:
+        return _typed_tuple(args, value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _WrongType("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise _WrongType("an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _WrongType("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _WrongType("a string")
+        return value
+    return value
+
+
+def _typed_tuple(args: tuple, value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise _WrongType(_tuple_words(args))
+    item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(item_types) != len(value):
+        raise _WrongType(_tuple_words(args))
+    try:
+        return tuple(_typed_value(item_type, item) for item_type, item in zip(item_types, value))
+    except _WrongType:
+        raise _WrongType(_tuple_words(args)) from None
+
+
+def _tuple_words(args: tuple) -> str:
+    """"a list of 2 numbers", "a list of strings": the JSON a tuple field needs."""
+    item_words = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+    if len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {item_words.get(args[0], 'values')}"
+    if len(set(args)) == 1:
+        return f"a list of {len(args)} {item_words.get(args[0], 'values')}"
+    return f"a list of {len(args)} values"
 
 
 def _flag(name: str) -> str:

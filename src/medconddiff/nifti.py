@@ -7,12 +7,17 @@ Conventions shared by every function here:
   array axes stored in the file. Nothing is reoriented or transposed, so ``meta.affine`` maps
   ``(i, j, k, 1)`` of the returned array to world (scanner) millimetres unchanged.
 * **Spacing.** ``meta.spacing[n]`` is the voxel size along array axis ``n`` in millimetres,
-  taken from the header's zooms (pixdim). The header's ``xyzt_units`` is not used to rescale:
-  medical NIfTI files are written in millimetres (``unknown`` units are read as mm).
+  taken from the header's zooms (pixdim). A header whose spatial unit (``xyzt_units``) is metres or
+  microns is converted to mm when read (zooms, qform and sform; ``meta.header`` is that converted
+  copy), and :func:`save_volume` always writes mm, so a result lies where its scan lies.
+  ``unknown`` units are read as mm, as medical NIfTI files mean them.
+* **Unusable affines.** A singular affine, or one with NaN/Inf (then replaced by the voxel sizes on
+  its diagonal), gives ``meta.affine_known == False``: processed in voxel order, written with codes 0.
 * **2-D images** (``(X, Y)`` or ``(X, Y, 1)``) come back 3-D with a singleton last axis and
   ``meta.original_ndim == 2``; :func:`save_volume` squeezes them back to 2-D.
 * Every read failure that lies in the file (missing file, not a NIfTI, truncated or corrupt data,
-  empty image, a header describing more data than the file holds) raises :class:`VolumeReadError`
+  a .nii.gz whose gzip CRC or length is wrong, empty image, a header describing more data than the
+  file holds or a negative size) raises :class:`VolumeReadError`
   with a one-line message naming the file and the problem; running out of memory raises MemoryError.
 * Writing keeps the scan's qform and sform and is atomic; the JSON sidecar writer,
   :func:`write_json_atomic`, lives with the other atomic writes in :mod:`medconddiff.atomic`.

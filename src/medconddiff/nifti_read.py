@@ -1,10 +1,11 @@
 """Reading NIfTI volumes, label maps and multi-channel scans (conventions: :mod:`medconddiff.nifti`).
 
 Every failure that lies in the file (missing, not a NIfTI, truncated or corrupt data, a header that
-describes more data than the file can hold) raises :class:`VolumeReadError`, one line naming the
-file and the problem. Running out of memory while reading a valid file is no fault of the file: it
-raises ``MemoryError`` saying which file and how much it needed, so a cohort stops instead of
-skipping the scan as broken.
+describes more data than the file can hold or a negative size) raises :class:`VolumeReadError`, one
+line naming the file and the problem. A .nii.gz is read to the end of its gzip stream, so gzip's CRC
+and length check every byte: a damaged stream is refused, never read as a volume with wrong voxels.
+Running out of memory while reading a valid file is no fault of the file: it raises ``MemoryError``
+saying which file and how much it needed, so a cohort stops instead of skipping the scan as broken.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 from nibabel.filebasedimages import ImageFileError
+from nibabel.fileholders import FileHolder
 from nibabel.spatialimages import HeaderDataError
 
 from .errors import UserInputError
@@ -37,6 +39,7 @@ _READ_ERRORS = (
     HeaderDataError,
     OSError,  # includes gzip.BadGzipFile, PermissionError
     EOFError,  # truncated gzip stream
+    OverflowError,  # header sizes numpy cannot allocate or index with
     zlib.error,
     struct.error,
     ValueError,  # e.g. memmap of a truncated .nii, bad header fields, numpy's "array is too big"
@@ -58,7 +61,8 @@ def load_volume(path: str | os.PathLike, *, channel: int | None = None) -> tuple
     Returns ``(array, meta)``. ``array`` is float32 (scl_slope/inter applied) in nibabel's
     voxel-index order ``(i, j, k)`` = the file's array axes, with no reorientation; ``meta.spacing``
     holds the voxel size per array axis in mm from the header zooms, ``meta.affine`` the file's
-    best affine (sform, else qform).
+    best affine (sform, else qform), also in mm: a header in metres or microns is converted, and a
+    non-finite affine is replaced by the voxel sizes on its diagonal with ``meta.affine_known`` False.
 
     * 2-D images (``(X, Y)`` or ``(X, Y, 1)``) come back as ``(X, Y, 1)`` with
       ``meta.original_ndim == 2``.
@@ -201,7 +205,7 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, VolumeMeta
         _check_size_fits_file(path, img)
         # Reading the data here, inside the try, is what detects truncated or corrupt gzip
         # streams: nibabel reads lazily and would otherwise fail much later.
-        data = np.asanyarray(_select_volume(path, img, shape, channel))
+        data = _read_checked_data(path, img, shape, channel)
     except VolumeReadError:
         raise
     except MemoryError as exc:
@@ -212,6 +216,43 @@ def _read_nifti(path: Path, channel: int | None) -> tuple[np.ndarray, VolumeMeta
     except _READ_ERRORS as exc:
         raise VolumeReadError(f"{path}: {_read_problem(exc)} ({_one_line(exc)})") from exc
     return data.reshape(spatial_shape_3d(data.shape)), _meta_of(path, img, shape)
+
+
+def _read_checked_data(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...], channel: int | None) -> np.ndarray:
+    """The requested volume's voxels; a gzip data file is read to the end of its stream.
+
+    nibabel reads exactly the bytes of the data, and Python's gzip checks its CRC32 and length only
+    when a read reaches the end of the stream: a flipped byte in the deflate stream would otherwise
+    give wrong voxels without an error. So the data are read through a stream opened here, which is
+    then drained to its end (nothing is left for a 3-D file; the later volumes for one channel of a
+    4-D file): the check costs no second decompression and no extra memory."""
+    image_file = _image_file_name(img)
+    if image_file is None or not image_file.lower().endswith(".gz"):
+        return np.asanyarray(_select_volume(path, img, shape, channel))
+    with gzip.open(image_file, "rb") as stream:
+        data = np.asanyarray(_select_volume(path, _image_over_stream(img, stream), shape, channel))
+        _read_to_end(stream)
+    return data
+
+
+def _image_file_name(img: nib.Nifti1Image) -> str | None:
+    """The file that holds the voxels (the .nii itself, or the .img of a .hdr/.img pair)."""
+    return img.file_map["image"].filename
+
+
+def _image_over_stream(img: nib.Nifti1Image, stream) -> nib.Nifti1Image:
+    """``img`` again, its voxels read from ``stream`` (an open gzip stream of its image file)."""
+    # A single-file .nii.gz has the one entry 'image' (its header is read from the same stream); a pair
+    # also has 'header', read again from its own file.
+    file_map = {name: FileHolder(filename=holder.filename) for name, holder in img.file_map.items()}
+    file_map["image"] = FileHolder(filename=img.file_map["image"].filename, fileobj=stream)
+    return type(img).from_file_map(file_map)
+
+
+def _read_to_end(stream) -> None:
+    """Read ``stream`` to its end in 1 MB blocks: gzip then checks the CRC32 and length of every member."""
+    while stream.read(1 << 20):
+        pass
 
 
 def read_meta(path: str | os.PathLike) -> VolumeMeta:
@@ -231,16 +272,77 @@ def read_meta(path: str | os.PathLike) -> VolumeMeta:
 def _meta_of(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> VolumeMeta:
     # (X, Y, 1) files and 2-D slices of (X, Y, 1, C) files are 2-D images.
     original_ndim = 2 if len(shape) == 2 or shape[2] == 1 else 3
-    has_orientation = int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
+    header = _header_in_millimetres(img.header)
+    affine = header.get_best_affine()
+    spacing = _spacing_from_header(header, affine)
+    has_orientation = int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    note = "" if has_orientation else f"{path.name} has no orientation (qform and sform codes are 0)"
+    if not np.isfinite(affine).all():
+        # Processed in voxel order like any unusable affine; the meta keeps a finite one (the voxel sizes on
+        # its diagonal) and a header without the broken form, so that results and their sidecar (JSON) can be
+        # written, with codes 0.
+        affine = np.diag(spacing + (1.0,))
+        header = _without_nonfinite_forms(header, affine)
+        has_orientation = False
+        note = f"{path.name}'s affine holds NaN or infinite values"
     return VolumeMeta(
-        affine=img.affine,
-        spacing=_spacing_from_header(img.header, img.affine),
-        header=img.header,
+        affine=affine,
+        spacing=spacing,
+        header=header,
         source=str(path),
         original_ndim=original_ndim,
         affine_known=has_orientation,
-        geometry_note="" if has_orientation else f"{path.name} has no orientation (qform and sform codes are 0)",
+        geometry_note=note,
     )
+
+
+def _without_nonfinite_forms(header: nib.Nifti1Header, voxel_affine: np.ndarray) -> nib.Nifti1Header:
+    """A copy of ``header`` whose non-finite qform or sform is replaced by ``voxel_affine`` with code 0."""
+    header = header.copy()
+    if not np.isfinite(header.get_sform()).all():
+        header.set_sform(voxel_affine, code=0)
+    if not np.isfinite(header.get_qform()).all():
+        header.set_qform(voxel_affine, code=0)
+    return header
+
+
+#: Millimetres per NIfTI spatial unit (xyzt_units); 'unknown' is read as mm, as medical files mean it.
+_MM_PER_SPACE_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+def _header_in_millimetres(header: nib.Nifti1Header) -> nib.Nifti1Header:
+    """``header`` with its voxel sizes, qform and sform in millimetres (a copy where its units are metres or
+    microns): the meta's affine and spacing are in mm, and a result written with this header describes the
+    same place as the file it was read from."""
+    scale = _mm_per_space_unit(header)
+    if scale == 1.0:
+        return header
+    header = header.copy()
+    # Scaling pixdim and the offsets scales the qform (rotation × pixdim + offset); srow rows are the sform.
+    pixdim = np.array(header["pixdim"], dtype=np.float64)
+    pixdim[1:4] *= scale
+    header["pixdim"] = pixdim
+    for name in ("qoffset_x", "qoffset_y", "qoffset_z"):
+        header[name] = float(header[name]) * scale
+    for name in ("srow_x", "srow_y", "srow_z"):
+        header[name] = np.array(header[name], dtype=np.float64) * scale
+    header.set_xyzt_units("mm", _time_unit(header))
+    return header
+
+
+def _mm_per_space_unit(header: nib.Nifti1Header) -> float:
+    try:
+        space_unit, _ = header.get_xyzt_units()
+    except KeyError:     # a units code NIfTI does not define: read as unknown, i.e. mm
+        return 1.0
+    return _MM_PER_SPACE_UNIT.get(space_unit, 1.0)
+
+
+def _time_unit(header: nib.Nifti1Header) -> str:
+    try:
+        return header.get_xyzt_units()[1]
+    except KeyError:
+        return "unknown"
 
 
 def _check_readable_file(path: Path) -> None:
@@ -253,6 +355,9 @@ def _check_readable_file(path: Path) -> None:
 
 
 def _check_shape(path: Path, shape: tuple[int, ...]) -> None:
+    if any(n < 0 for n in shape):
+        raise VolumeReadError(f"{path}: header gives a negative image size {shape}; the header is damaged, "
+                              "export the file again")
     if 0 in shape or len(shape) == 0:
         raise VolumeReadError(f"{path}: image contains no voxels (shape {shape})")
     if len(shape) == 1:
@@ -267,14 +372,23 @@ def _data_bytes(img: nib.Nifti1Image) -> int:
 
 def _check_size_fits_file(path: Path, img: nib.Nifti1Image) -> None:
     """Refuse a header that describes more data than its file can hold: an impossible size, which
-    says the header is damaged (a size this machine cannot hold is a MemoryError while reading)."""
-    if not path.name.lower().endswith(".gz"):
-        return   # an uncompressed file that is too short is reported by nibabel as truncated
-    described, stored = _data_bytes(img), path.stat().st_size
-    if described > _MAX_DEFLATE_RATIO * stored:
-        raise VolumeReadError(f"{path}: header describes {tuple(img.shape)} voxels of {img.get_data_dtype()} "
-                              f"({_size(described)}), more than a {_size(stored)} gzip file can hold; the "
-                              "header is damaged")
+    says the header is damaged or the file truncated (a size this machine cannot hold is a MemoryError
+    while reading). Only the file size is looked at, so this costs nothing before a read."""
+    image_file = Path(_image_file_name(img) or path)
+    described, stored = _data_bytes(img), image_file.stat().st_size
+    if image_file.name.lower().endswith(".gz"):
+        if described > _MAX_DEFLATE_RATIO * stored:
+            raise VolumeReadError(f"{path}: header describes {tuple(img.shape)} voxels of {img.get_data_dtype()} "
+                                  f"({_size(described)}), more than a {_size(stored)} gzip file can hold; the "
+                                  "header is damaged")
+        return
+    offset = int(img.dataobj.offset)    # where nibabel reads the voxels from (the header copy says 0)
+    available = max(0, stored - offset)
+    if described > available:
+        raise VolumeReadError(f"{path}: file is truncated or its header is damaged: the header describes "
+                              f"{tuple(img.shape)} voxels of {img.get_data_dtype()} ({_size(described)}), but "
+                              f"{image_file.name} holds {_size(available)} after byte {offset}; copy or export "
+                              "the file again")
 
 
 def _size(n_bytes: int) -> str:
@@ -330,7 +444,7 @@ def _read_problem(exc: BaseException) -> str:
     if isinstance(exc, EOFError) or ("expected" in text and "bytes" in text):
         return "file is truncated"
     if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
-        return "compressed data are corrupt"
+        return "compressed data are corrupt, copy or export the file again"
     if isinstance(exc, ImageFileError):
         return "not a NIfTI file"
     return "cannot read NIfTI data"

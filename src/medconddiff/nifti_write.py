@@ -15,6 +15,7 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import UserInputError
+from .geometry import affine_is_usable
 from .volume_meta import ALIGNED_FORM_CODE, VolumeMeta
 
 __all__ = ["NIFTI_SUFFIXES", "VolumeWriteError", "save_volume"]
@@ -40,11 +41,12 @@ def save_volume(
     from and ``meta.affine`` is still that file's, its qform and sform are kept as they were (codes
     and matrices: a qform cannot hold a shear, and a file may carry two different forms); otherwise
     ``meta.affine`` is written as sform and qform with the header's codes. Voxel sizes are
-    ``meta.spacing``, units the header's. A meta whose affine is not known (``affine_known`` False)
-    is written with qform and sform codes 0 (NIfTI's "unknown orientation"). ``dtype`` defaults to
-    the array's own (bool -> uint8; int64 -> int32 when values fit); float arrays written as an
-    integer dtype are rounded. A meta with ``original_ndim == 2`` squeezes an ``(X, Y, 1)`` array
-    back to 2-D.
+    ``meta.spacing``, spatial units mm (the meta's units). A meta whose affine is not known
+    (``affine_known`` False) is written with qform and sform codes 0 (NIfTI's "unknown orientation"); a
+    singular or non-finite affine is then not written as a form (the header's matrices stay as they are).
+    ``dtype`` defaults to the array's own (bool -> uint8; int64 -> int32 when values fit); float arrays
+    written as an integer dtype are rounded. A meta with ``original_ndim == 2`` squeezes an ``(X, Y, 1)``
+    array back to 2-D.
 
     Refuses to replace an existing file unless ``overwrite=True`` (``FileExistsError``). The
     write is atomic: a temporary file in the same folder is renamed over ``path`` only once it is
@@ -139,10 +141,31 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
     # (Inherited scl_slope/inter need no reset: nibabel recomputes them from the data on save.)
     header["cal_min"] = header["cal_max"] = 0
     if not keep_forms:
-        header.set_sform(meta.affine, code=sform_code)
-        header.set_qform(meta.affine, code=qform_code)
+        _set_forms(header, meta.affine, sform_code, qform_code)
+    # The meta's affine and spacing are in millimetres whatever units its file had (a file in metres or
+    # microns is read in mm), so the header must say mm for the result to describe the scan's place.
+    header.set_xyzt_units("mm", _time_unit(header))
     # set_qform derives pixdim from the affine; the meta's spacing is what must be written.
     # A 4th (step/time) axis gets unit spacing. (A kept qform is untouched by this: the meta's spacing
     # is the header's own zooms.)
     header.set_zooms(tuple(meta.spacing[: min(out.ndim, 3)]) + (1.0,) * max(0, out.ndim - 3))
     return header
+
+
+def _set_forms(header: nib.Nifti1Header, affine: np.ndarray, sform_code: int, qform_code: int) -> None:
+    """Write ``affine`` as sform and qform with these codes. A singular or non-finite affine (written with
+    codes 0) cannot be stored as a qform (a rotation and voxel sizes) nor sensibly as a sform: the header's
+    form matrices are left as they are and only the codes are set, as NIfTI's "orientation unknown"."""
+    if not affine_is_usable(affine):
+        header["sform_code"] = sform_code
+        header["qform_code"] = qform_code
+        return
+    header.set_sform(affine, code=sform_code)
+    header.set_qform(affine, code=qform_code)
+
+
+def _time_unit(header: nib.Nifti1Header) -> str:
+    try:
+        return header.get_xyzt_units()[1]
+    except KeyError:     # a units code NIfTI does not define
+        return "unknown"

@@ -246,6 +246,27 @@ def padded_size(size: int, stride: int = NETWORK_STRIDE) -> int:
     return max(stride, int(math.ceil(size / stride)) * stride)
 
 
+#: A model slice side outside these bounds (pixels at the plan's spacing) says the voxel size is wrong,
+#: e.g. metres or microns written as mm, not that the anatomy is that size: under MIN_SLICE_PIXELS from a side
+#: of at least one network stride of voxels (a 512-voxel CT in metres: 0.4 pixels), or over MAX_SLICE_PIXELS
+#: (16 m at 1 mm; the same CT in microns would be 358 000 pixels and run out of memory).
+MIN_SLICE_PIXELS = 4
+MAX_SLICE_PIXELS = 16384
+
+
+def check_slice_size(plane: Sequence[int], plane_spacing: Sequence[float], target_spacing: Sequence[float]) -> None:
+    """Refuse a slice of ``plane`` voxels (rows, columns) of ``plane_spacing`` mm whose resampling to
+    ``target_spacing`` mm would give an implausibly small or large model slice; ScanError naming the spacing."""
+    sides = [n * s / t for n, s, t in zip(plane, plane_spacing, target_spacing)]
+    too_small = any(n >= NETWORK_STRIDE and side < MIN_SLICE_PIXELS for n, side in zip(plane, sides))
+    if not too_small and max(sides) <= MAX_SLICE_PIXELS:
+        return
+    raise ScanError(f"a slice of {plane[0]} × {plane[1]} voxels of {plane_spacing[0]:.4g} × "
+                    f"{plane_spacing[1]:.4g} mm would be {sides[0]:.3g} × {sides[1]:.3g} pixels at the model's {target_spacing[0]:g} × "
+                    f"{target_spacing[1]:g} mm: that voxel size is implausible; check the voxel size (pixdim) and "
+                    "the spatial units (xyzt_units) in the scan's header")
+
+
 class ScanPreprocessor:
     """A plan, applied: scan → :class:`PreparedScan` (model slices) and results back."""
 
@@ -282,8 +303,10 @@ class ScanPreprocessor:
         plane_axes = [a for a in range(3) if a != slice_axis]
         canonical_shape = to_canonical.shape(file_shape)
         plane = tuple(canonical_shape[a] for a in plane_axes)
-        model = tuple(max(1, int(round(n * spacing[a] / t)))
-                      for n, a, t in zip(plane, plane_axes, self.plan.target_spacing))
+        plane_spacing = tuple(spacing[a] for a in plane_axes)
+        check_slice_size(plane, plane_spacing, self.plan.target_spacing)
+        model = tuple(max(1, int(round(n * s / t)))
+                      for n, s, t in zip(plane, plane_spacing, self.plan.target_spacing))
         padded = tuple(padded_size(n, self.stride) for n in model)
         return ScanGeometry(file_shape, orientation, slice_axis, _plane_name(slice_axis), spacing,  # type: ignore[arg-type]
                             plane, model, padded, tuple(notes))  # type: ignore[arg-type]

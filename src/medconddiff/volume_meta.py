@@ -187,6 +187,9 @@ def spatial_shape_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _axis_codes(affine: np.ndarray) -> tuple[str, ...]:
+    # A non-finite affine names no direction (and nibabel's SVD of it fails): every axis is unknown.
+    if not np.isfinite(affine).all():
+        return ("?", "?", "?")
     return tuple(code if code is not None else "?" for code in nib.aff2axcodes(affine))
 
 
@@ -200,8 +203,13 @@ def _minimal_header(affine: np.ndarray, spacing: tuple[float, ...], header_dict:
     header.set_sform(np.array(header_dict.get("sform", affine), dtype=np.float64),
                      code=int(header_dict.get("sform_code", ALIGNED_FORM_CODE)))
     qform = np.array(header_dict.get("qform", affine), dtype=np.float64)
+    qform_code = int(header_dict.get("qform_code", 0))
     # A degenerate qform (zero pixdim in the source) cannot be set as a matrix; codes 0 ignore it anyway.
-    header.set_qform(qform if affine_is_usable(qform) else affine, code=int(header_dict.get("qform_code", 0)))
+    usable = next((m for m in (qform, affine) if affine_is_usable(m)), None)
+    if usable is None:       # nothing to decompose into a qform (a singular or NaN affine): the code alone
+        header["qform_code"] = qform_code
+    else:
+        header.set_qform(usable, code=qform_code)
     header.set_zooms(tuple(spacing[: len(shape)]))
     units = header_dict.get("xyzt_units")
     if units:
