@@ -20,6 +20,7 @@ from ._geometry import ScanSpace, same_place_kwargs, stack_overlay_kwargs
 from ._layers import METADATA_KEY, TO_LAYER_KEY, full_resolution
 
 MARKER_KEY = "medconddiff_result"
+EDITED_KEY = "medconddiff_edited"    # a consensus the user edited (File > Save: its DICOM SEG is SEMIAUTOMATIC)
 STEP_AXIS_LABEL = "diffusion step"   # the dims slider that scrubs the x̂0 stack
 
 # Class colours (RGBA) by label value; background is transparent. Liver red, tumour green, then

@@ -23,6 +23,7 @@ from medconddiff.outputs import recorded_name
 from ._edits import UndoStep, WritePolicy, differing_slices, touched_slices
 from ._export import ExportSummary
 from ._geometry import LayerSpace, ScanSpace
+from ._result_layers import EDITED_KEY
 
 __all__ = ["KeptRun", "ChannelInput", "ResultSet", "classes_agree"]
 
@@ -98,6 +99,10 @@ class ResultSet:
         self._writing = False
         self._undo_step: Optional[UndoStep] = None
         self._undo_depth = 0
+        # Per canonical slice, digests of every content the engine wrote there (the reference's past): napari's
+        # Ctrl-Z of a re-fusion or a re-run brings an earlier engine version back, which is no edit, though
+        # it differs from the reference (written outside napari's history).
+        self._engine_versions: dict[int, set[bytes]] = {}
 
     @property
     def consensus(self) -> Any:
@@ -125,7 +130,7 @@ class ResultSet:
         touched = touched_slices(event, self.space)
         if not touched <= self.edited:
             self.edited |= touched
-            self.on_edits()
+            self._edits_changed()
 
     def edited_among(self, slices: Sequence[int]) -> list[int]:
         """Those of ``slices`` whose consensus differs from what the engine wrote there."""
@@ -133,7 +138,13 @@ class ResultSet:
         if layer is None or not len(slices):
             return []
         shown, reference = self.space.slices(layer.data), self.space.slices(self.reference)
-        return [int(s) for s in slices if not np.array_equal(shown[s], reference[s])]
+        return [int(s) for s in slices
+                if not np.array_equal(shown[s], reference[s]) and not self._engine_wrote(int(s), shown[s])]
+
+    def _engine_wrote(self, slice_index: int, content: np.ndarray) -> bool:
+        """Whether ``content`` is a version of the slice the engine wrote earlier (brought back by an undo)."""
+        versions = self._engine_versions.get(slice_index)
+        return bool(versions) and _digest(content) in versions
 
     def protected_among(self, slices: Sequence[int]) -> list[int]:
         """Those of ``slices`` a run may not overwrite without asking: edited, or marked as checked."""
@@ -145,12 +156,19 @@ class ResultSet:
         layer = self.consensus
         if layer is None:
             return []
-        edited = differing_slices(self.space.slices(layer.data), self.space.slices(self.reference),
-                                  self.space.n_slices)
+        shown = self.space.slices(layer.data)
+        edited = [s for s in differing_slices(shown, self.space.slices(self.reference), self.space.n_slices)
+                  if not self._engine_wrote(s, shown[s])]
         if set(edited) != self.edited:
             self.edited = set(edited)
-            self.on_edits()
+            self._edits_changed()
         return edited
+
+    def _edits_changed(self) -> None:
+        # On the layer too: napari's File > Save writes a DICOM SEG of it as SEMIAUTOMATIC where it holds edits.
+        if self.consensus is not None:
+            self.consensus.metadata[EDITED_KEY] = bool(self.edited)
+        self.on_edits()
 
     def policy_replacing(self, slices: Sequence[int]) -> WritePolicy:
         """The user answered "replace" for the edited ``slices``: they may be overwritten as they are now."""
@@ -211,7 +229,13 @@ class ResultSet:
             protected = set(self.edited_among(slices)) | (self.checked & {int(s) for s in slices})
             kept = sorted(s for s in protected if not policy.may_overwrite(s, shown[s]))
             self.checked -= protected - set(kept)       # replaced as the user allowed: no longer what they checked
-        self.space.slices(self.reference)[slices] = labels
+        reference = self.space.slices(self.reference)
+        for k, s in enumerate(slices):
+            versions = self._engine_versions.setdefault(int(s), set())
+            if versions:     # what the engine wrote before (a slice it never wrote holds no engine version yet)
+                versions.add(_digest(reference[s]))
+            versions.add(_digest(labels[k]))
+        reference[slices] = labels
         if "uncertainty" in self.layers:
             self.space.slices(self.layers["uncertainty"].data)[slices] = uncertainty
             self.layers["uncertainty"].refresh()
@@ -284,3 +308,12 @@ class ResultSet:
                              steps_used=steps_used[order], class_names=self.class_names,
                              provenance={**latest.provenance, "sampling": dataclasses.asdict(latest.sampling)},
                              runs=runs, complete=all(run.completed.all() for run in self.runs))
+
+
+def _digest(slice_labels: np.ndarray) -> bytes:
+    """A slice's labels as a short digest (its shape and bytes)."""
+    import hashlib
+
+    content = np.ascontiguousarray(slice_labels)
+    return hashlib.blake2b(repr(content.shape).encode() + content.tobytes(), digest_size=16).digest()
+

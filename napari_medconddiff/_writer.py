@@ -79,11 +79,13 @@ def algorithm_type(metadata: Any) -> str:
     """What a SEG saved from a layer says made it: AUTOMATIC for this plugin's own result layer (its marker
     in the metadata), SEMIAUTOMATIC for any other: the user's layer (a SEG or structure set opened, a
     layer painted) is someone's work, if perhaps from a model's start; this writer cannot tell whether
-    any of it was drawn by hand, so it does not claim MANUAL either. (Edits to the consensus are known
-    to the widget, whose Export writes SEMIAUTOMATIC for them.)"""
-    from ._result_layers import MARKER_KEY
+    any of it was drawn by hand, so it does not claim MANUAL either. The plugin's consensus with edits
+    (its result set flags them in the metadata) is SEMIAUTOMATIC too, as Export writes it."""
+    from ._result_layers import EDITED_KEY, MARKER_KEY
 
-    return "AUTOMATIC" if isinstance((metadata or {}).get(MARKER_KEY), dict) else "SEMIAUTOMATIC"
+    metadata = metadata or {}
+    own = isinstance(metadata.get(MARKER_KEY), dict)
+    return "AUTOMATIC" if own and not metadata.get(EDITED_KEY) else "SEMIAUTOMATIC"
 
 
 def segment_names(features: Any, max_label: int) -> list[str]:

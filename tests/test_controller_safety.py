@@ -214,3 +214,39 @@ def test_a_consensus_chosen_while_fine_tuning_applies_after_the_resegment(liver_
     assert controller.runs_started == started + 1            # the promised re-segment ran
     assert not notifications.messages("warning") and not controller.busy
     assert {run.sampling.consensus for run in controller.current.runs} == {"last"}    # and the choice applied
+
+
+def test_ctrl_z_of_a_refusion_or_a_rerun_brings_back_engine_output_not_edits(liver_volume, tiny_checkpoint):
+    """An undo restores what the engine wrote before, which differs from the reference (written outside napari's
+    history): every slice counted as edited, so Add put 6 slices nobody checked into the training set."""
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 2, 1)
+    controller.set_consensus("last", 0)                  # keep my edits (the Answers default)
+    consensus.undo()                                     # Ctrl-Z: the re-fusion goes, the stroke stays
+    assert controller.edited_slices() == [2] and controller.verified_slices() == [2]
+    controller.segment(SegmentSettings(scan, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2, seed=7),
+                                       SliceChoice()))
+    consensus.undo()                                     # Ctrl-Z of a second run with another seed
+    assert controller.edited_slices() == [2]
+    # An edit that happens to equal nothing the engine wrote stays an edit; erasing a slice is one too.
+    consensus.data[4] = 0
+    consensus.refresh()
+    assert 4 in controller.edited_slices()
+
+
+def test_the_consensus_layer_says_when_it_holds_edits_so_its_saved_seg_is_semiautomatic(liver_volume,
+                                                                                      tiny_checkpoint):
+    """File > Save of the plugin's consensus wrote AUTOMATIC segments after the user had edited it."""
+    from napari_medconddiff._writer import algorithm_type
+
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    consensus = layer(viewer, "consensus")
+    assert algorithm_type(consensus.metadata) == "AUTOMATIC"
+    paint(consensus, 2, 1)
+    assert algorithm_type(consensus.metadata) == "SEMIAUTOMATIC"
+    consensus.undo()
+    controller.edited_slices()
+    assert algorithm_type(consensus.metadata) == "AUTOMATIC"
