@@ -78,7 +78,7 @@ class ResultSet:
                  class_names: tuple[str, ...]):
         self.scan = scan                  # None once the user removed it
         self.scan_id = scan_id
-        self.scan_name = scan_name
+        self._scan_name = scan_name
         self.source = source
         self.space = space
         self.class_names = class_names
@@ -103,10 +103,31 @@ class ResultSet:
         # Ctrl-Z of a re-fusion or a re-run brings an earlier engine version back, which is no edit, though
         # it differs from the reference (written outside napari's history).
         self._engine_versions: dict[int, set[bytes]] = {}
+        self.follow_scan_name()
 
     @property
     def consensus(self) -> Any:
         return self.layers.get("consensus")
+
+    @property
+    def scan_name(self) -> str:
+        """The scan layer's name as it is now (a user who renames it, e.g. to take a patient's name out,
+        renames what is made from it: result layers, export and fine-tune names, training-set cases);
+        the last one it had once the scan is removed."""
+        if self.scan is not None and self.scan.name != self._scan_name:
+            self._rename_layers(self._scan_name, self.scan.name)
+            self._scan_name = self.scan.name
+        return self._scan_name
+
+    def follow_scan_name(self) -> None:
+        """Rename the result layers as soon as the user renames the scan layer."""
+        if self.scan is not None:
+            self.scan.events.name.connect(lambda event: self.scan_name)
+
+    def _rename_layers(self, old: str, new: str) -> None:
+        for layer in self.layers.values():
+            if layer.name.startswith(f"{old} "):
+                layer.name = f"{new}{layer.name[len(old):]}"
 
     def compatible(self, space: ScanSpace) -> bool:
         """Whether a run seen through ``space`` can update these layers slice by slice."""

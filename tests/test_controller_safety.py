@@ -250,3 +250,19 @@ def test_the_consensus_layer_says_when_it_holds_edits_so_its_saved_seg_is_semiau
     consensus.undo()
     controller.edited_slices()
     assert algorithm_type(consensus.metadata) == "AUTOMATIC"
+
+
+def test_renaming_the_scan_layer_renames_what_is_made_from_it(liver_volume, tiny_checkpoint, tmp_path):
+    """A user who renames 'Doe John 1961-02-03' to 'case 7' after segmenting still got the old name on new
+    layers, the export's default file name, its sidecar and the training set's case."""
+    viewer, scan, controller = make(liver_volume[0])
+    scan.name = "Doe John 1961-02-03"
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    scan.name = "case 7"
+    assert sorted(layer.name for layer in viewer.layers if _result_layers.is_own_result(layer)) == [
+        "case 7 consensus", "case 7 uncertainty", "case 7 x̂0 (2 steps)"]
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    assert not [layer.name for layer in viewer.layers if "Doe" in layer.name]
+    assert "Doe" not in str(controller.export_default_path())
+    _, sidecar = controller.export(tmp_path / "seg.nii.gz", overwrite=False)
+    assert "Doe" not in sidecar.read_text()
