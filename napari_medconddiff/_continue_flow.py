@@ -92,7 +92,7 @@ class ContinueFlow:
 
         if not isinstance(saved, Labels):
             raise UserInputError("choose a Labels layer to continue from")
-        if results_layers.is_own_result(saved):
+        if results_layers.is_result_of(saved, scan):
             raise UserInputError(f"'{saved.name}' is already this plugin's consensus; edit it directly")
         if saved.ndim != scan.ndim or np.shape(full_resolution(saved)) != np.shape(full_resolution(scan)) \
                 or not np.allclose(saved.scale, scan.scale) or not np.allclose(saved.translate, scan.translate):

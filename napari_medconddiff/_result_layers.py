@@ -64,6 +64,12 @@ def is_own_result(layer: Any) -> bool:
     return mark is not None and mark.get("layer") == str(layer.unique_id)
 
 
+def is_result_of(layer: Any, scan: Any) -> bool:
+    """A result layer this plugin made from ``scan`` (that very layer). The results of a scan the user
+    removed and opened again are the user's labels for the new layer: they may be continued from."""
+    return is_own_result(layer) and scan is not None and marker(layer).get("scan") == str(scan.unique_id)
+
+
 def _scan_metadata(scan: Any) -> dict:
     """The scan's NIfTI metadata, so File > Save and Export write the scan's affine."""
     return {key: copy.deepcopy(scan.metadata[key]) for key in (METADATA_KEY, TO_LAYER_KEY) if key in scan.metadata}

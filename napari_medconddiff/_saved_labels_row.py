@@ -55,7 +55,7 @@ class SavedLabelsRow:
         before = self.chosen()
         shape = np.shape(full_resolution(scan)) if scan is not None else None
         self._layers = [layer for layer in layers if isinstance(layer, Labels)
-                        and not results_layers.is_own_result(layer) and np.shape(full_resolution(layer)) == shape]
+                        and not results_layers.is_result_of(layer, scan) and np.shape(full_resolution(layer)) == shape]
         self.combo.blockSignals(True)
         self.combo.clear()
         self.combo.addItems([layer.name for layer in self._layers])

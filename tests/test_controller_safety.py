@@ -266,3 +266,24 @@ def test_renaming_the_scan_layer_renames_what_is_made_from_it(liver_volume, tiny
     assert "Doe" not in str(controller.export_default_path())
     _, sidecar = controller.export(tmp_path / "seg.nii.gz", overwrite=False)
     assert "Doe" not in sidecar.read_text()
+
+
+def test_the_edited_consensus_of_a_scan_opened_again_can_be_continued_from(liver_volume, tiny_checkpoint):
+    """Remove the scan by mistake and open it again: its edited consensus was refused as 'already this plugin's
+    consensus' and left out of Saved labels, so the edits stayed in a layer nothing could use."""
+    from napari_medconddiff._result_layers import is_result_of
+
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint) == "done"
+    consensus = layer(viewer, "consensus")
+    paint(consensus, 2, 2)
+    painted = consensus.data[2].copy()
+    data, kwargs = np.asarray(scan.data).copy(), {"scale": scan.scale, "translate": scan.translate}
+    viewer.layers.remove(scan)
+    again = viewer.add_image(data, name="liver", **kwargs)
+    assert is_result_of(consensus, scan) and not is_result_of(consensus, again)
+    assert controller.continue_from(SegmentSettings(again, str(tiny_checkpoint), "cpu", SamplingConfig(steps=2)),
+                                    consensus)
+    (new,) = [x for x in viewer.layers if is_result_of(x, again) and _result_layers.marker(x)["role"] == "consensus"]
+    np.testing.assert_array_equal(new.data[2], painted)
+    assert 2 in controller.edited_slices()
