@@ -56,6 +56,15 @@ def check_volume(volume: np.ndarray) -> np.ndarray:
     2-D images become one slice ``(X, Y, 1)``; NaN/Inf voxels are replaced by the lowest finite
     intensity with a warning.
     """
+    cleaned, bad = checked_volume_and_nonfinite(volume)
+    if bad:
+        warnings.warn(nonfinite_note(bad), stacklevel=2)
+    return cleaned
+
+
+def checked_volume_and_nonfinite(volume: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`check_volume` without its warning: the checked float32 volume and how many NaN/Inf voxels
+    it replaced (for a note that names the scan, as a run's notes do)."""
     volume = np.asarray(volume)
     if volume.ndim == 2:
         volume = volume[..., None]
@@ -69,9 +78,11 @@ def check_volume(volume: np.ndarray) -> np.ndarray:
     cleaned, bad = sanitize_nonfinite(volume.astype(np.float32, copy=False))
     if bad == volume.size:
         raise ScanError("the scan has no finite voxel (all NaN or Inf)")
-    if bad:
-        warnings.warn(f"{bad} NaN/Inf voxels were replaced by the lowest finite intensity", stacklevel=2)
-    return cleaned
+    return cleaned, int(bad)
+
+
+def nonfinite_note(count: int) -> str:
+    return f"{count} NaN/Inf voxels were replaced by the lowest finite intensity"
 
 
 def with_channels(volume: np.ndarray, expected: int) -> np.ndarray:
@@ -313,8 +324,11 @@ class ScanPreprocessor:
 
     def prepare(self, volume: np.ndarray, meta: Optional[VolumeMeta] = None) -> "PreparedScan":
         """Check a scan, measure its intensities and geometry; nothing is resampled yet."""
-        volume = with_channels(check_volume(volume), self.plan.num_channels)
+        volume, nonfinite = checked_volume_and_nonfinite(volume)
+        volume = with_channels(volume, self.plan.num_channels)
         geometry = self.geometry(volume.shape[:3], meta)
+        if nonfinite:       # a note of this scan (printed with its name, kept in its sidecar), not a warning
+            geometry = dataclasses.replace(geometry, notes=geometry.notes + (nonfinite_note(nonfinite),))
         # Measured on the canonical view: every n-th voxel taken in file order would differ between two files
         # of the same anatomy stored in other voxel orders (percentile and z-score channels above 4 M voxels).
         intensities = tuple(channel_intensity(geometry.slice_view(volume[..., c]), self.plan.scheme_of(c),
