@@ -139,7 +139,7 @@ class _FixedSegmenter:
         indices = np.arange(geometry.n_slices) if slices is None else np.asarray(list(slices))
         view = geometry.slice_view(self.predicted)[indices]
         return SimpleNamespace(geometry=geometry, slice_indices=indices, labels=self.predicted,
-                               trajectory=np.zeros((1,)), step_labels_on_scan=lambda step: view,
+                               trajectory=np.zeros((1,)), step_labels_on_scan=lambda step, clean=False: view,
                                uncertainty=np.random.default_rng(0).random(self.predicted.shape),
                                steps_used=np.ones(len(indices)), completed=np.ones(len(indices), bool),
                                sampling=SamplingConfig(consensus="mean"), provenance={"consensus_choice": None})
