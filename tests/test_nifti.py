@@ -766,3 +766,17 @@ def test_a_negative_image_size_in_the_header_is_a_read_error(tmp_path):
     path = _plain_nii_with_dims(tmp_path, "negative.nii", (16, -16, 4))
     with pytest.raises(VolumeReadError, match=r"negative\.nii: header gives a negative image size"):
         load_volume(path)
+
+
+def test_a_four_d_label_file_is_refused_as_a_label_map_not_told_to_pick_a_channel(tmp_path):
+    """The scan reader's advice ('`--channel N` on the command line') reached evaluate --label, which has none."""
+    from medconddiff.nifti import load_labels
+    from medconddiff.nifti_read import VolumeReadError
+
+    path = tmp_path / "masks.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.uint8), np.eye(4)), str(path))
+    with pytest.raises(VolumeReadError, match="a label map holds one label per voxel") as caught:
+        load_labels(path)
+    assert "--channel" not in str(caught.value)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 1), np.uint8), np.eye(4)), str(tmp_path / "one.nii.gz"))
+    assert load_labels(tmp_path / "one.nii.gz")[0].shape == (4, 4, 3)

@@ -90,6 +90,7 @@ def load_labels(path: str | os.PathLike) -> tuple[np.ndarray, VolumeMeta]:
     :class:`VolumeReadError` if a voxel is not finite, not a whole number, or negative.
     """
     path = Path(path)
+    _refuse_several_volumes(path)
     data, meta = _read_nifti(path, channel=None)
     if data.dtype.kind not in "biu":
         if data.dtype.kind != "f":
@@ -105,6 +106,19 @@ def load_labels(path: str | os.PathLike) -> tuple[np.ndarray, VolumeMeta]:
     except ValueError as exc:
         raise VolumeReadError(f"{path}: {exc}") from exc
     return data.astype(label_dtype, copy=False), meta
+
+
+def _refuse_several_volumes(path: Path) -> None:
+    """A label map holds one label per voxel: a 4-D file (one mask per class, a time series) is refused as
+    such, not with the scan reader's advice to pick one of its volumes."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:      # noqa: BLE001 - the reader below reports what is wrong with the file
+        return
+    if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
+        raise VolumeReadError(f"{path}: a label map holds one label per voxel (3-D), but this file holds "
+                              f"{int(np.prod(shape[3:]))} volumes {tuple(shape)}; give one label file with "
+                              "values 0..N (background, then one value per class)")
 
 
 def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, VolumeMeta]:
