@@ -30,26 +30,42 @@ from psygnal import Signal
 from medconddiff.config import ONE_SHOT
 from medconddiff.consensus_choice import resolved_consensus
 from medconddiff.errors import UserInputError
+from medconddiff.geometry import SLICE_AXIS, Orientation, Reorientation, affine_is_usable
 from medconddiff.slice_lists import slice_list_text
 
 from . import _result_layers as results_layers
 from ._edits import KEEP, NEW_LAYER, REPLACE, WritePolicy
 from ._export import ExportSummary, default_export_path, write_export
 from ._continue_flow import ContinueFlow
-from ._finetune_flow import FinetuneFlow, FinetuneSettings, _Finetune
+from ._finetune_flow import CANCELLED_BEFORE_TRAINING, FinetuneFlow, FinetuneSettings, _Finetune
 from ._job import EngineInfo, SegmenterCache, SliceChoice, probe_engine, refuse_runs
-from ._layers import dicom_source_of
+from ._layers import dicom_source_of, stored_geometry
 from ._notifications import notify, report_error
 from ._questions import Questions
 from ._result_set import ChannelInput, KeptRun, ResultSet
 from ._runners import Runner, SyncRunner, Task
 from ._segment_flow import CONSENSUS_NAMES, SegmentFlow, SegmentSettings, _Pending
-from ._training_set_flow import TrainingSetFlow
+from ._training_set_flow import TrainingSetFlow, model_slicing
 from ._volumes import ClassVolumes, consensus_volumes
 
 __all__ = ["SegmentationController", "SegmentSettings", "FinetuneSettings", "Questions", "SyncRunner", "Runner",
            "Task", "ResultSet", "KeptRun", "ChannelInput", "ExportSummary", "SliceChoice", "CONSENSUS_NAMES",
            "KEEP", "NEW_LAYER", "REPLACE", "notify", "ClassVolumes"]
+
+
+# The last status of an operation cancelled before its first step (while its model loaded or its data
+# were prepared): Cancel's "after the current step…" must not stay as if something were still to come.
+CANCELLED_BEFORE = {"segmenting": "Cancelled before the model had loaded; nothing was segmented.",
+                    "fine-tuning": CANCELLED_BEFORE_TRAINING}
+
+
+def export_class_names(names: Sequence[str], top_label: int) -> tuple[str, ...]:
+    """A name for every label ``0..top_label``: those given (a blank one, or a painted value beyond them,
+    named ``class N`` as napari's File > Save names it), so that a DICOM SEG has a segment per label."""
+    named = [str(name).strip() for name in names]
+    count = max(len(named), top_label + 1)
+    return tuple(named[value] if value < len(named) and named[value] else f"class {value}"
+                 for value in range(count))
 
 
 class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSetFlow):
@@ -106,6 +122,8 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
             # Only a task that ended without a handler taking over (quit before returning) ends here.
             if self._task is task:
                 self._task = None
+                if self._stop_reason == "cancelled":     # the user's Cancel: say it is done, not still coming
+                    self.status.emit(CANCELLED_BEFORE.get(self.operation, "Cancelled."))
                 self._end(self._stop_reason or "cancelled")
 
         task = self.runner(function, *args, finished=finished, **callbacks)
@@ -188,6 +206,33 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         # Not the user's doing: napari's error notification, with the traceback that says what is broken.
         self.fail(error, "The segmentation engine (torch/timm) could not be imported")
         self.engine_failed.emit(str(error))
+
+    # ------------------------------------------------------------ the slice under the slider
+    def check_slices_shown(self, layer: Any, slice_axis: Optional[int], slicing: str) -> None:
+        """A UserInputError unless napari shows one of ``layer``'s ``slicing`` slices (``slice_axis``: the layer
+        axis they follow each other along), so that "the current slice" is the one the user looks at: in a
+        rolled view (sagittal) or in 3-D the slider's point names a slice nobody sees."""
+        dims = self.viewer.dims
+        if slice_axis is None:       # a 2-D layer: its one slice
+            return
+        if dims.ndisplay == 3 or dims.ndim - layer.ndim + slice_axis in dims.displayed:
+            raise UserInputError(f"napari shows no {slicing} slice: show {slicing} slices in 2-D (the slider "
+                                 "through them) to act on the current slice")
+
+    def model_slice_axis(self, layer: Any, checkpoint: str) -> tuple[Optional[int], str]:
+        """(the layer axis ``checkpoint``'s model slices ``layer`` along, its slicing), known before the model
+        loads: a plain layer is sliced along napari's slider; a scan read from a file along the model's plane
+        in its orientation. Axis None for a 2-D layer or a single image (one slice)."""
+        slicing = model_slicing(checkpoint) or "axial"
+        if layer.ndim != 3 or 1 in tuple(layer.data.shape):
+            return None, slicing
+        stored = stored_geometry(layer.metadata)
+        if stored is None:
+            return self.view_axes(layer)[0], slicing
+        meta, to_layer = stored
+        usable = meta.affine_known and affine_is_usable(meta.affine)
+        to_canonical = Orientation.of(meta.affine).to_canonical if usable else Reorientation.identity()
+        return to_canonical.inverse().then(to_layer).axes.index(SLICE_AXIS[slicing]), slicing
 
     # ------------------------------------------------------------ layers removed, focus
     def _on_layer_removed(self, event: Any) -> None:
@@ -373,16 +418,20 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
     def export_affine_known(self) -> bool:
         return self.current is not None and self.current.space.export_meta().affine_known
 
-    def export(self, path: str | Path, *, overwrite: bool, rtstruct: bool = False) -> tuple[Path, Path]:
+    def export(self, path: str | Path, *, overwrite: bool, rtstruct: bool = False,
+               class_names: Optional[Sequence[str]] = None) -> tuple[Path, Path]:
         """Write the consensus layer (with edits) in the scan's voxel order + JSON sidecar (a ``.dcm`` path: a
-        DICOM SEG, or where ``rtstruct`` an RT structure set of contours)."""
+        DICOM SEG, or where ``rtstruct`` an RT structure set of contours). ``class_names``: the names the user
+        gave the labels (the class table), else the model's."""
         results = self.current
         if not self.can_export:
             raise UserInputError("nothing to export yet; run a segmentation first")
         space = results.space
         labels = space.layer.file_view(np.asarray(results.consensus.data))
         meta = space.export_meta()
-        written = write_export(path, labels, meta, results.summary(),
+        summary = results.summary()
+        names = export_class_names(class_names or summary.class_names, int(labels.max()) if labels.size else 0)
+        written = write_export(path, labels, meta, dataclasses.replace(summary, class_names=names),
                                source=results.source, scan_name=results.scan_name,
                                edited_slices=results.edited_slices(),
                                overwrite=overwrite, dicom=self.export_dicom_source(), rtstruct=rtstruct)

@@ -28,7 +28,9 @@ from ._result_set import ResultSet
 from ._segment_flow import STATUS_INTERVAL_S, SegmentSettings, own_copy
 from ._training_set_flow import case_name_of
 
-__all__ = ["FinetuneSettings", "FinetuneFlow", "same_file"]
+__all__ = ["FinetuneSettings", "FinetuneFlow", "same_file", "CANCELLED_BEFORE_TRAINING"]
+
+CANCELLED_BEFORE_TRAINING = "Cancelled before fine-tuning began; no model was trained or saved."
 
 
 @dataclass
@@ -203,6 +205,8 @@ class FinetuneFlow:
         self._detach_task()
         state = self._finetune
         if state is None or self._stop_reason is not None:
+            if self._stop_reason == "cancelled":     # cancelled as the preparation returned
+                self.status.emit(CANCELLED_BEFORE_TRAINING)
             self._end(self._stop_reason or "cancelled")
             return
         state.run, state.total = run, run.total_steps
@@ -256,7 +260,7 @@ class FinetuneFlow:
             return
         self.operation = "saving"
         self.busy_changed.emit("saving")
-        self.status.emit(f"Saving the fine-tuned model to {state.path}…")
+        self.status.emit(f"Saving the fine-tuned model to {state.path.name}…")   # the name: no patient's folder
         self._start(save_finetuned, state.run, state.path, state.settings.device, self.cache,
                     state.settings.replace_existing,
                     returned=lambda path: self._on_finetune_saved(path, resegment),
@@ -285,8 +289,8 @@ class FinetuneFlow:
         state, self._finetune = self._finetune, None
         cancelled = state.done < state.total
         self.model_added.emit(path.stem, str(path))
-        self.status.emit(f"Saved the fine-tuned model ({state.done} steps, final loss {state.loss:.4f}) to {path}; "
-                         f"its {state.run.consensus_choice.describe()}.")
+        self.status.emit(f"Saved the fine-tuned model ({state.done} steps, final loss {state.loss:.4f}) to "
+                         f"{path.name}; its {state.run.consensus_choice.describe()}.")
         settings = self._resegment_settings(state, path) if resegment else None
         # A consensus chosen while this ran applies once the re-segment ends (it would refuse the re-segment
         # as busy if it started re-fusing now).

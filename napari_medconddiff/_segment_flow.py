@@ -178,6 +178,7 @@ class SegmentFlow:
             self.check_channels(settings)
             slices = settings.slices
             if slices.mode == "current":
+                self.check_slices_shown(layer, *self.model_slice_axis(layer, settings.checkpoint))
                 point = tuple(float(x) for x in layer.world_to_data(self.viewer.dims.point))
                 slices = dataclasses.replace(slices, point=point)
             request = SegmentRequest(data=own_copy(layer), metadata=dict(layer.metadata), scale=tuple(layer.scale),

@@ -3,10 +3,10 @@
 
 The user chooses a folder (remembered for the session; created on the first add; never inside the
 installed packages), marks canonical slices as *checked* (verified without being edited), and adds
-the current scan: its image in file order with the meta an export writes, and the consensus layer's
-labels on the verified slices (edited ∪ checked); every other voxel is the set's ``ignore``. Adding
-the same scan again merges. Fine-tuning (:mod:`._finetune_flow`) then trains on every verified voxel
-of every case in the set as well.
+the current scan: its image in file order with the geometry the model sliced it with, and the
+consensus layer's labels on the verified slices (edited ∪ checked); every other voxel is the set's
+``ignore``. Adding the same scan again merges. Fine-tuning (:mod:`._finetune_flow`) then trains on
+every verified voxel of every case in the set as well.
 
 Opening and adding run in a worker: an add writes (and, merging, reads back) gzipped NIfTI volumes,
 seconds for a CT, and the summary reads every label file of the set. What the worker needs is copied
@@ -36,7 +36,7 @@ from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE
 from ._result_set import ResultSet
 
 __all__ = ["TrainingSetFlow", "AddJob", "RemoveJob", "SetState", "package_folders", "check_set_folder",
-           "case_name_of", "open_set", "add_to_set", "remove_from_set", "model_class_names"]
+           "case_name_of", "open_set", "add_to_set", "remove_from_set", "model_class_names", "model_slicing"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NEW_SET_TEXT = "new set: created on the first add"
@@ -66,9 +66,8 @@ class AddJob:
     class_names: tuple[str, ...]
     start: str                           # the selected model: its channels name the set's
     scan_kind: str
-    slices: Optional[tuple[int, ...]]    # canonical slices along ``slicing`` …
+    slices: tuple[int, ...]              # verified canonical slices along ``slicing``
     slicing: str
-    mask: Optional[np.ndarray] = None    # … or, for a plain layer, the verified voxels in file order
 
 
 @dataclass
@@ -133,9 +132,8 @@ def case_name_of(results: ResultSet) -> str:
     return results.scan_name
 
 
-def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
-    """The classes a checkpoint's model segments, from the file's metadata without torch; None when the
-    file cannot tell."""
+def _checkpoint_config(checkpoint: str) -> Optional[dict]:
+    """A checkpoint's config, from the file's metadata without torch; None when the file cannot tell."""
     import json
 
     from safetensors import SafetensorError, safe_open
@@ -144,10 +142,30 @@ def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
 
     try:
         with safe_open(str(resolve_checkpoint(checkpoint)), framework="np") as reader:
-            names = json.loads((reader.metadata() or {})["config"])["model"]["class_names"]
+            config = json.loads((reader.metadata() or {})["config"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError):
         return None
+    return config if isinstance(config, dict) else None
+
+
+def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
+    """The classes a checkpoint's model segments, from the file's metadata without torch; None when the
+    file cannot tell."""
+    names = ((_checkpoint_config(checkpoint) or {}).get("model") or {}).get("class_names")
     return tuple(str(n) for n in names) if isinstance(names, list) else None
+
+
+def model_slicing(checkpoint: str) -> Optional[str]:
+    """The plane a checkpoint's model segments (axial, coronal, sagittal), from the file's metadata without
+    torch; None when the file cannot tell."""
+    from medconddiff.config import PreprocessPlan
+
+    config = _checkpoint_config(checkpoint)
+    if config is None:
+        return None
+    plan = config.get("plan") or {}          # a format-1 checkpoint has no plan: the default's slicing
+    slicing = plan.get("slicing", PreprocessPlan().slicing) if isinstance(plan, dict) else None
+    return slicing if isinstance(slicing, str) else None
 
 
 # ----------------------------------------------------------------------------- worker functions
@@ -190,13 +208,8 @@ def add_to_set(job: AddJob) -> AddOutcome:
     channel_names = channel_names_of_kind(job.scan_kind, start_channels) or tuple(start_channels)
     training_set = TrainingSet.open_or_create(job.folder, job.class_names, channel_names)
     image = stack_channels(job.image, job.channels)
-    if job.mask is not None:
-        result = training_set.add_scan(job.name, image, job.meta, job.labels, job.class_names,
-                                       verified_mask=job.mask, channel_names=channel_names)
-    else:
-        result = training_set.add_scan(job.name, image, job.meta, job.labels, job.class_names,
-                                       verified_slices=list(job.slices), slicing=job.slicing,
-                                       channel_names=channel_names)
+    result = training_set.add_scan(job.name, image, job.meta, job.labels, job.class_names,
+                                   verified_slices=list(job.slices), slicing=job.slicing, channel_names=channel_names)
     return AddOutcome(result, _set_state(training_set))
 
 
@@ -289,10 +302,19 @@ class TrainingSetFlow:
     def _slice_under_slider(self, results: ResultSet) -> int:
         """The canonical slice of ``results`` under napari's slider."""
         layer = results.scan if results.scan is not None else results.consensus
+        self.check_slices_shown(layer, results.space.slice_layer_axis, results.space.geometry.slicing)
         point = tuple(float(x) for x in layer.world_to_data(self.viewer.dims.point))
         if results.space.slice_layer_axis is not None and len(point) < results.space.layer.layer_ndim:
             raise UserInputError("the current slice position is unknown")
         return int(results.space.slice_at(point))
+
+    def _slice_offered_for_removal(self, results: ResultSet) -> Optional[int]:
+        """The slice under the slider, or None where napari shows none of the model's slices (a rolled or
+        3-D view): then only the whole scan or another case is offered, not a slice nobody looks at."""
+        try:
+            return self._slice_under_slider(results)
+        except UserInputError:
+            return None
 
     def mark_checked(self) -> Optional[int]:
         """Mark the canonical slice under napari's slider as checked: its consensus is right as it is."""
@@ -324,7 +346,7 @@ class TrainingSetFlow:
             return False
         self._begin("adding to the training set")
         self.progress.emit(0, 0)
-        shown = slice_list_text(job.slices) if job.slices is not None else slice_list_text(self.verified_slices())
+        shown = slice_list_text(job.slices)
         self.status.emit(f"Adding '{results.scan_name}' (slice(s) {shown}) to the training set {job.folder}…")
         self._start(add_to_set, job, returned=self._on_added, errored=self._on_set_error)
         return True
@@ -353,13 +375,11 @@ class TrainingSetFlow:
         if top >= len(names):
             raise ConfigError(f"label {top} is painted on a verified slice but has no class name")
         image, channels = self._scan_copies(results, start)
-        plain = space.layer.plain
-        # A plain layer's file gets the layer's axis order with an unknown orientation (as an export):
-        # its slices cannot be counted along the model's slicing there, so the voxels themselves are given.
+        # The geometry the model sliced the scan with (for a plain layer, the orientation it assumed: the
+        # slider's slices are the model's), so that the set slices the case as the user verified it.
         return AddJob(folder=self.training_set.folder, name=case_name_of(results), image=image, channels=channels,
-                      meta=space.export_meta(), labels=labels, class_names=names, start=start, scan_kind=scan_kind,
-                      slices=None if plain else tuple(slices), slicing=space.geometry.slicing,
-                      mask=verified if plain else None)
+                      meta=space.layer.meta, labels=labels, class_names=names, start=start, scan_kind=scan_kind,
+                      slices=tuple(slices), slicing=space.geometry.slicing)
 
     def _on_added(self, outcome: AddOutcome) -> None:
         self._detach_task()
@@ -388,8 +408,7 @@ class TrainingSetFlow:
             on_screen = results is not None and results.consensus is not None and results.scan is not None
             if on_screen:
                 space = results.space
-                # A plain layer's slices are not counted along the model's slicing in the set: whole scan only.
-                index = None if space.layer.plain else self._slice_under_slider(results)
+                index = self._slice_offered_for_removal(results)
                 image, channels = self._scan_copies(results, start)
         except ValueError as error:
             self.fail(error, "Nothing removed from the training set")
@@ -404,7 +423,7 @@ class TrainingSetFlow:
             case = state.cases[chosen]
             job = RemoveJob(folder, case, None, (), None, None, "", case=case)
         elif answer in (REMOVE_SLICE, REMOVE_CASE):
-            job = RemoveJob(folder, results.scan_name, image, channels, space.export_meta(),
+            job = RemoveJob(folder, results.scan_name, image, channels, space.layer.meta,   # as it was added
                             index if answer == REMOVE_SLICE else None, space.geometry.slicing)
         else:
             self.status.emit("Nothing removed from the training set.")

@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -79,6 +79,7 @@ class SegmentWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._workers = QtWorkers()
+        self._docked = False          # set once napari puts the widget in its dock
         self._window_watcher: Optional[CloseWatcher] = None
         self.controller = SegmentationController(napari_viewer, runner=self._workers.run,
                                                  questions=DialogQuestions(self))
@@ -490,20 +491,36 @@ class SegmentWidget(QWidget):
         if existing and not _dialogs.confirm_replace(self, existing):
             return
         try:
-            written = self.controller.export(nifti, overwrite=True, rtstruct=rtstruct)
+            # The names in the class table: a class the user painted and named is exported under that name.
+            written = self.controller.export(nifti, overwrite=True, rtstruct=rtstruct,
+                                             class_names=self.class_names())
         except (ValueError, OSError) as error:
             self.controller.fail(error, "Export failed")
             return
-        notify("info", f"MedCondDiff: saved {written[0]} and {written[1].name}")
+        notify("info", f"MedCondDiff: saved {written[0].name} and {written[1].name}")   # no patient's folder
 
     def finetune(self) -> None:
         """Fine-tune the selected model on the chosen slices (the Fine-tune button)."""
         self.finetune_panel.finetune()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        self._stop_work()
+        super().closeEvent(event)
+
+    def changeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        # The dock's × (napari's remove_dock_widget) only takes the widget out of its dock, with no
+        # closeEvent: losing the dock is the close. Hiding (a tab, the hide button) keeps the parent.
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._stop_work()
+        super().changeEvent(event)
+
+    def _stop_work(self) -> None:
+        """The widget is closing: stop its workers and let go of the viewer (nothing it started goes on)."""
         self.controller.close()
         self._workers.stop_all()
-        super().closeEvent(event)
 
 
 __all__ = ["SegmentWidget", "ask_edit_choice", "ask_save_cancelled_finetune", "BUNDLED", "CHECKPOINT_FILE",

@@ -400,3 +400,59 @@ def test_yesterdays_seg_continues_as_todays_consensus_and_joins_the_set(make_nap
     np.testing.assert_array_equal(read_dicom_seg(target, folder / "CT"),
                                   layer_to_volume(consensus.data, consensus.metadata)[0])
     np.testing.assert_array_equal(read_dicom_seg(target, folder / "CT"), saved)
+
+
+def test_in_a_rolled_or_3d_view_the_current_slice_is_refused_not_guessed(make_napari_viewer, qtbot, scan_1mm,
+                                                                         tiny_checkpoint, notifications):
+    viewer, widget, _ = segment_and_paint(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint, "liver")
+    panel = widget.training_set_panel
+    axial = viewer.dims.order
+    runs = widget.runs_started
+    widget.slice_combo.setCurrentIndex(widget.slice_combo.findData("current"))
+    for rolled, ndisplay in (((axial[2], axial[0], axial[1]), 2), (axial, 3)):   # sagittal; the 3-D view
+        viewer.dims.order, viewer.dims.ndisplay = rolled, ndisplay
+        click(qtbot, panel.mark_button)
+        assert "napari shows no axial slice" in widget.status.text()
+        click(qtbot, widget.segment_button)
+        assert "napari shows no axial slice" in widget.status.text() and "\n" not in widget.status.text()
+    assert widget.controller.checked_slices() == [] and widget.runs_started == runs     # nothing marked or segmented
+    viewer.dims.order, viewer.dims.ndisplay = axial, 2
+    widget.controller.go_to_slice(3)
+    click(qtbot, panel.mark_button)
+    assert widget.controller.checked_slices() == [3]
+    widget.controller.go_to_slice(4)
+    assert click_segment(qtbot, widget) == "done" and widget.runs_started == runs + 1
+    assert widget.controller.current.runs[-1].slice_indices.tolist() == [4]
+
+
+def test_a_plain_layer_joins_the_set_sliced_as_the_user_verified_it(make_napari_viewer, qtbot, liver_volume,
+                                                                   tiny_checkpoint, tmp_path, monkeypatch):
+    from napari_medconddiff import _dialogs
+    from napari_medconddiff._questions import REMOVE_SLICE
+
+    # An array with no file behind it: 6 axial slices on napari's slider, 0.7 × 0.6 mm pixels, 4 mm apart.
+    stack = np.ascontiguousarray(np.transpose(liver_volume[0], (2, 1, 0)), dtype=np.float32)
+    viewer, _, widget = open_viewer(make_napari_viewer, qtbot, (stack, {"scale": (4.0, 0.7, 0.6)}), name="stack")
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    consensus = viewer.layers["stack consensus"]
+    paint(consensus, 2, 1)                                    # the user corrects slice 2 of the stack
+    widget.controller.go_to_slice(4)
+    click(qtbot, widget.training_set_panel.mark_button)      # and checks slice 4
+    assert widget.controller.verified_slices() == [2, 4]
+    folder = tmp_path / "set"
+    assert choose_folder(qtbot, widget, folder) == "done"
+    assert click_add(qtbot, widget) == "done"
+    training_set = TrainingSet.open(folder)
+    assert training_set.verified_slices("stack") == [2, 4]    # the slider's slices, not 64 slices across them
+    stored = widget.controller.current.space.geometry.slice_view(training_set.load_case("stack").labels)
+    shown = widget.controller.current.space.slices(consensus.data)
+    np.testing.assert_array_equal(stored[[2, 4]], shown[[2, 4]])
+    assert (stored[[0, 1, 3, 5]] == 255).all()
+
+    # Slice 4 was checked by mistake: it alone leaves the set (a plain layer's slice is found there too).
+    monkeypatch.setattr(_dialogs, "ask_remove_from_set", lambda *a: REMOVE_SLICE)
+    with qtbot.waitSignal(widget.training_set_panel.finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.training_set_panel.remove_button)
+    assert finished.args[0] == "done", widget.status.text()
+    assert TrainingSet.open(folder).verified_slices("stack") == [2]

@@ -1057,3 +1057,167 @@ def test_closing_napari_right_after_docking_exits_cleanly():
     explain = f"exit code {process.returncode}\n{process.stdout[-2000:]}\n{process.stderr[-3000:]}"
     assert process.returncode == 0 and "closed" in process.stdout, explain
     assert "has been deleted" not in process.stderr and "Fatal Python error" not in process.stderr, explain
+
+
+# ----------------------------------------------------------------------------- closing the dock
+
+
+def watch_batches(monkeypatch):
+    """Hold the worker after each run's first batch until released; (release, held, finished_all) events,
+    finished_all set when a run's last batch is done (the worker went on to the end)."""
+    from medconddiff.segmenter import SlicesDone
+
+    from napari_medconddiff import _segment_flow
+
+    release, held, finished_all = threading.Event(), threading.Event(), threading.Event()
+    original = _segment_flow.iterate_run
+
+    def gated(run):
+        for event in original(run):
+            if isinstance(event, SlicesDone) and event.completed == event.total:
+                finished_all.set()
+            yield event
+            if isinstance(event, SlicesDone) and event.completed < event.total:
+                held.set()
+                release.wait(RUN_TIMEOUT_MS / 1000)
+        return run.result
+
+    monkeypatch.setattr(_segment_flow, "iterate_run", gated)
+    return release, held, finished_all
+
+
+def test_the_docks_close_button_stops_the_run_and_its_hide_button_does_not(make_napari_viewer, qtbot, scan,
+                                                                         tiny_checkpoint, monkeypatch, notifications):
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, tiny_checkpoint, steps=2)
+    dock = widget.parent()
+    release, held, finished_all = watch_batches(monkeypatch)
+
+    # Hidden (the title bar's hide button, as a tab hides it): the run goes on to the end.
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.segment_button)
+        qtbot.waitUntil(held.is_set, timeout=RUN_TIMEOUT_MS)
+        dock.title.hide_button.click()
+        release.set()
+    assert finished.args == ["done"] and finished_all.is_set()
+    dock.show()
+
+    # Closed (the title bar's ×): the worker stops at its next step; nothing more is written.
+    release.clear(), held.clear(), finished_all.clear()
+    widget.seed_spin.setValue(7)
+    click(qtbot, widget.segment_button)
+    qtbot.waitUntil(held.is_set, timeout=RUN_TIMEOUT_MS)
+    dock.title.close_button.click()
+    release.set()
+    assert QThreadPool.globalInstance().waitForDone(RUN_TIMEOUT_MS)
+    qtbot.wait(50)
+    assert not finished_all.is_set(), "the run went on after its dock was closed"
+    viewer.layers.remove(layer)          # the closed widget's controller no longer watches the layers
+    qtbot.wait(50)
+    assert notifications.messages("warning") == [] and notifications.messages("error") == []
+
+
+# ----------------------------------------------------------------------------- what status lines name
+
+
+def test_saving_a_model_and_exporting_name_the_files_not_the_patients_folder(make_napari_viewer, qtbot, scan_1mm,
+                                                                            tiny_checkpoint, tmp_path, monkeypatch,
+                                                                            notifications):
+    viewer, widget = segmented_with_slice_2_edited(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint)
+    folder = tmp_path / "DOE^JOHN 1957-03-02"        # scans are often filed under the patient's name
+    folder.mkdir()
+    statuses = []
+    widget.controller.status.connect(statuses.append)
+    widget.ft_steps_spin.setValue(2)
+    widget.ft_resegment_check.setChecked(False)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(folder / "ft.safetensors"), ""))
+    with qtbot.waitSignal(widget.finetune_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.finetune_button)
+    assert finished.args == ["done"]
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        lambda *a, **k: (str(folder / "seg.nii.gz"), widget_module.NIFTI_FILTER))
+    click(qtbot, widget.export_button)
+    assert (folder / "ft.safetensors").is_file() and (folder / "seg.nii.gz").is_file()
+    shown = statuses + notifications.messages()
+    assert any("ft.safetensors" in text for text in statuses) and any("seg.nii.gz" in text for text in shown)
+    assert [text for text in shown if "DOE" in text] == []
+
+
+# ----------------------------------------------------------------------------- cancelling before the first step
+
+
+def held_until(monkeypatch, module, name):
+    """Make ``module.name`` (a worker function) wait until the returned event is set."""
+    go = threading.Event()
+    original = getattr(module, name)
+
+    def held(*args):
+        go.wait(RUN_TIMEOUT_MS / 1000)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, held)
+    return go
+
+
+def test_cancel_while_the_model_loads_says_it_was_cancelled(make_napari_viewer, qtbot, scan, tiny_checkpoint,
+                                                            monkeypatch):
+    from napari_medconddiff import _segment_flow
+
+    viewer, layer, widget = open_viewer(make_napari_viewer, qtbot, scan)
+    choose(widget, tiny_checkpoint, steps=2)
+    go = held_until(monkeypatch, _segment_flow, "prepare_run")
+    with qtbot.waitSignal(widget.run_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.segment_button)
+        click(qtbot, widget.cancel_button)
+        go.set()
+    assert finished.args == ["cancelled"]
+    assert widget.status.text() == "Cancelled before the model had loaded; nothing was segmented."
+    assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_cancel_while_fine_tuning_prepares_says_it_was_cancelled(make_napari_viewer, qtbot, scan_1mm,
+                                                                 tiny_checkpoint, tmp_path, monkeypatch):
+    from napari_medconddiff import _finetune_flow
+
+    viewer, widget = segmented_with_slice_2_edited(make_napari_viewer, qtbot, scan_1mm, tiny_checkpoint)
+    widget.ft_steps_spin.setValue(2)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "ft.safetensors"), ""))
+    go = held_until(monkeypatch, _finetune_flow, "prepare_finetune")
+    with qtbot.waitSignal(widget.finetune_finished, timeout=RUN_TIMEOUT_MS) as finished:
+        click(qtbot, widget.finetune_button)
+        click(qtbot, widget.ft_cancel_button)
+        go.set()
+    assert finished.args == ["cancelled"]
+    assert widget.status.text() == "Cancelled before fine-tuning began; no model was trained or saved."
+    assert not (tmp_path / "ft.safetensors").exists() and widget.finetune_button.isEnabled()
+
+
+# ----------------------------------------------------------------------------- export names what the user named
+
+
+def test_a_class_painted_and_named_in_the_table_is_exported_under_that_name(make_napari_viewer, qtbot, liver_volume,
+                                                                             tiny_checkpoint, tmp_path, monkeypatch):
+    import pydicom
+
+    from tests.dicom_helpers import write_series
+
+    write_series(tmp_path / "series", liver_volume[0], np.diag([0.7, 0.8, 2.5, 1.0]), series_number=3,
+                 description="CT")
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "series"), plugin=PLUGIN)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET_NAME)
+    qtbot.waitUntil(lambda: widget.controller.engine is not None, timeout=RUN_TIMEOUT_MS)
+    choose(widget, tiny_checkpoint, steps=2)
+    assert click_segment(qtbot, widget) == "done"
+    paint(result_layers(viewer, "consensus")[0], 2, 3)               # a new class, label 3 …
+    qtbot.waitUntil(lambda: widget.class_table.rowCount() == 4, timeout=5000)
+    widget.class_table.item(3, 1).setText("lesion")                  # … named in the class table
+    for name, chosen_filter in (("seg.dcm", widget_module.DICOM_SEG_FILTER), ("seg2.nii.gz", widget_module.NIFTI_FILTER)):
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, n=name, f=chosen_filter: (str(tmp_path / n), f))
+        click(qtbot, widget.export_button)
+        assert widget.status.text().startswith("Exported"), widget.status.text()
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert "lesion" in [item.SegmentLabel for item in seg.SegmentSequence]
+    for sidecar in (json.loads((tmp_path / name).read_text()) for name in ("seg.json", "seg2.json")):
+        assert sidecar["class_names"] == ["background", "liver", "tumour", "lesion"]
+        assert "lesion" in sidecar["class_volumes"]
