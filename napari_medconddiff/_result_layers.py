@@ -20,7 +20,8 @@ from ._geometry import ScanSpace, same_place_kwargs, stack_overlay_kwargs
 from ._layers import METADATA_KEY, TO_LAYER_KEY, full_resolution
 
 MARKER_KEY = "medconddiff_result"
-EDITED_KEY = "medconddiff_edited"    # a consensus the user edited (File > Save: its DICOM SEG is SEMIAUTOMATIC)
+EDITED_KEY = "medconddiff_edited"
+SET_ASIDE_KEY = "medconddiff_set_aside"   # the role a result layer had before it became the user's    # a consensus the user edited (File > Save: its DICOM SEG is SEMIAUTOMATIC)
 STEP_AXIS_LABEL = "diffusion step"   # the dims slider that scrubs the x̂0 stack
 
 # Class colours (RGBA) by label value; background is transparent. Liver red, tumour green, then
@@ -76,8 +77,18 @@ def _scan_metadata(scan: Any) -> dict:
 
 
 def detach(layer: Any) -> None:
-    """Make a result layer the user's own: later runs and re-fusions leave it alone."""
-    layer.metadata.pop(MARKER_KEY, None)
+    """Make a result layer the user's own: later runs and re-fusions leave it alone. What it was stays said
+    (``SET_ASIDE_KEY``): an uncertainty map set aside is still no scan to segment."""
+    mark = layer.metadata.pop(MARKER_KEY, None)
+    if isinstance(mark, dict):
+        layer.metadata[SET_ASIDE_KEY] = mark.get("role")
+
+
+def is_result_image(layer: Any) -> bool:
+    """An uncertainty map of this plugin, in use or set aside: never offered as a scan or channel."""
+    mark = marker(layer)
+    return (mark is not None and mark.get("role") == "uncertainty") or \
+        layer.metadata.get(SET_ASIDE_KEY) == "uncertainty"
 
 
 def _stamp(layer: Any, role: str, scan_id: str) -> Any:

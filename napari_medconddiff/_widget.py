@@ -315,7 +315,8 @@ class SegmentWidget(QWidget):
         from napari.layers import Image
 
         return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, Image) and not results_layers.is_own_result(layer)]
+                if isinstance(layer, Image) and not results_layers.is_own_result(layer)
+                and not results_layers.is_result_image(layer)]
 
     def _on_layers_changed(self, event: Any = None) -> None:
         if event is not None and getattr(event, "type", "") == "inserted":

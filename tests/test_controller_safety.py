@@ -85,6 +85,10 @@ def test_a_model_of_other_classes_gets_new_layers_and_the_old_ones_stay_the_user
     assert list(liver_consensus.features["class"]) == list(LIVER)
     assert any("are not those of the layers" in text for text in statuses)
     assert "are not those of the layers" in statuses[-1]       # also on the line that stays after the run
+    # The set-aside uncertainty map is the user's now, but still no scan: never offered as Image or channel.
+    (old_map,) = [x for x in viewer.layers if x.name == "liver uncertainty (liver, tumour)"]
+    assert not _result_layers.is_own_result(old_map) and _result_layers.is_result_image(old_map)
+    assert not _result_layers.is_result_image(scan)
     # The layer list tells the two apart: the old ones named by their classes, the new ones plain (no "[1]").
     assert liver_consensus.name == "liver consensus (liver, tumour)" and consensus.name == "liver consensus"
     assert sorted(layer.name for layer in viewer.layers if "[" in layer.name) == []
