@@ -35,7 +35,7 @@ from medconddiff.slice_lists import slice_list_text
 
 from . import _result_layers as results_layers
 from ._edits import KEEP, NEW_LAYER, REPLACE, WritePolicy
-from ._export import ExportSummary, default_export_path, write_export
+from ._export import ExportSummary, default_export_path, padded_class_names, write_export
 from ._continue_flow import ContinueFlow
 from ._finetune_flow import CANCELLED_BEFORE_TRAINING, FinetuneFlow, FinetuneSettings, _Finetune
 from ._job import EngineInfo, SegmenterCache, SliceChoice, probe_engine, refuse_runs
@@ -62,10 +62,8 @@ CANCELLED_BEFORE = {"segmenting": "Cancelled before the model had loaded; nothin
 def export_class_names(names: Sequence[str], top_label: int) -> tuple[str, ...]:
     """A name for every label ``0..top_label``: those given (a blank one, or a painted value beyond them,
     named ``class N`` as napari's File > Save names it), so that a DICOM SEG has a segment per label."""
-    named = [str(name).strip() for name in names]
-    count = max(len(named), top_label + 1)
-    return tuple(named[value] if value < len(named) and named[value] else f"class {value}"
-                 for value in range(count))
+    named = [str(name).strip() or f"class {value}" for value, name in enumerate(names)]
+    return tuple(padded_class_names(named, top_label))
 
 
 class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSetFlow):

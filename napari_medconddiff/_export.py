@@ -29,7 +29,7 @@ from medconddiff.outputs import output_paths, segmentation_record, strip_nifti_s
 if TYPE_CHECKING:
     from medconddiff.dicom_series import DicomSource
 
-__all__ = ["ExportSummary", "export_targets", "is_dicom_seg_path", "DICOM_SEG_SUFFIX", "NIFTI_FILTER",
+__all__ = ["ExportSummary", "export_targets", "padded_class_names", "is_dicom_seg_path", "DICOM_SEG_SUFFIX", "NIFTI_FILTER",
            "DICOM_SEG_FILTER", "DICOM_RTSTRUCT_FILTER", "default_export_path", "default_finetune_path", "checkpoint_target",
            "inside_installed_package", "write_export"]
 
@@ -142,6 +142,12 @@ def checkpoint_target(path: str | Path) -> Path:
         raise UserInputError(f"{path} is inside the installed package, which a reinstall replaces; "
                          "save the fine-tuned model next to your scan or in ~/.medconddiff/models/")
     return path
+
+
+def padded_class_names(names: list[str], top_label: int) -> list[str]:
+    """``names`` and ``class N`` for every label value up to ``top_label`` beyond them: a DICOM SEG needs a
+    segment for each label painted (napari's File > Save and Export name them alike)."""
+    return names + [f"class {value}" for value in range(len(names), top_label + 1)]
 
 
 def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary: ExportSummary, *,

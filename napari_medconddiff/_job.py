@@ -219,10 +219,9 @@ def check_checkpoint(checkpoint: str) -> None:
                                   "choose 'Checkpoint file…' and pick a .safetensors checkpoint")
 
 
-def model_channels(checkpoint: str) -> Optional[tuple[str, ...]]:
-    """The input channels a checkpoint's model takes (``plan.channel_names``), read from the file's
-    metadata without torch or its weights; None when the file cannot tell (missing, not a
-    checkpoint): loading it will then say what is wrong."""
+def checkpoint_config(checkpoint: str) -> Optional[dict]:
+    """A checkpoint's config as recorded in the file's metadata, read without torch or its weights; None
+    when the file cannot tell (missing, not a checkpoint): loading it will then say what is wrong."""
     from safetensors import SafetensorError, safe_open
 
     from medconddiff.checkpoint import resolve_checkpoint
@@ -232,7 +231,14 @@ def model_channels(checkpoint: str) -> Optional[tuple[str, ...]]:
             config = json.loads((reader.metadata() or {})["config"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError):
         return None
-    if not isinstance(config, dict):
+    return config if isinstance(config, dict) else None
+
+
+def model_channels(checkpoint: str) -> Optional[tuple[str, ...]]:
+    """The input channels a checkpoint's model takes (``plan.channel_names``), from
+    :func:`checkpoint_config`; None when the file cannot tell."""
+    config = checkpoint_config(checkpoint)
+    if config is None:
         return None
     plan = config.get("plan")
     if plan is None:

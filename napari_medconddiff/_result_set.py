@@ -250,13 +250,10 @@ class ResultSet:
             protected = set(self.edited_among(slices)) | (self.checked & {int(s) for s in slices})
             kept = sorted(s for s in protected if not policy.may_overwrite(s, shown[s]))
             self.checked -= protected - set(kept)       # replaced as the user allowed: no longer what they checked
-        reference = self.space.slices(self.reference)
+        # The reference changes only here, so every version it held is among those recorded.
         for k, s in enumerate(slices):
-            versions = self._engine_versions.setdefault(int(s), set())
-            if versions:     # what the engine wrote before (a slice it never wrote holds no engine version yet)
-                versions.add(_digest(reference[s]))
-            versions.add(_digest(labels[k]))
-        reference[slices] = labels
+            self._engine_versions.setdefault(int(s), set()).add(_digest(labels[k]))
+        self.space.slices(self.reference)[slices] = labels
         if "uncertainty" in self.layers:
             self.space.slices(self.layers["uncertainty"].data)[slices] = uncertainty
             self.layers["uncertainty"].refresh()

@@ -30,7 +30,7 @@ from medconddiff.class_match import checked_class_names
 from medconddiff.errors import ConfigError, UserInputError
 from medconddiff.slice_lists import slice_list_text
 
-from ._job import import_engine, stack_channels
+from ._job import checkpoint_config, import_engine, stack_channels
 from ._layers import dicom_source_of
 from ._questions import REMOVE_CASE, REMOVE_OTHER, REMOVE_SLICE
 from ._result_set import ResultSet
@@ -132,26 +132,10 @@ def case_name_of(results: ResultSet) -> str:
     return results.scan_name
 
 
-def _checkpoint_config(checkpoint: str) -> Optional[dict]:
-    """A checkpoint's config, from the file's metadata without torch; None when the file cannot tell."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    from medconddiff.checkpoint import resolve_checkpoint
-
-    try:
-        with safe_open(str(resolve_checkpoint(checkpoint)), framework="np") as reader:
-            config = json.loads((reader.metadata() or {})["config"])
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
-        return None
-    return config if isinstance(config, dict) else None
-
-
 def model_class_names(checkpoint: str) -> Optional[tuple[str, ...]]:
     """The classes a checkpoint's model segments, from the file's metadata without torch; None when the
     file cannot tell."""
-    names = ((_checkpoint_config(checkpoint) or {}).get("model") or {}).get("class_names")
+    names = ((checkpoint_config(checkpoint) or {}).get("model") or {}).get("class_names")
     return tuple(str(n) for n in names) if isinstance(names, list) else None
 
 
@@ -160,7 +144,7 @@ def model_slicing(checkpoint: str) -> Optional[str]:
     torch; None when the file cannot tell."""
     from medconddiff.config import PreprocessPlan
 
-    config = _checkpoint_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     if config is None:
         return None
     plan = config.get("plan") or {}          # a format-1 checkpoint has no plan: the default's slicing

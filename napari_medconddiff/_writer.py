@@ -35,6 +35,7 @@ from medconddiff.errors import UserInputError
 from medconddiff.nifti import save_volume, smallest_label_dtype
 from medconddiff.outputs import with_nifti_suffix
 
+from ._export import padded_class_names
 from ._layers import dicom_source_of, layer_to_volume
 
 __all__ = ["write_labels", "write_image", "write_dicom_seg_labels"]
@@ -93,9 +94,9 @@ def segment_names(features: Any, max_label: int) -> list[str]:
     names = ["background"]
     if features is not None and "class" in features and len(features["class"]):
         names = [str(name) for name in list(features["class"])]
-    # Labels painted beyond the named classes (a SEG needs a segment for each) and, for a layer with
-    # no foreground at all, one class so that the SEG has a segment.
-    return names + [f"class {index}" for index in range(len(names), max(max_label, 1) + 1)]
+    # Labels painted beyond the named classes and, for a layer with no foreground at all, one class so that
+    # the SEG has a segment.
+    return padded_class_names(names, max(max_label, 1))
 
 
 def _labels_dtype(array: np.ndarray) -> np.dtype:

@@ -36,7 +36,9 @@ class TrainingData:
         class_names = channel_names = None
         label = "--pair"
         if dataset is not None:
-            _finish_an_interrupted_add(Path(dataset))
+            from .training_set import finish_interrupted_add
+
+            finish_interrupted_add(Path(dataset))     # an add a killed program left half done: finished first
             description = describe_dataset(dataset)
             cases += [case for case in description.training if case.label is not None]
             class_names, channel_names = description.class_names, description.channel_names
@@ -107,14 +109,3 @@ class TrainingData:
     def summary(self, cases: Sequence[Case]) -> str:
         return (f"{len(cases)} case(s) from {self.label}: {', '.join(c.name for c in cases[:8])}"
                 f"{' …' if len(cases) > 8 else ''}")
-
-
-def _finish_an_interrupted_add(folder: Path) -> None:
-    """A training set whose last add was killed while moving its files (a label file set aside in its staging
-    folder) is finished as opening it does, before its cases are listed (they would be found one label short)."""
-    from .atomic import JOURNAL_NAME
-    from .training_set import STAGING_FOLDER, TrainingSet
-
-    if (folder / STAGING_FOLDER / JOURNAL_NAME).is_file():
-        TrainingSet.open(folder)
-

@@ -256,9 +256,7 @@ class TrainingSet:
         case's label against its image's grid (headers only). An add that a killed program left half
         moved into place is finished first (see :class:`~medconddiff.atomic.StagedFiles`)."""
         root = Path(folder).expanduser()
-        if (root / STAGING_FOLDER / JOURNAL_NAME).is_file():
-            with _set_lock(root):
-                _finish_interrupted_add(root)
+        finish_interrupted_add(root)
         return cls._read(root)
 
     @classmethod
@@ -717,6 +715,15 @@ def _set_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def finish_interrupted_add(root: Path) -> None:
+    """Finish an add that a killed program left half moved into place in the set at ``root``, if there is one
+    (nothing is locked or written otherwise): before a set's cases are read, by this module or as an nnU-Net
+    dataset by ``train``."""
+    if (root / STAGING_FOLDER / JOURNAL_NAME).is_file():
+        with _set_lock(root):
+            _finish_interrupted_add(root)
 
 
 def _finish_interrupted_add(root: Path) -> None:

@@ -87,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
     _refuse_ct_name_for_non_hounsfield(args, start, channel_names, image)
     # An existing set's own classes by default: the model's would add 'liver, tumour' beside the set's 'lesion'
     # and call the lesion voxels liver.
-    class_names = _class_names(args, given, labels, existing.class_names if existing else start.config.model.class_names)
-    labels, class_names = kept_labels(args.keep_classes, labels, class_names,
-                                      existing.class_names if existing else start.config.model.class_names,
-                                      given.label)
+    known_classes = existing.class_names if existing else start.config.model.class_names
+    class_names = _class_names(args, given, labels, known_classes)
+    labels, class_names = kept_labels(args.keep_classes, labels, class_names, known_classes, given.label)
     top = int(labels.max()) if labels.size else 0
     if top >= len(class_names):
         raise ConfigError(f"{args.labels} holds label {top} but {len(class_names)} class names are known "

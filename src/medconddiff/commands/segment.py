@@ -459,9 +459,10 @@ def run(args: argparse.Namespace) -> int:
     make_output_folders(jobs)
     done, skipped, failed = 0, 0, 0
     outcomes: list[ScanOutcome] = []
+    wanted = wanted_outputs(args)
     for job in jobs:
-        sidecar = output_paths(job.output)["sidecar"]
-        paths, wanted = output_paths(job.output), wanted_outputs(args)
+        paths = output_paths(job.output)
+        sidecar = paths["sidecar"]
         unfinished = False
         if args.skip_existing and outputs_complete(paths, wanted):
             print(f"{job.name}: skipped (outputs exist)")
