@@ -650,6 +650,29 @@ def test_seg_codes_classes_it_knows_and_tissue_for_the_others(tmp_path, cut):
     assert types == [("Grey_Matter", "Anatomical Structure", "Gray Matter"), ("c2", "Anatomical Structure", "Tissue")]
 
 
+def test_seg_and_structure_set_keep_names_in_any_script_and_the_patients_accented_name(tmp_path, cut):
+    """A class typed as "Läsion" or "肝臓" and a patient name of a Latin-1 series reach other readers as
+    written: the objects declare UTF-8 (without a declared repertoire the default is ASCII). The series is
+    anonymised the way many are: no birth date (type 2, dropped), which highdicom failed on."""
+    from medconddiff.dicom_rtstruct_write import write_rtstruct
+    from medconddiff.dicom_series import read_dicom_series
+
+    volume, labels, affine = cut
+    patient = {"SpecificCharacterSet": "ISO_IR 100", "PatientName": "Müller^Jörg", "PatientID": "X1"}
+    write_series(tmp_path / "series", volume, affine, patient=patient)
+    names = ("background", "Leber", "Läsion 肝臓")
+    seg_path = write_dicom_seg(tmp_path / "seg.dcm", labels, tmp_path / "series", names)
+    scan = read_dicom_series(tmp_path / "series")
+    rs_path = write_rtstruct(tmp_path / "rs.dcm", labels, scan.meta, scan.source, names)
+    for path, labels_of in ((seg_path, lambda ds: [item.SegmentLabel for item in ds.SegmentSequence]),
+                            (rs_path, lambda ds: [item.ROIName for item in ds.StructureSetROISequence])):
+        written = pydicom.dcmread(path)
+        assert written.SpecificCharacterSet == "ISO_IR 192"
+        assert labels_of(written) == ["Leber", "Läsion 肝臓"]
+        assert str(written.PatientName) == "Müller^Jörg" and written.PatientBirthDate == ""
+        assert "Läsion 肝臓".encode("utf-8") in path.read_bytes()
+
+
 def test_seg_of_an_enhanced_multiframe_source_round_trips(tmp_path, cut):
     import highdicom as hd
 

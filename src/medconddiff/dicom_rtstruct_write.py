@@ -124,7 +124,7 @@ def _voxel_to_lps(affine: np.ndarray):
 def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str,
                    rois: list[tuple[int, str, list[tuple[int, np.ndarray]]]], series_number: int,
                    label: str) -> Dataset:
-    from .dicom_seg import SEG_MANUFACTURER, software_version
+    from .dicom_seg import SEG_MANUFACTURER, UNICODE_CHARACTER_SET, software_version
 
     now = datetime.datetime.now()
     ds = Dataset()
@@ -133,7 +133,7 @@ def _structure_set(first: pydicom.Dataset, source: DicomSource, image_class: str
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = RT_STRUCTURE_SET, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.SpecificCharacterSet = UNICODE_CHARACTER_SET
     for keyword in _PATIENT_AND_STUDY:
         setattr(ds, keyword, first.get(keyword, ""))
     for keyword in _PATIENT_IDENTITY:

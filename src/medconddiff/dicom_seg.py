@@ -74,6 +74,8 @@ KNOWN_CLASSES = {
     "necrosis": ("Necrosis", True),
 }
 SEG_MANUFACTURER = "medconddiff"
+#: The character set of every DICOM object written here (UTF-8): names typed by users are any script.
+UNICODE_CHARACTER_SET = "ISO_IR 192"
 _ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 
 Reference = Union[DicomSource, DicomScan, str, os.PathLike]
@@ -116,7 +118,7 @@ def write_dicom_seg(
     if len(names) < 2:
         raise DicomError(f"{path.name}: need a background and at least one class name, got {names}")
     frames = _frames_for_source(np.asarray(labels), reference, len(names), path)
-    datasets = source_datasets(reference)
+    datasets = _with_type2_attributes(source_datasets(reference))
     shared_file = _shares_its_file(reference)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -137,7 +139,10 @@ def write_dicom_seg(
             manufacturer_model_name=SEG_MANUFACTURER, software_versions=software_version(), device_serial_number="0",
             series_description=series_description[:64], content_label="MEDCONDDIFF",
             content_description=_CONTENT_DESCRIPTIONS[algorithm.value], omit_empty_frames=True,
-            plane_positions=_plane_positions(datasets[0], reference.frame_numbers) if shared_file else None)
+            plane_positions=_plane_positions(datasets[0], reference.frame_numbers) if shared_file else None,
+            # Class names and the copied patient/study texts are str here; under the source's repertoire (or
+            # none: ASCII) a "Läsion" or "肝臓" would reach other readers as "?".
+            specific_character_set=UNICODE_CHARACTER_SET)
     except (ValueError, AttributeError) as exc:
         # What highdicom refuses in a source that check_seg_writable does not foresee (an attribute the SEG must
         # copy that the images lack: a 2-D image without Pixel Spacing): the user's input, not a bug.
@@ -147,6 +152,21 @@ def write_dicom_seg(
         _derive_from_own_frames(segmentation, reference)
     atomic_write(path, lambda tmp: segmentation.save_as(tmp), overwrite=overwrite, suffix=".dcm")
     return path
+
+
+#: The patient and study attributes a SEG copies from its images. They are type 2 (present, may be empty) in
+#: the image's IOD, but anonymisers drop them, and highdicom then fails on the missing attribute.
+_COPIED_TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def _with_type2_attributes(datasets: list) -> list:
+    """``datasets`` (headers read for this SEG alone) with each missing copied attribute present and empty."""
+    for dataset in datasets:
+        for keyword in _COPIED_TYPE2_ATTRIBUTES:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
+    return datasets
 
 
 def check_seg_writable(path: str | os.PathLike, source: DicomSource) -> None:
