@@ -428,6 +428,38 @@ def test_folders_that_are_not_valid_sets_get_a_one_line_error_naming_the_file(tm
         TrainingSet.open(root)
 
 
+def test_case_headers_are_compared_in_millimetres(tmp_path, scan):
+    """A hand-made case whose image counts metres and whose label counts mm lies on one grid; in a set in
+    metres, a label half a millimetre off is off its grid (the tolerance was 1e-3 of the file's unit)."""
+    root = tmp_path / "set"
+    TrainingSet.create(root, LIVER)
+    (root / "imagesTr").mkdir(exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    affine_mm = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine_mm[:3, 3] = [-20.0, 10.0, 30.0]
+
+    def write(path, array, affine, unit):
+        image = nib.Nifti1Image(array, affine)
+        image.header.set_xyzt_units(unit)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        nib.save(image, str(path))
+
+    metres = affine_mm.copy()
+    metres[:3] /= 1000.0
+    write(root / "imagesTr" / "m_0000.nii.gz", np.zeros((8, 8, 3), np.int16), metres, "meter")
+    write(root / "labelsTr" / "m.nii.gz", np.zeros((8, 8, 3), np.uint8), affine_mm, "mm")
+    manifest = json.loads((root / "dataset.json").read_text())
+    manifest["numTraining"] = 1
+    (root / "dataset.json").write_text(json.dumps(manifest))
+    assert TrainingSet.open(root).cases == ["m"]
+    shifted = metres.copy()
+    shifted[0, 3] += 0.0005
+    write(root / "labelsTr" / "m.nii.gz", np.zeros((8, 8, 3), np.uint8), shifted, "meter")
+    with pytest.raises(TrainingSetError, match=r"labelsTr/m\.nii\.gz: .*not on the image's grid"):
+        TrainingSet.open(root)
+
+
 def test_case_ids_are_plain_and_headers_carry_no_free_text(tmp_path, scan):
     assert case_id_from_name("/data/scan 01 (copy).nii.gz") == "scan_01_copy"
     assert case_id_from_name("lung1_0000.nii.gz") == "lung1"

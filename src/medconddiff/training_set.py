@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import nibabel as nib
 import numpy as np
 from filelock import FileLock, Timeout
 
@@ -830,12 +829,14 @@ def _check_case_headers(images: Sequence[Path], label: Optional[Path], channels:
     """Label on its image's grid, channel files alike: from the headers, no voxel read."""
     if len(images) != channels:
         raise TrainingSetError(f"{images[0]}: {len(images)} channel file(s) but dataset.json names {channels}")
-    first = nib.load(str(images[0]))
+    # Affines in millimetres (read_meta): a label saved in mm over an image whose header counts metres lies on
+    # its grid, and a 1e-3 tolerance means a micrometre, not a millimetre of a file in metres.
+    first = read_meta(images[0])
     for path in (*images[1:], label):
-        other = nib.load(str(path))
-        if other.shape[:3] != first.shape[:3] or not np.allclose(other.affine, first.affine, atol=1e-3):
-            raise TrainingSetError(f"{path}: shape {other.shape} / affine differ from {images[0].name}'s "
-                                   f"{first.shape} (not on the image's grid)")
+        other = read_meta(path)
+        if other.spatial_shape != first.spatial_shape or not np.allclose(other.affine, first.affine, atol=1e-3):
+            raise TrainingSetError(f"{path}: shape {other.spatial_shape} / affine differ from {images[0].name}'s "
+                                   f"{first.spatial_shape} (not on the image's grid)")
 
 
 def _clean_meta(meta: VolumeMeta) -> VolumeMeta:
