@@ -43,7 +43,7 @@ TO_LAYER_KEY = "medconddiff_file_to_layer"
 PLAIN_LAYER_NOTE = ("a napari layer without NIfTI metadata: voxel axes in the layer's order, "
                     "orientation unknown, voxel size from the layer scale")
 
-__all__ = ["METADATA_KEY", "TO_LAYER_KEY", "DICOM_SOURCE_KEY", "LABELS_FROM_KEY", "dicom_record", "dicom_source_of", "volume_to_layer", "layer_to_volume", "layer_name",
+__all__ = ["METADATA_KEY", "TO_LAYER_KEY", "DICOM_SOURCE_KEY", "LABELS_FROM_KEY", "SEGMENT_CODES_KEY", "dicom_record", "dicom_source_of", "volume_to_layer", "layer_to_volume", "layer_name",
            "display_reorientation", "stored_geometry", "file_view", "layer_view", "plain_meta", "full_resolution"]
 
 #: Key, inside ``metadata[METADATA_KEY]``, of the DICOM series a scan was read from.
@@ -51,6 +51,9 @@ DICOM_SOURCE_KEY = "dicom_source"
 #: Key, inside ``metadata[METADATA_KEY]``, of the kind of DICOM file a Labels layer was read from: "SEG" or
 #: "RTSTRUCT" (a planning structure set: contours of a plan, not anyone's corrections of this model).
 LABELS_FROM_KEY = "labels_from"
+#: Key, inside ``metadata[METADATA_KEY]``, of a SEG's segment codes by segment label (``dicom_seg_codes``): saved
+#: again as a SEG, the segments keep the anatomy the other tool coded.
+SEGMENT_CODES_KEY = "segment_codes"
 
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 _PLANE_OF_AXIS = {axis: name for name, axis in SLICE_AXIS.items()}

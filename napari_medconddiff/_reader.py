@@ -41,7 +41,7 @@ import numpy as np
 
 from medconddiff.nifti import NIFTI_SUFFIXES, VolumeMeta, load_channels, sanitize_nonfinite, smallest_label_dtype
 
-from ._layers import DICOM_SOURCE_KEY, LABELS_FROM_KEY, METADATA_KEY, dicom_record, display_reorientation, layer_name, volume_to_layer
+from ._layers import DICOM_SOURCE_KEY, LABELS_FROM_KEY, METADATA_KEY, SEGMENT_CODES_KEY, dicom_record, display_reorientation, layer_name, volume_to_layer
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
@@ -301,7 +301,7 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
         for note in structures.notes:
             warnings.warn(note, stacklevel=2)
     else:
-        from medconddiff.dicom_seg import read_dicom_seg, segment_class_names
+        from medconddiff.dicom_seg import dicom_seg_codes, read_dicom_seg, segment_class_names
 
         labels = read_dicom_seg(path, scan)
         class_names, kind = segment_class_names(path, labels), "SEG"
@@ -309,6 +309,8 @@ def segmentation_layer(path: Path, header: Any, scan: Any, series_name: str) -> 
     data, kwargs = volume_to_layer(labels, scan.meta)
     kwargs["metadata"][METADATA_KEY][DICOM_SOURCE_KEY] = dicom_record(scan.source)
     kwargs["metadata"][METADATA_KEY][LABELS_FROM_KEY] = kind
+    if kind == "SEG":
+        kwargs["metadata"][METADATA_KEY][SEGMENT_CODES_KEY] = dicom_seg_codes(path)
     kwargs.update(name=f"{series_name} {kind}" + (f" {description!r}" if description else ""),
                   colormap=class_colormap(len(class_names)), features=class_features(class_names), opacity=0.5)
     return data, kwargs, "labels"

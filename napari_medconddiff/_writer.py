@@ -36,7 +36,7 @@ from medconddiff.nifti import save_volume, smallest_label_dtype
 from medconddiff.outputs import with_nifti_suffix
 
 from ._export import padded_class_names
-from ._layers import dicom_source_of, layer_to_volume
+from ._layers import METADATA_KEY, SEGMENT_CODES_KEY, dicom_source_of, layer_to_volume
 
 __all__ = ["write_labels", "write_image", "write_dicom_seg_labels"]
 
@@ -72,7 +72,8 @@ def write_dicom_seg_labels(path: str, data: Any, attributes: dict[str, Any]) -> 
     named = path if str(path).lower().endswith(DICOM_SEG_SUFFIX) else f"{path}{DICOM_SEG_SUFFIX}"
     target = _unasked_target(path, named)
     names = segment_names(attributes.get("features"), int(labels.max()) if labels.size else 0)
-    return [str(write_dicom_seg(target, labels, source, names, overwrite=True,
+    codes = ((metadata or {}).get(METADATA_KEY) or {}).get(SEGMENT_CODES_KEY) or None
+    return [str(write_dicom_seg(target, labels, source, names, overwrite=True, codes=codes,
                                 algorithm_type=algorithm_type(metadata)))]
 
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medconddiff.dicom_seg import dicom_seg_segments, read_dicom_seg
+from medconddiff.dicom_seg import dicom_seg_codes, dicom_seg_segments, read_dicom_seg
 from medconddiff.dicom_series import DicomError, read_dicom_series
 from medconddiff.errors import UserInputError
 from medconddiff.nifti import load_volume, sample_scan_path
@@ -361,7 +361,10 @@ def test_a_seg_opens_as_labels_over_its_series_in_a_folder_or_alone_and_saves_ba
     truth = np.zeros(volume.shape, np.uint8)       # file order (i, j, k), as a SEG reads back
     truth[10:30, 5:20, 1:4] = 1
     truth[40:50, 40:60, 2] = 2
-    write_dicom_seg(export / "ct_seg.dcm", truth, scan.source, ("background", "liver", "tumour"))
+    # Another tool codes its tumour more finely than this package would from the name.
+    primary = [["49755003", "SCT", "Morphologically Abnormal Structure"], ["86049000", "SCT", "Malignant neoplasm, primary"]]
+    write_dicom_seg(export / "ct_seg.dcm", truth, scan.source, ("background", "liver", "tumour"),
+                    codes={"tumour": primary})
     # A SEG of a series that is not in the folder: named, and the rest opens.
     elsewhere = tmp_path / "elsewhere"
     write_series(elsewhere, volume[:, :, :3], LPS, series_number=9, description="CT late", prefix="l")
@@ -396,6 +399,8 @@ def test_a_seg_opens_as_labels_over_its_series_in_a_folder_or_alone_and_saves_ba
     np.testing.assert_array_equal(read_dicom_seg(target, export / "ct"),
                                   layer_to_volume(np.asarray(alone.data), image.metadata)[0])
     assert dicom_seg_segments(target) == {1: "liver", 2: "tumour"}
+    assert dicom_seg_codes(target)["tumour"] == primary            # the other tool's coding kept
+    assert dicom_seg_codes(target)["liver"][1] == ["10200004", "SCT", "Liver"]
     # A SEG whose series is nowhere near: one clear error.
     lonely = tmp_path / "lonely"
     lonely.mkdir()

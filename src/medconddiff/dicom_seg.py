@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pydicom
@@ -52,7 +52,8 @@ from .dicom_geometry import plane_from_header
 from .dicom_series import DicomError, DicomScan, DicomSource, dicom_source, source_datasets
 from .nifti import smallest_label_dtype
 
-__all__ = ["write_dicom_seg", "check_seg_writable", "read_dicom_seg", "dicom_seg_segments", "DEFAULT_SEGMENT_CODES",
+__all__ = ["write_dicom_seg", "check_seg_writable", "read_dicom_seg", "dicom_seg_segments", "dicom_seg_codes",
+           "DEFAULT_SEGMENT_CODES",
            "KNOWN_CLASSES", "segment_codes", "SEG_MANUFACTURER", "software_version"]
 
 CodeLike = Union[Code, tuple]
@@ -304,6 +305,34 @@ def dicom_seg_segments(path: str | os.PathLike) -> dict[int, str]:
         return {int(item.SegmentNumber): str(item.SegmentLabel) for item in segments if int(item.SegmentNumber) > 0}
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from exc
+
+
+def dicom_seg_codes(path: str | os.PathLike) -> dict[str, list[list[str]]]:
+    """Segment label -> its ``[[category value, scheme, meaning], [type value, scheme, meaning]]`` as a SEG
+    file codes them (JSON-safe; the ``codes`` a re-saved SEG of these segments passes to
+    :func:`write_dicom_seg`, so that the anatomy another tool coded is not re-coded from the name alone).
+    Segments without both codes are left out; only the header is read."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        segments = pydicom.dcmread(path, stop_before_pixels=True).SegmentSequence
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+    codes = {}
+    for item in segments:
+        pair = [_code_triple(item.get(keyword)) for keyword in ("SegmentedPropertyCategoryCodeSequence",
+                                                                "SegmentedPropertyTypeCodeSequence")]
+        if int(item.get("SegmentNumber", 0) or 0) > 0 and all(pair):
+            codes[str(item.get("SegmentLabel", ""))] = pair
+    return codes
+
+
+def _code_triple(sequence) -> Optional[list[str]]:
+    if not sequence:
+        return None
+    value = sequence[0].get("CodeValue") or sequence[0].get("LongCodeValue") or sequence[0].get("URNCodeValue")
+    scheme, meaning = sequence[0].get("CodingSchemeDesignator"), sequence[0].get("CodeMeaning")
+    return [str(value), str(scheme), str(meaning)] if value and scheme and meaning else None
 
 
 def segment_class_names(path: str | os.PathLike, labels: np.ndarray) -> tuple[str, ...]:
