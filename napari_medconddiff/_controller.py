@@ -277,6 +277,11 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
             self.edits_changed.emit(tuple(sorted(results.edited)))
 
     def _labels_shown(self, results: ResultSet) -> None:
+        if results.follow_undo() and not self.busy and results is self.current:
+            sampling = results.runs[-1].sampling
+            self.status.emit(f"Consensus: {CONSENSUS_NAMES[sampling.consensus]}, skipping the first "
+                             f"{sampling.skip_first} step(s), as the labels undone or redone show.")
+            self.consensus_updated.emit()
         if results is self.current:
             self.labels_shown.emit()
 
@@ -310,12 +315,18 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         return self.current.edited_slices() if self.current is not None else []
 
     # ------------------------------------------------------------ re-fuse
+    def shown_consensus(self) -> Optional[tuple[str, int]]:
+        """(consensus, skip-first) as asked for the labels the current consensus layer shows, if known."""
+        results = self.current
+        return results.runs[-1].asked if results is not None and results.runs else None
+
     def set_consensus(self, method: str, skip_first: int) -> None:
         """Fuse the kept trajectories again with another consensus (no new diffusion)."""
         self._wanted_consensus = (method, skip_first)
         results = self.current
         if self.busy or results is None or not results.runs or results.consensus is None:
             return            # applied when the operation in progress ends, or to the next run
+        results.follow_undo()     # after a Ctrl-Z of a re-fusion, the fusion it brought back is the one to compare
         resolved = [resolved_consensus(method, run.provenance, run.sampling) for run in results.runs]
         if all((run.sampling.consensus, run.sampling.skip_first) == (used, skip_first)
                for run, used in zip(results.runs, resolved)):
@@ -335,6 +346,7 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self._refuse_policy = self._ask_about_edits(
             results, f"Re-fusing with the {CONSENSUS_NAMES[method]} consensus", results.shown_slices)
         self._refusing = results
+        self._refusing_asked = (method, skip_first)
         self._begin("fusing")
         self.status.emit(f"Re-fusing with the {CONSENSUS_NAMES[method]} consensus, skipping {skip_first} step(s)…")
         self._start(refuse_runs, list(results.runs), method, skip_first, returned=self._on_refused,
@@ -344,11 +356,13 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self._detach_task()
         results, self._refusing = self._refusing, None
         kept: list[int] = []
+        start = results.fusion_start()
         with results.one_undo_step():   # every run's slices: one Ctrl-Z undoes the whole re-fusion
             for item in refused:
                 kept += results.write(item.slices, item.labels, item.uncertainty, self._refuse_policy)
-                item.run.sampling = item.sampling
+                item.run.sampling, item.run.asked = item.sampling, self._refusing_asked
                 item.run.provenance["sampling"] = dataclasses.asdict(item.sampling)
+        results.record_fusion(start)
         results.fresh = False
         sampling = refused[-1].sampling
         text = f"Consensus: {CONSENSUS_NAMES[sampling.consensus]}, skipping the first {sampling.skip_first} step(s)."

@@ -25,7 +25,7 @@ from ._export import ExportSummary
 from ._geometry import LayerSpace, ScanSpace
 from ._result_layers import EDITED_KEY
 
-__all__ = ["KeptRun", "ChannelInput", "ResultSet", "classes_agree"]
+__all__ = ["KeptRun", "ChannelInput", "ResultSet", "FusionStart", "classes_agree"]
 
 
 def classes_agree(names: Sequence[str], others: Sequence[str]) -> bool:
@@ -50,6 +50,7 @@ class KeptRun:
     provenance: dict
     steps_used: np.ndarray            # per entry of slice_indices: denoising steps the slice took
     one_shot: Optional[np.ndarray] = None   # the one-shot forward, kept by a run with that consensus
+    asked: Optional[tuple[str, int]] = None  # the consensus and skip-first the form asked for (``auto`` kept)
 
     @classmethod
     def of(cls, result: Any) -> "KeptRun":
@@ -60,6 +61,27 @@ class KeptRun:
     @property
     def shown_slices(self) -> np.ndarray:
         return self.slice_indices[self.shown]
+
+
+@dataclass
+class _Fusion:
+    """A re-fusion of the kept ``runs``: per run, (sampling, asked) before and after it, and the digests
+    (before, after) of each consensus slice whose labels it changed."""
+
+    runs: list
+    before: list
+    after: list
+    changed: dict
+
+
+@dataclass
+class FusionStart:
+    """What a re-fusion is about to replace (:meth:`ResultSet.fusion_start`)."""
+
+    runs: list
+    settings: list
+    digests: dict
+    position: int
 
 
 @dataclass
@@ -103,6 +125,9 @@ class ResultSet:
         # Ctrl-Z of a re-fusion or a re-run brings an earlier engine version back, which is no edit, though
         # it differs from the reference (written outside napari's history).
         self._engine_versions: dict[int, set[bytes]] = {}
+        # The re-fusions of the kept runs, oldest first: napari's Ctrl-Z of one brings the labels of the fusion
+        # before back, and the runs' sampling (sidecar, status, the Consensus box) must follow (follow_undo).
+        self._fusions: list[_Fusion] = []
         self.follow_scan_name()
 
     @property
@@ -202,6 +227,82 @@ class ResultSet:
         if not self.runs:
             return np.zeros(0, np.int64)
         return np.unique(np.concatenate([run.shown_slices for run in self.runs]))
+
+    # ------------------------------------------------------------ re-fusions and napari's undo
+    def fusion_start(self) -> FusionStart:
+        """The runs' settings, where in the re-fusions' history the layer stands, and the shown slices'
+        digests, before a re-fusion writes."""
+        position = self._fusion_position()
+        self._apply_fusion_settings(position)
+        return FusionStart(list(self.runs), [(run.sampling, run.asked) for run in self.runs],
+                           self._shown_digests(self.shown_slices), position)
+
+    def record_fusion(self, start: FusionStart) -> None:
+        """A re-fusion begun at ``start`` has written (one undo step) and set the runs' sampling and asked."""
+        after = self._shown_digests(list(start.digests))
+        changed = {s: (start.digests[s], after[s]) for s in start.digests if start.digests[s] != after[s]}
+        settings = [(run.sampling, run.asked) for run in start.runs]
+        if not self._same_runs(start.runs):
+            return
+        if not changed:
+            # No label changed, so napari recorded no undo step: the labels where the history stands are now
+            # described by the new settings, on both sides of that point.
+            if start.position > 0:
+                self._fusions[start.position - 1].after = settings
+            if start.position < len(self._fusions):
+                self._fusions[start.position].before = settings
+            return
+        # A new undo step drops napari's redo history: the re-fusions undone are gone with it.
+        del self._fusions[start.position:]
+        self._fusions.append(_Fusion(start.runs, start.settings, settings, changed))
+
+    def follow_undo(self) -> bool:
+        """Give the kept runs the sampling of the fusion the consensus layer shows: a Ctrl-Z (or redo) of a
+        re-fusion brings another one's labels back. True when a run's sampling changed."""
+        return self._apply_fusion_settings(self._fusion_position())
+
+    def _fusion_position(self) -> int:
+        """How many of the recorded re-fusions the layer shows (the newest undone ones are not): per
+        re-fusion one slice is compared (this runs at every change napari shows), the first it changed
+        that holds its labels before or after; slices the user painted since are skipped."""
+        if self._fusions and not all(self._same_runs(fusion.runs) for fusion in self._fusions):
+            self._fusions = []          # a run since: its labels are no fusion's to follow
+        position = len(self._fusions)
+        while position > 0 and self._shows_before(self._fusions[position - 1]):
+            position -= 1
+        return position
+
+    def _apply_fusion_settings(self, position: int) -> bool:
+        if not self._fusions:
+            return False
+        shown = self._fusions[position - 1].after if position > 0 else self._fusions[0].before
+        changed = False
+        for run, (sampling, asked) in zip(self.runs, shown):
+            if (run.sampling, run.asked) != (sampling, asked):
+                run.sampling, run.asked, changed = sampling, asked, True
+                run.provenance["sampling"] = dataclasses.asdict(sampling)
+        return changed
+
+    def _same_runs(self, runs: list) -> bool:
+        return len(runs) == len(self.runs) and all(a is b for a, b in zip(runs, self.runs))
+
+    def _shows_before(self, fusion: _Fusion) -> bool:
+        layer = self.consensus
+        if layer is None:
+            return False
+        shown = self.space.slices(layer.data)
+        for s, (before, after) in fusion.changed.items():
+            now = _digest(shown[s])
+            if now in (before, after):
+                return now == before
+        return False
+
+    def _shown_digests(self, slices: Sequence[int]) -> dict[int, bytes]:
+        layer = self.consensus
+        if layer is None:
+            return {}
+        shown = self.space.slices(layer.data)
+        return {int(s): _digest(shown[s]) for s in slices}
 
     # ------------------------------------------------------------ one user action, one undo step
     def begin_undo_step(self) -> None:
@@ -310,6 +411,7 @@ class ResultSet:
         return taken, kept, self.edited_slices()
 
     def summary(self) -> ExportSummary:
+        self.follow_undo()
         if not self.runs:       # labels loaded from an earlier session, nothing segmented since
             empty = np.zeros(0, np.int64)
             return ExportSummary(slice_indices=empty, completed=np.zeros(0, bool), steps_used=empty,

@@ -59,6 +59,19 @@ class SamplingForm:
         self.skip_spin.setMaximum(max(0, steps - 1))
         self.skip_spin.blockSignals(False)
 
+    def show_consensus(self, method: str, skip_first: int) -> None:
+        """Show a consensus the labels have (a Ctrl-Z of a re-fusion brought it back) without re-fusing."""
+        index = self.consensus_combo.findData(method)
+        for control in (self.consensus_combo, self.skip_spin):
+            control.blockSignals(True)
+        try:
+            if index >= 0:
+                self.consensus_combo.setCurrentIndex(index)
+            self.skip_spin.setValue(skip_first)
+        finally:
+            for control in (self.consensus_combo, self.skip_spin):
+                control.blockSignals(False)
+
     def consensus(self) -> tuple[str, int]:
         """(consensus method, steps skipped) as chosen."""
         return self.consensus_combo.currentData(), self.skip_spin.value()

@@ -400,6 +400,7 @@ class SegmentFlow:
             return
         results = pending.results
         run = KeptRun.of(result)
+        run.asked = (pending.settings.sampling.consensus, pending.settings.sampling.skip_first)
         for older in results.runs:      # slices this run finished are no longer shown from older runs
             older.shown &= ~np.isin(older.slice_indices, run.slice_indices[run.completed])
         results.runs = [older for older in results.runs + [run] if older.shown.any()]

@@ -239,6 +239,7 @@ class SegmentWidget(QWidget):
         # Re-emitted as the widget's Qt signals (what Qt code and pytest-qt wait on).
         c.run_finished.connect(self.run_finished.emit)
         c.diffusion_started.connect(self.diffusion_started.emit)
+        c.consensus_updated.connect(self._show_shown_consensus)
         c.consensus_updated.connect(self.consensus_updated.emit)
         c.finetune_finished.connect(self.finetune_finished.emit)
 
@@ -453,6 +454,11 @@ class SegmentWidget(QWidget):
             self.controller.fail(error)
             return
         self.controller.continue_from(settings, self.saved_labels.chosen())
+
+    def _show_shown_consensus(self) -> None:
+        asked = self.controller.shown_consensus()
+        if asked is not None:
+            self.sampling_form.show_consensus(*asked)
 
     def _on_consensus_settings(self, *_: Any) -> None:
         self.controller.set_consensus(*self.sampling_form.consensus())

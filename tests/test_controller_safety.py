@@ -240,6 +240,45 @@ def test_ctrl_z_of_a_refusion_or_a_rerun_brings_back_engine_output_not_edits(liv
     assert 4 in controller.edited_slices()
 
 
+def test_the_consensus_recorded_follows_a_ctrl_z_and_redo_of_a_refusion(liver_volume, tiny_checkpoint):
+    """Ctrl-Z of a re-fusion brought the mean's labels back while the runs, the sidecar's record and the
+    Consensus box still said 'last', and choosing 'last' again did nothing (it was already 'recorded')."""
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    consensus = layer(viewer, "consensus")
+    mean_labels = np.array(consensus.data)
+    asked_first = controller.shown_consensus()
+    first = controller.current.runs[-1].sampling.consensus
+    updates = []
+    controller.consensus_updated.connect(lambda: updates.append(controller.shown_consensus()))
+    controller.set_consensus("last", 1)
+    last_labels = np.array(consensus.data)
+    assert not np.array_equal(last_labels, mean_labels), "the tiny model's fusions must differ somewhere"
+    assert controller.current.summary().provenance["sampling"]["consensus"] == "last"
+    updates.clear()
+    consensus.undo()                                    # Ctrl-Z: the labels of the first fusion
+    np.testing.assert_array_equal(consensus.data, mean_labels)
+    assert updates == [asked_first] and controller.shown_consensus() == asked_first
+    recorded = controller.current.summary().provenance["sampling"]
+    assert (recorded["consensus"], recorded["skip_first"]) == (first, 0)
+    assert controller.edited_slices() == []
+    consensus.redo()                                    # Shift-Ctrl-Z: the re-fusion again
+    np.testing.assert_array_equal(consensus.data, last_labels)
+    assert controller.shown_consensus() == ("last", 1)
+    assert controller.current.summary().provenance["sampling"]["consensus"] == "last"
+    consensus.undo()
+    controller.set_consensus("last", 1)                  # asked again after the undo: fused again
+    np.testing.assert_array_equal(consensus.data, last_labels)
+    assert controller.current.runs[-1].sampling.consensus == "last"
+    # Another fusion after an undo replaces what could have been redone; its Ctrl-Z goes back to the first.
+    consensus.undo()
+    controller.set_consensus("uncertainty_weighted", 0)
+    assert controller.shown_consensus() == ("uncertainty_weighted", 0)
+    consensus.undo()
+    assert controller.shown_consensus() == asked_first
+    assert controller.current.summary().provenance["sampling"]["consensus"] == first
+
+
 def test_the_consensus_layer_says_when_it_holds_edits_so_its_saved_seg_is_semiautomatic(liver_volume,
                                                                                       tiny_checkpoint):
     """File > Save of the plugin's consensus wrote AUTOMATIC segments after the user had edited it."""

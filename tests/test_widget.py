@@ -275,6 +275,15 @@ def test_consensus_switch_export_and_uncertain_slice(make_napari_viewer, qtbot, 
     with qtbot.waitSignal(widget.consensus_updated, timeout=RUN_TIMEOUT_MS):
         widget.skip_spin.setValue(1)
     assert widget.controller.current.runs[0].sampling.skip_first == 1 and widget.runs_started == runs
+    # The skip changed no label of the last step, so Ctrl-Z undoes the re-fusion to 'last': the model's
+    # choice and its labels come back, and the box says so (without re-fusing); Shift-Ctrl-Z: 'last' again.
+    consensus.undo()
+    assert np.array_equal(consensus.data, before[0])
+    assert (widget.consensus_combo.currentData(), widget.skip_spin.value()) == ("auto", 0)
+    assert "as the labels undone or redone show" in widget.status.text()
+    consensus.redo()
+    assert (widget.consensus_combo.currentData(), widget.skip_spin.value()) == ("last", 1)
+    assert widget.runs_started == runs and widget.controller.current.runs[0].sampling.skip_first == 1
 
     # Most uncertain slice: the slider moves to the slice with the highest mean uncertainty.
     index, value = widget.most_uncertain_slice()
