@@ -107,9 +107,13 @@ def test_bundled_sample_scan_and_labels():
 
 
 @pytest.mark.parametrize("shape", [(8, 9), (8, 9, 1)])
-def test_2d_image_loads_with_singleton_last_axis_and_saves_back_2d(tmp_path, shape):
+def test_2d_image_loads_with_singleton_last_axis_and_saves_back_as_its_file_was(tmp_path, shape):
+    """A 2-D image is one slice either way; written back, a 3-D file of one slice stays 3-D with its slice
+    thickness (it came back 2-D with pixdim 1 and its qform's third column changed: ITK lost its z)."""
     data = np.arange(72, dtype=np.float32).reshape(shape)
-    path = _write_nifti(tmp_path / "slice.nii", data, affine=np.diag([0.5, 0.75, 3.0, 1.0]))
+    affine = np.diag([0.5, 0.75, 3.0, 1.0])
+    affine[:3, 3] = [-4.0, 6.0, 100.0]
+    path = _write_nifti(tmp_path / "slice.nii", data, affine=affine)
 
     array, meta = load_volume(path)
     assert array.shape == (8, 9, 1)
@@ -117,11 +121,15 @@ def test_2d_image_loads_with_singleton_last_axis_and_saves_back_2d(tmp_path, sha
     assert meta.spacing[:2] == (0.5, 0.75)
     assert len(meta.spacing) == 3
 
-    out = save_volume(tmp_path / "out.nii.gz", array, meta)
-    written = nib.load(out)
-    assert written.shape == (8, 9)
-    np.testing.assert_array_equal(written.get_fdata(), data.reshape(8, 9))
-    assert written.header.get_zooms() == (0.5, 0.75)
+    for written_meta in (meta, VolumeMeta.from_dict(meta.to_dict())):      # napari keeps the meta as a dict
+        out = save_volume(tmp_path / "out.nii.gz", array, written_meta, overwrite=True)
+        written = nib.load(out)
+        assert written.shape == shape
+        np.testing.assert_array_equal(written.get_fdata(), data)
+        assert written.header.get_zooms() == ((0.5, 0.75) if len(shape) == 2 else (0.5, 0.75, 3.0))
+        if len(shape) == 3:
+            np.testing.assert_allclose(written.header.get_qform(), affine)
+            np.testing.assert_allclose(written.header.get_sform(), affine)
 
 
 def test_4d_image_needs_a_channel(tmp_path):

@@ -80,7 +80,7 @@ def _array_for_write(array: np.ndarray, meta: VolumeMeta, dtype) -> np.ndarray:
     if expected is not None and tuple(array.shape[:3]) != expected:
         raise VolumeWriteError(f"array shape {array.shape} does not match the volume shape {expected} of its "
                                "metadata")
-    if meta.original_ndim == 2 and array.ndim == 3 and array.shape[2] == 1:
+    if _file_ndim(meta) == 2 and array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     out_dtype = _output_dtype(array, dtype)
     if out_dtype.kind in "iu" and array.dtype.kind == "f":
@@ -92,6 +92,14 @@ def _array_for_write(array: np.ndarray, meta: VolumeMeta, dtype) -> np.ndarray:
         if array.min() < info.min or array.max() > info.max:
             raise VolumeWriteError(f"values {array.min()}..{array.max()} do not fit in {out_dtype}")
     return np.ascontiguousarray(array, dtype=out_dtype)
+
+
+def _file_ndim(meta: VolumeMeta) -> int:
+    """The number of axes the scan's own file had: a 2-D image stored as a 3-D file of one slice (X, Y, 1)
+    is written back as one (keeping its slice thickness and position for other tools), a 2-D file as 2-D."""
+    if meta.header is not None:
+        return len(meta.header.get_data_shape())
+    return meta.original_ndim
 
 
 def _output_dtype(array: np.ndarray, dtype) -> np.dtype:

@@ -95,14 +95,15 @@ class VolumeMeta:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description (affine as nested lists); :meth:`from_dict` inverts it.
 
-        Of the header, only what a written file needs survives: the spatial shape, the qform and
-        sform (codes and matrices) and the units.
+        Of the header, only what a written file needs survives: the spatial shape (as the file stored it:
+        a 2-D file's two axes, a one-slice 3-D file's three), the qform and sform (codes and matrices) and
+        the units.
         """
         header_dict = None
         if self.header is not None:
             space_unit, time_unit = self.header.get_xyzt_units()
             header_dict = {
-                "shape": list(self.spatial_shape),
+                "shape": [int(n) for n in self.header.get_data_shape()[:3]],
                 "qform_code": int(self.header["qform_code"]),
                 "sform_code": int(self.header["sform_code"]),
                 "qform": self.header.get_qform().tolist(),
