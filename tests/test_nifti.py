@@ -723,6 +723,25 @@ def test_a_singular_or_nan_affine_is_read_as_unknown_and_written_back_with_codes
     assert VolumeMeta.from_dict(json.loads(json.dumps(meta.to_dict()))).affine_known is False
 
 
+@pytest.mark.parametrize("srow_x", [[0, 0, 0, 0], [np.nan, 0, 0, 0]], ids=["singular", "nan"])
+def test_a_broken_sform_gives_way_to_a_coded_qform_that_places_the_scan(tmp_path, ramp, srow_x):
+    """NIfTI's qform method still places the voxels: the scan was processed in voxel order and its labels
+    written with codes 0, the file's valid LPS qform thrown away."""
+    header = _header_with_unusable_sform(ramp, srow_x)
+    lps = np.diag([-0.8, -0.9, 2.5, 1.0])
+    lps[:3, 3] = [40.0, 30.0, -20.0]
+    header.set_qform(lps, code=1)
+    path = tmp_path / "broken_sform.nii.gz"
+    nib.save(nib.Nifti1Image(ramp, None, header=header), str(path))
+    _, meta = load_volume(path)
+    assert meta.affine_known and meta.orientation == ("L", "P", "S")
+    np.testing.assert_allclose(meta.affine, lps)
+    written = nib.load(str(save_volume(tmp_path / "labels.nii.gz", (ramp > 0).astype(np.uint8), meta)))
+    np.testing.assert_allclose(written.header.get_qform(), lps)
+    np.testing.assert_allclose(written.affine, lps)
+    assert int(written.header["qform_code"]) == 1
+
+
 @pytest.mark.parametrize("unit, mm_per_unit", [("meter", 1000.0), ("micron", 0.001)])
 def test_spatial_units_in_metres_or_microns_are_read_and_written_as_mm(tmp_path, ramp, unit, mm_per_unit):
     """The same oblique scan stored in metres or microns: read in mm, and a result written from it lies

@@ -26,6 +26,7 @@ from nibabel.fileholders import FileHolder
 from nibabel.spatialimages import HeaderDataError
 
 from .errors import UserInputError
+from .geometry import affine_is_usable
 from .volume_meta import VolumeMeta, spatial_shape_3d
 
 __all__ = ["VolumeReadError", "load_volume", "load_labels", "load_channels", "read_meta", "smallest_label_dtype",
@@ -287,7 +288,7 @@ def _meta_of(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> Volume
     # (X, Y, 1) files and 2-D slices of (X, Y, 1, C) files are 2-D images.
     original_ndim = 2 if len(shape) == 2 or shape[2] == 1 else 3
     header = _header_in_millimetres(img.header)
-    affine = header.get_best_affine()
+    affine = _placing_affine(header)
     spacing = _spacing_from_header(header, affine)
     has_orientation = int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
     note = "" if has_orientation else f"{path.name} has no orientation (qform and sform codes are 0)"
@@ -308,6 +309,18 @@ def _meta_of(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> Volume
         affine_known=has_orientation,
         geometry_note=note,
     )
+
+
+def _placing_affine(header: nib.Nifti1Header) -> np.ndarray:
+    """nibabel's best affine (the coded sform, else the coded qform), except that a coded sform that places
+    nothing (singular or not finite) gives way to a coded qform that does: NIfTI's second method still
+    places the voxels, and the scan is not reduced to voxel order for one broken form."""
+    best = header.get_best_affine()
+    if int(header["sform_code"]) > 0 and int(header["qform_code"]) > 0 and not affine_is_usable(best):
+        qform = header.get_qform()
+        if affine_is_usable(qform):
+            return qform
+    return best
 
 
 def _without_nonfinite_forms(header: nib.Nifti1Header, voxel_affine: np.ndarray) -> nib.Nifti1Header:
