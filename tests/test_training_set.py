@@ -626,6 +626,31 @@ def test_the_add_to_set_command_adds_checked_slices_merges_and_refuses_without_w
     assert "--slices" in capsys.readouterr().err
 
 
+def test_add_to_set_reads_labels_stored_in_another_voxel_order_onto_the_scan(tmp_path, tiny_checkpoint, scan, capsys):
+    """Labels drawn over another tool's copy of the scan (rows reversed, as dcm2niix stores a series) lie on the
+    scan's grid: add-to-set, finetune and choose-consensus refused them as 'another affine' (evaluate read them)."""
+    from medconddiff.cli import main
+
+    image, labels = scan
+    nib.save(nib.Nifti1Image(image.astype(np.int16), META.affine), str(tmp_path / "scan.nii.gz"))
+    flip = np.eye(4)
+    flip[1, 1], flip[1, 3] = -1, labels.shape[1] - 1
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(labels[:, ::-1]), META.affine @ flip), str(tmp_path / "drawn.nii.gz"))
+    shifted = META.affine.copy()
+    shifted[0, 3] += 3.0
+    nib.save(nib.Nifti1Image(labels, shifted), str(tmp_path / "elsewhere.nii.gz"))
+
+    def add(label_file_name: str) -> int:
+        return main(["add-to-set", str(tmp_path / "set"), str(tmp_path / "scan.nii.gz"), str(tmp_path / label_file_name),
+                     "--checkpoint", str(tiny_checkpoint), "--slices", "1,4"])
+
+    assert add("drawn.nii.gz") == 0
+    assert "drawn.nii.gz stores the scan's grid in another voxel order" in capsys.readouterr().err
+    np.testing.assert_array_equal(label_file(tmp_path / "set", "scan")[..., [1, 4]], labels[..., [1, 4]])
+    assert add("elsewhere.nii.gz") == 2                          # another place: still refused
+    assert "does not lie on the scan's grid (another affine)" in capsys.readouterr().err
+
+
 def test_an_mri_is_not_stored_as_ct_and_an_existing_set_keeps_its_own_classes(tmp_path, tiny_checkpoint, scan,
                                                                                capsys):
     """add-to-set took the CT model's channel name for an MRI (fine-tuning then read it through the CT window,

@@ -26,7 +26,7 @@ from nibabel.fileholders import FileHolder
 from nibabel.spatialimages import HeaderDataError
 
 from .errors import UserInputError
-from .geometry import affine_is_usable
+from .geometry import affine_is_usable, onto_grid
 from .volume_meta import VolumeMeta, spatial_shape_3d
 
 __all__ = ["VolumeReadError", "load_volume", "load_labels", "load_channels", "read_meta", "smallest_label_dtype",
@@ -127,8 +127,9 @@ def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Volum
 
     * One path: a 3-D file gives ``C = 1``; a 4-D file ``(X, Y, Z, C)`` gives its ``C`` volumes
       along axis 3 (a Decathlon multi-sequence scan).
-    * Several paths (one file per channel, nnU-Net style): each must be 3-D, and all must share
-      one shape and one affine (within 1e-3 mm); they are stacked in the order given.
+    * Several paths (one file per channel, nnU-Net style): each must be 3-D, and all must lie on one
+      grid (one affine within 1e-3 mm, or the first file's grid stored in another voxel order, which is
+      moved onto the first file's voxels); they are stacked in the order given.
 
     Axis order, spacing and scaling are those of :func:`load_volume`; ``meta`` is the first file's.
     Raises :class:`VolumeReadError` naming the file(s) and the problem, also when a channel has no
@@ -154,13 +155,18 @@ def load_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Volum
             if len(shape) == 4:
                 raise VolumeReadError(f"{path}: 4-D image {shape}; with one file per channel each file "
                                       "must be a 3-D volume")
+            difference = float(np.abs(channel_meta.affine - meta.affine).max())
+            if difference > 1e-3:
+                # One grid stored in another voxel order (a channel converted by another tool) is moved onto
+                # the first file's voxels; only another grid is refused.
+                moved = onto_grid(np.asarray(data), channel_meta.affine, meta.affine, first.shape)
+                if moved is None:
+                    raise VolumeReadError(f"{path} and {paths[0]} have affines that differ by up to "
+                                          f"{difference:.4g} mm; the channels of a scan must share one grid")
+                data = moved
             if data.shape != first.shape:
                 raise VolumeReadError(f"{path} has shape {data.shape} but {paths[0]} has {first.shape}; "
                                       "the channels of a scan must share one grid")
-            difference = float(np.abs(channel_meta.affine - meta.affine).max())
-            if difference > 1e-3:
-                raise VolumeReadError(f"{path} and {paths[0]} have affines that differ by up to "
-                                      f"{difference:.4g} mm; the channels of a scan must share one grid")
         _refuse_complex(data, where)
         try:
             out[..., index] = np.asarray(data, dtype=np.float32)

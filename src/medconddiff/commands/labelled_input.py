@@ -55,12 +55,21 @@ class LabelledInput(NamedTuple):
             image, meta = self.load_image()
         else:
             image, meta = load_channels([self.path, *channel_files])
+        from ..geometry import labels_on_image_grid
+
         labels, label_meta = self.load_labels()
+        # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
+        # Labels drawn over another tool's copy of the scan (dcm2niix flips a series' rows) lie on its grid in
+        # another voxel order: moved onto the scan's voxels, as evaluate reads them.
+        labels, placed = labels_on_image_grid(labels, None if label_meta is None else label_meta.affine,
+                                              meta.affine, image.shape)
         if labels.shape != image.shape[:3]:
             raise UserInputError(f"{label_path} has shape {labels.shape}, the scan {image.shape[:3]}")
-        # A DICOM SEG has no affine of its own: it was read onto the series' voxels by the images it references.
-        if label_meta is not None and not np.allclose(label_meta.affine, meta.affine, atol=1e-3):
+        if placed == "affine differs":
             raise UserInputError(f"{label_path} does not lie on the scan's grid (another affine)")
+        if placed == "reordered":
+            print(f"medconddiff: note: {label_path.name} stores the scan's grid in another voxel order; read onto "
+                  "the scan's voxels", file=sys.stderr)
         return image, meta, labels
 
 
