@@ -51,6 +51,18 @@ def test_hd95_uses_spacing_and_is_nan_for_empty():
     assert math.isnan(hd95(a, np.zeros_like(a), (1, 1, 1)))
 
 
+def test_hd95_measures_scored_slices_with_gaps_at_their_positions():
+    """evaluate --slices 45,85 stacked the two slices as neighbours: masks swapped between them scored 1 mm."""
+    predicted, reference = np.zeros((2, 9, 9), bool), np.zeros((2, 9, 9), bool)
+    predicted[0, 3:6, 3:6] = reference[1, 3:6, 3:6] = True
+    assert hd95(predicted, reference, (2.5, 1, 1)) == 2.5
+    assert hd95(predicted, reference, (2.5, 1, 1), positions=[45, 85]) == 100.0
+    assert hd95(predicted, reference, (2.5, 1, 1), positions=[45, 46]) == 2.5
+    metrics = class_metrics(predicted.astype(np.uint8), reference.astype(np.uint8), ("background", "c"), (2.5, 1, 1),
+                            positions=[45, 85])
+    assert metrics["per_class"]["c"]["hd95_mm"] == 100.0
+
+
 def test_auroc():
     assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0])) == 1.0
     assert auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([1, 1, 0, 0])) == 0.0

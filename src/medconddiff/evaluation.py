@@ -85,14 +85,19 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95(predicted: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> float:
+def hd95(predicted: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
+         positions: Optional[Sequence[int]] = None) -> float:
     """95th percentile of the symmetric surface distances, in the units of ``spacing`` (mm).
 
-    ``spacing`` is per axis of the arrays given (for canonical slices: slice spacing first). NaN when
-    either mask is empty (undefined), so means can skip it explicitly.
+    ``spacing`` is per axis of the arrays given (for canonical slices: slice spacing first). ``positions``
+    (optional) are the slice indices along axis 0 at which the masks' slices lie (scored slices with gaps:
+    the slices between are empty, not adjacent). NaN when either mask is empty (undefined), so means can
+    skip it explicitly.
     """
     if not predicted.any() or not reference.any():
         return float("nan")
+    if positions is not None:
+        predicted, reference = (_at_positions(mask, positions) for mask in (predicted, reference))
     spacing = tuple(spacing)
     if len(spacing) < predicted.ndim:
         raise ValueError(f"hd95 needs a spacing per axis: {len(spacing)} values for {predicted.ndim}-D masks")
@@ -101,6 +106,19 @@ def hd95(predicted: np.ndarray, reference: np.ndarray, spacing: Sequence[float])
     to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)[pred_surface]
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[ref_surface]
     return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+
+
+def _at_positions(mask: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """``mask``'s slices (axis 0) placed at ``positions`` in a stack from the first to the last of them."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) != mask.shape[0]:
+        raise ValueError(f"{len(positions)} slice positions for {mask.shape[0]} slices")
+    if len(positions) == 0 or (np.diff(positions) == 1).all():
+        return mask
+    first = int(positions.min())
+    placed = np.zeros((int(positions.max()) - first + 1,) + mask.shape[1:], dtype=bool)
+    placed[positions - first] = mask
+    return placed
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -132,8 +150,10 @@ def _nanmean(values: Iterable[Optional[float]]) -> float:
 
 
 def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Sequence[str],
-                  spacing: Sequence[float]) -> dict:
+                  spacing: Sequence[float], positions: Optional[Sequence[int]] = None) -> dict:
     """{'per_class': {name: {absent, dice, iou, hd95_mm, ...}}, 'mean_foreground': {...}}.
+
+    ``positions``: the canonical slice index of each slice along axis 0, for HD95 (see :func:`hd95`).
 
     Background is excluded. A class absent from both masks gets ``absent: True`` and None metrics,
     and is left out of the means; ``mean_foreground`` says how many classes it averaged
@@ -150,7 +170,7 @@ def class_metrics(predicted: np.ndarray, reference: np.ndarray, class_names: Seq
             per_class[name] = {"absent": True, "dice": None, "iou": None, "hd95_mm": None, **counts}
         else:
             per_class[name] = {"absent": False, "dice": dice_score(p, r), "iou": iou_score(p, r),
-                               "hd95_mm": hd95(p, r, spacing), **counts}
+                               "hd95_mm": hd95(p, r, spacing, positions), **counts}
     present = [m for m in per_class.values() if not m["absent"]]
     mean = {key: _nanmean(m[key] for m in present) for key in ("dice", "iou", "hd95_mm")}
     mean["classes_averaged"] = len(present)
@@ -215,10 +235,11 @@ def evaluate_volume(segmenter, image: np.ndarray, reference: np.ndarray, meta, s
         return labels if ignored_file is None else np.where(known, labels, 0)
 
     consensus = counted(scored(result.labels))
-    report = {"consensus": class_metrics(consensus, ref, names, spacing)}
+    # Scored slices with gaps lie apart: HD95 measures at their positions, not as if stacked.
+    report = {"consensus": class_metrics(consensus, ref, names, spacing, indices)}
     precision = sampling.precision if sampling is not None else "auto"     # the diffusion's, for a like comparison
     one_shot = counted(scored(segmenter.one_shot(image, slices=indices, meta=meta, precision=precision)))
-    report["one_shot"] = class_metrics(one_shot, ref, names, spacing)
+    report["one_shot"] = class_metrics(one_shot, ref, names, spacing, indices)
     # Each step's x̂_0 alone, on the scan's grid like the consensus; absent classes skipped per step.
     # Per class too: a class the reference does not hold but a step predicts counts 0 in the mean, which
     # can hide how the reference's own classes fared over the steps.
