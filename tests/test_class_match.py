@@ -102,7 +102,9 @@ def test_keeping_some_classes_renumbers_them_and_leaves_the_others_as_background
     assert keep_classes(names, ["GTV=a", "Heart=A"], labels).class_names == ("background", "a")   # one class
     unnamed = keep_classes(("background", "liver", "tumour"), ["5=liver"], np.array([0, 5, 3], np.uint8))
     assert unnamed.apply(np.array([0, 5, 3], np.uint8)).tolist() == [0, 1, 0]
-    assert unnamed.left_out == ("liver", "tumour", "3")
+    # Value 1 is left out while value 5 is kept as 'liver': told by its value ("'liver' is a class the model
+    # learns: left out" contradicted the kept class), as is a value no name covers.
+    assert unnamed.left_out == ("label 1", "tumour", "label 3")
     for items, message in ((["=x"], "expected CLASS or CLASS=NEW_NAME"), (["PTV"], "the labels have no class 'PTV'"),
                            (["GTV=background"], "names must differ")):
         with pytest.raises(ConfigError, match=message):

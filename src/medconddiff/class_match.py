@@ -267,6 +267,8 @@ def keep_classes(names: Sequence[str], items: Sequence[str], labels: np.ndarray,
             index = len(kept) - 1
         lookup[values] = index
     present = {int(v) for v in np.unique(labels)} if np.size(labels) else set()
-    left_out = tuple(names[v] if v < len(names) else str(v) for v in range(1, size)
-                     if lookup[v] == 0 and (v < len(names) or v in present))
+    # A value left out whose name a kept class now has (a NIfTI's values named by a set's classes, value 2 kept
+    # as the set's 'lesion') is told by its value, not as the name kept.
+    left_out = tuple(names[v] if v < len(names) and class_index(kept, names[v]) is None else f"label {v}"
+                     for v in range(1, size) if lookup[v] == 0 and (v < len(names) or v in present))
     return KeptClasses(lookup, checked_class_names(kept), left_out)
