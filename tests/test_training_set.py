@@ -286,10 +286,21 @@ def test_another_scan_under_a_taken_name_becomes_its_own_case(tmp_path, scan):
     assert TrainingSet.open(root).cases == ["CT_4", "ct", "ct_2", "ct_3"]
 
 
+def test_labels_read_as_floats_are_class_values_when_whole(tmp_path, scan):
+    """load_volume reads a label file as float32, as the README's API example does: labels 0.0, 1.0, 2.0
+    were refused as 'not whole numbers 0..2'."""
+    image, labels = scan
+    training_set = TrainingSet.create(tmp_path / "set", LIVER)
+    training_set.add_scan("ct", image, META, labels.astype(np.float32), LIVER, verified_slices=[1, 4])
+    np.testing.assert_array_equal(label_file(tmp_path / "set", "ct")[..., [1, 4]], labels[..., [1, 4]])
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda image, labels: (np.stack([image, image], -1), labels), r"dataset\.json: the set holds 1 channel"),
     (lambda image, labels: (image, labels[:-1]), r"labels \(63, 64, 6\) are not on the scan's grid"),
     (lambda image, labels: (image, labels + 3), r"labels must be whole numbers 0\.\.2"),
+    (lambda image, labels: (image, labels * 0.75), r"the labels hold 0\.75, not a class value"),
+    (lambda image, labels: (image, labels.astype(np.int16) - 1), r"the labels hold -1; class values are whole"),
 ])
 def test_bad_scans_are_refused_with_one_line_and_nothing_changes(tmp_path, scan, change, message):
     image, labels = scan

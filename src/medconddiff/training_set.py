@@ -59,6 +59,7 @@ from .atomic import JOURNAL_NAME, StagedFiles, finish_interrupted_commit
 from .class_match import class_index, class_key, merge_class_lists, one_class_each
 from .dataset_layout import DatasetError, _indexed_names, _nnunet_class_names, describe_dataset, read_manifest
 from .datasets import Case
+from .label_values import whole_label_values
 from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta, load_channels, load_labels, read_meta, save_volume, write_json_atomic
 from .slice_lists import slice_list_text
@@ -336,7 +337,7 @@ class TrainingSet:
         image = np.asarray(image)
         image = image[..., None] if image.ndim == 3 else image
         meta = _clean_meta(meta if meta is not None else VolumeMeta.identity(known=False))
-        self._check_scan(requested, image, labels, class_names, channel_names)
+        labels = self._check_scan(requested, image, labels, class_names, channel_names)
         if meta.spatial_shape is not None and tuple(meta.spatial_shape) != image.shape[:3]:
             raise TrainingSetError(f"{self.root} (case {requested}): the scan {image.shape[:3]} is not the volume "
                                    f"its geometry describes {tuple(meta.spatial_shape)}")
@@ -346,7 +347,6 @@ class TrainingSet:
         # it (two patients' ct.nii.gz), the next free one: napari names a case after the file alone.
         name = self._holder(digests, digest, image.shape[:3], meta) or _free_case_name(requested, self._cases)
         verified = self._verified_mask(name, image.shape[:3], meta, verified_slices, slicing, verified_mask)
-        labels = np.asarray(labels)
         if digests.get(name) == digest and self._on_grid_of(name, image.shape[:3], meta):
             # This scan, which the set may store in another voxel order (its NIfTI, its DICOM series).
             image, labels, verified, meta = self._in_stored_order(name, meta, image, labels, verified)
@@ -623,7 +623,8 @@ class TrainingSet:
                          self._digests)
 
     def _check_scan(self, name: str, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                    channel_names: Optional[Sequence[str]]) -> None:
+                    channel_names: Optional[Sequence[str]]) -> np.ndarray:
+        """The checks of an add; returns ``labels`` as integers (whole-valued floats cast)."""
         where = f"{self.root} (case {name})"
         if image.ndim != 4 or min(image.shape) == 0:
             raise TrainingSetError(f"{where}: expected a 3-D scan (channels last if several), got shape {image.shape}")
@@ -635,12 +636,13 @@ class TrainingSet:
                                    f"{name}'s are {list(channel_names)}; use a set of that kind of scan")
         if image.dtype.kind not in "fiub" or not np.isfinite(image).all():
             raise TrainingSetError(f"{where}: the scan must hold finite numbers")
-        labels = np.asarray(labels)
+        labels = whole_label_values(labels, where, TrainingSetError)
         if labels.shape != image.shape[:3]:
             raise TrainingSetError(f"{where}: labels {labels.shape} are not on the scan's grid {image.shape[:3]}")
-        if labels.dtype.kind not in "iub" or (labels.size and (labels.min() < 0 or labels.max() >= len(class_names))):
+        if labels.size and labels.max() >= len(class_names):
             raise TrainingSetError(f"{where}: labels must be whole numbers 0..{len(class_names) - 1} (one per "
                                    f"class name: {', '.join(class_names)})")
+        return labels
 
     def _verified_mask(self, name: str, shape: tuple[int, ...], meta: VolumeMeta,
                        slices: Optional[Sequence[int]], slicing: str, mask: Optional[np.ndarray]) -> np.ndarray:
