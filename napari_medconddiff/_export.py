@@ -6,14 +6,16 @@ in the scan's original voxel order with its affine, and ``<name>.json``. Both wr
 whether an existing file may be replaced is decided by the caller (the widget asks the user).
 A DICOM SEG (``<name>.dcm``, chosen by its suffix) references the series the scan was read from
 (recorded in the layer metadata, :func:`napari_medconddiff._layers.dicom_source_of`), has one segment
-per class named as the model names it, and is proposed beside the series folder, named by the folder
-and the series; its sidecar records the series (``dicom_source``) as the CLI's does.
+per class named as the model names it, and is proposed beside the series folder, named by the
+series; its sidecar records the series (``dicom_source``) as the CLI's does.
 Proposed folders are next to the scan's file, else the user's home: never inside the installed
-packages (the bundled sample scan lives there, and a reinstall would delete what was saved).
+packages (the bundled sample scan lives there, and a reinstall would delete what was saved), nor a
+folder that cannot be written (a CD, a read-only share), where saving would only fail.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -75,11 +77,19 @@ def inside_installed_package(path: str | Path) -> bool:
 
 
 def _user_folder(source: Optional[str]) -> Optional[Path]:
-    """The scan's folder, unless the scan has none or it is inside the installed packages."""
+    """The scan's folder, unless the scan has none, it is inside the installed packages or it cannot be
+    written (a series on a CD): the caller then proposes the user's own folder."""
     if not source:
         return None
     folder = Path(source).expanduser().parent
-    return None if inside_installed_package(folder) else folder
+    return None if inside_installed_package(folder) or not _writable(folder) else folder
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``: it, or the nearest folder above it that exists (a
+    folder not made yet), is a folder this user may write in."""
+    there = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    return there is not None and there.is_dir() and os.access(there, os.W_OK)
 
 
 def is_dicom_seg_path(path: str | Path) -> bool:
@@ -100,10 +110,11 @@ def export_targets(path: str | Path, *, dicom_seg: bool = False) -> tuple[Path, 
 
 
 def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
-    """``<scan>_seg.nii.gz`` next to the scan's file, else in the user's home; for a scan read from
-    DICOM, ``series<N>_<description>_seg.dcm`` beside the series folder (also when one of its files or a
-    CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc). The folder does not
-    name it: DICOM exports are filed in folders named after the patient."""
+    """``<scan>_seg.nii.gz`` next to the scan's file, else (none, or not writable) in the user's home; for
+    a scan read from DICOM, ``series<N>_<description>_seg.dcm`` beside the series folder (also when one of
+    its files or a CD's DICOMDIR was opened: never inside the folder, which may be a read-only disc), or
+    in the home where that cannot be written. The folder does not name it: DICOM exports are filed in
+    folders named after the patient."""
     if dicom is not None:
         return (_user_folder(_series_folder(source)) or Path.home()) / f"{_series_stem(dicom)}_seg{DICOM_SEG_SUFFIX}"
     stem = strip_nifti_suffix(Path(source)) if source else scan_name
@@ -111,8 +122,9 @@ def default_export_path(scan_name: str, source: Optional[str], dicom: Optional[D
 
 
 def default_finetune_path(scan_name: str, source: Optional[str], dicom: Optional[DicomSource] = None) -> Path:
-    """``<scan>_finetuned.safetensors`` next to the scan's file, else in ~/.medconddiff/models/; for a scan
-    read from DICOM, ``series<N>_<description>_finetuned.safetensors`` beside the series folder."""
+    """``<scan>_finetuned.safetensors`` next to the scan's file, else (none, or not writable) in
+    ~/.medconddiff/models/; for a scan read from DICOM, ``series<N>_<description>_finetuned.safetensors``
+    beside the series folder, or there where that cannot be written."""
     if dicom is not None:
         folder = _user_folder(_series_folder(source)) or MODELS_FOLDER.expanduser()
         return folder / f"{_series_stem(dicom)}_finetuned.safetensors"

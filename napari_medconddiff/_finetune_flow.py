@@ -163,17 +163,22 @@ class FinetuneFlow:
 
     @staticmethod
     def _check_save_path(settings: FinetuneSettings, path: Path) -> None:
+        # Files named by name, folders not at all: the status line and notifications must not show a
+        # folder named after the patient (where a series' fine-tuned model is proposed).
         if same_file(settings.start, path):
-            raise UserInputError(f"{path} is the checkpoint being fine-tuned; save the fine-tuned model under "
-                                 "another name")
+            raise UserInputError(f"{path.name} is the checkpoint being fine-tuned; save the fine-tuned model "
+                                 "under another name")
         if path.exists() and not settings.replace_existing:
-            raise UserInputError(f"{path} exists; choose another name, or confirm replacing it in the save dialog")
+            raise UserInputError(f"{path.name} exists; choose another name, or confirm replacing it in the save "
+                                 "dialog")
         # Checked before training too, so that minutes of training do not end at a folder that cannot be written.
         there = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists()), None)
         if there is not None and not there.is_dir():
-            raise UserInputError(f"{there} is a file, not a folder; choose another place for the fine-tuned model")
+            raise UserInputError(f"{there.name} is a file, not a folder; choose another place for the fine-tuned "
+                                 "model")
         if there is not None and not os.access(there, os.W_OK):
-            raise UserInputError(f"cannot write in {there}; choose another place for the fine-tuned model")
+            raise UserInputError(f"{path.name}: cannot write into its folder (read-only, or permission denied); "
+                                 "choose another place for the fine-tuned model")
 
     def _scan_copies(self, results: ResultSet, start: str) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """File-ordered copies of the scan and of the further channels it was last segmented with (what a

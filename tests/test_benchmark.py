@@ -47,7 +47,7 @@ def test_quick_benchmark_json_has_every_field(quick_report, tiny_checkpoint):
     assert report["options"]["steps_list"] == [1, 2] and report["options"]["reference_steps"] == 2
 
     (model,) = report["models"]
-    assert model["label"] == tiny_checkpoint.name and model["source"] == str(tiny_checkpoint)
+    assert model["label"] == tiny_checkpoint.name and model["source"] == tiny_checkpoint.name   # not its folder
     assert model["random_weights"] is False and model["family"] == "pixel" and model["model_plane"] == [128, 128]
     assert _positive(model["checkpoint_load_seconds"])
     params = model["parameters"]
@@ -211,7 +211,7 @@ def test_a_named_held_out_scan_is_scored_instead_of_the_sample(tiny_checkpoint, 
     assert check["scan"] == "held.nii.gz" and check["slices"] == [1, 4]
     assert 0.0 <= check["consensus"] <= 1.0 and 0.0 <= check["one_shot"] <= 1.0
     assert 1 <= len(check["step_mean_dice"]) <= 2
-    assert report["options"]["heldout_scan"] == [str(image_path), str(label_path)]
+    assert report["options"]["heldout_scan"] == [image_path.name, label_path.name]      # not their folder
     line = next(line for line in format_report(report).splitlines() if line.startswith("held-out held.nii.gz 1:4"))
     assert "n/a" not in line
 

@@ -7,6 +7,7 @@ segmented by the bundled model on two slices.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -488,7 +489,8 @@ def test_an_enhanced_multiframe_file_of_two_echoes_segments_echo_by_echo_and_sen
     assert segment(dual, "--series", echo_2.uid) == 0
     said = capsys.readouterr().out
     assert "series 4 'T2 dual echo (enhanced conversion)' (echo 2) in " in said
-    assert (tmp_path / "dual_series4_T2_dual_echo_enhanced_conversion_echo_2_seg.nii.gz").exists()
+    tag = hashlib.sha1(echo_2.uid.encode()).hexdigest()[:8]      # named by the part, not by the file
+    assert (tmp_path / f"series4_T2_dual_echo_enhanced_conversion_echo_2_{tag}_seg.nii.gz").exists()
     assert segment(dual, "--series", echo_2.uid, "-o", tmp_path / "echo2.dcm") == 0
     labels, _ = load_labels(out / "series4_T2_dual_echo_enhanced_conversion_echo_2_seg.nii.gz")
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "echo2.dcm", dual, series=echo_2.uid), labels)
@@ -551,7 +553,8 @@ def test_a_cds_dicomdir_segments_its_folder_written_beside_it(tmp_path, cut, cap
     dicomdir = write_media(tmp_path / "CD", write_series(tmp_path / "exported", volume, affine))
     assert segment(dicomdir) == 0
     captured = capsys.readouterr()
-    written = nib.load(str(tmp_path / "CD_seg.nii.gz"))       # named after the CD's folder, beside it
+    tag = hashlib.sha1(list_series(dicomdir)[0].uid.encode()).hexdigest()[:8]
+    written = nib.load(str(tmp_path / f"series1_synthetic_CT_{tag}_seg.nii.gz"))   # named by the series, beside the CD
     assert written.shape == volume.shape and not list((tmp_path / "CD").glob("*seg*"))
     assert "Media Storage Directory" not in captured.err         # the index is expected there, not a skipped file
     np.testing.assert_array_equal(read_dicom_series(dicomdir).volume, read_dicom_series(tmp_path / "exported").volume)
@@ -562,7 +565,8 @@ def test_one_file_of_a_series_segments_the_series_written_beside_its_folder(tmp_
     paths = write_series(tmp_path / "CT_SERIES", volume, affine)
     assert segment(paths[2]) == 0
     captured = capsys.readouterr()
-    assert nib.load(str(tmp_path / "CT_SERIES_seg.nii.gz")).shape == volume.shape
+    tag = hashlib.sha1(list_series(paths[2])[0].uid.encode()).hexdigest()[:8]
+    assert nib.load(str(tmp_path / f"series1_synthetic_CT_{tag}_seg.nii.gz")).shape == volume.shape
     assert not list((tmp_path / "CT_SERIES").glob("*seg*"))
     assert f"the file given is one of {volume.shape[2]} files of its series" in captured.err
 

@@ -28,6 +28,7 @@ from .benchmark_memory import (BIG_VOLUME_SPACING, big_volume_meta, current_rss_
 from .benchmark_report import GB, TARGETS, cpu_name, environment, evaluate_targets, format_report, table_rows
 from .benchmark_timing import EngineProfile, median, synchronize, time_interleaved
 from .errors import ConfigError
+from .outputs import recorded_name
 
 # The benchmark's parts live in benchmark_timing, benchmark_measures, benchmark_memory and
 # benchmark_report; these names stay importable from here, where callers have always found them.
@@ -140,16 +141,11 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
         if options.memory:
             log(f"[{bench.label}] peak memory, {'×'.join(map(str, options.big_volume_shape))} volume "
                 f"in a fresh process")
-            report["memory"] = run_memory_probe(bench.spec, str(device), options.big_volume_shape,
-                                                options.reference_steps, torch.get_num_threads(),
-                                                options.big_volume_adaptive, options.big_volume,
-                                                options.precision)
+            report["memory"] = _probe_memory(bench, str(device), options, options.big_volume)
         report["real_size"] = []
         for path in options.real_size if options.memory else ():
             log(f"[{bench.label}] real-size scan {os.path.basename(path)} in a fresh process")
-            report["real_size"].append(run_memory_probe(bench.spec, str(device), options.big_volume_shape,
-                                                        options.reference_steps, torch.get_num_threads(),
-                                                        options.big_volume_adaptive, path, options.precision))
+            report["real_size"].append(_probe_memory(bench, str(device), options, path))
         report["targets"] = evaluate_targets(report, device.type, other_workload(options))
         models.append(report)
         del bench
@@ -157,6 +153,18 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = lambda
             torch.cuda.empty_cache()
     env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {"schema": SCHEMA, "environment": env, "options": _options_dict(options), "models": models}
+
+
+def _probe_memory(bench: BenchModel, device: str, options: BenchmarkOptions, path: Optional[str]) -> dict:
+    """:func:`run_memory_probe` of ``bench`` on the big volume or the NIfTI ``path``, which the report
+    names by file name (the probe reports the path it read: scans lie in folders named after patients)."""
+    import torch
+
+    report = run_memory_probe(bench.spec, device, options.big_volume_shape, options.reference_steps,
+                              torch.get_num_threads(), options.big_volume_adaptive, path, options.precision)
+    if path:
+        report["source"] = recorded_name(path)
+    return report
 
 
 def other_workload(options: BenchmarkOptions) -> dict[str, str]:
@@ -179,6 +187,14 @@ def other_workload(options: BenchmarkOptions) -> dict[str, str]:
     return differs
 
 
+#: Options that name files: recorded by file name, as every record names files
+#: (:func:`medconddiff.outputs.recorded_name`): a checkpoint or a scan may lie in a patient's folder.
+FILE_OPTIONS = ("checkpoints", "big_volume", "real_size", "heldout_scan")
+
+
 def _options_dict(options: BenchmarkOptions) -> dict:
     values = dataclasses.asdict(options)
+    for key in FILE_OPTIONS:
+        value = values[key]
+        values[key] = tuple(map(recorded_name, value)) if isinstance(value, (tuple, list)) else recorded_name(value)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}

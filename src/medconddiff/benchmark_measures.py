@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from .benchmark_timing import median, synchronize, time_interleaved
+from .outputs import recorded_name
 
 if TYPE_CHECKING:
     from .benchmark import BenchmarkOptions
@@ -28,7 +29,7 @@ class BenchModel:
     label: str
     segmenter: Any                 # medconddiff.segmenter.Segmenter
     spec: dict                     # how a subprocess rebuilds the same model: checkpoint / random
-    source: str                    # a path, or what the random weights stand in for
+    source: str                    # the checkpoint's file name, or what the random weights stand in for
     random_weights: bool
     load_seconds: Optional[float]  # time to load the checkpoint (None for a freshly built model)
 
@@ -65,7 +66,8 @@ def load_bench_model(checkpoint: Optional[str], device: str) -> BenchModel:
     segmenter = build_segmenter(spec, device)
     seconds = time.perf_counter() - start
     label = DEFAULT_LABEL if checkpoint is None else Path(checkpoint).name
-    return BenchModel(label, segmenter, spec, str(path), False, seconds)
+    # By file name, as records name files: a fine-tuned checkpoint may lie in a patient's folder.
+    return BenchModel(label, segmenter, spec, recorded_name(path), False, seconds)
 
 
 def parameter_counts(model: Any) -> dict[str, int]:

@@ -16,8 +16,10 @@ Decisions (the commands' help repeats them):
   a dose screen or a key image. Given as a file, one image is segmented as a 2-D image, like a 2-D
   NIfTI.
 * **Names** of outputs come from the series number and description, reduced to letters, digits,
-  ``.``, ``_`` and ``-``; two series with the same name get a hash of their UID. No patient attribute
-  is ever read for a name or a message.
+  ``.``, ``_`` and ``-``: ``series3_CT_abdomen_1a2b3c4d``, with a hash of the UID, so that two
+  patients' series 3 written beside their folders do not collide; with ``--all-series`` two series
+  with the same name get it. Never the folder's or a file's name: exports name both after the
+  patient. No patient attribute is ever read for a name or a message.
 """
 
 from __future__ import annotations
@@ -116,6 +118,11 @@ def _listed_file_name(info) -> str:
     return series_file_name(info.number, info.description, info.part)
 
 
+def _pick_name(info) -> str:
+    """A DICOM input's output name: :func:`series_file_name` of a listed series and a hash of its UID."""
+    return _joined([_listed_file_name(info), _uid_tag(info.uid)])
+
+
 def series_case_name(source) -> str:
     """A training-set case name for a scan read from DICOM (a :class:`~medconddiff.dicom_series.DicomSource`):
     ``series2_CT_venous_1a2b3c4d``, the series by number, description and part, and a hash of its UID,
@@ -151,16 +158,15 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
     path = Path(path)
     if all_series and series is not None:
         raise ConfigError("give --series N|UID or --all-series, not both")
-    base = file_safe(path.resolve().name if path.is_dir() else path.stem) or "dicom"
     infos = list_series(path)
     if path.is_file():
         scanned = infos.scanned
         if series is None and scanned is not None and scanned.file_alone is not None:
-            # One file of a series read with the files beside it: named, and written beside, as its folder.
-            folder = path.resolve().parent
-            return [DicomPick(path, None, file_safe(folder.name) or "dicom", path.name, infos, folder)]
+            # One file of a series read with the files beside it: named as the series, written beside its folder.
+            return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos, path.resolve().parent)]
         if series is None and not all_series and len(infos) <= 1:
-            return [DicomPick(path, None, base, path.name, infos)]
+            # Neither the file's name nor its folder's: exports name both after the patient.
+            return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos)]
     else:
         for text in infos.notes:
             note(text, str(path))
@@ -183,9 +189,9 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         if len(infos) > 1:
             raise DicomError(f"{path} holds {len(infos)} DICOM series: choose one with --series N|UID, or "
                              f"segment each with --all-series\n{series_listing(infos)}")
-        return [DicomPick(path, None, base, infos[0].name, infos)]
+        return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos)]
     match = infos[chosen_series_index(path, infos, series)]
-    return [DicomPick(path, match.uid, f"{base}_{_listed_file_name(match)}", match.name, infos)]
+    return [DicomPick(path, match.uid, _pick_name(match), match.name, infos)]
 
 
 def read_pick(pick: DicomPick):
