@@ -198,6 +198,23 @@ def test_one_shot_and_run_refuse_slices_outside_the_scan_naming_index_and_range(
     assert labels[..., :5].max() == 0
 
 
+def test_an_array_in_another_axis_order_than_its_meta_is_refused(tmp_path, segmenter, liver_volume):
+    """SimpleITK's (z, y, x) array with nibabel's meta was segmented without a word, the spacing on the wrong
+    axes; an array of another size (padded) keeps the meta for its spacing."""
+    import nibabel as nib
+
+    from medconddiff.nifti import load_volume
+
+    image, _ = liver_volume
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(tmp_path / "ct.nii.gz"))
+    volume, meta = load_volume(tmp_path / "ct.nii.gz")
+    with pytest.raises(ScanError, match=r"shape \(6, 64, 64\) is not the \(64, 64, 6\) its meta describes"):
+        segmenter.one_shot(np.ascontiguousarray(volume.transpose(2, 1, 0)), meta=meta)
+    padded = np.pad(volume, ((4, 4), (4, 4), (0, 0)), constant_values=-1000)
+    assert segmenter.one_shot(padded, slices=[2], meta=meta).shape == padded.shape
+
+
 def test_sampling_settings_the_model_cannot_run_are_refused(segmenter, liver_volume):
     image, _ = liver_volume
     with pytest.raises(ValueError, match="cannot exceed the 100 timesteps"):

@@ -39,7 +39,7 @@ from .geometry import SLICE_AXIS, Orientation
 from .hounsfield import looks_like_hounsfield  # noqa: F401  (re-exported: finetune and callers use it from here)
 from .nifti_read import sanitize_nonfinite
 from .profiling import PREPROCESS, engine_part
-from .volume_meta import VolumeMeta
+from .volume_meta import VolumeMeta, spatial_shape_3d
 
 #: Voxels used to estimate a scan's intensity percentiles (a regular subsample: same result,
 #: a fraction of the memory and time on a 512×512×300 scan).
@@ -289,6 +289,13 @@ class ScanPreprocessor:
         """How a scan of ``file_shape`` (spatial, file order) with ``meta`` is sliced and resampled."""
         file_shape = tuple(int(s) for s in file_shape[:3])
         notes: list[str] = []
+        described = meta.spatial_shape if meta is not None else None
+        shape = tuple(spatial_shape_3d(file_shape))
+        if described is not None and tuple(described) != shape and sorted(described) == sorted(shape):
+            # SimpleITK's (z, y, x) array with nibabel's meta: the spacing would go to the wrong axes. (An array
+            # of another size, e.g. padded, keeps the meta for its spacing and orientation.)
+            raise ScanError(f"the volume's shape {file_shape} is not the {tuple(described)} its meta describes "
+                            "(axes in another order?); give the array in the file's voxel order (i, j, k)")
         if meta is None:
             meta = VolumeMeta.identity(known=False)
             note = "no geometry was given with the array (1 mm voxels assumed)"
