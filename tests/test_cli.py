@@ -140,7 +140,9 @@ def test_a_cohort_survives_a_corrupt_scan_and_resumes_with_skip_existing(scan, t
 def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_stale_sidecar(
         scan, tmp_path, tiny_checkpoint, capsys, monkeypatch):
     """Ctrl-C between the labels and the sidecar left labels alone, which --skip-existing took for a finished
-    scan; an interrupted --overwrite left the new labels beside the old sidecar (another seed, other slices)."""
+    scan; an interrupted --overwrite left the new labels beside the old sidecar (another seed, other slices).
+    Outputs are now staged and moved together: a stop while writing them leaves the earlier ones whole, and a
+    stop while moving them leaves the pending marker, for --skip-existing to segment the scan again."""
     folder, results = tmp_path / "cohort", tmp_path / "results"
     folder.mkdir()
     for name in "ab":
@@ -148,6 +150,7 @@ def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_
     args = (folder, "-o", results, "--checkpoint", tiny_checkpoint, "--slices", "0:1", "--save-uncertainty")
     assert segment(*args) == 0
     old_sidecar = json.loads((results / "b_seg.json").read_text())
+    old_labels = (results / "b_seg.nii.gz").read_bytes()
     from medconddiff import nifti
 
     real_save = nifti.save_volume
@@ -160,13 +163,28 @@ def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_
     monkeypatch.setattr(nifti, "save_volume", stopped_at_b_uncertainty)
     assert segment(*args, "--overwrite", "--seed", "7") == 130          # Ctrl-C
     monkeypatch.undo()
-    assert (results / "b_seg.nii.gz").is_file() and not (results / "b_seg.json").exists()   # no stale sidecar
+    assert (results / "b_seg.nii.gz").read_bytes() == old_labels                      # the earlier outputs, whole
+    assert json.loads((results / "b_seg.json").read_text()) == old_sidecar
     assert old_sidecar["sampling"]["seed"] == 0
+    assert not [p.name for p in results.iterdir() if p.name.startswith(".")]
+    import os
+
+    real_replace = os.replace
+
+    def stopped_before_b_sidecar(source, target):
+        if Path(target) == results / "b_seg.json":
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stopped_before_b_sidecar)
+    assert segment(*args, "--overwrite", "--seed", "7") == 130          # Ctrl-C while moving b's outputs
+    monkeypatch.undo()
+    assert (results / ".b_seg.nii.gz.medconddiff-pending").exists()
     capsys.readouterr()
     assert segment(*args, "--skip-existing", "--seed", "7") == 0
     captured = capsys.readouterr()
     assert "1 done, 1 skipped, 0 failed of 2" in captured.out
-    assert "b: outputs without their sidecar" in captured.err
+    assert "b: a run stopped while writing its outputs" in captured.err
     assert json.loads((results / "b_seg.json").read_text())["sampling"]["seed"] == 7
 
 

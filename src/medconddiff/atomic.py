@@ -7,6 +7,7 @@ files that belong together (a training set's images, labels and ``dataset.json``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .errors import storage_error
+
 JOURNAL_NAME = "commit.json"   # StagedFiles' record of a commit's moves, inside its folder
 
 
@@ -24,22 +27,58 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, over
     """Run ``write(tmp)`` on a temp file in ``path``'s folder, then rename it to ``path``.
 
     ``suffix`` ends the temp name (nibabel picks gzip or not from it). Raises FileExistsError for an
-    existing ``path`` unless ``overwrite``; the temp file is removed on any failure.
+    existing ``path`` unless ``overwrite``; the temp file is removed on any failure. The temp file is on
+    the disk (fsync) before the rename, and the rename is made durable (the folder fsynced), so a power cut
+    leaves the previous file or the new one, never an empty one under the new name. A full, read-only or
+    failing disk raises :class:`~medconddiff.errors.StorageError`, naming ``path`` by its name.
     """
     path = Path(path)
     check_target(path, overwrite)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as error:
+        raise_naming(error, path)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        _fsync_file(tmp)
         os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise
+        raise_naming(error, path)
+    try:
+        fsync_folder(folder)
+    except OSError as error:
+        raise_naming(error, path)
     return path
+
+
+def raise_naming(error: BaseException, path: Path) -> None:
+    """Raise ``error``, as a one-line StorageError naming ``path`` by name where the storage caused it (a
+    writer's own error holds the temp file's name, or none)."""
+    storage = storage_error(error, path.name)
+    if storage is None or storage is error:
+        raise error
+    raise storage from error
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the renames into ``folder`` durable. Best effort where the file system cannot sync a folder
+    (EINVAL, ENOTSUP) or the platform cannot open one (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, overwrite: bool = False) -> Path:
@@ -54,9 +93,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, overwrite: bool = Fa
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+            handle.write(text)            # atomic_write fsyncs it
 
     atomic_write(path, write, overwrite=overwrite, suffix=".json")
     return path
@@ -82,9 +119,14 @@ def check_target(path: str | os.PathLike, overwrite: bool, what: str = "", *, cr
     Callers with long work ahead call it first, so nothing is computed for an output that will be refused.
     """
     path = Path(path)
-    name = f"{what} {path}".strip()
+    # By name, its folder only as "its folder": napari shows these lines, and folders are named after patients.
+    name = f"{what} {path.name}".strip()
     if path.is_dir():
         raise IsADirectoryError(f"{name} is a directory; give a file name")
+    if path.is_symlink() and not path.exists() and not overwrite:
+        # exists() follows the link: replacing it would replace the user's link to a file elsewhere.
+        raise FileExistsError(f"{name} already exists (a link to a file that is not there now); pass --overwrite "
+                              "(overwrite=True) to replace it")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{name} already exists; pass --overwrite (overwrite=True) to replace it")
     folder = path.parent if str(path.parent) else Path(".")
@@ -92,11 +134,11 @@ def check_target(path: str | os.PathLike, overwrite: bool, what: str = "", *, cr
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
-            raise NotADirectoryError(f"{name}: {folder} is a file, so no folder can be made there")
+            raise NotADirectoryError(f"{name}: a folder on its way is a file, so no folder can be made there")
     elif not folder.is_dir():
-        raise FileNotFoundError(f"{name}: output folder {folder} does not exist")
+        raise FileNotFoundError(f"{name}: its folder does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{name}: cannot write into {folder}")
+        raise PermissionError(f"{name}: cannot write into its folder (permission denied)")
 
 
 def _default_file_mode() -> int:

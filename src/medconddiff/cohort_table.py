@@ -29,7 +29,8 @@ DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 
 @dataclass(frozen=True)
 class ScanOutcome:
-    """What became of one scan of a cohort: ``status`` is done, skipped (its outputs existed) or failed."""
+    """What became of one scan of a cohort: ``status`` is done, skipped (its outputs existed) or failed;
+    ``error`` says why it failed, or why a scan was skipped with its outputs incomplete."""
 
     scan: str
     labels: Path
@@ -60,6 +61,7 @@ def write_cohort_table(path: Path, outcomes: Sequence[ScanOutcome], class_names:
     writer.writerow(columns)
     for outcome in outcomes:
         record, note = (None, outcome.error) if outcome.status == FAILED else _sidecar(outcome.sidecar)
+        note = outcome.error or note        # a scan skipped for a file in its way says which
         row = [outcome.scan, outcome.labels.name, outcome.status]
         if record is None:
             row += ["", "", ""] + [""] * len(foreground)

@@ -55,6 +55,21 @@ def output_paths(output: Path) -> dict[str, Path]:
     }
 
 
+#: Ends the name of the hidden marker beside a labels file whose outputs are being written (see pending_marker).
+PENDING_SUFFIX = ".medconddiff-pending"
+
+
+def pending_marker(labels: Path) -> Path:
+    """The hidden file beside ``labels`` while its outputs are written: ``.seg.nii.gz.medconddiff-pending``.
+
+    It is written before the first output and removed after the sidecar, so it is this program's own record
+    of a run that stopped half-way: ``--skip-existing`` redoes such a scan, and takes a labels file without a
+    sidecar and without this marker for someone else's file, which it never replaces. It holds no patient data.
+    """
+    labels = Path(labels)
+    return labels.with_name(f".{labels.name}{PENDING_SUFFIX}")
+
+
 def default_output(scan: Path, folder: Optional[Path] = None) -> Path:
     """``<scan>_seg.nii.gz`` in ``folder`` (default: next to the scan)."""
     return (folder or scan.parent) / f"{strip_nifti_suffix(scan)}_seg.nii.gz"

@@ -110,11 +110,13 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..benchmark import format_report, run_benchmark
 
+    from ..atomic import check_target
+
     check_device(args.device)
     options = options_from_args(args)
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        # Checked before measuring, so minutes of work are not lost to an existing file.
-        raise FileExistsError(f"{args.json} exists; pass --overwrite to replace it")
+    if args.json is not None:
+        # Checked before measuring, so minutes of work are not lost to a file that cannot be written.
+        check_target(args.json, args.overwrite, "--json")
 
     def log(message: str) -> None:
         if not args.quiet:

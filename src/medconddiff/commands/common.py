@@ -10,7 +10,7 @@ from __future__ import annotations
 import traceback
 from typing import Optional
 
-from ..errors import ConfigError, UserInputError, user_error_types
+from ..errors import ConfigError, UserInputError, storage_error, user_error_types
 from ..slice_lists import SLICE_SYNTAX, parse_slices
 
 __all__ = ["SLICES_HELP", "check_device", "failure_report", "is_out_of_memory", "scan_slices",
@@ -64,12 +64,17 @@ def is_out_of_memory(error: BaseException) -> bool:
 def failure_report(error: BaseException, prefix: str) -> tuple[str, int]:
     """What to print for ``error`` and the exit status it implies.
 
-    A user error (:func:`medconddiff.errors.user_error_types`) is one line, status 2. Running out of
-    memory is one line saying so, status 1: a traceback would only point at whichever allocation
-    happened to fail. Anything else is a bug: the full traceback, then one line saying so, status 1.
+    A user error (:func:`medconddiff.errors.user_error_types`), a full, read-only or failing disk among
+    them, is one line, status 2. Running out of memory is one line saying so, status 1: a traceback would
+    only point at whichever allocation happened to fail. Anything else is a bug: the full traceback, then
+    one line saying so, status 1.
     """
     if isinstance(error, user_error_types()):
         return f"{prefix}: {error}", 2
+    # A full, read-only or failing disk met outside atomic_write (a folder made, a marker written, a scan read).
+    storage = storage_error(error, _file_name(error), "read or write")
+    if storage is not None:
+        return f"{prefix}: {storage}", 2
     if is_out_of_memory(error):
         detail = str(error).splitlines()[0] if str(error) else ""
         return (f"{prefix}: out of memory ({type(error).__name__}{': ' + detail if detail else ''}); "
@@ -77,6 +82,14 @@ def failure_report(error: BaseException, prefix: str) -> tuple[str, int]:
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return (f"{trace}{prefix}: internal error ({type(error).__name__}: {error}); this is a bug in medconddiff, "
             "not in your input; please report it with the traceback above"), 1
+
+
+def _file_name(error: BaseException) -> str:
+    """The file an OSError names, by name (its folder may be named after the patient)."""
+    import os
+
+    filename = getattr(error, "filename", None)
+    return os.path.basename(os.fsdecode(filename).rstrip("/\\")) if filename else "a file"
 
 
 def add_keep_classes_argument(parser) -> None:

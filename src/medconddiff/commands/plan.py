@@ -29,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_target
     from ..dataset_layout import describe_dataset
     from ..fingerprint import compute_fingerprint, plan_from_fingerprint
     from ..nifti import write_json_atomic
 
     # Refuse before the (long) pass over the data, not after it.
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.json} already exists; pass --overwrite to replace it")
+    if args.json is not None:
+        check_target(args.json, args.overwrite, "--json")
     description = describe_dataset(args.dataset)
     class_names, channel_names = _names(description)
     fingerprint = compute_fingerprint(description, class_names, channel_names)

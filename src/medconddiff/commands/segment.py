@@ -15,7 +15,9 @@ one file per channel (in a folder: nnU-Net naming, CASE_0000.nii.gz, CASE_0001.n
 
 Writes the consensus labels (uint8, the scan's affine), optionally the uncertainty map and the
 per-step x̂0 labels (4-D, step axis last), and a JSON sidecar with everything needed to reproduce it.
-Existing files are never overwritten unless --overwrite is given; every file is written atomically.
+Existing files are never overwritten unless --overwrite is given; every file is written atomically, and a
+scan's files are moved into place together (a hidden .NAME.medconddiff-pending marker stands beside them
+meanwhile), so --skip-existing segments again only what a stopped run of its own left, never a user's file.
 In a cohort a scan that cannot be read or segmented is reported in one line (a bug in medconddiff:
 with its traceback) and the others go on; the summary counts done / skipped / failed and the exit
 status is 1 if any failed. A cohort also writes medconddiff_volumes.csv into the output folder: one row
@@ -51,13 +53,13 @@ import numpy as np
 
 from ..cohort_table import DONE, FAILED, SKIPPED, ScanOutcome, table_path, write_cohort_table
 from ..config import SamplingConfig, add_dataclass_arguments, override_from_args
-from ..errors import ConfigError, UserInputError
+from ..errors import ConfigError, StorageError, UserInputError, is_disk_full
 from ..nifti import NIFTI_SUFFIXES
 from .common import SLICES_HELP, check_device, failure_report, scan_slices
 from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, media_folder, pick_series,
                             read_pick, top_level_nifti)
-from ..outputs import (default_output, output_paths, outputs_recorded_in, segmentation_record, strip_nifti_suffix,
-                       trajectory_volume)
+from ..outputs import (default_output, output_paths, outputs_recorded_in, pending_marker, segmentation_record,
+                       strip_nifti_suffix, trajectory_volume)
 
 OPTIONAL_OUTPUTS = ("uncertainty", "trajectory")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -207,8 +209,10 @@ def plan_jobs(inputs: list[Path], output: Optional[Path], channels: int, *, seri
 
 def _check_distinct_outputs(jobs: list[ScanJob]) -> None:
     """Two scans never write one file (``--overwrite`` would let the second replace the first's results),
-    and no output is an input (``-o scan.nii.gz`` would replace the scan with its labels)."""
+    and no output is an input (``-o scan.nii.gz`` would replace the scan with its labels), nor lies in a
+    DICOM folder that is read (``-o SERIES/IM_0003.dcm`` would replace one of the series' images)."""
     inputs = {path.resolve(): job for job in jobs for path in job.files if path.is_file()}
+    read_folders = {folder: job for job in jobs for folder in _dicom_folders_read(job)}
     written: dict[Path, ScanJob] = {}
     for job in jobs:
         for path in output_paths(job.output).values():
@@ -216,10 +220,28 @@ def _check_distinct_outputs(jobs: list[ScanJob]) -> None:
             if where in inputs:
                 raise ConfigError(f"{job.name} would write {path}, which is an input ({inputs[where].name}); "
                                   "choose another -o")
+            folder = next((folder for folder in read_folders if where.is_relative_to(folder)), None)
+            if folder is not None:
+                reader = "it is" if read_folders[folder] is job else f"{read_folders[folder].name} is"
+                if where.exists() or where.is_symlink():
+                    raise ConfigError(f"{job.name} would write {path}, which is an input (a file of the DICOM folder "
+                                      f"{folder.name} {reader} read from); choose another -o")
+                raise ConfigError(f"{job.name} would write {path} into the DICOM folder {folder.name} {reader} read "
+                                  "from (the folder would no longer read as its series alone); choose another -o")
             if where in written and written[where] is not job:
                 raise ConfigError(f"{written[where].name} and {job.name} would both write {path}; give their "
                                   "files distinct names, or segment them in separate runs")
             written[where] = job
+
+
+def _dicom_folders_read(job: ScanJob) -> list[Path]:
+    """The folders whose files a DICOM job reads: a folder given, or the series folder of one file given."""
+    if job.dicom is None:
+        return []
+    folders = [path for path in job.files if path.is_dir()]
+    if job.dicom.folder is not None:
+        folders.append(job.dicom.folder)
+    return [folder.resolve() for folder in folders]
 
 
 def cohort_folder(jobs: list[ScanJob]) -> Path:
@@ -296,13 +318,26 @@ def wanted_outputs(args: argparse.Namespace) -> list[str]:
 
 
 def outputs_exist(paths: dict[str, Path], wanted: list[str]) -> list[Path]:
-    return [paths[key] for key in wanted if paths[key].exists()]
+    # A link counts even when it leads nowhere: replacing it would replace the user's link.
+    return [paths[key] for key in wanted if paths[key].exists() or paths[key].is_symlink()]
 
 
 def outputs_complete(paths: dict[str, Path], wanted: list[str]) -> bool:
-    """Every wanted output is there. The sidecar is written last (and an earlier one removed first when
-    replacing), so outputs without it are what an interrupted run left, not a finished scan."""
+    """Every wanted output is there. Outputs are moved into place together, the sidecar last, with a pending
+    marker beside them meanwhile (see :func:`write_outputs`): without that marker they are a finished scan."""
     return len(outputs_exist(paths, wanted)) == len(wanted)
+
+
+def existing_outputs_note(paths: dict[str, Path], wanted: list[str]) -> str:
+    """Why ``--skip-existing`` leaves a scan whose outputs are only partly there (and no run of this program was
+    left unfinished there): the file it would have to replace, by name."""
+    if paths["sidecar"].exists():
+        missing = [paths[key].name for key in wanted if not paths[key].exists()]
+        return (f"its outputs of an earlier run exist without {missing[0]} (that run was not asked for it); pass "
+                "--overwrite to segment it again")
+    return (f"{outputs_exist(paths, wanted)[0].name} exists without the sidecar this program writes with its "
+            "labels, so it is not this program's unfinished output (your own file?); not replaced: pass "
+            "--overwrite to replace it, or choose another -o")
 
 
 def load_scan(job: ScanJob, channels: int, channel: Optional[int]):
@@ -335,10 +370,8 @@ def _load_nifti(job: ScanJob, channels: int, channel: Optional[int]):
 
 def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argparse.Namespace,
                 note: Optional[NotePrinter] = None, replace: bool = False) -> dict:
-    """Segment one scan and write its outputs, the sidecar last. ``replace``: outputs may be replaced
+    """Segment one scan and write its outputs (:func:`write_outputs`). ``replace``: outputs may be replaced
     (``--overwrite``, or what an interrupted run left for ``--skip-existing`` to finish)."""
-    from ..nifti import save_volume, write_json_atomic
-
     wanted = wanted_outputs(args)
     paths = output_paths(job.output)
     replace = replace or args.overwrite
@@ -369,30 +402,81 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
         bar.close()
     result = run.result
     seconds = time.perf_counter() - started
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    if replace:
-        # The old sidecar goes first: a run stopped while writing must not leave it vouching for new labels.
-        paths["sidecar"].unlink(missing_ok=True)
     meta = meta.without_header_text()      # the scan's geometry, not its header's free text
-    if is_dicom_seg_name(paths["labels"]) and args.output_format == "dicom-rtstruct":
-        from ..dicom_rtstruct_write import write_rtstruct
-
-        write_rtstruct(paths["labels"], result.labels, meta, source, result.class_names, overwrite=replace)
-    elif is_dicom_seg_name(paths["labels"]):
-        from ..dicom_seg import write_dicom_seg
-
-        write_dicom_seg(paths["labels"], result.labels, source, result.class_names, overwrite=replace)
-    else:
-        save_volume(paths["labels"], result.labels, meta, overwrite=replace, dtype=np.uint8)
-    if args.save_uncertainty:
-        save_volume(paths["uncertainty"], result.uncertainty, meta, overwrite=replace, dtype=np.float32)
-    if args.save_trajectory:
-        save_volume(paths["trajectory"], trajectory_volume(result), meta, overwrite=replace, dtype=np.uint8)
     record = segmentation_record(result, meta, result.labels, inputs=job.files,
                                  outputs={k: paths[k] for k in wanted if k != "sidecar"},
                                  seconds=seconds, dicom_source=source)
-    write_json_atomic(paths["sidecar"], record, overwrite=replace)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(paths, wanted, lambda staged: _write_labels_and_maps(staged, result, meta, source, args), record,
+                  replace=replace)
     return record
+
+
+def _write_labels_and_maps(paths: dict[str, Path], result, meta, source, args: argparse.Namespace) -> None:
+    from ..nifti import save_volume
+
+    if is_dicom_seg_name(paths["labels"]) and args.output_format == "dicom-rtstruct":
+        from ..dicom_rtstruct_write import write_rtstruct
+
+        write_rtstruct(paths["labels"], result.labels, meta, source, result.class_names)
+    elif is_dicom_seg_name(paths["labels"]):
+        from ..dicom_seg import write_dicom_seg
+
+        write_dicom_seg(paths["labels"], result.labels, source, result.class_names)
+    else:
+        save_volume(paths["labels"], result.labels, meta, dtype=np.uint8)
+    if args.save_uncertainty:
+        save_volume(paths["uncertainty"], result.uncertainty, meta, dtype=np.float32)
+    if args.save_trajectory:
+        save_volume(paths["trajectory"], trajectory_volume(result), meta, dtype=np.uint8)
+
+
+def write_outputs(paths: dict[str, Path], wanted: list[str], write_files, record: dict, *, replace: bool) -> None:
+    """Write one scan's outputs so that a stop anywhere leaves the earlier outputs whole or the new ones whole.
+
+    ``write_files(staged)`` writes the labels and maps into a hidden staging folder beside them (under their own
+    names, so every writer behaves as for the real targets); the sidecar follows, then everything is moved into
+    place, the sidecar last. The pending marker stands beside them from before the first file to after the last
+    move: a run stopped during the moves (or killed outright) leaves it, and ``--skip-existing`` then segments the
+    scan again. A failure before the moves (a full disk, Ctrl-C while writing) has changed no output, so the marker
+    goes with the staged files.
+    """
+    import shutil
+
+    from ..atomic import check_target, fsync_folder, raise_naming
+    from ..nifti import write_json_atomic
+
+    marker, staging = pending_marker(paths["labels"]), _staging_folder(paths["labels"])
+    shutil.rmtree(staging, ignore_errors=True)          # what a killed run of this scan left
+    try:
+        marker.touch()      # empty: nothing in it to read, and no data block to find on a nearly full disk
+        staging.mkdir()
+    except OSError as error:
+        marker.unlink(missing_ok=True)
+        raise_naming(error, paths["labels"])            # a read-only disk: said of the labels, not of the marker
+    order = [key for key in wanted if key != "sidecar"] + ["sidecar"]
+    moved = False
+    try:
+        write_files({key: staging / paths[key].name for key in order})
+        write_json_atomic(staging / paths["sidecar"].name, record)
+        for key in order:
+            # Checked again: a file may have appeared at a target while the scan was sampled.
+            check_target(paths[key], replace)
+        for key in order:
+            os.replace(staging / paths[key].name, paths[key])
+            moved = True
+        fsync_folder(paths["labels"].parent)
+    except BaseException:
+        if not moved:
+            marker.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    marker.unlink()
+
+
+def _staging_folder(labels: Path) -> Path:
+    return labels.with_name(f".{labels.name}.medconddiff-staging")
 
 
 def _progress_bar(total: int, name: str):
@@ -457,22 +541,27 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{table} exists; pass --skip-existing to resume the cohort (the table is "
                                   "written again, with every scan) or --overwrite to replace it")
     make_output_folders(jobs)
-    done, skipped, failed = 0, 0, 0
+    done, skipped, failed, table_lost = 0, 0, 0, False
     outcomes: list[ScanOutcome] = []
     wanted = wanted_outputs(args)
-    for job in jobs:
+    for index, job in enumerate(jobs):
         paths = output_paths(job.output)
         sidecar = paths["sidecar"]
-        unfinished = False
-        if args.skip_existing and outputs_complete(paths, wanted):
+        unfinished = args.skip_existing and pending_marker(paths["labels"]).exists()
+        if unfinished:
+            print(f"{job.name}: a run stopped while writing its outputs (its pending marker is there): segmenting "
+                  "it again", file=sys.stderr)
+        elif args.skip_existing and outputs_complete(paths, wanted):
             print(f"{job.name}: skipped (outputs exist)")
             skipped += 1
             outcomes.append(ScanOutcome(job.name, job.output, sidecar, SKIPPED))
             continue
-        if args.skip_existing and outputs_exist(paths, wanted):
-            unfinished = True
-            print(f"{job.name}: outputs without their sidecar (a run stopped while writing them): segmenting "
-                  "it again", file=sys.stderr)
+        elif args.skip_existing and outputs_exist(paths, wanted):
+            why = existing_outputs_note(paths, wanted)
+            print(f"{job.name}: skipped: {why}", file=sys.stderr)
+            skipped += 1
+            outcomes.append(ScanOutcome(job.name, job.output, sidecar, SKIPPED, why))
+            continue
         try:
             record = segment_one(segmenter, job, sampling, args, note, replace=unfinished)
         except Exception as error:  # noqa: BLE001 - a cohort reports every failure and goes on
@@ -484,6 +573,15 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             reason = text.splitlines()[0].removeprefix(f"{job.name}: FAILED: ")
             outcomes.append(ScanOutcome(job.name, job.output, sidecar, FAILED, reason))
+            if is_disk_full(error):
+                # Every later scan would fail the same way at its last step, after its sampling.
+                rest = jobs[index + 1:]
+                print(f"stopping: no space is left for outputs; {len(rest)} scan(s) not segmented (free space, then "
+                      "resume with --skip-existing)", file=sys.stderr, flush=True)
+                failed += len(rest)
+                outcomes += [ScanOutcome(other.name, other.output, output_paths(other.output)["sidecar"], FAILED,
+                                         "not segmented: the disk was full") for other in rest]
+                break
             continue
         done += 1
         outcomes.append(ScanOutcome(job.name, job.output, sidecar, DONE))
@@ -492,9 +590,13 @@ def run(args: argparse.Namespace) -> int:
         where = f"{job.dicom.label} in {job.files[0]}" if job.dicom else ", ".join(str(f) for f in job.files)
         print(f"{where} -> {job.output} ({record['seconds']:.1f} s; {volumes})")
     if table is not None:
-        write_cohort_table(table, outcomes, segmenter.class_names, overwrite=True)
+        try:
+            write_cohort_table(table, outcomes, segmenter.class_names, overwrite=True)
+        except StorageError as error:    # the summary still tells what became of each scan
+            print(f"{error}", file=sys.stderr)
+            table_lost, table = True, None
     if cohort:
         rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
         print(f"summary{rank}: {done} done, {skipped} skipped, {failed} failed of {len(jobs)} scan(s)"
               + (f"; class volumes of every scan: {table}" if table is not None else ""))
-    return 1 if failed else 0
+    return 1 if failed or table_lost else 0

@@ -56,25 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_target
     from ..checkpoint import load_checkpoint
     from ..experiment import ConfigConflict, given_flags, training_config
     from ..train import Trainer, build_datasets
     from ..training_data import TrainingData
 
     check_device(args.device)
+    if args.export_half is not None:
+        # Before the training, not after it (save_checkpoint makes missing folders).
+        check_target(args.export_half, args.overwrite, "--export-half", creates_folders=True)
     train_ranges, val_ranges = (TrainingData.ranges(args.train_slices, "--train-slices"),
                                 TrainingData.ranges(args.val_slices, "--val-slices"))
     data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])])
-    # An earlier run's files (its last checkpoint is what --resume continues) are replaced only when asked.
-    earlier = [args.output / name for name in ("final.safetensors", "last.safetensors")
-               if (args.output / name).exists()]
-    # Resuming the run of this very folder continues it; resuming another run's checkpoint into a folder that
-    # holds a run of its own would replace that one.
+    # Resuming the run of this very folder continues it (its log goes on); resuming another run's checkpoint into
+    # a folder that holds a run of its own would replace that one.
     resuming_here = args.resume is not None and Path(args.resume).resolve().parent == args.output.resolve()
-    if earlier and not (args.overwrite or resuming_here):
-        raise FileExistsError(f"{earlier[0]} exists (an earlier run's); pass --resume "
-                              f"{args.output / 'last.safetensors'} to continue it, --overwrite to replace it, or "
-                              "choose another --output")
+    _check_earlier_run(args.output, args.overwrite or resuming_here)
     flags = given_flags(args, SECTIONS)
     if args.resume is not None:
         start = load_checkpoint(args.resume)
@@ -108,11 +106,16 @@ def run(args: argparse.Namespace) -> int:
         _check_slices_of_every_case(config.plan, cases, val_ranges)
     train_set, validation = build_datasets(config, cases, train_ranges, val_ranges)
     args.output.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.output / "log.jsonl", "a")
+    # Opened at its first record (only the main process writes one): under torchrun another rank checks the folder
+    # for an earlier run's files meanwhile. A new run starts a new log; a resumed one adds to its own.
+    log_file = None
 
     def log(message: str) -> None:
+        nonlocal log_file
         print(message, flush=True)
         if message.startswith("{"):
+            if log_file is None:
+                log_file = open(args.output / "log.jsonl", "a" if resuming_here else "w", encoding="utf-8")
             log_file.write(message + "\n")
             log_file.flush()
 
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = trainer.fit(max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     if args.export_half and trainer.dist.is_main:
         from ..checkpoint import save_checkpoint
 
@@ -153,6 +157,20 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"),
                      overwrite=True, suffix=".json")
     return 0 if path else 1
+
+
+#: An earlier run's files in an output folder: its checkpoints (the last one is what --resume continues), its record
+#: and its log. Replaced only when asked.
+RUN_FILES = ("final.safetensors", "last.safetensors", "config.json", "log.jsonl")
+
+
+def _check_earlier_run(output: Path, replace: bool) -> None:
+    earlier = [output / name for name in RUN_FILES if (output / name).exists()]
+    if earlier and not replace:
+        resume = (f"pass --resume {output / 'last.safetensors'} to continue it, "
+                  if (output / "last.safetensors").exists() else "")
+        raise FileExistsError(f"{earlier[0]} exists (an earlier run's); {resume}pass --overwrite to replace it, or "
+                              "choose another --output")
 
 
 def _check_slices_of_every_case(plan: PreprocessPlan, cases, ranges) -> None:
