@@ -816,3 +816,17 @@ def test_config_fields_read_from_a_dict_keep_whole_numbers_and_tuples():
     assert (train.lr, type(train.lr)) == (1.0, float)
     plan = dataclass_from_dict(PreprocessPlan, {"target_spacing": [1, 2], "intensity": ["zscore"]})
     assert plan.target_spacing == (1.0, 2.0) and plan.intensity == ("zscore",)
+
+
+def test_a_skip_first_beyond_the_steps_the_bundled_model_takes_is_said_and_recorded(tmp_path, capsys):
+    """The bundled model stops each slice after its recorded cap of 2 steps: --consensus mean --skip-first 5
+    gave the last step's labels while the console and the sidecar said 'mean, skip_first 5'."""
+    from medconddiff.nifti import sample_scan_path
+
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(sample_scan_path()), "-o", str(out), "--slices", "60", "--consensus", "mean",
+                 "--skip-first", "5", "--quiet", "--device", "cpu"]) == 0
+    expected = ("skip-first 5: 1 of 1 slice(s) took 5 step(s) or fewer (a step cap or adaptive stopping), so "
+                "their consensus is their last step alone, not a mean of steps")
+    assert expected in capsys.readouterr().err
+    assert json.loads((tmp_path / "seg.json").read_text())["skip_first_note"] == expected

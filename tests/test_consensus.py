@@ -178,3 +178,15 @@ def test_the_mean_of_quantised_steps_is_their_exact_mean_rounded_once():
     fused = fuse(stack, "mean")
     labels = labels_from_probabilities(fused)
     np.testing.assert_array_equal(uncertainty(stack, labels), uncertainty(stack, labels, pooled=fused))
+
+
+def test_a_skip_first_beyond_the_steps_a_slice_took_is_said():
+    """--skip-first 5 on the bundled model (capped at 2 steps) gave the last step's labels, while the console
+    and sidecar said 'mean, skip_first 5'."""
+    from medconddiff.consensus import skip_first_note
+
+    assert skip_first_note(5, "mean", np.array([2, 2, 10])) == (
+        "skip-first 5: 2 of 3 slice(s) took 5 step(s) or fewer (a step cap or adaptive stopping), so their "
+        "consensus is their last step alone, not a mean of steps")
+    assert skip_first_note(5, "mean", np.array([6, 10])) == ""
+    assert skip_first_note(0, "mean", np.array([2])) == ""

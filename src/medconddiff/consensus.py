@@ -281,3 +281,16 @@ def uncertainty(stack: np.ndarray, labels: np.ndarray, kind: str = "combined",
     if kind == "entropy":
         return entropy
     return 0.5 * (entropy + step_disagreement(stack, labels))
+
+
+def skip_first_note(skip_first: int, consensus: str, steps_used: np.ndarray) -> str:
+    """A note when ``skip_first`` left a slice nothing but its last step: the slices that took no more steps
+    than it (the model's step cap, adaptive stopping) fuse their last step alone (a fusion keeps at least
+    one step), so their consensus is that step whatever the method. Empty otherwise."""
+    skip = int(skip_first)
+    steps_used = np.asarray(steps_used)
+    short = int((steps_used <= skip).sum()) if skip > 0 else 0
+    if not short:
+        return ""
+    return (f"skip-first {skip}: {short} of {len(steps_used)} slice(s) took {skip} step(s) or fewer (a step cap or "
+            f"adaptive stopping), so their consensus is their last step alone, not a {consensus} of steps")

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .consensus import skip_first_note
 from .nifti import NIFTI_SUFFIXES, VolumeMeta
 
 
@@ -138,6 +139,12 @@ def segmentation_record(result: Any, meta: VolumeMeta, labels: np.ndarray, *, in
     if edited is not None:
         record["edited_in_napari"] = bool(edited)
     record.update(result.provenance)
+    sampling = record.get("sampling")
+    if isinstance(sampling, dict):      # the skip recorded may ask for more than some slices could leave out
+        note = skip_first_note(int(sampling.get("skip_first", 0)), str(sampling.get("consensus")),
+                               np.asarray(record["steps_used"]))
+        if note:
+            record["skip_first_note"] = note
     # The model by file name and SHA-256: a fine-tuned model is saved next to the scan by default.
     if "checkpoint" in record:
         record["checkpoint"] = recorded_name(record["checkpoint"])

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .config import SamplingConfig
-from .consensus import first_argmax
+from .consensus import first_argmax, skip_first_note
 from .consensus_choice import resolved_consensus
 from .fusion import Postprocess, fuse_slices, model_pixel_area, scan_labels
 from .preprocess import ScanGeometry
@@ -94,6 +94,11 @@ class SegmentationResult:
     @property
     def is_complete(self) -> bool:
         return bool(self.completed.all())
+
+    @property
+    def skip_first_note(self) -> str:
+        """What skip-first did where slices took fewer steps than the schedule (see :func:`skip_first_note`)."""
+        return skip_first_note(self.sampling.skip_first, self.sampling.consensus, self.steps_used[self.completed])
 
     def trajectory_step(self, index: int) -> np.ndarray:
         """Entry ``index`` (seed × steps + step) of the trajectory, (K, n_slices, h, w): a slice that

@@ -402,6 +402,8 @@ def segment_one(segmenter, job: ScanJob, sampling: SamplingConfig, args: argpars
         bar.close()
     result = run.result
     seconds = time.perf_counter() - started
+    if result.skip_first_note:
+        note(result.skip_first_note, job.name)
     meta = meta.without_header_text()      # the scan's geometry, not its header's free text
     record = segmentation_record(result, meta, result.labels, inputs=job.files,
                                  outputs={k: paths[k] for k in wanted if k != "sidecar"},
