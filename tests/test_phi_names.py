@@ -58,6 +58,25 @@ def test_a_dicom_folders_default_outputs_are_named_by_the_series_not_the_patient
     assert f"series 1 'synthetic CT' in <given> -> " in captured.out.replace(str(first), "<given>")
 
 
+def test_a_series_given_by_a_relative_path_is_written_and_shown_relative(tmp_path, small_ct, tiny_checkpoint,
+                                                                           capsys, monkeypatch):
+    """Inside the patient's folder, `segment CT` printed the output's absolute path (the patient's folder in
+    it) and `segment .` in the series folder resolved links; outputs go beside the folder as typed."""
+    volume, affine = small_ct
+    patient = tmp_path / PATIENT_FOLDER
+    write_series(patient / "CT", volume, affine, patient=PATIENT)
+    monkeypatch.chdir(patient)
+    assert main(["segment", "CT", "--checkpoint", str(tiny_checkpoint), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert_no_patient_data(captured.out, captured.err)
+    assert " -> series1_synthetic_CT_" in captured.out
+    monkeypatch.chdir(patient / "CT")
+    assert main(["segment", ".", "--checkpoint", str(tiny_checkpoint), "--overwrite", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert " -> ../series1_synthetic_CT_" in captured.out
+    assert not [p for p in (patient / "CT").iterdir() if "_seg" in p.name]        # beside the folder, not in it
+
+
 def test_one_file_of_a_series_and_a_chosen_series_are_named_by_the_series(tmp_path, small_ct, tiny_checkpoint):
     """A file of the series named after the patient (as Siemens exports do), in a patient-named folder,
     and the series chosen with --series from that folder: both named by the series, beside the folder."""

@@ -163,7 +163,7 @@ def pick_series(path: Path, series: Optional[str], all_series: bool,
         scanned = infos.scanned
         if series is None and scanned is not None and scanned.file_alone is not None:
             # One file of a series read with the files beside it: named as the series, written beside its folder.
-            return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos, path.resolve().parent)]
+            return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos, path.parent)]
         if series is None and not all_series and len(infos) <= 1:
             # Neither the file's name nor its folder's: exports name both after the patient.
             return [DicomPick(path, None, _pick_name(infos[0]), infos[0].name, infos)]

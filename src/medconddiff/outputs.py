@@ -16,6 +16,7 @@ description, and its outputs by file name (they lie next to it); a fine-tuned ch
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -74,6 +75,14 @@ def pending_marker(labels: Path) -> Path:
 def default_output(scan: Path, folder: Optional[Path] = None) -> Path:
     """``<scan>_seg.nii.gz`` in ``folder`` (default: next to the scan)."""
     return (folder or scan.parent) / f"{strip_nifti_suffix(scan)}_seg.nii.gz"
+
+
+def folder_holding(path: Path) -> Path:
+    """The folder that holds ``path`` (a file, or a series folder: ``.`` gives the folder above), written as
+    the path was: a relative path gives a relative folder, so the console does not spell out the folders
+    above it (often named after the patient), and links are not followed (outputs go where the user looked)."""
+    holder = Path(os.path.abspath(path)).parent
+    return holder if Path(path).is_absolute() else Path(os.path.relpath(holder))
 
 
 def class_volumes_ml(labels: np.ndarray, spacing: tuple[float, ...], class_names: tuple[str, ...]) -> dict:

@@ -58,8 +58,8 @@ from ..nifti import NIFTI_SUFFIXES
 from .common import SLICES_HELP, check_device, failure_report, scan_slices
 from ..dicom_inputs import (DicomPick, folder_kind, is_dicom_input, is_dicom_seg_name, media_folder, pick_series,
                             read_pick, top_level_nifti)
-from ..outputs import (default_output, output_paths, outputs_recorded_in, pending_marker, segmentation_record,
-                       strip_nifti_suffix, trajectory_volume)
+from ..outputs import (default_output, folder_holding, output_paths, outputs_recorded_in, pending_marker,
+                       segmentation_record, strip_nifti_suffix, trajectory_volume)
 
 OPTIONAL_OUTPUTS = ("uncertainty", "trajectory")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -303,7 +303,7 @@ def _dicom_jobs(inputs: list[Path], output: Optional[Path], channels: int, serie
             found.append((strip_nifti_suffix(path), path, None))
     if len(found) == 1 and not all_series:
         name, path, pick = found[0]
-        beside = pick.folder.parent if pick is not None and pick.folder is not None else path.resolve().parent
+        beside = folder_holding(pick.folder if pick is not None and pick.folder is not None else path)
         return [ScanJob(name, (path,), output or beside / f"{name}_seg{suffix}", pick)], False
     _check_output_folder(output, "several scans or series")
     names = [name for name, _, _ in found]
