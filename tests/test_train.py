@@ -151,6 +151,11 @@ def test_train_cli_refuses_to_clobber_and_reports_errors(tmp_path, capsys):
     empty.mkdir()
     assert main(["train", str(empty), "-o", str(tmp_path / "x")]) == 2
     assert "expected" in capsys.readouterr().err
+    # --max-minutes 0 ran without a limit and -5 stopped after one epoch, without a word.
+    for minutes in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "y"), "--max-minutes", minutes])
+        assert "give a positive number" in capsys.readouterr().err
 
 
 def write_nnunet_mri(root: Path, cases: int = 2) -> Path:

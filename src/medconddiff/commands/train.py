@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="start from a checkpoint's weights (fine-tuning): a file, or a bundled "
                         "model: default, medconddiff-liver, lsegdiff-liver")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall time")
+    parser.add_argument("--max-minutes", type=_minutes, help="stop after the epoch that passes this wall time")
     parser.add_argument("--export-half", type=Path, help="also write the final EMA weights in fp16 here (for shipping)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow an output folder with an earlier run's checkpoints")
@@ -157,6 +157,20 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.output / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"),
                      overwrite=True, suffix=".json")
     return 0 if path else 1
+
+
+def _minutes(text: str) -> float:
+    """--max-minutes: a positive, finite number of minutes (0 ran without a limit, a negative one stopped after
+    the first epoch, without a word)."""
+    import math
+
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise argparse.ArgumentTypeError(f"{text} minutes: give a positive number (leave the flag out for no limit)")
+    return minutes
 
 
 #: An earlier run's files in an output folder: its checkpoints (the last one is what --resume continues), its record
