@@ -89,6 +89,7 @@ def save_checkpoint(path: str | Path, model: "nn.Module", config: ExperimentConf
         state[key] = (value.half() if half and value.is_floating_point() else value).contiguous()
     for key, value in (tensors or {}).items():
         state[key] = value.detach().cpu().contiguous()
+    _refuse_saving_nonfinite(path, state, half)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "config": json.dumps(config.to_dict()), "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,19 @@ def _refuse_nonfinite_tensors(path: Path, state: dict[str, "torch.Tensor"]) -> N
                                   "the checkpoint is damaged or its training diverged: use another checkpoint")
 
 
+def _refuse_saving_nonfinite(path: Path, state: dict[str, "torch.Tensor"], half: bool) -> None:
+    """Weights holding NaN or infinity (a diverged run; a weight beyond fp16's range in a half export) must not
+    replace a file: load_checkpoint would refuse it, and a user's earlier model would be gone."""
+    import torch
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            beyond = " (beyond fp16's range: export without half precision)" if half else ""
+            raise CheckpointError(f"{path.name} not saved: tensor {key!r} holds {bad} NaN or infinite value(s) of "
+                                  f"{tensor.numel()}{beyond}; the training diverged or its weights are damaged")
+
+
 def with_extra(source: str | Path | None, target: str | Path, updates: dict, *, overwrite: bool = False) -> Path:
     """Copy the checkpoint ``source`` to ``target`` with ``updates`` merged into its ``extra`` record:
     the tensors (dtypes included) and the config are kept bit for bit; written atomically."""
@@ -199,6 +213,50 @@ def model_state(checkpoint: Checkpoint, prefix: str = "") -> dict[str, torch.Ten
             continue
         state[prefix + key] = value.float() if value.is_floating_point() else value
     return state
+
+
+def check_tensor_shapes(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint whose config describes other tensors than the file holds (an edited or damaged
+    config), before a model is built from it: the config's network is built on torch's "meta" device (shapes,
+    no memory, no random initialisation) and compared tensor by tensor. A CheckpointError names the first
+    tensor whose shape differs; missing or unexpected tensors are :func:`load_model_weights`' to report."""
+    import dataclasses
+
+    import torch
+
+    from .families import build_model
+
+    where = checkpoint.path.name if checkpoint.path else "the checkpoint"
+    config = checkpoint.config
+    with torch.device("meta"), _random_init_skipped():
+        model = build_model(dataclasses.replace(config.model, backbone_weights=None),
+                            in_channels=config.plan.input_channels)
+    for key, expected in model.state_dict().items():
+        held = checkpoint.state_dict.get(key)
+        if held is not None and tuple(held.shape) != tuple(expected.shape):
+            raise CheckpointError(f"{where} does not fit the model its config describes: tensor {key!r} is "
+                                  f"{tuple(held.shape)} in the file, {tuple(expected.shape)} by its config; use the "
+                                  "checkpoint as training wrote it, or another one")
+
+
+#: Random initialisers: on the meta device they only cost time (a third of a second for the bundled model,
+#: whose shapes take a tenth to build), so :func:`check_tensor_shapes` skips them.
+_RANDOM_INIT = frozenset(("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                          "xavier_uniform_", "xavier_normal_", "orthogonal_", "erfinv_"))
+
+
+def _random_init_skipped():
+    """A torch function mode in which the :data:`_RANDOM_INIT` initialisers leave their tensor as it is."""
+    from torch.overrides import TorchFunctionMode
+
+    class SkipRandomInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in _RANDOM_INIT:
+                return args[0] if args else kwargs.get("tensor")
+            return func(*args, **kwargs)
+
+    return SkipRandomInit()
 
 
 def load_model_weights(model: "nn.Module", checkpoint: Checkpoint) -> None:

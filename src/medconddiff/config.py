@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -24,13 +25,41 @@ T = TypeVar("T")
 
 #: Largest downsampling of every supported network: slices are padded to a multiple of it.
 NETWORK_STRIDE = 32
+#: The longest noise schedule accepted: the default is 1000; a hand-edited checkpoint's 1e9 would take minutes
+#: and gigabytes to tabulate before anything was said.
+MAX_TRAIN_TIMESTEPS = 100_000
+#: The widest layer accepted (denoiser, stem, time embedding, latent channels): 8× the default's widest. A model
+#: this wide at every stage holds about 1 GB of weights; an edited checkpoint's 100000 asked for 40 GB.
+MAX_WIDTH = 1024
+#: Seeds are drawn by numpy and torch generators, which take 32-bit (numpy) / 64-bit (torch) seeds; a train
+#: seed is also multiplied into per-step seeds (see medconddiff.train).
+MAX_SEED = 2 ** 32
 
 
 def _help(text: str, choices: tuple | None = None, **kwargs: Any) -> Any:
     return field(metadata={"help": text, "choices": choices}, **kwargs)
 
 
+def _refuse_non_finite(config: Any) -> None:
+    """Every float field of a config dataclass (and every float of a tuple field) must be a finite number:
+    an 'inf' or 'nan' from a flag or an edited checkpoint passes every comparison meant to bound it
+    (``lr > 0``, ``low < high``), then trains NaN weights or preprocesses nothing."""
+    hints = _resolved_hints(type(config))
+    for f in dataclasses.fields(config):
+        hint, value = hints[f.name], getattr(config, f.name)
+        floats = (value,) if hint is float else value if float in typing.get_args(hint) else ()
+        for item in floats:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not math.isfinite(item):
+                raise ConfigError(f"{f.name} must be a finite number, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
 SLICINGS = ("axial", "coronal", "sagittal")
+#: The class name nnU-Net v2 reserves for unverified voxels (medconddiff.training_set writes it).
+IGNORE_CLASS = "ignore"
 INTENSITY_SCHEMES = ("ct_window", "percentile", "zscore")
 
 
@@ -67,6 +96,7 @@ class PreprocessPlan:
                               default=2.0)
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.slicing not in SLICINGS:
             raise ConfigError(f"slicing must be one of {SLICINGS}, not {self.slicing!r}")
         if len(self.target_spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in self.target_spacing):
@@ -138,10 +168,20 @@ class ModelConfig:
             raise ConfigError(f"denoiser_decoder must be one of {', '.join(DECODERS)}, not {self.denoiser_decoder!r}")
         if len(self.class_names) < 2:
             raise ConfigError("need at least two classes (background and one structure)")
+        reserved = [name for name in self.class_names if str(name).strip().casefold() == IGNORE_CLASS]
+        if reserved:
+            raise ConfigError(f"{reserved[0]!r} cannot be a class: nnU-Net v2 reserves it for voxels nobody checked "
+                              "(a training set's label files mark them so); to learn a training set, give its folder "
+                              "instead of its files")
         if any(c < 1 for c in self.denoiser_channels) or self.stem_channels < 1 or self.time_embed_dim < 2:
             raise ConfigError("denoiser_channels, stem_channels and time_embed_dim must be positive")
         if self.latent_channels < 1:
             raise ConfigError(f"latent_channels must be at least 1, got {self.latent_channels}")
+        widths = {"denoiser_channels": max(self.denoiser_channels, default=0), "stem_channels": self.stem_channels,
+                  "time_embed_dim": self.time_embed_dim, "latent_channels": self.latent_channels}
+        wide = [name for name, width in widths.items() if width > MAX_WIDTH]
+        if wide:
+            raise ConfigError(f"{wide[0]} must be at most {MAX_WIDTH}, got {_shown(getattr(self, wide[0]))}")
         d = self.latent_downsample
         if d < 1 or d & (d - 1) or d > NETWORK_STRIDE:
             raise ConfigError(f"latent_downsample must be a power of two up to {NETWORK_STRIDE}, got {d}")
@@ -166,8 +206,9 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"schedule must be 'linear' or 'cosine', not {self.schedule!r}")
-        if self.num_train_timesteps < 2:
-            raise ConfigError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        _refuse_non_finite(self)
+        if not 2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ConfigError(f"num_train_timesteps must be 2 to {MAX_TRAIN_TIMESTEPS}, got {self.num_train_timesteps}")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(f"linear betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, "
                               f"{self.beta_end}")
@@ -219,6 +260,7 @@ class SamplingConfig:
         "or AMX about 1.5x faster; slower on CPUs without them)", choices=PRECISIONS, default="auto")
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.steps < 1:
@@ -239,6 +281,9 @@ class SamplingConfig:
             raise ConfigError("convergence_change must be in [0, 1) and convergence_patience at least 1")
         if self.step_cap < 0:
             raise ConfigError(f"step_cap must be 0 (the model's own) or a number of steps, got {self.step_cap}")
+        if not 0 <= self.seed <= MAX_SEED - self.num_seeds:
+            raise ConfigError(f"seed must be 0 or more, and seed + num_seeds at most {MAX_SEED} (2**32), got "
+                              f"{self.seed} and {self.num_seeds}")
 
 
 @dataclass
@@ -275,10 +320,16 @@ class TrainConfig:
         default=0.0)
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.epochs < 1 or self.train_batch_size < 1 or self.iterations_per_epoch < 0:
             raise ConfigError("epochs and train_batch_size must be at least 1, iterations_per_epoch 0 or more")
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.warmup_steps >= 0):
-            raise ConfigError("lr must be positive, weight_decay and warmup_steps 0 or more")
+        if not (0 < self.lr <= 1 and self.weight_decay >= 0 and self.warmup_steps >= 0):
+            raise ConfigError(f"lr must be in (0, 1] (got {self.lr}), weight_decay and warmup_steps 0 or more")
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ConfigError(f"dice_weight and ce_weight must be 0 or more and not both 0 (nothing would be learned), "
+                              f"got {self.dice_weight} and {self.ce_weight}")
+        if not 0 <= self.train_seed < MAX_SEED:
+            raise ConfigError(f"train_seed must be 0 to {MAX_SEED - 1} (2**32 - 1), got {self.train_seed}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.patch_size < NETWORK_STRIDE or self.patch_size % NETWORK_STRIDE:
@@ -314,6 +365,14 @@ class ExperimentConfig:
             train=dataclass_from_dict(TrainConfig, data.get("train", {})),
         )
 
+    def check_training(self) -> None:
+        """Refuse training settings this model cannot run (the checks that need several sections), before
+        any data is read: validation samples with ``val_steps`` of the model's timesteps."""
+        total = self.diffusion.num_train_timesteps
+        if self.train.val_every and self.train.val_steps > total:
+            raise ConfigError(f"--val-steps {self.train.val_steps} cannot exceed the {total} timesteps the model is "
+                              "trained with (--num-train-timesteps)")
+
     def check_sampling(self, sampling: "SamplingConfig") -> None:
         """Refuse sampling settings this model cannot run (the checks that need both configs)."""
         total = self.diffusion.num_train_timesteps
@@ -322,6 +381,7 @@ class ExperimentConfig:
                               "trained with")
 
 
+@functools.lru_cache(maxsize=None)
 def _resolved_hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
 

@@ -41,7 +41,7 @@ from .consensus_choice import EXTRA_KEY as CONSENSUS_CHOICE_KEY
 from .consensus_choice import ChoosingSlices, ConsensusChoice, choose_consensus
 from .datasets import Case, TrainingSlices
 from .errors import ConfigError, UserInputError
-from .experiment import training_config
+from .experiment import channel_order, training_config
 from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, SET_FINETUNE_STEPS, default_finetune_steps  # noqa: F401
 from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta
@@ -156,7 +156,7 @@ class FinetuneRun:
             case = self.held_back.case
             self.set_slices[case] = [i for i in self.set_slices[case] if i != self.held_back.slice]
         set_cases = (_read_as_hounsfield_checked(
-            dataclasses.replace(training_set.load_case(name, config.model.class_names), name=f"set:{name}"),
+            dataclasses.replace(self._set_case(name, training_set, config), name=f"set:{name}"),
             config.plan) for name in set_names if self.set_slices[name])
         if not any(self.set_slices.values()) and (not scans or not any(len(s.slices) for s in scans)):
             raise UserInputError("no labelled slices to fine-tune on")
@@ -201,6 +201,15 @@ class FinetuneRun:
         self.started = time.perf_counter()
         self.completed_steps = 0
         self._iterator: Optional[Iterator] = None
+
+    @staticmethod
+    def _set_case(name: str, training_set, config: ExperimentConfig) -> Case:
+        """A case of the training set, its channels in the run's order (a set naming the model's channels in
+        another order: :func:`~medconddiff.experiment.channel_order`)."""
+        case = training_set.load_case(name, config.model.class_names)
+        order = channel_order(config.plan.channel_names, training_set.channel_names,
+                              data_label=f"the training set {Path(training_set.root).name}")
+        return case if order is None else dataclasses.replace(case, image=case.image[..., list(order)])
 
     def _replay_slices(self, replay: Replay) -> TrainingSlices:
         names = tuple(self.config.model.class_names)
@@ -262,7 +271,7 @@ class FinetuneRun:
             scan = self.scans[held.position]
             choosing = ChoosingSlices(scan.image, scan.labels, scan.meta, [held.slice])
         else:
-            case = self.training_set.load_case(held.case, self.config.model.class_names)
+            case = self._set_case(held.case, self.training_set, self.config)
             choosing = ChoosingSlices(case.image, case.labels, case.meta, [held.slice], ignore_value=IGNORE_INDEX)
         return choose_consensus(self.segmenter(), [choosing], "1 corrected slice held back from training",
                                 prior=FINETUNE_CONSENSUS)
@@ -335,7 +344,8 @@ def _read_as_hounsfield_checked(case: Case, plan: PreprocessPlan) -> Case:
 def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] = None,
                     channel_names: Optional[Sequence[str]] = None, steps: int = ONE_SCAN_FINETUNE_STEPS,
                     seed: int = 0, augment: bool = True, batch_size: Optional[int] = None,
-                    lr: Optional[float] = None, log: Callable[[str], None] = print) -> ExperimentConfig:
+                    lr: Optional[float] = None, log: Callable[[str], None] = print,
+                    data_label: str = "the class and channel names given") -> ExperimentConfig:
     """The start checkpoint's architecture and plan, the new class list, and a short schedule.
 
     ``channel_names`` say what the scan's channels are when they are not what the start model took
@@ -351,8 +361,10 @@ def finetune_config(start: Checkpoint, *, class_names: Optional[Sequence[str]] =
     if lr is not None:
         train["lr"] = float(lr)
     train["warmup_steps"] = min(train["warmup_steps"], max(1, steps // 5))
+    # The run puts channels named in another order in the start model's (FinetuneRun, finetune()).
     return training_config(flags={"train": train}, start=start, class_names=class_names,
-                           channel_names=channel_names, dataset_label="the class and channel names given", log=log)
+                           channel_names=channel_names, dataset_label=data_label, log=log,
+                           reorder_channels=True)
 
 
 def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan] = (), *,
@@ -395,16 +407,22 @@ def finetune(start: str | Path | Checkpoint | None, scans: Sequence[LabelledScan
         replay.class_names if replay is not None else (),
         scan_classes or (() if training_set is not None else tuple(checkpoint.config.model.class_names)),
         training_set.class_names if training_set is not None else ())
+    scan_channels = tuple(channel_names) if channel_names else None   # what the scans' channels are, if said
+    data_label = "the class and channel names given"
     if channel_names is None and training_set is not None:
         channel_names = training_set.channel_names
+        data_label = f"the training set {Path(training_set.root).name}"
     if steps is None:
         steps = default_finetune_steps(scans_learned_from(scans, training_set))
     config = finetune_config(checkpoint, class_names=classes, channel_names=channel_names, steps=steps,
-                             seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log)
+                             seed=seed, augment=augment, batch_size=batch_size, lr=lr, log=log, data_label=data_label)
     if scan_classes and scan_classes != classes:
         # The scans' label values name ``class_names``; the run's list may have grown around them.
         lut = np.asarray([0] + [class_index(classes, n) for n in scan_classes[1:]], dtype=np.int64)
         scans = [dataclasses.replace(s, labels=lut[_checked_labels(s, scan_classes)]) for s in scans]
+    order = channel_order(config.plan.channel_names, scan_channels, data_label="the channel names given")
+    if order is not None:       # the scans' channels, named in another order than the model's, put in its order
+        scans = [dataclasses.replace(s, image=np.asarray(s.image)[..., list(order)]) for s in scans]
     return FinetuneRun(checkpoint, config, scans, device=device, log=log, training_set=training_set, replay=replay,
                        keep_known_classes=keep_known_classes, hold_back=hold_back)
 

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, model_state, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, check_tensor_shapes, load_checkpoint, model_state,
+                         save_checkpoint)
 from .config import ExperimentConfig, SamplingConfig
 from .datasets import Case, SliceRanges, TrainingSlices, range_indices
 from .errors import UserInputError
@@ -123,6 +124,7 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, train_set: TrainingSlices, output_dir: Optional[Path], *,
                  device: str = "auto", validation: Optional["Validation"] = None, log: Log = print,
                  init_from: Optional[Checkpoint] = None, provenance: Optional[dict] = None):
+        config.check_training()           # before a model is built, not when validation first runs epochs later
         self.config = config
         self.tc = config.train
         self.device = resolve_device(device)
@@ -133,6 +135,9 @@ class Trainer:
         self.provenance = dict(provenance or {})
         self.final_records: dict = {}   # what fit() adds to the final checkpoint (its consensus choice)
         self.log = log if self.dist.is_main else (lambda message: None)
+        if init_from is not None and "upgraded_from_format" not in init_from.extra:
+            # An edited config's widths would be allocated (gigabytes) before its tensors were found not to fit.
+            check_tensor_shapes(init_from)     # (a medconddiff 0.1 file's tensors are transfer_weights' to match)
         torch.manual_seed(self.tc.train_seed)  # same initial weights on every rank
         self.model = build_model(config.model, in_channels=config.plan.input_channels).to(self.device)
         self.reinitialised: list[str] = []
@@ -159,6 +164,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.nonfinite_in_row = 0
+        self._weights_before_step: Optional[list[torch.Tensor]] = None    # the undo of an optimizer step
 
     def _draw_seed(self, step: int) -> int:
         """The seed of the sampler's and the noise's draws from ``step`` on: each rank its own stream."""
@@ -206,6 +212,7 @@ class Trainer:
         if dataclasses.replace(checkpoint.config.model, backbone_weights=None) != \
                 dataclasses.replace(self.config.model, backbone_weights=None):
             raise CheckpointError(f"{path} was trained with another model config; cannot resume it with this one")
+        step, epoch, history = _training_state(checkpoint)
         state = checkpoint.state_dict
         if self.ema is not None:
             self.ema.module.load_state_dict(model_state(checkpoint))
@@ -214,16 +221,16 @@ class Trainer:
             self.model.load_state_dict(raw if raw else model_state(checkpoint))
             # The average goes on from where it was (a checkpoint from before this record: it holds at least one).
             averaged = state.get("aux.ema.n_averaged")
-            held = int(averaged) if averaged is not None else max(1, int(checkpoint.extra.get("step", 1)))
+            held = int(averaged) if averaged is not None else max(1, step)
             self.ema.n_averaged.fill_(held)
         else:
             self.model.load_state_dict(model_state(checkpoint))
         _restore_optimizer(self.optimizer, state)
-        self.step = int(checkpoint.extra.get("step", 0))
+        self.step = step
         # Draws go on from the step reached, not from the run's first ones again.
         self.generator.manual_seed(self._draw_seed(self.step))
-        self.epoch = int(checkpoint.extra.get("epoch", 0))
-        self.history = list(checkpoint.extra.get("history", []))
+        self.epoch = epoch
+        self.history = history
         self.log(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
     # -- loop -----------------------------------------------------------------------------------
@@ -264,10 +271,26 @@ class Trainer:
                                        "without mixed precision")
             return {k: float(v.detach()) for k, v in losses.items()}
         self.nonfinite_in_row = 0
-        self.optimizer.step()
+        self._step_keeping_weights_finite()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _step_keeping_weights_finite(self) -> None:
+        """``optimizer.step()``, undone (and the run stopped) where it left a weight NaN or infinite: finite
+        gradients can still overflow a weight (a huge learning rate or weight decay), and the EMA and every
+        later checkpoint would inherit it."""
+        params = [p.detach() for p in self.trainable]
+        if self._weights_before_step is None:
+            self._weights_before_step = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._weights_before_step, params)
+        self.optimizer.step()
+        # One fused norm per tensor (a tenth of the time of a check per tensor): NaN or infinite where a weight is
+        # (or where weights beyond 1e19 overflow its squares: no less broken).
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            torch._foreach_copy_(params, self._weights_before_step)
+            raise TrainingDiverged(f"training diverged: optimizer step {self.step} made weights NaN or infinite "
+                                   "(weights kept from before it); lower --lr or --weight-decay")
 
     def validate(self) -> dict:
         if self.validation is None or not self.dist.is_main:
@@ -364,6 +387,30 @@ class Trainer:
                           records=self.final_records)
         self.log(f"saved {final}")
         return self.output_dir / "final.safetensors"
+
+
+#: The most optimizer steps (or epochs) a resumed run's record may claim: far beyond any run, far below where
+#: the per-step seeds (train_seed * 1000 + 7919 * step) leave the generators' 64 bits.
+MAX_RECORDED_STEPS = 10 ** 9
+
+
+def _training_state(checkpoint: Checkpoint) -> tuple[int, int, list]:
+    """``(step, epoch, history)`` a checkpoint's record holds to resume from (0, 0, [] where it has none); an
+    edited or damaged record is a CheckpointError naming the file and the entry."""
+    where = checkpoint.path.name if checkpoint.path else "the checkpoint"
+    counts = []
+    for key in ("step", "epoch"):
+        value = checkpoint.extra.get(key, 0)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not 0 <= value <= MAX_RECORDED_STEPS:
+            raise CheckpointError(f"{where}: its record's {key!r} must be a whole number from 0 to "
+                                  f"{MAX_RECORDED_STEPS}, got {value!r}; resume from the last.safetensors a run wrote")
+        counts.append(int(value))
+    history = checkpoint.extra.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        raise CheckpointError(f"{where}: its record's 'history' must be a list of epoch records, got "
+                              f"{type(history).__name__}; resume from the last.safetensors a run wrote")
+    return counts[0], counts[1], list(history)
 
 
 @dataclasses.dataclass

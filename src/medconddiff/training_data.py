@@ -29,11 +29,17 @@ class TrainingData:
     _fingerprint: Any = field(default=None, repr=False)
 
     @classmethod
-    def from_sources(cls, dataset: Optional[Path], pairs: Sequence[tuple[Path, Path]] = ()) -> "TrainingData":
-        """A dataset folder, explicit (image, label) pairs, or both (their cases are concatenated)."""
+    def from_sources(cls, dataset: Optional[Path], pairs: Sequence[tuple[Path, Path]] = (),
+                     channel_names: Optional[Sequence[str]] = None) -> "TrainingData":
+        """A dataset folder, explicit (image, label) pairs, or both (their cases are concatenated).
+
+        ``channel_names`` (``--channel-names``) name the channels of data that names none (plain pairs,
+        ``--pair``): its fingerprint, plan (a channel not called CT is not read through a CT window) and the
+        number of channels every case must have follow them. A dataset.json's own names are kept (a flag that
+        contradicts them is refused by :func:`~medconddiff.experiment.training_config`)."""
         cases: list[CaseFiles] = []
         description = None
-        class_names = channel_names = None
+        class_names = channel_names_stated = None
         label = "--pair"
         if dataset is not None:
             from .training_set import finish_interrupted_add
@@ -41,7 +47,7 @@ class TrainingData:
             finish_interrupted_add(Path(dataset))     # an add a killed program left half done: finished first
             description = describe_dataset(dataset)
             cases += [case for case in description.training if case.label is not None]
-            class_names, channel_names = description.class_names, description.channel_names
+            class_names, channel_names_stated = description.class_names, description.channel_names
             label = (f"{Path(description.root).name}/dataset.json" if description.layout != "pairs"
                      else f"the dataset folder {Path(description.root).name}")
         for image, label_path in pairs:
@@ -55,6 +61,8 @@ class TrainingData:
         if len(set(names)) != len(names):
             raise DatasetError(f"two cases share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
                                "rename one so logs and checkpoints can tell them apart")
+        channel_names = channel_names_stated or (tuple(str(name) for name in channel_names) if channel_names
+                                                 else None)
         return cls(cases, class_names, channel_names, label, description,
                    description.ignore_label if description is not None else None)
 
@@ -94,11 +102,18 @@ class TrainingData:
     def fingerprint_record(self) -> Optional[dict]:
         return self._fingerprint.to_dict() if self._fingerprint is not None else None
 
-    def load_cases(self, num_classes: int) -> list[Case]:
+    def load_cases(self, num_classes: int, channel_names: Optional[Sequence[str]] = None) -> list[Case]:
+        """Every case, its channels in the order of ``channel_names`` (the run's plan's) where the data names
+        the same channels in another order (see :func:`~medconddiff.experiment.channel_order`)."""
+        from .experiment import channel_order
+
         expected = len(self.channel_names) if self.channel_names else None
+        order = channel_order(channel_names, self.channel_names, data_label=self.label) if channel_names else None
         cases = []
         for files in self.cases:
             image, meta = load_case_image(files, expected)
+            if order is not None:
+                image = image[..., list(order)]
             cases.append(load_case(files.name, image, meta, files.label, num_classes, self.ignore_label))
         return cases
 

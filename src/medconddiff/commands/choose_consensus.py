@@ -76,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
     if not slices:
         raise ConfigError("--slices is empty: name the labelled slices to choose on")
     basis = args.basis or f"{len(slices)} labelled slice(s) of a scan"
+    overlap, set_case = _trained_among(segmenter.checkpoint_extra, given.label, slices, geometry.n_slices)
+    if overlap or set_case:
+        # The warning names the file; the recorded basis does not (sidecars repeat it, and a file may be named
+        # after the patient).
+        what = (f"{len(overlap)} of these {len(slices)} slices are ones the model was trained on" if overlap else
+                "the scan is a case of the training set the model was fine-tuned on: its verified slices may be "
+                "among these")
+        shown = f" ({', '.join(map(str, overlap[:8]))}{' …' if len(overlap) > 8 else ''})" if overlap else ""
+        print(f"medconddiff choose-consensus: warning: {given.label}: {what}{shown}, as its record says; scores on "
+              "slices it learned flatter it: choose on slices it was not trained on", file=sys.stderr)
+        basis += f" (warning: {what})"
     choice = choose_consensus(segmenter, [ChoosingSlices(image, labels, meta, slices)], basis,
                               cap_steps=not args.no_step_cap)
     print(choice.describe())
@@ -90,3 +101,31 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, json_safe(choice.to_dict()), overwrite=args.overwrite)
     return 0
+
+
+def _trained_among(extra: dict, scan: str, slices, n_slices: int) -> tuple[list[int], bool]:
+    """``(the slices of slices the model was trained on, whether scan is a training-set case it learned)``,
+    ``scan`` by the name a checkpoint records (the file's stem, the series), as the model's record (``extra``)
+    says: a run of ``train`` records its cases (``trained_on``) and one slice list for all of them
+    (``train_slices``; none: every slice), a fine-tune its scans' slices (``finetuned_on``) and, for a
+    training set, only its cases (their verified slices were learned)."""
+    from ..errors import UserInputError
+    from ..slice_lists import parse_slice_spec
+
+    names = {scan, scan.removesuffix("_0000")}      # an nnU-Net image file (CASE_0000) is the case CASE
+    finetuned = [entry for entry in extra.get("finetuned_on") or []
+                 if isinstance(entry, dict) and entry.get("scan") in names]
+    if finetuned:
+        learned = {int(i) for entry in finetuned for i in entry.get("slices") or []}
+    elif not names & set(extra.get("trained_on") or []):
+        return [], False
+    elif "finetuned_on" in extra:
+        return [], True
+    elif not extra.get("train_slices"):
+        learned = set(range(n_slices))
+    else:
+        try:
+            learned = set(parse_slice_spec(str(extra["train_slices"]), "train_slices").indices(n_slices))
+        except UserInputError:                # slices this scan does not have: another scan of that name
+            return [], False
+    return sorted({int(i) for i in slices} & learned), False

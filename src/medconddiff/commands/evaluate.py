@@ -162,6 +162,8 @@ class EvalCase(NamedTuple):
     ignore_value: Optional[int] = None  # a dataset's "ignore" label: those voxels count in no metric
     # (labels) -> the class names the reference gives, index = label value (None: it names none)
     reference_names: Optional[Callable[[np.ndarray], Optional[tuple[str, ...]]]] = None
+    # what the image's channels are, in its order (a dataset.json's channel names; None: unnamed)
+    channel_names: Optional[tuple[str, ...]] = None
 
 
 def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]]:
@@ -176,7 +178,7 @@ def dataset_cases(root: Path) -> tuple[list[EvalCase], Optional[tuple[str, ...]]
     names = description.class_names
     cases = [EvalCase(case.name, lambda c=case: load_case_image(c, channels), Path(case.label),
                       ", ".join(recorded_name(p) for p in case.images), ignore_value=description.ignore_label,
-                      reference_names=lambda labels: names)
+                      reference_names=lambda labels: names, channel_names=description.channel_names)
              for case in description.training if case.label is not None]
     if not cases:
         raise DatasetError(f"{root}: no labelled cases to evaluate")
@@ -207,6 +209,27 @@ def _image_case(image: Path, label: Path, series: Optional[str], channel_files: 
     load_image = given.load_image if given.is_dicom else (lambda: load_channels([image, *channel_files]))
     return EvalCase(name, load_image, label, name, given.load_labels,
                     reference_names=lambda labels: given.label_class_names(label, labels))
+
+
+def in_model_channel_order(cases: list[EvalCase], model_channels: Sequence[str], data_label: str,
+                           model_label: str) -> list[EvalCase]:
+    """``cases`` whose images load with their channels in the model's order, where the data names the model's
+    channels in another order (a dataset.json's T1, FLAIR for a FLAIR, T1 model); a channel list that names some of
+    the model's channels at other places is refused (:func:`medconddiff.experiment.channel_order`)."""
+    from ..experiment import channel_order
+
+    ordered = []
+    for case in cases:
+        order = channel_order(model_channels, case.channel_names, data_label=data_label, model_label=model_label)
+        if order is not None:
+            case = case._replace(load_image=lambda load=case.load_image, order=list(order): _reordered(load(), order))
+        ordered.append(case)
+    return ordered
+
+
+def _reordered(loaded: tuple, order: list[int]) -> tuple:
+    image, meta = loaded
+    return image[..., order], meta
 
 
 def _check_json_target(path: Path, overwrite: bool) -> None:
@@ -275,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
     cases, _ = _cases(args)
     sampling = override_from_args(SamplingConfig(), args)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device)
+    if args.dataset is not None:
+        cases = in_model_channel_order(cases, segmenter.config.plan.channel_names, f"{args.dataset.name}/dataset.json",
+                                       f"the model {recorded_name(segmenter.checkpoint_path)}")
     reports = {}
     table = args.dataset is not None
     if table:

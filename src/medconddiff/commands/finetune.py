@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     given = labelled_input(args.image, args.labels, args.series, label_flag="LABELS", image_flag="the scan")
     channels = len(args.channel_names) if args.channel_names else start.config.plan.num_channels
     image, meta, labels = given.load_on_one_grid(args.labels, args.channel_file, several_channels=channels > 1)
+    _refuse_unverified_voxels_of_a_training_set(args.labels, labels)
     if not args.channel_names:
         _refuse_ct_window_on_non_hounsfield(args, start.config.plan, image)
     from ..preprocess import ScanPreprocessor
@@ -112,12 +113,18 @@ def run(args: argparse.Namespace) -> int:
     run_ = finetune(start, [LabelledScan(name, image, meta, labels, slices)], class_names=class_names,
                     channel_names=args.channel_names, steps=args.steps, seed=args.seed, augment=not args.no_augment,
                     batch_size=args.batch_size,
-                    lr=args.lr, device=args.device, replay=args.replay or False, hold_back=args.hold_back)
+                    lr=args.lr, device=args.device, replay=_replay(args), hold_back=args.hold_back)
     trained = [i for i in slices if run_.held_back is None or i != run_.held_back.slice]
     print(f"fine-tuning on {len(trained)} slice(s) of {name}: {', '.join(map(str, trained))}")
     if run_.held_back is not None:
         print(f"slice {run_.held_back.slice} is held back: it chooses the consensus and is not trained on")
     return _train_and_save(args, run_)
+
+
+def _replay(args: argparse.Namespace):
+    """--replay's share (False: not given). A share of 0 is refused with the other shares outside (0, 1)
+    (medconddiff.finetune.bundled_replay), not taken as 'no replay'."""
+    return False if args.replay is None else args.replay
 
 
 def _is_training_set_folder(path: Path) -> bool:
@@ -138,7 +145,7 @@ def _finetune_on_training_set(args: argparse.Namespace, start) -> int:
     training_set = TrainingSet.open(args.image)
     run_ = finetune(start, [], class_names=args.class_names, channel_names=args.channel_names,
                     training_set=training_set, steps=args.steps, seed=args.seed, augment=not args.no_augment,
-                    batch_size=args.batch_size, lr=args.lr, device=args.device, replay=args.replay or False,
+                    batch_size=args.batch_size, lr=args.lr, device=args.device, replay=_replay(args),
                     hold_back=args.hold_back)
     print(f"fine-tuning on the training set {args.image}: {training_set.summary().text()}")
     if run_.held_back is not None:
@@ -163,17 +170,28 @@ def _train_and_save(args: argparse.Namespace, run_) -> int:
             print("interrupted before the first step: nothing to save", file=sys.stderr)
             return 130
         raise RuntimeError("fine-tuning ended without a single step")   # a bug: steps >= 1 is validated
+    if interrupted and args.output.exists():
+        # --overwrite asked for the finished model to replace that file, not for a partial one to.
+        path = run_.save(_free_name(args.output), overwrite=False)
+        print(f"{args.output.name} is left as it is (the fine-tune was interrupted); the model of "
+              f"{run_.completed_steps} step(s) is saved as {path.name}", file=sys.stderr)
+    else:
+        path = _save_or_beside(args, run_)
+    print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s); its "
+          f"{run_.consensus_choice.describe()}")
+    return 130 if interrupted else 0
+
+
+def _save_or_beside(args: argparse.Namespace, run_) -> Path:
     try:
-        path = run_.save(args.output, overwrite=args.overwrite)
+        return run_.save(args.output, overwrite=args.overwrite)
     except FileExistsError:
         # Another program wrote the file while this one trained (it was checked at the start): the user's
         # file stays, and the trained weights go beside it rather than nowhere.
         path = run_.save(_free_name(args.output), overwrite=False)
         print(f"{args.output} appeared while training and is left as it is; the model is saved as {path.name}",
               file=sys.stderr)
-    print(f"saved {path} ({run_.completed_steps} steps in {time.perf_counter() - started:.1f} s); its "
-          f"{run_.consensus_choice.describe()}")
-    return 130 if interrupted else 0
+        return path
 
 
 def _free_name(path: Path) -> Path:
@@ -182,6 +200,23 @@ def _free_name(path: Path) -> Path:
     while (path.with_name(f"{stem}_{number}.safetensors")).exists():
         number += 1
     return path.with_name(f"{stem}_{number}.safetensors")
+
+
+def _refuse_unverified_voxels_of_a_training_set(label_path: Path, labels) -> None:
+    """A training set's label file marks every voxel nobody checked with its 'ignore' value: given as a scan's
+    labels, that value would be learned as a class (or refused as a label without a name, which says nothing
+    of why). The set's folder learns only the verified voxels."""
+    import numpy as np
+
+    from ..dataset_layout import label_file_classes
+
+    classes = label_file_classes(label_path)
+    ignore = classes[1] if classes is not None else None
+    if ignore is not None and bool(np.any(np.asarray(labels) == ignore)):
+        root = Path(label_path).parent.parent
+        raise ConfigError(f"{Path(label_path).name} is a label file of the training set {root.name}, whose value "
+                          f"{ignore} is 'ignore' (voxels nobody checked), not a class; give the set's folder "
+                          f"({root.name}) instead of its files, to learn only the verified voxels")
 
 
 def _refuse_ct_window_on_non_hounsfield(args: argparse.Namespace, plan, image) -> None:
