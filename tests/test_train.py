@@ -201,6 +201,18 @@ def test_the_dataset_says_classes_channels_and_intensity_and_flags_may_not_contr
     assert not (tmp_path / "bad" / "final.safetensors").exists()
 
 
+def test_train_names_the_channels_of_plain_pairs_by_the_flag(tmp_path, capsys):
+    """`train --pair ... --channel-names T1` saved channel_names ['CT'], intensity ['ct_window']: an MRI read
+    through a CT window, the flag dropped."""
+    from medconddiff.checkpoint import load_checkpoint
+
+    image, label = write_pair(tmp_path, "a", shape=(40, 40, 4), label_max=1)
+    assert main(["train", "--pair", str(image), str(label), "-o", str(tmp_path / "run"), "--channel-names", "T1",
+                 "--class-names", "background", "lesion", *TINY_FLAGS]) == 0, capsys.readouterr().err
+    plan = load_checkpoint(tmp_path / "run" / "final.safetensors").config.plan
+    assert plan.channel_names == ("T1",) and plan.intensity == ("zscore",)
+
+
 def test_init_default_with_a_new_class_list_keeps_the_body_and_reinitialises_the_class_layers(tmp_path, capsys):
     """Fine-tuning the bundled CT liver model on a 2-channel MRI tumour dataset: no flag repeated."""
     data = write_nnunet_mri(tmp_path / "Dataset001_TinyBrain", cases=1)

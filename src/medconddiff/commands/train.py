@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         check_target(args.export_half, args.overwrite, "--export-half", creates_folders=True)
     train_ranges, val_ranges = (TrainingData.ranges(args.train_slices, "--train-slices"),
                                 TrainingData.ranges(args.val_slices, "--val-slices"))
-    data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])])
+    data = TrainingData.from_sources(args.dataset, [tuple(p) for p in (args.pair or [])],
+                                     channel_names=args.channel_names)
     # Resuming the run of this very folder continues it (its log goes on); resuming another run's checkpoint into
     # a folder that holds a run of its own would replace that one.
     resuming_here = args.resume is not None and Path(args.resume).resolve().parent == args.output.resolve()
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         start = load_checkpoint(args.resume)
         config = training_config(flags={k: v for k, v in flags.items() if k != "train"}, start=start,
                                  class_names=data.class_names, channel_names=data.channel_names,
-                                 dataset_label=data.label)
+                                 dataset_label=data.label, reorder_channels=True)
         if config.model.class_names != start.config.model.class_names or config.plan != start.config.plan:
             raise ConfigConflict(f"{args.resume} was trained with other classes or another plan; it cannot be resumed "
                                  "on this data")
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"class names not stated by the data: {', '.join(class_names)} (name them with --class-names)")
         config = training_config(flags=flags, start=start, class_names=class_names,
                                  channel_names=data.channel_names, dataset_plan=dataset_plan,
-                                 dataset_label=data.label)
-    cases = data.load_cases(config.model.num_classes)
+                                 dataset_label=data.label, reorder_channels=True)
+    cases = data.load_cases(config.model.num_classes, config.plan.channel_names)
     if val_ranges is not None:
         _check_slices_of_every_case(config.plan, cases, val_ranges)
     train_set, validation = build_datasets(config, cases, train_ranges, val_ranges)
