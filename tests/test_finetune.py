@@ -304,3 +304,16 @@ def test_finetune_help_states_the_rule_the_fine_tune_runs_with(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {finetune_steps_rule()}" in help_text
     assert finetune_steps_rule().startswith(f"{default_finetune_steps(1)} for one scan, {default_finetune_steps(2)} ")
+
+
+def test_labels_given_as_floats_are_class_values_only_when_whole(liver_volume):
+    """finetune() cast labels 0.75 / 1.5 / -1 to 0 / 1 / 255 and trained on them without a word; labels read
+    with load_volume (float32, whole values) are class values."""
+    from medconddiff.errors import UserInputError
+
+    image, labels = liver_volume
+    scan = LabelledScan("cut", image, META, labels.astype(np.float32), slices=[2])
+    np.testing.assert_array_equal(scan.labels, labels)
+    for bad, shown in ((labels * 0.75, "0.75"), (labels.astype(np.int16) - 1, "-1")):
+        with pytest.raises(UserInputError, match=rf"cut: the labels hold {shown}"):
+            LabelledScan("cut", image, META, bad, slices=[2])

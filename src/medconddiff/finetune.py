@@ -43,6 +43,7 @@ from .datasets import Case, TrainingSlices
 from .errors import ConfigError, UserInputError
 from .experiment import channel_order, training_config
 from .finetune_steps import ONE_SCAN_FINETUNE_STEPS, SET_FINETUNE_STEPS, default_finetune_steps  # noqa: F401
+from .label_values import whole_label_values
 from .losses import IGNORE_INDEX
 from .nifti import VolumeMeta
 from .outputs import recorded_name
@@ -74,6 +75,10 @@ class LabelledScan:
     slices: Sequence[int]
     #: The training-set case this scan is, if the set a fine-tune learns from holds it (None: not in a set).
     case: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # Labels read with load_volume are float32: whole values are classes; 0.75 or -1 were cast to 0 or 255.
+        self.labels = whole_label_values(self.labels, self.name)
 
 
 #: The consensus of a fine-tuned model unless a held-back slice chooses another: trained with x_t dropout
