@@ -186,6 +186,7 @@ def test_a_run_stopped_while_writing_is_finished_by_skip_existing_and_leaves_no_
     assert "1 done, 1 skipped, 0 failed of 2" in captured.out
     assert "b: a run stopped while writing its outputs" in captured.err
     assert json.loads((results / "b_seg.json").read_text())["sampling"]["seed"] == 7
+    assert not [p.name for p in results.iterdir() if p.name.startswith(".")]       # marker and staging gone
 
 
 def test_a_cohort_written_into_its_own_folder_resumes_without_taking_its_results_for_scans(scan, tmp_path,

@@ -60,28 +60,6 @@ def test_skip_existing_never_replaces_a_labels_file_this_program_did_not_write(s
     assert hidden_files(results) == []
 
 
-def test_skip_existing_redoes_a_scan_whose_pending_marker_is_there_and_skips_a_finished_one(scan, tmp_path,
-                                                                                            tiny_checkpoint, capsys):
-    folder, results = tmp_path / "cohort", tmp_path / "results"
-    folder.mkdir()
-    for name in "ab":
-        (folder / f"{name}.nii.gz").write_bytes(scan.read_bytes())
-    args = (folder, "-o", results, "--checkpoint", tiny_checkpoint, "--slices", "0:1")
-    assert segment(*args) == 0
-    assert hidden_files(results) == []                           # the marker goes once the sidecar is in place
-    (results / ".b_seg.nii.gz.medconddiff-pending").touch()      # as a run killed while moving b's outputs leaves it
-    capsys.readouterr()
-    assert segment(*args, "--skip-existing", "--seed", "7") == 0
-    captured = capsys.readouterr()
-    assert "1 done, 1 skipped, 0 failed of 2" in captured.out
-    assert "b: a run stopped while writing its outputs" in captured.err
-    assert json.loads((results / "b_seg.json").read_text())["sampling"]["seed"] == 7
-    assert json.loads((results / "a_seg.json").read_text())["sampling"]["seed"] == 0
-    assert hidden_files(results) == []
-
-
-# 2. An --overwrite that fails or stops leaves the earlier outputs whole (or, stopped while moving, the marker).
-
 def _disk_full_at(name):
     from medconddiff import nifti
 
@@ -115,28 +93,6 @@ def test_a_failed_overwrite_leaves_the_earlier_labels_with_their_sidecar(scan, t
                        "device); free space and run again"), err
         assert {name: (tmp_path / name).read_bytes() for name in before} == before
         assert hidden_files(tmp_path) == []                       # no marker (nothing was replaced), no staged file
-
-
-def test_an_overwrite_stopped_while_moving_its_outputs_leaves_the_marker(scan, tmp_path, tiny_checkpoint, capsys,
-                                                                         monkeypatch):
-    out = tmp_path / "seg.nii.gz"
-    args = (scan, "-o", out, "--checkpoint", tiny_checkpoint, "--slices", "0:1")
-    assert segment(*args) == 0
-    real_replace = os.replace
-
-    def stopped_before_the_sidecar(source, target):
-        if Path(target) == tmp_path / "seg.json":             # the sidecar's move into place
-            raise KeyboardInterrupt
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", stopped_before_the_sidecar)
-    assert segment(*args, "--overwrite", "--seed", "5") == 130
-    monkeypatch.undo()
-    assert hidden_files(tmp_path) == [".seg.nii.gz.medconddiff-pending"]
-    capsys.readouterr()
-    assert segment(*args, "--skip-existing", "--seed", "5") == 0
-    assert "a run stopped while writing its outputs" in capsys.readouterr().err
-    assert json.loads((tmp_path / "seg.json").read_text())["sampling"]["seed"] == 5 and hidden_files(tmp_path) == []
 
 
 # 3. A DICOM input's files and folder are inputs.
