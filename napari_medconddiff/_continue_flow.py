@@ -29,7 +29,6 @@ from medconddiff.class_match import body_outline_classes, keep_classes
 from medconddiff.errors import UserInputError
 from medconddiff.slice_lists import slice_list_text
 
-from . import _result_layers as results_layers
 from ._job import SpaceRequest, prepare_space
 from ._layers import LABELS_FROM_KEY, METADATA_KEY, full_resolution
 from ._result_set import classes_agree
@@ -92,8 +91,12 @@ class ContinueFlow:
 
         if not isinstance(saved, Labels):
             raise UserInputError("choose a Labels layer to continue from")
-        if results_layers.is_result_of(saved, scan):
+        live = self.live_results_of(saved)
+        if live is not None and live.scan_id == str(scan.unique_id):
             raise UserInputError(f"'{saved.name}' is already this plugin's consensus; edit it directly")
+        if live is not None:     # another open scan's consensus: its labels would become this scan's edits
+            raise UserInputError(f"'{saved.name}' is this plugin's result of '{live.scan_name}', another open scan; "
+                                 f"pick '{live.scan_name}' under Image to edit it")
         if saved.ndim != scan.ndim or np.shape(full_resolution(saved)) != np.shape(full_resolution(scan)) \
                 or not np.allclose(saved.scale, scan.scale) or not np.allclose(saved.translate, scan.translate):
             raise UserInputError(f"'{saved.name}' does not lie on the voxels of '{scan.name}' (another shape, voxel "
@@ -148,7 +151,7 @@ class ContinueFlow:
             return
         if results is None:
             results = self._new_results(scan, job.scan_id, scan.name, job.source, space, tuple(names))
-        self.current = results
+        self._follow(results)
         self._update_classes(results, tuple(names))
         # Today's edits on the slices the saved labels would replace: the user says (keep, new layer, replace).
         policy = self._ask_about_edits(results, f"Continuing from '{saved.name}'", results.labelled_slices(job.labels))

@@ -39,7 +39,7 @@ from ._export import ExportSummary, default_export_path, padded_class_names, wri
 from ._continue_flow import ContinueFlow
 from ._finetune_flow import CANCELLED_BEFORE_TRAINING, FinetuneFlow, FinetuneSettings, _Finetune
 from ._job import EngineInfo, SegmenterCache, SliceChoice, probe_engine, refuse_runs
-from ._layers import dicom_source_of, stored_geometry
+from ._layers import dicom_source_of, full_resolution, stored_geometry
 from ._notifications import notify, report_error
 from ._questions import Questions
 from ._result_set import ChannelInput, KeptRun, ResultSet
@@ -94,6 +94,7 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self.engine: Optional[EngineInfo] = None
         self.results: dict[str, ResultSet] = {}
         self.current: Optional[ResultSet] = None
+        self._picked_id: Optional[str] = None   # the scan last focused (the dock's Image); None: never told
         self.operation = ""
         self.runs_started = 0              # diffusion runs started (tests check re-fusing adds none)
         self._task: Optional[Task] = None
@@ -209,13 +210,19 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
     def check_slices_shown(self, layer: Any, slice_axis: Optional[int], slicing: str) -> None:
         """A UserInputError unless napari shows one of ``layer``'s ``slicing`` slices (``slice_axis``: the layer
         axis they follow each other along), so that "the current slice" is the one the user looks at: in a
-        rolled view (sagittal) or in 3-D the slider's point names a slice nobody sees."""
+        rolled view (sagittal) or in 3-D the slider's point names a slice nobody sees; nor does it beyond the
+        layer's slices (a longer scan open beside it set the slider's range), where napari shows it empty."""
         dims = self.viewer.dims
         if slice_axis is None:       # a 2-D layer: its one slice
             return
         if dims.ndisplay == 3 or dims.ndim - layer.ndim + slice_axis in dims.displayed:
             raise UserInputError(f"napari shows no {slicing} slice: show {slicing} slices in 2-D (the slider "
                                  "through them) to act on the current slice")
+        point = layer.world_to_data(dims.point)
+        index = np.round(point[slice_axis]) if len(point) > slice_axis else 0.0
+        if not 0 <= index <= np.shape(full_resolution(layer))[slice_axis] - 1:    # napari's own test for a slice
+            raise UserInputError(f"the slider is outside the slices of '{layer.name}'; move it onto one of them "
+                                 "to act on the current slice")
 
     def model_slice_axis(self, layer: Any, checkpoint: str) -> tuple[Optional[int], str]:
         """(the layer axis ``checkpoint``'s model slices ``layer`` along, its slicing), known before the model
@@ -259,7 +266,8 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         None (no scan chosen, as while the scan list refreshes) changes nothing."""
         if scan is None:
             return
-        results = self.results.get(str(scan.unique_id))
+        self._picked_id = str(scan.unique_id)
+        results = self.results.get(self._picked_id)
         if results is None:
             if self.current is not None:
                 self.current = None
@@ -270,6 +278,21 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         self.classes_changed.emit(results.class_names)
         self._edits_changed(results)
         self.results_changed.emit()
+
+    def live_results_of(self, layer: Any) -> Optional[ResultSet]:
+        """The result set that keeps ``layer`` up to date (a result layer of a scan still open), or None: the
+        user's labels, a layer set aside, the results of a scan removed (and opened again), or of a dock
+        closed and opened again, which no run of this dock would update."""
+        layer_id = str(layer.unique_id)
+        return next((results for results in self.results.values() if results.scan is not None
+                     and any(str(held.unique_id) == layer_id for held in results.layers.values())), None)
+
+    def _follow(self, results: ResultSet) -> None:
+        """A run or a load starting on ``results`` makes them the current ones only when their scan is the one
+        picked (or none ever was): a scan picked while it prepared keeps the dock (Mark, Add, Export, Fine-tune,
+        the legend) acting on it, and ``results`` fill in the background until their scan is picked again."""
+        if self._picked_id is None or self._picked_id == results.scan_id:
+            self.current = results
 
     # ------------------------------------------------------------ edits
     def _edits_changed(self, results: ResultSet) -> None:

@@ -67,10 +67,13 @@ class FinetunePanel(QGroupBox):
         super().__init__("Fine-tune from your corrections")
         self.owner = owner
         self.controller = owner.controller
-        # Names the user typed in the class table, for the result (scan and model classes) they were typed on.
-        self._class_names_by_value: dict[int, str] = {}
-        self._names_typed_on: Optional[tuple] = None
-        self._kind_chosen_by_user = False
+        # Names the user typed in the class table, {label value: name} by the result (scan id, model classes) they
+        # were typed on: another scan's table, or another model's classes, were not renamed; back on the scan, are.
+        self._typed_names: dict[tuple, dict[int, str]] = {}
+        # "Scan is" as the user chose it, by scan (unique id): a choice made for an MRI must not make the CT
+        # picked next join a set or be fine-tuned as an MRI. The scan the menu now shows the kind of:
+        self._kinds_chosen: dict[Optional[str], str] = {}
+        self._kind_for: Optional[str] = None
         self._hounsfield_cache: dict[tuple, bool] = {}
         self.setToolTip("Train the selected model a little on slices you corrected in the consensus layer, "
                         "save it, and re-segment the other slices with it")
@@ -142,12 +145,17 @@ class FinetunePanel(QGroupBox):
         self.ft_kind_combo.setItemText(0, "as the model" + (f" ({', '.join(names)})" if names else ""))
 
     def _on_kind_chosen(self, *_: Any) -> None:
-        self._kind_chosen_by_user = True
+        self._kinds_chosen[self._kind_for] = self.ft_kind_combo.currentData()
 
     def suggest_scan_kind(self, scan: Any, model_names: Optional[tuple[str, ...]]) -> None:
         """Default "Scan is" from the scan: MRI when a CT model would get a scan with no voxel below 0
-        (a CT window on it cost a T1 0.87 → 0.41 Dice), saying why; the user's own choice stays."""
-        if self._kind_chosen_by_user:
+        (a CT window on it cost a T1 0.87 → 0.41 Dice), saying why; the user's own choice for this scan stays."""
+        self._kind_for = str(scan.unique_id) if scan is not None else None
+        chosen = self._kinds_chosen.get(self._kind_for)
+        if chosen is not None:
+            if self.ft_kind_combo.currentData() != chosen:     # back on a scan from another: its choice again
+                self.ft_kind_combo.setCurrentIndex(self.ft_kind_combo.findData(chosen))
+                self.ft_kind_combo.setToolTip(SCAN_KIND_TIP)
             return
         ct_model = model_names is None or all(name.upper() == "CT" for name in model_names)
         reason = None
@@ -181,18 +189,14 @@ class FinetunePanel(QGroupBox):
         except ValueError:
             slices = None
         rows = self.controller.class_table(slices)
-        current = self.controller.current
-        shown = None if current is None else (current.scan_id, tuple(current.class_names))
-        if shown != self._names_typed_on:    # another scan, or another model's classes: not what was renamed
-            self._class_names_by_value.clear()
-            self._names_typed_on = shown
+        typed = self._names_typed()
         self.class_table.blockSignals(True)
         self.class_table.setRowCount(len(rows))
         for row, (value, name) in enumerate(rows):
             label = QTableWidgetItem(str(value))
             label.setFlags(Qt.ItemFlag.ItemIsEnabled)
             self.class_table.setItem(row, 0, label)
-            self.class_table.setItem(row, 1, QTableWidgetItem(self._class_names_by_value.get(value, name)))
+            self.class_table.setItem(row, 1, QTableWidgetItem(typed.get(value, name)))
         self.class_table.blockSignals(False)
         # Tall enough for every class of a usual model without an inner scroll bar.
         table = self.class_table
@@ -200,6 +204,13 @@ class FinetunePanel(QGroupBox):
         row_height = table.verticalHeader().defaultSectionSize()
         table.setFixedHeight(table.horizontalHeader().height() + shown_rows * row_height + 2 * table.frameWidth())
         self.suggest_replay()
+
+    def _names_typed(self) -> dict[int, str]:
+        """The names typed for the current result's label values (its scan, its model's classes)."""
+        current = self.controller.current
+        if current is None:
+            return {}
+        return self._typed_names.setdefault((current.scan_id, tuple(current.class_names)), {})
 
     def _on_replay_chosen(self, *_: Any) -> None:
         self._replay_chosen_by_user = True
@@ -220,7 +231,7 @@ class FinetunePanel(QGroupBox):
 
     def _on_class_renamed(self, item: QTableWidgetItem) -> None:
         if item.column() == 1:
-            self._class_names_by_value[item.row()] = item.text().strip()
+            self._names_typed()[item.row()] = item.text().strip()
             self.suggest_replay()
 
     def class_names(self) -> tuple[str, ...]:

@@ -162,7 +162,7 @@ class SegmenterCache:
 
         path = resolve_checkpoint(checkpoint).resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise FileNotFoundError(f"checkpoint not found: {path.name}")   # no patient's folder
         stat = path.stat()
         return (str(path), stat.st_mtime_ns, stat.st_size, device)
 

@@ -87,7 +87,7 @@ class ModelPicker:
             raise ConfigError("choose a checkpoint file (Model: 'Checkpoint file…')")
         path = Path(text).expanduser()
         if not path.is_file():
-            raise UserInputError(f"checkpoint not found: {path}")
+            raise UserInputError(f"checkpoint not found: {path.name}")
         return str(path)
 
     def show_status(self, engine: Any, extra: Optional[str]) -> None:
@@ -98,7 +98,8 @@ class ModelPicker:
         elif text == LATENT_MODEL:
             message = "Bundled LSegDiff liver model: diffusion in a mask-VAE latent, morphological clean-up."
         elif text != DEFAULT_MODEL:
-            message = f"Fine-tuned model: {self.model_combo.currentData()}"
+            # The file's name: a model fine-tuned next to a scan sits in a folder that may be named after the patient.
+            message = f"Fine-tuned model: {Path(self.model_combo.currentData()).name}"
         elif engine is None:
             message = "Checking for the bundled model…"
         elif engine.default_checkpoint_exists:
@@ -119,5 +120,5 @@ class ModelPicker:
         if index < 0:
             index = self.model_combo.findText(CHECKPOINT_FILE)
             self.model_combo.insertItem(index, name, path)
-            self.model_combo.setItemData(index, f"Fine-tuned here: {path}", Qt.ItemDataRole.ToolTipRole)
+            self.model_combo.setItemData(index, f"Fine-tuned here: {Path(path).name}", Qt.ItemDataRole.ToolTipRole)
         self.model_combo.setCurrentIndex(index)

@@ -46,7 +46,9 @@ from ._layers import DICOM_SOURCE_KEY, LABELS_FROM_KEY, METADATA_KEY, SEGMENT_CO
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 PathOrPaths = str | os.PathLike | list[str | os.PathLike]
 
-LABEL_NAME_HINTS = ("label", "seg", "mask")
+LABEL_NAME_HINTS = ("label", "seg", "mask", "consensus")
+# NIfTI's NIFTI_INTENT_LABEL: a header that says its voxels are labels (this plugin's label writer sets it).
+INTENT_LABEL = 1002
 # A label map has few distinct values; an integer-valued CT named "*_seg*" has thousands.
 MAX_LABEL_VALUE = 65535
 MAX_DISTINCT_LABELS = 1024
@@ -127,7 +129,7 @@ def volume_layer(array: np.ndarray, meta: VolumeMeta, name: str, path: str) -> L
     from medconddiff.dataset_layout import label_file_classes
 
     classes = label_file_classes(path)
-    if _looks_like_labels(name, array, in_dataset=classes is not None):
+    if _looks_like_labels(name, array, in_dataset=classes is not None or _says_labels(meta)):
         labels = array.astype(smallest_label_dtype(int(array.max())))
         data, kwargs = volume_to_layer(labels, meta)
         kwargs["name"] = name
@@ -409,9 +411,14 @@ def _dataset_label_style(class_names: tuple[str, ...], ignore: int | None) -> di
     return {"features": class_features(names), "colormap": colormap, "opacity": 0.5}
 
 
+def _says_labels(meta: VolumeMeta) -> bool:
+    """Whether the file's header declares label voxels (intent NIFTI_INTENT_LABEL)."""
+    return meta.header is not None and int(meta.header["intent_code"]) == INTENT_LABEL
+
+
 def _looks_like_labels(name: str, array: np.ndarray, in_dataset: bool = False) -> bool:
-    """Name (or a dataset's label folder) hints at a segmentation and the voxels are few small
-    non-negative integers."""
+    """Name (or a dataset's label folder, or the header's intent: ``in_dataset``) hints at a segmentation
+    and the voxels are few small non-negative integers."""
     if not in_dataset and not any(hint in name.lower() for hint in LABEL_NAME_HINTS):
         return False
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > MAX_LABEL_VALUE:

@@ -1,8 +1,8 @@
 """The Segment section's *Saved labels* row: carry on from labels saved in an earlier session.
 
-It lists the Labels layers that lie over the chosen scan (same shape) and are not this plugin's
-results, such as a DICOM SEG the reader opened over its series or a NIfTI mask opened over its scan;
-**Continue from them** makes the chosen one the scan's consensus (:mod:`._continue_flow`). The row is
+It lists the Labels layers that lie over the chosen scan (same shape) and are not results this dock keeps
+up to date (of any scan still open: another scan's consensus is no saved labels of this one), such as a
+DICOM SEG the reader opened over its series or a NIfTI mask opened over its scan; **Continue from them** makes the chosen one the scan's consensus (:mod:`._continue_flow`). The row is
 hidden while there is nothing to continue from.
 """
 
@@ -14,7 +14,6 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from . import _result_layers as results_layers
 from ._layers import full_resolution
 
 __all__ = ["SavedLabelsRow"]
@@ -23,7 +22,7 @@ __all__ = ["SavedLabelsRow"]
 class SavedLabelsRow:
     """A combo of saved Labels layers over the chosen scan and the Continue button."""
 
-    def __init__(self, form: QFormLayout, on_continue: Callable[[], None]):
+    def __init__(self, form: QFormLayout, on_continue: Callable[[], None], is_live_result: Callable[[Any], bool]):
         self.combo = QComboBox()
         self.combo.setToolTip("Labels saved in an earlier session and opened over this scan: a DICOM SEG or RT "
                               "structure set (opened with its series folder, or alone) or a NIfTI mask")
@@ -44,6 +43,7 @@ class SavedLabelsRow:
         self.label = QLabel("Saved labels")
         self.label.setToolTip(self.combo.toolTip())
         form.addRow(self.label, self.container)
+        self._is_live_result = is_live_result     # a layer a run of this dock updates: no saved labels
         self._layers: list[Any] = []
         self._idle = True
         self.refresh((), None)
@@ -55,7 +55,7 @@ class SavedLabelsRow:
         before = self.chosen()
         shape = np.shape(full_resolution(scan)) if scan is not None else None
         self._layers = [layer for layer in layers if isinstance(layer, Labels)
-                        and not results_layers.is_result_of(layer, scan) and np.shape(full_resolution(layer)) == shape]
+                        and not self._is_live_result(layer) and np.shape(full_resolution(layer)) == shape]
         self.combo.blockSignals(True)
         self.combo.clear()
         self.combo.addItems([layer.name for layer in self._layers])

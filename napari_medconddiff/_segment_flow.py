@@ -218,7 +218,7 @@ class SegmentFlow:
         results.begin_undo_step()        # the whole run, however many batches, is one undo step
         results.channels = [ChannelInput(layer.name, layer, space)
                             for layer, space in zip(pending.settings.channels, info.channel_spaces)]
-        self.current = results
+        self._follow(results)
         self._update_classes(results, info.class_names)
         self._replace_steps_layer(results, info)
         self.progress.emit(0, len(slices))
@@ -284,8 +284,8 @@ class SegmentFlow:
             self.viewer.layers.insert(at, results.layers["uncertainty"])
         consensus = results_layers.make_consensus(scan, f"{results.scan_name} consensus", results.reference.copy(),
                                                   results.class_names, results.scan_id)
+        results.layers["consensus"] = consensus      # held before napari tells of it: no saved labels to offer
         self.viewer.layers.append(consensus)
-        results.layers["consensus"] = consensus
         results.fresh = True
         results.watch(consensus)
         self.viewer.layers.selection.active = consensus
@@ -296,7 +296,8 @@ class SegmentFlow:
         for role in ("consensus", "steps"):
             if role in results.layers:
                 results_layers.set_classes(results.layers[role], results.class_names)
-        self.classes_changed.emit(results.class_names)
+        if results is self.current:      # another scan's run must not rename the picked scan's classes
+            self.classes_changed.emit(results.class_names)
 
     def _replace_steps_layer(self, results: ResultSet, info: RunStarted) -> None:
         """The x̂0 layer shows the latest run: a model-grid stack over its span of slices."""

@@ -119,7 +119,8 @@ class SegmentWidget(QWidget):
         self.layer_combo.tooltip = "The scan to segment: a 2-D or 3-D grey-scale Image layer (CT or MRI)"
         self.layer_combo.changed.connect(self._on_scan_choice)
         form.addRow("Image", self.layer_combo.native)
-        self.saved_labels = SavedLabelsRow(form, self.continue_from_saved)
+        self.saved_labels = SavedLabelsRow(form, self.continue_from_saved,
+                                           lambda layer: self.controller.live_results_of(layer) is not None)
 
         self.model_picker = ModelPicker(form, self, self._on_model_choice)
         picker = self.model_picker
@@ -269,6 +270,8 @@ class SegmentWidget(QWidget):
 
     def _on_results_changed(self) -> None:
         self._update_buttons()
+        # Which result layers a run updates changed (a scan removed, layers set aside): saved labels may too.
+        self.saved_labels.refresh(self.viewer.layers, self.selected_layer())
         results = self.controller.current
         if results is not None and not self.controller.busy:
             self._suggest_scan_kind(results.scan)
@@ -375,6 +378,8 @@ class SegmentWidget(QWidget):
         scan = self.selected_layer()
         self.saved_labels.refresh(self.viewer.layers, scan)
         self.controller.focus(scan)
+        # The picked scan's fusion, not the last one's: a change of the box re-fuses the picked scan's runs.
+        self._show_shown_consensus()
         self._suggest_scan_kind(scan)
 
     def _suggest_scan_kind(self, scan: Any) -> None:

@@ -708,7 +708,8 @@ def test_a_fine_tuned_model_that_cannot_be_saved_is_saved_to_another_file_the_us
         click(qtbot, widget.finetune_button)
     assert finished.args == ["done"]
     assert first.read_bytes() == b"x" and other.is_file()          # neither replaced nor lost
-    assert len(warned) == 1 and "still in memory" in warned[0] and f"{first} exists" in warned[0]
+    assert len(warned) == 1 and "still in memory" in warned[0] and f"{first.name} exists" in warned[0]
+    assert str(first.parent) not in warned[0]                        # the file by name, not its folder
     assert widget.model_combo.currentData() == str(other)
 
 
@@ -976,8 +977,10 @@ def test_scan_is_defaults_to_mri_for_a_scan_with_no_voxel_below_zero(make_napari
     assert click_segment(qtbot, widget) == "done"
     assert kinds.currentData() == "MRI"                               # what fine-tuning would train on
     kinds.setCurrentIndex(kinds.findData("other"))
-    kinds.activated.emit(kinds.currentIndex())                        # the user's own choice stays
+    kinds.activated.emit(kinds.currentIndex())                        # the user's own choice stays, for t1
     widget.layer_combo.native.setCurrentText("ct")
+    assert kinds.currentData() == "model"                             # not for the next scan
+    widget.layer_combo.native.setCurrentText("t1")
     assert kinds.currentData() == "other"
     assert ct in viewer.layers and t1 in viewer.layers
 
