@@ -28,6 +28,7 @@ import numpy as np
 from psygnal import Signal
 
 from medconddiff.config import ONE_SHOT
+from medconddiff.consensus import skip_first_note
 from medconddiff.consensus_choice import resolved_consensus
 from medconddiff.errors import UserInputError
 from medconddiff.geometry import SLICE_AXIS, Orientation, Reorientation, affine_is_usable
@@ -391,6 +392,10 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
         text = f"Consensus: {CONSENSUS_NAMES[sampling.consensus]}, skipping the first {sampling.skip_first} step(s)."
         if kept:
             text += f" Your edits on slice(s) {slice_list_text(kept)} were kept."
+        steps_used = np.concatenate([item.run.steps_used[item.run.shown] for item in refused])
+        short = skip_first_note(sampling.skip_first, sampling.consensus, steps_used)
+        if short:
+            text += f" Note: {short}."
         self.status.emit(text)
         self._end("done")
         self.consensus_updated.emit()

@@ -428,6 +428,8 @@ class SegmentFlow:
                      "the other slices are untouched.")
         if pending.kept:
             text += f" Your edits on slice(s) {slice_list_text(pending.kept)} were kept."
+        if result.skip_first_note:
+            text += f" Note: {result.skip_first_note}."
         if pending.apart:      # said when the run began too; the line that stays must say it again
             text += f" {pending.apart}"
         if how == "done":

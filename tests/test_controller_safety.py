@@ -330,3 +330,15 @@ def test_the_edited_consensus_of_a_scan_opened_again_can_be_continued_from(liver
     (new,) = [x for x in viewer.layers if is_result_of(x, again) and _result_layers.marker(x)["role"] == "consensus"]
     np.testing.assert_array_equal(new.data[2], painted)
     assert 2 in controller.edited_slices()
+
+
+def test_a_refusion_says_where_skip_first_left_slices_their_last_step_alone(liver_volume, tiny_checkpoint):
+    """A model that stops slices early (a step cap, adaptive stopping): skipping more steps than a slice took
+    gives its last step, whatever the method; the status said 'mean, skipping 2' alone."""
+    viewer, scan, controller = make(liver_volume[0])
+    assert segment(controller, scan, tiny_checkpoint, steps=3) == "done"
+    statuses = []
+    controller.status.connect(statuses.append)
+    controller.current.runs[-1].steps_used[:2] = 2             # as if two slices had stopped after 2 steps
+    controller.set_consensus("mean", 2)
+    assert "Note: skip-first 2: 2 of 6 slice(s) took 2 step(s) or fewer" in statuses[-1]
