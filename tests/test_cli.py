@@ -472,6 +472,8 @@ def test_in_a_cohort_a_bug_is_reported_with_its_traceback_and_the_others_go_on(s
     assert len(failures) == 1 and failures[0].startswith("b: FAILED: internal error")
     assert "2 done, 0 skipped, 1 failed of 3" in captured.out
     assert sorted(p.name for p in (tmp_path / "results").glob("*.nii.gz")) == ["a_seg.nii.gz", "c_seg.nii.gz"]
+    notes = {row["scan"]: row["note"] for row in table_rows(tmp_path / "results" / "medconddiff_volumes.csv")}
+    assert notes["b"].startswith("internal error (ValueError: shape bug deep inside)")    # not "Traceback (most …"
 
 
 @pytest.fixture

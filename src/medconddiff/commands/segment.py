@@ -573,7 +573,9 @@ def run(args: argparse.Namespace) -> int:
             text, _ = failure_report(error, f"{job.name}: FAILED")
             print(text, file=sys.stderr, flush=True)
             failed += 1
-            reason = text.splitlines()[0].removeprefix(f"{job.name}: FAILED: ")
+            # The line that says what failed: a bug's comes after its traceback.
+            said = next(line for line in reversed(text.splitlines()) if line.startswith(f"{job.name}: FAILED"))
+            reason = said.removeprefix(f"{job.name}: FAILED: ")
             outcomes.append(ScanOutcome(job.name, job.output, sidecar, FAILED, reason))
             if is_disk_full(error):
                 # Every later scan would fail the same way at its last step, after its sampling.
