@@ -274,7 +274,11 @@ class SegmentationController(SegmentFlow, ContinueFlow, FinetuneFlow, TrainingSe
                 self.current = None
                 self.edits_changed.emit(())
                 self.results_changed.emit()
+                if not self.busy:       # the last run's "Done: …" was another scan's
+                    self.status.emit(f"No result for '{scan.name}' yet: click Segment.")
             return
+        if results is not self.current and not self.busy:
+            self.status.emit(f"Showing the results of '{scan.name}'.")
         self.current = results
         self.classes_changed.emit(results.class_names)
         self._edits_changed(results)

@@ -264,6 +264,18 @@ def test_the_consensus_box_shows_the_picked_scans_fusion(make_napari_viewer, qtb
     pick(widget, layer_a)
     assert widget.sampling_form.consensus() == ("last", 0) and widget.runs_started == runs   # shown, not re-run
     assert [run.sampling.consensus for run in widget.controller.current.runs] == ["last"]
+    assert widget.status.text() == f"Showing the results of '{layer_a.name}'."
+
+
+def test_the_status_line_does_not_keep_another_scans_run(make_napari_viewer, qtbot, scan_1mm, scan_b,
+                                                        tiny_checkpoint):
+    """Seen on a screenshot: A's "Done: 128 slice(s) …" stayed under Image = B, which had no result."""
+    viewer, widget, layer_a, layer_b = open_scans(make_napari_viewer, qtbot, scan_1mm, scan_b)
+    choose(widget, tiny_checkpoint, steps=2)
+    pick(widget, layer_a)
+    assert click_segment(qtbot, widget) == "done" and widget.status.text().startswith("Done:")
+    pick(widget, layer_b)
+    assert widget.status.text() == f"No result for '{layer_b.name}' yet: click Segment."
 
 
 # ----------------------------------------------------------------------------- File > Save of a consensus, reopened
