@@ -190,7 +190,7 @@ def write_export(path: str | Path, labels: np.ndarray, meta: VolumeMeta, summary
                         algorithm_type="SEMIAUTOMATIC" if edited_slices else "AUTOMATIC")
     else:
         dtype = smallest_label_dtype(int(labels.max()) if labels.size else 0)
-        save_volume(target, labels, meta.without_header_text(), overwrite=overwrite, dtype=dtype)
+        save_volume(target, labels, meta.without_header_text(), overwrite=overwrite, dtype=dtype, intent="label")
     record = segmentation_record(summary, meta, labels, inputs=[source] if source else [], scan_name=scan_name,
                                  outputs={"labels": target}, edited=bool(edited_slices), dicom_source=dicom)
     record["edited_slices"] = [int(s) for s in edited_slices]

@@ -26,14 +26,13 @@ segments are AUTOMATIC for the plugin's result layer, SEMIAUTOMATIC for any othe
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medconddiff.errors import UserInputError
-from medconddiff.nifti import VolumeMeta, save_volume, smallest_label_dtype
+from medconddiff.nifti import save_volume, smallest_label_dtype
 from medconddiff.outputs import with_nifti_suffix
 
 from ._export import padded_class_names
@@ -50,17 +49,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     name, '<scan> consensus', which says nothing of labels)."""
     array, meta = layer_to_volume(data, attributes.get("metadata"), scale=attributes.get("scale"))
     target = _unasked_target(path, str(with_nifti_suffix(path)))
-    return [str(save_volume(target, array, labels_intent(meta), overwrite=True, dtype=_labels_dtype(array)))]
-
-
-def labels_intent(meta: VolumeMeta) -> VolumeMeta:
-    """``meta`` with its header's intent set to labels (on a copy: the header may be the layer's). A meta with
-    no header (a plain layer's) is written with a header save_volume makes, which says no intent."""
-    if meta.header is None:
-        return meta
-    header = meta.header.copy()
-    header.set_intent("label")
-    return dataclasses.replace(meta, header=header)
+    return [str(save_volume(target, array, meta, overwrite=True, dtype=_labels_dtype(array), intent="label"))]
 
 
 def write_image(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:

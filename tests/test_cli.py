@@ -36,6 +36,7 @@ def test_segment_writes_labels_uncertainty_trajectory_and_sidecar(scan, tmp_path
     assert labels.shape == source.shape
     np.testing.assert_allclose(labels.affine, source.affine)
     assert labels.get_data_dtype() == np.uint8 and np.asarray(labels.dataobj).max() < 3
+    assert labels.header.get_intent()[0] == "label"                 # viewers open it as a label map
     unc = nib.load(str(tmp_path / "out" / "seg_uncertainty.nii.gz"))
     assert unc.shape == source.shape
     trajectory = nib.load(str(tmp_path / "out" / "seg_trajectory.nii.gz"))

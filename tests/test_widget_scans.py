@@ -300,3 +300,6 @@ def test_labels_saved_by_the_plugin_reopen_as_labels_whatever_their_name(tmp_pat
         assert nib.load(written).header.get_intent()[0] == "label"
         ((_, _, kind),) = read_layers(written)
         assert kind == "labels"
+    # A plain Labels layer (no file behind it, no header) says so too; it had no intent, so only a name could tell.
+    (plain,) = write_labels(str(tmp_path / "ct result plain.nii.gz"), layer_labels, {"metadata": {}, "scale": (1, 1, 1)})
+    assert nib.load(plain).header.get_intent()[0] == "label"

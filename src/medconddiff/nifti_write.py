@@ -34,6 +34,7 @@ def save_volume(
     *,
     overwrite: bool = False,
     dtype: np.dtype | str | type | None = None,
+    intent: str | None = None,
 ) -> Path:
     """Write ``array`` (axis order ``(i, j, k)`` as load_volume returns) to a .nii or .nii.gz file.
 
@@ -45,8 +46,9 @@ def save_volume(
     (``affine_known`` False) is written with qform and sform codes 0 (NIfTI's "unknown orientation"); a
     singular or non-finite affine is then not written as a form (the header's matrices stay as they are).
     ``dtype`` defaults to the array's own (bool -> uint8; int64 -> int32 when values fit); float arrays
-    written as an integer dtype are rounded. A meta with ``original_ndim == 2`` squeezes an ``(X, Y, 1)``
-    array back to 2-D.
+    written as an integer dtype are rounded. The meta of a 2-D file squeezes an ``(X, Y, 1)`` array back to
+    2-D (a 3-D file of one slice stays 3-D). ``intent`` sets the header's NIfTI intent (``"label"`` for a
+    label map: viewers, and this package's napari reader, then open the file as labels whatever its name).
 
     Refuses to replace an existing file unless ``overwrite=True`` (``FileExistsError``). The
     write is atomic: a temporary file in the same folder is renamed over ``path`` only once it is
@@ -56,6 +58,8 @@ def save_volume(
     _check_nifti_suffix(path)
     out = _array_for_write(array, meta, dtype)
     header = _header_for_write(meta, out)
+    if intent is not None:
+        header.set_intent(intent)
     # affine=None: the header already holds the affine with the codes chosen above; given an affine,
     # nibabel would mark the sform "aligned" even where the orientation is unknown (codes 0).
     image = nib.Nifti1Image(out, None, header=header)

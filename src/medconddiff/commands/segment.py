@@ -426,7 +426,7 @@ def _write_labels_and_maps(paths: dict[str, Path], result, meta, source, args: a
 
         write_dicom_seg(paths["labels"], result.labels, source, result.class_names)
     else:
-        save_volume(paths["labels"], result.labels, meta, dtype=np.uint8)
+        save_volume(paths["labels"], result.labels, meta, dtype=np.uint8, intent="label")
     if args.save_uncertainty:
         save_volume(paths["uncertainty"], result.uncertainty, meta, dtype=np.float32)
     if args.save_trajectory:
