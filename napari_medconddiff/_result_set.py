@@ -239,11 +239,11 @@ class ResultSet:
 
     def record_fusion(self, start: FusionStart) -> None:
         """A re-fusion begun at ``start`` has written (one undo step) and set the runs' sampling and asked."""
+        if not self._same_runs(start.runs):
+            return
         after = self._shown_digests(list(start.digests))
         changed = {s: (start.digests[s], after[s]) for s in start.digests if start.digests[s] != after[s]}
         settings = [(run.sampling, run.asked) for run in start.runs]
-        if not self._same_runs(start.runs):
-            return
         if not changed:
             # No label changed, so napari recorded no undo step: the labels where the history stands are now
             # described by the new settings, on both sides of that point.

@@ -153,26 +153,32 @@ def load_checkpoint(path: str | Path | None = None, *, allow_legacy: bool = Fals
 def _refuse_nonfinite_tensors(path: Path, state: dict[str, "torch.Tensor"]) -> None:
     """A tensor holding NaN or infinity (a run that diverged, a damaged file) would segment every scan as
     background without an error: refuse the checkpoint, naming the first such tensor."""
-    import torch
-
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
-                                  "the checkpoint is damaged or its training diverged: use another checkpoint")
+    found = _nonfinite_tensor(state)
+    if found is not None:
+        raise CheckpointError(f"{path}: {found}; the checkpoint is damaged or its training diverged: use another "
+                              "checkpoint")
 
 
 def _refuse_saving_nonfinite(path: Path, state: dict[str, "torch.Tensor"], half: bool) -> None:
     """Weights holding NaN or infinity (a diverged run; a weight beyond fp16's range in a half export) must not
     replace a file: load_checkpoint would refuse it, and a user's earlier model would be gone."""
+    found = _nonfinite_tensor(state)
+    if found is not None:
+        beyond = " (beyond fp16's range: export without half precision)" if half else ""
+        raise CheckpointError(f"{path.name} not saved: {found}{beyond}; the training diverged or its weights are "
+                              "damaged")
+
+
+def _nonfinite_tensor(state: dict[str, "torch.Tensor"]) -> Optional[str]:
+    """``tensor 'KEY' holds N NaN or infinite value(s) of M`` for the first such floating tensor, or None."""
     import torch
 
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            beyond = " (beyond fp16's range: export without half precision)" if half else ""
-            raise CheckpointError(f"{path.name} not saved: tensor {key!r} holds {bad} NaN or infinite value(s) of "
-                                  f"{tensor.numel()}{beyond}; the training diverged or its weights are damaged")
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                return f"tensor {key!r} holds {int((~finite).sum())} NaN or infinite value(s) of {tensor.numel()}"
+    return None
 
 
 def with_extra(source: str | Path | None, target: str | Path, updates: dict, *, overwrite: bool = False) -> Path:

@@ -52,22 +52,24 @@ def storage_error(error: BaseException, name: str, action: str = "write") -> Opt
     """``error`` as a :class:`StorageError` about the file ``name``, if the storage caused it; else None."""
     if isinstance(error, StorageError):
         return error
-    code = error.errno if isinstance(error, OSError) else _rust_os_error(error)
+    code = _errno_of(error)
     return StorageError(code, name, action) if code in _STORAGE_PROBLEMS else None
 
 
-def _rust_os_error(error: BaseException) -> Optional[int]:
-    """The errno a writer in Rust (safetensors: a checkpoint) puts in its message, as "(os error 28)"."""
+def _errno_of(error: BaseException) -> Optional[int]:
+    """An OSError's errno, or the one a writer in Rust (safetensors: a checkpoint) puts in its message, as
+    "(os error 28)"."""
     import re
 
+    if isinstance(error, OSError):
+        return error.errno
     found = re.search(r"\(os error (\d+)\)", str(error))
     return int(found[1]) if found else None
 
 
 def is_disk_full(error: BaseException) -> bool:
     """No space is left (on the disk or in the quota): every later write there would fail too."""
-    code = error.errno if isinstance(error, OSError) else _rust_os_error(error)
-    return code in _DISK_FULL
+    return _errno_of(error) in _DISK_FULL
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

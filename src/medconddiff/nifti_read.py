@@ -27,7 +27,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from .errors import UserInputError
 from .geometry import affine_is_usable, onto_grid
-from .volume_meta import VolumeMeta, spatial_shape_3d
+from .volume_meta import VolumeMeta, set_millimetre_units, spatial_shape_3d
 
 __all__ = ["VolumeReadError", "load_volume", "load_labels", "load_channels", "read_meta", "smallest_label_dtype",
            "sanitize_nonfinite"]
@@ -359,7 +359,7 @@ def _header_in_millimetres(header: nib.Nifti1Header) -> nib.Nifti1Header:
         header[name] = float(header[name]) * scale
     for name in ("srow_x", "srow_y", "srow_z"):
         header[name] = np.array(header[name], dtype=np.float64) * scale
-    header.set_xyzt_units("mm", _time_unit(header))
+    set_millimetre_units(header)
     return header
 
 
@@ -369,13 +369,6 @@ def _mm_per_space_unit(header: nib.Nifti1Header) -> float:
     except KeyError:     # a units code NIfTI does not define: read as unknown, i.e. mm
         return 1.0
     return _MM_PER_SPACE_UNIT.get(space_unit, 1.0)
-
-
-def _time_unit(header: nib.Nifti1Header) -> str:
-    try:
-        return header.get_xyzt_units()[1]
-    except KeyError:
-        return "unknown"
 
 
 def _check_readable_file(path: Path) -> None:

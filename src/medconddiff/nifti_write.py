@@ -16,7 +16,7 @@ import numpy as np
 from .atomic import atomic_write
 from .errors import UserInputError
 from .geometry import affine_is_usable
-from .volume_meta import ALIGNED_FORM_CODE, VolumeMeta
+from .volume_meta import ALIGNED_FORM_CODE, VolumeMeta, set_millimetre_units
 
 __all__ = ["NIFTI_SUFFIXES", "VolumeWriteError", "save_volume"]
 
@@ -156,7 +156,7 @@ def _header_for_write(meta: VolumeMeta, out: np.ndarray) -> nib.Nifti1Header:
         _set_forms(header, meta.affine, sform_code, qform_code)
     # The meta's affine and spacing are in millimetres whatever units its file had (a file in metres or
     # microns is read in mm), so the header must say mm for the result to describe the scan's place.
-    header.set_xyzt_units("mm", _time_unit(header))
+    set_millimetre_units(header)
     # set_qform derives pixdim from the affine; the meta's spacing is what must be written.
     # A 4th (step/time) axis gets unit spacing. (A kept qform is untouched by this: the meta's spacing
     # is the header's own zooms.)
@@ -174,10 +174,3 @@ def _set_forms(header: nib.Nifti1Header, affine: np.ndarray, sform_code: int, qf
         return
     header.set_sform(affine, code=sform_code)
     header.set_qform(affine, code=qform_code)
-
-
-def _time_unit(header: nib.Nifti1Header) -> str:
-    try:
-        return header.get_xyzt_units()[1]
-    except KeyError:     # a units code NIfTI does not define
-        return "unknown"

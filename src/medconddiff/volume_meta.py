@@ -17,7 +17,7 @@ import numpy as np
 
 from .geometry import affine_is_usable
 
-__all__ = ["VolumeMeta", "ALIGNED_FORM_CODE", "HEADER_TEXT_FIELDS", "spatial_shape_3d"]
+__all__ = ["VolumeMeta", "ALIGNED_FORM_CODE", "HEADER_TEXT_FIELDS", "spatial_shape_3d", "set_millimetre_units"]
 
 #: NIfTI header fields of free text. Converters fill them with what they like (series descriptions,
 #: acquisition times, at times a name): files derived from a scan are written without them.
@@ -179,6 +179,16 @@ class VolumeMeta:
         if hasattr(header, "extensions"):
             header.extensions.clear()
         return dataclasses.replace(self, header=header)
+
+
+def set_millimetre_units(header: nib.Nifti1Header) -> None:
+    """Say in ``header`` that its spatial unit is mm, keeping its time unit (one NIfTI does not define is
+    kept as 'unknown'): the geometry a meta holds is in mm whatever unit its file counted in."""
+    try:
+        time_unit = header.get_xyzt_units()[1]
+    except KeyError:     # a units code NIfTI does not define
+        time_unit = "unknown"
+    header.set_xyzt_units("mm", time_unit)
 
 
 def spatial_shape_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
